@@ -1,0 +1,54 @@
+"""Every default of neardup in one place; the CLI options mirror these."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: File name extensions (lower case) that discovery treats as images.
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+)
+
+#: The embedding methods neardup knows, by CLI name.
+MODELS: tuple[str, ...] = ("resnet50", "vgg16", "phash")
+
+#: Default cosine thresholds per model for "is a near-duplicate".
+#: resnet50: ImageNet GAP features of re-encodes/resizes/small crops of one photo sit well above 0.9, while
+#: different products of one category usually sit in 0.6-0.85; 0.90 is a conservative start, tune with
+#: `neardup evaluate`. vgg16: the seed's 0.95 for fc1. phash: Hamming distance <= 10 of 64 bits, which is
+#: cosine 1 - 2*10/64 = 0.6875 under the +-1/8 bit mapping.
+THRESHOLDS: dict[str, float] = {"resnet50": 0.90, "vgg16": 0.95, "phash": 1.0 - 2.0 * 10 / 64}
+
+#: Environment variables that jobs (cron, CI) can use instead of options.
+ENV_STORE = "NEARDUP_STORE"
+ENV_MODEL = "NEARDUP_MODEL"
+ENV_WEIGHTS = "NEARDUP_WEIGHTS"
+ENV_BATCH_SIZE = "NEARDUP_BATCH_SIZE"
+ENV_PRECISION = "NEARDUP_PRECISION"
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Default values of the pipeline's knobs."""
+
+    store: str = "catalog.h5"
+    model: str = "resnet50"
+    weights: str = "imagenet"
+    precision: str = "float32"
+    batch_size: int = 32
+    #: Decoding threads; Pillow releases the GIL while decoding, so threads overlap with inference.
+    decode_workers: int = 2
+    #: Batches between durable checkpoints of a run (crash resume granularity).
+    checkpoint_every: int = 4
+    k: int = 10
+    #: Rows of the similarity matrix computed at once by the duplicate self-join (memory = block * n * 4 bytes).
+    join_block: int = 1024
+    #: Seed for the random initialisation used with weights=none, so that every process builds the same network.
+    init_seed: int = 1234
+
+
+DEFAULTS = Defaults()
+
+
+def default_threshold(model: str) -> float:
+    """The documented default cosine threshold for `model`."""
+    return THRESHOLDS.get(model, THRESHOLDS["resnet50"])

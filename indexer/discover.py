@@ -1,0 +1,51 @@
+"""Stage 1: find image files under the given folders, in a stable order."""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from .config import IMAGE_EXTENSIONS
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+def is_image_name(name: str) -> bool:
+    """True when `name` has one of the image extensions, in any letter case."""
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _walk(root: Path) -> Iterable[Path]:
+    # os.walk without followlinks: a symlink loop in a merchant's folder must not hang the nightly job.
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if is_image_name(name) and not name.startswith("."):
+                yield Path(dirpath, name)
+
+
+def discover(roots: Sequence[str | os.PathLike[str]], *, allow_empty: bool = False) -> list[Path]:
+    """Return the absolute paths of all images under `roots` (folders or image files), sorted, without repeats.
+
+    Raises InputError for a root that does not exist, or when nothing is found (unless `allow_empty`).
+    """
+    if not roots:
+        raise InputError("no folder given")
+    found: set[Path] = set()
+    for raw in roots:
+        root = Path(raw).expanduser()
+        if not root.exists():
+            raise InputError(f"no such file or folder: {root}")
+        if root.is_file():
+            if not is_image_name(root.name):
+                raise InputError(f"not an image file (by its extension): {root}")
+            found.add(root.resolve())
+        else:
+            found.update(p.resolve() for p in _walk(root))
+    if not found and not allow_empty:
+        shown = ", ".join(str(r) for r in roots)
+        raise InputError(f"no images found in {shown} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    log.debug("discovered %d images", len(found))
+    return sorted(found)

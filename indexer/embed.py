@@ -1,0 +1,225 @@
+"""Stage 3: turn decoded pixel batches into L2-normalized float32 embeddings.
+
+Everything model-specific sits behind the small `Embedder` seam; TensorFlow is imported only when a Keras
+model is actually built, so the perceptual-hash method and the search side never pay for it.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from .config import DEFAULTS, MODELS
+from .errors import InputError, WeightsError
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """What the pipeline needs from an embedding method."""
+
+    name: str  #: model name recorded in the store ("resnet50", "vgg16", "phash", ...)
+    dim: int  #: embedding dimension d
+    input_size: int  #: decoded images are input_size x input_size
+    input_mode: str  #: "RGB" or "L"
+    resample: str  #: "bilinear" or "lanczos"
+    preprocessing: str  #: human-readable description, recorded in the store
+    weights: str  #: the weights spec: "imagenet", "none", or a file path
+    weights_fingerprint: str  #: hash of the weights actually loaded, or "none"
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 [n, s, s, 3] (or [n, s, s]) -> float32 [n, d], rows of unit L2 norm."""
+        ...
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (an all-zero row stays zero), as float32."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, np.float32(1e-12))
+
+
+# ---------------------------------------------------------------------------------------------- pHash
+
+
+def _dct_matrix(n: int, rows: int) -> np.ndarray:
+    # First `rows` rows of the (unnormalized) DCT-II basis; scaling is irrelevant for a median comparison.
+    k = np.arange(rows)[:, None]
+    i = np.arange(n)[None, :]
+    return np.cos(np.pi * k * (2 * i + 1) / (2 * n))
+
+
+@dataclass
+class PHashEmbedder:
+    """64-bit DCT perceptual hash (grayscale 32x32, DCT, low 8x8 block against its median), as +-1/8 vectors.
+
+    With bits mapped to +-1/sqrt(64), every vector has unit norm and the inner product of two hashes is
+    exactly 1 - 2 * hamming / 64, so pHash uses the same store, FAISS index and query path as the CNNs.
+    """
+
+    name: str = "phash"
+    dim: int = 64
+    input_size: int = 32
+    input_mode: str = "L"
+    resample: str = "lanczos"
+    preprocessing: str = "grayscale, lanczos resize to 32x32, 2-D DCT-II, low 8x8 > median"
+    weights: str = "none"
+    weights_fingerprint: str = "none"
+
+    def __post_init__(self) -> None:
+        self._c8 = _dct_matrix(32, 8)
+
+    def bits(self, batch: np.ndarray) -> np.ndarray:
+        """bool [n, 64] hash bits, row-major over the 8x8 low-frequency block (imagehash's order)."""
+        x = np.asarray(batch, dtype=np.float64)
+        if x.ndim == 4:  # RGB input: ITU-R 601-2 luma, the same weights as Pillow's convert("L")
+            x = x @ np.array([0.299, 0.587, 0.114])
+        low = np.einsum("ki,nij,lj->nkl", self._c8, x, self._c8).reshape(len(x), 64)
+        return low > np.median(low, axis=1, keepdims=True)
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        return np.where(self.bits(batch), 0.125, -0.125).astype(np.float32)
+
+
+def hamming_to_cosine(hamming: float | np.ndarray, nbits: int = 64) -> float | np.ndarray:
+    """Cosine of two +-1/sqrt(nbits) hash vectors at the given Hamming distance."""
+    return 1.0 - 2.0 * np.asarray(hamming) / nbits
+
+
+def cosine_to_hamming(cosine: float | np.ndarray, nbits: int = 64) -> float | np.ndarray:
+    """Inverse of hamming_to_cosine."""
+    return (1.0 - np.asarray(cosine)) * nbits / 2.0
+
+
+# ---------------------------------------------------------------------------------------------- Keras CNNs
+
+_KERAS_SPECS = {
+    # name: (dim, weights file Keras caches for the 'imagenet' choice, preprocessing description)
+    "resnet50": (2048, "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                 "RGB, bilinear resize to 224x224, resnet50.preprocess_input (caffe: BGR, ImageNet mean)"),
+    "vgg16": (4096, "vgg16_weights_tf_dim_ordering_tf_kernels.h5",
+              "RGB, bilinear resize to 224x224, vgg16.preprocess_input (caffe: BGR, ImageNet mean)"),
+}
+
+
+def keras_cache_dir() -> Path:
+    """Where Keras caches downloaded weights (KERAS_HOME, else ~/.keras; 'models' under it)."""
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    return Path(home) / "models"
+
+
+def weights_fingerprint(arrays: list[np.ndarray]) -> str:
+    """A short, stable hash of the weights actually loaded into a model."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return "sha256:" + h.hexdigest()[:16]
+
+
+class KerasEmbedder:
+    """ResNet50 global-average-pooled (2048-d) or VGG16 fc1 (4096-d) features from keras.applications."""
+
+    input_size = 224
+    input_mode = "RGB"
+    resample = "bilinear"
+
+    def __init__(self, name: str = DEFAULTS.model, weights: str = DEFAULTS.weights,
+                 precision: str = DEFAULTS.precision) -> None:
+        if name not in _KERAS_SPECS:
+            raise InputError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+        if precision not in ("float32", "bf16"):
+            raise InputError(f"unknown precision {precision!r}; choose float32 or bf16")
+        self.name = name
+        self.weights = weights
+        self.precision = precision
+        self.dim, self._cache_file, self.preprocessing = _KERAS_SPECS[name]
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's start-up chatter is not for our users
+        import keras  # lazy: seconds to import, and not needed by phash or by search-only work
+        import tensorflow as tf
+
+        self._model = self._build(keras)
+        self.weights_fingerprint = (
+            "none" if weights == "none" else weights_fingerprint(self._model.get_weights())
+        )
+        module = keras.applications.resnet50 if name == "resnet50" else keras.applications.vgg16
+        model = self._model
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 224, 224, 3], tf.uint8)], reduce_retracing=True)
+        def forward(x: tf.Tensor) -> tf.Tensor:
+            y = model(module.preprocess_input(tf.cast(x, tf.float32)), training=False)
+            return tf.cast(y, tf.float32)
+
+        self._forward = forward
+
+    def _weights_arg(self) -> str | None:
+        spec = self.weights
+        if spec == "none":
+            return None
+        if spec == "imagenet":
+            return "imagenet"
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise WeightsError(f"weights file not found: {path}")
+        return str(path)
+
+    def _build(self, keras):  # noqa: ANN001 - the keras module
+        weights = self._weights_arg()
+        policy = keras.mixed_precision.global_policy()
+        if self.precision == "bf16":
+            keras.mixed_precision.set_global_policy("mixed_bfloat16")
+        state = (random.getstate(), np.random.get_state())
+        try:
+            if weights is None:
+                # Random init must be identical in every process, or a store built today could not be
+                # queried tomorrow. set_random_seed also seeds Python and NumPy, restored below.
+                keras.utils.set_random_seed(DEFAULTS.init_seed)
+            if self.name == "resnet50":
+                return keras.applications.ResNet50(
+                    include_top=False, pooling="avg", weights=weights, input_shape=(224, 224, 3))
+            full = keras.applications.VGG16(include_top=True, weights=weights)
+            return keras.Model(full.input, full.get_layer("fc1").output, name="vgg16_fc1")
+        except WeightsError:
+            raise
+        except Exception as exc:  # Keras raises plain Exceptions for failed downloads and bad files
+            raise self._weights_error(exc) from None
+        finally:
+            random.setstate(state[0])
+            np.random.set_state(state[1])
+            keras.mixed_precision.set_global_policy(policy)
+
+    def _weights_error(self, exc: Exception) -> WeightsError:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if self.weights == "imagenet":
+            cached = keras_cache_dir() / self._cache_file
+            return WeightsError(
+                f"ImageNet weights for {self.name} are not cached at {cached} and could not be downloaded "
+                f"({first[:160]}); copy the file there, or pass --weights PATH (or NEARDUP_WEIGHTS=PATH), "
+                f"or use the weight-free method --model phash")
+        return WeightsError(f"cannot load weights {self.weights!r} into {self.name}: {first[:200]}")
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        batch = np.asarray(batch, dtype=np.uint8)
+        if batch.ndim != 4 or batch.shape[1:] != (224, 224, 3):
+            raise ValueError(f"expected uint8 [n, 224, 224, 3], got {batch.shape}")
+        if len(batch) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        return l2_normalize(self._forward(batch).numpy())
+
+
+def make_embedder(model: str = DEFAULTS.model, weights: str = DEFAULTS.weights,
+                  precision: str = DEFAULTS.precision) -> Embedder:
+    """Build the embedder for a model name. Raises InputError / WeightsError."""
+    if model == "phash":
+        if weights not in ("none", "imagenet"):
+            raise InputError("the phash method has no weights; drop --weights")
+        return PHashEmbedder()
+    return KerasEmbedder(model, weights, precision)

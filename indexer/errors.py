@@ -1,0 +1,32 @@
+"""Domain exceptions. The CLI turns each into a one-line message and its exit code."""
+from __future__ import annotations
+
+
+class NeardupError(Exception):
+    """Base class of every error neardup reports to a user."""
+
+    exit_code: int = 2
+
+
+class InputError(NeardupError):
+    """Bad user input: missing or empty folder, bad option value, output in a missing directory."""
+
+
+class StoreError(NeardupError):
+    """The store file is missing, unreadable, or not a neardup store."""
+
+
+class StoreMismatchError(StoreError):
+    """The store was made with another model, weights or dimension than the one asked for."""
+
+
+class StoreLockedError(NeardupError):
+    """Another process is writing the store."""
+
+
+class WeightsError(NeardupError):
+    """Model weights could not be found or loaded."""
+
+
+class DecodeError(NeardupError):
+    """One image could not be read or decoded. Pipelines record these as (path, reason) rows."""

@@ -1,0 +1,75 @@
+"""Stage 5: the FAISS inner-product index over L2-normalized vectors (so scores are cosines)."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from .store import Catalog, atomic_write, read_catalog
+
+log = logging.getLogger(__name__)
+
+
+def build_flat_index(xb: np.ndarray, ids: np.ndarray) -> faiss.Index:
+    """Exact inner-product index with the store's ids: IndexIDMap2 over IndexFlatIP."""
+    xb = np.ascontiguousarray(xb, dtype=np.float32)
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(xb.shape[1]))
+    if len(xb):
+        index.add_with_ids(xb, np.ascontiguousarray(ids, dtype=np.int64))
+    return index
+
+
+def search(index: faiss.Index, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """k-NN search: D float32 [nq, k] cosine scores (descending), I int64 [nq, k] ids (-1 when fewer)."""
+    xq = np.ascontiguousarray(xq, dtype=np.float32)
+    k = max(1, min(int(k), max(index.ntotal, 1)))
+    return index.search(xq, k)
+
+
+def index_ids(index: faiss.Index) -> np.ndarray:
+    """The ids held by an IndexIDMap(2)."""
+    return faiss.vector_to_array(index.id_map).astype(np.int64)
+
+
+def save_index(index: faiss.Index, path: str | os.PathLike[str]) -> None:
+    """Write `index` to `path` atomically."""
+    atomic_write(Path(path), lambda tmp: faiss.write_index(index, tmp))
+
+
+def index_path(store: str | os.PathLike[str], index_file: str) -> Path:
+    """Where the index file named in a store's attributes lies (beside the store)."""
+    return Path(store).parent / index_file
+
+
+def _saved_index(store: Path, cat: Catalog) -> faiss.Index | None:
+    if not cat.meta.index_file:
+        return None
+    path = index_path(store, cat.meta.index_file)
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError:
+        log.info("index %s unavailable; rebuilding it from the store", path)
+        return None
+    if index.ntotal == len(cat) and np.array_equal(index_ids(index), cat.ids):
+        return index
+    log.warning("index %s does not match the store; rebuilding it from the store", path)
+    return None
+
+
+def open_index(store: str | os.PathLike[str]) -> tuple[Catalog, faiss.Index]:
+    """The store's rows (without vectors) and its FAISS index.
+
+    Uses the saved index when it matches the store's ids, else rebuilds one from the store's vectors. A
+    writer may replace the store and remove the old index between our reads; the rebuild reads the store
+    once more, so the rows and the index always come from the same published store.
+    """
+    cat = read_catalog(store, vectors=False)
+    index = _saved_index(Path(store), cat)
+    if index is None:
+        cat = read_catalog(store, vectors=True)
+        index = build_flat_index(cat.xb, cat.ids)
+        cat.xb = None
+    return cat, index

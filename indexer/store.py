@@ -1,0 +1,243 @@
+"""Stage 4: the HDF5 store — embeddings and per-image metadata, self-describing, written atomically.
+
+Layout (schema 1):
+  /embeddings  float32 [n, d]  chunked, resizable
+  /ids         int64   [n]     stable id per image (also the FAISS id)
+  /paths       utf-8   [n]     path relative to the store's folder
+  /sizes       int64   [n]     file size in bytes
+  /mtimes_ns   int64   [n]     modification time
+  /sha256      ascii   [n]     content hash (hex)
+  /widths, /heights int32 [n]  upright original image size
+  /failures/paths, /failures/reasons  utf-8 [m]
+  attrs: format, schema_version, model, weights, weights_fingerprint, input_size, preprocessing, dim,
+         normalization, created, updated, neardup_version, next_id, index_file
+
+A published store is never modified in place: writers build a new file beside it and `os.replace` it, so
+readers see the old or the new store, never a half-written one.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .errors import InputError, StoreError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "neardup-store"
+SCHEMA_VERSION = 1
+_STR = h5py.string_dtype("utf-8")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+@dataclass(frozen=True)
+class StoreMeta:
+    """What a store says about itself."""
+
+    model: str
+    weights: str
+    weights_fingerprint: str
+    dim: int
+    input_size: int
+    preprocessing: str
+    normalization: str = "l2"
+    created: str = ""
+    updated: str = ""
+    neardup_version: str = ""
+    schema_version: int = SCHEMA_VERSION
+    next_id: int = 0
+    index_file: str = ""
+    count: int = 0
+    failures: int = 0
+
+
+@dataclass
+class Catalog:
+    """The rows of a store as column arrays (row i of every array describes one image)."""
+
+    meta: StoreMeta
+    ids: np.ndarray  # int64 [n]
+    paths: list[str]
+    sizes: np.ndarray  # int64 [n]
+    mtimes_ns: np.ndarray  # int64 [n]
+    sha256: list[str]
+    widths: np.ndarray  # int32 [n]
+    heights: np.ndarray  # int32 [n]
+    xb: np.ndarray | None  # float32 [n, d], None when read without vectors
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @classmethod
+    def empty(cls, meta: StoreMeta) -> "Catalog":
+        """A catalog with no rows."""
+        return cls(meta, np.zeros(0, np.int64), [], np.zeros(0, np.int64), np.zeros(0, np.int64), [],
+                   np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros((0, meta.dim), np.float32))
+
+
+def now_iso() -> str:
+    """UTC time stamp for the store's created/updated attributes."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def check_output_path(path: Path) -> None:
+    """Refuse an output file whose folder does not exist (rather than creating folders by surprise)."""
+    parent = path.expanduser().resolve().parent
+    if not parent.is_dir():
+        raise InputError(f"the folder for {path} does not exist: {parent}")
+
+
+@contextmanager
+def _open(path: Path) -> Iterator[h5py.File]:
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(f"no store at {path}")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise StoreError(f"{path} is not a readable HDF5 file ({str(exc).splitlines()[0][:120]})") from None
+    try:
+        if f.attrs.get("format") != FORMAT:
+            raise StoreError(f"{path} is an HDF5 file but not a neardup store")
+        schema = int(f.attrs.get("schema_version", -1))
+        if schema != SCHEMA_VERSION:
+            raise StoreError(f"{path} has store schema {schema}; this neardup reads schema {SCHEMA_VERSION}")
+        yield f
+    except (KeyError, OSError, ValueError) as exc:
+        raise StoreError(f"{path} is damaged or incomplete ({exc})") from None
+    finally:
+        f.close()
+
+
+def _meta(f: h5py.File) -> StoreMeta:
+    a = f.attrs
+    return StoreMeta(
+        model=str(a["model"]), weights=str(a["weights"]), weights_fingerprint=str(a["weights_fingerprint"]),
+        dim=int(a["dim"]), input_size=int(a["input_size"]), preprocessing=str(a["preprocessing"]),
+        normalization=str(a["normalization"]), created=str(a["created"]), updated=str(a["updated"]),
+        neardup_version=str(a["neardup_version"]), schema_version=int(a["schema_version"]),
+        next_id=int(a["next_id"]), index_file=str(a["index_file"]),
+        count=int(f["ids"].shape[0]), failures=int(f["failures/paths"].shape[0]))
+
+
+def read_meta(path: str | os.PathLike[str]) -> StoreMeta:
+    """Read only the attributes and counts of a store. Raises StoreError."""
+    with _open(Path(path)) as f:
+        return _meta(f)
+
+
+def _strings(ds: h5py.Dataset) -> list[str]:
+    return [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in ds[()]]
+
+
+def read_catalog(path: str | os.PathLike[str], *, vectors: bool = True) -> Catalog:
+    """Read a whole store into memory (embeddings only when `vectors`). Raises StoreError."""
+    with _open(Path(path)) as f:
+        meta = _meta(f)
+        xb = f["embeddings"][()].astype(np.float32, copy=False) if vectors else None
+        if xb is not None and xb.shape != (meta.count, meta.dim):
+            raise StoreError(f"{path} is damaged: embeddings {xb.shape} for {meta.count} rows of dim {meta.dim}")
+        return Catalog(
+            meta=meta, ids=f["ids"][()].astype(np.int64), paths=_strings(f["paths"]),
+            sizes=f["sizes"][()].astype(np.int64), mtimes_ns=f["mtimes_ns"][()].astype(np.int64),
+            sha256=_strings(f["sha256"]), widths=f["widths"][()].astype(np.int32),
+            heights=f["heights"][()].astype(np.int32), xb=xb,
+            failures=list(zip(_strings(f["failures/paths"]), _strings(f["failures/reasons"]))))
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write) -> None:  # noqa: ANN001 - write(tmp_path) callable
+    """Call `write(tmp)` on a temporary file beside `path`, fsync it, then atomically rename it to `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a store is as readable as any file the user writes
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete temporary files a killed writer left beside `path` (call only while holding the writer lock)."""
+    for tmp in Path(path).parent.glob(f".{Path(path).name}.*.tmp"):
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+
+
+def write_catalog(path: str | os.PathLike[str], cat: Catalog) -> StoreMeta:
+    """Write `cat` as a complete store at `path`, atomically. Returns the meta written."""
+    path = Path(path)
+    check_output_path(path)
+    n, d = len(cat), cat.meta.dim
+    if cat.xb is None or cat.xb.shape != (n, d):
+        raise ValueError(f"embeddings must be [{n}, {d}]")
+    meta = replace(cat.meta, count=n, failures=len(cat.failures), neardup_version=_version(),
+                   updated=now_iso(), created=cat.meta.created or now_iso())
+
+    def write(tmp: str) -> None:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("embeddings", data=np.asarray(cat.xb, np.float32), maxshape=(None, d),
+                             chunks=(max(1, min(max(n, 1), 256)), d))
+            f.create_dataset("ids", data=np.asarray(cat.ids, np.int64), maxshape=(None,), chunks=True)
+            f.create_dataset("paths", data=np.array(cat.paths, dtype=object), dtype=_STR, maxshape=(None,),
+                             chunks=True)
+            f.create_dataset("sizes", data=np.asarray(cat.sizes, np.int64), maxshape=(None,), chunks=True)
+            f.create_dataset("mtimes_ns", data=np.asarray(cat.mtimes_ns, np.int64), maxshape=(None,),
+                             chunks=True)
+            f.create_dataset("sha256", data=np.array(cat.sha256, dtype="S64").reshape(n), maxshape=(None,),
+                             chunks=True)
+            f.create_dataset("widths", data=np.asarray(cat.widths, np.int32), maxshape=(None,), chunks=True)
+            f.create_dataset("heights", data=np.asarray(cat.heights, np.int32), maxshape=(None,), chunks=True)
+            g = f.create_group("failures")
+            g.create_dataset("paths", data=np.array([p for p, _ in cat.failures], dtype=object), dtype=_STR)
+            g.create_dataset("reasons", data=np.array([r for _, r in cat.failures], dtype=object), dtype=_STR)
+            for key, value in (("format", FORMAT), ("schema_version", SCHEMA_VERSION), ("model", meta.model),
+                               ("weights", meta.weights), ("weights_fingerprint", meta.weights_fingerprint),
+                               ("dim", d), ("input_size", meta.input_size), ("preprocessing", meta.preprocessing),
+                               ("normalization", meta.normalization), ("created", meta.created),
+                               ("updated", meta.updated), ("neardup_version", meta.neardup_version),
+                               ("next_id", meta.next_id), ("index_file", meta.index_file)):
+                f.attrs[key] = value
+
+    atomic_write(path, write)
+    return meta

@@ -1,0 +1,305 @@
+"""The `neardup` command: parse options, call one library function, print the result."""
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from indexer import DEFAULTS, MODELS, RunSummary, build_index, read_catalog, read_meta, update_index
+from indexer.config import ENV_BATCH_SIZE, ENV_MODEL, ENV_PRECISION, ENV_STORE, ENV_WEIGHTS
+from indexer.errors import InputError, NeardupError
+
+from .duplicates import find_duplicates, write_groups_json, write_pairs_csv
+from .query import QueryResult, compare, has_match, query, resolve_threshold
+
+app = typer.Typer(
+    name="neardup", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="Find near-duplicate product photos: index a catalogue, query new photos, list duplicate groups.")
+
+log = logging.getLogger("neardup")
+
+# Options shared by several commands; each mirrors a field of indexer.config.DEFAULTS.
+StoreOpt = Annotated[Path, typer.Option("--store", "-s", envvar=ENV_STORE, help="HDF5 store file.")]
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", "-m", envvar=ENV_MODEL, help=f"Embedding method: {', '.join(MODELS)} [default: the store's, "
+    f"else {DEFAULTS.model}].")]
+WeightsOpt = Annotated[Optional[str], typer.Option(
+    "--weights", "-w", envvar=ENV_WEIGHTS, help="imagenet | none | PATH to a weights file [default: the store's, "
+    f"else {DEFAULTS.weights}].")]
+PrecisionOpt = Annotated[str, typer.Option("--precision", envvar=ENV_PRECISION,
+                                           help="Inference precision: float32 or bf16.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", envvar=ENV_BATCH_SIZE, min=1,
+                                       help="Images per model call.")]
+ThresholdOpt = Annotated[Optional[float], typer.Option(
+    "--threshold", "-t", help="Cosine threshold [default: per model: resnet50 0.90, vgg16 0.95, "
+    "phash 0.6875 (Hamming <= 10 of 64)].")]
+VerboseOpt = Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output (-vv: debug).")]
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="neardup: %(message)s", stream=sys.stderr, force=True)
+    if verbose < 2:
+        logging.getLogger("faiss").setLevel(logging.WARNING)
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"neardup: error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def handled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn domain errors into one-line messages and exit codes instead of tracebacks."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _setup_logging(kwargs.get("verbose", 0) or 0)
+        try:
+            return fn(*args, **kwargs)
+        except NeardupError as exc:
+            raise _fail(str(exc), exc.exit_code) from None
+        except KeyboardInterrupt:
+            raise _fail("interrupted; an index run resumes from its last checkpoint", 130) from None
+        except MemoryError:
+            raise _fail("out of memory; try a smaller --batch-size") from None
+
+    return wrapper
+
+
+class _Bar:
+    """tqdm progress bar fed by the library's (done, total) callback; silent when stderr is not a terminal."""
+
+    def __init__(self, desc: str) -> None:
+        self.desc, self.bar = desc, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=self.desc, unit="img", disable=None, file=sys.stderr,
+                            dynamic_ncols=True)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _print_summary(s: RunSummary, limit: int = 20) -> None:
+    action = "wrote" if s.wrote else "nothing changed in"
+    typer.echo(f"{action} {s.store}: {s.total} images, model {s.model}")
+    typer.echo(f"  added {s.added}, changed {s.changed}, moved {s.moved}, removed {s.removed}, "
+               f"unchanged {s.unchanged}, touched {s.touched}, failed {len(s.failures)}")
+    if s.embedded or s.reused:
+        typer.echo(f"  embedded {s.embedded} images in {s.embed_seconds:.1f} s ({s.images_per_second:.1f} img/s, "
+                   f"decode+embed); reused {s.reused} from an interrupted run")
+    typer.echo(f"  time {s.seconds:.1f} s")
+    for path, why in s.failures[:limit]:
+        typer.echo(f"  skipped {path}: {why}")
+    if len(s.failures) > limit:
+        typer.echo(f"  ... and {len(s.failures) - limit} more (neardup info --failures)")
+
+
+def _run_index(update: bool, dirs: list[Path], store: Path, model: Optional[str], weights: Optional[str],
+               precision: str, batch_size: int, prune: bool) -> None:
+    bar = _Bar("update" if update else "index")
+    try:
+        fn = update_index if update else build_index
+        summary = fn([str(d) for d in dirs], store, model=model, weights=weights, precision=precision,
+                     batch_size=batch_size, prune=prune, progress=bar)
+    finally:
+        bar.close()
+    _print_summary(summary)
+
+
+@app.command("index")
+@handled
+def index_cmd(
+    dirs: Annotated[list[Path], typer.Argument(help="Folders (searched recursively) or image files.")],
+    store: StoreOpt = Path(DEFAULTS.store), model: ModelOpt = None, weights: WeightsOpt = None,
+    precision: PrecisionOpt = DEFAULTS.precision, batch_size: BatchOpt = DEFAULTS.batch_size,
+    prune: Annotated[bool, typer.Option(help="Also drop stored images no longer under DIRS.")] = False,
+    verbose: VerboseOpt = 0,
+) -> None:
+    """Index images into a store (creates it, or updates it incrementally with its own model)."""
+    _run_index(False, dirs, store, model, weights, precision, batch_size, prune)
+
+
+@app.command("update")
+@handled
+def update_cmd(
+    dirs: Annotated[list[Path], typer.Argument(help="Folders (searched recursively) or image files.")],
+    store: StoreOpt = Path(DEFAULTS.store), weights: WeightsOpt = None,
+    precision: PrecisionOpt = DEFAULTS.precision, batch_size: BatchOpt = DEFAULTS.batch_size,
+    prune: Annotated[bool, typer.Option(help="Also drop stored images no longer under DIRS.")] = False,
+    verbose: VerboseOpt = 0,
+) -> None:
+    """Update an existing store: embed new and changed images, drop deleted ones (for nightly jobs)."""
+    _run_index(True, dirs, store, None, weights, precision, batch_size, prune)
+
+
+def _size(path: Path) -> str:
+    try:
+        n = path.stat().st_size
+    except OSError:
+        return "missing"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+@app.command("info")
+@handled
+def info_cmd(
+    store: StoreOpt = Path(DEFAULTS.store),
+    failures: Annotated[bool, typer.Option("--failures", help="List every skipped image.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    verbose: VerboseOpt = 0,
+) -> None:
+    """Describe a store: model, weights, counts, dimension, failures, file sizes."""
+    meta = read_meta(store)
+    failed = read_catalog(store, vectors=False).failures if (failures or as_json) else []
+    index_file = store.parent / meta.index_file if meta.index_file else None
+    if as_json:
+        doc = {k: getattr(meta, k) for k in meta.__dataclass_fields__}
+        doc.update(store=str(store), store_bytes=store.stat().st_size,
+                   index_bytes=index_file.stat().st_size if index_file and index_file.exists() else None,
+                   failure_list=[{"path": p, "reason": r} for p, r in failed])
+        typer.echo(json.dumps(doc, indent=1))
+        return
+    rows = [("store", f"{store} ({_size(store)})"),
+            ("index", f"{index_file} ({_size(index_file)})" if index_file else "none (rebuilt from the store)"),
+            ("images", str(meta.count)), ("failed", str(meta.failures)), ("model", meta.model),
+            ("weights", f"{meta.weights} (fingerprint {meta.weights_fingerprint})"), ("dim", str(meta.dim)),
+            ("input", f"{meta.input_size}x{meta.input_size}"), ("preprocessing", meta.preprocessing),
+            ("normalization", meta.normalization), ("created", meta.created), ("updated", meta.updated),
+            ("neardup", f"{meta.neardup_version} (schema {meta.schema_version})")]
+    for k, v in rows:
+        typer.echo(f"{k:>14}  {v}")
+    for p, r in failed:
+        typer.echo(f"  skipped {p}: {r}")
+
+
+def _query_rows(results: list[QueryResult], threshold: float) -> list[dict]:
+    return [{"query": r.query, "rank": m.rank, "score": round(m.score, 6), "id": m.id, "path": m.path,
+             "match": m.score >= threshold} for r in results for m in r.matches]
+
+
+@app.command("query")
+@handled
+def query_cmd(
+    images: Annotated[list[Path], typer.Argument(help="Photos to look up (folders: every image in them).")],
+    store: StoreOpt = Path(DEFAULTS.store), k: Annotated[int, typer.Option("-k", min=1, help="Neighbours per photo.")]
+    = DEFAULTS.k, threshold: ThresholdOpt = None, weights: WeightsOpt = None,
+    precision: PrecisionOpt = DEFAULTS.precision, batch_size: BatchOpt = DEFAULTS.batch_size,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="CSV output.")] = False,
+    verbose: VerboseOpt = 0,
+) -> None:
+    """Find the catalogue images nearest to each photo. Exit 0: a match >= threshold exists; 1: none; 2: error."""
+    if as_json and as_csv:
+        raise InputError("choose one of --json and --csv")
+    meta = read_meta(store)
+    t = resolve_threshold(threshold, meta.model)
+    results = query(store, images, k=k, weights=weights, precision=precision, batch_size=batch_size)
+    if as_json:
+        typer.echo(json.dumps({"store": str(store), "model": meta.model, "threshold": t, "results": [
+            {"query": r.query, "error": r.error, "matches": [
+                {"rank": m.rank, "score": round(m.score, 6), "id": m.id, "path": m.path, "match": m.score >= t}
+                for m in r.matches]} for r in results]}, indent=1))
+    elif as_csv:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=["query", "rank", "score", "id", "path", "match", "error"])
+        w.writeheader()
+        w.writerows(_query_rows(results, t))
+        w.writerows({"query": r.query, "error": r.error} for r in results if r.error)
+        typer.echo(buf.getvalue(), nl=False)
+    else:
+        for r in results:
+            typer.echo(f"{r.query}")
+            if r.error:
+                typer.echo(f"  skipped: {r.error}")
+                continue
+            typer.echo(f"  {'rank':>4}  {'score':>7}  {'id':>7}  path")
+            for m in r.matches:
+                mark = "  <- match" if m.score >= t else ""
+                typer.echo(f"  {m.rank:>4}  {m.score:7.4f}  {m.id:>7}  {m.path}{mark}")
+    for r in results:
+        if r.error:
+            typer.echo(f"neardup: skipped {r.query}: {r.error}", err=True)
+    if all(r.error for r in results):
+        raise typer.Exit(2)
+    raise typer.Exit(0 if has_match(results, t) else 1)
+
+
+@app.command("compare")
+@handled
+def compare_cmd(
+    a: Annotated[Path, typer.Argument(help="First image.")],
+    b: Annotated[Path, typer.Argument(help="Second image.")],
+    model: ModelOpt = None, weights: WeightsOpt = None, precision: PrecisionOpt = DEFAULTS.precision,
+    threshold: ThresholdOpt = None, verbose: VerboseOpt = 0,
+) -> None:
+    """Cosine similarity of two images. Exit 0: duplicate (>= threshold); 1: not; 2: error."""
+    for p in (a, b):
+        if not p.is_file():
+            raise InputError(f"no such image file: {p}")
+    model = model or DEFAULTS.model
+    weights = weights or ("none" if model == "phash" else DEFAULTS.weights)
+    t = resolve_threshold(threshold, model)
+    score = compare(a, b, model=model, weights=weights, precision=precision)
+    verdict = "duplicate" if score >= t else "not a duplicate"
+    typer.echo(f"{score:.4f}  {verdict} (threshold {t:.4f}, model {model})")
+    raise typer.Exit(0 if score >= t else 1)
+
+
+@app.command("duplicates")
+@handled
+def duplicates_cmd(
+    store: StoreOpt = Path(DEFAULTS.store), threshold: ThresholdOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="CSV of pairs: a_id,a_path,b_id,b_path,score,"
+                                                "kind.")] = None,
+    groups: Annotated[Optional[Path], typer.Option("--groups", "-g", help="JSON of groups with keepers.")] = None,
+    show: Annotated[int, typer.Option("--show", help="Groups to print.")] = 10,
+    verbose: VerboseOpt = 0,
+) -> None:
+    """List every near-duplicate pair and group of a store (nothing is ever deleted)."""
+    report = find_duplicates(store, threshold=threshold)
+    if out:
+        write_pairs_csv(report, out)
+    if groups:
+        write_groups_json(report, groups)
+    typer.echo(f"{report.n} images, model {report.model}, threshold {report.threshold:.4f}: "
+               f"{len(report.pairs)} pairs ({report.exact} exact), {len(report.groups)} groups, "
+               f"{sum(len(g.members) - 1 for g in report.groups)} removable, {report.seconds:.1f} s")
+    for k, g in enumerate(report.groups[:show]):
+        typer.echo(f"group {k + 1} ({len(g.members)} images)")
+        for m in g.members:
+            tag = "keep" if m["keeper"] else ("exact" if m["exact"] else f"{m['score_to_keeper']:.4f}")
+            typer.echo(f"  {tag:>6}  {m['path']}  ({m['width']}x{m['height']})")
+    if len(report.groups) > show:
+        typer.echo(f"... {len(report.groups) - show} more groups" + (f" in {groups}" if groups else
+                                                                     " (write them all with --groups FILE)"))
+    for path in (out, groups):
+        if path:
+            typer.echo(f"wrote {path}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+"""Duplicates stage: every pair at or above a cosine threshold, and anti-chaining groups with a keeper.
+
+The all-pairs search is an exact blocked self-join: block after block of rows is multiplied (BLAS sgemm)
+against the rows after it only, so each pair is computed once (half the work of a full xb @ xb.T or a
+FAISS range search) and memory is bounded by the block, never by n².
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from indexer import DEFAULTS, Catalog, read_catalog
+from indexer.store import atomic_write, check_output_path
+
+from .query import resolve_threshold
+
+log = logging.getLogger(__name__)
+
+
+def self_join(xb: np.ndarray, threshold: float, block: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All pairs (i < j) of rows of xb with inner product >= threshold.
+
+    Returns (I, J, D): int64 row indices and float32 scores, sorted by (I, J). Memory beyond xb is about
+    block * n * 5 bytes; the default block keeps it near half the bytes of xb, and at least 16 MB.
+    """
+    xb = np.ascontiguousarray(xb, dtype=np.float32)
+    n, d = xb.shape
+    if block is None:
+        budget = max(16 << 20, xb.nbytes // 2)
+        block = int(np.clip(budget // (5 * max(n, 1)), 16, DEFAULTS.join_block))
+    out_i, out_j, out_d = [], [], []
+    for r in range(0, n, block):
+        q = xb[r:r + block]
+        sims = q @ xb[r:].T  # rows r.., columns r..: the lower triangle is never computed
+        # keep only j > i inside the diagonal block
+        sims[np.tril_indices(len(q), k=0, m=sims.shape[1])] = -np.inf
+        ii, jj = np.nonzero(sims >= threshold)
+        out_i.append(ii + r)
+        out_j.append(jj + r)
+        out_d.append(sims[ii, jj])
+        del sims
+    if not out_i:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    return (np.concatenate(out_i).astype(np.int64), np.concatenate(out_j).astype(np.int64),
+            np.concatenate(out_d).astype(np.float32))
+
+
+def exact_pairs(hashes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """All pairs (i < j) of rows with the same content hash: byte-identical files."""
+    by_hash: dict[str, list[int]] = defaultdict(list)
+    for i, h in enumerate(hashes):
+        by_hash[h].append(i)
+    pi, pj = [], []
+    for rows in by_hash.values():
+        for a in range(len(rows)):
+            for b in range(a + 1, len(rows)):
+                pi.append(rows[a])
+                pj.append(rows[b])
+    return np.array(pi, np.int64), np.array(pj, np.int64)
+
+
+def connected_components(n: int, pi: np.ndarray, pj: np.ndarray) -> list[np.ndarray]:
+    """Components (of size >= 2) of the graph on n nodes with edges (pi, pj), as sorted row arrays."""
+    parent = np.arange(n)
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b in zip(pi.tolist(), pj.tolist()):
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    comps: dict[int, list[int]] = defaultdict(list)
+    for x in set(pi.tolist()) | set(pj.tolist()):
+        comps[find(x)].append(x)
+    return [np.array(sorted(v), np.int64) for _, v in sorted(comps.items()) if len(v) > 1]
+
+
+def complete_linkage(S: np.ndarray, threshold: float, forced: np.ndarray | None = None) -> list[list[int]]:
+    """Split one component into groups in which EVERY two members score >= threshold.
+
+    Rule (deterministic, greedy): the member with most partners (ties: higher mean score, then lower row)
+    seeds a group; its partners join in descending score to the seed while they score >= threshold with
+    every member already in the group. Repeat on the rest. A chain A~B~C with A!~C becomes {A, B} (or
+    {B, C}) and C (or A) is left out or grouped elsewhere: a chain never merges unrelated products.
+    `forced` marks pairs that are always linked (byte-identical files). Returns lists of local indices.
+    """
+    m = len(S)
+    adj = S >= threshold
+    if forced is not None:
+        adj |= forced
+    np.fill_diagonal(adj, False)
+    alive = np.ones(m, bool)
+    degree = adj.sum(1).astype(np.int64)
+    mean = np.where(adj, S, 0).sum(1) / np.maximum(degree, 1)
+    groups = []
+    while True:
+        cand = np.flatnonzero(alive & (degree > 0))
+        if len(cand) == 0:
+            break
+        order = np.lexsort((cand, -mean[cand], -degree[cand]))
+        seed = int(cand[order[0]])
+        compatible = adj[seed] & alive
+        group = [seed]
+        for c in sorted(np.flatnonzero(compatible).tolist(), key=lambda c: (-S[seed, c], c)):
+            if compatible[c]:
+                group.append(c)
+                compatible &= adj[c]
+        members = np.array(group)
+        alive[members] = False
+        degree -= adj[:, members].sum(1)
+        groups.append(sorted(group))
+    return groups
+
+
+def keeper_order(cat: Catalog, rows: np.ndarray) -> np.ndarray:
+    """`rows` sorted best keeper first: largest resolution, then largest file, then oldest, then path."""
+    return np.array(sorted(rows.tolist(), key=lambda r: (-int(cat.widths[r]) * int(cat.heights[r]),
+                                                           -int(cat.sizes[r]), int(cat.mtimes_ns[r]),
+                                                           cat.paths[r])), np.int64)
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Two catalogue images that are duplicates: kind "exact" (same bytes) or "near" (score >= threshold)."""
+
+    a_id: int
+    a_path: str
+    b_id: int
+    b_path: str
+    score: float
+    kind: str
+
+
+@dataclass
+class Group:
+    """Images that all pairwise match; `keeper` is suggested to keep, the others are removable."""
+
+    keeper: int  #: id
+    members: list[dict]  #: id, path, width, height, size, score_to_keeper, keeper
+
+
+@dataclass
+class DuplicateReport:
+    """Result of find_duplicates."""
+
+    store: str
+    model: str
+    threshold: float
+    n: int
+    pairs: list[Pair] = field(default_factory=list)
+    groups: list[Group] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def exact(self) -> int:
+        """Number of exact pairs."""
+        return sum(p.kind == "exact" for p in self.pairs)
+
+
+def duplicate_rows(cat: Catalog, threshold: float, block: int | None = None) -> tuple[np.ndarray, ...]:
+    """Pure core of find_duplicates: (I, J, D, exact) row pairs of a catalog, exact pairs first."""
+    ei, ej = exact_pairs(cat.sha256)
+    ni, nj, nd = self_join(cat.xb, threshold, block)
+    if len(ei):
+        exact_keys = set(zip(ei.tolist(), ej.tolist()))
+        keep = np.array([(a, b) not in exact_keys for a, b in zip(ni.tolist(), nj.tolist())], bool)
+        ni, nj, nd = ni[keep], nj[keep], nd[keep]
+    order = np.lexsort((nj, ni, -nd))
+    I = np.concatenate([ei, ni[order]])
+    J = np.concatenate([ej, nj[order]])
+    D = np.concatenate([np.ones(len(ei), np.float32), nd[order]])
+    exact = np.concatenate([np.ones(len(ei), bool), np.zeros(len(ni), bool)])
+    return I, J, D, exact
+
+
+def find_duplicates(store: str | os.PathLike[str], *, threshold: float | None = None,
+                    block: int | None = None) -> DuplicateReport:
+    """All duplicate pairs of a store and their anti-chaining groups (see complete_linkage)."""
+    t0 = time.perf_counter()
+    cat = read_catalog(store)
+    t = resolve_threshold(threshold, cat.meta.model)
+    I, J, D, exact = duplicate_rows(cat, t, block)
+    report = DuplicateReport(store=str(store), model=cat.meta.model, threshold=t, n=len(cat))
+    report.pairs = [Pair(int(cat.ids[a]), cat.paths[a], int(cat.ids[b]), cat.paths[b], round(float(s), 6),
+                         "exact" if e else "near") for a, b, s, e in zip(I.tolist(), J.tolist(), D, exact)]
+    for comp in connected_components(len(cat), I, J):
+        S = cat.xb[comp] @ cat.xb[comp].T
+        forced = np.zeros_like(S, bool)
+        local = {r: k for k, r in enumerate(comp.tolist())}
+        for a, b in zip(I[exact].tolist(), J[exact].tolist()):
+            if a in local and b in local:
+                forced[local[a], local[b]] = forced[local[b], local[a]] = True
+        for g in complete_linkage(S, t, forced):
+            rows = keeper_order(cat, comp[g])
+            keeper = int(rows[0])
+            kl = local[keeper]
+            members = [{"id": int(cat.ids[r]), "path": cat.paths[r], "width": int(cat.widths[r]),
+                        "height": int(cat.heights[r]), "size": int(cat.sizes[r]),
+                        "score_to_keeper": 1.0 if r == keeper else round(float(S[kl, local[r]]), 6),
+                        "exact": bool(r != keeper and forced[kl, local[r]]), "keeper": r == keeper}
+                       for r in rows.tolist()]
+            report.groups.append(Group(keeper=int(cat.ids[keeper]), members=members))
+    report.groups.sort(key=lambda g: (-len(g.members), -min(m["score_to_keeper"] for m in g.members)))
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def write_pairs_csv(report: DuplicateReport, path: str | os.PathLike[str]) -> None:
+    """Pairs as CSV: a_id, a_path, b_id, b_path, score, kind (exact pairs first, then by score)."""
+    path = Path(path)
+    check_output_path(path)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            w.writerow(["a_id", "a_path", "b_id", "b_path", "score", "kind"])
+            for p in report.pairs:
+                w.writerow([p.a_id, p.a_path, p.b_id, p.b_path, f"{p.score:.6f}", p.kind])
+
+    atomic_write(path, write)
+
+
+def groups_document(report: DuplicateReport) -> dict:
+    """The JSON-ready description of the groups."""
+    return {
+        "store": report.store, "model": report.model, "threshold": report.threshold, "images": report.n,
+        "rule": "complete linkage: every two members of a group score >= threshold (identical files always "
+                "match); keeper = largest resolution, then largest file, then oldest, then path",
+        "groups": [{"group": k + 1, "size": len(g.members), "keeper": g.keeper,
+                    "keeper_path": next(m["path"] for m in g.members if m["keeper"]),
+                    "removable": [m["path"] for m in g.members if not m["keeper"]], "members": g.members}
+                   for k, g in enumerate(report.groups)],
+    }
+
+
+def write_groups_json(report: DuplicateReport, path: str | os.PathLike[str]) -> None:
+    """Groups as JSON (see groups_document)."""
+    path = Path(path)
+    check_output_path(path)
+    doc = groups_document(report)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=1, ensure_ascii=False),
+                                                        encoding="utf-8"))

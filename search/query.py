@@ -1,0 +1,121 @@
+"""Query stage: find the catalogue images nearest to new photos, with the store's own model."""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from indexer import (DEFAULTS, Catalog, Embedder, StoreMeta, default_threshold, discover, embed_files,
+                     make_embedder, open_index, read_meta, search)
+from indexer.errors import InputError, StoreMismatchError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Match:
+    """One neighbour of a query photo."""
+
+    rank: int
+    score: float  #: cosine similarity
+    id: int
+    path: str  #: as stored, relative to the store's folder
+
+
+@dataclass
+class QueryResult:
+    """The neighbours of one query photo, or why it could not be queried."""
+
+    query: str
+    matches: list[Match] = field(default_factory=list)
+    error: str | None = None
+
+    def best(self) -> float | None:
+        """Highest score, or None without matches."""
+        return self.matches[0].score if self.matches else None
+
+
+def store_embedder(meta: StoreMeta, *, weights: str | None = None, precision: str = DEFAULTS.precision,
+                   embedder: Embedder | None = None) -> Embedder:
+    """The embedder a store was built with (refusing other weights), or the injected one once checked."""
+    emb = embedder or make_embedder(meta.model, weights or meta.weights, precision)
+    if emb.name != meta.model or emb.dim != meta.dim or emb.weights_fingerprint != meta.weights_fingerprint:
+        raise StoreMismatchError(
+            f"the store was made with {meta.model} (dim {meta.dim}, weights {meta.weights_fingerprint}); "
+            f"the query model is {emb.name} (dim {emb.dim}, weights {emb.weights_fingerprint})")
+    return emb
+
+
+def neighbours(D: np.ndarray, I: np.ndarray, cat: Catalog) -> list[list[Match]]:
+    """Turn FAISS (D, I) rows into Match lists, dropping the -1 padding of short results."""
+    row_of = {int(i): r for r, i in enumerate(cat.ids)}
+    out = []
+    for drow, irow in zip(D, I):
+        out.append([Match(rank=k + 1, score=float(s), id=int(i), path=cat.paths[row_of[int(i)]])
+                    for k, (s, i) in enumerate(zip(drow, irow)) if i >= 0])
+    return out
+
+
+class Searcher:
+    """A store opened for repeated queries: rows, FAISS index and embedder stay loaded (warm process)."""
+
+    def __init__(self, store: str | os.PathLike[str], *, weights: str | None = None,
+                 precision: str = DEFAULTS.precision, embedder: Embedder | None = None) -> None:
+        self.store = Path(store)
+        self.meta = read_meta(self.store)
+        self.embedder = store_embedder(self.meta, weights=weights, precision=precision, embedder=embedder)
+        self.cat, self.index = open_index(self.store)
+
+    def search(self, xq: np.ndarray, k: int = DEFAULTS.k) -> list[list[Match]]:
+        """k nearest catalogue images of each row of xq (unit vectors from this store's embedder)."""
+        if len(xq) == 0:
+            return []
+        D, I = search(self.index, xq, k)
+        return neighbours(D, I, self.cat)
+
+    def query(self, images: Sequence[str | os.PathLike[str]], k: int = DEFAULTS.k,
+              batch_size: int = DEFAULTS.batch_size) -> list[QueryResult]:
+        """Query image files (folders are expanded); undecodable files come back with an error."""
+        if k < 1:
+            raise InputError("k must be at least 1")
+        paths = [str(p) for p in discover(images)]
+        got = embed_files(paths, self.embedder, batch_size=batch_size)
+        results = {p: QueryResult(p, m) for p, m in zip(got.paths, self.search(got.xq, k))}
+        results.update({p: QueryResult(p, error=why) for p, why in got.failures})
+        return [results[p] for p in paths]
+
+
+def query(store: str | os.PathLike[str], images: Sequence[str | os.PathLike[str]], *, k: int = DEFAULTS.k,
+          weights: str | None = None, precision: str = DEFAULTS.precision, embedder: Embedder | None = None,
+          batch_size: int = DEFAULTS.batch_size) -> list[QueryResult]:
+    """Top-k catalogue matches of each query image, searched with the store's own model and weights."""
+    return Searcher(store, weights=weights, precision=precision, embedder=embedder).query(images, k, batch_size)
+
+
+def has_match(results: Sequence[QueryResult], threshold: float) -> bool:
+    """True when any query has a match scoring at least `threshold` (the CLI's exit status 0)."""
+    return any(r.best() is not None and r.best() >= threshold for r in results)
+
+
+def compare(a: str | os.PathLike[str], b: str | os.PathLike[str], *, model: str = DEFAULTS.model,
+            weights: str = DEFAULTS.weights, precision: str = DEFAULTS.precision,
+            embedder: Embedder | None = None) -> float:
+    """Cosine similarity of two image files under one model."""
+    emb = embedder or make_embedder(model, weights, precision)
+    got = embed_files([a, b], emb, batch_size=2)
+    if got.failures:
+        path, why = got.failures[0]
+        raise InputError(f"{path}: {why}")
+    return float(got.xq[0] @ got.xq[1])
+
+
+def resolve_threshold(threshold: float | None, model: str) -> float:
+    """The given threshold, or the model's documented default; refuses values outside [-1, 1]."""
+    t = default_threshold(model) if threshold is None else float(threshold)
+    if not -1.0 <= t <= 1.0:
+        raise InputError(f"threshold must be a cosine between -1 and 1, got {t}")
+    return t
