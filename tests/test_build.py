@@ -1,0 +1,158 @@
+"""The index/update job: contents of the store, bad inputs, and every incremental scenario."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from indexer import (InputError, StoreError, StoreLockedError, StoreMismatchError, build_index, open_index,
+                     read_catalog, search, update_index)
+from indexer.build import writer_lock
+
+
+def _store_map(store: Path) -> dict[str, tuple[int, np.ndarray]]:
+    cat = read_catalog(store)
+    return {p: (int(i), v) for p, i, v in zip(cat.paths, cat.ids, cat.xb)}
+
+
+def test_index_writes_store_and_index(tmp_path: Path, make_images, fake_embedder) -> None:
+    make_images(12)
+    (tmp_path / "imgs" / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    store = tmp_path / "cat.h5"
+    s = build_index([tmp_path / "imgs"], store, embedder=fake_embedder, batch_size=5)
+    assert (s.added, s.embedded, s.total, s.wrote) == (12, 12, 12, True)
+    assert s.failures == [("imgs/broken.jpg", "not a recognised image format")]
+    cat = read_catalog(store)
+    assert cat.paths == sorted(cat.paths) and cat.paths[0] == "imgs/img_0000.jpg"
+    assert cat.failures == s.failures and cat.meta.model == "fake" and cat.xb.shape == (12, 32)
+    assert list(cat.ids) == list(range(12)) and (cat.widths == 320).all()
+    np.testing.assert_allclose(np.linalg.norm(cat.xb, axis=1), 1, atol=1e-6)
+    # the FAISS index holds the store's ids and vectors: each image finds itself first
+    _, index = open_index(store)
+    D, I = search(index, cat.xb, 1)
+    np.testing.assert_array_equal(I[:, 0], cat.ids)
+    assert np.allclose(D[:, 0], 1, atol=1e-5)
+
+
+def test_batch_size_does_not_change_vectors(tmp_path: Path, make_images, fake_embedder) -> None:
+    make_images(9)
+    a = build_index([tmp_path / "imgs"], tmp_path / "a.h5", embedder=fake_embedder, batch_size=1)
+    b = build_index([tmp_path / "imgs"], tmp_path / "b.h5", embedder=fake_embedder, batch_size=4)
+    assert a.total == b.total == 9
+    np.testing.assert_allclose(read_catalog(tmp_path / "a.h5").xb, read_catalog(tmp_path / "b.h5").xb, atol=1e-6)
+
+
+def test_bad_inputs_are_refused(tmp_path: Path, make_images, fake_embedder) -> None:
+    with pytest.raises(InputError, match="no such"):
+        build_index([tmp_path / "missing"], tmp_path / "s.h5", embedder=fake_embedder)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no images"):
+        build_index([tmp_path / "empty"], tmp_path / "s.h5", embedder=fake_embedder)
+    make_images(2)
+    with pytest.raises(InputError, match="does not exist"):
+        build_index([tmp_path / "imgs"], tmp_path / "nodir" / "s.h5", embedder=fake_embedder)
+    (tmp_path / "foreign.h5").write_bytes(b"garbage")
+    with pytest.raises(StoreError):
+        build_index([tmp_path / "imgs"], tmp_path / "foreign.h5", embedder=fake_embedder)
+    assert (tmp_path / "foreign.h5").read_bytes() == b"garbage"  # never overwritten
+    with pytest.raises(StoreError, match="no store"):
+        update_index([tmp_path / "imgs"], tmp_path / "new.h5", embedder=fake_embedder)
+    with pytest.raises(InputError, match="unknown model"):
+        build_index([tmp_path / "imgs"], tmp_path / "s.h5", model="alexnet")
+
+
+def test_other_model_is_refused_on_existing_store(tmp_path: Path, make_images, fake_embedder) -> None:
+    make_images(3)
+    build_index([tmp_path / "imgs"], tmp_path / "s.h5", embedder=fake_embedder)
+    with pytest.raises(StoreMismatchError, match="made with model fake"):
+        build_index([tmp_path / "imgs"], tmp_path / "s.h5", model="phash")
+    fake_embedder.weights_fingerprint = "sha256:other"
+    make_images(1, start=50)
+    with pytest.raises(StoreMismatchError, match="weights"):
+        build_index([tmp_path / "imgs"], tmp_path / "s.h5", embedder=fake_embedder)
+
+
+def test_second_writer_is_refused(tmp_path: Path, make_images, fake_embedder) -> None:
+    make_images(2)
+    store = tmp_path / "s.h5"
+    with writer_lock(store):
+        with pytest.raises(StoreLockedError, match="being written by neardup pid"):
+            build_index([tmp_path / "imgs"], store, embedder=fake_embedder)
+    build_index([tmp_path / "imgs"], store, embedder=fake_embedder)  # released: no stale lock to clean
+
+
+def test_incremental_scenarios(tmp_path: Path, make_images, fake_embedder) -> None:
+    paths = make_images(10)
+    store = tmp_path / "cat.h5"
+    root = tmp_path / "imgs"
+    build_index([root], store, embedder=fake_embedder)
+    before = _store_map(store)
+
+    # nothing changed: nothing embedded, nothing written
+    fake_embedder.embedded = 0
+    s = update_index([root], store, embedder=fake_embedder)
+    assert (s.unchanged, s.embedded, s.wrote) == (10, 0, False)
+
+    # touched (same bytes, new mtime) costs no embedding; the new mtime is recorded so it is not re-hashed
+    os.utime(paths[0], ns=(1, 1_000_000_000))
+    s = update_index([root], store, embedder=fake_embedder)
+    assert (s.touched, s.embedded, s.changed, s.wrote) == (1, 0, 0, True)
+    assert update_index([root], store, embedder=fake_embedder).unchanged == 10
+
+    # changed content keeps the id, gets a new vector
+    Image.open(paths[5]).rotate(90).save(paths[5], "JPEG", quality=90)
+    # added
+    make_images(2, start=100)
+    # moved/renamed: same content under a new name keeps id and vector
+    (root / "sub").mkdir()
+    shutil.move(paths[3], root / "sub" / "renamed.jpg")
+    # deleted
+    paths[7].unlink()
+    fake_embedder.embedded = 0
+    s = update_index([root], store, embedder=fake_embedder)
+    assert (s.added, s.changed, s.moved, s.removed, s.unchanged, s.embedded) == (2, 1, 1, 1, 7, 3)
+    after = _store_map(store)
+    assert after["imgs/sub/renamed.jpg"][0] == before["imgs/img_0003.jpg"][0]
+    np.testing.assert_array_equal(after["imgs/sub/renamed.jpg"][1], before["imgs/img_0003.jpg"][1])
+    assert after["imgs/img_0005.jpg"][0] == before["imgs/img_0005.jpg"][0]
+    assert not np.allclose(after["imgs/img_0005.jpg"][1], before["imgs/img_0005.jpg"][1])
+    assert "imgs/img_0007.jpg" not in after
+    new_ids = {after[f"imgs/img_{i:04d}.jpg"][0] for i in (100, 101)}
+    assert new_ids == {10, 11}  # never reuses an id
+    # index and store agree after the update
+    cat, index = open_index(store)
+    assert index.ntotal == len(cat) == 11
+
+
+def test_files_outside_given_folders_are_kept_unless_prune(tmp_path: Path, make_images, fake_embedder) -> None:
+    make_images(3, folder="a")
+    make_images(2, folder="b", start=10)
+    store = tmp_path / "s.h5"
+    build_index([tmp_path / "a", tmp_path / "b"], store, embedder=fake_embedder)
+    s = update_index([tmp_path / "a"], store, embedder=fake_embedder)
+    assert (s.removed, s.total) == (0, 5)
+    s = update_index([tmp_path / "a"], store, embedder=fake_embedder, prune=True)
+    assert (s.removed, s.total) == (2, 3)
+
+
+def test_identical_files_are_embedded_once(tmp_path: Path, make_images, fake_embedder) -> None:
+    src = make_images(2)
+    shutil.copy(src[0], tmp_path / "imgs" / "copy.jpg")
+    s = build_index([tmp_path / "imgs"], tmp_path / "s.h5", embedder=fake_embedder)
+    assert (s.added, s.embedded) == (3, 2)
+    cat = read_catalog(tmp_path / "s.h5")
+    assert cat.sha256[cat.paths.index("imgs/copy.jpg")] == cat.sha256[cat.paths.index("imgs/img_0000.jpg")]
+
+
+def test_image_that_becomes_corrupt_is_listed_and_dropped(tmp_path: Path, make_images, fake_embedder) -> None:
+    paths = make_images(3)
+    store = tmp_path / "s.h5"
+    build_index([tmp_path / "imgs"], store, embedder=fake_embedder)
+    paths[1].write_bytes(b"oops")
+    s = update_index([tmp_path / "imgs"], store, embedder=fake_embedder)
+    assert s.failures == [("imgs/img_0001.jpg", "not a recognised image format")] and s.total == 2
+    assert read_catalog(store).failures == s.failures
