@@ -1,0 +1,119 @@
+"""Crash safety: SIGKILL at random moments, resume with reuse; readers during updates never fail."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from indexer import build_index, read_catalog
+from indexer.build import Checkpoint
+
+from .conftest import product_image
+
+N_IMAGES = 240
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("crash") / "imgs"
+    root.mkdir()
+    for i in range(N_IMAGES):  # PNGs of 700 px take a few ms each to decode: the run lasts long enough to kill
+        product_image(i, (700, 700)).save(root / f"img_{i:04d}.png", compress_level=1)
+    return root
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-c", "from search.cli import main; main()", *args]
+
+
+def _checkpointed(store: Path) -> set[str]:
+    if not store.with_name(store.name + ".work").is_dir():
+        return set()
+    key = {"model": "phash", "weights_fingerprint": "none", "dim": 64}
+    return set(Checkpoint(store, key).known)
+
+
+def _abs(store: Path, paths: list[str]) -> list[Path]:
+    return [(store.parent / p).resolve() for p in paths]  # stored paths are relative to the store's folder
+
+
+def test_kill_at_random_points_then_resume(photos: Path, tmp_path: Path) -> None:
+    ref = tmp_path / "ref.h5"
+    t0 = time.perf_counter()
+    subprocess.run(_cli("index", str(photos), "--store", str(ref), "--model", "phash", "-b", "8"), check=True,
+                   capture_output=True, timeout=300)
+    full = time.perf_counter() - t0
+    expected = read_catalog(ref)
+    rng = random.Random(1234)
+    reused_total = 0
+    for trial in range(5):
+        store = tmp_path / f"t{trial}" / "cat.h5"
+        store.parent.mkdir()
+        proc = subprocess.Popen(_cli("index", str(photos), "--store", str(store), "--model", "phash", "-b", "8"),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.3, full * 0.95))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        saved = _checkpointed(store)
+        s = build_index([photos], store, model="phash", batch_size=8)
+        got = read_catalog(store)
+        assert _abs(store, got.paths) == _abs(ref, expected.paths), trial
+        np.testing.assert_array_equal(got.ids, expected.ids)
+        np.testing.assert_array_equal(got.xb, expected.xb)
+        assert got.sha256 == expected.sha256
+        if s.wrote:  # killed before publishing: everything checkpointed was reused, nothing embedded twice
+            assert s.reused == len(saved) and s.embedded == N_IMAGES - len(saved), trial
+        reused_total += s.reused
+        assert not store.with_name("cat.h5.work").exists()
+        assert not list(store.parent.glob(".cat.h5.*.tmp"))
+        assert len(list(store.parent.glob("cat.h5.*.faiss"))) == 1
+    assert reused_total > 0  # at least one kill landed after a checkpoint
+
+
+READER = r"""
+import sys, time
+import numpy
+from search.query import Searcher
+from search import find_duplicates
+store, until, log = sys.argv[1], float(sys.argv[2]), open(sys.argv[3], "w")
+seen = set()
+while time.time() < until:
+    try:
+        s = Searcher(store)
+        D, I = s.index.search(numpy.eye(1, 64, dtype="float32"), 1)
+        assert s.index.ntotal == len(s.cat.ids)
+        find_duplicates(store)
+        seen.add(len(s.cat.ids))
+    except Exception as exc:
+        log.write(f"ERROR {type(exc).__name__}: {exc}\n"); log.flush()
+log.write("SEEN " + " ".join(map(str, sorted(seen))) + "\n")
+"""
+
+
+def test_readers_never_fail_during_updates(photos: Path, tmp_path: Path) -> None:
+    root = tmp_path / "cat"
+    root.mkdir()
+    store = tmp_path / "cat.h5"
+    for i in range(40):
+        os.link(photos / f"img_{i:04d}.png", root / f"img_{i:04d}.png")
+    build_index([root], store, model="phash")
+    log = tmp_path / "reader.log"
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(store), str(time.time() + 6), str(log)])
+    time.sleep(1.5)
+    for step in range(8):  # grow and shrink the catalogue while the reader loops
+        for i in range(40 + step * 10, 50 + step * 10):
+            os.link(photos / f"img_{i:04d}.png", root / f"img_{i:04d}.png")
+        if step % 3 == 2:
+            (root / f"img_{step:04d}.png").unlink()
+        build_index([root], store, model="phash")
+    assert reader.wait(timeout=60) == 0
+    lines = log.read_text().splitlines()
+    assert not [ln for ln in lines if ln.startswith("ERROR")], lines[:5]
+    assert len(lines[-1].split()) > 2  # it saw several versions of the store

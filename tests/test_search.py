@@ -1,0 +1,195 @@
+"""Query and duplicates against a brute-force oracle, the anti-chaining rule, and the keeper rule."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from indexer import Catalog, StoreMeta, build_index, l2_normalize, read_catalog, write_catalog
+from indexer.errors import InputError, StoreMismatchError
+from search import (complete_linkage, connected_components, duplicate_rows, exact_pairs, find_duplicates,
+                    groups_document, query, self_join, write_groups_json, write_pairs_csv)
+from search.query import Searcher, has_match, resolve_threshold
+
+
+def planted(n: int, d: int, seed: int = 0, dups: int = 30) -> tuple[np.ndarray, set[tuple[int, int]]]:
+    """Unit vectors with `dups` planted near-duplicate rows (cosine ~0.97) of earlier rows."""
+    rng = np.random.default_rng(seed)
+    xb = l2_normalize(rng.standard_normal((n, d)))
+    src = rng.choice(n // 2, dups, replace=False)
+    dst = rng.choice(np.arange(n // 2, n), dups, replace=False)
+    xb[dst] = l2_normalize(xb[src] + 0.25 / np.sqrt(d) * rng.standard_normal((dups, d)))
+    return xb, {(min(a, b), max(a, b)) for a, b in zip(src.tolist(), dst.tolist())}
+
+
+def brute_force(xb: np.ndarray, t: float) -> set[tuple[int, int]]:
+    S = xb @ xb.T
+    i, j = np.nonzero(np.triu(S, 1) >= t)
+    return set(zip(i.tolist(), j.tolist()))
+
+
+@pytest.mark.parametrize("block", [1, 7, 64, None])
+def test_self_join_equals_brute_force(block: int | None) -> None:
+    xb, plant = planted(700, 48)
+    I, J, D = self_join(xb, 0.8, block)
+    got = set(zip(I.tolist(), J.tolist()))
+    assert got == brute_force(xb, 0.8)
+    assert plant <= got and (I < J).all()
+    np.testing.assert_allclose(D, (xb[I] * xb[J]).sum(1), atol=1e-5)
+
+
+def test_self_join_threshold_boundary_and_empty() -> None:
+    xb = l2_normalize(np.array([[1, 0], [1, 0], [0, 1]], np.float32))
+    I, J, D = self_join(xb, 1.0)
+    assert (I.tolist(), J.tolist()) == ([0], [1])
+    assert len(self_join(np.zeros((0, 4), np.float32), 0.5)[0]) == 0
+
+
+def test_20k_random_2048d_vectors_deduplicate_quickly() -> None:
+    xb, plant = planted(20_000, 2048, dups=50)
+    t0 = time.perf_counter()
+    I, J, _ = self_join(xb, 0.9)
+    elapsed = time.perf_counter() - t0
+    assert set(zip(I.tolist(), J.tolist())) == plant
+    assert elapsed < 120  # generous: a budget for the suite, not a benchmark (see benchmarks/)
+
+
+def test_exact_pairs() -> None:
+    I, J = exact_pairs(["a", "b", "a", "c", "a", "b"])
+    assert sorted(zip(I.tolist(), J.tolist())) == [(0, 2), (0, 4), (1, 5), (2, 4)]
+
+
+def test_chain_is_not_merged() -> None:
+    # A~B (0.95), B~C (0.95), A!~C (0.80): complete linkage keeps C out of {A, B}
+    S = np.array([[1, .95, .80], [.95, 1, .95], [.80, .95, 1]])
+    assert complete_linkage(S, 0.9) == [[0, 1]]
+    # a clique stays one group; two cliques joined by one weak bridge split at the bridge
+    S = np.full((5, 5), 0.5)
+    S[:3, :3] = 0.97
+    S[3:, 3:] = 0.96
+    S[2, 3] = S[3, 2] = 0.92
+    np.fill_diagonal(S, 1)
+    assert complete_linkage(S, 0.9) == [[0, 1, 2], [3, 4]]
+    forced = np.zeros((3, 3), bool)
+    forced[0, 2] = forced[2, 0] = True  # byte-identical files always group
+    S = np.array([[1, .95, .5], [.95, 1, .5], [.5, .5, 1]])
+    assert complete_linkage(S, 0.9, forced) == [[0, 2]] or complete_linkage(S, 0.9, forced) == [[0, 1]]
+
+
+def test_connected_components() -> None:
+    comps = connected_components(6, np.array([0, 1, 4]), np.array([1, 2, 5]))
+    assert [c.tolist() for c in comps] == [[0, 1, 2], [4, 5]]
+
+
+def _catalog(xb: np.ndarray, sha: list[str] | None = None) -> Catalog:
+    n, d = xb.shape
+    meta = StoreMeta(model="fake", weights="none", weights_fingerprint="none", dim=d, input_size=16,
+                     preprocessing="p", next_id=n)
+    return Catalog(meta=meta, ids=np.arange(n, dtype=np.int64) + 100, paths=[f"p{i:03d}.jpg" for i in range(n)],
+                   sizes=np.full(n, 1000, np.int64), mtimes_ns=np.arange(n, dtype=np.int64),
+                   sha256=sha or [f"{i:064x}" for i in range(n)], widths=np.full(n, 100, np.int32),
+                   heights=np.full(n, 100, np.int32), xb=xb)
+
+
+def test_find_duplicates_matches_oracle_with_exact_pairs_first(tmp_path: Path) -> None:
+    xb, _ = planted(400, 32, dups=20)
+    xb[399] = xb[5]  # byte-identical copy: same hash
+    sha = [f"{i:064x}" for i in range(400)]
+    sha[399] = sha[5]
+    cat = _catalog(xb, sha)
+    cat.widths[5], cat.heights[5] = 50, 50  # the copy is bigger: it should be the keeper
+    write_catalog(tmp_path / "s.h5", cat)
+    report = find_duplicates(tmp_path / "s.h5", threshold=0.8)
+    got = {(min(p.a_id, p.b_id) - 100, max(p.a_id, p.b_id) - 100) for p in report.pairs}
+    assert got == brute_force(xb, 0.8)
+    assert report.pairs[0].kind == "exact" and {report.pairs[0].a_id, report.pairs[0].b_id} == {105, 499}
+    assert all(p.kind == "near" for p in report.pairs[1:])
+    scores = [p.score for p in report.pairs[1:]]
+    assert scores == sorted(scores, reverse=True)
+    # every group is a clique above threshold and has one keeper
+    by_id = {i + 100: i for i in range(400)}
+    for g in report.groups:
+        rows = [by_id[m["id"]] for m in g.members]
+        assert (xb[rows] @ xb[rows].T >= 0.8 - 1e-6).all()
+        assert sum(m["keeper"] for m in g.members) == 1
+    exact_group = next(g for g in report.groups if 105 in [m["id"] for m in g.members])
+    assert exact_group.keeper == 499
+    # outputs are complete and parseable
+    write_pairs_csv(report, tmp_path / "pairs.csv")
+    write_groups_json(report, tmp_path / "groups.json")
+    rows = list(csv.DictReader(open(tmp_path / "pairs.csv")))
+    assert len(rows) == len(report.pairs) and rows[0]["kind"] == "exact"
+    doc = json.loads((tmp_path / "groups.json").read_text())
+    assert doc == json.loads(json.dumps(groups_document(report)))
+    assert len(doc["groups"]) == len(report.groups) and "complete linkage" in doc["rule"]
+    with pytest.raises(InputError):
+        write_pairs_csv(report, tmp_path / "missing" / "pairs.csv")
+
+
+def test_keeper_rule_resolution_then_size_then_age() -> None:
+    from search.duplicates import keeper_order
+
+    cat = _catalog(l2_normalize(np.ones((4, 4))))
+    cat.widths[:] = [100, 200, 200, 200]
+    cat.sizes[:] = [9, 5, 7, 7]
+    cat.mtimes_ns[:] = [0, 0, 5, 3]
+    assert keeper_order(cat, np.arange(4)).tolist() == [3, 2, 1, 0]
+
+
+def test_duplicate_rows_pure_core() -> None:
+    xb = l2_normalize(np.array([[1, 0], [1, 0.01], [0, 1], [1, 0]], np.float32))
+    I, J, D, exact = duplicate_rows(_catalog(xb, ["a", "b", "c", "a"]), 0.99)
+    assert list(zip(I.tolist(), J.tolist(), exact.tolist())) == [(0, 3, True), (0, 1, False), (1, 3, False)]
+
+
+# ---------------------------------------------------------------------------- query on a real store
+
+
+@pytest.fixture
+def phash_store(tmp_path: Path, make_images) -> Path:
+    make_images(30)
+    store = tmp_path / "cat.h5"
+    build_index([tmp_path / "imgs"], store, model="phash")
+    return store
+
+
+def test_query_an_indexed_image_returns_itself_first(tmp_path: Path, phash_store: Path) -> None:
+    img = tmp_path / "imgs" / "img_0007.jpg"
+    (r,) = query(phash_store, [img], k=3)
+    assert r.error is None and r.matches[0].path == "imgs/img_0007.jpg"
+    assert r.matches[0].score == pytest.approx(1.0) and r.matches[0].rank == 1
+    assert [m.rank for m in r.matches] == [1, 2, 3]
+    # a resized, recompressed copy still finds it, above the default threshold
+    Image.open(img).resize((160, 160)).save(tmp_path / "q.jpg", quality=60)
+    (r,) = query(phash_store, [tmp_path / "q.jpg"], k=1)
+    assert r.matches[0].path == "imgs/img_0007.jpg" and has_match([r], resolve_threshold(None, "phash"))
+
+
+def test_query_folder_batches_and_lists_bad_files(tmp_path: Path, phash_store: Path) -> None:
+    q = tmp_path / "queries"
+    q.mkdir()
+    for i in (1, 2, 3):
+        shutil.copy(tmp_path / "imgs" / f"img_{i:04d}.jpg", q / f"q{i}.jpg")
+    (q / "zz_bad.png").write_bytes(b"nope")
+    results = query(phash_store, [q], k=2, batch_size=2)
+    assert [Path(r.query).name for r in results] == ["q1.jpg", "q2.jpg", "q3.jpg", "zz_bad.png"]
+    assert [r.matches[0].path for r in results[:3]] == [f"imgs/img_{i:04d}.jpg" for i in (1, 2, 3)]
+    assert results[3].error == "not a recognised image format" and results[3].matches == []
+
+
+def test_query_refuses_other_weights(phash_store: Path, fake_embedder) -> None:
+    with pytest.raises(StoreMismatchError):
+        Searcher(phash_store, embedder=fake_embedder)
+
+
+def test_threshold_validation() -> None:
+    assert resolve_threshold(None, "phash") == pytest.approx(0.6875)
+    assert resolve_threshold(0.5, "resnet50") == 0.5
+    with pytest.raises(InputError):
+        resolve_threshold(1.5, "phash")
