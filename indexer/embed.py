@@ -9,6 +9,7 @@ import hashlib
 import logging
 import os
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -125,6 +126,33 @@ def weights_fingerprint(arrays: list[np.ndarray]) -> str:
     return "sha256:" + h.hexdigest()[:16]
 
 
+def _import_tensorflow():  # noqa: ANN202 - (keras, tensorflow) modules
+    """Import Keras and TensorFlow lazily (seconds, and not needed by phash or by search-only work).
+
+    TensorFlow's C++ start-up lines (absl, oneDNN notices) go straight to file descriptor 2 before any
+    setting can silence them; they are hidden unless debug logging is on. Python errors still propagate.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if "tensorflow" in sys.modules or log.isEnabledFor(logging.DEBUG):
+        import keras
+        import tensorflow as tf
+
+        return keras, tf
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            import keras
+            import tensorflow as tf
+
+            tf.constant(0)  # the runtime's own start-up notices are printed on first use
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    return keras, tf
+
+
 class KerasEmbedder:
     """ResNet50 global-average-pooled (2048-d) or VGG16 fc1 (4096-d) features from keras.applications."""
 
@@ -142,9 +170,7 @@ class KerasEmbedder:
         self.weights = weights
         self.precision = precision
         self.dim, self._cache_file, self.preprocessing = _KERAS_SPECS[name]
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's start-up chatter is not for our users
-        import keras  # lazy: seconds to import, and not needed by phash or by search-only work
-        import tensorflow as tf
+        keras, tf = _import_tensorflow()
 
         self._model = self._build(keras)
         self.weights_fingerprint = (

@@ -191,6 +191,44 @@ def info_cmd(
         typer.echo(f"  skipped {p}: {r}")
 
 
+@app.command("demo")
+@handled
+def demo_cmd(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo's store and outputs.")]
+    = Path("neardup-demo"),
+    sample: Annotated[Optional[Path], typer.Option(help="Sample folder with catalog/ and truth.csv.")] = None,
+    weights: WeightsOpt = None, show: Annotated[int, typer.Option(help="Groups to print.")] = 8,
+    verbose: VerboseOpt = 0,
+) -> None:
+    """Index the bundled sample catalogue, list its duplicate groups and score them against the truth."""
+    from .demo import SAMPLE_DIR, run_demo
+
+    bar = _Bar("demo")
+    try:
+        res = run_demo(out, sample=sample or SAMPLE_DIR, weights=weights, progress=bar)
+    finally:
+        bar.close()
+    if res.fallback_reason:
+        typer.echo(f"ResNet50 ImageNet weights are not available, so the demo falls back to the weight-free "
+                   f"phash method. Why: {res.fallback_reason}\n")
+    _print_summary(res.summary)
+    d = res.duplicates
+    typer.echo(f"\n{len(d.groups)} duplicate groups ({len(d.pairs)} pairs, {d.exact} byte-identical) among "
+               f"{d.n} images, model {d.model}, threshold {d.threshold:.4f}:")
+    catalog = (sample or SAMPLE_DIR) / "catalog"
+    for k, g in enumerate(d.groups[:show]):
+        names = [os.path.relpath(res.store.parent / m["path"], catalog) + (" (keep)" if m["keeper"] else "")
+                 for m in g.members]
+        typer.echo(f"  group {k + 1}: " + ", ".join(names))
+    if len(d.groups) > show:
+        typer.echo(f"  ... {len(d.groups) - show} more in {res.groups_json}")
+    if res.evaluation is not None:
+        typer.echo(f"\nagainst the sample's ground truth: {res.evaluation}")
+    typer.echo(f"\nstore {res.store}\npairs {res.pairs_csv}\ngroups {res.groups_json}")
+    if res.report_html:
+        typer.echo(f"report {res.report_html}  (open it in a browser)")
+
+
 def _query_rows(results: list[QueryResult], threshold: float) -> list[dict]:
     return [{"query": r.query, "rank": m.rank, "score": round(m.score, 6), "id": m.id, "path": m.path,
              "match": m.score >= threshold} for r in results for m in r.matches]

@@ -1,0 +1,69 @@
+"""The demo: index the sample catalogue, list its duplicate groups, report and score them against the truth."""
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from indexer import RunSummary, build_index, make_embedder
+from indexer.config import DEFAULTS
+from indexer.errors import InputError, WeightsError
+
+from .duplicates import DuplicateReport, find_duplicates, write_groups_json, write_pairs_csv
+
+log = logging.getLogger(__name__)
+
+#: The sample catalogue made by data/make_sample.py, in the source checkout.
+SAMPLE_DIR = Path(__file__).resolve().parents[1] / "data" / "sample"
+
+
+@dataclass
+class DemoResult:
+    """What the demo did and where it put things."""
+
+    out: Path
+    store: Path
+    model: str
+    fallback_reason: str | None
+    summary: RunSummary
+    duplicates: DuplicateReport
+    pairs_csv: Path
+    groups_json: Path
+    report_html: Path | None = None
+    evaluation: object | None = None
+
+
+def choose_embedder(weights: str | None):  # noqa: ANN201 - an Embedder
+    """ResNet50 with ImageNet weights (cache, download or file) when available, else pHash and the reason."""
+    try:
+        return make_embedder("resnet50", weights or DEFAULTS.weights), None
+    except WeightsError as exc:
+        return make_embedder("phash", "none"), str(exc)
+
+
+def run_demo(out: str | Path, *, sample: str | Path = SAMPLE_DIR, weights: str | None = None,
+             embedder=None, progress=None) -> DemoResult:  # noqa: ANN001
+    """Index `sample`/catalog into `out`/sample.h5, find duplicates, write CSV/JSON/HTML, evaluate vs truth."""
+    sample = Path(sample)
+    catalog, truth = sample / "catalog", sample / "truth.csv"
+    if not catalog.is_dir():
+        raise InputError(f"sample catalogue not found at {catalog}; create it with: python data/make_sample.py")
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise InputError(f"the folder for {out} does not exist: {out.parent}")
+    out.mkdir(exist_ok=True)
+    store = out / "sample.h5"
+    # The demo owns its folder: start from a clean store so a previous run with another model cannot clash.
+    for old in [p for p in (store, *out.glob("sample.h5.*")) if p.exists()]:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    reason = None
+    if embedder is None:
+        embedder, reason = choose_embedder(weights)
+    summary = build_index([catalog], store, embedder=embedder, progress=progress)
+    dups = find_duplicates(store)
+    result = DemoResult(out=out, store=store, model=embedder.name, fallback_reason=reason, summary=summary,
+                        duplicates=dups, pairs_csv=out / "pairs.csv", groups_json=out / "groups.json")
+    write_pairs_csv(dups, result.pairs_csv)
+    write_groups_json(dups, result.groups_json)
+    return result
