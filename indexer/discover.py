@@ -41,9 +41,10 @@ def discover(roots: Sequence[str | os.PathLike[str]], *, allow_empty: bool = Fal
         if root.is_file():
             if not is_image_name(root.name):
                 raise InputError(f"not an image file (by its extension): {root}")
-            found.add(root.resolve())
+            found.add(Path(os.path.abspath(root)))
         else:
-            found.update(p.resolve() for p in _walk(root))
+            # abspath, not resolve(): a symlinked photo keeps the name the catalogue gives it
+            found.update(Path(os.path.abspath(p)) for p in _walk(root))
     if not found and not allow_empty:
         shown = ", ".join(str(r) for r in roots)
         raise InputError(f"no images found in {shown} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")

@@ -1,0 +1,93 @@
+"""The demo offline, and pHash precision/recall on the sample and on near-copies of real grocery photos."""
+from __future__ import annotations
+
+import csv
+import itertools
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageEnhance
+from typer.testing import CliRunner
+
+from indexer import build_index
+from search import find_duplicates
+from search.cli import app
+from search.demo import SAMPLE_DIR
+
+
+def truth_pairs(groups: dict[str, str]) -> set[tuple[str, str]]:
+    by_group: dict[str, list[str]] = {}
+    for path, g in groups.items():
+        by_group.setdefault(g, []).append(path)
+    return {tuple(sorted(c)) for members in by_group.values() for c in itertools.combinations(members, 2)}
+
+
+def precision_recall(pred: set, true: set) -> tuple[float, float]:
+    tp = len(pred & true)
+    return tp / max(len(pred), 1), tp / max(len(true), 1)
+
+
+@pytest.mark.slow
+def test_demo_runs_offline_in_a_clean_folder(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "no-keras-cache"))  # no cached ImageNet weights here
+    monkeypatch.delenv("NEARDUP_WEIGHTS", raising=False)
+    r = CliRunner().invoke(app, ["demo"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "falls back to the weight-free phash method" in r.output and "duplicate groups" in r.output
+    out = tmp_path / "neardup-demo"
+    truth = {r["path"]: r["group"] for r in csv.DictReader(open(SAMPLE_DIR / "truth.csv"))}
+
+    def rel(p: str) -> str:
+        return Path(os.path.relpath((out / p).resolve(), SAMPLE_DIR)).as_posix()
+
+    pred = {tuple(sorted((rel(r["a_path"]), rel(r["b_path"])))) for r in csv.DictReader(open(out / "pairs.csv"))}
+    p, rc = precision_recall(pred, truth_pairs(truth))
+    # measured on the committed sample: P = 0.976, R = 0.891 (82 of 92 true pairs; the misses are crops)
+    assert p >= 0.95 and rc >= 0.85, (p, rc)
+
+
+def _near_copies(src: Path, dst: Path) -> dict[str, Image.Image]:
+    img = Image.open(src).convert("RGB")
+    w, h = img.size
+    dx, dy = int(w * 0.05 / 2), int(h * 0.05 / 2)
+    return {"resize50": img.resize((w // 2, h // 2), Image.Resampling.BILINEAR), "jpeg60": img,
+            "bright+15": ImageEnhance.Brightness(img).enhance(1.15),
+            "bright-15": ImageEnhance.Brightness(img).enhance(0.85),
+            "crop5": img.crop((dx, dy, w - dx, h - dy))}
+
+
+@pytest.mark.slow
+def test_phash_on_near_copies_of_500_grocery_photos(grocery: Path, tmp_path: Path) -> None:
+    photos = sorted((grocery / "train").rglob("*.jpg"))[::5][:500]
+    assert len(photos) == 500
+    root = tmp_path / "cat"
+    root.mkdir()
+    kinds: dict[str, str] = {}
+    group: dict[str, int] = {}
+    for i, src in enumerate(photos):
+        orig = f"p{i:03d}_orig.jpg"
+        os.symlink(src, root / orig)
+        group[orig] = i
+        for kind, img in _near_copies(src, root).items():
+            name = f"p{i:03d}_{kind}.jpg"
+            img.save(root / name, "JPEG", quality=60 if kind == "jpeg60" else 90)
+            kinds[name], group[name] = kind, i
+    store = tmp_path / "cat.h5"
+    build_index([root], store, model="phash")
+    report = find_duplicates(store)
+    pred = {tuple(sorted((Path(p.a_path).name, Path(p.b_path).name))) for p in report.pairs}
+    true = truth_pairs({k: str(v) for k, v in group.items()})
+    precision, recall = precision_recall(pred, true)
+    per_kind = {}
+    for kind in sorted(set(kinds.values())):
+        kp = {tuple(sorted((f"p{i:03d}_orig.jpg", f"p{i:03d}_{kind}.jpg"))) for i in range(500)}
+        per_kind[kind] = len(kp & pred) / len(kp)
+    print(f"\nphash on 500 grocery photos x 5 near-copies: pair precision {precision:.3f}, recall {recall:.3f}; "
+          "recall of (original, copy) by kind: " + ", ".join(f"{k} {v:.3f}" for k, v in per_kind.items()))
+    # measured values are in the issue note; these floors catch a broken hash or mapping
+    for kind in ("resize50", "jpeg60", "bright+15", "bright-15"):
+        assert per_kind[kind] >= 0.95, per_kind
+    assert precision >= 0.9
