@@ -213,7 +213,7 @@ def demo_cmd(
                    f"phash method. Why: {res.fallback_reason}\n")
     _print_summary(res.summary)
     d = res.duplicates
-    typer.echo(f"\n{len(d.groups)} duplicate groups ({len(d.pairs)} pairs, {d.exact} byte-identical) among "
+    typer.echo(f"\n{len(d.groups)} duplicate groups ({d.n_pairs} pairs, {d.n_exact} byte-identical) among "
                f"{d.n} images, model {d.model}, threshold {d.threshold:.4f}:")
     catalog = (sample or SAMPLE_DIR) / "catalog"
     for k, g in enumerate(d.groups[:show]):
@@ -319,7 +319,7 @@ def duplicates_cmd(
     if groups:
         write_groups_json(report, groups)
     typer.echo(f"{report.n} images, model {report.model}, threshold {report.threshold:.4f}: "
-               f"{len(report.pairs)} pairs ({report.exact} exact), {len(report.groups)} groups, "
+               f"{report.n_pairs} pairs ({report.n_exact} exact), {len(report.groups)} groups, "
                f"{sum(len(g.members) - 1 for g in report.groups)} removable, {report.seconds:.1f} s")
     for k, g in enumerate(report.groups[:show]):
         typer.echo(f"group {k + 1} ({len(g.members)} images)")

@@ -12,12 +12,14 @@ import logging
 import os
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from indexer import DEFAULTS, Catalog, read_catalog
+from indexer.errors import InputError
 from indexer.store import atomic_write, check_output_path
 
 from .query import resolve_threshold
@@ -69,22 +71,17 @@ def exact_pairs(hashes: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 def connected_components(n: int, pi: np.ndarray, pj: np.ndarray) -> list[np.ndarray]:
     """Components (of size >= 2) of the graph on n nodes with edges (pi, pj), as sorted row arrays."""
-    parent = np.arange(n)
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components as cc
 
-    def find(x: int) -> int:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for a, b in zip(pi.tolist(), pj.tolist()):
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    comps: dict[int, list[int]] = defaultdict(list)
-    for x in set(pi.tolist()) | set(pj.tolist()):
-        comps[find(x)].append(x)
-    return [np.array(sorted(v), np.int64) for _, v in sorted(comps.items()) if len(v) > 1]
+    if len(pi) == 0:
+        return []
+    graph = coo_matrix((np.ones(len(pi), np.int8), (pi, pj)), shape=(n, n))
+    _, labels = cc(graph, directed=False)
+    order = np.argsort(labels, kind="stable")
+    bounds = np.flatnonzero(np.diff(labels[order])) + 1
+    comps = [c for c in np.split(order, bounds) if len(c) > 1]
+    return sorted((np.sort(c).astype(np.int64) for c in comps), key=lambda c: int(c[0]))
 
 
 def complete_linkage(S: np.ndarray, threshold: float, forced: np.ndarray | None = None) -> list[list[int]]:
@@ -153,20 +150,42 @@ class Group:
 
 @dataclass
 class DuplicateReport:
-    """Result of find_duplicates."""
+    """Result of find_duplicates. Pairs are kept as arrays of catalog rows: millions of pairs stay cheap."""
 
     store: str
     model: str
     threshold: float
     n: int
-    pairs: list[Pair] = field(default_factory=list)
+    ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  #: catalog row -> id
+    paths: list[str] = field(default_factory=list)  #: catalog row -> stored path
+    I: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # noqa: E741 - FAISS vocabulary
+    J: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    D: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    exact: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     groups: list[Group] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
-    def exact(self) -> int:
-        """Number of exact pairs."""
-        return sum(p.kind == "exact" for p in self.pairs)
+    def n_pairs(self) -> int:
+        """Number of pairs."""
+        return len(self.I)
+
+    @property
+    def n_exact(self) -> int:
+        """Number of byte-identical pairs."""
+        return int(self.exact.sum())
+
+    def iter_pairs(self, start: int = 0, stop: int | None = None) -> Iterator[Pair]:
+        """Pairs as objects, exact pairs first, then by descending score."""
+        for a, b, s, e in zip(self.I[start:stop].tolist(), self.J[start:stop].tolist(),
+                              self.D[start:stop].tolist(), self.exact[start:stop].tolist()):
+            yield Pair(int(self.ids[a]), self.paths[a], int(self.ids[b]), self.paths[b], round(s, 6),
+                       "exact" if e else "near")
+
+    @property
+    def pairs(self) -> list[Pair]:
+        """All pairs as a list (see iter_pairs for large reports)."""
+        return list(self.iter_pairs())
 
 
 def duplicate_rows(cat: Catalog, threshold: float, block: int | None = None) -> tuple[np.ndarray, ...]:
@@ -174,8 +193,8 @@ def duplicate_rows(cat: Catalog, threshold: float, block: int | None = None) -> 
     ei, ej = exact_pairs(cat.sha256)
     ni, nj, nd = self_join(cat.xb, threshold, block)
     if len(ei):
-        exact_keys = set(zip(ei.tolist(), ej.tolist()))
-        keep = np.array([(a, b) not in exact_keys for a, b in zip(ni.tolist(), nj.tolist())], bool)
+        n = np.int64(len(cat))
+        keep = ~np.isin(ni * n + nj, ei * n + ej)
         ni, nj, nd = ni[keep], nj[keep], nd[keep]
     order = np.lexsort((nj, ni, -nd))
     I = np.concatenate([ei, ni[order]])
@@ -186,16 +205,23 @@ def duplicate_rows(cat: Catalog, threshold: float, block: int | None = None) -> 
 
 
 def find_duplicates(store: str | os.PathLike[str], *, threshold: float | None = None,
-                    block: int | None = None) -> DuplicateReport:
-    """All duplicate pairs of a store and their anti-chaining groups (see complete_linkage)."""
+                    block: int | None = None, max_group_search: int = 20_000) -> DuplicateReport:
+    """All duplicate pairs of a store and their anti-chaining groups (see complete_linkage).
+
+    A connected cluster larger than `max_group_search` images (its dense similarity matrix would take
+    gigabytes) means the threshold is far too low for the model: that is refused with InputError.
+    """
     t0 = time.perf_counter()
     cat = read_catalog(store)
     t = resolve_threshold(threshold, cat.meta.model)
     I, J, D, exact = duplicate_rows(cat, t, block)
-    report = DuplicateReport(store=str(store), model=cat.meta.model, threshold=t, n=len(cat))
-    report.pairs = [Pair(int(cat.ids[a]), cat.paths[a], int(cat.ids[b]), cat.paths[b], round(float(s), 6),
-                         "exact" if e else "near") for a, b, s, e in zip(I.tolist(), J.tolist(), D, exact)]
+    report = DuplicateReport(store=str(store), model=cat.meta.model, threshold=t, n=len(cat), ids=cat.ids,
+                             paths=cat.paths, I=I, J=J, D=D, exact=exact)
     for comp in connected_components(len(cat), I, J):
+        if len(comp) > max_group_search:
+            raise InputError(
+                f"threshold {t:.4f} links {len(comp)} images into one cluster, too many to be duplicates; "
+                f"raise --threshold (with {cat.meta.model}, {report.n_pairs} pairs score above it)")
         S = cat.xb[comp] @ cat.xb[comp].T
         forced = np.zeros_like(S, bool)
         local = {r: k for k, r in enumerate(comp.tolist())}
@@ -226,7 +252,7 @@ def write_pairs_csv(report: DuplicateReport, path: str | os.PathLike[str]) -> No
         with open(tmp, "w", newline="", encoding="utf-8") as fh:
             w = csv.writer(fh)
             w.writerow(["a_id", "a_path", "b_id", "b_path", "score", "kind"])
-            for p in report.pairs:
+            for p in report.iter_pairs():
                 w.writerow([p.a_id, p.a_path, p.b_id, p.b_path, f"{p.score:.6f}", p.kind])
 
     atomic_write(path, write)
