@@ -240,6 +240,7 @@ def build_index(
         remove_stale_temporaries(store)
         if store.exists():
             old = read_catalog(store)
+            _remove_index_files(store, keep=old.meta.index_file)  # orphans of a run killed while publishing
         elif require_existing:
             raise StoreError(f"no store at {store}; create it first with `neardup index`")
         else:
@@ -439,8 +440,12 @@ def _publish(store: Path, cat: Catalog) -> None:
     save_index(build_flat_index(cat.xb, cat.ids), store.parent / name)
     cat.meta = replace(cat.meta, index_file=name)
     write_catalog(store, cat)
+    _remove_index_files(store, keep=name)
+
+
+def _remove_index_files(store: Path, keep: str) -> None:
     for stale in store.parent.glob(f"{store.name}.*.faiss"):
-        if stale.name != name:
+        if stale.name != keep:
             try:
                 stale.unlink()
             except OSError:
