@@ -42,8 +42,8 @@ def self_join(xb: np.ndarray, threshold: float, block: int | None = None) -> tup
     for r in range(0, n, block):
         q = xb[r:r + block]
         sims = q @ xb[r:].T  # rows r.., columns r..: the lower triangle is never computed
-        # keep only j > i inside the diagonal block
-        sims[np.tril_indices(len(q), k=0, m=sims.shape[1])] = -np.inf
+        # keep only j > i: the diagonal block is the first len(q) columns
+        sims[:, :len(q)][np.tril_indices(len(q))] = -np.inf
         ii, jj = np.nonzero(sims >= threshold)
         out_i.append(ii + r)
         out_j.append(jj + r)

@@ -50,13 +50,21 @@ def store_embedder(meta: StoreMeta, *, weights: str | None = None, precision: st
     return emb
 
 
-def neighbours(D: np.ndarray, I: np.ndarray, cat: Catalog) -> list[list[Match]]:
+def id_lookup(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted ids, their rows): rows_of(I) is then one searchsorted, not a dict built per query."""
+    order = np.argsort(ids, kind="stable")
+    return ids[order], order
+
+
+def neighbours(D: np.ndarray, I: np.ndarray, cat: Catalog,
+               lookup: tuple[np.ndarray, np.ndarray] | None = None) -> list[list[Match]]:
     """Turn FAISS (D, I) rows into Match lists, dropping the -1 padding of short results."""
-    row_of = {int(i): r for r, i in enumerate(cat.ids)}
+    sorted_ids, order = lookup or id_lookup(cat.ids)
+    rows = order[np.clip(np.searchsorted(sorted_ids, I), 0, max(len(order) - 1, 0))] if len(order) else I
     out = []
-    for drow, irow in zip(D, I):
-        out.append([Match(rank=k + 1, score=float(s), id=int(i), path=cat.paths[row_of[int(i)]])
-                    for k, (s, i) in enumerate(zip(drow, irow)) if i >= 0])
+    for drow, irow, rrow in zip(D.tolist(), I.tolist(), np.atleast_2d(rows).tolist()):
+        out.append([Match(rank=k + 1, score=s, id=i, path=cat.paths[r])
+                    for k, (s, i, r) in enumerate(zip(drow, irow, rrow)) if i >= 0])
     return out
 
 
@@ -69,13 +77,14 @@ class Searcher:
         self.meta = read_meta(self.store)
         self.embedder = store_embedder(self.meta, weights=weights, precision=precision, embedder=embedder)
         self.cat, self.index = open_index(self.store)
+        self._lookup = id_lookup(self.cat.ids)
 
     def search(self, xq: np.ndarray, k: int = DEFAULTS.k) -> list[list[Match]]:
         """k nearest catalogue images of each row of xq (unit vectors from this store's embedder)."""
         if len(xq) == 0:
             return []
         D, I = search(self.index, xq, k)
-        return neighbours(D, I, self.cat)
+        return neighbours(D, I, self.cat, self._lookup)
 
     def query(self, images: Sequence[str | os.PathLike[str]], k: int = DEFAULTS.k,
               batch_size: int = DEFAULTS.batch_size) -> list[QueryResult]:

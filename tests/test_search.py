@@ -193,3 +193,15 @@ def test_threshold_validation() -> None:
     assert resolve_threshold(0.5, "resnet50") == 0.5
     with pytest.raises(InputError):
         resolve_threshold(1.5, "phash")
+
+
+def test_neighbours_maps_sparse_ids_to_paths() -> None:
+    from search.query import neighbours
+
+    cat = _catalog(l2_normalize(np.eye(4, dtype=np.float32)))
+    cat.ids = np.array([40, 7, 99, 12], np.int64)
+    D = np.array([[0.9, 0.5, 0.1], [0.8, -1, -1]], np.float32)
+    I = np.array([[99, 7, 12], [40, -1, -1]], np.int64)
+    got = neighbours(D, I, cat)
+    assert [(m.id, m.path, m.rank) for m in got[0]] == [(99, "p002.jpg", 1), (7, "p001.jpg", 2), (12, "p003.jpg", 3)]
+    assert [(m.id, m.path) for m in got[1]] == [(40, "p000.jpg")]
