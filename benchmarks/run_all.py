@@ -31,6 +31,7 @@ SUITE: list[tuple[str, list[str], list[str]]] = [
      ["--n", "2000", "--queries", "10", "--warmup", "2"]),
     ("bench_precision.py", ["--n", "128", "--batch-size", "32", "--repeats", "3"],
      ["--n", "16", "--batch-size", "8", "--repeats", "1"]),
+    ("bench_update.py", ["--n", "1000"], ["--n", "40"]),
 ]
 
 
