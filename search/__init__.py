@@ -13,3 +13,13 @@ __all__ = [
     "query", "compare", "Searcher", "QueryResult", "Match", "has_match", "neighbours", "resolve_threshold",
     "store_embedder",
 ]
+
+from .evaluate import (EvalResult, evaluate, pair_metrics, plot_pr_curve, read_truth,  # noqa: E402,F401
+                       retrieval_metrics, retrieval_metrics_blocked, write_eval_json)
+from .report import ReportResult, make_thumbnails, plot_pair, thumbnail_uri, write_report  # noqa: E402,F401
+
+__all__ += [
+    "write_report", "ReportResult", "plot_pair", "thumbnail_uri", "make_thumbnails",
+    "evaluate", "EvalResult", "pair_metrics", "retrieval_metrics", "retrieval_metrics_blocked", "read_truth",
+    "write_eval_json", "plot_pr_curve",
+]

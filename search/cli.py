@@ -223,8 +223,13 @@ def demo_cmd(
     if len(d.groups) > show:
         typer.echo(f"  ... {len(d.groups) - show} more in {res.groups_json}")
     if res.evaluation is not None:
-        typer.echo(f"\nagainst the sample's ground truth: {res.evaluation}")
-    typer.echo(f"\nstore {res.store}\npairs {res.pairs_csv}\ngroups {res.groups_json}")
+        ev = res.evaluation
+        typer.echo(f"\nagainst the sample's ground truth ({ev.true_pairs} true pairs): at threshold "
+                   f"{ev.default_threshold:.4f} precision {ev.at_default['precision']:.3f}, recall "
+                   f"{ev.at_default['recall']:.3f}, F1 {ev.at_default['f1']:.3f}; best F1 {ev.best['f1']:.3f} at "
+                   f"{ev.best['threshold']:.2f}; query recall@1 {ev.retrieval.get('recall@1', float('nan')):.3f}")
+    typer.echo(f"\nstore {res.store}\npairs {res.pairs_csv}\ngroups {res.groups_json}"
+               + (f"\nevaluation {res.out / 'evaluation.json'}" if res.evaluation is not None else ""))
     if res.report_html:
         typer.echo(f"report {res.report_html}  (open it in a browser)")
 
@@ -310,6 +315,7 @@ def duplicates_cmd(
                                                 "kind.")] = None,
     groups: Annotated[Optional[Path], typer.Option("--groups", "-g", help="JSON of groups with keepers.")] = None,
     show: Annotated[int, typer.Option("--show", help="Groups to print.")] = 10,
+    show_members: Annotated[int, typer.Option("--show-members", help="Members to print per group.")] = 8,
     verbose: VerboseOpt = 0,
 ) -> None:
     """List every near-duplicate pair and group of a store (nothing is ever deleted)."""
@@ -323,15 +329,108 @@ def duplicates_cmd(
                f"{sum(len(g.members) - 1 for g in report.groups)} removable, {report.seconds:.1f} s")
     for k, g in enumerate(report.groups[:show]):
         typer.echo(f"group {k + 1} ({len(g.members)} images)")
-        for m in g.members:
+        for m in g.members[:show_members]:
             tag = "keep" if m["keeper"] else ("exact" if m["exact"] else f"{m['score_to_keeper']:.4f}")
             typer.echo(f"  {tag:>6}  {m['path']}  ({m['width']}x{m['height']})")
+        if len(g.members) > show_members:
+            typer.echo(f"          ... and {len(g.members) - show_members} more")
     if len(report.groups) > show:
         typer.echo(f"... {len(report.groups) - show} more groups" + (f" in {groups}" if groups else
                                                                      " (write them all with --groups FILE)"))
     for path in (out, groups):
         if path:
             typer.echo(f"wrote {path}")
+
+
+# --- report, plot, evaluate: their modules (and matplotlib) are imported only when the command runs ---
+
+@app.command("report")
+@handled
+def report_cmd(
+    store: StoreOpt = Path(DEFAULTS.store),
+    pairs: Annotated[Optional[Path], typer.Option("--pairs", "-p", help="Pairs CSV of `neardup duplicates "
+                                                  "--out` [default: computed from the store].")] = None,
+    groups: Annotated[Optional[Path], typer.Option("--groups", "-g", help="Groups JSON of `neardup duplicates "
+                                                   "--groups` [default: computed from the store].")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="HTML file to write (self-contained, opens "
+                                      "offline).")] = Path("report.html"),
+    png_dir: Annotated[Optional[Path], typer.Option("--png-dir", help="Also write one side-by-side PNG per "
+                                                    "pair into this existing folder (pair_00001.png, ...).")]
+    = None,
+    threshold: ThresholdOpt = None, verbose: VerboseOpt = 0,
+) -> None:
+    """Write an HTML report of duplicate groups and pairs with thumbnails (nothing is ever deleted)."""
+    from .report import write_report
+
+    res = write_report(store, out, pairs=pairs, groups=groups, threshold=threshold, png_dir=png_dir)
+    typer.echo(f"wrote {res.out}: {res.groups} groups, {res.pairs} pairs, {res.images} images "
+               f"({len(res.missing)} missing or unreadable), {res.seconds:.1f} s")
+    for path in res.missing[:10]:
+        typer.echo(f"  missing {path}")
+    if len(res.missing) > 10:
+        typer.echo(f"  ... and {len(res.missing) - 10} more")
+    if png_dir is not None:
+        typer.echo(f"wrote {len(res.png_files)} pair images to {png_dir}")
+
+
+@app.command("plot")
+@handled
+def plot_cmd(
+    a: Annotated[Path, typer.Argument(help="Original image.")],
+    b: Annotated[Path, typer.Argument(help="Duplicate image.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG file to write.")] = Path("pair.png"),
+    score: Annotated[Optional[float], typer.Option("--score", help="Score to show [default: computed with "
+                                                   "--model, as `neardup compare`].")] = None,
+    model: ModelOpt = None, weights: WeightsOpt = None, precision: PrecisionOpt = DEFAULTS.precision,
+    verbose: VerboseOpt = 0,
+) -> None:
+    """Draw two images side by side, "Original" and "Duplicate (Score: ...)", into a PNG."""
+    from .report import plot_pair
+
+    for p in (a, b):
+        if not p.is_file():
+            raise InputError(f"no such image file: {p}")
+    if score is None:
+        model = model or DEFAULTS.model
+        weights = weights or ("none" if model == "phash" else DEFAULTS.weights)
+        score = compare(a, b, model=model, weights=weights, precision=precision)
+    plot_pair(a, b, score, out)
+    typer.echo(f"wrote {out} (score {score:.4f})")
+
+
+@app.command("evaluate")
+@handled
+def evaluate_cmd(
+    truth: Annotated[Path, typer.Option("--truth", help="Ground-truth CSV with the header path,group (paths "
+                                        "relative to the CSV's folder, or absolute).")],
+    store: StoreOpt = Path(DEFAULTS.store),
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="JSON file with every number.")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="PNG of the precision-recall curve.")] = None,
+    threshold: Annotated[Optional[float], typer.Option(
+        "--threshold", "-t", help="Threshold reported as the default [default: the model's].")] = None,
+    min_threshold: Annotated[float, typer.Option(
+        "--min-threshold", min=-1.0, max=1.0, help="Lower end of the 0.01-step threshold sweep (raise it for "
+        "a large store whose scores run high: every pair above it is held in memory).")] = 0.5,
+    verbose: VerboseOpt = 0,
+) -> None:
+    """Score duplicate detection (pair precision/recall/F1 per threshold) and search (recall@k, mAP) vs truth."""
+    from indexer.store import check_output_path
+
+    from .evaluate import plot_pr_curve, write_eval_json
+    from .evaluate import evaluate as run_evaluation
+
+    for path in (out, plot):  # refuse a bad output folder before the work, not after it
+        if path is not None:
+            check_output_path(path)
+    sweep = sorted({round(min_threshold, 6)} | {k / 100 for k in range(-100, 101) if k / 100 >= min_threshold})
+    res = run_evaluation(store, truth, thresholds=sweep, threshold=threshold)
+    typer.echo(res.table())
+    if out is not None:
+        write_eval_json(res, out)
+        typer.echo(f"wrote {out}")
+    if plot is not None:
+        plot_pr_curve(res, plot)
+        typer.echo(f"wrote {plot}")
 
 
 def main() -> None:

@@ -11,6 +11,8 @@ from indexer.config import DEFAULTS
 from indexer.errors import InputError, WeightsError
 
 from .duplicates import DuplicateReport, find_duplicates, write_groups_json, write_pairs_csv
+from .evaluate import EvalResult, evaluate, write_eval_json
+from .report import write_report
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,7 @@ class DemoResult:
     pairs_csv: Path
     groups_json: Path
     report_html: Path | None = None
-    evaluation: object | None = None
+    evaluation: EvalResult | None = None
 
 
 def choose_embedder(weights: str | None):  # noqa: ANN201 - an Embedder
@@ -66,4 +68,8 @@ def run_demo(out: str | Path, *, sample: str | Path = SAMPLE_DIR, weights: str |
                         duplicates=dups, pairs_csv=out / "pairs.csv", groups_json=out / "groups.json")
     write_pairs_csv(dups, result.pairs_csv)
     write_groups_json(dups, result.groups_json)
+    result.report_html = write_report(store, out / "report.html", duplicates=dups).out
+    if truth.is_file():
+        result.evaluation = evaluate(store, truth)
+        write_eval_json(result.evaluation, out / "evaluation.json")
     return result
