@@ -1,7 +1,7 @@
 """neardup indexing: discover → decode → embed → store → index."""
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .config import VERSION as __version__  # noqa: E402,F401
 
 from .build import EmbeddedFiles, RunSummary, build_index, embed_files, update_index  # noqa: E402
 from .config import DEFAULTS, MODELS, THRESHOLDS, Defaults, default_threshold  # noqa: E402

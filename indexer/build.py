@@ -11,7 +11,9 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
+import stat
 import time
 import uuid
 from collections import deque
@@ -28,7 +30,7 @@ from .decode import Decoded, decode_image, sha256_hex
 from .discover import discover
 from .embed import Embedder, make_embedder
 from .errors import DecodeError, InputError, StoreError, StoreLockedError, StoreMismatchError
-from .index import build_flat_index, save_index
+from .index import build_flat_index, index_path, save_index
 from .store import Catalog, StoreMeta, atomic_write, check_output_path, read_catalog, remove_stale_temporaries
 from .store import write_catalog
 
@@ -51,7 +53,7 @@ class RunSummary:
     unchanged: int = 0
     touched: int = 0  #: mtime/size changed but identical content: no embedding
     embedded: int = 0  #: images run through the model in this run
-    reused: int = 0  #: embeddings taken from a checkpoint of an interrupted run or identical content
+    reused: int = 0  #: embeddings taken from the checkpoint of an interrupted run
     failures: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     embed_seconds: float = 0.0  #: wall time of the decode+embed phase
@@ -112,7 +114,7 @@ class Checkpoint:
                     for sha, vec, w, h in zip(z["sha256"], z["xb"], z["widths"], z["heights"]):
                         self.known[sha.decode()] = (vec, int(w), int(h))
                 self._chunks += 1
-            except (OSError, ValueError, KeyError):
+            except Exception:  # noqa: BLE001 - a damaged chunk (zip, npy, key errors) only costs re-embedding
                 log.warning("ignoring unreadable checkpoint chunk %s", chunk)
         log.info("resuming: %d embeddings from %d checkpoint chunks", len(self.known), self._chunks)
 
@@ -146,12 +148,6 @@ class _File:
     abs: str
     size: int
     mtime_ns: int
-
-
-def _decode_params(model: str, embedder: Embedder | None) -> tuple[int, str, str]:
-    if embedder is not None:
-        return embedder.input_size, embedder.input_mode, embedder.resample
-    return (32, "L", "lanczos") if model == "phash" else (224, "RGB", "bilinear")
 
 
 def _prepare(f: _File, known: Callable[[str], bool], params: tuple[int, str, str]) -> tuple[str, Decoded | None]:
@@ -190,9 +186,12 @@ def _bounded_map(pool: ThreadPoolExecutor, fn: Callable, items: Sequence, window
             yield item, None, f"{type(exc).__name__}: {exc}"
 
 
-def _scan(roots: Sequence[str | os.PathLike[str]], base: Path, failures: list[tuple[str, str]]) -> list[_File]:
+def _scan(roots: Sequence[str | os.PathLike[str]], base: Path,
+          failures: list[tuple[str, str]]) -> tuple[list[_File], list[str]]:
+    """Image files under roots (paths relative to base), and the folders (relative) that could not be listed."""
     files = []
-    for p in discover(roots):
+    unreadable: list[tuple[str, str]] = []
+    for p in discover(roots, unreadable=unreadable):
         rel = Path(os.path.relpath(p, base)).as_posix()
         try:
             rel.encode("utf-8")
@@ -203,8 +202,27 @@ def _scan(roots: Sequence[str | os.PathLike[str]], base: Path, failures: list[tu
         except OSError as exc:
             failures.append((rel, f"cannot stat: {exc.strerror or exc}"))
             continue
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or device named *.jpg would block or read forever
+            failures.append((rel, "not a regular file"))
+            continue
         files.append(_File(rel, str(p), st.st_size, st.st_mtime_ns))
-    return files
+    blind = []
+    for folder, why in unreadable:
+        rel = Path(os.path.relpath(os.path.abspath(folder), base)).as_posix()
+        failures.append((rel + "/", f"cannot list folder: {why}; its stored images are kept as they were"))
+        blind.append(rel + "/")
+    return files, blind
+
+
+def _gone(path: Path) -> bool:
+    """True only when the file is really absent (not when a folder on the way cannot be read)."""
+    try:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def build_index(
@@ -230,7 +248,8 @@ def build_index(
     `embedder` injects an embedding method (tests); otherwise one is built from `model`/`weights`.
     """
     t0 = time.perf_counter()
-    store = Path(store).expanduser().absolute()
+    # resolve(): through a symlinked folder, relative paths and the atomic replace must use the real place
+    store = Path(store).expanduser().resolve()
     check_output_path(store)
     if batch_size < 1 or checkpoint_every < 1 or decode_workers < 1:
         raise InputError("batch size, checkpoint interval and decode workers must be at least 1")
@@ -255,9 +274,11 @@ def build_index(
         else:
             model = asked or DEFAULTS.model
             weights = "none" if model == "phash" else (weights or DEFAULTS.weights)
+            if weights not in ("imagenet", "none"):
+                weights = str(Path(weights).expanduser().resolve())  # later jobs run from other folders
         summary = RunSummary(store=str(store), model=model)
         base = store.parent
-        files = _scan(roots, base, summary.failures)
+        files, blind = _scan(roots, base, summary.failures)
         old_rows = {p: i for i, p in enumerate(old.paths)} if old is not None else {}
 
         pending: list[_File] = []
@@ -294,12 +315,14 @@ def build_index(
         else:
             emb = None
 
-        new = _assemble(old, files, hashes, vectors, base, prune, summary, emb, model, weights)
+        new = _assemble(old, files, hashes, vectors, base, prune, summary, emb, model, weights, blind)
         if new is not None:
             _publish(store, new)
             summary.wrote = True
-        if checkpoint is not None:
-            checkpoint.discard()
+        elif old is not None and not index_path(store, old.meta.index_file).is_file():
+            save_index(build_flat_index(old.xb, old.ids), index_path(store, old.meta.index_file))
+        # also a checkpoint left by a run killed after publishing: its work is in the store now
+        shutil.rmtree(store.with_name(store.name + ".work"), ignore_errors=True)
         summary.total = len(new) if new is not None else (len(old) if old is not None else 0)
     summary.seconds = time.perf_counter() - t0
     return summary
@@ -356,7 +379,8 @@ def _embed_pending(pending: list[_File], emb: Embedder, vectors: dict, hashes: d
 
 
 def _assemble(old: Catalog | None, files: list[_File], hashes: dict[str, str], vectors: dict, base: Path,
-              prune: bool, summary: RunSummary, emb: Embedder | None, model: str, weights: str) -> Catalog | None:
+              prune: bool, summary: RunSummary, emb: Embedder | None, model: str, weights: str,
+              blind: list[str]) -> Catalog | None:
     """The new catalog, or None when it would equal the old one."""
     old_rows = {p: i for i, p in enumerate(old.paths)} if old is not None else {}
     current = {f.rel for f in files}
@@ -366,7 +390,7 @@ def _assemble(old: Catalog | None, files: list[_File], hashes: dict[str, str], v
     gone_by_sha: dict[str, list[int]] = {}
     if old is not None:
         for i, p in enumerate(old.paths):
-            if p not in current and not (base / p).exists():
+            if p not in current and not p.startswith(tuple(blind)) and _gone(base / p):
                 gone_by_sha.setdefault(old.sha256[i], []).append(i)
 
     rows: list[tuple[int, str, int, int, str, np.ndarray, int, int]] = []
@@ -405,11 +429,13 @@ def _assemble(old: Catalog | None, files: list[_File], hashes: dict[str, str], v
         for i, p in enumerate(old.paths):
             if i in claimed or p in failed:
                 continue
-            if prune or not (base / p).exists():
+            # kept: under a folder that could not be listed this time (not known to be gone), or still on
+            # disk but outside the folders given this time
+            if not p.startswith(tuple(blind)) and (prune or _gone(base / p)):
                 summary.removed += 1
-            else:  # still on disk, just outside the folders given this time: keep it
-                rows.append((int(old.ids[i]), p, int(old.sizes[i]), int(old.mtimes_ns[i]), old.sha256[i],
-                             old.xb[i], int(old.widths[i]), int(old.heights[i])))
+                continue
+            rows.append((int(old.ids[i]), p, int(old.sizes[i]), int(old.mtimes_ns[i]), old.sha256[i],
+                         old.xb[i], int(old.widths[i]), int(old.heights[i])))
         dropped_failed = sum(1 for i, p in enumerate(old.paths) if p in failed and i not in claimed)
         summary.removed += dropped_failed
         nothing_changed = not (summary.added or summary.changed or summary.moved or summary.removed
@@ -419,7 +445,8 @@ def _assemble(old: Catalog | None, files: list[_File], hashes: dict[str, str], v
         meta = old.meta
     else:
         if emb is None:
-            raise InputError("nothing could be indexed")  # unreachable: a new store always has pending files
+            reasons = "; ".join(f"{p}: {r}" for p, r in summary.failures[:3])
+            raise InputError(f"nothing could be indexed ({reasons})")
         meta = StoreMeta(model=model, weights=weights, weights_fingerprint=emb.weights_fingerprint, dim=emb.dim,
                          input_size=emb.input_size, preprocessing=emb.preprocessing)
     rows.sort(key=lambda r: r[1])
@@ -444,8 +471,9 @@ def _publish(store: Path, cat: Catalog) -> None:
 
 
 def _remove_index_files(store: Path, keep: str) -> None:
-    for stale in store.parent.glob(f"{store.name}.*.faiss"):
-        if stale.name != keep:
+    pattern = re.compile(rf"{re.escape(store.name)}\.[0-9a-f]{{12}}\.faiss")  # ours only, not a sibling store's
+    for stale in store.parent.iterdir():
+        if pattern.fullmatch(stale.name) and stale.name != keep:
             try:
                 stale.unlink()
             except OSError:

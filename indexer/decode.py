@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-import warnings
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,11 +30,14 @@ def sha256_hex(data: bytes) -> str:
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
-    # Pillow's convert() clips 16-bit values instead of scaling them, which turns most 16-bit photos white.
+    # Pillow's convert() clips instead of scaling: 16-bit photos would turn white and [0, 1] floats black.
     arr = np.asarray(img, dtype=np.float64)
-    top = float(arr.max()) if arr.size else 0.0
-    scale = 255.0 / 65535.0 if top > 255 else 1.0
-    return Image.fromarray(np.clip(arr * scale, 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "F":
+        top = float(np.nanmax(arr)) if arr.size else 0.0
+        scale = 255.0 if top <= 1.0 else 255.0 / top if top > 255 else 1.0
+    else:  # I;16* and I hold 16-bit samples
+        scale = 255.0 / 65535.0
+    return Image.fromarray(np.clip(np.nan_to_num(arr * scale), 0, 255).astype(np.uint8), mode="L")
 
 
 def _flatten_alpha(img: Image.Image) -> Image.Image:
@@ -53,34 +56,48 @@ def to_mode(img: Image.Image, mode: str) -> Image.Image:
     return img if img.mode == mode else img.convert(mode)
 
 
-def decode_image(data: bytes, size: int, *, mode: str = "RGB", resample: str = "bilinear") -> Decoded:
-    """Decode encoded image bytes into a `size`x`size` array (aspect ratio not kept, as Keras' load_img).
+def load_upright(data: bytes, min_side: int, *, mode: str = "RGB") -> tuple[Image.Image, tuple[int, int]]:
+    """Decode image bytes upright in `mode`, at a reduced JPEG scale no smaller than `min_side` when possible.
 
-    EXIF orientation is applied, the first frame of an animation is used, and Pillow's decompression-bomb
-    guard stays on. JPEGs are decoded at a reduced scale (draft mode) when the target is much smaller.
-    Raises DecodeError with a short reason.
+    Returns the image and the photo's original upright (width, height). EXIF orientation is applied, the
+    first frame of an animation is used, and Pillow's decompression-bomb limit is enforced. Raises
+    DecodeError with a short reason.
     """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                original = img.size
-                if img.format == "JPEG":
-                    # DCT-domain downscaling: a 12 MP photo decodes ~8x faster and is never smaller than `size`.
-                    img.draft("RGB" if mode == "RGB" else "L", (size, size))
-                img.seek(0)
-                img.load()
-                upright = ImageOps.exif_transpose(img)
-                # Orientations 5-8 swap the axes; report the size as the photo is seen.
-                swapped = upright.size != img.size
-                width, height = (original[1], original[0]) if swapped else original
-                out = to_mode(upright, mode).resize((size, size), _RESAMPLE[resample])
-                pixels = np.asarray(out, dtype=np.uint8)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        with Image.open(io.BytesIO(data)) as img:
+            # Checked here rather than through Pillow's warning: warnings filters are process-wide and
+            # would race between decoding threads.
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and img.width * img.height > limit:
+                raise DecodeError(f"refused as a decompression bomb ({img.width}x{img.height} pixels > {limit})")
+            original = img.size
+            if img.format == "JPEG":
+                # DCT-domain downscaling: a 12 MP photo decodes ~8x faster and is never smaller than min_side.
+                img.draft("RGB" if mode == "RGB" else "L", (min_side, min_side))
+            img.seek(0)
+            img.load()
+            upright = ImageOps.exif_transpose(img)
+            # Orientations 5-8 swap the axes; report the size as the photo is seen.
+            swapped = upright.size != img.size
+            size = (original[1], original[0]) if swapped else original
+            return to_mode(upright, mode), size
+    except Image.DecompressionBombError as exc:
         raise DecodeError(f"refused as a decompression bomb ({exc})") from None
     except Image.UnidentifiedImageError:
         raise DecodeError("not a recognised image format") from None
-    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError, struct.error) as exc:
+        raise DecodeError(f"cannot decode: {exc}") from None
+
+
+def decode_image(data: bytes, size: int, *, mode: str = "RGB", resample: str = "bilinear") -> Decoded:
+    """Decode encoded image bytes into a `size`x`size` array (aspect ratio not kept, as Keras' load_img).
+
+    See load_upright for orientation, animation, bomb guard and JPEG draft decoding. Raises DecodeError.
+    """
+    img, (width, height) = load_upright(data, size, mode=mode)
+    try:
+        pixels = np.asarray(img.resize((size, size), _RESAMPLE[resample]), dtype=np.uint8)
+    except (OSError, ValueError, MemoryError) as exc:
         raise DecodeError(f"cannot decode: {exc}") from None
     return Decoded(pixels=pixels, width=width, height=height)
 

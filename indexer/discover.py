@@ -17,19 +17,27 @@ def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _walk(root: Path) -> Iterable[Path]:
+def _walk(root: Path, unreadable: list[tuple[str, str]] | None) -> Iterable[Path]:
+    def onerror(exc: OSError) -> None:
+        if unreadable is None:
+            raise InputError(f"cannot read folder {exc.filename}: {exc.strerror or exc}")
+        unreadable.append((str(exc.filename), exc.strerror or str(exc)))
+
     # os.walk without followlinks: a symlink loop in a merchant's folder must not hang the nightly job.
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root, onerror=onerror):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if is_image_name(name) and not name.startswith("."):
                 yield Path(dirpath, name)
 
 
-def discover(roots: Sequence[str | os.PathLike[str]], *, allow_empty: bool = False) -> list[Path]:
+def discover(roots: Sequence[str | os.PathLike[str]], *, allow_empty: bool = False,
+             unreadable: list[tuple[str, str]] | None = None) -> list[Path]:
     """Return the absolute paths of all images under `roots` (folders or image files), sorted, without repeats.
 
     Raises InputError for a root that does not exist, or when nothing is found (unless `allow_empty`).
+    A folder that cannot be listed raises InputError, or, when an `unreadable` list is given, is appended
+    to it as (folder, reason) and skipped.
     """
     if not roots:
         raise InputError("no folder given")
@@ -44,7 +52,7 @@ def discover(roots: Sequence[str | os.PathLike[str]], *, allow_empty: bool = Fal
             found.add(Path(os.path.abspath(root)))
         else:
             # abspath, not resolve(): a symlinked photo keeps the name the catalogue gives it
-            found.update(Path(os.path.abspath(p)) for p in _walk(root))
+            found.update(Path(os.path.abspath(p)) for p in _walk(root, unreadable))
     if not found and not allow_empty:
         shown = ", ".join(str(r) for r in roots)
         raise InputError(f"no images found in {shown} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")

@@ -41,7 +41,7 @@ def save_index(index: faiss.Index, path: str | os.PathLike[str]) -> None:
 
 def index_path(store: str | os.PathLike[str], index_file: str) -> Path:
     """Where the index file named in a store's attributes lies (beside the store)."""
-    return Path(store).parent / index_file
+    return Path(store).resolve().parent / index_file
 
 
 def _saved_index(store: Path, cat: Catalog) -> faiss.Index | None:

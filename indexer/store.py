@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 import time
 from collections.abc import Iterator
@@ -36,14 +37,15 @@ log = logging.getLogger(__name__)
 FORMAT = "neardup-store"
 SCHEMA_VERSION = 1
 _STR = h5py.string_dtype("utf-8")
+TMP_SUFFIX = ".neardup-tmp"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
 def _version() -> str:
-    from . import __version__
+    from .config import VERSION
 
-    return __version__
+    return VERSION
 
 
 @dataclass(frozen=True)
@@ -84,12 +86,6 @@ class Catalog:
 
     def __len__(self) -> int:
         return len(self.ids)
-
-    @classmethod
-    def empty(cls, meta: StoreMeta) -> "Catalog":
-        """A catalog with no rows."""
-        return cls(meta, np.zeros(0, np.int64), [], np.zeros(0, np.int64), np.zeros(0, np.int64), [],
-                   np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros((0, meta.dim), np.float32))
 
 
 def now_iso() -> str:
@@ -178,11 +174,17 @@ def _fsync_dir(folder: Path) -> None:
 def atomic_write(path: Path, write) -> None:  # noqa: ANN001 - write(tmp_path) callable
     """Call `write(tmp)` on a temporary file beside `path`, fsync it, then atomically rename it to `path`."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    if path.is_dir():
+        raise InputError(f"{path} is a folder; give a file name")
+    try:
+        mode = path.stat().st_mode & 0o777  # keep the permissions the user gave the file
+    except OSError:
+        mode = 0o666 & ~_UMASK  # mkstemp makes 0600; a new file is as readable as any file the user writes
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a store is as readable as any file the user writes
+        os.chmod(tmp, mode)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -197,11 +199,14 @@ def atomic_write(path: Path, write) -> None:  # noqa: ANN001 - write(tmp_path) c
 
 def remove_stale_temporaries(path: Path) -> None:
     """Delete temporary files a killed writer left beside `path` (call only while holding the writer lock)."""
-    for tmp in Path(path).parent.glob(f".{Path(path).name}.*.tmp"):
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
+    # mkstemp's random part is 8 characters of [a-z0-9_]: never match another file's temporaries
+    pattern = re.compile(rf"\.{re.escape(Path(path).name)}\.[a-z0-9_]{{8}}{re.escape(TMP_SUFFIX)}")
+    for tmp in Path(path).parent.iterdir():
+        if pattern.fullmatch(tmp.name):
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
 
 
 def write_catalog(path: str | os.PathLike[str], cat: Catalog) -> StoreMeta:

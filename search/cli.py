@@ -71,6 +71,9 @@ def handled(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise _fail("interrupted; an index run resumes from its last checkpoint", 130) from None
         except MemoryError:
             raise _fail("out of memory; try a smaller --batch-size") from None
+        except OSError as exc:  # permissions, full disk, a folder where a file was expected...
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise _fail(f"{where}{exc.strerror or exc}") from None
 
     return wrapper
 
@@ -170,7 +173,7 @@ def info_cmd(
     """Describe a store: model, weights, counts, dimension, failures, file sizes."""
     meta = read_meta(store)
     failed = read_catalog(store, vectors=False).failures if (failures or as_json) else []
-    index_file = store.parent / meta.index_file if meta.index_file else None
+    index_file = store.resolve().parent / meta.index_file if meta.index_file else None
     if as_json:
         doc = {k: getattr(meta, k) for k in meta.__dataclass_fields__}
         doc.update(store=str(store), store_bytes=store.stat().st_size,

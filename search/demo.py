@@ -54,10 +54,12 @@ def run_demo(out: str | Path, *, sample: str | Path = SAMPLE_DIR, weights: str |
     out = Path(out)
     if not out.parent.is_dir():
         raise InputError(f"the folder for {out} does not exist: {out.parent}")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} exists and is not a folder")
     out.mkdir(exist_ok=True)
     store = out / "sample.h5"
     # The demo owns its folder: start from a clean store so a previous run with another model cannot clash.
-    for old in [p for p in (store, *out.glob("sample.h5.*")) if p.exists()]:
+    for old in [p for p in (store, *out.glob("sample.h5.*")) if p.exists() and p.suffix != ".lock"]:
         shutil.rmtree(old) if old.is_dir() else old.unlink()
     reason = None
     if embedder is None:

@@ -20,7 +20,6 @@ import math
 import os
 import re
 import time
-import warnings
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,9 +27,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from indexer import Catalog, read_catalog
+from indexer.decode import load_upright
 from indexer.errors import InputError
 from indexer.store import atomic_write, check_output_path, now_iso
 
@@ -67,24 +67,11 @@ PLACEHOLDER_URI = "data:image/svg+xml;base64," + base64.b64encode(_PLACEHOLDER_S
 def _open_upright(path: str | os.PathLike[str], max_side: int) -> Image.Image:
     """Decode `path` as an upright RGB image no larger than `max_side` on its longest side.
 
-    Raises the underlying Pillow/OS error; the decompression-bomb guard stays on (as in indexer.decode).
+    Uses the indexer's own decoder (orientation, modes, transparency, bomb guard, JPEG draft); raises
+    OSError or DecodeError.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
-            if img.format == "JPEG":
-                # DCT-domain downscaling: a 12 MP photo decodes several times faster and never below max_side.
-                img.draft("RGB", (max_side, max_side))
-            img.seek(0)  # first frame of an animation
-            img.load()
-            upright = ImageOps.exif_transpose(img)
-            if upright.mode in ("RGBA", "LA", "PA") or (upright.mode == "P" and "transparency" in upright.info):
-                # Transparent areas go white, as a shop page shows them, instead of Pillow's black.
-                rgba = upright.convert("RGBA")
-                out = Image.new("RGB", rgba.size, (255, 255, 255))
-                out.paste(rgba, mask=rgba.getchannel("A"))
-            else:
-                out = upright.convert("RGB")
+    with open(path, "rb") as fh:
+        out, _ = load_upright(fh.read(), max_side, mode="RGB")
     out.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     return out
 
@@ -352,7 +339,7 @@ def write_report(store: str | os.PathLike[str], out: str | os.PathLike[str] = "r
         raise InputError("page size must be at least 1")
     store = Path(store)
     cat = read_catalog(store, vectors=False)
-    images = _Images(cat, store.parent)
+    images = _Images(cat, Path(store).resolve().parent)
 
     source: list[str] = []
     pair_list: list[Pair] | None = None

@@ -156,3 +156,56 @@ def test_image_that_becomes_corrupt_is_listed_and_dropped(tmp_path: Path, make_i
     s = update_index([tmp_path / "imgs"], store, embedder=fake_embedder)
     assert s.failures == [("imgs/img_0001.jpg", "not a recognised image format")] and s.total == 2
     assert read_catalog(store).failures == s.failures
+
+
+def test_unlistable_folder_keeps_its_rows(tmp_path: Path, make_images, fake_embedder, monkeypatch) -> None:
+    make_images(3, folder="cat/a")
+    make_images(2, folder="cat/b", start=10)
+    store = tmp_path / "s.h5"
+    build_index([tmp_path / "cat"], store, embedder=fake_embedder)
+    real_walk = os.walk
+
+    def walk(top, onerror=None, **kw):  # 'b' cannot be listed this time (as with a permission error)
+        for dirpath, dirnames, filenames in real_walk(top, onerror=onerror, **kw):
+            if Path(dirpath).name == "b":
+                onerror(PermissionError(13, "Permission denied", dirpath))
+                dirnames[:] = []
+                continue
+            yield dirpath, dirnames, filenames
+
+    monkeypatch.setattr(os, "walk", walk)
+    s = update_index([tmp_path / "cat"], store, embedder=fake_embedder, prune=True)
+    assert (s.removed, s.total) == (0, 5)
+    assert s.failures == [("cat/b/", "cannot list folder: Permission denied; its stored images are kept as they "
+                                     "were")]
+
+
+def test_fifo_named_like_an_image_is_listed_not_read(tmp_path: Path, make_images, fake_embedder) -> None:
+    make_images(2)
+    os.mkfifo(tmp_path / "imgs" / "pipe.jpg")
+    s = build_index([tmp_path / "imgs"], tmp_path / "s.h5", embedder=fake_embedder)
+    assert s.failures == [("imgs/pipe.jpg", "not a regular file")] and s.total == 2
+
+
+def test_store_in_a_symlinked_folder(tmp_path: Path, make_images, fake_embedder) -> None:
+    make_images(3, folder="real/photos")
+    (tmp_path / "real" / "stores").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real" / "stores")
+    store = tmp_path / "link" / "s.h5"
+    build_index([tmp_path / "real" / "photos"], store, embedder=fake_embedder)
+    s = update_index([tmp_path / "real" / "photos" / "img_0000.jpg"], store, embedder=fake_embedder)
+    assert (s.removed, s.total) == (0, 3)  # files outside the given path are still found on disk
+    assert (tmp_path / "real" / "stores" / "s.h5").is_file()
+
+
+def test_lost_index_file_is_rewritten_and_stale_work_removed(tmp_path: Path, make_images, fake_embedder) -> None:
+    make_images(3)
+    store = tmp_path / "s.h5"
+    build_index([tmp_path / "imgs"], store, embedder=fake_embedder)
+    (index_file,) = tmp_path.glob("s.h5.*.faiss")
+    index_file.unlink()
+    (tmp_path / "s.h5.work").mkdir()
+    (tmp_path / "s.h5.catalog.h5.abcdef012345.faiss").write_text("a sibling store's file")
+    s = update_index([tmp_path / "imgs"], store, embedder=fake_embedder)
+    assert not s.wrote and index_file.is_file() and not (tmp_path / "s.h5.work").exists()
+    assert (tmp_path / "s.h5.catalog.h5.abcdef012345.faiss").exists()

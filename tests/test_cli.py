@@ -126,3 +126,9 @@ def test_help_lists_commands() -> None:
     r = run("--help")
     for cmd in ("index", "update", "info", "query", "compare", "duplicates"):
         assert cmd in r.output
+
+
+def test_output_path_that_is_a_folder_is_one_line_error(indexed: Path, tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    r = run("duplicates", "-s", indexed, "--out", tmp_path / "out")
+    assert r.exit_code == 2 and r.output.startswith("neardup: error:") and "is a folder" in r.output

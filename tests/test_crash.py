@@ -72,7 +72,7 @@ def test_kill_at_random_points_then_resume(photos: Path, tmp_path: Path) -> None
             assert s.reused == len(saved) and s.embedded == N_IMAGES - len(saved), trial
         reused_total += s.reused
         assert not store.with_name("cat.h5.work").exists()
-        assert not list(store.parent.glob(".cat.h5.*.tmp"))
+        assert not list(store.parent.glob(".cat.h5.*.neardup-tmp"))
         assert len(list(store.parent.glob("cat.h5.*.faiss"))) == 1
     assert reused_total > 0  # at least one kill landed after a checkpoint
 

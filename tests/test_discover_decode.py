@@ -121,3 +121,11 @@ def test_read_and_decode_hashes_content(tmp_path: Path) -> None:
     assert sha == hashlib.sha256(p.read_bytes()).hexdigest()
     with pytest.raises(DecodeError, match="cannot read"):
         read_and_decode(str(tmp_path / "gone.png"), 16)
+
+
+def test_float_images_in_unit_range_are_scaled_not_black() -> None:
+    arr = np.linspace(0, 1, 40 * 60, dtype=np.float32).reshape(40, 60)
+    buf = io.BytesIO()
+    Image.fromarray(arr, "F").save(buf, "TIFF")
+    px = decode_image(buf.getvalue(), 32).pixels
+    assert 100 < px.mean() < 155 and px.max() > 240
