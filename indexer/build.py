@@ -499,7 +499,9 @@ def embed_files(paths: Sequence[str | os.PathLike[str]], emb: Embedder, *,
     chunks: list[np.ndarray] = []
     batch: list[np.ndarray] = []
     failures: list[tuple[str, str]] = []
-    with ThreadPoolExecutor(max_workers=decode_workers, thread_name_prefix="neardup-decode") as pool:
+    # one photo (the interactive query) is decoded inline: starting a thread pool costs more than it saves
+    with ThreadPoolExecutor(max_workers=decode_workers if len(files) > 1 else 1,
+                            thread_name_prefix="neardup-decode") as pool:
         for f, result, error in _bounded_map(pool, lambda f: _prepare(f, lambda _: False, params), files,
                                              window=batch_size * 2 + decode_workers):
             if error is not None:

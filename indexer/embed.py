@@ -170,6 +170,8 @@ class KerasEmbedder:
         self.weights = weights
         self.precision = precision
         self.dim, self._cache_file, self.preprocessing = _KERAS_SPECS[name]
+        if precision == "bf16":  # recorded in the store with the rest of the preprocessing
+            self.preprocessing += "; bfloat16 inference (Keras mixed_bfloat16)"
         keras, tf = _import_tensorflow()
 
         self._model = self._build(keras)

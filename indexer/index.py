@@ -22,11 +22,23 @@ def build_flat_index(xb: np.ndarray, ids: np.ndarray) -> faiss.Index:
     return index
 
 
+#: Below this many queries FAISS scans the flat index without BLAS; that scan is memory-bound, and more
+#: OpenMP threads only contend for the bandwidth (measured at 50k x 2048: 15 ms with 1 thread, 24 ms with 2).
+SMALL_BATCH = 20
+
+
 def search(index: faiss.Index, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """k-NN search: D float32 [nq, k] cosine scores (descending), I int64 [nq, k] ids (-1 when fewer)."""
     xq = np.ascontiguousarray(xq, dtype=np.float32)
     k = max(1, min(int(k), max(index.ntotal, 1)))
-    return index.search(xq, k)
+    if len(xq) >= SMALL_BATCH:
+        return index.search(xq, k)
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        return index.search(xq, k)
+    finally:
+        faiss.omp_set_num_threads(threads)
 
 
 def index_ids(index: faiss.Index) -> np.ndarray:
