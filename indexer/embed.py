@@ -226,11 +226,14 @@ class KerasEmbedder:
 
     def _weights_error(self, exc: Exception) -> WeightsError:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # Keras' download error is "URL fetch failure on <long url>: None -- [Errno -2] Name or service...";
+        # the reason after the URL is the useful part
+        first = first.rsplit(" -- ", 1)[-1]
         if self.weights == "imagenet":
             cached = keras_cache_dir() / self._cache_file
             return WeightsError(
                 f"ImageNet weights for {self.name} are not cached at {cached} and could not be downloaded "
-                f"({first[:160]}); copy the file there, or pass --weights PATH (or NEARDUP_WEIGHTS=PATH), "
+                f"({first[:200]}); copy the file there, or pass --weights PATH (or NEARDUP_WEIGHTS=PATH), "
                 f"or use the weight-free method --model phash")
         return WeightsError(f"cannot load weights {self.weights!r} into {self.name}: {first[:200]}")
 

@@ -103,8 +103,10 @@ def _print_summary(s: RunSummary, limit: int = 20) -> None:
     typer.echo(f"  added {s.added}, changed {s.changed}, moved {s.moved}, removed {s.removed}, "
                f"unchanged {s.unchanged}, touched {s.touched}, failed {len(s.failures)}")
     if s.embedded or s.reused:
+        same = s.added + s.changed + s.moved + s.touched - s.embedded - s.reused
         typer.echo(f"  embedded {s.embedded} images in {s.embed_seconds:.1f} s ({s.images_per_second:.1f} img/s, "
-                   f"decode+embed); reused {s.reused} from an interrupted run")
+                   f"decode+embed); reused {s.reused} from an interrupted run"
+                   + (f", {same} by identical content (copies, moves, touched files)" if same > 0 else ""))
     typer.echo(f"  time {s.seconds:.1f} s")
     for path, why in s.failures[:limit]:
         typer.echo(f"  skipped {path}: {why}")
