@@ -204,6 +204,15 @@ def main() -> int:
             log(f"repeat {r + 1}/{args.repeats}: (d) tf.data")
             secs, xd = tfdata_pipeline(paths, args.batch_size, emb)
             td.append(secs)
+        log("(b16) build_index end to end with --precision bf16")
+        emb16 = KerasEmbedder("resnet50", "none", "bf16")
+        emb16.embed(x[:args.batch_size])  # warm-up
+        tb16 = []
+        for r in range(args.repeats):
+            store = work / f"bf16-{r}" / "catalog.h5"
+            store.parent.mkdir()
+            tb16.append(neardup_build(paths, store, emb16, args.batch_size, args.decode_workers)[0])
+        del emb16
         m = min(args.n, args.seed_n)
         log(f"(c) seed's per-image loop on {m} photos")
         tc, seed_build_s = seed_loop(paths[:m], paths[-1])
@@ -211,6 +220,7 @@ def main() -> int:
 
         n = len(paths)
         a, b, c, d = n / median(ta), n / median(tb), m / tc, n / median(td)
+        b16 = n / median(tb16)
         d1, d2, dt = n / median(dec1), n / median(dec2), n / median(tfd_dec)
         report.table("Throughput (images per second, higher is better)", ["method", "img/s", "images", "note"], [
             ["(a) model only: KerasEmbedder.embed on pre-decoded uint8", a, n, f"batch {args.batch_size}"],
@@ -218,9 +228,11 @@ def main() -> int:
              f"decode ({args.decode_workers} threads) + embed + HDF5 + FAISS, fresh store"],
             ["(c) seed: load_img + img_to_array + preprocess_input + predict per image", c, m, "batch 1"],
             ["(d) tf.data decode pipeline + the same embedder", d, n, "map(AUTOTUNE).batch.prefetch"],
+            ["(b16) neardup build_index end to end, --precision bf16", b16, n, "opt-in; see bench_precision.py"],
         ])
         report.table("Ratios", ["ratio", "value"], [["b / a", b / a], ["b / c", b / c], ["d / a", d / a],
-                                                     ["b / d (thread pool vs tf.data)", b / d]])
+                                                     ["b / d (thread pool vs tf.data)", b / d],
+                                                     ["b16 / c (bf16 build_index vs seed's loop)", b16 / c]])
         per = 1000.0 / n
         serial = 1.0 / (1.0 / d2 + 1.0 / a + (h5_s + faiss_s) / n)
         report.table("Where the time of (b) goes", ["part", "value", "ms per image"], [
@@ -241,6 +253,7 @@ def main() -> int:
             ["seed's keras ResNet50 construction", seed_build_s]])
         report.target("b / a (build_index vs model only)", b / a, ">= 0.90", b / a >= 0.90)
         report.target("b / c (build_index vs seed's loop)", b / c, ">= 4", b / c >= 4)
+        report.target("b16 / c (bf16 build_index vs seed's loop)", b16 / c, ">= 4", b16 / c >= 4)
 
         # correctness: stored embeddings == model-only embeddings of neardup-decoded pixels
         xb, missing = store_rows(b_store, paths)

@@ -217,7 +217,14 @@ def find_duplicates(store: str | os.PathLike[str], *, threshold: float | None = 
     I, J, D, exact = duplicate_rows(cat, t, block)
     report = DuplicateReport(store=str(store), model=cat.meta.model, threshold=t, n=len(cat), ids=cat.ids,
                              paths=cat.paths, I=I, J=J, D=D, exact=exact)
-    for comp in connected_components(len(cat), I, J):
+    comps = connected_components(len(cat), I, J)
+    comp_of = np.full(len(cat), -1, np.int64)
+    for ci, comp in enumerate(comps):
+        comp_of[comp] = ci
+    exact_in: dict[int, list[tuple[int, int]]] = defaultdict(list)  # byte-identical pairs, by component
+    for a, b in zip(I[exact].tolist(), J[exact].tolist()):
+        exact_in[int(comp_of[a])].append((a, b))
+    for ci, comp in enumerate(comps):
         if len(comp) > max_group_search:
             raise InputError(
                 f"threshold {t:.4f} links {len(comp)} images into one cluster, too many to be duplicates; "
@@ -225,9 +232,8 @@ def find_duplicates(store: str | os.PathLike[str], *, threshold: float | None = 
         S = cat.xb[comp] @ cat.xb[comp].T
         forced = np.zeros_like(S, bool)
         local = {r: k for k, r in enumerate(comp.tolist())}
-        for a, b in zip(I[exact].tolist(), J[exact].tolist()):
-            if a in local and b in local:
-                forced[local[a], local[b]] = forced[local[b], local[a]] = True
+        for a, b in exact_in[ci]:
+            forced[local[a], local[b]] = forced[local[b], local[a]] = True
         for g in complete_linkage(S, t, forced):
             rows = keeper_order(cat, comp[g])
             keeper = int(rows[0])
