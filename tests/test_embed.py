@@ -29,7 +29,7 @@ def _bits(img: Image.Image) -> np.ndarray:
     return PHashEmbedder().bits(_phash_input(img)[None])[0]
 
 
-def test_phash_equals_imagehash_bit_for_bit() -> None:
+def test_phash_equals_imagehash_bit_for_bit() -> None:  # PNG: no JPEG draft decoding involved
     for seed in range(20):
         img = product_image(seed)
         ours = _bits(img)
@@ -168,3 +168,14 @@ def test_keras_precision_is_validated() -> None:
     with pytest.raises(InputError, match="precision"):
         make_embedder("resnet50", "none", precision="fp8")
     assert DEFAULTS.precision == "float32"
+
+
+def test_phash_of_jpegs_agrees_with_imagehash() -> None:
+    # JPEGs decode in draft mode at >= 64 px; the hash must stay the reference pHash, within a bit or two
+    diffs = []
+    for seed in range(12):
+        buf = io.BytesIO()
+        product_image(seed, (600, 450)).save(buf, "JPEG", quality=90)
+        ours = PHashEmbedder().bits(decode_image(buf.getvalue(), 32, mode="L", resample="lanczos").pixels[None])[0]
+        diffs.append(int((ours != imagehash.phash(Image.open(io.BytesIO(buf.getvalue()))).hash.flatten()).sum()))
+    assert np.mean(diffs) <= 1.0 and max(diffs) <= 3, diffs
