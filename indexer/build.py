@@ -319,6 +319,9 @@ def build_index(
         if new is not None:
             _publish(store, new)
             summary.wrote = True
+        elif old is not None and not old.meta.index_file:  # a store written without an index (library use)
+            _publish(store, old)
+            summary.wrote = True
         elif old is not None and not index_path(store, old.meta.index_file).is_file():
             save_index(build_flat_index(old.xb, old.ids), index_path(store, old.meta.index_file))
         # also a checkpoint left by a run killed after publishing: its work is in the store now

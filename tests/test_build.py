@@ -209,3 +209,21 @@ def test_lost_index_file_is_rewritten_and_stale_work_removed(tmp_path: Path, mak
     s = update_index([tmp_path / "imgs"], store, embedder=fake_embedder)
     assert not s.wrote and index_file.is_file() and not (tmp_path / "s.h5.work").exists()
     assert (tmp_path / "s.h5.catalog.h5.abcdef012345.faiss").exists()
+
+
+def test_store_written_without_an_index_gets_one(tmp_path: Path, make_images, fake_embedder) -> None:
+    from dataclasses import replace
+
+    from indexer import write_catalog
+
+    make_images(3)
+    store = tmp_path / "s.h5"
+    build_index([tmp_path / "imgs"], store, embedder=fake_embedder)
+    cat = read_catalog(store)
+    cat.meta = replace(cat.meta, index_file="")
+    for f in tmp_path.glob("s.h5.*.faiss"):
+        f.unlink()
+    write_catalog(store, cat)
+    s = update_index([tmp_path / "imgs"], store, embedder=fake_embedder)
+    assert s.wrote and s.unchanged == 3 and len(list(tmp_path.glob("s.h5.*.faiss"))) == 1
+    assert read_catalog(store).meta.index_file
