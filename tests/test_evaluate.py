@@ -212,13 +212,13 @@ def test_evaluate_phash_store_end_to_end(tmp_path: Path, make_images) -> None:
                      "imgs/gone.jpg,p9\n")  # img_0005 is not in the truth
     res = evaluate(store, truth)
     assert (res.evaluated, res.truth_missing_from_store, res.store_missing_from_truth) == (8, 1, 1)
-    assert res.true_pairs == 4 and res.candidate_pairs == 3  # copies score 1.0 / 0.9375, the rest <= 0.375
+    assert res.true_pairs == 4 and res.candidate_pairs == 3  # the copies score 1.0, the rest <= 0.375
     assert res.default_threshold == 0.6875
     assert res.at_default == pytest.approx({"threshold": 0.6875, "precision": 1.0, "recall": 0.75, "f1": 6 / 7})
-    # F1 6/7 holds up to 0.93 (small_1 scores 0.9375); the highest tied threshold is reported
-    assert res.best == pytest.approx({"threshold": 0.93, "precision": 1.0, "recall": 0.75, "f1": 6 / 7})
+    # F1 6/7 holds up to 1.0 (every copy's hash equals its original's); the highest tied threshold is reported
+    assert res.best == pytest.approx({"threshold": 1.0, "precision": 1.0, "recall": 0.75, "f1": 6 / 7})
     k = res.sweep["thresholds"].index(1.0)
-    assert res.sweep["predicted"][k] == 2 and res.sweep["f1"][k] == pytest.approx(2 / 3)
+    assert res.sweep["predicted"][k] == 3 and res.sweep["f1"][k] == pytest.approx(6 / 7)
     # img_0003 and img_0004 rank each other last of 7 (cosine -0.31); img_0005 is ignored, not a distractor
     r = res.retrieval
     assert r["queries"] == 8 and r["recall@1"] == 0.75 and r["recall@5"] == 0.75 and r["recall@10"] == 1.0
@@ -227,7 +227,7 @@ def test_evaluate_phash_store_end_to_end(tmp_path: Path, make_images) -> None:
     out, png = tmp_path / "eval.json", tmp_path / "pr.png"
     write_eval_json(res, out)
     doc = json.loads(out.read_text())
-    assert doc["best"]["threshold"] == 0.93 and len(doc["sweep"]["f1"]) == 52 and "map" in doc["definitions"]
+    assert doc["best"]["threshold"] == 1.0 and len(doc["sweep"]["f1"]) == 52 and "map" in doc["definitions"]
     fig = plot_pr_curve(res, png)
     assert len(fig.axes) == 1 and Image.open(png).size == (700, 600)
 
