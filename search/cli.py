@@ -153,15 +153,12 @@ def update_cmd(
 
 
 def _size(path: Path) -> str:
+    from .report import fmt_bytes
+
     try:
-        n = path.stat().st_size
+        return fmt_bytes(path.stat().st_size)
     except OSError:
         return "missing"
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return ""
 
 
 @app.command("info")
@@ -239,6 +236,12 @@ def demo_cmd(
         typer.echo(f"report {res.report_html}  (open it in a browser)")
 
 
+def _model_and_weights(model: Optional[str], weights: Optional[str]) -> tuple[str, str]:
+    """Defaults for commands that embed loose files without a store (compare, plot)."""
+    model = model or DEFAULTS.model
+    return model, weights or ("none" if model == "phash" else DEFAULTS.weights)
+
+
 def _query_rows(results: list[QueryResult], threshold: float) -> list[dict]:
     return [{"query": r.query, "rank": m.rank, "score": round(m.score, 6), "id": m.id, "path": m.path,
              "match": m.score >= threshold} for r in results for m in r.matches]
@@ -303,8 +306,7 @@ def compare_cmd(
     for p in (a, b):
         if not p.is_file():
             raise InputError(f"no such image file: {p}")
-    model = model or DEFAULTS.model
-    weights = weights or ("none" if model == "phash" else DEFAULTS.weights)
+    model, weights = _model_and_weights(model, weights)
     t = resolve_threshold(threshold, model)
     score = compare(a, b, model=model, weights=weights, precision=precision)
     verdict = "duplicate" if score >= t else "not a duplicate"
@@ -396,8 +398,7 @@ def plot_cmd(
         if not p.is_file():
             raise InputError(f"no such image file: {p}")
     if score is None:
-        model = model or DEFAULTS.model
-        weights = weights or ("none" if model == "phash" else DEFAULTS.weights)
+        model, weights = _model_and_weights(model, weights)
         score = compare(a, b, model=model, weights=weights, precision=precision)
     plot_pair(a, b, score, out)
     typer.echo(f"wrote {out} (score {score:.4f})")

@@ -229,7 +229,8 @@ class ReportResult:
     seconds: float = 0.0
 
 
-def _fmt_bytes(n: int) -> str:
+def fmt_bytes(n: int) -> str:
+    """A byte count for people: 812 B, 23.4 KB, 1.2 GB."""
     x = float(n)
     for unit in ("B", "KB", "MB", "GB"):
         if x < 1024 or unit == "GB":
@@ -278,7 +279,7 @@ class _Images:
             docs.append({"p": path, "d": shown, "t": thumbs.get(str(full)), "u": uri,
                          "w": int(self.cat.widths[r]) if r is not None else 0,
                          "h": int(self.cat.heights[r]) if r is not None else 0,
-                         "s": _fmt_bytes(int(self.cat.sizes[r])) if r is not None else ""})
+                         "s": fmt_bytes(int(self.cat.sizes[r])) if r is not None else ""})
         return docs
 
 
