@@ -28,7 +28,7 @@ import numpy as np
 from .config import DEFAULTS, MODELS
 from .decode import Decoded, decode_image, sha256_hex
 from .discover import discover
-from .embed import Embedder, make_embedder
+from .embed import Embedder, make_embedder, resolve_weights
 from .errors import DecodeError, InputError, StoreError, StoreLockedError, StoreMismatchError
 from .index import build_flat_index, index_path, save_index
 from .store import Catalog, StoreMeta, atomic_write, check_output_path, read_catalog, remove_stale_temporaries
@@ -259,7 +259,7 @@ def build_index(
         remove_stale_temporaries(store)
         if store.exists():
             old = read_catalog(store)
-            _remove_index_files(store, keep=old.meta.index_file)  # orphans of a run killed while publishing
+            remove_index_files(store, keep=old.meta.index_file)  # orphans of a run killed while publishing
         elif require_existing:
             raise StoreError(f"no store at {store}; create it first with `neardup index`")
         else:
@@ -270,12 +270,11 @@ def build_index(
                 raise StoreMismatchError(
                     f"{store} was made with model {old.meta.model}; it cannot be updated with {asked} "
                     f"(use another --store)")
-            model, weights = old.meta.model, weights or old.meta.weights
+            model = old.meta.model
+            weights = resolve_weights(model, weights) if weights else old.meta.weights
         else:
             model = asked or DEFAULTS.model
-            weights = "none" if model == "phash" else (weights or DEFAULTS.weights)
-            if weights not in ("imagenet", "none"):
-                weights = str(Path(weights).expanduser().resolve())  # later jobs run from other folders
+            weights = embedder.weights if embedder is not None else resolve_weights(model, weights)
         summary = RunSummary(store=str(store), model=model)
         base = store.parent
         files, blind = _scan(roots, base, summary.failures)
@@ -303,7 +302,7 @@ def build_index(
                     f"{store} was made with {old.meta.model} weights {old.meta.weights_fingerprint} "
                     f"(dim {old.meta.dim}); the weights given are {emb.weights_fingerprint} (dim {emb.dim})")
             checkpoint = Checkpoint(store, {"model": emb.name, "weights_fingerprint": emb.weights_fingerprint,
-                                            "dim": emb.dim})
+                                            "dim": emb.dim, "preprocessing": emb.preprocessing})
             for sha, row in checkpoint.known.items():
                 vectors.setdefault(sha, row)
             from_checkpoint = set(checkpoint.known)
@@ -470,10 +469,11 @@ def _publish(store: Path, cat: Catalog) -> None:
     save_index(build_flat_index(cat.xb, cat.ids), store.parent / name)
     cat.meta = replace(cat.meta, index_file=name)
     write_catalog(store, cat)
-    _remove_index_files(store, keep=name)
+    remove_index_files(store, keep=name)
 
 
-def _remove_index_files(store: Path, keep: str) -> None:
+def remove_index_files(store: Path, keep: str) -> None:
+    """Delete this store's index files (`<store>.<12 hex>.faiss`) other than `keep`."""
     pattern = re.compile(rf"{re.escape(store.name)}\.[0-9a-f]{{12}}\.faiss")  # ours only, not a sibling store's
     for stale in store.parent.iterdir():
         if pattern.fullmatch(stale.name) and stale.name != keep:

@@ -246,11 +246,21 @@ class KerasEmbedder:
         return l2_normalize(self._forward(batch).numpy())
 
 
+def resolve_weights(model: str, weights: str | None) -> str:
+    """The weights spec to use and record: the default when None, "none" for phash (which refuses a file),
+    and a weights file as its absolute path (later jobs run from other folders)."""
+    if model == "phash":
+        if weights not in (None, "none", "imagenet"):
+            raise InputError("the phash method has no weights; drop --weights (or unset NEARDUP_WEIGHTS)")
+        return "none"
+    weights = weights or DEFAULTS.weights
+    if weights in ("imagenet", "none"):
+        return weights
+    return str(Path(weights).expanduser().resolve())
+
+
 def make_embedder(model: str = DEFAULTS.model, weights: str = DEFAULTS.weights,
                   precision: str = DEFAULTS.precision) -> Embedder:
     """Build the embedder for a model name. Raises InputError / WeightsError."""
-    if model == "phash":
-        if weights not in ("none", "imagenet"):
-            raise InputError("the phash method has no weights; drop --weights")
-        return PHashEmbedder()
-    return KerasEmbedder(model, weights, precision)
+    weights = resolve_weights(model, weights)
+    return PHashEmbedder() if model == "phash" else KerasEmbedder(model, weights, precision)

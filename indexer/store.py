@@ -200,7 +200,9 @@ def atomic_write(path: Path, write) -> None:  # noqa: ANN001 - write(tmp_path) c
 def remove_stale_temporaries(path: Path) -> None:
     """Delete temporary files a killed writer left beside `path` (call only while holding the writer lock)."""
     # mkstemp's random part is 8 characters of [a-z0-9_]: never match another file's temporaries
-    pattern = re.compile(rf"\.{re.escape(Path(path).name)}\.[a-z0-9_]{{8}}{re.escape(TMP_SUFFIX)}")
+    # (also those of the store's index files, `.<store>.<12 hex>.faiss.<random>.neardup-tmp`)
+    name = re.escape(Path(path).name)
+    pattern = re.compile(rf"\.{name}(\.[0-9a-f]{{12}}\.faiss)?\.[a-z0-9_]{{8}}{re.escape(TMP_SUFFIX)}")
     for tmp in Path(path).parent.iterdir():
         if pattern.fullmatch(tmp.name):
             try:

@@ -16,7 +16,9 @@ import typer
 
 from indexer import DEFAULTS, MODELS, RunSummary, build_index, read_catalog, read_meta, update_index
 from indexer.config import ENV_BATCH_SIZE, ENV_MODEL, ENV_PRECISION, ENV_STORE, ENV_WEIGHTS
+from indexer.embed import resolve_weights
 from indexer.errors import InputError, NeardupError
+from indexer.index import index_path
 
 from .duplicates import find_duplicates, write_groups_json, write_pairs_csv
 from .query import QueryResult, compare, has_match, query, resolve_threshold
@@ -172,7 +174,7 @@ def info_cmd(
     """Describe a store: model, weights, counts, dimension, failures, file sizes."""
     meta = read_meta(store)
     failed = read_catalog(store, vectors=False).failures if (failures or as_json) else []
-    index_file = store.resolve().parent / meta.index_file if meta.index_file else None
+    index_file = index_path(store, meta.index_file) if meta.index_file else None
     if as_json:
         doc = {k: getattr(meta, k) for k in meta.__dataclass_fields__}
         doc.update(store=str(store), store_bytes=store.stat().st_size,
@@ -239,7 +241,7 @@ def demo_cmd(
 def _model_and_weights(model: Optional[str], weights: Optional[str]) -> tuple[str, str]:
     """Defaults for commands that embed loose files without a store (compare, plot)."""
     model = model or DEFAULTS.model
-    return model, weights or ("none" if model == "phash" else DEFAULTS.weights)
+    return model, resolve_weights(model, weights)
 
 
 def _query_rows(results: list[QueryResult], threshold: float) -> list[dict]:
@@ -349,7 +351,7 @@ def duplicates_cmd(
             typer.echo(f"wrote {path}")
 
 
-# --- report, plot, evaluate: their modules (and matplotlib) are imported only when the command runs ---
+# --- report, plot, evaluate: matplotlib is imported only when a plot is drawn ---
 
 @app.command("report")
 @handled

@@ -6,9 +6,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from indexer import RunSummary, build_index, make_embedder
+from indexer import RunSummary, build_index, make_embedder, read_meta
+from indexer.build import remove_index_files
 from indexer.config import DEFAULTS
-from indexer.errors import InputError, WeightsError
+from indexer.errors import InputError, StoreError, WeightsError
+from indexer.store import check_output_path
 
 from .duplicates import DuplicateReport, find_duplicates, write_groups_json, write_pairs_csv
 from .evaluate import EvalResult, evaluate, write_eval_json
@@ -52,15 +54,21 @@ def run_demo(out: str | Path, *, sample: str | Path = SAMPLE_DIR, weights: str |
     if not catalog.is_dir():
         raise InputError(f"sample catalogue not found at {catalog}; create it with: python data/make_sample.py")
     out = Path(out)
-    if not out.parent.is_dir():
-        raise InputError(f"the folder for {out} does not exist: {out.parent}")
+    check_output_path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out} exists and is not a folder")
-    out.mkdir(exist_ok=True)
     store = out / "sample.h5"
-    # The demo owns its folder: start from a clean store so a previous run with another model cannot clash.
-    for old in [p for p in (store, *out.glob("sample.h5.*")) if p.exists() and p.suffix != ".lock"]:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    if out.is_dir() and any(out.iterdir()):
+        try:
+            read_meta(store)
+        except StoreError:
+            raise InputError(f"{out} is not empty and holds no earlier demo; give a new or empty folder") from None
+        # An earlier demo: start from a clean store (another model may have made it); only neardup's own files
+        # go, the outputs below are overwritten.
+        store.unlink()
+        shutil.rmtree(out / "sample.h5.work", ignore_errors=True)
+        remove_index_files(store, keep="")
+    out.mkdir(exist_ok=True)
     reason = None
     if embedder is None:
         embedder, reason = choose_embedder(weights)

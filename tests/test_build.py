@@ -227,3 +227,30 @@ def test_store_written_without_an_index_gets_one(tmp_path: Path, make_images, fa
     s = update_index([tmp_path / "imgs"], store, embedder=fake_embedder)
     assert s.wrote and s.unchanged == 3 and len(list(tmp_path.glob("s.h5.*.faiss"))) == 1
     assert read_catalog(store).meta.index_file
+
+
+def test_store_records_the_weights_the_injected_embedder_loaded(tmp_path: Path, make_images, fake_embedder) -> None:
+    make_images(2)
+    fake_embedder.weights = "none"
+    build_index([tmp_path / "imgs"], tmp_path / "s.h5", embedder=fake_embedder)
+    assert read_catalog(tmp_path / "s.h5").meta.weights == "none"
+
+
+def test_phash_refuses_a_weights_file(tmp_path: Path, make_images) -> None:
+    make_images(2)
+    with pytest.raises(InputError, match="phash method has no weights"):
+        build_index([tmp_path / "imgs"], tmp_path / "s.h5", model="phash", weights="/some/weights.h5")
+
+
+def test_stale_index_temporaries_are_removed(tmp_path: Path, make_images, fake_embedder) -> None:
+    make_images(2)
+    store = tmp_path / "s.h5"
+    build_index([tmp_path / "imgs"], store, embedder=fake_embedder)
+    leftovers = [tmp_path / ".s.h5.0123456789ab.faiss.abcd_123.neardup-tmp", tmp_path / ".s.h5.ab12cd34.neardup-tmp"]
+    for f in leftovers:
+        f.write_text("killed mid-write")
+    other = tmp_path / ".pairs.csv.ab12cd34.neardup-tmp"
+    other.write_text("another writer's")
+    make_images(1, start=9)
+    update_index([tmp_path / "imgs"], store, embedder=fake_embedder)
+    assert not any(f.exists() for f in leftovers) and other.exists()

@@ -1,6 +1,7 @@
 """Crash safety: SIGKILL at random moments, resume with reuse; readers during updates never fail."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -34,10 +35,10 @@ def _cli(*args: str) -> list[str]:
 
 
 def _checkpointed(store: Path) -> set[str]:
-    if not store.with_name(store.name + ".work").is_dir():
+    work = store.with_name(store.name + ".work")
+    if not (work / "meta.json").is_file():
         return set()
-    key = {"model": "phash", "weights_fingerprint": "none", "dim": 64}
-    return set(Checkpoint(store, key).known)
+    return set(Checkpoint(store, json.loads((work / "meta.json").read_text())).known)
 
 
 def _abs(store: Path, paths: list[str]) -> list[Path]:

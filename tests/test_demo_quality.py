@@ -92,3 +92,20 @@ def test_phash_on_near_copies_of_500_grocery_photos(grocery: Path, tmp_path: Pat
     for kind in ("resize50", "jpeg60", "bright+15", "bright-15"):
         assert per_kind[kind] >= 0.95, per_kind
     assert precision >= 0.9
+
+
+def test_demo_refuses_a_folder_it_did_not_make(tmp_path: Path, fake_embedder) -> None:
+    from indexer.errors import InputError
+    from search.demo import run_demo
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "sample.h5.bak").write_text("precious")
+    with pytest.raises(InputError, match="not empty"):
+        run_demo(out, embedder=fake_embedder)
+    assert (out / "sample.h5.bak").read_text() == "precious"
+    demo = tmp_path / "demo"
+    first = run_demo(demo, embedder=fake_embedder)
+    again = run_demo(demo, embedder=fake_embedder)  # an earlier demo's folder is reused
+    assert first.summary.total == again.summary.total == 119 and again.summary.added == 119
+    assert len(list(demo.glob("sample.h5.*.faiss"))) == 1
