@@ -289,7 +289,7 @@ def build_index(
                 pending.append(f)
 
         vectors: dict[str, tuple[np.ndarray, int, int]] = {}  # content hash -> (vector, width, height)
-        if old is not None:
+        if old is not None and pending:  # only new/changed files look content up; a quiet night skips this
             for i, sha in enumerate(old.sha256):
                 vectors.setdefault(sha, (old.xb[i], int(old.widths[i]), int(old.heights[i])))
         hashes: dict[str, str] = {}  # rel -> content hash, for pending files that could be read

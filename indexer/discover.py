@@ -31,11 +31,11 @@ def _walk(root: Path, unreadable: list[tuple[str, str]] | None) -> Iterable[Path
                 yield Path(dirpath, name)
 
 
-def discover(roots: Sequence[str | os.PathLike[str]], *, allow_empty: bool = False,
+def discover(roots: Sequence[str | os.PathLike[str]], *,
              unreadable: list[tuple[str, str]] | None = None) -> list[Path]:
     """Return the absolute paths of all images under `roots` (folders or image files), sorted, without repeats.
 
-    Raises InputError for a root that does not exist, or when nothing is found (unless `allow_empty`).
+    Raises InputError for a root that does not exist, or when nothing is found.
     A folder that cannot be listed raises InputError, or, when an `unreadable` list is given, is appended
     to it as (folder, reason) and skipped.
     """
@@ -53,7 +53,7 @@ def discover(roots: Sequence[str | os.PathLike[str]], *, allow_empty: bool = Fal
         else:
             # abspath, not resolve(): a symlinked photo keeps the name the catalogue gives it
             found.update(Path(os.path.abspath(p)) for p in _walk(root, unreadable))
-    if not found and not allow_empty:
+    if not found:
         shown = ", ".join(str(r) for r in roots)
         raise InputError(f"no images found in {shown} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
     log.debug("discovered %d images", len(found))

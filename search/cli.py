@@ -244,9 +244,13 @@ def _model_and_weights(model: Optional[str], weights: Optional[str]) -> tuple[st
     return model, resolve_weights(model, weights)
 
 
+def _match_rows(r: QueryResult, threshold: float) -> list[dict]:
+    return [{"rank": m.rank, "score": round(m.score, 6), "id": m.id, "path": m.path, "match": m.score >= threshold}
+            for m in r.matches]
+
+
 def _query_rows(results: list[QueryResult], threshold: float) -> list[dict]:
-    return [{"query": r.query, "rank": m.rank, "score": round(m.score, 6), "id": m.id, "path": m.path,
-             "match": m.score >= threshold} for r in results for m in r.matches]
+    return [{"query": r.query, **row} for r in results for row in _match_rows(r, threshold)]
 
 
 @app.command("query")
@@ -268,9 +272,7 @@ def query_cmd(
     results = query(store, images, k=k, weights=weights, precision=precision, batch_size=batch_size)
     if as_json:
         typer.echo(json.dumps({"store": str(store), "model": meta.model, "threshold": t, "results": [
-            {"query": r.query, "error": r.error, "matches": [
-                {"rank": m.rank, "score": round(m.score, 6), "id": m.id, "path": m.path, "match": m.score >= t}
-                for m in r.matches]} for r in results]}, indent=1))
+            {"query": r.query, "error": r.error, "matches": _match_rows(r, t)} for r in results]}, indent=1))
     elif as_csv:
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=["query", "rank", "score", "id", "path", "match", "error"])
