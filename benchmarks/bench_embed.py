@@ -36,7 +36,7 @@ from common import Report, base_parser, cosine_rows, log, median, sample_photos
 
 def decode_all(paths: list[Path], workers: int) -> list[np.ndarray]:
     """neardup's decoder (read_and_decode, 224x224 RGB bilinear) over `paths` with `workers` threads."""
-    from indexer import read_and_decode
+    from neardup.indexer.decode import read_and_decode
 
     def one(p: Path) -> np.ndarray:
         return read_and_decode(str(p), 224)[1].pixels
@@ -56,7 +56,7 @@ def model_only(emb, x: np.ndarray, batch: int) -> tuple[float, np.ndarray]:  # n
 
 def neardup_build(paths: list[Path], store: Path, emb, batch: int, workers: int):  # noqa: ANN001, ANN201
     """(seconds, RunSummary) of build_index into a fresh store with the injected embedder."""
-    from indexer import build_index
+    from neardup.indexer.build import build_index
 
     t0 = time.perf_counter()
     summary = build_index([str(p) for p in paths], store, embedder=emb, batch_size=batch, decode_workers=workers)
@@ -65,7 +65,7 @@ def neardup_build(paths: list[Path], store: Path, emb, batch: int, workers: int)
 
 def store_rows(store: Path, paths: list[Path]) -> tuple[np.ndarray, list[int]]:
     """Stored embeddings in the order of `paths` (missing photos are listed by position)."""
-    from indexer import read_catalog
+    from neardup.indexer.store import read_catalog
 
     cat = read_catalog(store)
     row = {os.path.normpath(store.parent / p): i for i, p in enumerate(cat.paths)}
@@ -82,7 +82,8 @@ def store_rows(store: Path, paths: list[Path]) -> tuple[np.ndarray, list[int]]:
 
 def write_seconds(store: Path, workdir: Path, repeats: int) -> tuple[float, float]:
     """Median seconds to write this store's rows as a new HDF5 store, and to build + save its FAISS index."""
-    from indexer import build_flat_index, read_catalog, save_index, write_catalog
+    from neardup.indexer.faiss_index import build_flat_index, save_index
+    from neardup.indexer.store import read_catalog, write_catalog
 
     cat = read_catalog(store)
     h5, fx = [], []
@@ -164,7 +165,7 @@ def main() -> int:
         t0 = time.perf_counter()
         import tensorflow as tf
 
-        from indexer import KerasEmbedder
+        from neardup.indexer.embed import KerasEmbedder
 
         import_s = time.perf_counter() - t0
         t0 = time.perf_counter()

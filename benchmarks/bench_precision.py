@@ -70,7 +70,8 @@ def main() -> int:
         photos = sample_photos(args.n, Path(tmp), args.photos)
         report.params["photos"] = photos.source
         log(f"photos: {photos.source}")
-        from indexer import KerasEmbedder, read_and_decode
+        from neardup.indexer.decode import read_and_decode
+        from neardup.indexer.embed import KerasEmbedder
 
         x = np.stack([read_and_decode(str(p), 224)[1].pixels for p in photos.paths])
     t0 = time.perf_counter()

@@ -28,7 +28,8 @@ def make_store(folder: Path, n: int, seed: int) -> tuple[Path, np.ndarray, float
     """Write a store of n random unit vectors with its FAISS index; return (store, vectors, seconds)."""
     from dataclasses import replace
 
-    from indexer import build_flat_index, save_index, write_catalog
+    from neardup.indexer.faiss_index import build_flat_index, save_index
+    from neardup.indexer.store import write_catalog
 
     rng = np.random.default_rng(seed)
     xb = np.empty((n, 2048), np.float32)
@@ -84,9 +85,9 @@ def main() -> int:
         store, xb, write_s = make_store(work, args.n, args.seed)
 
         t0 = time.perf_counter()
-        from indexer import read_and_decode
-        from indexer import search as faiss_search
-        from search.query import Searcher, neighbours
+        from neardup.indexer.decode import read_and_decode
+        from neardup.indexer.faiss_index import search as faiss_search
+        from neardup.search.query import Searcher, neighbours
 
         searcher = Searcher(store)
         open_s = time.perf_counter() - t0

@@ -33,7 +33,9 @@ def main() -> int:
 
     from PIL import Image
 
-    from indexer import build_index, make_embedder, read_catalog, update_index
+    from neardup.indexer.build import build_index, update_index
+    from neardup.indexer.embed import make_embedder
+    from neardup.indexer.store import read_catalog
 
     rep = Report("bench_update.py", "Nightly re-index: first index, no-change update, 1% change update",
                  "Does an update cost in proportion to what changed?", params={"n": args.n,

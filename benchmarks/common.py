@@ -18,8 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,37 +133,6 @@ def all_photos(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
-def synthetic_photo(seed: int, size: int = 348) -> np.ndarray:
-    """A deterministic product-like RGB picture (gradient, blobs, stripes, sensor noise) as uint8 [s, s, 3]."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
-    img = c0 * (1 - xx[..., None]) * (1 - yy[..., None]) + c1 * (xx * yy)[..., None]
-    for _ in range(int(rng.integers(2, 5))):  # soft "products"
-        cx, cy, r = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.08, 0.3)
-        mask = np.exp(-(((xx - cx) ** 2 + (yy - cy) ** 2) / (r * r)) ** 2)[..., None]
-        img = img * (1 - mask) + rng.uniform(0, 255, 3) * mask
-    for _ in range(int(rng.integers(2, 7))):  # stripes, like labels
-        y0, h = rng.uniform(0, 1), rng.uniform(0.01, 0.05)
-        band = ((yy > y0) & (yy < y0 + h))[..., None]
-        img = np.where(band, rng.uniform(0, 255, 3), img)
-    img = img + rng.normal(0, 6, img.shape)
-    return np.clip(img, 0, 255).astype(np.uint8)
-
-
-def write_synthetic_photos(folder: Path, n: int, size: int = 348) -> list[Path]:
-    """Write n synthetic JPEGs (size x size, quality 90, about the grocery photos' byte size) to `folder`."""
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(n):
-        p = folder / f"synthetic_{i:05d}.jpg"
-        Image.fromarray(synthetic_photo(i, size), "RGB").save(p, "JPEG", quality=90)
-        paths.append(p)
-    return paths
-
-
 @dataclass
 class PhotoSample:
     """The photos a benchmark runs on, and where they came from (for the report)."""
@@ -188,8 +156,12 @@ def sample_photos(n: int, workdir: Path, photos: str | None = None) -> PhotoSamp
             return PhotoSample(picked, f"{n} of {len(found)} JPEGs in {root} (every {step}th of the sorted list)")
         if photos:
             raise SystemExit(f"{root} holds {len(found)} JPEGs; {n} were asked for")
-    paths = write_synthetic_photos(workdir / "synthetic-photos", n)
-    return PhotoSample(paths, f"{n} synthetic 348x348 JPEGs (quality 90; no photo folder at {root})")
+    from neardup.testing import write_product_photos  # the tests' synthetic product photos
+
+    paths = write_product_photos(workdir / "synthetic-photos", range(n), size=(348, 348), quality=90,
+                                 prefix="synthetic")
+    return PhotoSample(paths, f"{n} synthetic 348x348 product photos (neardup.testing, JPEG quality 90; no "
+                              f"photo folder at {root})")
 
 
 # ------------------------------------------------------------------------------------------ timing
@@ -205,27 +177,6 @@ def percentile(xs: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs, dtype=np.float64), q)) if len(xs) else float("nan")
 
 
-@contextmanager
-def stopwatch() -> Iterator[list[float]]:
-    """`with stopwatch() as t: ...` then t[0] holds the elapsed seconds (time.perf_counter)."""
-    out: list[float] = []
-    start = time.perf_counter()
-    try:
-        yield out
-    finally:
-        out.append(time.perf_counter() - start)
-
-
-def repeat_timed(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]:
-    """Seconds of `repeats` calls of fn after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 # ------------------------------------------------------------------------------------------ memory
@@ -444,12 +395,12 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-300)
 
 
-def synthetic_catalog(xb: np.ndarray, *, model: str = "resnet50"):  # noqa: ANN201 - indexer.Catalog
+def synthetic_catalog(xb: np.ndarray, *, model: str = "resnet50"):  # noqa: ANN201 - a neardup Catalog
     """A neardup Catalog over the given unit vectors, with a `weights none` meta a Searcher can load.
 
     Ids are row numbers; paths, sizes, times and content hashes are made up but distinct.
     """
-    from indexer import Catalog, StoreMeta
+    from neardup.indexer.store import Catalog, StoreMeta
 
     n, d = xb.shape
     meta = StoreMeta(model=model, weights="none", weights_fingerprint="none", dim=d, input_size=224,

@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer import (InputError, StoreError, StoreLockedError, StoreMismatchError, build_index, open_index,
-                     read_catalog, search, update_index)
-from indexer.build import writer_lock
+from neardup.errors import InputError, StoreError, StoreLockedError, StoreMismatchError
+from neardup.indexer.build import build_index, update_index
+from neardup.indexer.faiss_index import open_index, search
+from neardup.indexer.files import StoreFiles
+from neardup.indexer.lock import writer_lock
+from neardup.indexer.store import read_catalog
 
 
 def _store_map(store: Path) -> dict[str, tuple[int, np.ndarray]]:
@@ -43,7 +46,8 @@ def test_batch_size_does_not_change_vectors(tmp_path: Path, make_images, fake_em
     a = build_index([tmp_path / "imgs"], tmp_path / "a.h5", embedder=fake_embedder, batch_size=1)
     b = build_index([tmp_path / "imgs"], tmp_path / "b.h5", embedder=fake_embedder, batch_size=4)
     assert a.total == b.total == 9
-    np.testing.assert_allclose(read_catalog(tmp_path / "a.h5").xb, read_catalog(tmp_path / "b.h5").xb, atol=1e-6)
+    # batch 1 (gemv) and batch 4 (gemm) round differently (up to ~5e-7); a batching bug errs by ~0.1
+    np.testing.assert_allclose(read_catalog(tmp_path / "a.h5").xb, read_catalog(tmp_path / "b.h5").xb, atol=1e-5)
 
 
 def test_bad_inputs_are_refused(tmp_path: Path, make_images, fake_embedder) -> None:
@@ -79,7 +83,7 @@ def test_other_model_is_refused_on_existing_store(tmp_path: Path, make_images, f
 def test_second_writer_is_refused(tmp_path: Path, make_images, fake_embedder) -> None:
     make_images(2)
     store = tmp_path / "s.h5"
-    with writer_lock(store):
+    with writer_lock(StoreFiles(store)):
         with pytest.raises(StoreLockedError, match="being written by neardup pid"):
             build_index([tmp_path / "imgs"], store, embedder=fake_embedder)
     build_index([tmp_path / "imgs"], store, embedder=fake_embedder)  # released: no stale lock to clean
@@ -214,7 +218,7 @@ def test_lost_index_file_is_rewritten_and_stale_work_removed(tmp_path: Path, mak
 def test_store_written_without_an_index_gets_one(tmp_path: Path, make_images, fake_embedder) -> None:
     from dataclasses import replace
 
-    from indexer import write_catalog
+    from neardup.indexer.store import write_catalog
 
     make_images(3)
     store = tmp_path / "s.h5"

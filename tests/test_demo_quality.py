@@ -6,15 +6,13 @@ import itertools
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
 from typer.testing import CliRunner
 
-from indexer import build_index
-from search import find_duplicates
-from search.cli import app
-from search.demo import SAMPLE_DIR
+from neardup.cli import app
+from neardup.indexer.build import build_index
+from neardup.search.duplicates import find_duplicates
 
 
 def truth_pairs(groups: dict[str, str]) -> set[tuple[str, str]]:
@@ -38,10 +36,11 @@ def test_demo_runs_offline_in_a_clean_folder(tmp_path: Path, monkeypatch) -> Non
     assert r.exit_code == 0, r.output
     assert "falls back to the weight-free phash method" in r.output and "duplicate groups" in r.output
     out = tmp_path / "neardup-demo"
-    truth = {r["path"]: r["group"] for r in csv.DictReader(open(SAMPLE_DIR / "truth.csv"))}
+    sample = out / "sample"  # the demo's copy of the bundled sample: the store's paths point into it
+    truth = {r["path"]: r["group"] for r in csv.DictReader(open(sample / "truth.csv"))}
 
     def rel(p: str) -> str:
-        return Path(os.path.relpath((out / p).resolve(), SAMPLE_DIR)).as_posix()
+        return Path(os.path.relpath((out / p).resolve(), sample.resolve())).as_posix()
 
     pred = {tuple(sorted((rel(r["a_path"]), rel(r["b_path"])))) for r in csv.DictReader(open(out / "pairs.csv"))}
     p, rc = precision_recall(pred, truth_pairs(truth))
@@ -95,8 +94,8 @@ def test_phash_on_near_copies_of_500_grocery_photos(grocery: Path, tmp_path: Pat
 
 
 def test_demo_refuses_a_folder_it_did_not_make(tmp_path: Path, fake_embedder) -> None:
-    from indexer.errors import InputError
-    from search.demo import run_demo
+    from neardup.demo import run_demo
+    from neardup.errors import InputError
 
     out = tmp_path / "mine"
     out.mkdir()

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from indexer import build_index, read_catalog
-from search import find_duplicates, query
-from search.cli import app
+from neardup.cli import app
+from neardup.indexer.build import build_index
+from neardup.indexer.store import read_catalog
+from neardup.search.duplicates import find_duplicates
+from neardup.search.query import query
 
 
 @pytest.mark.slow

@@ -13,11 +13,12 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-import search.report as report_mod
-from indexer import build_index
-from search import find_duplicates
-from search.cli import app
-from search.report import PLACEHOLDER_URI, plot_pair, read_pairs_csv, thumbnail_uri, write_report
+import neardup.search.report as report_mod
+from neardup.cli import app
+from neardup.indexer.build import build_index
+from neardup.search.duplicates import find_duplicates, read_pairs_csv
+from neardup.search.plots import plot_pair
+from neardup.search.report import placeholder_uri, thumbnail_uri, write_report
 
 runner = CliRunner()
 EVIL = "<script>alert(1)</script>"  # as a path: folder "<script>alert(1)<", file "script>.jpg"
@@ -98,14 +99,14 @@ def test_missing_image_gives_placeholder(dup_store: Path, tmp_path: Path) -> Non
     assert sorted(res.missing) == ["imgs/same_1.jpg", "imgs/small_0.jpg"]
     data = data_island(res.out.read_text())
     missing = [im for im in data["images"] if im["t"] is None]
-    assert len(missing) == 2 and data["placeholder"] == PLACEHOLDER_URI
-    assert base64.b64decode(PLACEHOLDER_URI.split(",", 1)[1]).decode().count("missing") == 1
+    assert len(missing) == 2 and data["placeholder"] == placeholder_uri()
+    assert base64.b64decode(placeholder_uri().split(",", 1)[1]).decode().count("missing") == 1
     assert thumbnail_uri(tmp_path / "nope.jpg") is None
 
 
 def test_report_from_files_threshold_and_png_dir(dup_store: Path, tmp_path: Path) -> None:
     rep = find_duplicates(dup_store)
-    from search import write_groups_json, write_pairs_csv
+    from neardup.search.duplicates import write_groups_json, write_pairs_csv
 
     write_pairs_csv(rep, tmp_path / "pairs.csv")
     write_groups_json(rep, tmp_path / "groups.json")
@@ -143,7 +144,7 @@ def test_5000_pairs_stay_small_and_are_not_prerendered(tmp_path: Path, make_imag
 
 
 def test_bad_pairs_and_groups_files(dup_store: Path, tmp_path: Path) -> None:
-    from indexer.errors import InputError
+    from neardup.errors import InputError
 
     bad = tmp_path / "bad.csv"
     bad.write_text("x,y\n1,2\n")
@@ -172,7 +173,7 @@ def test_plot_pair_png_and_panels(tmp_path: Path, make_images) -> None:
     fig = plot_pair(a, b, 0.97123, tmp_path / "pair.png")
     assert [ax.get_title() for ax in fig.axes] == ["Original", "Duplicate (Score: 0.9712)"]
     assert Image.open(tmp_path / "pair.png").size == (1000, 500)
-    from indexer.errors import InputError
+    from neardup.errors import InputError
 
     with pytest.raises(InputError, match="cannot read image"):
         plot_pair(a, tmp_path / "nope.jpg", 0.5, tmp_path / "x.png")

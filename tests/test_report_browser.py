@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from indexer import build_index
-from search.report import write_report
-
-from .conftest import product_image
+from neardup.indexer.build import build_index
+from neardup.search.report import write_report
+from neardup.testing import product_photo
 
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
@@ -61,7 +60,7 @@ def small_report(tmp_path_factory) -> Path:
     root = tmp / "imgs"
     (root / "<script>window.__pwned=1<").mkdir(parents=True)
     for i in range(6):
-        product_image(i).save(root / f"img_{i}.jpg", "JPEG", quality=90)
+        product_photo(i).save(root / f"img_{i}.jpg", "JPEG", quality=90)
     Image.open(root / "img_0.jpg").resize((200, 200)).save(root / "small_0.jpg", "JPEG", quality=60)
     shutil.copy(root / "img_1.jpg", root / "same_1.jpg")
     Image.open(root / "img_2.jpg").save(root / f"{EVIL}.jpg", "JPEG", quality=70)
@@ -81,7 +80,7 @@ def big_report(tmp_path_factory) -> Path:
     root = tmp / "imgs"
     root.mkdir()
     for i in range(20):
-        product_image(100 + i, (200, 160)).save(root / f"p{i:02d}.jpg", "JPEG", quality=85)
+        product_photo(100 + i, (200, 160)).save(root / f"p{i:02d}.jpg", "JPEG", quality=85)
     store = tmp / "cat.h5"
     build_index([root], store, model="phash")
     with open(tmp / "pairs.csv", "w", newline="") as fh:
@@ -155,7 +154,7 @@ def test_empty_report_says_so(page, tmp_path: Path) -> None:
     root = tmp_path / "imgs"
     root.mkdir()
     for i in range(2):
-        product_image(i).save(root / f"img_{i}.jpg", "JPEG", quality=90)
+        product_photo(i).save(root / f"img_{i}.jpg", "JPEG", quality=90)
     build_index([root], tmp_path / "cat.h5", model="phash")
     out = write_report(tmp_path / "cat.h5", tmp_path / "empty.html").out
     pg.goto(out.resolve().as_uri())

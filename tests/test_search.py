@@ -11,11 +11,23 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer import Catalog, StoreMeta, build_index, l2_normalize, read_catalog, write_catalog
-from indexer.errors import InputError, StoreMismatchError
-from search import (complete_linkage, connected_components, duplicate_rows, exact_pairs, find_duplicates,
-                    groups_document, query, self_join, write_groups_json, write_pairs_csv)
-from search.query import Searcher, has_match, resolve_threshold
+from neardup.config import resolve_threshold
+from neardup.errors import InputError, StoreMismatchError
+from neardup.indexer.build import build_index
+from neardup.indexer.embed import l2_normalize
+from neardup.indexer.store import Catalog, StoreMeta, write_catalog
+from neardup.search.duplicates import (
+    complete_linkage,
+    connected_components,
+    duplicate_rows,
+    exact_pairs,
+    find_duplicates,
+    groups_document,
+    self_join,
+    write_groups_json,
+    write_pairs_csv,
+)
+from neardup.search.query import Searcher, has_match, query
 
 
 def planted(n: int, d: int, seed: int = 0, dups: int = 30) -> tuple[np.ndarray, set[tuple[int, int]]]:
@@ -133,7 +145,7 @@ def test_find_duplicates_matches_oracle_with_exact_pairs_first(tmp_path: Path) -
 
 
 def test_keeper_rule_resolution_then_size_then_age() -> None:
-    from search.duplicates import keeper_order
+    from neardup.search.duplicates import keeper_order
 
     cat = _catalog(l2_normalize(np.ones((4, 4))))
     cat.widths[:] = [100, 200, 200, 200]
@@ -196,7 +208,7 @@ def test_threshold_validation() -> None:
 
 
 def test_neighbours_maps_sparse_ids_to_paths() -> None:
-    from search.query import neighbours
+    from neardup.search.query import neighbours
 
     cat = _catalog(l2_normalize(np.eye(4, dtype=np.float32)))
     cat.ids = np.array([40, 7, 99, 12], np.int64)

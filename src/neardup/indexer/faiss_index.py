@@ -1,4 +1,4 @@
-"""Stage 5: the FAISS inner-product index over L2-normalized vectors (so scores are cosines)."""
+"""Stage 5, faiss index: the FAISS inner-product index over L2-normalized vectors (so scores are cosines)."""
 from __future__ import annotations
 
 import logging
@@ -8,7 +8,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from .store import Catalog, atomic_write, read_catalog
+from ..fileio import atomic_write
+from .files import StoreFiles
+from .store import Catalog, read_catalog
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +53,10 @@ def save_index(index: faiss.Index, path: str | os.PathLike[str]) -> None:
     atomic_write(Path(path), lambda tmp: faiss.write_index(index, tmp))
 
 
-def index_path(store: str | os.PathLike[str], index_file: str) -> Path:
-    """Where the index file named in a store's attributes lies (beside the store)."""
-    return Path(store).resolve().parent / index_file
-
-
 def _saved_index(store: Path, cat: Catalog) -> faiss.Index | None:
     if not cat.meta.index_file:
         return None
-    path = index_path(store, cat.meta.index_file)
+    path = StoreFiles(store).index(cat.meta.index_file)
     try:
         index = faiss.read_index(str(path))
     except RuntimeError:

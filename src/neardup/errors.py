@@ -1,4 +1,4 @@
-"""Domain exceptions. The CLI turns each into a one-line message and its exit code."""
+"""Bottom layer: the domain exceptions. The CLI turns each into a one-line message and its exit code."""
 from __future__ import annotations
 
 

@@ -1,4 +1,4 @@
-"""Query stage: find the catalogue images nearest to new photos, with the store's own model."""
+"""Search stage 1, query: find the catalogue images nearest to new photos, with the store's own model."""
 from __future__ import annotations
 
 import logging
@@ -9,9 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer import (DEFAULTS, Catalog, Embedder, StoreMeta, default_threshold, discover, embed_files,
-                     make_embedder, open_index, read_meta, search)
-from indexer.errors import InputError, StoreMismatchError
+from ..config import DEFAULTS
+from ..errors import InputError
+from ..indexer.discover import discover
+from ..indexer.embed import Embedder, make_embedder
+from ..indexer.faiss_index import open_index, search
+from ..indexer.pipeline import embed_files
+from ..indexer.store import Catalog, read_meta, store_embedder
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +43,6 @@ class QueryResult:
         return self.matches[0].score if self.matches else None
 
 
-def store_embedder(meta: StoreMeta, *, weights: str | None = None, precision: str = DEFAULTS.precision,
-                   embedder: Embedder | None = None) -> Embedder:
-    """The embedder a store was built with (refusing other weights), or the injected one once checked."""
-    emb = embedder or make_embedder(meta.model, weights or meta.weights, precision)
-    if emb.name != meta.model or emb.dim != meta.dim or emb.weights_fingerprint != meta.weights_fingerprint:
-        raise StoreMismatchError(
-            f"the store was made with {meta.model} (dim {meta.dim}, weights {meta.weights_fingerprint}); "
-            f"the query model is {emb.name} (dim {emb.dim}, weights {emb.weights_fingerprint})")
-    return emb
-
-
 def id_lookup(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(sorted ids, their rows): rows_of(I) is then one searchsorted, not a dict built per query."""
     order = np.argsort(ids, kind="stable")
@@ -75,7 +68,8 @@ class Searcher:
                  precision: str = DEFAULTS.precision, embedder: Embedder | None = None) -> None:
         self.store = Path(store)
         self.meta = read_meta(self.store)
-        self.embedder = store_embedder(self.meta, weights=weights, precision=precision, embedder=embedder)
+        self.embedder = store_embedder(self.meta, self.store, weights=weights, precision=precision,
+                                       embedder=embedder)
         self.cat, self.index = open_index(self.store)
         self._lookup = id_lookup(self.cat.ids)
 
@@ -120,11 +114,3 @@ def compare(a: str | os.PathLike[str], b: str | os.PathLike[str], *, model: str 
         path, why = got.failures[0]
         raise InputError(f"{path}: {why}")
     return float(got.xq[0] @ got.xq[1])
-
-
-def resolve_threshold(threshold: float | None, model: str) -> float:
-    """The given threshold, or the model's documented default; refuses values outside [-1, 1]."""
-    t = default_threshold(model) if threshold is None else float(threshold)
-    if not -1.0 <= t <= 1.0:
-        raise InputError(f"threshold must be a cosine between -1 and 1, got {t}")
-    return t

@@ -1,7 +1,9 @@
-"""Every default of neardup in one place; the CLI options mirror these."""
+"""Bottom layer: every default of neardup in one place (the CLI options mirror these) and the threshold rule."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from .errors import InputError
 
 #: neardup's version, recorded in every store.
 VERSION = "0.1.0"
@@ -55,3 +57,11 @@ DEFAULTS = Defaults()
 def default_threshold(model: str) -> float:
     """The documented default cosine threshold for `model`."""
     return THRESHOLDS.get(model, THRESHOLDS["resnet50"])
+
+
+def resolve_threshold(threshold: float | None, model: str) -> float:
+    """The given threshold, or the model's documented default; refuses values outside [-1, 1]."""
+    t = default_threshold(model) if threshold is None else float(threshold)
+    if not -1.0 <= t <= 1.0:
+        raise InputError(f"threshold must be a cosine between -1 and 1, got {t}")
+    return t

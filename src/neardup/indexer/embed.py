@@ -1,4 +1,4 @@
-"""Stage 3: turn decoded pixel batches into L2-normalized float32 embeddings.
+"""Stage 3, embed: turn decoded pixel batches into L2-normalized float32 embeddings.
 
 Everything model-specific sits behind the small `Embedder` seam; TensorFlow is imported only when a Keras
 model is actually built, so the perceptual-hash method and the search side never pay for it.
@@ -16,8 +16,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from .config import DEFAULTS, MODELS
-from .errors import InputError, WeightsError
+from ..config import DEFAULTS, MODELS
+from ..errors import InputError, WeightsError
 
 log = logging.getLogger(__name__)
 

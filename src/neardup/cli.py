@@ -1,4 +1,8 @@
-"""The `neardup` command: parse options, call one library function, print the result."""
+"""Top layer, the `neardup` command: parse options, call one library function, print the result.
+
+Library modules are imported inside the commands, so `neardup --help` loads neither numpy, h5py, FAISS nor
+TensorFlow.
+"""
 from __future__ import annotations
 
 import csv
@@ -10,18 +14,18 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from indexer import DEFAULTS, MODELS, RunSummary, build_index, read_catalog, read_meta, update_index
-from indexer.config import ENV_BATCH_SIZE, ENV_MODEL, ENV_PRECISION, ENV_STORE, ENV_WEIGHTS
-from indexer.embed import resolve_weights
-from indexer.errors import InputError, NeardupError
-from indexer.index import index_path
+from .config import (DEFAULTS, ENV_BATCH_SIZE, ENV_MODEL, ENV_PRECISION, ENV_STORE, ENV_WEIGHTS, MODELS,
+                     resolve_threshold)
+from .errors import InputError, NeardupError
+from .fileio import check_output_path, fmt_bytes
 
-from .duplicates import find_duplicates, write_groups_json, write_pairs_csv
-from .query import QueryResult, compare, has_match, query, resolve_threshold
+if TYPE_CHECKING:
+    from .indexer.build import RunSummary
+    from .search.query import QueryResult
 
 app = typer.Typer(
     name="neardup", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -29,7 +33,7 @@ app = typer.Typer(
 
 log = logging.getLogger("neardup")
 
-# Options shared by several commands; each mirrors a field of indexer.config.DEFAULTS.
+# Options shared by several commands; each mirrors a field of config.DEFAULTS.
 StoreOpt = Annotated[Path, typer.Option("--store", "-s", envvar=ENV_STORE, help="HDF5 store file.")]
 ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", "-m", envvar=ENV_MODEL, help=f"Embedding method: {', '.join(MODELS)} [default: the store's, "
@@ -118,6 +122,8 @@ def _print_summary(s: RunSummary, limit: int = 20) -> None:
 
 def _run_index(update: bool, dirs: list[Path], store: Path, model: Optional[str], weights: Optional[str],
                precision: str, batch_size: int, prune: bool) -> None:
+    from .indexer.build import build_index, update_index
+
     bar = _Bar("update" if update else "index")
     try:
         fn = update_index if update else build_index
@@ -155,8 +161,6 @@ def update_cmd(
 
 
 def _size(path: Path) -> str:
-    from .report import fmt_bytes
-
     try:
         return fmt_bytes(path.stat().st_size)
     except OSError:
@@ -172,9 +176,12 @@ def info_cmd(
     verbose: VerboseOpt = 0,
 ) -> None:
     """Describe a store: model, weights, counts, dimension, failures, file sizes."""
+    from .indexer.files import StoreFiles
+    from .indexer.store import read_catalog, read_meta
+
     meta = read_meta(store)
     failed = read_catalog(store, vectors=False).failures if (failures or as_json) else []
-    index_file = index_path(store, meta.index_file) if meta.index_file else None
+    index_file = StoreFiles(store).index(meta.index_file) if meta.index_file else None
     if as_json:
         doc = {k: getattr(meta, k) for k in meta.__dataclass_fields__}
         doc.update(store=str(store), store_bytes=store.stat().st_size,
@@ -205,11 +212,11 @@ def demo_cmd(
     verbose: VerboseOpt = 0,
 ) -> None:
     """Index the bundled sample catalogue, list its duplicate groups and score them against the truth."""
-    from .demo import SAMPLE_DIR, run_demo
+    from .demo import run_demo
 
     bar = _Bar("demo")
     try:
-        res = run_demo(out, sample=sample or SAMPLE_DIR, weights=weights, progress=bar)
+        res = run_demo(out, sample=sample, weights=weights, progress=bar)
     finally:
         bar.close()
     if res.fallback_reason:
@@ -219,7 +226,7 @@ def demo_cmd(
     d = res.duplicates
     typer.echo(f"\n{len(d.groups)} duplicate groups ({d.n_pairs} pairs, {d.n_exact} byte-identical) among "
                f"{d.n} images, model {d.model}, threshold {d.threshold:.4f}:")
-    catalog = (sample or SAMPLE_DIR) / "catalog"
+    catalog = res.sample / "catalog"
     for k, g in enumerate(d.groups[:show]):
         names = [os.path.relpath(res.store.parent / m["path"], catalog) + (" (keep)" if m["keeper"] else "")
                  for m in g.members]
@@ -240,6 +247,8 @@ def demo_cmd(
 
 def _model_and_weights(model: Optional[str], weights: Optional[str]) -> tuple[str, str]:
     """Defaults for commands that embed loose files without a store (compare, plot)."""
+    from .indexer.embed import resolve_weights
+
     model = model or DEFAULTS.model
     return model, resolve_weights(model, weights)
 
@@ -265,6 +274,9 @@ def query_cmd(
     verbose: VerboseOpt = 0,
 ) -> None:
     """Find the catalogue images nearest to each photo. Exit 0: a match >= threshold exists; 1: none; 2: error."""
+    from .indexer.store import read_meta
+    from .search.query import has_match, query
+
     if as_json and as_csv:
         raise InputError("choose one of --json and --csv")
     meta = read_meta(store)
@@ -307,6 +319,8 @@ def compare_cmd(
     threshold: ThresholdOpt = None, verbose: VerboseOpt = 0,
 ) -> None:
     """Cosine similarity of two images. Exit 0: duplicate (>= threshold); 1: not; 2: error."""
+    from .search.query import compare
+
     for p in (a, b):
         if not p.is_file():
             raise InputError(f"no such image file: {p}")
@@ -330,6 +344,8 @@ def duplicates_cmd(
     verbose: VerboseOpt = 0,
 ) -> None:
     """List every near-duplicate pair and group of a store (nothing is ever deleted)."""
+    from .search.duplicates import find_duplicates, write_groups_json, write_pairs_csv
+
     report = find_duplicates(store, threshold=threshold)
     if out:
         write_pairs_csv(report, out)
@@ -371,7 +387,7 @@ def report_cmd(
     threshold: ThresholdOpt = None, verbose: VerboseOpt = 0,
 ) -> None:
     """Write an HTML report of duplicate groups and pairs with thumbnails (nothing is ever deleted)."""
-    from .report import write_report
+    from .search.report import write_report
 
     res = write_report(store, out, pairs=pairs, groups=groups, threshold=threshold, png_dir=png_dir)
     typer.echo(f"wrote {res.out}: {res.groups} groups, {res.pairs} pairs, {res.images} images "
@@ -396,7 +412,8 @@ def plot_cmd(
     verbose: VerboseOpt = 0,
 ) -> None:
     """Draw two images side by side, "Original" and "Duplicate (Score: ...)", into a PNG."""
-    from .report import plot_pair
+    from .search.plots import plot_pair
+    from .search.query import compare
 
     for p in (a, b):
         if not p.is_file():
@@ -424,10 +441,9 @@ def evaluate_cmd(
     verbose: VerboseOpt = 0,
 ) -> None:
     """Score duplicate detection (pair precision/recall/F1 per threshold) and search (recall@k, mAP) vs truth."""
-    from indexer.store import check_output_path
-
-    from .evaluate import plot_pr_curve, write_eval_json
-    from .evaluate import evaluate as run_evaluation
+    from .search.evaluate import evaluate as run_evaluation
+    from .search.evaluate import write_eval_json
+    from .search.plots import plot_pr_curve
 
     for path in (out, plot):  # refuse a bad output folder before the work, not after it
         if path is not None:

@@ -1,4 +1,4 @@
-"""Duplicates stage: every pair at or above a cosine threshold, and anti-chaining groups with a keeper.
+"""Search stage 2, duplicates: every pair at or above a cosine threshold, and anti-chaining groups with a keeper.
 
 The all-pairs search is an exact blocked self-join: block after block of rows is multiplied (BLAS sgemm)
 against the rows after it only, so each pair is computed once (half the work of a full xb @ xb.T or a
@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 import time
 from collections import defaultdict
@@ -18,11 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer import DEFAULTS, Catalog, read_catalog
-from indexer.errors import InputError
-from indexer.store import atomic_write, check_output_path
-
-from .query import resolve_threshold
+from ..config import DEFAULTS, resolve_threshold
+from ..errors import InputError
+from ..fileio import atomic_write, check_output_path
+from ..indexer.store import Catalog, read_catalog
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +249,8 @@ def find_duplicates(store: str | os.PathLike[str], *, threshold: float | None = 
     return report
 
 
+# ------------------------------------------------------------------- files: pairs CSV and groups JSON
+
 def write_pairs_csv(report: DuplicateReport, path: str | os.PathLike[str]) -> None:
     """Pairs as CSV: a_id, a_path, b_id, b_path, score, kind (exact pairs first, then by score)."""
     path = Path(path)
@@ -284,3 +286,67 @@ def write_groups_json(report: DuplicateReport, path: str | os.PathLike[str]) -> 
     doc = groups_document(report)
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=1, ensure_ascii=False),
                                                         encoding="utf-8"))
+
+
+def read_pairs_csv(path: str | os.PathLike[str]) -> list[Pair]:
+    """Read a pairs CSV as written by `neardup duplicates --out` (a_path, b_path, score; a_id, b_id, kind optional).
+
+    Raises InputError for a missing file, missing columns or a bad score.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"no pairs file at {path}")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            cols = {c.strip() for c in (reader.fieldnames or [])}
+            need = {"a_path", "b_path", "score"}
+            if not need <= cols:
+                raise InputError(f"{path} is not a pairs CSV: it needs the columns a_path,b_path,score "
+                                 f"(found: {','.join(sorted(cols)) or 'nothing'})")
+            pairs = []
+            for line, row in enumerate(reader, start=2):
+                row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+                try:
+                    score = float(row["score"])
+                    a_id, b_id = int(row.get("a_id") or -1), int(row.get("b_id") or -1)
+                except ValueError:
+                    raise InputError(f"{path}, line {line}: bad score or id") from None
+                if not math.isfinite(score):
+                    raise InputError(f"{path}, line {line}: the score must be a number, not {row['score']!r}")
+                if not row["a_path"] or not row["b_path"]:
+                    raise InputError(f"{path}, line {line}: empty path")
+                kind = row.get("kind") or "near"
+                if kind not in ("exact", "near"):
+                    raise InputError(f"{path}, line {line}: kind must be exact or near, not {kind!r}")
+                pairs.append(Pair(a_id, row["a_path"], b_id, row["b_path"], score, kind))
+    except UnicodeDecodeError:
+        raise InputError(f"{path} is not a UTF-8 text file") from None
+    return pairs
+
+
+def read_groups_json(path: str | os.PathLike[str]) -> dict:
+    """Read a groups JSON as written by `neardup duplicates --groups` (see groups_document).
+
+    Raises InputError for a missing file or a document without groups of members with paths.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"no groups file at {path}")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path} is not a JSON file ({exc})") from None
+    groups = doc.get("groups") if isinstance(doc, dict) else None
+    if not isinstance(groups, list):
+        raise InputError(f"{path} is not a groups JSON: it has no \"groups\" list")
+    for k, g in enumerate(groups, start=1):
+        members = g.get("members") if isinstance(g, dict) else None
+        if not isinstance(members, list) or not all(isinstance(m, dict) and isinstance(m.get("path"), str)
+                                                    for m in members):
+            raise InputError(f"{path}: group {k} has no list of members with paths")
+        for m in members:
+            s = m.get("score_to_keeper", 1.0)
+            if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
+                raise InputError(f"{path}: group {k} has a member whose score_to_keeper is not a number")
+    return doc

@@ -1,4 +1,4 @@
-"""Stage 4: the HDF5 store — embeddings and per-image metadata, self-describing, written atomically.
+"""Stage 4, store: the HDF5 store — embeddings and per-image metadata, self-describing, written atomically.
 
 Layout (schema 1):
   /embeddings  float32 [n, d]  chunked, resizable
@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -30,23 +27,16 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .errors import InputError, StoreError
+from ..config import DEFAULTS, VERSION
+from ..errors import StoreError, StoreMismatchError
+from ..fileio import atomic_write, check_output_path, now_iso
+from .embed import Embedder, make_embedder
 
 log = logging.getLogger(__name__)
 
 FORMAT = "neardup-store"
 SCHEMA_VERSION = 1
 _STR = h5py.string_dtype("utf-8")
-TMP_SUFFIX = ".neardup-tmp"
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def _version() -> str:
-    from .config import VERSION
-
-    return VERSION
-
 
 @dataclass(frozen=True)
 class StoreMeta:
@@ -86,18 +76,6 @@ class Catalog:
 
     def __len__(self) -> int:
         return len(self.ids)
-
-
-def now_iso() -> str:
-    """UTC time stamp for the store's created/updated attributes."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def check_output_path(path: Path) -> None:
-    """Refuse an output file whose folder does not exist (rather than creating folders by surprise)."""
-    parent = path.expanduser().resolve().parent
-    if not parent.is_dir():
-        raise InputError(f"the folder for {path} does not exist: {parent}")
 
 
 @contextmanager
@@ -158,59 +136,6 @@ def read_catalog(path: str | os.PathLike[str], *, vectors: bool = True) -> Catal
             failures=list(zip(_strings(f["failures/paths"]), _strings(f["failures/reasons"]))))
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write) -> None:  # noqa: ANN001 - write(tmp_path) callable
-    """Call `write(tmp)` on a temporary file beside `path`, fsync it, then atomically rename it to `path`."""
-    path = Path(path)
-    if path.is_dir():
-        raise InputError(f"{path} is a folder; give a file name")
-    try:
-        mode = path.stat().st_mode & 0o777  # keep the permissions the user gave the file
-    except OSError:
-        mode = 0o666 & ~_UMASK  # mkstemp makes 0600; a new file is as readable as any file the user writes
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, mode)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
-def remove_stale_temporaries(path: Path) -> None:
-    """Delete temporary files a killed writer left beside `path` (call only while holding the writer lock)."""
-    # mkstemp's random part is 8 characters of [a-z0-9_]: never match another file's temporaries
-    # (also those of the store's index files, `.<store>.<12 hex>.faiss.<random>.neardup-tmp`)
-    name = re.escape(Path(path).name)
-    pattern = re.compile(rf"\.{name}(\.[0-9a-f]{{12}}\.faiss)?\.[a-z0-9_]{{8}}{re.escape(TMP_SUFFIX)}")
-    for tmp in Path(path).parent.iterdir():
-        if pattern.fullmatch(tmp.name):
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
-
-
 def write_catalog(path: str | os.PathLike[str], cat: Catalog) -> StoreMeta:
     """Write `cat` as a complete store at `path`, atomically. Returns the meta written."""
     path = Path(path)
@@ -218,7 +143,7 @@ def write_catalog(path: str | os.PathLike[str], cat: Catalog) -> StoreMeta:
     n, d = len(cat), cat.meta.dim
     if cat.xb is None or cat.xb.shape != (n, d):
         raise ValueError(f"embeddings must be [{n}, {d}]")
-    meta = replace(cat.meta, count=n, failures=len(cat.failures), neardup_version=_version(),
+    meta = replace(cat.meta, count=n, failures=len(cat.failures), neardup_version=VERSION,
                    updated=now_iso(), created=cat.meta.created or now_iso())
 
     def write(tmp: str) -> None:
@@ -248,3 +173,21 @@ def write_catalog(path: str | os.PathLike[str], cat: Catalog) -> StoreMeta:
 
     atomic_write(path, write)
     return meta
+
+
+def check_embedder(meta: StoreMeta, emb: Embedder, store: str | os.PathLike[str]) -> None:
+    """Refuse an embedder whose vectors cannot be compared with the store's: another model, dimension or
+    weights fingerprint. The one place this rule lives (indexing and querying both call it)."""
+    if emb.name != meta.model or emb.dim != meta.dim or emb.weights_fingerprint != meta.weights_fingerprint:
+        raise StoreMismatchError(
+            f"{store} was made with {meta.model} (dim {meta.dim}, weights {meta.weights_fingerprint}); "
+            f"the model given is {emb.name} (dim {emb.dim}, weights {emb.weights_fingerprint})")
+
+
+def store_embedder(meta: StoreMeta, store: str | os.PathLike[str], *, weights: str | None = None,
+                   precision: str = DEFAULTS.precision, embedder: Embedder | None = None) -> Embedder:
+    """The embedder a store was built with (its model, its weights unless others are given), checked
+    against the store; an injected `embedder` is checked the same way."""
+    emb = embedder or make_embedder(meta.model, weights or meta.weights, precision)
+    check_embedder(meta, emb, store)
+    return emb

@@ -1,4 +1,4 @@
-"""Evaluation stage: score a store's duplicate detection and retrieval against a hand-made ground truth.
+"""Search stage 3, evaluate: score a store's duplicate detection and retrieval against a hand-made ground truth.
 
 Ground truth is a CSV with the header `path,group`: every listed image belongs to one group, and two images
 of the same group are duplicates of each other (an empty group means "no duplicate"). Paths are relative
@@ -15,6 +15,8 @@ Definitions (also written into the JSON output):
 * Query level. Every evaluated image with at least one other evaluated member of its group is a query.
   All other evaluated images are ranked by cosine (exactly, by blocked matrix products); ties are broken
   pessimistically (a true match tied with a false one ranks below it), so no number depends on row order.
+  Scores within TIE_TOL (1e-6) of each other count as tied: float32 products computed in another order (a
+  row at a time, another CPU's BLAS kernel) differ by ~1e-7, and must not reorder equal scores.
   recall@k = fraction of queries with at least one true match among their top k. mAP = mean over queries
   of the average precision over the full ranking of all their group-mates (exact, not truncated).
 """
@@ -31,12 +33,11 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer import default_threshold, read_catalog
-from indexer.errors import InputError
-from indexer.store import atomic_write, check_output_path
-
+from ..config import resolve_threshold
+from ..errors import InputError
+from ..fileio import atomic_write, check_output_path
+from ..indexer.store import read_catalog
 from .duplicates import exact_pairs, self_join
-from .query import resolve_threshold
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ log = logging.getLogger(__name__)
 DEFAULT_SWEEP = tuple(round(0.50 + k / 100, 2) for k in range(51))
 #: Cut-offs of recall@k.
 DEFAULT_KS = (1, 5, 10)
+#: Scores this close count as tied in rankings: above float32 rounding of a cosine (~1e-7), far below the
+#: gaps between different photos' scores.
+TIE_TOL = 1e-6
 #: Examples of unmatched paths kept in the result (the counts are always complete).
 EXAMPLES = 20
 
@@ -56,8 +60,8 @@ DEFINITIONS = {
     "f1": "2PR / (P + R); 0 when P + R = 0",
     "best": "the threshold of highest F1 (ties: the highest such threshold, the most conservative)",
     "query": "an evaluated image with at least one other evaluated member of its truth group",
-    "ranking": "all other evaluated images by cosine, exact (blocked matrix products); ties broken "
-               "pessimistically: a true match tied with a false one ranks below it",
+    "ranking": "all other evaluated images by cosine, exact (blocked matrix products); ties (scores within "
+               f"{TIE_TOL:g}) broken pessimistically: a true match tied with a false one ranks below it",
     "recall_at_k": "fraction of queries with at least one true match among their top k",
     "map": "mean over queries of average precision over the full ranking of all their group-mates "
            "(exact, not truncated)",
@@ -120,14 +124,15 @@ class _RankStats:
         """One query: `row` = its scores against every evaluated image (itself at -inf), `positives` = columns
         of its group-mates."""
         pos = np.sort(row[positives])[::-1]  # positives' scores, best first
+        cut = pos - np.float32(TIE_TOL)  # a score >= cut ties with (or beats) that positive
         if len(pos) > 32:  # many positives: one sort of the row beats a comparison per positive
             srt = np.sort(row)
-            ge_all = len(row) - np.searchsorted(srt, pos, side="left")
+            ge_all = len(row) - np.searchsorted(srt, cut, side="left")
         else:
-            ge_all = (row[None, :] >= pos[:, None]).sum(1)
-        # positives scoring >= the i-th positive (including ties after it): count in the ascending copy
-        pos_ge = len(pos) - np.searchsorted(pos[::-1], pos, side="left")
-        neg_ge = ge_all - pos_ge  # negatives at or above the i-th positive: they rank before it (pessimistic)
+            ge_all = (row[None, :] >= cut[:, None]).sum(1)
+        # positives scoring >= the i-th positive's cut (ties after it included): count in the ascending copy
+        pos_ge = len(pos) - np.searchsorted(pos[::-1], cut, side="left")
+        neg_ge = ge_all - pos_ge  # negatives tied with or above the i-th positive rank before it (pessimistic)
         i = np.arange(1, len(pos) + 1)
         ranks = i + neg_ge
         self.ap_sum += float(np.mean(i / ranks))
@@ -387,33 +392,3 @@ def write_eval_json(result: EvalResult, path: str | os.PathLike[str]) -> None:
     check_output_path(path)
     text = json.dumps(result.to_dict(), indent=1, ensure_ascii=False)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
-def plot_pr_curve(result: EvalResult, out: str | os.PathLike[str]):  # noqa: ANN201 - a matplotlib Figure
-    """Precision-recall curve over the threshold sweep, best-F1 and default points marked; PNG, atomically."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    out = Path(out)
-    check_output_path(out)
-    sw = result.sweep
-    fig = Figure(figsize=(7, 6), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    ax.plot(sw["recall"], sw["precision"], "-o", color="#0969da", markersize=3, linewidth=1.5,
-            label="thresholds " + f"{min(sw['thresholds']):.2f}–{max(sw['thresholds']):.2f}")
-    bp, dp = result.best, result.at_default
-    ax.plot([bp["recall"]], [bp["precision"]], marker="*", color="#cf222e", markersize=18, linestyle="none",
-            label=f"best F1 {bp['f1']:.3f} at t={bp['threshold']:.4f}")
-    ax.plot([dp["recall"]], [dp["precision"]], marker="D", color="#1f2328", markersize=7, linestyle="none",
-            fillstyle="none", label=f"default t={dp['threshold']:.4f}: F1 {dp['f1']:.3f}")
-    ax.set_xlim(-0.02, 1.02)
-    ax.set_ylim(-0.02, 1.05)
-    ax.set_xlabel("recall (true pairs found)")
-    ax.set_ylabel("precision (predicted pairs that are true)")
-    ax.set_title(f"Duplicate pairs: precision vs recall ({result.model}, {result.true_pairs} true pairs)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower left")
-    fig.tight_layout()
-    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    return fig

@@ -1,15 +1,16 @@
-"""Stage 2: read image files and decode them into fixed-size pixel arrays."""
+"""Stage 2, decode: read image files and decode them into fixed-size pixel arrays."""
 from __future__ import annotations
 
 import hashlib
 import io
+import os
 import struct
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from .errors import DecodeError
+from ..errors import DecodeError
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "lanczos": Image.Resampling.LANCZOS}
 _HIGH_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
@@ -112,3 +113,12 @@ def read_and_decode(path: str, size: int, *, mode: str = "RGB", resample: str = 
     except OSError as exc:
         raise DecodeError(f"cannot read: {exc.strerror or exc}") from None
     return sha256_hex(data), decode_image(data, size, mode=mode, resample=resample)
+
+
+def open_upright(path: str | os.PathLike[str], max_side: int) -> Image.Image:
+    """Decode the file `path` as an upright RGB image no larger than `max_side` on its longest side (for
+    thumbnails and plots). Raises OSError or DecodeError."""
+    with open(path, "rb") as fh:
+        out, _ = load_upright(fh.read(), max_side, mode="RGB")
+    out.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    return out

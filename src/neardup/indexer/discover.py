@@ -1,4 +1,4 @@
-"""Stage 1: find image files under the given folders, in a stable order."""
+"""Stage 1, discover: find image files under the given folders, in a stable order."""
 from __future__ import annotations
 
 import logging
@@ -6,8 +6,8 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from .config import IMAGE_EXTENSIONS
-from .errors import InputError
+from ..config import IMAGE_EXTENSIONS
+from ..errors import InputError
 
 log = logging.getLogger(__name__)
 

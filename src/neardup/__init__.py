@@ -1,0 +1,31 @@
+"""neardup: near-duplicate image search for product catalogues.
+
+The public API, importable from here (each name loads its module on first use, so `import neardup` is cheap):
+
+    from neardup import build_index, query, find_duplicates
+    summary = build_index(["photos/"], "catalog.h5", model="phash")
+    results = query("catalog.h5", ["new.jpg"], k=5)
+    report = find_duplicates("catalog.h5", threshold=0.9)
+
+Layers, bottom up: `errors`, `config`, `fileio` → `indexer` (discover → decode → embed → pipeline → store →
+faiss_index → build) → `search` (query → duplicates → report / evaluate) → `demo` → `cli`.
+"""
+from __future__ import annotations
+
+from ._lazy import lazy_exports
+from .config import VERSION as __version__
+
+_EXPORTS = {
+    **dict.fromkeys(["DEFAULTS", "MODELS", "THRESHOLDS", "default_threshold", "resolve_threshold"], ".config"),
+    **dict.fromkeys(["NeardupError", "InputError", "StoreError", "StoreMismatchError", "StoreLockedError",
+                     "WeightsError", "DecodeError"], ".errors"),
+    **dict.fromkeys(["Embedder", "make_embedder"], ".indexer.embed"),
+    **dict.fromkeys(["Catalog", "StoreMeta", "read_catalog", "read_meta"], ".indexer.store"),
+    **dict.fromkeys(["RunSummary", "build_index", "update_index"], ".indexer.build"),
+    **dict.fromkeys(["QueryResult", "Match", "Searcher", "query", "compare"], ".search.query"),
+    **dict.fromkeys(["DuplicateReport", "find_duplicates"], ".search.duplicates"),
+    **dict.fromkeys(["EvalResult", "evaluate"], ".search.evaluate"),
+    **dict.fromkeys(["ReportResult", "write_report"], ".search.report"),
+}
+__all__ = ["__version__", *sorted(_EXPORTS)]
+__getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)

@@ -1,0 +1,81 @@
+"""Bottom layer: crash-safe file writes (temporary file, fsync, os.replace), output-path checks, byte counts.
+
+Every file neardup publishes (store, index, CSV, JSON, HTML, PNG) goes through `atomic_write`, so a reader
+or a crash sees the old file or the new one, never half of one.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import InputError
+
+#: Suffix of every temporary file neardup writes beside its target (cleaned up by the store's writer).
+TMP_SUFFIX = ".neardup-tmp"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def now_iso() -> str:
+    """UTC time stamp, as stores and reports record it."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def check_output_path(path: Path) -> None:
+    """Refuse an output file whose folder does not exist (rather than creating folders by surprise)."""
+    parent = Path(path).expanduser().resolve().parent
+    if not parent.is_dir():
+        raise InputError(f"the folder for {path} does not exist: {parent}")
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename inside `folder` durable (best effort: some filesystems refuse to fsync a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[str], object]) -> None:
+    """Call `write(tmp)` on a temporary file beside `path`, fsync it, then atomically rename it to `path`."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a folder; give a file name")
+    try:
+        mode = path.stat().st_mode & 0o777  # keep the permissions the user gave the file
+    except OSError:
+        mode = 0o666 & ~_UMASK  # mkstemp makes 0600; a new file is as readable as any file the user writes
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, mode)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(path.parent)
+
+
+def fmt_bytes(n: int) -> str:
+    """A byte count for people: 812 B, 23.4 KB, 1.2 GB."""
+    x = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if x < 1024 or unit == "GB":
+            return f"{x:.0f} {unit}" if unit == "B" else f"{x:.1f} {unit}"
+        x /= 1024
+    return ""

@@ -1,0 +1,23 @@
+"""neardup indexing stages: discover → decode → embed → pipeline → store → faiss_index → build (the job).
+
+The design card's `indexer` package; it lives inside `neardup` because a top-level package of that name
+would collide with users' own modules. Names are re-exported lazily: importing this package loads nothing.
+"""
+from __future__ import annotations
+
+from .._lazy import lazy_exports
+
+_EXPORTS = {
+    **dict.fromkeys(["discover"], ".discover"),
+    **dict.fromkeys(["Decoded", "decode_image", "read_and_decode", "sha256_hex"], ".decode"),
+    **dict.fromkeys(["Embedder", "KerasEmbedder", "PHashEmbedder", "make_embedder", "l2_normalize",
+                     "hamming_to_cosine", "cosine_to_hamming"], ".embed"),
+    **dict.fromkeys(["Embedded", "EmbeddedFiles", "embed_files"], ".pipeline"),
+    **dict.fromkeys(["Catalog", "StoreMeta", "read_catalog", "read_meta", "write_catalog", "store_embedder"],
+                    ".store"),
+    **dict.fromkeys(["StoreFiles"], ".files"),
+    **dict.fromkeys(["build_flat_index", "open_index", "save_index", "search"], ".faiss_index"),
+    **dict.fromkeys(["RunSummary", "build_index", "update_index"], ".build"),
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)

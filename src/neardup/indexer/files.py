@@ -1,0 +1,77 @@
+"""Stage 4, store files: the names of every file a store owns beside it, and their clean-up.
+
+`catalog.h5` owns `catalog.h5.lock` (the writer lock), `catalog.h5.work/` (checkpoints of a running job),
+`catalog.h5.<12 hex>.faiss` (index generations; the store names the live one) and temporaries
+`.catalog.h5[.<12 hex>.faiss].<8 random>.neardup-tmp` of interrupted writes. The patterns match this store's
+files only, never a sibling store's (`catalog.h5.old`, `catalog.h5x`).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..fileio import TMP_SUFFIX
+
+
+@dataclass(frozen=True)
+class StoreFiles:
+    """The files of the store at `store` (give it resolved when writing: see `resolved`)."""
+
+    store: Path
+
+    @classmethod
+    def resolved(cls, store: str | os.PathLike[str]) -> StoreFiles:
+        """The real place of a store: through a symlinked folder, relative paths and the atomic replace
+        must use the folder the file really lives in."""
+        return cls(Path(store).expanduser().resolve())
+
+    @property
+    def lock(self) -> Path:
+        """The writer lock file (an OS lock on it; the file itself is harmless and stays)."""
+        return self.store.with_name(self.store.name + ".lock")
+
+    @property
+    def work(self) -> Path:
+        """The checkpoint folder of a running index job."""
+        return self.store.with_name(self.store.name + ".work")
+
+    def index(self, index_file: str) -> Path:
+        """Where the index file named in the store's attributes lies (beside the store's real file)."""
+        return self.store.resolve().parent / index_file
+
+    def new_index_name(self) -> str:
+        """A fresh index generation's file name (published before the store that names it)."""
+        return f"{self.store.name}.{uuid.uuid4().hex[:12]}.faiss"
+
+    def _index_pattern(self) -> re.Pattern[str]:
+        return re.compile(rf"{re.escape(self.store.name)}\.[0-9a-f]{{12}}\.faiss")
+
+    def remove_index_files(self, keep: str) -> None:
+        """Delete this store's index generations other than `keep` (orphans of a run killed while publishing)."""
+        pattern = self._index_pattern()
+        for stale in self.store.parent.iterdir():
+            if pattern.fullmatch(stale.name) and stale.name != keep:
+                try:
+                    stale.unlink()
+                except OSError:
+                    pass
+
+    def remove_temporaries(self) -> None:
+        """Delete temporary files a killed writer left (call only while holding the writer lock)."""
+        # mkstemp's random part is 8 characters of [a-z0-9_]: never match another file's temporaries
+        name = re.escape(self.store.name)
+        pattern = re.compile(rf"\.{name}(\.[0-9a-f]{{12}}\.faiss)?\.[a-z0-9_]{{8}}{re.escape(TMP_SUFFIX)}")
+        for tmp in self.store.parent.iterdir():
+            if pattern.fullmatch(tmp.name):
+                try:
+                    tmp.unlink()
+                except OSError:
+                    pass
+
+    def remove_work(self) -> None:
+        """Delete the checkpoint folder (its work is in the published store, or is being discarded)."""
+        shutil.rmtree(self.work, ignore_errors=True)

@@ -1,0 +1,125 @@
+"""Stage 3, decode→embed pipeline: each file read once (content hash), decoded in threads, embedded in batches.
+
+Pillow releases the GIL while decoding, so a small thread pool overlaps decoding with inference. Results come
+back in input order through a bounded window: decoded pixels are ~150 kB each, and a 50k-image job must not
+hold them all. The index job and query-time embedding both use this pipeline.
+"""
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..config import DEFAULTS
+from ..errors import DecodeError
+from .decode import Decoded, decode_image, sha256_hex
+from .embed import Embedder
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """One image's embedding and the upright size of the photo it came from."""
+
+    vector: np.ndarray  #: float32 [d], unit norm
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One file read: its content hash, and its decoded pixels unless its content already has an embedding."""
+
+    sha256: str
+    decoded: Decoded | None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the pipeline made of one input path: `prepared`, or the reason it failed (a listed, skipped item)."""
+
+    path: str
+    prepared: Prepared | None
+    error: str | None
+
+
+def prepare(path: str, emb: Embedder, known: Callable[[str], bool] | None = None) -> Prepared:
+    """Read a file once; decode it for `emb` unless `known(sha256)` says its content has an embedding already.
+
+    Raises DecodeError with a short reason.
+    """
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise DecodeError(f"cannot read: {exc.strerror or exc}") from None
+    sha = sha256_hex(data)
+    if known is not None and known(sha):
+        return Prepared(sha, None)
+    return Prepared(sha, decode_image(data, emb.input_size, mode=emb.input_mode, resample=emb.resample))
+
+
+def prepare_all(paths: Sequence[str], emb: Embedder, *, known: Callable[[str], bool] | None = None,
+                batch_size: int = DEFAULTS.batch_size,
+                decode_workers: int = DEFAULTS.decode_workers) -> Iterator[Outcome]:
+    """`prepare` every path in decoding threads; yields one Outcome per path, in input order.
+
+    At most about two batches of decoded images are held at once. A codec bug on one file becomes that
+    file's error, never the end of a 50k-image job.
+    """
+    window = batch_size * 2 + decode_workers
+    # one photo (the interactive query) is decoded inline: starting a thread pool costs more than it saves
+    workers = decode_workers if len(paths) > 1 else 1
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="neardup-decode") as pool:
+        pending: deque[tuple[str, Future[Prepared]]] = deque()
+        it = iter(paths)
+        for path in it:
+            pending.append((path, pool.submit(prepare, path, emb, known)))
+            if len(pending) >= window:
+                break
+        while pending:
+            path, fut = pending.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(prepare, nxt, emb, known)))
+            try:
+                yield Outcome(path, fut.result(), None)
+            except DecodeError as exc:
+                yield Outcome(path, None, str(exc))
+            except Exception as exc:  # noqa: BLE001 - see the docstring
+                yield Outcome(path, None, f"{type(exc).__name__}: {exc}")
+
+
+@dataclass
+class EmbeddedFiles:
+    """Embeddings of loose image files (query photos): xq rows match `paths`; failures are listed."""
+
+    paths: list[str]
+    xq: np.ndarray
+    failures: list[tuple[str, str]]
+
+
+def embed_files(paths: Sequence[str | os.PathLike[str]], emb: Embedder, *,
+                batch_size: int = DEFAULTS.batch_size,
+                decode_workers: int = DEFAULTS.decode_workers) -> EmbeddedFiles:
+    """Decode and embed image files in batches with overlapped decoding; undecodable files are listed."""
+    ok: list[str] = []
+    chunks: list[np.ndarray] = []
+    batch: list[np.ndarray] = []
+    failures: list[tuple[str, str]] = []
+    for out in prepare_all([str(p) for p in paths], emb, batch_size=batch_size, decode_workers=decode_workers):
+        if out.error is not None:
+            failures.append((out.path, out.error))
+            continue
+        ok.append(out.path)
+        batch.append(out.prepared.decoded.pixels)
+        if len(batch) >= batch_size:
+            chunks.append(emb.embed(np.stack(batch)))
+            batch = []
+    if batch:
+        chunks.append(emb.embed(np.stack(batch)))
+    xq = np.concatenate(chunks) if chunks else np.zeros((0, emb.dim), np.float32)
+    return EmbeddedFiles(ok, xq, failures)

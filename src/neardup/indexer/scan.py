@@ -1,0 +1,74 @@
+"""Index job, scan: the image files under the given folders, a stat each, named relative to the store."""
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .discover import discover
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """One image file found on disk."""
+
+    rel: str  #: path relative to the store's folder, with forward slashes (as the store records it)
+    abs: str  #: absolute path, to read it
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class Scan:
+    """What a scan found: the files, the folders it could not list, and files it had to skip."""
+
+    base: Path  #: the store's folder; `rel` paths are relative to it
+    files: list[FileRecord] = field(default_factory=list)
+    #: folders (relative, ending in "/") that could not be listed: their stored images are kept as they were
+    blind: tuple[str, ...] = ()
+    failures: list[tuple[str, str]] = field(default_factory=list)  #: (path, reason) rows
+
+    def is_blind(self, rel: str) -> bool:
+        """True when `rel` lies under a folder that could not be listed this time."""
+        return rel.startswith(self.blind)
+
+    def gone(self, rel: str) -> bool:
+        """True only when the stored file `rel` is really absent (not when a folder on the way is unreadable)."""
+        try:
+            (self.base / rel).stat()
+        except (FileNotFoundError, NotADirectoryError):
+            return True
+        except OSError:
+            return False
+        return False
+
+
+def scan(roots: Sequence[str | os.PathLike[str]], base: Path) -> Scan:
+    """Image files under `roots` (see discover) with size and mtime; non-regular files and names that are not
+    UTF-8 are listed as failures, folders that cannot be listed as `blind`."""
+    out = Scan(base=base)
+    unreadable: list[tuple[str, str]] = []
+    for p in discover(roots, unreadable=unreadable):
+        rel = Path(os.path.relpath(p, base)).as_posix()
+        try:
+            rel.encode("utf-8")
+            st = p.stat()
+        except UnicodeEncodeError:
+            out.failures.append((os.fsencode(p).decode("utf-8", "backslashreplace"), "file name is not valid UTF-8"))
+            continue
+        except OSError as exc:
+            out.failures.append((rel, f"cannot stat: {exc.strerror or exc}"))
+            continue
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or device named *.jpg would block or read forever
+            out.failures.append((rel, "not a regular file"))
+            continue
+        out.files.append(FileRecord(rel, str(p), st.st_size, st.st_mtime_ns))
+    blind = []
+    for folder, why in unreadable:
+        rel = Path(os.path.relpath(os.path.abspath(folder), base)).as_posix()
+        out.failures.append((rel + "/", f"cannot list folder: {why}; its stored images are kept as they were"))
+        blind.append(rel + "/")
+    out.blind = tuple(blind)
+    return out

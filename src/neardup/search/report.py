@@ -1,0 +1,279 @@
+"""Search stage 3, report: one self-contained HTML page of a store's duplicate groups and pairs.
+
+The page opens offline: thumbnails are embedded as data: URIs, the data sits in a JSON island and a small
+inline script renders one page of it at a time, so a report of thousands of pairs stays responsive. Every
+file name reaches the page either HTML-escaped (the summary header) or through `textContent` (everything the
+script renders), and the JSON island escapes `<`, `>` and `&`, so a name such as `</script><script>...`
+is shown as text and never runs. A Content-Security-Policy allows only this page's own script (by hash) and
+no network access at all, as a second line of defence. The page, its style and its script are package data
+files in `templates/`; the CSP hash is computed from the script as loaded.
+"""
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import html
+import io
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+from ..fileio import atomic_write, check_output_path, fmt_bytes, now_iso
+from ..indexer.decode import open_upright
+from ..indexer.store import Catalog, read_catalog
+from .duplicates import DuplicateReport, Pair, find_duplicates, groups_document, read_groups_json, read_pairs_csv
+from .plots import plot_pair
+
+log = logging.getLogger(__name__)
+
+#: Longest side of an embedded thumbnail, in pixels.
+THUMB_SIDE = 256
+#: JPEG quality of embedded thumbnails: ~18 KB of base64 per photo, artefacts invisible at the 220 px shown.
+THUMB_QUALITY = 75
+#: Pairs (or groups) the page renders at once.
+PAGE_SIZE = 100
+
+
+@functools.cache
+def template(name: str) -> str:
+    """A file of the report's templates (package data: report.html, report.css, report.js, missing.svg)."""
+    return resources.files(__package__).joinpath("templates", name).read_text(encoding="utf-8")
+
+
+def placeholder_uri() -> str:
+    """The picture shown instead of a thumbnail when the image is missing or cannot be decoded, as a data URI."""
+    return "data:image/svg+xml;base64," + base64.b64encode(template("missing.svg").strip().encode()).decode("ascii")
+
+
+# ------------------------------------------------------------------------------------------------ thumbnails
+
+def thumbnail_uri(path: str | os.PathLike[str], max_side: int = THUMB_SIDE,
+                  quality: int = THUMB_QUALITY) -> str | None:
+    """A `data:image/jpeg;base64,...` thumbnail of `path` (longest side <= max_side), or None if unreadable."""
+    try:
+        thumb = open_upright(path, max_side)
+        buf = io.BytesIO()
+        thumb.save(buf, "JPEG", quality=quality, optimize=True)
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types; any failure means "show the placeholder"
+        # info, not warning: write_report returns (and the CLI prints) the list of missing images
+        log.info("no thumbnail for %s: %s", path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def make_thumbnails(paths: Iterable[str | os.PathLike[str]], *, workers: int | None = None,
+                    max_side: int = THUMB_SIDE) -> dict[str, str | None]:
+    """Thumbnail every distinct path once, in parallel threads (Pillow releases the GIL while decoding).
+
+    Returns {str(path): data URI or None}.
+    """
+    unique = list(dict.fromkeys(str(p) for p in paths))
+    if not unique:
+        return {}
+    workers = workers or min(8, (os.cpu_count() or 2) + 2)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="thumb") as pool:
+        return dict(zip(unique, pool.map(lambda p: thumbnail_uri(p, max_side), unique)))
+
+
+# ----------------------------------------------------------------------------------------------- the report
+
+@dataclass
+class ReportResult:
+    """What write_report wrote."""
+
+    out: Path
+    pairs: int
+    groups: int
+    images: int  #: distinct images shown (each thumbnailed once)
+    missing: list[str] = field(default_factory=list)  #: shown images that could not be read
+    png_files: list[Path] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class _Images:
+    """Distinct images of the report, indexed in first-seen order, with what the store knows about them."""
+
+    def __init__(self, cat: Catalog, base: Path) -> None:
+        self.cat, self.base = cat, base
+        self.row = {p: r for r, p in enumerate(cat.paths)}
+        self.index: dict[str, int] = {}
+
+    def __call__(self, path: str) -> int:
+        if path not in self.index:
+            self.index[path] = len(self.index)
+        return self.index[path]
+
+    def absolute(self, path: str) -> Path:
+        return self.base / path  # store paths are relative to the store's folder (absolute ones stay absolute)
+
+    def common_folder(self) -> str:
+        """The deepest folder holding every shown image, as stored ("" when there is none)."""
+        parents = [os.path.dirname(os.path.normpath(p)) for p in self.index]
+        try:
+            return os.path.commonpath(parents) if parents else ""
+        except ValueError:  # absolute and relative paths mixed
+            return ""
+
+    def documents(self, thumbs: dict[str, str | None]) -> list[dict]:
+        """One JSON object per image: stored path p, display path d (relative to the common folder),
+        thumbnail t (None: missing), file URI u of the original, width w, height h, size s."""
+        common = self.common_folder()
+        docs = []
+        for path in self.index:
+            r = self.row.get(path)
+            full = self.absolute(path)
+            try:
+                uri = full.resolve().as_uri()
+            except ValueError:
+                uri = ""
+            shown = os.path.relpath(os.path.normpath(path), common) if common else path
+            docs.append({"p": path, "d": shown, "t": thumbs.get(str(full)), "u": uri,
+                         "w": int(self.cat.widths[r]) if r is not None else 0,
+                         "h": int(self.cat.heights[r]) if r is not None else 0,
+                         "s": fmt_bytes(int(self.cat.sizes[r])) if r is not None else ""})
+        return docs
+
+
+def _json_island(data: dict) -> str:
+    """JSON safe inside <script type="application/json">: no `<`, `>` or `&` can end the element early."""
+    text = json.dumps(data, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def _csp_hash(source: str) -> str:
+    return "sha256-" + base64.b64encode(hashlib.sha256(source.encode("utf-8")).digest()).decode("ascii")
+
+
+def render_html(data: dict, summary: Sequence[tuple[str, str]], title: str) -> str:
+    """The report page: summary rows (escaped here), controls, the JSON data island and the renderer script."""
+    esc = html.escape
+    script = template("report.js")
+    rows = "\n".join(f"<div><dt>{esc(k)}</dt><dd>{esc(v)}</dd></div>" for k, v in summary)
+    csp = (f"default-src 'none'; img-src data: file:; style-src 'unsafe-inline'; "
+           f"script-src '{_csp_hash(script)}'; base-uri 'none'; form-action 'none'")
+    parts = {"CSP": esc(csp), "TITLE": esc(title), "SUMMARY": rows, "STYLE": template("report.css"),
+             "SCRIPT": script, "DATA": _json_island(data)}
+    # One pass, so that a file name which happens to contain "%%DATA%%" is never expanded itself.
+    return re.sub(r"%%([A-Z]+)%%", lambda m: parts[m.group(1)], template("report.html"))
+
+
+def _groups_from(doc_groups: list[dict], images: _Images) -> list[dict]:
+    out = []
+    for k, g in enumerate(doc_groups, start=1):
+        members = [{"i": images(m["path"]), "k": bool(m.get("keeper")), "x": bool(m.get("exact")),
+                    "s": round(float(m.get("score_to_keeper", 1.0)), 6)} for m in g["members"]]
+        if members and not any(m["k"] for m in members):
+            members[0]["k"] = True  # a hand-made file without keeper flags: its first member, as in our files
+        members.sort(key=lambda m: not m["k"])  # keeper first, the rest in the file's order
+        others = [m["s"] for m in members if not m["k"]]
+        out.append({"n": k, "lo": min(others) if others else 1.0, "m": members})
+    return out
+
+
+def write_report(store: str | os.PathLike[str], out: str | os.PathLike[str] = "report.html", *,
+                 pairs: str | os.PathLike[str] | None = None, groups: str | os.PathLike[str] | None = None,
+                 duplicates: DuplicateReport | None = None, threshold: float | None = None,
+                 png_dir: str | os.PathLike[str] | None = None, page_size: int = PAGE_SIZE,
+                 workers: int | None = None) -> ReportResult:
+    """Write one self-contained HTML report of a store's duplicate groups and pairs to `out`.
+
+    The pairs and groups come from `duplicates` (a find_duplicates result), else from the files `pairs`
+    (CSV of `neardup duplicates --out`) and/or `groups` (JSON of `--groups`), else from
+    find_duplicates(store, threshold=threshold). With files, `threshold` hides pairs scoring below it.
+    `png_dir` also gets one side-by-side PNG per pair, `pair_00001.png` for the report's pair #1, and so on.
+    Raises InputError (bad files, missing output folder) and StoreError.
+    """
+    t0 = time.perf_counter()
+    out = Path(out)
+    check_output_path(out)
+    if png_dir is not None and not Path(png_dir).is_dir():
+        raise InputError(f"the --png-dir folder does not exist: {png_dir}")
+    if page_size < 1:
+        raise InputError("page size must be at least 1")
+    store = Path(store)
+    cat = read_catalog(store, vectors=False)
+    images = _Images(cat, Path(store).resolve().parent)
+
+    source: list[str] = []
+    pair_list: list[Pair] | None = None
+    group_docs: list[dict] | None = None
+    t_shown: float | None = threshold
+    if duplicates is None and pairs is None and groups is None:
+        duplicates = find_duplicates(store, threshold=threshold)
+        source.append("computed from the store (neardup duplicates)")
+    if duplicates is not None:
+        pair_list, group_docs, t_shown = duplicates.pairs, groups_document(duplicates)["groups"], duplicates.threshold
+        source = source or ["a find_duplicates result"]
+    else:
+        if pairs is not None:
+            pair_list = read_pairs_csv(pairs)
+            if threshold is not None:
+                # pairs.csv holds scores rounded to 6 decimals: allow that rounding below the threshold.
+                pair_list = [p for p in pair_list if p.score >= threshold - 1e-6]
+            source.append(f"pairs from {pairs}")
+        if groups is not None:
+            gdoc = read_groups_json(groups)
+            group_docs = gdoc["groups"]
+            if t_shown is None and isinstance(gdoc.get("threshold"), (int, float)):
+                t_shown = float(gdoc["threshold"])
+            source.append(f"groups from {groups}")
+
+    # Sorted by score, highest first; a stable sort keeps the file's order among equal scores.
+    ordered = sorted(pair_list or [], key=lambda p: -p.score)
+    pair_rows = [[images(p.a_path), images(p.b_path), round(float(p.score), 6), 1 if p.kind == "exact" else 0]
+                 for p in ordered]
+    group_rows = _groups_from(group_docs or [], images)
+
+    t1 = time.perf_counter()
+    thumbs = make_thumbnails([images.absolute(p) for p in images.index], workers=workers)
+    image_docs = images.documents(thumbs)
+    missing = [d["p"] for d in image_docs if d["t"] is None]
+    log.info("%d thumbnails in %.1f s (%d missing)", len(image_docs), time.perf_counter() - t1, len(missing))
+
+    scores = [r[2] for r in pair_rows] + [m["s"] for g in group_rows for m in g["m"] if not m["k"]]
+    lo = float(np.floor(min(scores) * 100) / 100) if scores else 0.0
+    hi = max(1.0, float(np.ceil(max(scores) * 1e6) / 1e6)) if scores else 1.0
+    data = {"page_size": int(page_size), "placeholder": placeholder_uri(), "images": image_docs,
+            "pairs": pair_rows, "groups": group_rows, "has_pairs": pair_list is not None,
+            "has_groups": group_docs is not None, "lo": lo, "hi": hi}
+
+    png_files: list[Path] = []
+    if png_dir is not None:
+        for k, p in enumerate(ordered, start=1):
+            target = Path(png_dir) / f"pair_{k:05d}.png"
+            plot_pair(images.absolute(p.a_path), images.absolute(p.b_path), p.score, target, strict=False)
+            png_files.append(target)
+            if k % 100 == 0:
+                log.info("plotted %d of %d pairs", k, len(ordered))
+
+    exact = sum(r[3] for r in pair_rows)
+    seconds = time.perf_counter() - t0
+    summary = [
+        ("store", str(store)), ("model", f"{cat.meta.model} (weights {cat.meta.weights})"),
+        ("threshold", f"{t_shown:.4f}" if t_shown is not None else "as in the pairs file"),
+        ("images in store", str(len(cat))),
+        ("pairs", f"{len(pair_rows)} ({exact} exact, {len(pair_rows) - exact} near)" if pair_list is not None
+         else "not given"),
+        ("groups", f"{len(group_rows)} ({sum(len(g['m']) - 1 for g in group_rows)} removable images)"
+         if group_docs is not None else "not given"),
+        ("images shown", f"{len(image_docs)} ({len(missing)} missing or unreadable)"),
+        ("images under", str((store.parent / images.common_folder()).resolve())),
+        ("source", "; ".join(source)),
+        ("generated", f"{now_iso()} in {seconds:.1f} s"),
+    ]
+    page = render_html(data, summary, f"neardup report: {store.name}")
+    atomic_write(out, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
+    log.info("wrote %s (%d bytes)", out, len(page))
+    return ReportResult(out=out, pairs=len(pair_rows), groups=len(group_rows), images=len(image_docs),
+                        missing=missing, png_files=png_files, seconds=time.perf_counter() - t0)
