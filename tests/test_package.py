@@ -1,0 +1,171 @@
+"""The install a user gets: one import name, nothing else in site-packages, package data, lazy imports, layers."""
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import neardup
+
+REPO = Path(__file__).resolve().parents[1]
+SRC = REPO / "src" / "neardup"
+
+#: The stages, bottom up: a module may import (at run time) only modules of earlier rows. Every module of the
+#: package is listed, so a new module must be given its place here.
+LAYERS: list[list[str]] = [
+    ["errors", "_lazy"],
+    ["config", "fileio"],
+    ["__init__", "indexer/__init__", "search/__init__"],  # lazy re-exports only
+    ["indexer/discover"],
+    ["indexer/decode"],
+    ["indexer/embed"],
+    ["indexer/pipeline"],
+    ["indexer/files"],
+    ["indexer/store"],
+    ["indexer/faiss_index"],
+    ["indexer/lock", "indexer/checkpoint", "indexer/scan"],
+    ["indexer/diff"],
+    ["indexer/build"],
+    ["search/query"],
+    ["search/duplicates"],
+    ["search/plots"],
+    ["search/evaluate", "search/report"],
+    ["testing/products"],
+    ["testing/render"],
+    ["testing/__init__"],
+    ["demo"],
+    ["cli"],
+    ["__main__"],
+]
+#: Modules allowed past ~400 lines because one concern needs it.
+LONG_ONE_CONCERN = {"cli": "the command line: each command's options, help text and output"}
+RANK = {name: k for k, row in enumerate(LAYERS) for name in row}
+
+
+def _module_name(path: Path) -> str:
+    return path.relative_to(SRC).with_suffix("").as_posix()
+
+
+def _runtime_imports(path: Path) -> set[str]:
+    """neardup modules `path` imports, at module level or inside functions, but not under TYPE_CHECKING."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    package = _module_name(path).split("/")[:-1]
+    skip: set[int] = set()
+    for node in ast.walk(tree):  # `if TYPE_CHECKING:` blocks import for annotations only
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            skip.update(id(n) for b in node.body for n in ast.walk(b))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[:len(package) - node.level + 1]
+            elif (node.module or "").startswith("neardup"):
+                base = []
+            else:
+                continue
+            parts = [*base, *((node.module or "").split(".") if node.module else [])]
+            if parts and parts[0] == "neardup" and not node.level:
+                parts = parts[1:]
+            found.add("/".join(parts) if parts else "__init__")
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("neardup"):
+                    found.add("/".join(alias.name.split(".")[1:]) or "__init__")
+    resolved = set()
+    for name in found:  # a package import means its __init__
+        resolved.add(name + "/__init__" if (SRC / name).is_dir() else name)
+    return resolved
+
+
+def test_every_module_has_a_place_and_imports_no_later_stage() -> None:
+    modules = sorted(SRC.rglob("*.py"))
+    names = {_module_name(p) for p in modules}
+    assert names == set(RANK), f"modules without a layer: {names - set(RANK)}; listed but gone: {set(RANK) - names}"
+    wrong = []
+    for path in modules:
+        me = _module_name(path)
+        for dep in _runtime_imports(path):
+            if RANK[dep] >= RANK[me] and dep != me:
+                wrong.append(f"{me} imports {dep}")
+    assert not wrong, wrong
+
+
+def test_every_module_says_its_stage_first() -> None:
+    for path in sorted(SRC.rglob("*.py")):
+        doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
+        assert doc and doc.splitlines()[0].strip(), f"{path} has no docstring saying what it is"
+        lines = len(path.read_text(encoding="utf-8").splitlines())
+        assert lines <= 420 or _module_name(path) in LONG_ONE_CONCERN, f"{path}: {lines} lines, over ~400"
+
+
+def _python(code: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **env})
+
+
+def test_users_search_and_indexer_modules_do_not_shadow_neardup(tmp_path: Path) -> None:
+    # a folder holding a user's own `search.py` and `indexer/` package, first on sys.path
+    (tmp_path / "search.py").write_text("raise ImportError('the user search.py was imported')\n")
+    (tmp_path / "indexer").mkdir()
+    (tmp_path / "indexer" / "__init__.py").write_text("raise ImportError('the user indexer was imported')\n")
+    code = ("import neardup, neardup.cli\n"
+            "from neardup import (build_index, update_index, query, find_duplicates, compare, evaluate, "
+            "write_report, Embedder)\n"
+            "print('neardup ok')\n"
+            "try:\n"
+            "    import search\n"
+            "except ImportError as exc:\n"
+            "    print(exc)\n")
+    r = _python(code, tmp_path, PYTHONPATH=str(tmp_path))
+    # neardup works, and the user's own module is what `import search` finds (it really is first on the path)
+    assert r.returncode == 0 and r.stdout.split("\n")[:2] == ["neardup ok", "the user search.py was imported"], r
+    r = subprocess.run([sys.executable, "-m", "neardup", "--help"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert r.returncode == 0 and "Usage" in r.stdout and "index" in r.stdout, r.stderr
+
+
+def test_import_and_help_load_no_heavy_library(tmp_path: Path) -> None:
+    heavy = ["numpy", "h5py", "faiss", "tensorflow", "matplotlib", "scipy", "PIL", "neardup.indexer.store",
+             "neardup.search.report", "neardup.search.evaluate"]
+    code = ("import sys\n"
+            "import neardup\n"
+            "from neardup.cli import app\n"
+            "from typer.testing import CliRunner\n"
+            "r = CliRunner().invoke(app, ['--help'])\n"
+            "assert r.exit_code == 0, r.output\n"
+            f"print(sorted(m for m in {heavy!r} if m in sys.modules))\n")
+    r = _python(code, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", f"loaded by `import neardup` and `neardup --help`: {r.stdout}"
+
+
+def test_public_api_is_importable_from_neardup() -> None:
+    for name in ("build_index", "update_index", "query", "find_duplicates", "compare", "evaluate", "write_report",
+                 "Embedder", "__version__"):
+        assert name in neardup.__all__ and getattr(neardup, name) is not None
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        neardup.nope  # noqa: B018
+
+
+def test_wheel_holds_only_neardup_with_its_data(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                        "-w", str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    (wheel,) = tmp_path.glob("neardup-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names}
+    assert tops == {"neardup", f"neardup-{neardup.__version__}.dist-info"}, tops
+    sample = [n for n in names if n.startswith("neardup/sample/catalog/")]
+    shipped = [p for p in (SRC / "sample" / "catalog").rglob("*") if p.is_file()]
+    assert len(sample) == len(shipped) == 119 and "neardup/sample/truth.csv" in names
+    for template in ("report.html", "report.css", "report.js", "missing.svg"):
+        assert f"neardup/search/templates/{template}" in names
+    entry = zipfile.ZipFile(wheel).read(f"neardup-{neardup.__version__}.dist-info/entry_points.txt").decode()
+    assert "neardup = neardup.cli:main" in entry
