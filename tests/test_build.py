@@ -258,3 +258,22 @@ def test_stale_index_temporaries_are_removed(tmp_path: Path, make_images, fake_e
     make_images(1, start=9)
     update_index([tmp_path / "imgs"], store, embedder=fake_embedder)
     assert not any(f.exists() for f in leftovers) and other.exists()
+
+
+def test_a_failing_model_stops_the_decoding_threads(tmp_path: Path, make_images, fake_embedder) -> None:
+    import threading
+
+    make_images(40)
+
+    class Broken(type(fake_embedder)):
+        def embed(self, batch: np.ndarray) -> np.ndarray:
+            if self.calls:
+                raise RuntimeError("the model broke")
+            return super().embed(batch)
+
+    with pytest.raises(RuntimeError, match="the model broke") as info:
+        build_index([tmp_path / "imgs"], tmp_path / "s.h5", embedder=Broken(), batch_size=4)
+    # no thread is left reading files after the job (and its writer lock) ended, even while the caller
+    # still holds the exception (and so the job's frames)
+    assert info.value is not None
+    assert not [t for t in threading.enumerate() if t.name.startswith("neardup-decode")]

@@ -61,7 +61,13 @@ def test_kill_at_random_points_then_resume(photos: Path, tmp_path: Path) -> None
         store.parent.mkdir()
         proc = subprocess.Popen(_cli("index", str(photos), "--store", str(store), "--model", "phash", "-b", "8"),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.3, full * 0.95))
+        if trial % 2:  # at a random time: before, during or after the embedding
+            time.sleep(rng.uniform(0.3, full * 0.95))
+        else:  # soon after a checkpoint chunk is durable, so that some kill always lands mid-run
+            work, deadline = StoreFiles(store).work, time.monotonic() + 60
+            while not list(work.glob("chunk-*.npz")) and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0, 0.05))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         saved = _checkpointed(store)
@@ -77,7 +83,7 @@ def test_kill_at_random_points_then_resume(photos: Path, tmp_path: Path) -> None
         assert not store.with_name("cat.h5.work").exists()
         assert not list(store.parent.glob(".cat.h5.*.neardup-tmp"))
         assert len(list(store.parent.glob("cat.h5.*.faiss"))) == 1
-    assert reused_total > 0  # at least one kill landed after a checkpoint
+    assert reused_total > 0  # the kills after a checkpoint resumed from it
 
 
 READER = r"""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import itertools
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from PIL import Image, ImageEnhance
 from typer.testing import CliRunner
 
 from neardup.cli import app
+from neardup.demo import bundled_sample
 from neardup.indexer.build import build_index
 from neardup.search.duplicates import find_duplicates
 
@@ -108,3 +110,42 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path: Path, fake_embedder) ->
     again = run_demo(demo, embedder=fake_embedder)  # an earlier demo's folder is reused
     assert first.summary.total == again.summary.total == 119 and again.summary.added == 119
     assert len(list(demo.glob("sample.h5.*.faiss"))) == 1
+
+
+def test_demo_never_deletes_a_sample_it_did_not_copy(tmp_path: Path, fake_embedder) -> None:
+    from neardup.demo import COPY_MARK, run_demo
+    from neardup.errors import InputError
+
+    demo = tmp_path / "demo"
+    run_demo(demo, embedder=fake_embedder)
+    mine = demo / "sample"  # the user's own sample in the place of the demo's copy
+    shutil.rmtree(mine)
+    shutil.copytree(bundled_sample() / "catalog" / "cans", mine / "catalog" / "cans")
+    shutil.copy(bundled_sample() / "truth.csv", mine / "truth.csv")
+    before = sorted(p.relative_to(mine) for p in mine.rglob("*"))
+    with pytest.raises(InputError, match="not the demo's copy"):
+        run_demo(demo, embedder=fake_embedder)
+    assert sorted(p.relative_to(mine) for p in mine.rglob("*")) == before and (demo / "sample.h5").is_file()
+    # given as --sample, it is indexed where it is; a rerun leaves it as it was
+    for _ in range(2):
+        assert run_demo(demo, sample=mine, embedder=fake_embedder).summary.total == 28
+    assert sorted(p.relative_to(mine) for p in mine.rglob("*")) == before and not (mine / COPY_MARK).exists()
+
+
+def test_demo_copy_cut_short_is_replaced_and_keepers_follow_paths(tmp_path: Path, fake_embedder) -> None:
+    from neardup.demo import COPY_MARK, run_demo
+
+    demo = tmp_path / "demo"
+    (demo / "sample").mkdir(parents=True)
+    (demo / "sample" / COPY_MARK).write_text("")  # a first demo killed while copying
+    (demo / "sample" / "catalog").mkdir()
+    res = run_demo(demo, embedder=fake_embedder)
+    assert res.summary.total == 119
+    # every copied file has one modification time, so byte-identical files' keeper is the first path
+    times = {p.stat().st_mtime_ns for p in (demo / "sample" / "catalog").rglob("*") if p.is_file()}
+    assert len(times) == 1
+    for g in res.duplicates.groups:
+        exact = [m for m in g.members if m["keeper"] or m["exact"]]
+        if len(exact) > 1 and all(m["width"] * m["height"] == exact[0]["width"] * exact[0]["height"] and
+                                  m["size"] == exact[0]["size"] for m in exact):
+            assert next(m for m in exact if m["keeper"])["path"] == min(m["path"] for m in exact)

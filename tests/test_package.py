@@ -154,6 +154,20 @@ def test_public_api_is_importable_from_neardup() -> None:
         neardup.nope  # noqa: B018
 
 
+def test_reexports_are_the_objects_not_modules_whatever_was_imported_first() -> None:
+    import importlib
+    import types
+
+    for path in sorted(SRC.rglob("*.py")):  # every submodule imported: the case where a name could turn
+        name = _module_name(path).replace("/", ".").removesuffix(".__init__").removesuffix("__init__")
+        if name != "__main__":
+            importlib.import_module(f"neardup.{name}".rstrip("."))
+    for package in ("neardup", "neardup.indexer", "neardup.search"):
+        mod = importlib.import_module(package)
+        modules = [n for n in mod.__all__ if isinstance(getattr(mod, n), types.ModuleType)]
+        assert not modules, f"{package} re-exports modules, not objects: {modules}"
+
+
 def test_wheel_holds_only_neardup_with_its_data(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                         "-w", str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=300)

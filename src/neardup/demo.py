@@ -8,11 +8,12 @@ stay where it says, whatever the package's own folder is (read-only, or inside a
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from importlib import resources
-from importlib.abc import Traversable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import DEFAULTS
 from .errors import InputError, StoreError, WeightsError
@@ -25,7 +26,16 @@ from .search.duplicates import DuplicateReport, find_duplicates, write_groups_js
 from .search.evaluate import EvalResult, evaluate, write_eval_json
 from .search.report import write_report
 
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
 log = logging.getLogger(__name__)
+
+#: Marks the demo's copy of the bundled sample, the only sample folder it ever deletes (to copy it anew).
+COPY_MARK = ".neardup-demo-copy"
+#: Modification time given to every copied file (2026-01-01 UTC). Copies made in listing order would get
+#: ascending times, and the keeper rule (largest, then oldest, then path) would then follow that order.
+COPY_MTIME_NS = 1_767_225_600 * 10**9
 
 
 def bundled_sample() -> Traversable:
@@ -58,14 +68,15 @@ def choose_embedder(weights: str | None) -> tuple[Embedder, str | None]:
         return make_embedder("phash", "none"), str(exc)
 
 
-def _copy_tree(src: Traversable, dst: Path) -> None:
+def _copy_into(src: Traversable, dst: Path) -> None:
     # Traversable, not a path: package data may sit in a zip; copytree needs a real folder.
-    dst.mkdir()
-    for item in src.iterdir():
+    for item in sorted(src.iterdir(), key=lambda t: t.name):
         if item.is_dir():
-            _copy_tree(item, dst / item.name)
+            (dst / item.name).mkdir()
+            _copy_into(item, dst / item.name)
         else:
             (dst / item.name).write_bytes(item.read_bytes())
+            os.utime(dst / item.name, ns=(COPY_MTIME_NS, COPY_MTIME_NS))
 
 
 def run_demo(out: str | Path, *, sample: str | Path | None = None, weights: str | None = None,
@@ -84,21 +95,30 @@ def run_demo(out: str | Path, *, sample: str | Path | None = None, weights: str 
         raise InputError(f"{out} exists and is not a folder")
     store = out / "sample.h5"
     copy = out / "sample"
+    if sample is None and copy.exists() and not (copy / COPY_MARK).is_file():
+        raise InputError(f"{copy} exists and is not the demo's copy of its sample; move it, or give --out "
+                         f"another folder")
     if out.is_dir() and any(out.iterdir()):
-        try:
-            read_meta(store)
-        except StoreError:
-            raise InputError(f"{out} is not empty and holds no earlier demo; give a new or empty folder") from None
+        if not (copy / COPY_MARK).is_file():  # an earlier demo's folder has its copy, or at least its store
+            try:
+                read_meta(store)
+            except StoreError:
+                raise InputError(f"{out} is not empty and holds no earlier demo; give a new or empty "
+                                 f"folder") from None
         # An earlier demo: start from a clean store (another model may have made it). Only the demo's own
         # files go: the store and what it owns, and the sample copy; the outputs below are overwritten.
         files = StoreFiles(store)
-        store.unlink()
+        store.unlink(missing_ok=True)
         files.remove_work()
         files.remove_index_files(keep="")
-        shutil.rmtree(copy, ignore_errors=True)
     out.mkdir(exist_ok=True)
     if sample is None:
-        _copy_tree(bundled_sample(), copy)
+        if (copy / COPY_MARK).is_file():  # the earlier demo's copy (never a folder of the user's)
+            shutil.rmtree(copy)
+        copy.mkdir()
+        # the mark first: a copy cut short by Ctrl-C is still known as the demo's own, and replaced next time
+        (copy / COPY_MARK).write_text("neardup demo: a copy of the bundled sample, replaced by each demo run\n")
+        _copy_into(bundled_sample(), copy)
         sample = copy
     sample = Path(sample)
     reason = None

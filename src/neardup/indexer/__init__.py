@@ -2,13 +2,14 @@
 
 The design card's `indexer` package; it lives inside `neardup` because a top-level package of that name
 would collide with users' own modules. Names are re-exported lazily: importing this package loads nothing.
+A function named like its module (discover) is not re-exported: once the module is imported, Python binds
+the package attribute to the module. Import it from its module, or from `neardup`.
 """
 from __future__ import annotations
 
 from .._lazy import lazy_exports
 
 _EXPORTS = {
-    **dict.fromkeys(["discover"], ".discover"),
     **dict.fromkeys(["Decoded", "decode_image", "read_and_decode", "sha256_hex"], ".decode"),
     **dict.fromkeys(["Embedder", "KerasEmbedder", "PHashEmbedder", "make_embedder", "l2_normalize",
                      "hamming_to_cosine", "cosine_to_hamming"], ".embed"),

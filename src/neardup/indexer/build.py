@@ -1,4 +1,4 @@
-"""Stage 6, build: the index job — scan → diff → decode+embed → store → FAISS index, incremental and crash-safe.
+"""Index job, build: scan → diff → decode+embed → store → FAISS index, incremental and crash-safe.
 
 One operation serves `neardup index` and `neardup update`: files whose size and mtime are unchanged cost a
 stat; other files are hashed, and only content never seen before is decoded and embedded. Embeddings are
@@ -11,7 +11,8 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from contextlib import closing
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -19,7 +20,7 @@ from ..config import DEFAULTS, MODELS
 from ..errors import InputError, StoreError, StoreMismatchError
 from ..fileio import check_output_path
 from .checkpoint import Checkpoint
-from .diff import Changes, assemble, split_unchanged
+from .diff import assemble, split_unchanged
 from .embed import Embedder, make_embedder, resolve_weights
 from .faiss_index import build_flat_index, save_index
 from .files import StoreFiles
@@ -33,13 +34,19 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]  # (done, total)
 
 
-@dataclass(kw_only=True)
-class RunSummary(Changes):
-    """What an index/update run did: the row changes, plus counts and times of the work."""
+@dataclass
+class RunSummary:
+    """What an index/update run did."""
 
     store: str
     model: str
     total: int = 0  #: images in the store after the run
+    added: int = 0
+    changed: int = 0
+    moved: int = 0
+    removed: int = 0
+    unchanged: int = 0
+    touched: int = 0  #: mtime/size changed but identical content: no embedding
     embedded: int = 0  #: images run through the model in this run
     reused: int = 0  #: embeddings taken from the checkpoint of an interrupted run
     failures: list[tuple[str, str]] = field(default_factory=list)
@@ -140,7 +147,9 @@ def build_index(
             summary.embed_seconds = time.perf_counter() - t_embed
             summary.reused = sum(1 for f in pending if hashes.get(f.rel) in checkpoint.known)
 
-        new = assemble(old, found, hashes, vectors, summary.failures, summary, prune=prune, new_meta=new_meta)
+        new, changes = assemble(old, found, hashes, vectors, summary.failures, prune=prune, new_meta=new_meta)
+        for name, count in asdict(changes).items():
+            setattr(summary, name, count)
         if new is not None:
             _publish(files, new)
             summary.wrote = True
@@ -182,22 +191,23 @@ def _embed_pending(pending: list[FileRecord], emb: Embedder, vectors: dict[str, 
     known = lambda sha: sha in vectors or sha in batch  # noqa: E731 - read by the decoding threads
     outcomes = prepare_all([f.abs for f in pending], emb, known=known, batch_size=opts.batch_size,
                            decode_workers=opts.decode_workers)
-    for done, (f, out) in enumerate(zip(pending, outcomes), start=1):
-        if out.error is not None:
-            summary.failures.append((f.rel, out.error))
-        else:
-            sha, decoded = out.prepared.sha256, out.prepared.decoded
-            hashes[f.rel] = sha
-            if decoded is not None and sha not in vectors and sha not in batch:
-                batch[sha] = decoded.pixels
-                sizes[sha] = (decoded.width, decoded.height)
-        if len(batch) >= opts.batch_size:
-            flush_batch()
-            if len(unsaved) >= opts.batch_size * opts.checkpoint_every:
-                checkpoint.save(unsaved)
-                unsaved = {}
-        if progress is not None:
-            progress(done, len(pending))
+    with closing(outcomes):  # an error or Ctrl-C here also ends the decoding threads
+        for done, (f, out) in enumerate(zip(pending, outcomes), start=1):
+            if out.error is not None:
+                summary.failures.append((f.rel, out.error))
+            else:
+                sha, decoded = out.prepared.sha256, out.prepared.decoded
+                hashes[f.rel] = sha
+                if decoded is not None and sha not in vectors and sha not in batch:
+                    batch[sha] = decoded.pixels
+                    sizes[sha] = (decoded.width, decoded.height)
+            if len(batch) >= opts.batch_size:
+                flush_batch()
+                if len(unsaved) >= opts.batch_size * opts.checkpoint_every:
+                    checkpoint.save(unsaved)
+                    unsaved = {}
+            if progress is not None:
+                progress(done, len(pending))
     flush_batch()
     checkpoint.save(unsaved)
 

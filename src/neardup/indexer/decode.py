@@ -1,4 +1,4 @@
-"""Stage 2, decode: read image files and decode them into fixed-size pixel arrays."""
+"""Indexing stage 2, decode: read image files and decode them into fixed-size pixel arrays."""
 from __future__ import annotations
 
 import hashlib

@@ -19,13 +19,12 @@ from .store import Catalog, StoreMeta
 
 @dataclass
 class Changes:
-    """How the store's rows changed in one run."""
+    """How the store's rows changed in one run (rows whose file has the same size and mtime aside)."""
 
     added: int = 0
     changed: int = 0
     moved: int = 0
     removed: int = 0
-    unchanged: int = 0
     touched: int = 0  #: mtime/size changed but identical content: no embedding
 
 
@@ -62,14 +61,15 @@ def split_unchanged(old: Catalog | None, files: list[FileRecord]) -> tuple[list[
 
 
 def assemble(old: Catalog | None, found: Scan, hashes: dict[str, str], vectors: dict[str, Embedded],
-             failures: list[tuple[str, str]], changes: Changes, *, prune: bool,
-             new_meta: StoreMeta | None) -> Catalog | None:
-    """The new catalog, or None when it would equal `old`; counts go into `changes`.
+             failures: list[tuple[str, str]], *, prune: bool,
+             new_meta: StoreMeta | None) -> tuple[Catalog | None, Changes]:
+    """The new catalog (None when it would equal `old`) and what changed.
 
     `hashes` maps the read files (path → content hash), `vectors` content hashes to embeddings; files read
     without an embedding failed and are in `failures`. `new_meta` describes a store made from scratch (None
     when nothing could be embedded: then a new store is refused).
     """
+    changes = Changes()
     old_rows = {p: i for i, p in enumerate(old.paths)} if old is not None else {}
     current = {f.rel for f in found.files}
     next_id = old.meta.next_id if old is not None else 0
@@ -128,14 +128,14 @@ def assemble(old: Catalog | None, found: Scan, hashes: dict[str, str], vectors: 
         nothing_changed = not (changes.added or changes.changed or changes.moved or changes.removed
                                or changes.touched) and sorted(failures) == sorted(old.failures)
         if nothing_changed:
-            return None
+            return None, changes
         meta = old.meta
     else:
         if new_meta is None:
             reasons = "; ".join(f"{p}: {r}" for p, r in failures[:3])
             raise InputError(f"nothing could be indexed ({reasons})")
         meta = new_meta
-    return catalog_of(rows, replace(meta, next_id=next_id), sorted(failures))
+    return catalog_of(rows, replace(meta, next_id=next_id), sorted(failures)), changes
 
 
 def catalog_of(rows: list[Row], meta: StoreMeta, failures: list[tuple[str, str]]) -> Catalog:

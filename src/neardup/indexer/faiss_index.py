@@ -1,4 +1,4 @@
-"""Stage 5, faiss index: the FAISS inner-product index over L2-normalized vectors (so scores are cosines)."""
+"""Indexing stage 7, faiss_index: the FAISS inner-product index over L2-normalized vectors (so scores are cosines)."""
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,4 @@
-"""Stage 4, store files: the names of every file a store owns beside it, and their clean-up.
+"""Indexing stage 5, files: the names of every file a store owns beside it, and their clean-up.
 
 `catalog.h5` owns `catalog.h5.lock` (the writer lock), `catalog.h5.work/` (checkpoints of a running job),
 `catalog.h5.<12 hex>.faiss` (index generations; the store names the live one) and temporaries

@@ -1,4 +1,4 @@
-"""Stage 3, decode→embed pipeline: each file read once (content hash), decoded in threads, embedded in batches.
+"""Indexing stage 4, pipeline: each file read once (content hash), decoded in threads, embedded in batches.
 
 Pillow releases the GIL while decoding, so a small thread pool overlaps decoding with inference. Results come
 back in input order through a bounded window: decoded pixels are ~150 kB each, and a 50k-image job must not
@@ -10,6 +10,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,7 +69,8 @@ def prepare_all(paths: Sequence[str], emb: Embedder, *, known: Callable[[str], b
     """`prepare` every path in decoding threads; yields one Outcome per path, in input order.
 
     At most about two batches of decoded images are held at once. A codec bug on one file becomes that
-    file's error, never the end of a 50k-image job.
+    file's error, never the end of a 50k-image job. Close the generator (contextlib.closing) when stopping
+    early: queued files are then dropped and the decoding threads end before it returns.
     """
     window = batch_size * 2 + decode_workers
     # one photo (the interactive query) is decoded inline: starting a thread pool costs more than it saves
@@ -80,17 +82,22 @@ def prepare_all(paths: Sequence[str], emb: Embedder, *, known: Callable[[str], b
             pending.append((path, pool.submit(prepare, path, emb, known)))
             if len(pending) >= window:
                 break
-        while pending:
-            path, fut = pending.popleft()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append((nxt, pool.submit(prepare, nxt, emb, known)))
-            try:
-                yield Outcome(path, fut.result(), None)
-            except DecodeError as exc:
-                yield Outcome(path, None, str(exc))
-            except Exception as exc:  # noqa: BLE001 - see the docstring
-                yield Outcome(path, None, f"{type(exc).__name__}: {exc}")
+        try:
+            while pending:
+                path, fut = pending.popleft()
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append((nxt, pool.submit(prepare, nxt, emb, known)))
+                try:
+                    out = Outcome(path, fut.result(), None)
+                except DecodeError as exc:
+                    out = Outcome(path, None, str(exc))
+                except Exception as exc:  # noqa: BLE001 - see the docstring
+                    out = Outcome(path, None, f"{type(exc).__name__}: {exc}")
+                yield out
+        finally:  # the consumer stopped early (an error, Ctrl-C, close()): drop the queued files
+            for _, fut in pending:
+                fut.cancel()
 
 
 @dataclass
@@ -110,15 +117,17 @@ def embed_files(paths: Sequence[str | os.PathLike[str]], emb: Embedder, *,
     chunks: list[np.ndarray] = []
     batch: list[np.ndarray] = []
     failures: list[tuple[str, str]] = []
-    for out in prepare_all([str(p) for p in paths], emb, batch_size=batch_size, decode_workers=decode_workers):
-        if out.error is not None:
-            failures.append((out.path, out.error))
-            continue
-        ok.append(out.path)
-        batch.append(out.prepared.decoded.pixels)
-        if len(batch) >= batch_size:
-            chunks.append(emb.embed(np.stack(batch)))
-            batch = []
+    outcomes = prepare_all([str(p) for p in paths], emb, batch_size=batch_size, decode_workers=decode_workers)
+    with closing(outcomes):
+        for out in outcomes:
+            if out.error is not None:
+                failures.append((out.path, out.error))
+                continue
+            ok.append(out.path)
+            batch.append(out.prepared.decoded.pixels)
+            if len(batch) >= batch_size:
+                chunks.append(emb.embed(np.stack(batch)))
+                batch = []
     if batch:
         chunks.append(emb.embed(np.stack(batch)))
     xq = np.concatenate(chunks) if chunks else np.zeros((0, emb.dim), np.float32)

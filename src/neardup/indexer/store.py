@@ -1,4 +1,4 @@
-"""Stage 4, store: the HDF5 store — embeddings and per-image metadata, self-describing, written atomically.
+"""Indexing stage 6, store: the HDF5 store — embeddings and per-image metadata, self-describing, written atomically.
 
 Layout (schema 1):
   /embeddings  float32 [n, d]  chunked, resizable

@@ -2,18 +2,20 @@
 
 The design card's `search` package; it lives inside `neardup` because a top-level package named `search`
 would collide with users' own `search.py`. Names are re-exported lazily: importing this package loads
-nothing, so the report and evaluation modules (and matplotlib) load only when used.
+nothing, so the report and evaluation modules (and matplotlib) load only when used. Functions named like
+their modules (query, evaluate) are not re-exported here: once the module is imported, Python binds the
+package attribute to the module. Import them from `neardup` or from their modules.
 """
 from __future__ import annotations
 
 from .._lazy import lazy_exports
 
 _EXPORTS = {
-    **dict.fromkeys(["Match", "QueryResult", "Searcher", "compare", "has_match", "neighbours", "query"], ".query"),
+    **dict.fromkeys(["Match", "QueryResult", "Searcher", "compare", "has_match", "neighbours"], ".query"),
     **dict.fromkeys(["DuplicateReport", "Group", "Pair", "complete_linkage", "connected_components",
                      "duplicate_rows", "exact_pairs", "find_duplicates", "groups_document", "self_join",
                      "write_groups_json", "write_pairs_csv", "read_pairs_csv", "read_groups_json"], ".duplicates"),
-    **dict.fromkeys(["EvalResult", "evaluate", "pair_metrics", "read_truth", "retrieval_metrics",
+    **dict.fromkeys(["EvalResult", "pair_metrics", "read_truth", "retrieval_metrics",
                      "retrieval_metrics_blocked", "write_eval_json"], ".evaluate"),
     **dict.fromkeys(["ReportResult", "make_thumbnails", "thumbnail_uri", "write_report"], ".report"),
     **dict.fromkeys(["plot_pair", "plot_pr_curve"], ".plots"),

@@ -1,4 +1,4 @@
-"""Search stage 3, report: one self-contained HTML page of a store's duplicate groups and pairs.
+"""Search stage 4, report: one self-contained HTML page of a store's duplicate groups and pairs.
 
 The page opens offline: thumbnails are embedded as data: URIs, the data sits in a JSON island and a small
 inline script renders one page of it at a time, so a report of thousands of pairs stays responsive. Every
@@ -158,11 +158,11 @@ def _csp_hash(source: str) -> str:
 def render_html(data: dict, summary: Sequence[tuple[str, str]], title: str) -> str:
     """The report page: summary rows (escaped here), controls, the JSON data island and the renderer script."""
     esc = html.escape
-    script = template("report.js")
+    script = "\n" + template("report.js")  # the leading newline as the page always had (the CSP hash covers it)
     rows = "\n".join(f"<div><dt>{esc(k)}</dt><dd>{esc(v)}</dd></div>" for k, v in summary)
     csp = (f"default-src 'none'; img-src data: file:; style-src 'unsafe-inline'; "
            f"script-src '{_csp_hash(script)}'; base-uri 'none'; form-action 'none'")
-    parts = {"CSP": esc(csp), "TITLE": esc(title), "SUMMARY": rows, "STYLE": template("report.css"),
+    parts = {"CSP": esc(csp), "TITLE": esc(title), "SUMMARY": rows, "STYLE": "\n" + template("report.css"),
              "SCRIPT": script, "DATA": _json_island(data)}
     # One pass, so that a file name which happens to contain "%%DATA%%" is never expanded itself.
     return re.sub(r"%%([A-Z]+)%%", lambda m: parts[m.group(1)], template("report.html"))
