@@ -105,13 +105,18 @@ def decode_image(data: bytes, size: int, *, mode: str = "RGB", resample: str = "
     return Decoded(pixels=pixels, width=width, height=height)
 
 
-def read_and_decode(path: str, size: int, *, mode: str = "RGB", resample: str = "bilinear") -> tuple[str, Decoded]:
-    """Read a file once, returning its content hash and decoded pixels. Raises DecodeError."""
+def read_bytes(path: str) -> bytes:
+    """A file's whole content; DecodeError (a listed, skipped item) when it cannot be read."""
     try:
         with open(path, "rb") as fh:
-            data = fh.read()
+            return fh.read()
     except OSError as exc:
         raise DecodeError(f"cannot read: {exc.strerror or exc}") from None
+
+
+def read_and_decode(path: str, size: int, *, mode: str = "RGB", resample: str = "bilinear") -> tuple[str, Decoded]:
+    """Read a file once, returning its content hash and decoded pixels. Raises DecodeError."""
+    data = read_bytes(path)
     return sha256_hex(data), decode_image(data, size, mode=mode, resample=resample)
 
 

@@ -42,11 +42,10 @@ class Row:
     height: int
 
     @classmethod
-    def of(cls, cat: Catalog, i: int, **changed: object) -> Row:
-        """Row i of a catalog, with some fields replaced."""
-        row = cls(int(cat.ids[i]), cat.paths[i], int(cat.sizes[i]), int(cat.mtimes_ns[i]), cat.sha256[i],
-                  cat.xb[i], int(cat.widths[i]), int(cat.heights[i]))
-        return replace(row, **changed) if changed else row
+    def of(cls, cat: Catalog, i: int) -> Row:
+        """Row i of a catalog."""
+        return cls(int(cat.ids[i]), cat.paths[i], int(cat.sizes[i]), int(cat.mtimes_ns[i]), cat.sha256[i],
+                   cat.xb[i], int(cat.widths[i]), int(cat.heights[i]))
 
 
 def split_unchanged(old: Catalog | None, files: list[FileRecord]) -> tuple[list[FileRecord], int]:

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..config import DEFAULTS
 from ..errors import DecodeError
-from .decode import Decoded, decode_image, sha256_hex
+from .decode import Decoded, decode_image, read_bytes, sha256_hex
 from .embed import Embedder
 
 
@@ -52,11 +52,7 @@ def prepare(path: str, emb: Embedder, known: Callable[[str], bool] | None = None
 
     Raises DecodeError with a short reason.
     """
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-    except OSError as exc:
-        raise DecodeError(f"cannot read: {exc.strerror or exc}") from None
+    data = read_bytes(path)
     sha = sha256_hex(data)
     if known is not None and known(sha):
         return Prepared(sha, None)
