@@ -188,7 +188,7 @@ def test_fifo_named_like_an_image_is_listed_not_read(tmp_path: Path, make_images
     make_images(2)
     os.mkfifo(tmp_path / "imgs" / "pipe.jpg")
     s = build_index([tmp_path / "imgs"], tmp_path / "s.h5", embedder=fake_embedder)
-    assert s.failures == [("imgs/pipe.jpg", "not a regular file")] and s.total == 2
+    assert s.failures == [("imgs/pipe.jpg", "not a regular file (a FIFO, device or socket)")] and s.total == 2
 
 
 def test_store_in_a_symlinked_folder(tmp_path: Path, make_images, fake_embedder) -> None:

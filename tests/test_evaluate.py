@@ -58,10 +58,13 @@ def test_pair_metrics_hand_case() -> None:
 
 
 def test_pair_metrics_edge_cases_and_ties() -> None:
+    # without true pairs, recall and F1 are undefined (NaN), never a perfect 1.0
     m = pair_metrics(np.zeros(0, np.float32), np.zeros(0, bool), 0, [0.5, 0.9])
-    assert m["precision"].tolist() == [1.0, 1.0] and m["recall"].tolist() == [1.0, 1.0] and m["f1"].tolist() == [1, 1]
+    assert m["precision"].tolist() == [1.0, 1.0] and np.isnan(m["recall"]).all() and np.isnan(m["f1"]).all()
     m = pair_metrics(np.array([0.9], np.float32), np.array([False]), 0, [0.5])
-    assert m["precision"][0] == 0 and m["recall"][0] == 1.0 and m["f1"][0] == 0
+    assert m["precision"][0] == 0 and np.isnan(m["recall"][0]) and np.isnan(m["f1"][0])
+    m = pair_metrics(np.array([0.9, 0.4], np.float32), np.array([True, False]), 2, [0.5])
+    assert (m["precision"][0], m["recall"][0]) == (1.0, 0.5) and abs(m["f1"][0] - 2 / 3) < 1e-12
     # equal F1 at several thresholds: the highest one (most conservative) wins
     assert best_index(np.array([0.5, 0.8, 0.8, 0.2]), np.array([0.6, 0.7, 0.8, 0.9])) == 2
     with pytest.raises(ValueError):

@@ -202,7 +202,8 @@ def test_cli_report_bad_input(dup_store: Path, tmp_path: Path) -> None:
     assert one_line_error(run("report", "-s", dup_store, "--pairs", bad, "-o", tmp_path / "r.html"))
     assert one_line_error(run("report", "-s", dup_store, "--pairs", tmp_path / "none.csv", "-o", tmp_path / "r.html"))
     assert one_line_error(run("report", "-s", dup_store, "-o", tmp_path / "no" / "r.html"))
-    assert one_line_error(run("report", "-s", dup_store, "-o", tmp_path / "r.html", "--png-dir", tmp_path / "no"))
+    (tmp_path / "afile").write_text("x")
+    assert one_line_error(run("report", "-s", dup_store, "-o", tmp_path / "r.html", "--png-dir", tmp_path / "afile"))
     assert one_line_error(run("report", "-s", tmp_path / "none.h5", "-o", tmp_path / "r.html"))
 
 

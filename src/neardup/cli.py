@@ -10,7 +10,9 @@ import functools
 import io
 import json
 import logging
+import math
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,8 +20,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from .config import (DEFAULTS, ENV_BATCH_SIZE, ENV_MODEL, ENV_PRECISION, ENV_STORE, ENV_WEIGHTS, MODELS,
-                     resolve_threshold)
+from .config import (DEFAULTS, ENV_BATCH_SIZE, ENV_MAX_FILE_MB, ENV_MODEL, ENV_PRECISION, ENV_STORE, ENV_WEIGHTS,
+                     MODELS, THRESHOLDS, resolve_threshold)
 from .errors import InputError, NeardupError
 from .fileio import check_output_path, fmt_bytes
 
@@ -27,8 +29,9 @@ if TYPE_CHECKING:
     from .indexer.build import RunSummary
     from .search.query import QueryResult
 
+# rich_markup_mode=None: Rich markup would swallow every "[default: ...]" written in a help text.
 app = typer.Typer(
-    name="neardup", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    name="neardup", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
     help="Find near-duplicate product photos: index a catalogue, query new photos, list duplicate groups.")
 
 log = logging.getLogger("neardup")
@@ -45,9 +48,19 @@ PrecisionOpt = Annotated[str, typer.Option("--precision", envvar=ENV_PRECISION,
                                            help="Inference precision: float32 or bf16.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", envvar=ENV_BATCH_SIZE, min=1,
                                        help="Images per model call.")]
+_PER_MODEL = ", ".join(f"{m} {t:.4g}" for m, t in THRESHOLDS.items())
 ThresholdOpt = Annotated[Optional[float], typer.Option(
-    "--threshold", "-t", help="Cosine threshold [default: per model: resnet50 0.90, vgg16 0.95, "
-    "phash 0.6875 (Hamming <= 10 of 64)].")]
+    "--threshold", "-t", help=f"Cosine score at or above which two photos are duplicates [default: per model: "
+    f"{_PER_MODEL} (phash: Hamming <= 10 of 64 bits)].")]
+MaxFileOpt = Annotated[int, typer.Option(
+    "--max-file-mb", envvar=ENV_MAX_FILE_MB, min=1, help="Image files larger than this (MiB) are listed as "
+    "skipped without being read.")]
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _show(text: object) -> str:
+    """A file name as one printable line: control characters (a newline in a name) written as escapes."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], str(text))
 VerboseOpt = Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output (-vv: debug).")]
 
 
@@ -77,6 +90,8 @@ def handled(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise _fail("interrupted; an index run resumes from its last checkpoint", 130) from None
         except MemoryError:
             raise _fail("out of memory; try a smaller --batch-size") from None
+        except BrokenPipeError:  # `neardup ... | head`: main() exits quietly, as other Unix tools do
+            raise
         except OSError as exc:  # permissions, full disk, a folder where a file was expected...
             where = f"{exc.filename}: " if exc.filename else ""
             raise _fail(f"{where}{exc.strerror or exc}") from None
@@ -115,20 +130,20 @@ def _print_summary(s: RunSummary, limit: int = 20) -> None:
                    + (f", {same} by identical content (copies, moves, touched files)" if same > 0 else ""))
     typer.echo(f"  time {s.seconds:.1f} s")
     for path, why in s.failures[:limit]:
-        typer.echo(f"  skipped {path}: {why}")
+        typer.echo(f"  skipped {_show(path)}: {why}")
     if len(s.failures) > limit:
         typer.echo(f"  ... and {len(s.failures) - limit} more (neardup info --failures)")
 
 
-def _run_index(update: bool, dirs: list[Path], store: Path, model: Optional[str], weights: Optional[str],
-               precision: str, batch_size: int, prune: bool) -> None:
+def _run_index(update: bool, dirs: list[str], store: Path, model: Optional[str], weights: Optional[str],
+               precision: str, batch_size: int, prune: bool, max_file_mb: int) -> None:
     from .indexer.build import build_index, update_index
 
     bar = _Bar("update" if update else "index")
     try:
         fn = update_index if update else build_index
-        summary = fn([str(d) for d in dirs], store, model=model, weights=weights, precision=precision,
-                     batch_size=batch_size, prune=prune, progress=bar)
+        summary = fn(dirs, store, model=model, weights=weights, precision=precision,
+                     batch_size=batch_size, prune=prune, max_file_bytes=max_file_mb << 20, progress=bar)
     finally:
         bar.close()
     _print_summary(summary)
@@ -137,27 +152,29 @@ def _run_index(update: bool, dirs: list[Path], store: Path, model: Optional[str]
 @app.command("index")
 @handled
 def index_cmd(
-    dirs: Annotated[list[Path], typer.Argument(help="Folders (searched recursively) or image files.")],
+    dirs: Annotated[list[str], typer.Argument(help="Folders (searched recursively) or image files.")],
     store: StoreOpt = Path(DEFAULTS.store), model: ModelOpt = None, weights: WeightsOpt = None,
     precision: PrecisionOpt = DEFAULTS.precision, batch_size: BatchOpt = DEFAULTS.batch_size,
     prune: Annotated[bool, typer.Option(help="Also drop stored images no longer under DIRS.")] = False,
-    verbose: VerboseOpt = 0,
+    max_file_mb: MaxFileOpt = DEFAULTS.max_file_mb, verbose: VerboseOpt = 0,
 ) -> None:
     """Index images into a store (creates it, or updates it incrementally with its own model)."""
-    _run_index(False, dirs, store, model, weights, precision, batch_size, prune)
+    _run_index(False, dirs, store, model, weights, precision, batch_size, prune, max_file_mb)
 
 
 @app.command("update")
 @handled
 def update_cmd(
-    dirs: Annotated[list[Path], typer.Argument(help="Folders (searched recursively) or image files.")],
-    store: StoreOpt = Path(DEFAULTS.store), weights: WeightsOpt = None,
+    dirs: Annotated[list[str], typer.Argument(help="Folders (searched recursively) or image files.")],
+    store: StoreOpt = Path(DEFAULTS.store), model: Annotated[Optional[str], typer.Option(
+        "--model", "-m", envvar=ENV_MODEL, help="Accepted when it is the store's own model (a job may always "
+        "pass it); any other is refused [default: the store's].")] = None, weights: WeightsOpt = None,
     precision: PrecisionOpt = DEFAULTS.precision, batch_size: BatchOpt = DEFAULTS.batch_size,
     prune: Annotated[bool, typer.Option(help="Also drop stored images no longer under DIRS.")] = False,
-    verbose: VerboseOpt = 0,
+    max_file_mb: MaxFileOpt = DEFAULTS.max_file_mb, verbose: VerboseOpt = 0,
 ) -> None:
     """Update an existing store: embed new and changed images, drop deleted ones (for nightly jobs)."""
-    _run_index(True, dirs, store, None, weights, precision, batch_size, prune)
+    _run_index(True, dirs, store, model, weights, precision, batch_size, prune, max_file_mb)
 
 
 def _size(path: Path) -> str:
@@ -173,33 +190,70 @@ def info_cmd(
     store: StoreOpt = Path(DEFAULTS.store),
     failures: Annotated[bool, typer.Option("--failures", help="List every skipped image.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    check: Annotated[bool, typer.Option("--check", help="Also read every row (checksums) and the index file "
+                                        "(digest); exit 1 when the index needs `neardup update`.")] = False,
     verbose: VerboseOpt = 0,
 ) -> None:
-    """Describe a store: model, weights, counts, dimension, failures, file sizes."""
+    """Describe a store: model, weights, counts, dimension, failures, file sizes, previous generation."""
+    from .indexer.faiss_index import check_store
     from .indexer.files import StoreFiles
     from .indexer.store import read_catalog, read_meta
 
     meta = read_meta(store)
+    problems = check_store(store) if check else []
+    previous = _previous(StoreFiles(store).previous)
     failed = read_catalog(store, vectors=False).failures if (failures or as_json) else []
     index_file = StoreFiles(store).index(meta.index_file) if meta.index_file else None
     if as_json:
         doc = {k: getattr(meta, k) for k in meta.__dataclass_fields__}
         doc.update(store=str(store), store_bytes=store.stat().st_size,
                    index_bytes=index_file.stat().st_size if index_file and index_file.exists() else None,
-                   failure_list=[{"path": p, "reason": r} for p, r in failed])
+                   failure_list=[{"path": p, "reason": r} for p, r in failed], previous=previous,
+                   check=({"problems": problems} if check else None))
         typer.echo(json.dumps(doc, indent=1))
-        return
+        raise typer.Exit(1 if problems else 0)
     rows = [("store", f"{store} ({_size(store)})"),
             ("index", f"{index_file} ({_size(index_file)})" if index_file else "none (rebuilt from the store)"),
             ("images", str(meta.count)), ("failed", str(meta.failures)), ("model", meta.model),
             ("weights", f"{meta.weights} (fingerprint {meta.weights_fingerprint})"), ("dim", str(meta.dim)),
             ("input", f"{meta.input_size}x{meta.input_size}"), ("preprocessing", meta.preprocessing),
             ("normalization", meta.normalization), ("created", meta.created), ("updated", meta.updated),
-            ("neardup", f"{meta.neardup_version} (schema {meta.schema_version})")]
+            ("neardup", f"{meta.neardup_version} (schema {meta.schema_version})"),
+            ("previous", f"{previous['path']} ({previous['count']} images, written {previous['updated']}; "
+             f"`neardup restore` makes it current)" if previous else "none kept yet")]
+    if check:
+        rows.append(("check", "; ".join(problems) if problems else "ok: every checksum and the index digest match"))
     for k, v in rows:
-        typer.echo(f"{k:>14}  {v}")
+        typer.echo(f"{k:>14}  {_show(v)}")
     for p, r in failed:
-        typer.echo(f"  skipped {p}: {r}")
+        typer.echo(f"  skipped {_show(p)}: {r}")
+    raise typer.Exit(1 if problems else 0)
+
+
+def _previous(path: Path) -> dict | None:
+    from .errors import StoreError
+    from .indexer.store import read_meta
+
+    try:
+        meta = read_meta(path)
+    except StoreError as exc:
+        return {"path": str(path), "count": 0, "updated": f"unreadable: {exc}"} if path.exists() else None
+    return {"path": str(path), "count": meta.count, "updated": meta.updated}
+
+
+@app.command("restore")
+@handled
+def restore_cmd(store: StoreOpt = Path(DEFAULTS.store), verbose: VerboseOpt = 0) -> None:
+    """Make the store's previous generation current again (after damage, or to undo the last update)."""
+    from .indexer.build import restore_previous
+
+    r = restore_previous(store)
+    typer.echo(f"restored {r.store}: {r.count} images, as written {r.updated}")
+    if r.set_aside:
+        typer.echo(f"  the damaged store was moved to {r.set_aside}")
+    if r.swapped:
+        typer.echo("  the replaced store is now the previous generation (`neardup restore` again undoes this)")
+    typer.echo("  run `neardup update DIR` to add what changed since")
 
 
 @app.command("demo")
@@ -245,12 +299,23 @@ def demo_cmd(
         typer.echo(f"report {res.report_html}  (open it in a browser)")
 
 
-def _model_and_weights(model: Optional[str], weights: Optional[str]) -> tuple[str, str]:
-    """Defaults for commands that embed loose files without a store (compare, plot)."""
-    from .indexer.embed import resolve_weights
+LooseStoreOpt = Annotated[Optional[Path], typer.Option(
+    "--store", "-s", help="Embed as this store does: its model and weights (--model, if given, must match).")]
 
-    model = model or DEFAULTS.model
-    return model, resolve_weights(model, weights)
+
+def _loose_embedder(store: Optional[Path], model: Optional[str], weights: Optional[str], precision: str) -> Any:
+    """The embedder of commands that embed loose files (compare, plot): a store's, or --model's."""
+    from .errors import StoreMismatchError
+    from .indexer.embed import make_embedder, resolve_weights
+    from .indexer.store import read_meta, store_embedder
+
+    if store is None:
+        model = model or DEFAULTS.model
+        return make_embedder(model, resolve_weights(model, weights), precision)
+    meta = read_meta(store)
+    if model is not None and model != meta.model:
+        raise StoreMismatchError(f"{store} was made with {meta.model}; --model {model} cannot follow it")
+    return store_embedder(meta, store, weights=weights, precision=precision)
 
 
 def _match_rows(r: QueryResult, threshold: float) -> list[dict]:
@@ -265,13 +330,13 @@ def _query_rows(results: list[QueryResult], threshold: float) -> list[dict]:
 @app.command("query")
 @handled
 def query_cmd(
-    images: Annotated[list[Path], typer.Argument(help="Photos to look up (folders: every image in them).")],
+    images: Annotated[list[str], typer.Argument(help="Photos to look up (folders: every image in them).")],
     store: StoreOpt = Path(DEFAULTS.store), k: Annotated[int, typer.Option("-k", min=1, help="Neighbours per photo.")]
     = DEFAULTS.k, threshold: ThresholdOpt = None, weights: WeightsOpt = None,
     precision: PrecisionOpt = DEFAULTS.precision, batch_size: BatchOpt = DEFAULTS.batch_size,
     as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="CSV output.")] = False,
-    verbose: VerboseOpt = 0,
+    max_file_mb: MaxFileOpt = DEFAULTS.max_file_mb, verbose: VerboseOpt = 0,
 ) -> None:
     """Find the catalogue images nearest to each photo. Exit 0: a match >= threshold exists; 1: none; 2: error."""
     from .indexer.store import read_meta
@@ -281,7 +346,8 @@ def query_cmd(
         raise InputError("choose one of --json and --csv")
     meta = read_meta(store)
     t = resolve_threshold(threshold, meta.model)
-    results = query(store, images, k=k, weights=weights, precision=precision, batch_size=batch_size)
+    results = query(store, images, k=k, weights=weights, precision=precision, batch_size=batch_size,
+                    max_file_bytes=max_file_mb << 20)
     if as_json:
         typer.echo(json.dumps({"store": str(store), "model": meta.model, "threshold": t, "results": [
             {"query": r.query, "error": r.error, "matches": _match_rows(r, t)} for r in results]}, indent=1))
@@ -294,17 +360,17 @@ def query_cmd(
         typer.echo(buf.getvalue(), nl=False)
     else:
         for r in results:
-            typer.echo(f"{r.query}")
+            typer.echo(_show(r.query))
             if r.error:
                 typer.echo(f"  skipped: {r.error}")
                 continue
             typer.echo(f"  {'rank':>4}  {'score':>7}  {'id':>7}  path")
             for m in r.matches:
                 mark = "  <- match" if m.score >= t else ""
-                typer.echo(f"  {m.rank:>4}  {m.score:7.4f}  {m.id:>7}  {m.path}{mark}")
+                typer.echo(f"  {m.rank:>4}  {m.score:7.4f}  {m.id:>7}  {_show(m.path)}{mark}")
     for r in results:
         if r.error:
-            typer.echo(f"neardup: skipped {r.query}: {r.error}", err=True)
+            typer.echo(f"neardup: skipped {_show(r.query)}: {r.error}", err=True)
     if all(r.error for r in results):
         raise typer.Exit(2)
     raise typer.Exit(0 if has_match(results, t) else 1)
@@ -315,20 +381,20 @@ def query_cmd(
 def compare_cmd(
     a: Annotated[Path, typer.Argument(help="First image.")],
     b: Annotated[Path, typer.Argument(help="Second image.")],
-    model: ModelOpt = None, weights: WeightsOpt = None, precision: PrecisionOpt = DEFAULTS.precision,
-    threshold: ThresholdOpt = None, verbose: VerboseOpt = 0,
+    store: LooseStoreOpt = None, model: ModelOpt = None, weights: WeightsOpt = None,
+    precision: PrecisionOpt = DEFAULTS.precision, threshold: ThresholdOpt = None, verbose: VerboseOpt = 0,
 ) -> None:
     """Cosine similarity of two images. Exit 0: duplicate (>= threshold); 1: not; 2: error."""
     from .search.query import compare
 
     for p in (a, b):
         if not p.is_file():
-            raise InputError(f"no such image file: {p}")
-    model, weights = _model_and_weights(model, weights)
-    t = resolve_threshold(threshold, model)
-    score = compare(a, b, model=model, weights=weights, precision=precision)
+            raise InputError(f"no such image file: {_show(p)}")
+    emb = _loose_embedder(store, model, weights, precision)
+    t = resolve_threshold(threshold, emb.name)
+    score = compare(a, b, embedder=emb)
     verdict = "duplicate" if score >= t else "not a duplicate"
-    typer.echo(f"{score:.4f}  {verdict} (threshold {t:.4f}, model {model})")
+    typer.echo(f"{score:.4f}  {verdict} (threshold {t:.4f}, model {emb.name})")
     raise typer.Exit(0 if score >= t else 1)
 
 
@@ -358,7 +424,7 @@ def duplicates_cmd(
         typer.echo(f"group {k + 1} ({len(g.members)} images)")
         for m in g.members[:show_members]:
             tag = "keep" if m["keeper"] else ("exact" if m["exact"] else f"{m['score_to_keeper']:.4f}")
-            typer.echo(f"  {tag:>6}  {m['path']}  ({m['width']}x{m['height']})")
+            typer.echo(f"  {tag:>6}  {_show(m['path'])}  ({m['width']}x{m['height']})")
         if len(g.members) > show_members:
             typer.echo(f"          ... and {len(g.members) - show_members} more")
     if len(report.groups) > show:
@@ -382,7 +448,8 @@ def report_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="HTML file to write (self-contained, opens "
                                       "offline).")] = Path("report.html"),
     png_dir: Annotated[Optional[Path], typer.Option("--png-dir", help="Also write one side-by-side PNG per "
-                                                    "pair into this existing folder (pair_00001.png, ...).")]
+                                                    "pair into this folder, created if needed "
+                                                    "(pair_00001.png, ...).")]
     = None,
     threshold: ThresholdOpt = None, verbose: VerboseOpt = 0,
 ) -> None:
@@ -393,7 +460,7 @@ def report_cmd(
     typer.echo(f"wrote {res.out}: {res.groups} groups, {res.pairs} pairs, {res.images} images "
                f"({len(res.missing)} missing or unreadable), {res.seconds:.1f} s")
     for path in res.missing[:10]:
-        typer.echo(f"  missing {path}")
+        typer.echo(f"  missing {_show(path)}")
     if len(res.missing) > 10:
         typer.echo(f"  ... and {len(res.missing) - 10} more")
     if png_dir is not None:
@@ -405,22 +472,26 @@ def report_cmd(
 def plot_cmd(
     a: Annotated[Path, typer.Argument(help="Original image.")],
     b: Annotated[Path, typer.Argument(help="Duplicate image.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="PNG file to write.")] = Path("pair.png"),
-    score: Annotated[Optional[float], typer.Option("--score", help="Score to show [default: computed with "
-                                                   "--model, as `neardup compare`].")] = None,
-    model: ModelOpt = None, weights: WeightsOpt = None, precision: PrecisionOpt = DEFAULTS.precision,
-    verbose: VerboseOpt = 0,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Image to write, in the format of its extension: "
+                                      ".png, .jpg, .pdf, .svg or .webp.")] = Path("pair.png"),
+    score: Annotated[Optional[float], typer.Option("--score", help="Score to show [default: computed as "
+                                                   "`neardup compare` does, with --store or --model].")] = None,
+    store: LooseStoreOpt = None, model: ModelOpt = None, weights: WeightsOpt = None,
+    precision: PrecisionOpt = DEFAULTS.precision, verbose: VerboseOpt = 0,
 ) -> None:
-    """Draw two images side by side, "Original" and "Duplicate (Score: ...)", into a PNG."""
-    from .search.plots import plot_pair
+    """Draw two images side by side, "Original" and "Duplicate (Score: ...)", into an image file."""
+    from .search.plots import plot_format, plot_pair
     from .search.query import compare
 
     for p in (a, b):
         if not p.is_file():
-            raise InputError(f"no such image file: {p}")
+            raise InputError(f"no such image file: {_show(p)}")
+    check_output_path(out)
+    plot_format(out)  # refused before a model is built, not after
+    if score is not None and not math.isfinite(score):
+        raise InputError(f"--score must be a number, got {score}")
     if score is None:
-        model, weights = _model_and_weights(model, weights)
-        score = compare(a, b, model=model, weights=weights, precision=precision)
+        score = compare(a, b, embedder=_loose_embedder(store, model, weights, precision))
     plot_pair(a, b, score, out)
     typer.echo(f"wrote {out} (score {score:.4f})")
 
@@ -448,6 +519,10 @@ def evaluate_cmd(
     for path in (out, plot):  # refuse a bad output folder before the work, not after it
         if path is not None:
             check_output_path(path)
+    if plot is not None:
+        from .search.plots import plot_format
+
+        plot_format(plot)
     sweep = sorted({round(min_threshold, 6)} | {k / 100 for k in range(-100, 101) if k / 100 >= min_threshold})
     res = run_evaluation(store, truth, thresholds=sweep, threshold=threshold)
     typer.echo(res.table())
@@ -461,7 +536,13 @@ def evaluate_cmd(
 
 def main() -> None:
     """Console-script entry point."""
-    app()
+    try:
+        app()  # click already ends a closed pipe quietly (exit 1) when the error reaches it; this is the fallback
+    except BrokenPipeError:
+        # The reader (`| head`) has gone: stop quietly, as other Unix tools do, with the status of a process
+        # ended by SIGPIPE. Point stdout at /dev/null so the interpreter's own final flush cannot fail too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(128 + 13)
 
 
 if __name__ == "__main__":

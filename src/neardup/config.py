@@ -29,6 +29,7 @@ ENV_MODEL = "NEARDUP_MODEL"
 ENV_WEIGHTS = "NEARDUP_WEIGHTS"
 ENV_BATCH_SIZE = "NEARDUP_BATCH_SIZE"
 ENV_PRECISION = "NEARDUP_PRECISION"
+ENV_MAX_FILE_MB = "NEARDUP_MAX_FILE_MB"
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,17 @@ class Defaults:
     k: int = 10
     #: Rows of the similarity matrix computed at once by the duplicate self-join (memory = block * n * 4 bytes).
     join_block: int = 1024
+    #: Larger files are listed as skipped before a byte is read (a 4 GB file named *.jpg must not be read into
+    #: memory). 128 MiB is several times the largest product photo (a 50 MP PNG is ~100 MB).
+    max_file_mb: int = 128
     #: Seed for the random initialisation used with weights=none, so that every process builds the same network.
     init_seed: int = 1234
+
+
+    @property
+    def max_file_bytes(self) -> int:
+        """max_file_mb in bytes."""
+        return self.max_file_mb << 20
 
 
 DEFAULTS = Defaults()

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import closing
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -22,12 +23,12 @@ from ..fileio import check_output_path
 from .checkpoint import Checkpoint
 from .diff import assemble, split_unchanged
 from .embed import Embedder, make_embedder, resolve_weights
-from .faiss_index import build_flat_index, save_index
+from .faiss_index import build_flat_index, index_intact, save_index
 from .files import StoreFiles
 from .lock import writer_lock
 from .pipeline import Embedded, prepare_all
 from .scan import FileRecord, scan
-from .store import Catalog, StoreMeta, check_embedder, read_catalog, write_catalog
+from .store import Catalog, StoreMeta, check_embedder, read_catalog, read_meta, write_catalog
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class JobOptions:
     batch_size: int = DEFAULTS.batch_size
     checkpoint_every: int = DEFAULTS.checkpoint_every
     decode_workers: int = DEFAULTS.decode_workers
+    max_file_bytes: int = DEFAULTS.max_file_bytes
 
 
 def build_index(
@@ -80,6 +82,7 @@ def build_index(
     prune: bool = False,
     decode_workers: int = DEFAULTS.decode_workers,
     checkpoint_every: int = DEFAULTS.checkpoint_every,
+    max_file_bytes: int = DEFAULTS.max_file_bytes,
     embedder: Embedder | None = None,
     progress: Progress | None = None,
     require_existing: bool = False,
@@ -89,22 +92,22 @@ def build_index(
     On an existing store this is an incremental update with the store's own model and weights (asking for
     another model is refused). Files that vanished from disk are removed; with `prune`, so are files that
     still exist but are no longer under `roots`. Images that cannot be decoded are listed, never fatal.
+    Files over `max_file_bytes` are listed as skipped without being read.
     `embedder` injects an embedding method (tests); otherwise one is built from `model`/`weights`.
     """
     t0 = time.perf_counter()
-    files = StoreFiles.resolved(store)
+    files = _writable(store)
     store = files.store
-    check_output_path(store)
-    opts = JobOptions(batch_size, checkpoint_every, decode_workers)
-    if min(batch_size, checkpoint_every, decode_workers) < 1:
-        raise InputError("batch size, checkpoint interval and decode workers must be at least 1")
+    opts = JobOptions(batch_size, checkpoint_every, decode_workers, max_file_bytes)
+    if min(batch_size, checkpoint_every, decode_workers, max_file_bytes) < 1:
+        raise InputError("batch size, checkpoint interval, decode workers and file size limit must be at least 1")
     if model is not None and model not in MODELS and embedder is None:
         raise InputError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
     with writer_lock(files):
         files.remove_temporaries()
         if store.exists():
-            old = read_catalog(store)
-            files.remove_index_files(keep=old.meta.index_file)  # orphans of a run killed while publishing
+            old = read_catalog(store)  # whole, checksums verified: a damaged store stops here, untouched
+            files.remove_index_files(keep=_live_indexes(files, old.meta))  # orphans of a killed publish
         elif require_existing:
             raise StoreError(f"no store at {store}; create it first with `neardup index`")
         else:
@@ -121,7 +124,7 @@ def build_index(
             model = asked or DEFAULTS.model
             weights = embedder.weights if embedder is not None else resolve_weights(model, weights)
         summary = RunSummary(store=str(store), model=model)
-        found = scan(roots, store.parent)
+        found = scan(roots, store.parent, opts.max_file_bytes)
         summary.failures.extend(found.failures)
         pending, summary.unchanged = split_unchanged(old, found.files)
 
@@ -151,13 +154,17 @@ def build_index(
         for name, count in asdict(changes).items():
             setattr(summary, name, count)
         if new is not None:
-            _publish(files, new)
+            _publish(files, new, rotate=old is not None)
             summary.wrote = True
         elif old is not None and not old.meta.index_file:  # a store written without an index (library use)
-            _publish(files, old)
+            _publish(files, old, rotate=False)
             summary.wrote = True
-        elif old is not None and not files.index(old.meta.index_file).is_file():
-            save_index(build_flat_index(old.xb, old.ids), files.index(old.meta.index_file))
+        elif old is not None and not index_intact(store, old):  # lost or damaged: rewrite it from the store
+            log.warning("index %s is missing or damaged; rewriting it from the store", old.meta.index_file)
+            digest = save_index(build_flat_index(old.xb, old.ids), files.index(old.meta.index_file))
+            if old.meta.index_sha256 and digest != old.meta.index_sha256:  # another FAISS version's bytes
+                _publish(files, old, rotate=False)
+                summary.wrote = True
         # also a checkpoint left by a run killed after publishing: its work is in the store now
         files.remove_work()
         summary.total = len(new) if new is not None else (len(old) if old is not None else 0)
@@ -190,7 +197,7 @@ def _embed_pending(pending: list[FileRecord], emb: Embedder, vectors: dict[str, 
 
     known = lambda sha: sha in vectors or sha in batch  # noqa: E731 - read by the decoding threads
     outcomes = prepare_all([f.abs for f in pending], emb, known=known, batch_size=opts.batch_size,
-                           decode_workers=opts.decode_workers)
+                           decode_workers=opts.decode_workers, max_bytes=opts.max_file_bytes)
     with closing(outcomes):  # an error or Ctrl-C here also ends the decoding threads
         for done, (f, out) in enumerate(zip(pending, outcomes), start=1):
             if out.error is not None:
@@ -212,10 +219,75 @@ def _embed_pending(pending: list[FileRecord], emb: Embedder, vectors: dict[str, 
     checkpoint.save(unsaved)
 
 
-def _publish(files: StoreFiles, cat: Catalog) -> None:
-    """Write the index, then the store that names it, then drop older index files."""
+def _writable(store: str | os.PathLike[str]) -> StoreFiles:
+    """The files of a store about to be written; refuses a folder or a missing parent before any file is made."""
+    files = StoreFiles.resolved(store)
+    if files.store.is_dir():
+        raise InputError(f"{store} is a folder; give the store's file name (e.g. {Path(store) / DEFAULTS.store})")
+    check_output_path(files.store)
+    return files
+
+
+def _live_indexes(files: StoreFiles, meta: StoreMeta) -> set[str]:
+    """Index files still named by a store: the current one and the previous generation's."""
+    live = {meta.index_file}
+    try:
+        live.add(read_meta(files.previous).index_file)
+    except StoreError:
+        pass
+    return live
+
+
+def _publish(files: StoreFiles, cat: Catalog, *, rotate: bool) -> None:
+    """Write the index, then (after keeping the current store as the previous generation when `rotate`) the
+    store that names it with the index's digest, then drop index files no generation names."""
     name = files.new_index_name()
-    save_index(build_flat_index(cat.xb, cat.ids), files.index(name))
-    cat.meta = replace(cat.meta, index_file=name)
+    digest = save_index(build_flat_index(cat.xb, cat.ids), files.index(name))
+    cat.meta = replace(cat.meta, index_file=name, index_sha256=digest)
+    if rotate and files.store.exists():
+        files.keep_previous()
     write_catalog(files.store, cat)
-    files.remove_index_files(keep=name)
+    files.remove_index_files(keep=_live_indexes(files, cat.meta))
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What `restore_previous` did."""
+
+    store: str
+    count: int  #: images in the restored store
+    updated: str  #: when the restored generation was written
+    set_aside: str | None  #: where a damaged store was moved, if there was one
+    swapped: bool  #: the replaced store was readable and is now the previous generation (restore is undoable)
+
+
+def restore_previous(store: str | os.PathLike[str]) -> Restored:
+    """Make the previous published generation of `store` current again, under the writer lock.
+
+    The previous generation is read whole (checksums verified) first. A readable current store becomes the
+    previous one (so a restore can be undone the same way); a damaged one is moved to `<store>.damaged`.
+    Raises StoreError when there is no previous generation or it is damaged too.
+    """
+    files = _writable(store)
+    with writer_lock(files):
+        files.remove_temporaries()
+        if not files.previous.is_file():
+            raise StoreError(f"no previous generation of {store} is kept ({files.previous} does not exist); "
+                             f"rebuild it with `neardup index DIR --store {store}`")
+        try:
+            prev = read_catalog(files.previous)
+        except StoreError as exc:
+            raise StoreError(f"the previous generation {files.previous} cannot be used either ({exc}); rebuild "
+                             f"the store with `neardup index DIR --store {store}`") from None
+        set_aside, swapped = None, False
+        if files.store.exists():
+            try:
+                read_catalog(files.store)
+                swapped = True
+            except StoreError:
+                os.replace(files.store, files.damaged)
+                set_aside = str(files.damaged)
+        updated = prev.meta.updated
+        _publish(files, prev, rotate=swapped)
+        files.remove_work()  # a checkpoint belongs to the generation being replaced
+    return Restored(str(files.store), len(prev), updated, set_aside, swapped)

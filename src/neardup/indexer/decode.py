@@ -4,13 +4,25 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 import struct
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from ..config import DEFAULTS
 from ..errors import DecodeError
+from ..fileio import fmt_bytes
+
+# load_upright refuses bombs itself, with a reason per file. Pillow's warning for images between one and two
+# times its pixel limit would otherwise leak to stderr with a source line. Set once at import: warnings
+# filters are process-wide, and changing them per call would race between decoding threads.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+#: Bytes read at a time while hashing a file.
+_CHUNK = 1 << 20
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "lanczos": Image.Resampling.LANCZOS}
 _HIGH_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
@@ -25,7 +37,7 @@ class Decoded:
     height: int
 
 
-def sha256_hex(data: bytes) -> str:
+def sha256_hex(data: bytes | bytearray) -> str:
     """Content hash used for exact-duplicate detection and embedding reuse."""
     return hashlib.sha256(data).hexdigest()
 
@@ -57,7 +69,7 @@ def to_mode(img: Image.Image, mode: str) -> Image.Image:
     return img if img.mode == mode else img.convert(mode)
 
 
-def load_upright(data: bytes, min_side: int, *, mode: str = "RGB") -> tuple[Image.Image, tuple[int, int]]:
+def load_upright(data: bytes | bytearray, min_side: int, *, mode: str = "RGB") -> tuple[Image.Image, tuple[int, int]]:
     """Decode image bytes upright in `mode`, at a reduced JPEG scale no smaller than `min_side` when possible.
 
     Returns the image and the photo's original upright (width, height). EXIF orientation is applied, the
@@ -90,7 +102,7 @@ def load_upright(data: bytes, min_side: int, *, mode: str = "RGB") -> tuple[Imag
         raise DecodeError(f"cannot decode: {exc}") from None
 
 
-def decode_image(data: bytes, size: int, *, mode: str = "RGB", resample: str = "bilinear") -> Decoded:
+def decode_image(data: bytes | bytearray, size: int, *, mode: str = "RGB", resample: str = "bilinear") -> Decoded:
     """Decode encoded image bytes into a `size`x`size` array (aspect ratio not kept, as Keras' load_img).
 
     See load_upright for orientation, animation, bomb guard and JPEG draft decoding. Raises DecodeError.
@@ -105,25 +117,64 @@ def decode_image(data: bytes, size: int, *, mode: str = "RGB", resample: str = "
     return Decoded(pixels=pixels, width=width, height=height)
 
 
-def read_bytes(path: str) -> bytes:
-    """A file's whole content; DecodeError (a listed, skipped item) when it cannot be read."""
+def too_large(size: int, max_bytes: int) -> str | None:
+    """The reason a file of `size` bytes is refused under the limit `max_bytes`, or None when it is not."""
+    if size <= max_bytes:
+        return None
+    return f"file too large: {fmt_bytes(size)} (limit {fmt_bytes(max_bytes)}; raise it with --max-file-mb)"
+
+
+def read_file(path: str | os.PathLike[str], max_bytes: int = DEFAULTS.max_file_bytes) -> tuple[bytearray, str]:
+    """A regular file's content and its SHA-256, hashed while it is read. Raises DecodeError (a listed,
+    skipped item) for a file that cannot be read, is not a regular file, or is larger than `max_bytes`.
+
+    The file is opened without blocking and checked before a byte is read: a FIFO would block forever, a
+    link to /dev/zero would never end, and a 4 GB file must not be read into memory to be refused.
+    """
     try:
-        with open(path, "rb") as fh:
-            return fh.read()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         raise DecodeError(f"cannot read: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "rb", buffering=0) as fh:
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise DecodeError("not a regular file (a FIFO, device or socket)")
+            reason = too_large(st.st_size, max_bytes)
+            if reason:
+                raise DecodeError(reason)
+            # Read exactly the size seen (a file growing meanwhile is hashed as read, so hash and bytes agree).
+            buf = bytearray(st.st_size)
+            view, digest, got = memoryview(buf), hashlib.sha256(), 0
+            while got < st.st_size:
+                n = fh.readinto(view[got:got + _CHUNK])
+                if not n:
+                    break
+                digest.update(view[got:got + n])
+                got += n
+            view.release()
+            del buf[got:]
+            return buf, digest.hexdigest()  # not bytes(buf): that would hold the file twice
+        except OSError as exc:
+            raise DecodeError(f"cannot read: {exc.strerror or exc}") from None
 
 
-def read_and_decode(path: str, size: int, *, mode: str = "RGB", resample: str = "bilinear") -> tuple[str, Decoded]:
+def read_bytes(path: str | os.PathLike[str], max_bytes: int = DEFAULTS.max_file_bytes) -> bytearray:
+    """A file's whole content (see read_file for what is refused). Raises DecodeError."""
+    return read_file(path, max_bytes)[0]
+
+
+def read_and_decode(path: str, size: int, *, mode: str = "RGB", resample: str = "bilinear",
+                    max_bytes: int = DEFAULTS.max_file_bytes) -> tuple[str, Decoded]:
     """Read a file once, returning its content hash and decoded pixels. Raises DecodeError."""
-    data = read_bytes(path)
-    return sha256_hex(data), decode_image(data, size, mode=mode, resample=resample)
+    data, sha = read_file(path, max_bytes)
+    return sha, decode_image(data, size, mode=mode, resample=resample)
 
 
-def open_upright(path: str | os.PathLike[str], max_side: int) -> Image.Image:
+def open_upright(path: str | os.PathLike[str], max_side: int,
+                 max_bytes: int = DEFAULTS.max_file_bytes) -> Image.Image:
     """Decode the file `path` as an upright RGB image no larger than `max_side` on its longest side (for
-    thumbnails and plots). Raises OSError or DecodeError."""
-    with open(path, "rb") as fh:
-        out, _ = load_upright(fh.read(), max_side, mode="RGB")
+    thumbnails and plots). Raises DecodeError."""
+    out, _ = load_upright(read_bytes(path, max_bytes), max_side, mode="RGB")
     out.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     return out

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -10,6 +11,8 @@ from ..config import IMAGE_EXTENSIONS
 from ..errors import InputError
 
 log = logging.getLogger(__name__)
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def is_image_name(name: str) -> bool:
@@ -35,7 +38,8 @@ def discover(roots: Sequence[str | os.PathLike[str]], *,
              unreadable: list[tuple[str, str]] | None = None) -> list[Path]:
     """Return the absolute paths of all images under `roots` (folders or image files), sorted, without repeats.
 
-    Raises InputError for a root that does not exist, or when nothing is found.
+    Raises InputError for a root that does not exist or is a URL, or when nothing is found. A root that is
+    not a folder is taken as a file, whatever its kind: reading refuses FIFOs and devices with a reason.
     A folder that cannot be listed raises InputError, or, when an `unreadable` list is given, is appended
     to it as (folder, reason) and skipped.
     """
@@ -43,10 +47,12 @@ def discover(roots: Sequence[str | os.PathLike[str]], *,
         raise InputError("no folder given")
     found: set[Path] = set()
     for raw in roots:
+        if _URL.match(os.fspath(raw)):  # Path() would turn http://host/x into http:/host/x
+            raise InputError(f"URLs are not supported, only local files and folders (download it first): {raw}")
         root = Path(raw).expanduser()
         if not root.exists():
             raise InputError(f"no such file or folder: {root}")
-        if root.is_file():
+        if not root.is_dir():
             if not is_image_name(root.name):
                 raise InputError(f"not an image file (by its extension): {root}")
             found.add(Path(os.path.abspath(root)))

@@ -8,7 +8,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from ..fileio import atomic_write
+from ..fileio import atomic_write, file_sha256
 from .files import StoreFiles
 from .store import Catalog, read_catalog
 
@@ -48,9 +48,28 @@ def index_ids(index: faiss.Index) -> np.ndarray:
     return faiss.vector_to_array(index.id_map).astype(np.int64)
 
 
-def save_index(index: faiss.Index, path: str | os.PathLike[str]) -> None:
-    """Write `index` to `path` atomically."""
-    atomic_write(Path(path), lambda tmp: faiss.write_index(index, tmp))
+def save_index(index: faiss.Index, path: str | os.PathLike[str]) -> str:
+    """Write `index` to `path` atomically; returns the file's SHA-256 (the store records it)."""
+    digest = ""
+
+    def write(tmp: str) -> None:
+        nonlocal digest
+        faiss.write_index(index, tmp)
+        digest = file_sha256(tmp)
+
+    atomic_write(Path(path), write)
+    return digest
+
+
+def index_intact(store: str | os.PathLike[str], cat: Catalog) -> bool:
+    """True when the index file the store names exists and has the digest the store recorded for it."""
+    if not cat.meta.index_file:
+        return False
+    path = StoreFiles(Path(store)).index(cat.meta.index_file)
+    try:
+        return not cat.meta.index_sha256 or file_sha256(path) == cat.meta.index_sha256
+    except OSError:
+        return False
 
 
 def _saved_index(store: Path, cat: Catalog) -> faiss.Index | None:
@@ -58,8 +77,13 @@ def _saved_index(store: Path, cat: Catalog) -> faiss.Index | None:
         return None
     path = StoreFiles(store).index(cat.meta.index_file)
     try:
+        # The digest is checked before FAISS parses the file: a flipped byte in a vector still parses.
+        if cat.meta.index_sha256 and file_sha256(path) != cat.meta.index_sha256:
+            log.warning("index %s does not match the digest its store recorded (damaged); rebuilding it from "
+                        "the store (`neardup update` writes a fresh one)", path)
+            return None
         index = faiss.read_index(str(path))
-    except RuntimeError:
+    except (OSError, RuntimeError):
         log.info("index %s unavailable; rebuilding it from the store", path)
         return None
     if index.ntotal == len(cat) and np.array_equal(index_ids(index), cat.ids):
@@ -82,3 +106,23 @@ def open_index(store: str | os.PathLike[str]) -> tuple[Catalog, faiss.Index]:
         index = build_flat_index(cat.xb, cat.ids)
         cat.xb = None
     return cat, index
+
+
+def check_store(store: str | os.PathLike[str]) -> list[str]:
+    """Read every row of a store (each checksum verified) and check its index file's digest.
+
+    Raises StoreError, with how to recover, when the store itself is damaged. Returns the problems that leave
+    the data intact (an index file missing or damaged: readers rebuild it in memory, `neardup update` rewrites
+    it); an empty list means healthy.
+    """
+    cat = read_catalog(store, vectors=True)
+    problems = []
+    if not cat.meta.index_file:
+        problems.append("no index file yet; `neardup update` writes one (queries build it in memory meanwhile)")
+    elif not index_intact(store, cat):
+        problems.append(f"index {cat.meta.index_file} is missing or does not match its digest; `neardup update` "
+                        f"rewrites it (queries rebuild it from the store meanwhile)")
+    if not cat.meta.index_sha256:
+        problems.append("written before neardup recorded checksums; the next `neardup update` that changes "
+                        "something adds them")
+    return problems

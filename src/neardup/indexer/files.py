@@ -1,8 +1,10 @@
 """Indexing stage 5, files: the names of every file a store owns beside it, and their clean-up.
 
 `catalog.h5` owns `catalog.h5.lock` (the writer lock), `catalog.h5.work/` (checkpoints of a running job),
-`catalog.h5.<12 hex>.faiss` (index generations; the store names the live one) and temporaries
-`.catalog.h5[.<12 hex>.faiss].<8 random>.neardup-tmp` of interrupted writes. The patterns match this store's
+`catalog.h5.<12 hex>.faiss` (index generations; the store names the live one), `catalog.h5.prev` (the
+previous published generation, for recovery), `catalog.h5.damaged` (a damaged store set aside by
+`neardup restore`) and temporaries `.catalog.h5[.prev|.<12 hex>.faiss].<8 random>.neardup-tmp` of
+interrupted writes. The patterns match this store's
 files only, never a sibling store's (`catalog.h5.old`, `catalog.h5x`).
 """
 from __future__ import annotations
@@ -14,7 +16,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..fileio import TMP_SUFFIX
+from ..fileio import TMP_SUFFIX, fsync_dir
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,16 @@ class StoreFiles:
         """The checkpoint folder of a running index job."""
         return self.store.with_name(self.store.name + ".work")
 
+    @property
+    def previous(self) -> Path:
+        """The previous published generation of the store (rotated by the writer, for recovery)."""
+        return self.store.with_name(self.store.name + ".prev")
+
+    @property
+    def damaged(self) -> Path:
+        """Where `neardup restore` sets a damaged store aside (kept for inspection, never read)."""
+        return self.store.with_name(self.store.name + ".damaged")
+
     def index(self, index_file: str) -> Path:
         """Where the index file named in the store's attributes lies (beside the store's real file)."""
         return self.store.resolve().parent / index_file
@@ -50,11 +62,12 @@ class StoreFiles:
     def _index_pattern(self) -> re.Pattern[str]:
         return re.compile(rf"{re.escape(self.store.name)}\.[0-9a-f]{{12}}\.faiss")
 
-    def remove_index_files(self, keep: str) -> None:
+    def remove_index_files(self, keep: str | set[str]) -> None:
         """Delete this store's index generations other than `keep` (orphans of a run killed while publishing)."""
+        keep = {keep} if isinstance(keep, str) else keep
         pattern = self._index_pattern()
         for stale in self.store.parent.iterdir():
-            if pattern.fullmatch(stale.name) and stale.name != keep:
+            if pattern.fullmatch(stale.name) and stale.name not in keep:
                 try:
                     stale.unlink()
                 except OSError:
@@ -64,13 +77,30 @@ class StoreFiles:
         """Delete temporary files a killed writer left (call only while holding the writer lock)."""
         # mkstemp's random part is 8 characters of [a-z0-9_]: never match another file's temporaries
         name = re.escape(self.store.name)
-        pattern = re.compile(rf"\.{name}(\.[0-9a-f]{{12}}\.faiss)?\.[a-z0-9_]{{8}}{re.escape(TMP_SUFFIX)}")
+        pattern = re.compile(rf"\.{name}(\.prev|\.[0-9a-f]{{12}}\.faiss)?\.[a-z0-9_]{{8}}{re.escape(TMP_SUFFIX)}")
         for tmp in self.store.parent.iterdir():
             if pattern.fullmatch(tmp.name):
                 try:
                     tmp.unlink()
                 except OSError:
                     pass
+
+    def keep_previous(self) -> None:
+        """Make the current store file the previous generation, atomically (call only under the writer lock,
+        and only for a store that was read whole without error: a damaged store never replaces a good one)."""
+        tmp = self.previous.with_name(f".{self.previous.name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
+        try:
+            try:
+                os.link(self.store, tmp)  # a hard link costs nothing; the writer then replaces the store's name
+            except OSError:  # a filesystem without hard links: copy
+                shutil.copyfile(self.store, tmp)
+                with open(tmp, "rb+") as fh:
+                    os.fsync(fh.fileno())
+            os.replace(tmp, self.previous)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        fsync_dir(self.store.parent)
 
     def remove_work(self) -> None:
         """Delete the checkpoint folder (its work is in the published store, or is being discarded)."""

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..config import DEFAULTS
 from ..errors import DecodeError
-from .decode import Decoded, decode_image, read_bytes, sha256_hex
+from .decode import Decoded, decode_image, read_file
 from .embed import Embedder
 
 
@@ -47,21 +47,21 @@ class Outcome:
     error: str | None
 
 
-def prepare(path: str, emb: Embedder, known: Callable[[str], bool] | None = None) -> Prepared:
+def prepare(path: str, emb: Embedder, known: Callable[[str], bool] | None = None,
+            max_bytes: int = DEFAULTS.max_file_bytes) -> Prepared:
     """Read a file once; decode it for `emb` unless `known(sha256)` says its content has an embedding already.
 
-    Raises DecodeError with a short reason.
+    Raises DecodeError with a short reason (also for a file that is not regular or is over `max_bytes`).
     """
-    data = read_bytes(path)
-    sha = sha256_hex(data)
+    data, sha = read_file(path, max_bytes)
     if known is not None and known(sha):
         return Prepared(sha, None)
     return Prepared(sha, decode_image(data, emb.input_size, mode=emb.input_mode, resample=emb.resample))
 
 
 def prepare_all(paths: Sequence[str], emb: Embedder, *, known: Callable[[str], bool] | None = None,
-                batch_size: int = DEFAULTS.batch_size,
-                decode_workers: int = DEFAULTS.decode_workers) -> Iterator[Outcome]:
+                batch_size: int = DEFAULTS.batch_size, decode_workers: int = DEFAULTS.decode_workers,
+                max_bytes: int = DEFAULTS.max_file_bytes) -> Iterator[Outcome]:
     """`prepare` every path in decoding threads; yields one Outcome per path, in input order.
 
     At most about two batches of decoded images are held at once. A codec bug on one file becomes that
@@ -75,7 +75,7 @@ def prepare_all(paths: Sequence[str], emb: Embedder, *, known: Callable[[str], b
         pending: deque[tuple[str, Future[Prepared]]] = deque()
         it = iter(paths)
         for path in it:
-            pending.append((path, pool.submit(prepare, path, emb, known)))
+            pending.append((path, pool.submit(prepare, path, emb, known, max_bytes)))
             if len(pending) >= window:
                 break
         try:
@@ -83,7 +83,7 @@ def prepare_all(paths: Sequence[str], emb: Embedder, *, known: Callable[[str], b
                 path, fut = pending.popleft()
                 nxt = next(it, None)
                 if nxt is not None:
-                    pending.append((nxt, pool.submit(prepare, nxt, emb, known)))
+                    pending.append((nxt, pool.submit(prepare, nxt, emb, known, max_bytes)))
                 try:
                     out = Outcome(path, fut.result(), None)
                 except DecodeError as exc:
@@ -106,14 +106,15 @@ class EmbeddedFiles:
 
 
 def embed_files(paths: Sequence[str | os.PathLike[str]], emb: Embedder, *,
-                batch_size: int = DEFAULTS.batch_size,
-                decode_workers: int = DEFAULTS.decode_workers) -> EmbeddedFiles:
+                batch_size: int = DEFAULTS.batch_size, decode_workers: int = DEFAULTS.decode_workers,
+                max_bytes: int = DEFAULTS.max_file_bytes) -> EmbeddedFiles:
     """Decode and embed image files in batches with overlapped decoding; undecodable files are listed."""
     ok: list[str] = []
     chunks: list[np.ndarray] = []
     batch: list[np.ndarray] = []
     failures: list[tuple[str, str]] = []
-    outcomes = prepare_all([str(p) for p in paths], emb, batch_size=batch_size, decode_workers=decode_workers)
+    outcomes = prepare_all([str(p) for p in paths], emb, batch_size=batch_size, decode_workers=decode_workers,
+                           max_bytes=max_bytes)
     with closing(outcomes):
         for out in outcomes:
             if out.error is not None:

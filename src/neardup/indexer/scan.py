@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import DEFAULTS
+from .decode import too_large
 from .discover import discover
 
 
@@ -45,9 +47,9 @@ class Scan:
         return False
 
 
-def scan(roots: Sequence[str | os.PathLike[str]], base: Path) -> Scan:
-    """Image files under `roots` (see discover) with size and mtime; non-regular files and names that are not
-    UTF-8 are listed as failures, folders that cannot be listed as `blind`."""
+def scan(roots: Sequence[str | os.PathLike[str]], base: Path, max_bytes: int = DEFAULTS.max_file_bytes) -> Scan:
+    """Image files under `roots` (see discover) with size and mtime; non-regular files, files over `max_bytes`
+    and names that are not UTF-8 are listed as failures, folders that cannot be listed as `blind`."""
     out = Scan(base=base)
     unreadable: list[tuple[str, str]] = []
     for p in discover(roots, unreadable=unreadable):
@@ -62,7 +64,11 @@ def scan(roots: Sequence[str | os.PathLike[str]], base: Path) -> Scan:
             out.failures.append((rel, f"cannot stat: {exc.strerror or exc}"))
             continue
         if not stat.S_ISREG(st.st_mode):  # a FIFO or device named *.jpg would block or read forever
-            out.failures.append((rel, "not a regular file"))
+            out.failures.append((rel, "not a regular file (a FIFO, device or socket)"))
+            continue
+        reason = too_large(st.st_size, max_bytes)
+        if reason:
+            out.failures.append((rel, reason))
             continue
         out.files.append(FileRecord(rel, str(p), st.st_size, st.st_mtime_ns))
     blind = []

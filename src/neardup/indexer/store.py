@@ -10,13 +10,17 @@ Layout (schema 1):
   /widths, /heights int32 [n]  upright original image size
   /failures/paths, /failures/reasons  utf-8 [m]
   attrs: format, schema_version, model, weights, weights_fingerprint, input_size, preprocessing, dim,
-         normalization, created, updated, neardup_version, next_id, index_file
+         normalization, created, updated, neardup_version, next_id, index_file, index_sha256
 
 A published store is never modified in place: writers build a new file beside it and `os.replace` it, so
-readers see the old or the new store, never a half-written one.
+readers see the old or the new store, never a half-written one. Damage is detected, never served: every
+dataset carries HDF5's Fletcher-32 checksum filter (a flipped byte fails the read of its chunk), object
+headers carry the checksums of the HDF5 1.10 format, and `index_sha256` is the digest of the FAISS index
+file the store names. Stores written before checksums existed stay readable.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Iterator
@@ -31,12 +35,14 @@ from ..config import DEFAULTS, VERSION
 from ..errors import StoreError, StoreMismatchError
 from ..fileio import atomic_write, check_output_path, now_iso
 from .embed import Embedder, make_embedder
+from .files import StoreFiles
 
 log = logging.getLogger(__name__)
 
 FORMAT = "neardup-store"
 SCHEMA_VERSION = 1
 _STR = h5py.string_dtype("utf-8")
+
 
 @dataclass(frozen=True)
 class StoreMeta:
@@ -55,6 +61,7 @@ class StoreMeta:
     schema_version: int = SCHEMA_VERSION
     next_id: int = 0
     index_file: str = ""
+    index_sha256: str = ""  #: digest of the index file; "" in stores written before it was recorded
     count: int = 0
     failures: int = 0
 
@@ -78,15 +85,29 @@ class Catalog:
         return len(self.ids)
 
 
+def recovery_hint(path: str | os.PathLike[str]) -> str:
+    """How to get a usable store back when the one at `path` cannot be read."""
+    files = StoreFiles(Path(path))
+    if files.previous.is_file():
+        return (f"the previous generation is kept as {files.previous}: restore it with "
+                f"`neardup restore --store {path}`, then `neardup update` to add what changed since")
+    return f"no previous generation is kept; move {path} away and rebuild it with `neardup index DIR --store {path}`"
+
+
 @contextmanager
 def _open(path: Path) -> Iterator[h5py.File]:
     path = Path(path)
     if not path.exists():
         raise StoreError(f"no store at {path}")
+    if path.is_dir():
+        raise StoreError(f"{path} is a folder; give the store's file name (e.g. {path / DEFAULTS.store})")
     try:
         f = h5py.File(path, "r")
     except OSError as exc:
-        raise StoreError(f"{path} is not a readable HDF5 file ({str(exc).splitlines()[0][:120]})") from None
+        why = str(exc).splitlines()[0][:120]
+        if h5py.is_hdf5(path) or path.suffix in (".h5", ".hdf5", ".prev"):
+            raise StoreError(f"{path} is not a readable HDF5 file ({why}); {recovery_hint(path)}") from None
+        raise StoreError(f"{path} is not a readable HDF5 file ({why})") from None
     try:
         if f.attrs.get("format") != FORMAT:
             raise StoreError(f"{path} is an HDF5 file but not a neardup store")
@@ -94,8 +115,11 @@ def _open(path: Path) -> Iterator[h5py.File]:
         if schema != SCHEMA_VERSION:
             raise StoreError(f"{path} has store schema {schema}; this neardup reads schema {SCHEMA_VERSION}")
         yield f
-    except (KeyError, OSError, ValueError) as exc:
-        raise StoreError(f"{path} is damaged or incomplete ({exc})") from None
+    except (KeyError, OSError, ValueError) as exc:  # a checksum failure is an OSError of the read
+        why = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        if "filter returned failure" in why:  # HDF5's words for a Fletcher-32 mismatch
+            why = f"a checksum does not match: {why}"
+        raise StoreError(f"{path} is damaged or incomplete ({why}); {recovery_hint(path)}") from None
     finally:
         f.close()
 
@@ -107,7 +131,7 @@ def _meta(f: h5py.File) -> StoreMeta:
         dim=int(a["dim"]), input_size=int(a["input_size"]), preprocessing=str(a["preprocessing"]),
         normalization=str(a["normalization"]), created=str(a["created"]), updated=str(a["updated"]),
         neardup_version=str(a["neardup_version"]), schema_version=int(a["schema_version"]),
-        next_id=int(a["next_id"]), index_file=str(a["index_file"]),
+        next_id=int(a["next_id"]), index_file=str(a["index_file"]), index_sha256=str(a.get("index_sha256", "")),
         count=int(f["ids"].shape[0]), failures=int(f["failures/paths"].shape[0]))
 
 
@@ -117,8 +141,16 @@ def read_meta(path: str | os.PathLike[str]) -> StoreMeta:
         return _meta(f)
 
 
+def _strings_digest(strings: list[str]) -> str:
+    return hashlib.sha256(b"\0".join(s.encode("utf-8", "surrogateescape") for s in strings)).hexdigest()
+
+
 def _strings(ds: h5py.Dataset) -> list[str]:
-    return [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in ds[()]]
+    out = [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in ds[()]]
+    want = ds.attrs.get("sha256")
+    if want is not None and _strings_digest(out) != str(want):
+        raise ValueError(f"checksum mismatch in {ds.name}")
+    return out
 
 
 def read_catalog(path: str | os.PathLike[str], *, vectors: bool = True) -> Catalog:
@@ -146,29 +178,35 @@ def write_catalog(path: str | os.PathLike[str], cat: Catalog) -> StoreMeta:
     meta = replace(cat.meta, count=n, failures=len(cat.failures), neardup_version=VERSION,
                    updated=now_iso(), created=cat.meta.created or now_iso())
 
+    def column(f: h5py.Group, name: str, data: np.ndarray, **kw) -> None:
+        # chunked (the checksum filter needs chunks), resizable, Fletcher-32 on every chunk; HDF5 filters
+        # cannot apply to variable-length strings, so those carry a digest attribute instead
+        if kw.get("dtype") is _STR:
+            ds = f.create_dataset(name, data=data, maxshape=(None,), **kw)
+            ds.attrs["sha256"] = _strings_digest(list(data))
+        else:
+            f.create_dataset(name, data=data, maxshape=(None, *data.shape[1:]), fletcher32=True, **kw)
+
     def write(tmp: str) -> None:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("embeddings", data=np.asarray(cat.xb, np.float32), maxshape=(None, d),
-                             chunks=(max(1, min(max(n, 1), 256)), d))
-            f.create_dataset("ids", data=np.asarray(cat.ids, np.int64), maxshape=(None,), chunks=True)
-            f.create_dataset("paths", data=np.array(cat.paths, dtype=object), dtype=_STR, maxshape=(None,),
-                             chunks=True)
-            f.create_dataset("sizes", data=np.asarray(cat.sizes, np.int64), maxshape=(None,), chunks=True)
-            f.create_dataset("mtimes_ns", data=np.asarray(cat.mtimes_ns, np.int64), maxshape=(None,),
-                             chunks=True)
-            f.create_dataset("sha256", data=np.array(cat.sha256, dtype="S64").reshape(n), maxshape=(None,),
-                             chunks=True)
-            f.create_dataset("widths", data=np.asarray(cat.widths, np.int32), maxshape=(None,), chunks=True)
-            f.create_dataset("heights", data=np.asarray(cat.heights, np.int32), maxshape=(None,), chunks=True)
+        with h5py.File(tmp, "w", libver=("v110", "latest")) as f:
+            column(f, "embeddings", np.asarray(cat.xb, np.float32).reshape(n, d), chunks=(max(1, min(n, 256)), d))
+            column(f, "ids", np.asarray(cat.ids, np.int64), chunks=True)
+            column(f, "paths", np.array(cat.paths, dtype=object), dtype=_STR, chunks=True)
+            column(f, "sizes", np.asarray(cat.sizes, np.int64), chunks=True)
+            column(f, "mtimes_ns", np.asarray(cat.mtimes_ns, np.int64), chunks=True)
+            column(f, "sha256", np.array(cat.sha256, dtype="S64").reshape(n), chunks=True)
+            column(f, "widths", np.asarray(cat.widths, np.int32), chunks=True)
+            column(f, "heights", np.asarray(cat.heights, np.int32), chunks=True)
             g = f.create_group("failures")
-            g.create_dataset("paths", data=np.array([p for p, _ in cat.failures], dtype=object), dtype=_STR)
-            g.create_dataset("reasons", data=np.array([r for _, r in cat.failures], dtype=object), dtype=_STR)
+            column(g, "paths", np.array([p for p, _ in cat.failures], dtype=object), dtype=_STR, chunks=True)
+            column(g, "reasons", np.array([r for _, r in cat.failures], dtype=object), dtype=_STR, chunks=True)
             for key, value in (("format", FORMAT), ("schema_version", SCHEMA_VERSION), ("model", meta.model),
                                ("weights", meta.weights), ("weights_fingerprint", meta.weights_fingerprint),
                                ("dim", d), ("input_size", meta.input_size), ("preprocessing", meta.preprocessing),
                                ("normalization", meta.normalization), ("created", meta.created),
                                ("updated", meta.updated), ("neardup_version", meta.neardup_version),
-                               ("next_id", meta.next_id), ("index_file", meta.index_file)):
+                               ("next_id", meta.next_id), ("index_file", meta.index_file),
+                               ("index_sha256", meta.index_sha256)):
                 f.attrs[key] = value
 
     atomic_write(path, write)

@@ -56,8 +56,8 @@ DEFINITIONS = {
                       "or identical content hashes (score 1.0)",
     "true_pair": "two evaluated images in the same truth group",
     "precision": "TP / predicted pairs; 1.0 when nothing is predicted",
-    "recall": "TP / true pairs; 1.0 when there are no true pairs",
-    "f1": "2PR / (P + R); 0 when P + R = 0",
+    "recall": "TP / true pairs; undefined without true pairs (evaluate refuses such a truth)",
+    "f1": "2PR / (P + R); 0 when P + R = 0; undefined with recall",
     "best": "the threshold of highest F1 (ties: the highest such threshold, the most conservative)",
     "query": "an evaluated image with at least one other evaluated member of its truth group",
     "ranking": "all other evaluated images by cosine, exact (blocked matrix products); ties (scores within "
@@ -94,9 +94,10 @@ def pair_metrics(scores: np.ndarray, is_true: np.ndarray, n_true: int,
     fp = predicted - tp
     fn = n_true - tp
     precision = np.where(predicted > 0, tp / np.maximum(predicted, 1), 1.0)
-    recall = tp / n_true if n_true > 0 else np.ones(len(t))
+    recall = tp / n_true if n_true > 0 else np.full(len(t), np.nan)  # undefined, not perfect
     denom = precision + recall
     f1 = np.where(denom > 0, 2 * precision * recall / np.where(denom > 0, denom, 1.0), 0.0)
+    f1 = np.where(np.isnan(recall), np.nan, f1)
     return {"thresholds": t, "predicted": predicted.astype(np.int64), "tp": tp.astype(np.int64),
             "fp": fp.astype(np.int64), "fn": fn.astype(np.int64), "precision": precision, "recall": recall,
             "f1": f1}
@@ -365,6 +366,9 @@ def evaluate(store: str | os.PathLike[str], truth: str | os.PathLike[str], *,
     is_true = labels[I] == labels[J]
     _, counts = np.unique(labels, return_counts=True)
     n_true = int((counts * (counts - 1) // 2).sum())
+    if n_true == 0:
+        raise InputError(f"{truth} has no true pairs among the {n} images in the store (no group holds two of "
+                         f"them), so precision, recall and F1 are undefined; give a truth with duplicate groups")
     log.info("%d evaluated images, %d candidate pairs, %d true pairs", n, len(D), n_true)
 
     m = pair_metrics(D, is_true, n_true, sweep)

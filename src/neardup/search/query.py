@@ -81,12 +81,14 @@ class Searcher:
         return neighbours(D, I, self.cat, self._lookup)
 
     def query(self, images: Sequence[str | os.PathLike[str]], k: int = DEFAULTS.k,
-              batch_size: int = DEFAULTS.batch_size) -> list[QueryResult]:
-        """Query image files (folders are expanded); undecodable files come back with an error."""
+              batch_size: int = DEFAULTS.batch_size,
+              max_file_bytes: int = DEFAULTS.max_file_bytes) -> list[QueryResult]:
+        """Query image files (folders are expanded); undecodable, non-regular and too large files come back
+        with an error."""
         if k < 1:
             raise InputError("k must be at least 1")
         paths = [str(p) for p in discover(images)]
-        got = embed_files(paths, self.embedder, batch_size=batch_size)
+        got = embed_files(paths, self.embedder, batch_size=batch_size, max_bytes=max_file_bytes)
         results = {p: QueryResult(p, m) for p, m in zip(got.paths, self.search(got.xq, k))}
         results.update({p: QueryResult(p, error=why) for p, why in got.failures})
         return [results[p] for p in paths]
@@ -94,9 +96,10 @@ class Searcher:
 
 def query(store: str | os.PathLike[str], images: Sequence[str | os.PathLike[str]], *, k: int = DEFAULTS.k,
           weights: str | None = None, precision: str = DEFAULTS.precision, embedder: Embedder | None = None,
-          batch_size: int = DEFAULTS.batch_size) -> list[QueryResult]:
+          batch_size: int = DEFAULTS.batch_size, max_file_bytes: int = DEFAULTS.max_file_bytes) -> list[QueryResult]:
     """Top-k catalogue matches of each query image, searched with the store's own model and weights."""
-    return Searcher(store, weights=weights, precision=precision, embedder=embedder).query(images, k, batch_size)
+    searcher = Searcher(store, weights=weights, precision=precision, embedder=embedder)
+    return searcher.query(images, k, batch_size, max_file_bytes)
 
 
 def has_match(results: Sequence[QueryResult], threshold: float) -> bool:

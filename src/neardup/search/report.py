@@ -191,14 +191,18 @@ def write_report(store: str | os.PathLike[str], out: str | os.PathLike[str] = "r
     The pairs and groups come from `duplicates` (a find_duplicates result), else from the files `pairs`
     (CSV of `neardup duplicates --out`) and/or `groups` (JSON of `--groups`), else from
     find_duplicates(store, threshold=threshold). With files, `threshold` hides pairs scoring below it.
-    `png_dir` also gets one side-by-side PNG per pair, `pair_00001.png` for the report's pair #1, and so on.
+    Given groups alone, the pairs are computed from the store at the groups file's threshold (or `threshold`),
+    so the page is complete; given pairs alone, the page shows pairs only. `png_dir` (created if needed) gets one
+    side-by-side PNG per pair, `pair_00001.png` for the report's pair #1, and so on.
     Raises InputError (bad files, missing output folder) and StoreError.
     """
     t0 = time.perf_counter()
     out = Path(out)
     check_output_path(out)
-    if png_dir is not None and not Path(png_dir).is_dir():
-        raise InputError(f"the --png-dir folder does not exist: {png_dir}")
+    if png_dir is not None:
+        if Path(png_dir).exists() and not Path(png_dir).is_dir():
+            raise InputError(f"--png-dir {png_dir} is a file, not a folder")
+        Path(png_dir).mkdir(parents=True, exist_ok=True)
     if page_size < 1:
         raise InputError("page size must be at least 1")
     store = Path(store)
@@ -228,6 +232,10 @@ def write_report(store: str | os.PathLike[str], out: str | os.PathLike[str] = "r
             if t_shown is None and isinstance(gdoc.get("threshold"), (int, float)):
                 t_shown = float(gdoc["threshold"])
             source.append(f"groups from {groups}")
+        if pair_list is None:  # groups alone would show "Pairs (0)": compute the pairs at the groups' threshold
+            computed = find_duplicates(store, threshold=t_shown)
+            t_shown, pair_list = computed.threshold, computed.pairs
+            source.append(f"pairs computed from the store at {computed.threshold:.4f}")
 
     # Sorted by score, highest first; a stable sort keeps the file's order among equal scores.
     ordered = sorted(pair_list or [], key=lambda p: -p.score)

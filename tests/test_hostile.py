@@ -1,0 +1,249 @@
+"""Hostile input and damaged stores, through the real `neardup` command in a subprocess (so a hang is a timeout).
+
+Each case asserts the exit code, the one-line message and that no stored row is lost. The corpus is made here:
+FIFOs, a link to /dev/zero, a 4 GB sparse file, a decompression bomb, a newline in a file name.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from neardup.indexer.files import StoreFiles
+from neardup.indexer.store import read_catalog
+
+TIMEOUT = 120  # seconds; every case here finishes in a few, so this only catches a hang
+ENV = {**os.environ, "COLUMNS": "100"}
+
+
+def nd(*args: object, cwd: Path | None = None, timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "neardup", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd, env=ENV)
+
+
+def one_line(r: subprocess.CompletedProcess[str], *words: str, code: int = 2) -> str:
+    """The error line of a failed run: exit `code`, one line on stderr, no traceback, containing `words`."""
+    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
+    err = r.stderr.strip()
+    assert err.startswith("neardup: error:") and "\n" not in err and "Traceback" not in err, err
+    for w in words:
+        assert w in err, (w, err)
+    return err
+
+
+@pytest.fixture
+def store(tmp_path: Path, make_images) -> Path:
+    make_images(12)
+    r = nd("index", tmp_path / "imgs", "--store", tmp_path / "s.h5", "--model", "phash")
+    assert r.returncode == 0, r.stderr
+    return tmp_path / "s.h5"
+
+
+def rows(store: Path) -> list[tuple[int, str, str]]:
+    cat = read_catalog(store)
+    return sorted(zip(cat.ids.tolist(), cat.paths, cat.sha256))
+
+
+# ------------------------------------------------------------------------------------------- files that bite
+
+def test_query_folder_with_fifo_and_dev_zero_link_does_not_hang(store: Path, tmp_path: Path, make_images) -> None:
+    q = tmp_path / "q"
+    make_images(1, folder="q")
+    os.mkfifo(q / "p.jpg")
+    (q / "zero.jpg").symlink_to("/dev/zero")
+    r = nd("query", q, "-s", store, "-k", "1", timeout=60)
+    assert r.returncode in (0, 1), r.stderr
+    assert f"skipped {q / 'p.jpg'}: not a regular file" in r.stderr
+    assert f"skipped {q / 'zero.jpg'}: not a regular file" in r.stderr
+    r = nd("query", q / "p.jpg", "-s", store, timeout=60)  # the FIFO itself: a skipped row, not "Not a directory"
+    assert r.returncode == 2 and "not a regular file" in r.stderr and "Not a directory" not in r.stderr
+
+
+def test_huge_sparse_file_is_refused_unread_with_bounded_memory(tmp_path: Path, make_images) -> None:
+    make_images(3)
+    huge = tmp_path / "imgs" / "huge.jpg"
+    with open(huge, "wb") as fh:
+        fh.truncate(4 << 30)  # 4 GB, sparse: no disk used
+    # The CLI runs in a fresh interpreter that reports its own peak memory: VmHWM, kB, which starts afresh at
+    # exec (ru_maxrss would include the memory of this test process at fork).
+    code = ("import re, sys\nfrom neardup.cli import app\ntry:\n    app(sys.argv[1:])\nexcept SystemExit as e:\n"
+            "    print('exit', e.code)\nprint('peak', re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1])\n")
+    r = subprocess.run([sys.executable, "-c", code, "index", str(tmp_path / "imgs"), "-s", str(tmp_path / "s.h5"),
+                        "--model", "phash"], capture_output=True, text=True, timeout=TIMEOUT, env=ENV)
+    peak_mb = int(r.stdout.split("peak ")[1]) / 1024
+    assert "exit 0" in r.stdout and "added 3" in r.stdout, r.stdout + r.stderr
+    assert "skipped imgs/huge.jpg: file too large: 4.0 GB (limit 128.0 MB" in r.stdout
+    assert peak_mb < 500, f"peak memory {peak_mb:.0f} MB"
+    r = nd("query", huge, "-s", tmp_path / "s.h5")
+    assert r.returncode == 2 and "file too large" in r.stderr
+    big = tmp_path / "big.png"  # the limit is an option: a 1.5 MB photo is refused under --max-file-mb 1
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (800, 700, 3), np.uint8)).save(big)
+    assert nd("query", big, "-s", tmp_path / "s.h5").returncode in (0, 1)
+    r = nd("query", big, "-s", tmp_path / "s.h5", "--max-file-mb", "1")
+    assert r.returncode == 2 and "file too large: 1.6 MB (limit 1.0 MB" in r.stderr
+
+
+def test_bomb_warning_newline_name_and_url(tmp_path: Path, make_images) -> None:
+    make_images(2)
+    # 10000 x 9000 = 90 MP: above Pillow's warning limit (89.5 MP), below its error limit
+    Image.new("1", (10000, 9000)).save(tmp_path / "imgs" / "bomb.png")
+    (tmp_path / "imgs" / "bad\nname.jpg").write_bytes(b"not a jpeg")
+    r = nd("index", tmp_path / "imgs", "-s", tmp_path / "s.h5", "--model", "phash")
+    assert r.returncode == 0, r.stderr
+    assert "skipped imgs/bomb.png: refused as a decompression bomb" in r.stdout
+    assert "DecompressionBombWarning" not in r.stderr and r.stderr == ""
+    assert "skipped imgs/bad\\nname.jpg: not a recognised image format" in r.stdout  # escaped: one line
+    r = nd("info", "-s", tmp_path / "s.h5", "--failures")
+    assert "imgs/bad\\nname.jpg" in r.stdout
+    one_line(nd("query", "http://example.com/a.jpg", "-s", tmp_path / "s.h5"), "URLs are not supported",
+             "http://example.com/a.jpg")
+
+
+def test_store_that_is_a_folder_leaves_nothing_behind(tmp_path: Path, make_images) -> None:
+    make_images(2)
+    (tmp_path / "folder").mkdir()
+    one_line(nd("index", tmp_path / "imgs", "-s", tmp_path / "folder", "--model", "phash"), "is a folder")
+    one_line(nd("query", tmp_path / "imgs", "-s", tmp_path / "folder"), "is a folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "imgs"]
+    assert list((tmp_path / "folder").iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------ damaged stores
+
+def flip(path: Path, offset: int, n: int = 8) -> None:
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        data = bytearray(fh.read(n))
+        fh.seek(offset)
+        fh.write(bytes(b ^ 0xFF for b in data))
+
+
+def test_flipped_bytes_in_embeddings_are_detected_and_restored(store: Path, tmp_path: Path, make_images) -> None:
+    first = rows(store)
+    make_images(3, start=12)
+    assert nd("update", tmp_path / "imgs", "-s", store).returncode == 0  # the first generation becomes .prev
+    assert StoreFiles(store).previous.is_file() and len(rows(store)) == 15
+    with h5py.File(store) as f:
+        offset = f["embeddings"].id.get_chunk_info(0).byte_offset
+    flip(store, offset + 64 * 4 * 3)  # inside row 3's vector
+    damaged = store.read_bytes()
+    truth = tmp_path / "truth.csv"
+    truth.write_text("path,group\nimgs/img_0000.jpg,a\nimgs/img_0001.jpg,a\n")
+    for args in (["duplicates"], ["info", "--check"], ["update", tmp_path / "imgs"], ["evaluate", "--truth", truth]):
+        err = one_line(nd(*args, "-s", store), "checksum does not match", "neardup restore")
+    assert store.read_bytes() == damaged  # an unreadable store is never replaced (by an empty one or any other)
+    r = nd("restore", "-s", store)
+    assert r.returncode == 0 and "the damaged store was moved to" in r.stdout, r.stderr
+    assert rows(store) == first and StoreFiles(store).damaged.read_bytes() == damaged
+    r = nd("update", tmp_path / "imgs", "-s", store)  # the restored generation catches up: no row lost
+    assert r.returncode == 0 and "added 3" in r.stdout
+    assert len(rows(store)) == 15 and nd("info", "--check", "-s", store).returncode == 0
+    assert err
+
+
+def test_flipped_bytes_in_the_index_are_never_served(store: Path, tmp_path: Path) -> None:
+    cat = read_catalog(store)
+    index_file = StoreFiles(store).index(cat.meta.index_file)
+    # zero one stored vector (ids intact: FAISS still reads the file) — what a silent corruption looks like
+    data = bytearray(index_file.read_bytes())
+    vec = cat.xb[0].astype(np.float32).tobytes()
+    at = data.find(vec)
+    assert at > 0
+    data[at:at + len(vec)] = bytes(len(vec))
+    index_file.write_bytes(bytes(data))
+    r = nd("query", tmp_path / "imgs" / "img_0000.jpg", "-s", store, "-k", "1", "--json")
+    assert r.returncode == 0 and "rebuilding it from the store" in r.stderr
+    match = json.loads(r.stdout)["results"][0]["matches"][0]
+    assert match["path"] == "imgs/img_0000.jpg" and match["score"] > 0.999
+    r = nd("info", "--check", "-s", store)
+    assert r.returncode == 1 and "does not match its digest" in r.stdout
+    r = nd("update", tmp_path / "imgs", "-s", store)
+    assert r.returncode == 0 and nd("info", "--check", "-s", store).returncode == 0
+    assert "rebuilding" not in nd("query", tmp_path / "imgs" / "img_0000.jpg", "-s", store).stderr
+
+
+def test_truncated_store_says_how_to_recover_and_restore_undoes(store: Path, tmp_path: Path, make_images) -> None:
+    first = rows(store)
+    one_line(nd("restore", "-s", store), "no previous generation")
+    make_images(2, start=12)
+    assert nd("update", tmp_path / "imgs", "-s", store).returncode == 0
+    second = rows(store)
+    # restore on a healthy store swaps the generations, so a second restore undoes the first
+    assert "now the previous generation" in nd("restore", "-s", store).stdout and rows(store) == first
+    assert nd("restore", "-s", store).returncode == 0 and rows(store) == second
+    size = store.stat().st_size
+    with open(store, "r+b") as fh:
+        fh.truncate(size // 2)
+    one_line(nd("query", tmp_path / "imgs", "-s", store), "neardup restore --store")
+    one_line(nd("index", tmp_path / "imgs", "-s", store), "neardup restore --store")
+    assert store.stat().st_size == size // 2
+    assert nd("restore", "-s", store).returncode == 0 and rows(store) == first
+    r = nd("query", tmp_path / "imgs" / "img_0001.jpg", "-s", store, "-k", "1")
+    assert r.returncode == 0 and "imgs/img_0001.jpg  <- match" in r.stdout
+
+
+# ---------------------------------------------------------------------------------------- honest commands
+
+def test_help_shows_every_default() -> None:
+    r = nd("query", "--help")
+    text = " ".join(r.stdout.split())  # the help is wrapped to the terminal's width
+    assert "[default: per model: resnet50 0.9, vgg16 0.95, phash 0.6875 (phash: Hamming <= 10 of 64 bits)]" in text
+    for shown in ("NEARDUP_STORE; default: catalog.h5]", "[default: 10; x>=1]", "default: 32; x>=1]",
+                  "default: float32]", "[env var: NEARDUP_MAX_FILE_MB; default: 128; x>=1]",
+                  "[default: the store's, else imagenet]"):
+        assert shown in text, shown
+    for cmd in ("index", "update", "info", "restore", "compare", "duplicates", "report", "plot", "evaluate", "demo"):
+        text = " ".join(nd(cmd, "--help").stdout.split())
+        assert not re.search(r" \.( |$)", text), (cmd, text)  # a swallowed "[default: ...]" leaves "text ."
+    assert "[default: the store's, else resnet50]" in " ".join(nd("index", "--help").stdout.split())
+
+
+def test_broken_pipe_is_quiet(store: Path, tmp_path: Path, make_images) -> None:
+    make_images(40, folder="more", start=12)
+    p = subprocess.Popen([sys.executable, "-m", "neardup", "query", tmp_path / "more", "-s", store, "-k", "12"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    p.stdout.readline()
+    p.stdout.close()  # as `| head -1` does
+    err = p.stderr.read().decode()
+    p.wait(timeout=TIMEOUT)
+    assert err == "" and p.returncode != 2, (p.returncode, err)
+
+
+def test_compare_and_plot_follow_a_store_and_update_accepts_its_model(store: Path, tmp_path: Path) -> None:
+    a, b = tmp_path / "imgs" / "img_0000.jpg", tmp_path / "imgs" / "img_0001.jpg"
+    r = nd("compare", a, a, "--store", store)
+    assert r.returncode == 0 and "model phash" in r.stdout
+    one_line(nd("compare", a, b, "--store", store, "--model", "vgg16"), "made with phash")
+    r = nd("plot", a, b, "--store", store, "--out", tmp_path / "p.jpg")
+    assert r.returncode == 0 and (tmp_path / "p.jpg").read_bytes()[:3] == b"\xff\xd8\xff"
+    assert nd("plot", a, b, "--score", "0.5", "-o", tmp_path / "p.pdf").returncode == 0
+    assert (tmp_path / "p.pdf").read_bytes()[:5] == b"%PDF-"
+    one_line(nd("plot", a, b, "--score", "0.5", "-o", tmp_path / "p.xyz"), "cannot tell the image format")
+    one_line(nd("plot", a, b, "--score", "nan", "-o", tmp_path / "p.png"), "must be a number")
+    assert not (tmp_path / "p.png").exists()
+    assert nd("update", tmp_path / "imgs", "-s", store, "--model", "phash").returncode == 0
+    one_line(nd("update", tmp_path / "imgs", "-s", store, "--model", "vgg16"), "made with model phash")
+
+
+def test_report_from_groups_alone_is_complete(store: Path, tmp_path: Path) -> None:
+    # a low threshold makes pairs among the synthetic products
+    assert nd("duplicates", "-s", store, "-t", "0.3", "--groups", tmp_path / "g.json").returncode == 0
+    r = nd("report", "-s", store, "--groups", tmp_path / "g.json", "-o", tmp_path / "r.html",
+           "--png-dir", tmp_path / "new" / "pngs")
+    assert r.returncode == 0, r.stderr
+    pairs = int(r.stdout.split(" pairs,")[0].rsplit(" ", 1)[1])
+    assert pairs > 0 and len(list((tmp_path / "new" / "pngs").glob("pair_*.png"))) == pairs
+
+
+def test_evaluate_without_true_pairs_is_undefined(store: Path, tmp_path: Path) -> None:
+    truth = tmp_path / "truth.csv"
+    truth.write_text("path,group\n" + "".join(f"imgs/img_{k:04d}.jpg,g{k}\n" for k in range(12)))
+    one_line(nd("evaluate", "--truth", truth, "-s", store), "no true pairs", "undefined")
