@@ -34,7 +34,7 @@ def main() -> int:
     from PIL import Image
 
     from neardup.indexer.build import build_index, update_index
-    from neardup.indexer.embed import make_embedder
+    from neardup.indexer.models import make_embedder
     from neardup.indexer.store import read_catalog
 
     rep = Report("bench_update.py", "Nightly re-index: first index, no-change update, 1% change update",

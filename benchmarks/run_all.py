@@ -32,6 +32,8 @@ SUITE: list[tuple[str, list[str], list[str]]] = [
     ("bench_precision.py", ["--n", "128", "--batch-size", "32", "--repeats", "3"],
      ["--n", "16", "--batch-size", "8", "--repeats", "1"]),
     ("bench_update.py", ["--n", "1000"], ["--n", "40"]),
+    ("bench_runtime.py", ["--n", "128", "--repeats", "3", "--cli-runs", "5"],
+     ["--n", "16", "--batch-size", "8", "--repeats", "1", "--cli-runs", "1", "--agreement-n", "32"]),
 ]
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,9 @@ import pytest
 from neardup.testing import FakeEmbedder, write_product_photos
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One ONNX export cache per test session, so tests never use (or fill) the user's ~/.cache/neardup; the CLI
+# subprocesses inherit it. The first test that needs ResNet50 on ONNX Runtime pays its export (~40 s) once.
+os.environ.setdefault("NEARDUP_CACHE", tempfile.mkdtemp(prefix="neardup-test-cache-"))
 
 GROCERY = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "grocery-store" / "dataset"
 SKIP_GROCERY = (f"real-photo test skipped: the Grocery Store Dataset is not at {GROCERY} "

@@ -20,8 +20,8 @@ from neardup.indexer.embed import (
     hamming_to_cosine,
     keras_cache_dir,
     l2_normalize,
-    make_embedder,
 )
+from neardup.indexer.models import make_embedder
 from neardup.testing import product_photo
 
 
@@ -102,7 +102,7 @@ def _photos(n: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def resnet():
-    return make_embedder("resnet50", "none")
+    return make_embedder("resnet50", "none", runtime="tf")  # the Keras model itself (ONNX: tests/test_onnx.py)
 
 
 @pytest.mark.slow
@@ -122,9 +122,9 @@ def test_resnet50_weights_none_is_identical_across_processes(resnet, tmp_path: P
     # A store built in one process must be queryable from another: the random init is seeded.
     x = _photos(2)
     np.save(tmp_path / "x.npy", x)
-    code = ("import numpy as np, sys; from neardup.indexer.embed import make_embedder; "
+    code = ("import numpy as np, sys; from neardup.indexer.models import make_embedder; "
             f"x = np.load({str(tmp_path / 'x.npy')!r}); "
-            f"np.save({str(tmp_path / 'y.npy')!r}, make_embedder('resnet50', 'none').embed(x))")
+            f"np.save({str(tmp_path / 'y.npy')!r}, make_embedder('resnet50', 'none', runtime='tf').embed(x))")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=300)
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), resnet.embed(x), atol=1e-5)
 
@@ -133,7 +133,7 @@ def test_resnet50_weights_none_is_identical_across_processes(resnet, tmp_path: P
 def test_weights_file_path_is_loaded_and_fingerprinted(resnet, tmp_path: Path) -> None:
     path = tmp_path / "resnet.weights.h5"
     resnet._model.save_weights(path)
-    from_file = make_embedder("resnet50", str(path))
+    from_file = make_embedder("resnet50", str(path), runtime="tf")
     assert from_file.weights_fingerprint.startswith("sha256:")
     x = _photos(2)
     np.testing.assert_allclose(from_file.embed(x), resnet.embed(x), atol=1e-5)
@@ -164,7 +164,7 @@ def test_offline_imagenet_error_names_cache_path_option_and_phash(monkeypatch, t
 
 @pytest.mark.slow
 def test_vgg16_fc1_is_4096_d() -> None:
-    vgg = make_embedder("vgg16", "none")
+    vgg = make_embedder("vgg16", "none", runtime="tf")
     y = vgg.embed(_photos(2))
     assert y.shape == (2, 4096) and vgg.dim == 4096
     np.testing.assert_allclose(np.linalg.norm(y, axis=1), 1.0, atol=1e-5)

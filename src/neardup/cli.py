@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from .config import (DEFAULTS, ENV_BATCH_SIZE, ENV_MAX_FILE_MB, ENV_MODEL, ENV_PRECISION, ENV_STORE, ENV_WEIGHTS,
-                     MODELS, THRESHOLDS, resolve_threshold)
+from .config import (DEFAULTS, ENV_BATCH_SIZE, ENV_MAX_FILE_MB, ENV_MODEL, ENV_PRECISION, ENV_PREPROCESS,
+                     ENV_RUNTIME, ENV_STORE, ENV_WEIGHTS, RUNTIMES, THRESHOLDS, resolve_threshold)
 from .errors import InputError, NeardupError
 from .fileio import check_output_path, fmt_bytes
 
@@ -39,13 +39,22 @@ log = logging.getLogger("neardup")
 # Options shared by several commands; each mirrors a field of config.DEFAULTS.
 StoreOpt = Annotated[Path, typer.Option("--store", "-s", envvar=ENV_STORE, help="HDF5 store file.")]
 ModelOpt = Annotated[Optional[str], typer.Option(
-    "--model", "-m", envvar=ENV_MODEL, help=f"Embedding method: {', '.join(MODELS)} [default: the store's, "
-    f"else {DEFAULTS.model}].")]
+    "--model", "-m", envvar=ENV_MODEL, help="Embedding method: resnet50, vgg16, phash, or onnx:PATH (your own ONNX "
+    f"image model, see --preprocess) [default: the store's, else {DEFAULTS.model}].")]
 WeightsOpt = Annotated[Optional[str], typer.Option(
     "--weights", "-w", envvar=ENV_WEIGHTS, help="imagenet | none | PATH to a weights file [default: the store's, "
     f"else {DEFAULTS.weights}].")]
-PrecisionOpt = Annotated[str, typer.Option("--precision", envvar=ENV_PRECISION,
-                                           help="Inference precision: float32 or bf16.")]
+PrecisionOpt = Annotated[str, typer.Option(
+    "--precision", envvar=ENV_PRECISION, help="float32; bf16 (with --runtime tf); or int8 (ONNX Runtime, "
+    "calibrated on the indexed images when the store is created; queries then follow the store).")]
+RuntimeOpt = Annotated[str, typer.Option(
+    "--runtime", envvar=ENV_RUNTIME, help=f"Runtime of resnet50/vgg16: {' or '.join(RUNTIMES)} (ONNX Runtime runs "
+    "the model exported from Keras once and cached; the vectors are interchangeable).")]
+PreprocessOpt = Annotated[Optional[str], typer.Option(
+    "--preprocess", envvar=ENV_PREPROCESS, help="For --model onnx:PATH, what the model expects, as key=value,...: "
+    "size, layout (nhwc|nchw), scale (e.g. 1/255), mean and std (a:b:c), order (rgb|bgr), fit (stretch|crop), "
+    "dtype (float32|uint8), input, output (tensor names) [default: size=224,layout=nhwc,scale=1/255,mean=0:0:0,"
+    "std=1:1:1,order=rgb,fit=stretch,dtype=float32, the only input and output].")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", envvar=ENV_BATCH_SIZE, min=1,
                                        help="Images per model call.")]
 _PER_MODEL = ", ".join(f"{m} {t:.4g}" for m, t in THRESHOLDS.items())
@@ -72,8 +81,13 @@ def _setup_logging(verbose: int) -> None:
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    typer.echo(f"neardup: error: {message}", err=True)
+    typer.echo(f"neardup: error: {_show(message)}", err=True)  # one line, whatever a file name holds
     return typer.Exit(code)
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that no later flush fails on a pipe whose reader has gone."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def handled(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -90,8 +104,9 @@ def handled(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise _fail("interrupted; an index run resumes from its last checkpoint", 130) from None
         except MemoryError:
             raise _fail("out of memory; try a smaller --batch-size") from None
-        except BrokenPipeError:  # `neardup ... | head`: main() exits quietly, as other Unix tools do
-            raise
+        except BrokenPipeError:  # `neardup ... | head`: stop quietly, with the status of a process ended by SIGPIPE
+            _quiet_stdout()  # (as other Unix tools; not 1, which `query` uses for "no match")
+            raise typer.Exit(128 + 13) from None
         except OSError as exc:  # permissions, full disk, a folder where a file was expected...
             where = f"{exc.filename}: " if exc.filename else ""
             raise _fail(f"{where}{exc.strerror or exc}") from None
@@ -128,6 +143,8 @@ def _print_summary(s: RunSummary, limit: int = 20) -> None:
         typer.echo(f"  embedded {s.embedded} images in {s.embed_seconds:.1f} s ({s.images_per_second:.1f} img/s, "
                    f"decode+embed); reused {s.reused} from an interrupted run"
                    + (f", {same} by identical content (copies, moves, touched files)" if same > 0 else ""))
+    if s.calibration:
+        typer.echo(f"  {s.calibration}")
     typer.echo(f"  time {s.seconds:.1f} s")
     for path, why in s.failures[:limit]:
         typer.echo(f"  skipped {_show(path)}: {why}")
@@ -136,14 +153,16 @@ def _print_summary(s: RunSummary, limit: int = 20) -> None:
 
 
 def _run_index(update: bool, dirs: list[str], store: Path, model: Optional[str], weights: Optional[str],
-               precision: str, batch_size: int, prune: bool, max_file_mb: int) -> None:
+               precision: str, batch_size: int, prune: bool, max_file_mb: int, runtime: str,
+               preprocess: Optional[str] = None) -> None:
     from .indexer.build import build_index, update_index
 
     bar = _Bar("update" if update else "index")
     try:
         fn = update_index if update else build_index
         summary = fn(dirs, store, model=model, weights=weights, precision=precision,
-                     batch_size=batch_size, prune=prune, max_file_bytes=max_file_mb << 20, progress=bar)
+                     batch_size=batch_size, prune=prune, max_file_bytes=max_file_mb << 20, runtime=runtime,
+                     preprocess=preprocess, progress=bar)
     finally:
         bar.close()
     _print_summary(summary)
@@ -156,10 +175,11 @@ def index_cmd(
     store: StoreOpt = Path(DEFAULTS.store), model: ModelOpt = None, weights: WeightsOpt = None,
     precision: PrecisionOpt = DEFAULTS.precision, batch_size: BatchOpt = DEFAULTS.batch_size,
     prune: Annotated[bool, typer.Option(help="Also drop stored images no longer under DIRS.")] = False,
-    max_file_mb: MaxFileOpt = DEFAULTS.max_file_mb, verbose: VerboseOpt = 0,
+    max_file_mb: MaxFileOpt = DEFAULTS.max_file_mb, runtime: RuntimeOpt = DEFAULTS.runtime,
+    preprocess: PreprocessOpt = None, verbose: VerboseOpt = 0,
 ) -> None:
     """Index images into a store (creates it, or updates it incrementally with its own model)."""
-    _run_index(False, dirs, store, model, weights, precision, batch_size, prune, max_file_mb)
+    _run_index(False, dirs, store, model, weights, precision, batch_size, prune, max_file_mb, runtime, preprocess)
 
 
 @app.command("update")
@@ -167,14 +187,14 @@ def index_cmd(
 def update_cmd(
     dirs: Annotated[list[str], typer.Argument(help="Folders (searched recursively) or image files.")],
     store: StoreOpt = Path(DEFAULTS.store), model: Annotated[Optional[str], typer.Option(
-        "--model", "-m", envvar=ENV_MODEL, help="Accepted when it is the store's own model (a job may always "
+        "--model", "-m", help="Accepted when it is the store's own model (a job may always "
         "pass it); any other is refused [default: the store's].")] = None, weights: WeightsOpt = None,
     precision: PrecisionOpt = DEFAULTS.precision, batch_size: BatchOpt = DEFAULTS.batch_size,
     prune: Annotated[bool, typer.Option(help="Also drop stored images no longer under DIRS.")] = False,
-    max_file_mb: MaxFileOpt = DEFAULTS.max_file_mb, verbose: VerboseOpt = 0,
+    max_file_mb: MaxFileOpt = DEFAULTS.max_file_mb, runtime: RuntimeOpt = DEFAULTS.runtime, verbose: VerboseOpt = 0,
 ) -> None:
     """Update an existing store: embed new and changed images, drop deleted ones (for nightly jobs)."""
-    _run_index(True, dirs, store, model, weights, precision, batch_size, prune, max_file_mb)
+    _run_index(True, dirs, store, model, weights, precision, batch_size, prune, max_file_mb, runtime)
 
 
 def _size(path: Path) -> str:
@@ -201,7 +221,7 @@ def info_cmd(
 
     meta = read_meta(store)
     problems = check_store(store) if check else []
-    previous = _previous(StoreFiles(store).previous)
+    previous = _previous(StoreFiles.resolved(store).previous)
     failed = read_catalog(store, vectors=False).failures if (failures or as_json) else []
     index_file = StoreFiles(store).index(meta.index_file) if meta.index_file else None
     if as_json:
@@ -217,10 +237,14 @@ def info_cmd(
             ("images", str(meta.count)), ("failed", str(meta.failures)), ("model", meta.model),
             ("weights", f"{meta.weights} (fingerprint {meta.weights_fingerprint})"), ("dim", str(meta.dim)),
             ("input", f"{meta.input_size}x{meta.input_size}"), ("preprocessing", meta.preprocessing),
+            ("runtime", f"{meta.runtime or 'not recorded'}, {meta.precision}"
+             + (f" ({meta.quantized_file}; {meta.calibration})" if meta.quantized_file else "")),
             ("normalization", meta.normalization), ("created", meta.created), ("updated", meta.updated),
             ("neardup", f"{meta.neardup_version} (schema {meta.schema_version})"),
-            ("previous", f"{previous['path']} ({previous['count']} images, written {previous['updated']}; "
-             f"`neardup restore` makes it current)" if previous else "none kept yet")]
+            ("previous", "none kept yet" if not previous else
+             f"{previous['path']}: damaged ({previous['damaged']}), cannot be restored" if "damaged" in previous else
+             f"{previous['path']} ({previous['count']} images, written {previous['updated']}; "
+             f"`neardup restore` makes it current)")]
     if check:
         rows.append(("check", "; ".join(problems) if problems else "ok: every checksum and the index digest match"))
     for k, v in rows:
@@ -237,7 +261,7 @@ def _previous(path: Path) -> dict | None:
     try:
         meta = read_meta(path)
     except StoreError as exc:
-        return {"path": str(path), "count": 0, "updated": f"unreadable: {exc}"} if path.exists() else None
+        return {"path": str(path), "count": None, "damaged": getattr(exc, "reason", str(exc))} if path.exists() else None
     return {"path": str(path), "count": meta.count, "updated": meta.updated}
 
 
@@ -303,19 +327,19 @@ LooseStoreOpt = Annotated[Optional[Path], typer.Option(
     "--store", "-s", help="Embed as this store does: its model and weights (--model, if given, must match).")]
 
 
-def _loose_embedder(store: Optional[Path], model: Optional[str], weights: Optional[str], precision: str) -> Any:
+def _loose_embedder(store: Optional[Path], model: Optional[str], weights: Optional[str], precision: str,
+                    runtime: str, preprocess: Optional[str]) -> Any:
     """The embedder of commands that embed loose files (compare, plot): a store's, or --model's."""
     from .errors import StoreMismatchError
-    from .indexer.embed import make_embedder, resolve_weights
+    from .indexer.models import make_embedder, split_model
     from .indexer.store import read_meta, store_embedder
 
     if store is None:
-        model = model or DEFAULTS.model
-        return make_embedder(model, resolve_weights(model, weights), precision)
+        return make_embedder(model or DEFAULTS.model, weights, precision, runtime=runtime, preprocess=preprocess)
     meta = read_meta(store)
-    if model is not None and model != meta.model:
+    if model is not None and split_model(model, weights)[0] != meta.model:
         raise StoreMismatchError(f"{store} was made with {meta.model}; --model {model} cannot follow it")
-    return store_embedder(meta, store, weights=weights, precision=precision)
+    return store_embedder(meta, store, weights=weights, precision=precision, runtime=runtime)
 
 
 def _match_rows(r: QueryResult, threshold: float) -> list[dict]:
@@ -336,7 +360,7 @@ def query_cmd(
     precision: PrecisionOpt = DEFAULTS.precision, batch_size: BatchOpt = DEFAULTS.batch_size,
     as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="CSV output.")] = False,
-    max_file_mb: MaxFileOpt = DEFAULTS.max_file_mb, verbose: VerboseOpt = 0,
+    max_file_mb: MaxFileOpt = DEFAULTS.max_file_mb, runtime: RuntimeOpt = DEFAULTS.runtime, verbose: VerboseOpt = 0,
 ) -> None:
     """Find the catalogue images nearest to each photo. Exit 0: a match >= threshold exists; 1: none; 2: error."""
     from .indexer.store import read_meta
@@ -347,7 +371,7 @@ def query_cmd(
     meta = read_meta(store)
     t = resolve_threshold(threshold, meta.model)
     results = query(store, images, k=k, weights=weights, precision=precision, batch_size=batch_size,
-                    max_file_bytes=max_file_mb << 20)
+                    max_file_bytes=max_file_mb << 20, runtime=runtime)
     if as_json:
         typer.echo(json.dumps({"store": str(store), "model": meta.model, "threshold": t, "results": [
             {"query": r.query, "error": r.error, "matches": _match_rows(r, t)} for r in results]}, indent=1))
@@ -382,7 +406,8 @@ def compare_cmd(
     a: Annotated[Path, typer.Argument(help="First image.")],
     b: Annotated[Path, typer.Argument(help="Second image.")],
     store: LooseStoreOpt = None, model: ModelOpt = None, weights: WeightsOpt = None,
-    precision: PrecisionOpt = DEFAULTS.precision, threshold: ThresholdOpt = None, verbose: VerboseOpt = 0,
+    precision: PrecisionOpt = DEFAULTS.precision, runtime: RuntimeOpt = DEFAULTS.runtime,
+    preprocess: PreprocessOpt = None, threshold: ThresholdOpt = None, verbose: VerboseOpt = 0,
 ) -> None:
     """Cosine similarity of two images. Exit 0: duplicate (>= threshold); 1: not; 2: error."""
     from .search.query import compare
@@ -390,7 +415,7 @@ def compare_cmd(
     for p in (a, b):
         if not p.is_file():
             raise InputError(f"no such image file: {_show(p)}")
-    emb = _loose_embedder(store, model, weights, precision)
+    emb = _loose_embedder(store, model, weights, precision, runtime, preprocess)
     t = resolve_threshold(threshold, emb.name)
     score = compare(a, b, embedder=emb)
     verdict = "duplicate" if score >= t else "not a duplicate"
@@ -477,7 +502,8 @@ def plot_cmd(
     score: Annotated[Optional[float], typer.Option("--score", help="Score to show [default: computed as "
                                                    "`neardup compare` does, with --store or --model].")] = None,
     store: LooseStoreOpt = None, model: ModelOpt = None, weights: WeightsOpt = None,
-    precision: PrecisionOpt = DEFAULTS.precision, verbose: VerboseOpt = 0,
+    precision: PrecisionOpt = DEFAULTS.precision, runtime: RuntimeOpt = DEFAULTS.runtime,
+    preprocess: PreprocessOpt = None, verbose: VerboseOpt = 0,
 ) -> None:
     """Draw two images side by side, "Original" and "Duplicate (Score: ...)", into an image file."""
     from .search.plots import plot_format, plot_pair
@@ -491,7 +517,7 @@ def plot_cmd(
     if score is not None and not math.isfinite(score):
         raise InputError(f"--score must be a number, got {score}")
     if score is None:
-        score = compare(a, b, embedder=_loose_embedder(store, model, weights, precision))
+        score = compare(a, b, embedder=_loose_embedder(store, model, weights, precision, runtime, preprocess))
     plot_pair(a, b, score, out)
     typer.echo(f"wrote {out} (score {score:.4f})")
 
@@ -537,11 +563,9 @@ def evaluate_cmd(
 def main() -> None:
     """Console-script entry point."""
     try:
-        app()  # click already ends a closed pipe quietly (exit 1) when the error reaches it; this is the fallback
-    except BrokenPipeError:
-        # The reader (`| head`) has gone: stop quietly, as other Unix tools do, with the status of a process
-        # ended by SIGPIPE. Point stdout at /dev/null so the interpreter's own final flush cannot fail too.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        app()
+    except BrokenPipeError:  # outside a command (see handled): the same quiet stop
+        _quiet_stdout()
         sys.exit(128 + 13)
 
 

@@ -13,15 +13,20 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 )
 
-#: The embedding methods neardup knows, by CLI name.
-MODELS: tuple[str, ...] = ("resnet50", "vgg16", "phash")
+#: The embedding methods neardup knows, by CLI name ("onnx" is a user's own model: --model onnx:PATH).
+MODELS: tuple[str, ...] = ("resnet50", "vgg16", "phash", "onnx")
+#: Runtimes of the built-in CNNs: TensorFlow (Keras, the models' source) or ONNX Runtime (their export).
+RUNTIMES: tuple[str, ...] = ("onnx", "tf")
+#: Inference precisions: bf16 runs on TensorFlow, int8 on ONNX Runtime (calibrated on the indexed images).
+PRECISIONS: tuple[str, ...] = ("float32", "bf16", "int8")
 
 #: Default cosine thresholds per model for "is a near-duplicate".
 #: resnet50: ImageNet GAP features of re-encodes/resizes/small crops of one photo sit well above 0.9, while
 #: different products of one category usually sit in 0.6-0.85; 0.90 is a conservative start, tune with
 #: `neardup evaluate`. vgg16: the seed's 0.95 for fc1. phash: Hamming distance <= 10 of 64 bits, which is
-#: cosine 1 - 2*10/64 = 0.6875 under the +-1/8 bit mapping.
-THRESHOLDS: dict[str, float] = {"resnet50": 0.90, "vgg16": 0.95, "phash": 1.0 - 2.0 * 10 / 64}
+#: cosine 1 - 2*10/64 = 0.6875 under the +-1/8 bit mapping. onnx: a user's own model has no known scale;
+#: 0.90 is only a start, measure yours with `neardup evaluate`.
+THRESHOLDS: dict[str, float] = {"resnet50": 0.90, "vgg16": 0.95, "phash": 1.0 - 2.0 * 10 / 64, "onnx": 0.90}
 
 #: Environment variables that jobs (cron, CI) can use instead of options.
 ENV_STORE = "NEARDUP_STORE"
@@ -30,6 +35,8 @@ ENV_WEIGHTS = "NEARDUP_WEIGHTS"
 ENV_BATCH_SIZE = "NEARDUP_BATCH_SIZE"
 ENV_PRECISION = "NEARDUP_PRECISION"
 ENV_MAX_FILE_MB = "NEARDUP_MAX_FILE_MB"
+ENV_RUNTIME = "NEARDUP_RUNTIME"
+ENV_PREPROCESS = "NEARDUP_PREPROCESS"
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,10 @@ class Defaults:
     model: str = "resnet50"
     weights: str = "imagenet"
     precision: str = "float32"
+    #: ONNX Runtime: measured faster than TensorFlow on the same CPU (benchmarks/RESULTS.md), same vectors.
+    runtime: str = "onnx"
+    #: Images of the indexed folders an int8 model is calibrated on (evenly spaced over the sorted paths).
+    calibration_images: int = 64
     batch_size: int = 32
     #: Decoding threads; Pillow releases the GIL while decoding, so threads overlap with inference.
     decode_workers: int = 2

@@ -19,7 +19,8 @@ from .config import DEFAULTS
 from .errors import InputError, StoreError, WeightsError
 from .fileio import check_output_path
 from .indexer.build import Progress, RunSummary, build_index
-from .indexer.embed import Embedder, make_embedder
+from .indexer.embed import Embedder
+from .indexer.models import make_embedder
 from .indexer.files import StoreFiles
 from .indexer.store import read_meta
 from .search.duplicates import DuplicateReport, find_duplicates, write_groups_json, write_pairs_csv

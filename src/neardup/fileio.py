@@ -46,8 +46,11 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, write: Callable[[str], object]) -> None:
-    """Call `write(tmp)` on a temporary file beside `path`, fsync it, then atomically rename it to `path`."""
+def atomic_write(path: Path, write: Callable[[str], object], before_replace: Callable[[], object] | None = None) -> None:
+    """Call `write(tmp)` on a temporary file beside `path`, fsync it, then atomically rename it to `path`.
+
+    `before_replace` runs between the two, when the new file is complete (the store keeps its previous
+    generation there, so the moment both names hold the same file is as short as it can be)."""
     path = Path(path)
     if path.is_dir():
         raise InputError(f"{path} is a folder; give a file name")
@@ -62,6 +65,8 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
         os.chmod(tmp, mode)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -1,4 +1,4 @@
-"""neardup indexing stages: discover → decode → embed → pipeline → store → faiss_index → build (the job).
+"""neardup indexing stages: discover → decode → embed (onnx_runtime, onnx_export, models) → pipeline → store → faiss_index → build (the job).
 
 The design card's `indexer` package; it lives inside `neardup` because a top-level package of that name
 would collide with users' own modules. Names are re-exported lazily: importing this package loads nothing.
@@ -11,8 +11,10 @@ from .._lazy import lazy_exports
 
 _EXPORTS = {
     **dict.fromkeys(["Decoded", "decode_image", "read_and_decode", "sha256_hex"], ".decode"),
-    **dict.fromkeys(["Embedder", "KerasEmbedder", "PHashEmbedder", "make_embedder", "l2_normalize",
+    **dict.fromkeys(["Embedder", "KerasEmbedder", "PHashEmbedder", "l2_normalize",
                      "hamming_to_cosine", "cosine_to_hamming"], ".embed"),
+    **dict.fromkeys(["OnnxEmbedder", "OnnxPreprocess"], ".onnx_runtime"),
+    **dict.fromkeys(["make_embedder"], ".models"),
     **dict.fromkeys(["Embedded", "EmbeddedFiles", "embed_files"], ".pipeline"),
     **dict.fromkeys(["Catalog", "StoreMeta", "read_catalog", "read_meta", "write_catalog", "store_embedder"],
                     ".store"),

@@ -17,18 +17,20 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import DEFAULTS, MODELS
-from ..errors import InputError, StoreError, StoreMismatchError
-from ..fileio import check_output_path
+from ..config import DEFAULTS
+from ..errors import DecodeError, InputError, StoreError, StoreMismatchError
+from ..fileio import check_output_path, fsync_dir
 from .checkpoint import Checkpoint
 from .diff import assemble, split_unchanged
-from .embed import Embedder, make_embedder, resolve_weights
+from .embed import Embedder, resolve_weights
+from .models import make_embedder, split_model
 from .faiss_index import build_flat_index, index_intact, save_index
 from .files import StoreFiles
 from .lock import writer_lock
-from .pipeline import Embedded, prepare_all
+from .onnx_export import agreement, quantize_int8
+from .pipeline import Embedded, prepare, prepare_all
 from .scan import FileRecord, scan
-from .store import Catalog, StoreMeta, check_embedder, read_catalog, read_meta, write_catalog
+from .store import Catalog, StoreMeta, read_catalog, read_meta, store_embedder, write_catalog
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ class RunSummary:
     seconds: float = 0.0
     embed_seconds: float = 0.0  #: wall time of the decode+embed phase
     wrote: bool = False
+    calibration: str = ""  #: int8 only: the calibration and its measured agreement with float32
 
     @property
     def images_per_second(self) -> float:
@@ -83,6 +86,8 @@ def build_index(
     decode_workers: int = DEFAULTS.decode_workers,
     checkpoint_every: int = DEFAULTS.checkpoint_every,
     max_file_bytes: int = DEFAULTS.max_file_bytes,
+    runtime: str | None = None,
+    preprocess: str | None = None,
     embedder: Embedder | None = None,
     progress: Progress | None = None,
     require_existing: bool = False,
@@ -92,8 +97,10 @@ def build_index(
     On an existing store this is an incremental update with the store's own model and weights (asking for
     another model is refused). Files that vanished from disk are removed; with `prune`, so are files that
     still exist but are no longer under `roots`. Images that cannot be decoded are listed, never fatal.
-    Files over `max_file_bytes` are listed as skipped without being read.
-    `embedder` injects an embedding method (tests); otherwise one is built from `model`/`weights`.
+    Files over `max_file_bytes` are listed as skipped without being read. `runtime` picks TensorFlow or ONNX
+    Runtime for the built-in CNNs; `preprocess` is the OnnxPreprocess spec of `model="onnx:PATH"`;
+    precision "int8" (a new store only) calibrates an int8 model on the indexed images and keeps it beside
+    the store. `embedder` injects an embedding method (tests); otherwise one is built from `model`/`weights`.
     """
     t0 = time.perf_counter()
     files = _writable(store)
@@ -101,10 +108,11 @@ def build_index(
     opts = JobOptions(batch_size, checkpoint_every, decode_workers, max_file_bytes)
     if min(batch_size, checkpoint_every, decode_workers, max_file_bytes) < 1:
         raise InputError("batch size, checkpoint interval, decode workers and file size limit must be at least 1")
-    if model is not None and model not in MODELS and embedder is None:
-        raise InputError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
+    if model is not None and embedder is None:
+        model, weights = split_model(model, weights)  # onnx:PATH -> ("onnx", PATH)
     with writer_lock(files):
         files.remove_temporaries()
+        _finish_restore(files)
         if store.exists():
             old = read_catalog(store)  # whole, checksums verified: a damaged store stops here, untouched
             files.remove_index_files(keep=_live_indexes(files, old.meta))  # orphans of a killed publish
@@ -118,13 +126,16 @@ def build_index(
                 raise StoreMismatchError(
                     f"{store} was made with model {old.meta.model}; it cannot be updated with {asked} "
                     f"(use another --store)")
+            if precision == "int8" and old.meta.precision != "int8":
+                raise StoreMismatchError(f"{store} holds {old.meta.precision} vectors; int8 is chosen when a store "
+                                         f"is created (use another --store)")
             model = old.meta.model
             weights = resolve_weights(model, weights) if weights else old.meta.weights
         else:
             model = asked or DEFAULTS.model
             weights = embedder.weights if embedder is not None else resolve_weights(model, weights)
         summary = RunSummary(store=str(store), model=model)
-        found = scan(roots, store.parent, opts.max_file_bytes)
+        found = scan(roots, store.parent)
         summary.failures.extend(found.failures)
         pending, summary.unchanged = split_unchanged(old, found.files)
 
@@ -135,12 +146,20 @@ def build_index(
         hashes: dict[str, str] = {}  # rel -> content hash, for pending files that could be read
         new_meta = None
         if pending:
-            emb = embedder or make_embedder(model, weights, precision)
-            if old is not None:
-                check_embedder(old.meta, emb, store)
+            if old is not None:  # the store's own model, preprocessing and int8 file, checked against it
+                emb = store_embedder(old.meta, store, weights=weights, precision=precision, embedder=embedder,
+                                     runtime=runtime)
+            elif embedder is None and precision == "int8":
+                emb = _calibrated(files, pending, model, weights, preprocess, opts, summary)
             else:
+                emb = embedder or make_embedder(model, weights, precision, runtime=runtime, preprocess=preprocess)
+            if old is None:
                 new_meta = StoreMeta(model=model, weights=weights, weights_fingerprint=emb.weights_fingerprint,
-                                     dim=emb.dim, input_size=emb.input_size, preprocessing=emb.preprocessing)
+                                     dim=emb.dim, input_size=emb.input_size, preprocessing=emb.preprocessing,
+                                     runtime=getattr(emb, "runtime", ""),
+                                     precision=getattr(emb, "precision", DEFAULTS.precision),
+                                     quantized_file=files.quantized.name if precision == "int8" else "",
+                                     calibration=summary.calibration)
             checkpoint = Checkpoint(files.work, {"model": emb.name, "weights_fingerprint": emb.weights_fingerprint,
                                                  "dim": emb.dim, "preprocessing": emb.preprocessing})
             for sha, e in checkpoint.known.items():
@@ -158,6 +177,9 @@ def build_index(
             summary.wrote = True
         elif old is not None and not old.meta.index_file:  # a store written without an index (library use)
             _publish(files, old, rotate=False)
+            summary.wrote = True
+        elif old is not None and not old.meta.index_sha256:  # written before checksums: rewrite it with them
+            _publish(files, old, rotate=True)
             summary.wrote = True
         elif old is not None and not index_intact(store, old):  # lost or damaged: rewrite it from the store
             log.warning("index %s is missing or damaged; rewriting it from the store", old.meta.index_file)
@@ -219,6 +241,27 @@ def _embed_pending(pending: list[FileRecord], emb: Embedder, vectors: dict[str, 
     checkpoint.save(unsaved)
 
 
+def _calibrated(files: StoreFiles, pending: list[FileRecord], model: str, weights: str,
+                preprocess: str | None, opts: JobOptions, summary: RunSummary) -> Embedder:
+    """An int8 embedder calibrated on up to DEFAULTS.calibration_images of the files being indexed (evenly
+    spaced over their sorted paths), written beside the store; its agreement with float32 goes in `summary`."""
+    fp32 = make_embedder(model, weights, "float32", runtime="onnx", preprocess=preprocess)
+    n = min(DEFAULTS.calibration_images, len(pending))
+    picks = [pending[i] for i in np.linspace(0, len(pending) - 1, n).round().astype(int)] if n else []
+    pixels = []
+    for f in dict.fromkeys(picks):  # without repeats
+        try:
+            pixels.append(prepare(f.abs, fp32, max_bytes=opts.max_file_bytes).decoded.pixels)
+        except DecodeError:
+            continue  # listed when the file comes up for embedding
+    sample = np.stack(pixels) if pixels else np.zeros((0, fp32.input_size, fp32.input_size, 3), np.uint8)
+    int8 = quantize_int8(fp32, sample, files.quantized)
+    agree = agreement(fp32.embed(sample), int8.embed(sample))
+    summary.calibration = f"int8 calibrated on {agree.line()}"
+    log.info("%s", summary.calibration)
+    return int8
+
+
 def _writable(store: str | os.PathLike[str]) -> StoreFiles:
     """The files of a store about to be written; refuses a folder or a missing parent before any file is made."""
     files = StoreFiles.resolved(store)
@@ -241,13 +284,32 @@ def _live_indexes(files: StoreFiles, meta: StoreMeta) -> set[str]:
 def _publish(files: StoreFiles, cat: Catalog, *, rotate: bool) -> None:
     """Write the index, then (after keeping the current store as the previous generation when `rotate`) the
     store that names it with the index's digest, then drop index files no generation names."""
+    _save_index(files, cat)
+    # the previous generation is linked when the new store is complete, just before it replaces the old one
+    write_catalog(files.store, cat, before_replace=files.keep_previous if rotate and files.store.exists() else None)
+    files.remove_index_files(keep=_live_indexes(files, cat.meta))
+
+
+def _save_index(files: StoreFiles, cat: Catalog) -> None:
     name = files.new_index_name()
     digest = save_index(build_flat_index(cat.xb, cat.ids), files.index(name))
     cat.meta = replace(cat.meta, index_file=name, index_sha256=digest)
-    if rotate and files.store.exists():
-        files.keep_previous()
-    write_catalog(files.store, cat)
-    files.remove_index_files(keep=_live_indexes(files, cat.meta))
+
+
+def _finish_restore(files: StoreFiles) -> bool:
+    """Complete or drop a restore that was killed (call under the writer lock). It had kept the current store
+    as the previous generation only after writing the restored one as `<store>.restoring`: if both names
+    already hold one file, that step happened and the rename is finished now; otherwise it is dropped.
+    Returns True when a restore was finished."""
+    if not files.restoring.exists():
+        return False
+    if files.store.exists() and files.previous.exists() and os.path.samefile(files.store, files.previous):
+        log.warning("finishing a restore of %s that was interrupted", files.store)
+        os.replace(files.restoring, files.store)
+        fsync_dir(files.store.parent)
+        return True
+    files.restoring.unlink()
+    return False
 
 
 @dataclass(frozen=True)
@@ -269,25 +331,40 @@ def restore_previous(store: str | os.PathLike[str]) -> Restored:
     Raises StoreError when there is no previous generation or it is damaged too.
     """
     files = _writable(store)
+    if not files.store.exists() and not files.previous.exists():  # a mistyped path: no lock file left behind
+        raise StoreError(f"no store at {store}")
     with writer_lock(files):
         files.remove_temporaries()
+        if _finish_restore(files):  # the restore asked for again was killed after its point of no return
+            cat = read_catalog(files.store, vectors=False)
+            return Restored(str(files.store), len(cat), cat.meta.updated, None, True)
         if not files.previous.is_file():
             raise StoreError(f"no previous generation of {store} is kept ({files.previous} does not exist); "
                              f"rebuild it with `neardup index DIR --store {store}`")
         try:
             prev = read_catalog(files.previous)
         except StoreError as exc:
-            raise StoreError(f"the previous generation {files.previous} cannot be used either ({exc}); rebuild "
-                             f"the store with `neardup index DIR --store {store}`") from None
-        set_aside, swapped = None, False
+            raise StoreError(f"the previous generation {files.previous} is damaged too "
+                             f"({getattr(exc, 'reason', exc)}); move {files.store.name} and {files.previous.name} "
+                             f"away and rebuild the store with `neardup index DIR --store {store}`") from None
+        swapped, set_aside = False, None
         if files.store.exists():
             try:
                 read_catalog(files.store)
                 swapped = True
             except StoreError:
-                os.replace(files.store, files.damaged)
                 set_aside = str(files.damaged)
         updated = prev.meta.updated
-        _publish(files, prev, rotate=swapped)
-        files.remove_work()  # a checkpoint belongs to the generation being replaced
+        # The restored generation is written whole under its own name first, so a kill at any point leaves a
+        # readable store name and both generations on disk (see _finish_restore); the store's name is never
+        # missing, not even for a moment.
+        _save_index(files, prev)
+        write_catalog(files.restoring, prev)
+        if swapped:
+            files.keep_previous()  # restore can be undone the same way
+        elif files.store.exists():
+            files.link_as(files.damaged)  # kept for inspection, never read
+        os.replace(files.restoring, files.store)
+        fsync_dir(files.store.parent)
+        files.remove_index_files(keep=_live_indexes(files, prev.meta))
     return Restored(str(files.store), len(prev), updated, set_aside, swapped)

@@ -21,8 +21,6 @@ from ..fileio import fmt_bytes
 # filters are process-wide, and changing them per call would race between decoding threads.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
-#: Bytes read at a time while hashing a file.
-_CHUNK = 1 << 20
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "lanczos": Image.Resampling.LANCZOS}
 _HIGH_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
@@ -37,7 +35,7 @@ class Decoded:
     height: int
 
 
-def sha256_hex(data: bytes | bytearray) -> str:
+def sha256_hex(data: bytes) -> str:
     """Content hash used for exact-duplicate detection and embedding reuse."""
     return hashlib.sha256(data).hexdigest()
 
@@ -69,7 +67,7 @@ def to_mode(img: Image.Image, mode: str) -> Image.Image:
     return img if img.mode == mode else img.convert(mode)
 
 
-def load_upright(data: bytes | bytearray, min_side: int, *, mode: str = "RGB") -> tuple[Image.Image, tuple[int, int]]:
+def load_upright(data: bytes, min_side: int, *, mode: str = "RGB") -> tuple[Image.Image, tuple[int, int]]:
     """Decode image bytes upright in `mode`, at a reduced JPEG scale no smaller than `min_side` when possible.
 
     Returns the image and the photo's original upright (width, height). EXIF orientation is applied, the
@@ -102,8 +100,10 @@ def load_upright(data: bytes | bytearray, min_side: int, *, mode: str = "RGB") -
         raise DecodeError(f"cannot decode: {exc}") from None
 
 
-def decode_image(data: bytes | bytearray, size: int, *, mode: str = "RGB", resample: str = "bilinear") -> Decoded:
-    """Decode encoded image bytes into a `size`x`size` array (aspect ratio not kept, as Keras' load_img).
+def decode_image(data: bytes, size: int, *, mode: str = "RGB", resample: str = "bilinear",
+                 fit: str = "stretch") -> Decoded:
+    """Decode encoded image bytes into a `size`x`size` array: stretched (aspect ratio not kept, as Keras'
+    load_img) or, with fit="crop", the centre square after resizing the shorter side.
 
     See load_upright for orientation, animation, bomb guard and JPEG draft decoding. Raises DecodeError.
     """
@@ -111,7 +111,9 @@ def decode_image(data: bytes | bytearray, size: int, *, mode: str = "RGB", resam
     # then drifts from the reference pHash (2.8 bits mean vs imagehash on 500 grocery photos; 0.14 at 2x).
     img, (width, height) = load_upright(data, size if size >= 64 else 2 * size, mode=mode)
     try:
-        pixels = np.asarray(img.resize((size, size), _RESAMPLE[resample]), dtype=np.uint8)
+        sized = (ImageOps.fit(img, (size, size), _RESAMPLE[resample]) if fit == "crop"
+                 else img.resize((size, size), _RESAMPLE[resample]))
+        pixels = np.asarray(sized, dtype=np.uint8)
     except (OSError, ValueError, MemoryError) as exc:
         raise DecodeError(f"cannot decode: {exc}") from None
     return Decoded(pixels=pixels, width=width, height=height)
@@ -124,8 +126,8 @@ def too_large(size: int, max_bytes: int) -> str | None:
     return f"file too large: {fmt_bytes(size)} (limit {fmt_bytes(max_bytes)}; raise it with --max-file-mb)"
 
 
-def read_file(path: str | os.PathLike[str], max_bytes: int = DEFAULTS.max_file_bytes) -> tuple[bytearray, str]:
-    """A regular file's content and its SHA-256, hashed while it is read. Raises DecodeError (a listed,
+def read_file(path: str | os.PathLike[str], max_bytes: int = DEFAULTS.max_file_bytes) -> tuple[bytes, str]:
+    """A regular file's content and its SHA-256. Raises DecodeError (a listed,
     skipped item) for a file that cannot be read, is not a regular file, or is larger than `max_bytes`.
 
     The file is opened without blocking and checked before a byte is read: a FIFO would block forever, a
@@ -143,23 +145,16 @@ def read_file(path: str | os.PathLike[str], max_bytes: int = DEFAULTS.max_file_b
             reason = too_large(st.st_size, max_bytes)
             if reason:
                 raise DecodeError(reason)
-            # Read exactly the size seen (a file growing meanwhile is hashed as read, so hash and bytes agree).
-            buf = bytearray(st.st_size)
-            view, digest, got = memoryview(buf), hashlib.sha256(), 0
-            while got < st.st_size:
-                n = fh.readinto(view[got:got + _CHUNK])
-                if not n:
-                    break
-                digest.update(view[got:got + n])
-                got += n
-            view.release()
-            del buf[got:]
-            return buf, digest.hexdigest()  # not bytes(buf): that would hold the file twice
+            # One read of the size seen (a file growing meanwhile is hashed as read, so hash and bytes agree),
+            # into one bytes object, which the decoder's BytesIO shares rather than copies: the file is held
+            # once, and at most max_bytes of it.
+            data = fh.read(st.st_size)
+            return data, hashlib.sha256(data).hexdigest()
         except OSError as exc:
             raise DecodeError(f"cannot read: {exc.strerror or exc}") from None
 
 
-def read_bytes(path: str | os.PathLike[str], max_bytes: int = DEFAULTS.max_file_bytes) -> bytearray:
+def read_bytes(path: str | os.PathLike[str], max_bytes: int = DEFAULTS.max_file_bytes) -> bytes:
     """A file's whole content (see read_file for what is refused). Raises DecodeError."""
     return read_file(path, max_bytes)[0]
 

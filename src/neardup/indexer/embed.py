@@ -73,6 +73,7 @@ class PHashEmbedder:
     preprocessing: str = "grayscale, lanczos resize to 32x32, 2-D DCT-II, low 8x8 > median"
     weights: str = "none"
     weights_fingerprint: str = "none"
+    runtime: str = "numpy"
 
     def __post_init__(self) -> None:
         self._c8 = _dct_matrix(32, 8)
@@ -108,6 +109,11 @@ _KERAS_SPECS = {
     "vgg16": (4096, "vgg16_weights_tf_dim_ordering_tf_kernels.h5",
               "RGB, bilinear resize to 224x224, vgg16.preprocess_input (caffe: BGR, ImageNet mean)"),
 }
+
+
+def keras_weights_file(model: str) -> str:
+    """The file name Keras caches a built-in CNN's ImageNet weights under."""
+    return _KERAS_SPECS[model][1]
 
 
 def keras_cache_dir() -> Path:
@@ -159,6 +165,7 @@ class KerasEmbedder:
     input_size = 224
     input_mode = "RGB"
     resample = "bilinear"
+    runtime = "tf"
 
     def __init__(self, name: str = DEFAULTS.model, weights: str = DEFAULTS.weights,
                  precision: str = DEFAULTS.precision) -> None:
@@ -253,14 +260,11 @@ def resolve_weights(model: str, weights: str | None) -> str:
         if weights not in (None, "none", "imagenet"):
             raise InputError("the phash method has no weights; drop --weights (or unset NEARDUP_WEIGHTS)")
         return "none"
+    if model == "onnx":
+        if weights in (None, "none", "imagenet"):
+            raise InputError("an ONNX model is given by its file: --model onnx:PATH")
+        return str(Path(weights).expanduser().resolve())
     weights = weights or DEFAULTS.weights
     if weights in ("imagenet", "none"):
         return weights
     return str(Path(weights).expanduser().resolve())
-
-
-def make_embedder(model: str = DEFAULTS.model, weights: str = DEFAULTS.weights,
-                  precision: str = DEFAULTS.precision) -> Embedder:
-    """Build the embedder for a model name. Raises InputError / WeightsError."""
-    weights = resolve_weights(model, weights)
-    return PHashEmbedder() if model == "phash" else KerasEmbedder(model, weights, precision)

@@ -10,6 +10,7 @@ import numpy as np
 
 from ..fileio import atomic_write, file_sha256
 from .files import StoreFiles
+from ..errors import StoreError
 from .store import Catalog, read_catalog
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,12 @@ def check_store(store: str | os.PathLike[str]) -> list[str]:
         problems.append(f"index {cat.meta.index_file} is missing or does not match its digest; `neardup update` "
                         f"rewrites it (queries rebuild it from the store meanwhile)")
     if not cat.meta.index_sha256:
-        problems.append("written before neardup recorded checksums; the next `neardup update` that changes "
-                        "something adds them")
+        problems.append("written before neardup recorded checksums; `neardup update` rewrites it with them")
+    previous = StoreFiles.resolved(store).previous
+    if previous.exists():
+        try:
+            read_catalog(previous, vectors=True)
+        except StoreError as exc:
+            problems.append(f"the previous generation {previous} is damaged ({getattr(exc, 'reason', exc)}); "
+                            f"it cannot be restored (the next update replaces it)")
     return problems

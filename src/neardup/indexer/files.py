@@ -3,9 +3,10 @@
 `catalog.h5` owns `catalog.h5.lock` (the writer lock), `catalog.h5.work/` (checkpoints of a running job),
 `catalog.h5.<12 hex>.faiss` (index generations; the store names the live one), `catalog.h5.prev` (the
 previous published generation, for recovery), `catalog.h5.damaged` (a damaged store set aside by
-`neardup restore`) and temporaries `.catalog.h5[.prev|.<12 hex>.faiss].<8 random>.neardup-tmp` of
-interrupted writes. The patterns match this store's
-files only, never a sibling store's (`catalog.h5.old`, `catalog.h5x`).
+`neardup restore`), `catalog.h5.restoring` (a restore's complete new store, before it is renamed into place),
+`catalog.h5.int8.onnx` (an int8 store's calibrated model) and temporaries
+`.catalog.h5[.prev|.damaged|.restoring|.int8.onnx|.<12 hex>.faiss].<8 random>.neardup-tmp` of interrupted
+writes. The patterns match this store's files only, never a sibling store's (`catalog.h5.old`, `catalog.h5x`).
 """
 from __future__ import annotations
 
@@ -51,6 +52,16 @@ class StoreFiles:
         """Where `neardup restore` sets a damaged store aside (kept for inspection, never read)."""
         return self.store.with_name(self.store.name + ".damaged")
 
+    @property
+    def restoring(self) -> Path:
+        """Where `neardup restore` writes the generation it brings back before renaming it into place."""
+        return self.store.with_name(self.store.name + ".restoring")
+
+    @property
+    def quantized(self) -> Path:
+        """The int8 model of a store indexed with --precision int8 (calibrated on its images; kept for queries)."""
+        return self.store.with_name(self.store.name + ".int8.onnx")
+
     def index(self, index_file: str) -> Path:
         """Where the index file named in the store's attributes lies (beside the store's real file)."""
         return self.store.resolve().parent / index_file
@@ -77,7 +88,8 @@ class StoreFiles:
         """Delete temporary files a killed writer left (call only while holding the writer lock)."""
         # mkstemp's random part is 8 characters of [a-z0-9_]: never match another file's temporaries
         name = re.escape(self.store.name)
-        pattern = re.compile(rf"\.{name}(\.prev|\.[0-9a-f]{{12}}\.faiss)?\.[a-z0-9_]{{8}}{re.escape(TMP_SUFFIX)}")
+        kinds = r"\.prev|\.damaged|\.restoring|\.int8\.onnx|\.[0-9a-f]{12}\.faiss"
+        pattern = re.compile(rf"\.{name}({kinds})?\.[a-z0-9_]{{8}}{re.escape(TMP_SUFFIX)}")
         for tmp in self.store.parent.iterdir():
             if pattern.fullmatch(tmp.name):
                 try:
@@ -88,15 +100,20 @@ class StoreFiles:
     def keep_previous(self) -> None:
         """Make the current store file the previous generation, atomically (call only under the writer lock,
         and only for a store that was read whole without error: a damaged store never replaces a good one)."""
-        tmp = self.previous.with_name(f".{self.previous.name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
+        self.link_as(self.previous)
+
+    def link_as(self, target: Path) -> None:
+        """Give the current store file the name `target` too, atomically (a hard link costs nothing; a copy
+        where the filesystem has none). The writer then replaces the store's own name."""
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
         try:
             try:
-                os.link(self.store, tmp)  # a hard link costs nothing; the writer then replaces the store's name
-            except OSError:  # a filesystem without hard links: copy
+                os.link(self.store, tmp)
+            except OSError:
                 shutil.copyfile(self.store, tmp)
                 with open(tmp, "rb+") as fh:
                     os.fsync(fh.fileno())
-            os.replace(tmp, self.previous)
+            os.replace(tmp, target)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

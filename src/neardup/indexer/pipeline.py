@@ -56,7 +56,8 @@ def prepare(path: str, emb: Embedder, known: Callable[[str], bool] | None = None
     data, sha = read_file(path, max_bytes)
     if known is not None and known(sha):
         return Prepared(sha, None)
-    return Prepared(sha, decode_image(data, emb.input_size, mode=emb.input_mode, resample=emb.resample))
+    return Prepared(sha, decode_image(data, emb.input_size, mode=emb.input_mode, resample=emb.resample,
+                                      fit=getattr(emb, "fit", "stretch")))
 
 
 def prepare_all(paths: Sequence[str], emb: Embedder, *, known: Callable[[str], bool] | None = None,

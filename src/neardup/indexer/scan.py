@@ -7,8 +7,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import DEFAULTS
-from .decode import too_large
 from .discover import discover
 
 
@@ -47,9 +45,10 @@ class Scan:
         return False
 
 
-def scan(roots: Sequence[str | os.PathLike[str]], base: Path, max_bytes: int = DEFAULTS.max_file_bytes) -> Scan:
-    """Image files under `roots` (see discover) with size and mtime; non-regular files, files over `max_bytes`
-    and names that are not UTF-8 are listed as failures, folders that cannot be listed as `blind`."""
+def scan(roots: Sequence[str | os.PathLike[str]], base: Path) -> Scan:
+    """Image files under `roots` (see discover) with size and mtime; non-regular files and names that are not
+    UTF-8 are listed as failures, folders that cannot be listed as `blind`. (The size limit applies when a
+    file is read: a stored file that did not change is never read, so a lower limit never drops it.)"""
     out = Scan(base=base)
     unreadable: list[tuple[str, str]] = []
     for p in discover(roots, unreadable=unreadable):
@@ -65,10 +64,6 @@ def scan(roots: Sequence[str | os.PathLike[str]], base: Path, max_bytes: int = D
             continue
         if not stat.S_ISREG(st.st_mode):  # a FIFO or device named *.jpg would block or read forever
             out.failures.append((rel, "not a regular file (a FIFO, device or socket)"))
-            continue
-        reason = too_large(st.st_size, max_bytes)
-        if reason:
-            out.failures.append((rel, reason))
             continue
         out.files.append(FileRecord(rel, str(p), st.st_size, st.st_mtime_ns))
     blind = []

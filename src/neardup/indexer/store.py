@@ -10,7 +10,8 @@ Layout (schema 1):
   /widths, /heights int32 [n]  upright original image size
   /failures/paths, /failures/reasons  utf-8 [m]
   attrs: format, schema_version, model, weights, weights_fingerprint, input_size, preprocessing, dim,
-         normalization, created, updated, neardup_version, next_id, index_file, index_sha256
+         normalization, created, updated, neardup_version, next_id, index_file, index_sha256, runtime,
+         precision, quantized_file, calibration
 
 A published store is never modified in place: writers build a new file beside it and `os.replace` it, so
 readers see the old or the new store, never a half-written one. Damage is detected, never served: every
@@ -23,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,7 +35,8 @@ import numpy as np
 from ..config import DEFAULTS, VERSION
 from ..errors import StoreError, StoreMismatchError
 from ..fileio import atomic_write, check_output_path, now_iso
-from .embed import Embedder, make_embedder
+from .embed import Embedder
+from .models import make_embedder
 from .files import StoreFiles
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,10 @@ class StoreMeta:
     next_id: int = 0
     index_file: str = ""
     index_sha256: str = ""  #: digest of the index file; "" in stores written before it was recorded
+    runtime: str = ""  #: what embedded the rows: tf, onnx or numpy (vectors of tf and onnx are interchangeable)
+    precision: str = "float32"
+    quantized_file: str = ""  #: the int8 model beside the store, calibrated on its images ("" unless int8)
+    calibration: str = ""  #: the int8 calibration and its measured agreement with float32
     count: int = 0
     failures: int = 0
 
@@ -85,13 +91,30 @@ class Catalog:
         return len(self.ids)
 
 
+def _is_store(path: Path) -> bool:
+    try:
+        with h5py.File(path, "r") as f:
+            return f.attrs.get("format") == FORMAT
+    except OSError:
+        return False
+
+
 def recovery_hint(path: str | os.PathLike[str]) -> str:
     """How to get a usable store back when the one at `path` cannot be read."""
-    files = StoreFiles(Path(path))
-    if files.previous.is_file():
+    files = StoreFiles.resolved(path)  # beside the real file, also through a symlink
+    if files.previous.is_file() and _is_store(files.previous):
         return (f"the previous generation is kept as {files.previous}: restore it with "
                 f"`neardup restore --store {path}`, then `neardup update` to add what changed since")
+    if files.previous.is_file():
+        return (f"its previous generation {files.previous} is damaged too; move both away and rebuild the store "
+                f"with `neardup index DIR --store {path}`")
     return f"no previous generation is kept; move {path} away and rebuild it with `neardup index DIR --store {path}`"
+
+
+def _damaged(message: str, reason: str) -> StoreError:
+    err = StoreError(message)
+    err.reason = reason  # without the recovery advice, for callers that give their own
+    return err
 
 
 @contextmanager
@@ -106,8 +129,8 @@ def _open(path: Path) -> Iterator[h5py.File]:
     except OSError as exc:
         why = str(exc).splitlines()[0][:120]
         if h5py.is_hdf5(path) or path.suffix in (".h5", ".hdf5", ".prev"):
-            raise StoreError(f"{path} is not a readable HDF5 file ({why}); {recovery_hint(path)}") from None
-        raise StoreError(f"{path} is not a readable HDF5 file ({why})") from None
+            raise _damaged(f"{path} is not a readable HDF5 file ({why}); {recovery_hint(path)}", why) from None
+        raise _damaged(f"{path} is not a readable HDF5 file ({why})", why) from None
     try:
         if f.attrs.get("format") != FORMAT:
             raise StoreError(f"{path} is an HDF5 file but not a neardup store")
@@ -119,7 +142,7 @@ def _open(path: Path) -> Iterator[h5py.File]:
         why = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         if "filter returned failure" in why:  # HDF5's words for a Fletcher-32 mismatch
             why = f"a checksum does not match: {why}"
-        raise StoreError(f"{path} is damaged or incomplete ({why}); {recovery_hint(path)}") from None
+        raise _damaged(f"{path} is damaged or incomplete ({why}); {recovery_hint(path)}", why) from None
     finally:
         f.close()
 
@@ -132,6 +155,8 @@ def _meta(f: h5py.File) -> StoreMeta:
         normalization=str(a["normalization"]), created=str(a["created"]), updated=str(a["updated"]),
         neardup_version=str(a["neardup_version"]), schema_version=int(a["schema_version"]),
         next_id=int(a["next_id"]), index_file=str(a["index_file"]), index_sha256=str(a.get("index_sha256", "")),
+        runtime=str(a.get("runtime", "")), precision=str(a.get("precision", "float32")),
+        quantized_file=str(a.get("quantized_file", "")), calibration=str(a.get("calibration", "")),
         count=int(f["ids"].shape[0]), failures=int(f["failures/paths"].shape[0]))
 
 
@@ -168,8 +193,10 @@ def read_catalog(path: str | os.PathLike[str], *, vectors: bool = True) -> Catal
             failures=list(zip(_strings(f["failures/paths"]), _strings(f["failures/reasons"]))))
 
 
-def write_catalog(path: str | os.PathLike[str], cat: Catalog) -> StoreMeta:
-    """Write `cat` as a complete store at `path`, atomically. Returns the meta written."""
+def write_catalog(path: str | os.PathLike[str], cat: Catalog,
+                  before_replace: Callable[[], object] | None = None) -> StoreMeta:
+    """Write `cat` as a complete store at `path`, atomically (`before_replace`: see atomic_write). Returns the
+    meta written."""
     path = Path(path)
     check_output_path(path)
     n, d = len(cat), cat.meta.dim
@@ -206,16 +233,21 @@ def write_catalog(path: str | os.PathLike[str], cat: Catalog) -> StoreMeta:
                                ("normalization", meta.normalization), ("created", meta.created),
                                ("updated", meta.updated), ("neardup_version", meta.neardup_version),
                                ("next_id", meta.next_id), ("index_file", meta.index_file),
-                               ("index_sha256", meta.index_sha256)):
+                               ("index_sha256", meta.index_sha256), ("runtime", meta.runtime),
+                               ("precision", meta.precision), ("quantized_file", meta.quantized_file),
+                               ("calibration", meta.calibration)):
                 f.attrs[key] = value
 
-    atomic_write(path, write)
+    atomic_write(path, write, before_replace)
     return meta
 
 
 def check_embedder(meta: StoreMeta, emb: Embedder, store: str | os.PathLike[str]) -> None:
     """Refuse an embedder whose vectors cannot be compared with the store's: another model, dimension or
     weights fingerprint. The one place this rule lives (indexing and querying both call it)."""
+    if meta.model == "onnx" and emb.preprocessing != meta.preprocessing:  # a user's model: its preprocessing
+        raise StoreMismatchError(f"{store} was made with the preprocessing {meta.preprocessing}; the model given "
+                                 f"uses {emb.preprocessing}")
     if emb.name != meta.model or emb.dim != meta.dim or emb.weights_fingerprint != meta.weights_fingerprint:
         raise StoreMismatchError(
             f"{store} was made with {meta.model} (dim {meta.dim}, weights {meta.weights_fingerprint}); "
@@ -223,9 +255,16 @@ def check_embedder(meta: StoreMeta, emb: Embedder, store: str | os.PathLike[str]
 
 
 def store_embedder(meta: StoreMeta, store: str | os.PathLike[str], *, weights: str | None = None,
-                   precision: str = DEFAULTS.precision, embedder: Embedder | None = None) -> Embedder:
-    """The embedder a store was built with (its model, its weights unless others are given), checked
-    against the store; an injected `embedder` is checked the same way."""
-    emb = embedder or make_embedder(meta.model, weights or meta.weights, precision)
+                   precision: str = DEFAULTS.precision, embedder: Embedder | None = None,
+                   runtime: str | None = None) -> Embedder:
+    """The embedder a store was built with (its model, its weights unless others are given, its onnx
+    preprocessing, its int8 file), checked against the store; an injected `embedder` is checked the same way.
+    `runtime` may differ from the store's: TensorFlow and ONNX Runtime vectors are interchangeable."""
+    if meta.precision == "int8":
+        precision = "int8"  # the store's calibrated model, whatever the default
+    quantized = StoreFiles(Path(store)).index(meta.quantized_file) if meta.quantized_file else None
+    emb = embedder or make_embedder(meta.model, weights or meta.weights, precision, runtime=runtime,
+                                    preprocess=meta.preprocessing if meta.model == "onnx" else None,
+                                    quantized=quantized)
     check_embedder(meta, emb, store)
     return emb

@@ -12,7 +12,8 @@ import numpy as np
 from ..config import DEFAULTS
 from ..errors import InputError
 from ..indexer.discover import discover
-from ..indexer.embed import Embedder, make_embedder
+from ..indexer.embed import Embedder
+from ..indexer.models import make_embedder
 from ..indexer.faiss_index import open_index, search
 from ..indexer.pipeline import embed_files
 from ..indexer.store import Catalog, read_meta, store_embedder
@@ -65,11 +66,12 @@ class Searcher:
     """A store opened for repeated queries: rows, FAISS index and embedder stay loaded (warm process)."""
 
     def __init__(self, store: str | os.PathLike[str], *, weights: str | None = None,
-                 precision: str = DEFAULTS.precision, embedder: Embedder | None = None) -> None:
+                 precision: str = DEFAULTS.precision, embedder: Embedder | None = None,
+                 runtime: str | None = None) -> None:
         self.store = Path(store)
         self.meta = read_meta(self.store)
         self.embedder = store_embedder(self.meta, self.store, weights=weights, precision=precision,
-                                       embedder=embedder)
+                                       embedder=embedder, runtime=runtime)
         self.cat, self.index = open_index(self.store)
         self._lookup = id_lookup(self.cat.ids)
 
@@ -96,9 +98,11 @@ class Searcher:
 
 def query(store: str | os.PathLike[str], images: Sequence[str | os.PathLike[str]], *, k: int = DEFAULTS.k,
           weights: str | None = None, precision: str = DEFAULTS.precision, embedder: Embedder | None = None,
-          batch_size: int = DEFAULTS.batch_size, max_file_bytes: int = DEFAULTS.max_file_bytes) -> list[QueryResult]:
-    """Top-k catalogue matches of each query image, searched with the store's own model and weights."""
-    searcher = Searcher(store, weights=weights, precision=precision, embedder=embedder)
+          batch_size: int = DEFAULTS.batch_size, max_file_bytes: int = DEFAULTS.max_file_bytes,
+          runtime: str | None = None) -> list[QueryResult]:
+    """Top-k catalogue matches of each query image, searched with the store's own model and weights
+    (`runtime` may be either: TensorFlow and ONNX Runtime vectors are interchangeable)."""
+    searcher = Searcher(store, weights=weights, precision=precision, embedder=embedder, runtime=runtime)
     return searcher.query(images, k, batch_size, max_file_bytes)
 
 
@@ -109,9 +113,9 @@ def has_match(results: Sequence[QueryResult], threshold: float) -> bool:
 
 def compare(a: str | os.PathLike[str], b: str | os.PathLike[str], *, model: str = DEFAULTS.model,
             weights: str = DEFAULTS.weights, precision: str = DEFAULTS.precision,
-            embedder: Embedder | None = None) -> float:
+            embedder: Embedder | None = None, runtime: str | None = None) -> float:
     """Cosine similarity of two image files under one model."""
-    emb = embedder or make_embedder(model, weights, precision)
+    emb = embedder or make_embedder(model, weights, precision, runtime=runtime)
     got = embed_files([a, b], emb, batch_size=2)
     if got.failures:
         path, why = got.failures[0]
