@@ -24,7 +24,10 @@ log = logging.getLogger(__name__)
 
 @runtime_checkable
 class Embedder(Protocol):
-    """What the pipeline needs from an embedding method."""
+    """What the pipeline needs from an embedding method.
+
+    Optional attributes, read with defaults: `fit` ("stretch" or "crop", how decoding sizes the photo),
+    `runtime` and `precision` (recorded in the store)."""
 
     name: str  #: model name recorded in the store ("resnet50", "vgg16", "phash", ...)
     dim: int  #: embedding dimension d
