@@ -150,6 +150,15 @@ def test_resnet50_on_onnx_runtime_equals_tensorflow_and_needs_no_tensorflow_late
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.stdout.strip() == "False", r.stdout + r.stderr  # the cached export: no TensorFlow import
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), ort_emb.embed(x), atol=1e-5)
+    # a damaged cache file is never used: its digest fails, and it is made again from the export
+    from neardup.indexer.onnx_export import onnx_cache_dir
+
+    (opt,) = onnx_cache_dir().glob("resnet50-*.opt-*.onnx")
+    data = bytearray(opt.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 4096] = bytes(4096)
+    opt.write_bytes(bytes(data))
+    again = make_embedder("resnet50", "none", runtime="onnx")
+    assert np.sum(again.embed(x) * tf_emb.embed(x), axis=1).min() >= 0.99999 and opt.read_bytes() != bytes(data)
 
 
 @pytest.mark.slow
@@ -243,8 +252,100 @@ def test_trained_network_index_query_duplicates_and_int8_end_to_end(mobilenet: P
         assert pairs[("catalog/p03.jpg", "catalog/p03_copy.jpg")] == pytest.approx(top[1]["score"], abs=1e-5)
     meta = read_meta(tmp_path / "int8.h5")
     assert meta.precision == "int8" and meta.quantized_file and (tmp_path / meta.quantized_file).is_file()
+    (tmp_path / "moved").mkdir()  # a store copied without its int8 model says what is missing
+    copy = tmp_path / "moved" / "int8.h5"
+    copy.write_bytes((tmp_path / "int8.h5").read_bytes())
+    r = runner.invoke(app, ["query", str(folder / "p00.jpg"), "-s", str(copy)])
+    assert r.exit_code == 2 and "the int8 model of" in r.output and "is missing" in r.output
     # the agreement int8 measured on its calibration images, as the index run printed and the store recorded
     overlap = float(meta.calibration.rsplit("overlap ", 1)[1])
     cos_mean = float(meta.calibration.split("mean ")[1].split(",")[0])
     print(f"\nint8 vs float32, trained MobileNetV2 1.4: {meta.calibration}")
     assert cos_mean >= 0.9 and overlap >= 0.6  # measured 0.927 and 0.776: int8 is opt-in, and says so
+
+
+# ------------------------------------------------------------------------------- what a careful user tries
+
+def _graph_model(path: Path, nodes: list, out_shape: list, batch: object = "n", size: int = 16,
+                 init: list | None = None) -> Path:
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("img", TensorProto.FLOAT,
+                                                                         [batch, 3, size, size])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, out_shape)],
+                              initializer=init or [])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    return path
+
+
+def test_fixed_batch_feature_maps_tokens_and_nan_are_handled(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper
+
+    x = np.random.default_rng(1).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    oracle = (x / 255.0).mean(axis=(1, 2))
+    oracle /= np.linalg.norm(oracle, axis=1, keepdims=True)
+    # torch.onnx.export's default: batch fixed at 1; run in chunks, whatever the batch given
+    fixed = _graph_model(tmp_path / "fixed.onnx", [helper.make_node("ReduceMean", ["img", "axes"], ["out"],
+                                                                    keepdims=0)], [1, 3], batch=1,
+                         init=[helper.make_tensor("axes", TensorProto.INT64, [2], [2, 3])])
+    emb = OnnxEmbedder(fixed, OnnxPreprocess.parse("size=16,layout=nchw"))
+    assert emb.fixed_batch == 1
+    np.testing.assert_allclose(emb.embed(x), oracle, atol=1e-5)
+    # a 4-D feature map: the pooling must be said, since its layout cannot be guessed
+    fmap = _graph_model(tmp_path / "fmap.onnx", [helper.make_node("Identity", ["img"], ["out"])],
+                        ["n", 3, 16, 16])
+    with pytest.raises(InputError, match="pool=nchw or pool=nhwc"):
+        OnnxEmbedder(fmap, OnnxPreprocess.parse("size=16,layout=nchw"))
+    np.testing.assert_allclose(OnnxEmbedder(fmap, OnnxPreprocess.parse("size=16,layout=nchw,pool=nchw")).embed(x),
+                               oracle, atol=1e-5)
+    # tokens [n, t, c]: the first token (a ViT's CLS)
+    tokens = _graph_model(tmp_path / "tok.onnx", [helper.make_node("Reshape", ["img", "shape"], ["t"]),
+                                                 helper.make_node("Transpose", ["t"], ["out"], perm=[0, 2, 1])],
+                          ["n", 256, 3], init=[helper.make_tensor("shape", TensorProto.INT64, [3], [0, 3, 256])])
+    first = x[:, 0, 0, :] / 255.0
+    np.testing.assert_allclose(OnnxEmbedder(tokens, OnnxPreprocess.parse("size=16,layout=nchw,pool=first"))
+                               .embed(x), first / np.linalg.norm(first, axis=1, keepdims=True), atol=1e-5)
+    # a model that yields NaN is an error, never a stored row that matches nothing
+    nan = _graph_model(tmp_path / "nan.onnx", [helper.make_node("ReduceMean", ["img", "axes"], ["m"], keepdims=0),
+                                               helper.make_node("Sqrt", ["neg"], ["s"]),
+                                               helper.make_node("Add", ["m", "s"], ["out"])], ["n", 3],
+                       init=[helper.make_tensor("axes", TensorProto.INT64, [2], [2, 3]),
+                             helper.make_tensor("neg", TensorProto.FLOAT, [1], [-1.0])])
+    with pytest.raises(InputError, match="non-finite"):
+        OnnxEmbedder(nan, OnnxPreprocess.parse("size=16,layout=nchw")).embed(x)
+    for bad in ("scale=0", "std=nan:1:1", "mean=inf", "size=16,size=32"):
+        with pytest.raises(InputError):
+            OnnxPreprocess.parse(bad)
+    assert OnnxPreprocess.parse("scale=0.5/255").scale == pytest.approx(0.5 / 255)
+    # the optimised copy is best effort: an unwritable place leaves a working session and no stray file
+    emb = OnnxEmbedder(fixed, OnnxPreprocess.parse("size=16,layout=nchw"), optimized=tmp_path / "no" / "x.onnx")
+    np.testing.assert_allclose(emb.embed(x), oracle, atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fixed.onnx", "fmap.onnx", "nan.onnx", "tok.onnx"]
+
+
+def test_a_store_keeps_its_precision_preprocessing_and_model_file(tmp_path: Path, make_images) -> None:
+    model = _tiny_model(tmp_path / "tiny.onnx", layout="nhwc", size=32)
+    make_images(4)
+    store = tmp_path / "s.h5"
+    build_index([tmp_path / "imgs"], store, model=f"onnx:{model}", preprocess="size=32,output=emb")
+    make_images(2, start=4)
+    with pytest.raises(StoreMismatchError, match="--preprocess cannot change it"):
+        build_index([tmp_path / "imgs"], store, preprocess="size=32,output=emb,fit=crop")
+    with pytest.raises(StoreMismatchError, match="precision is chosen when it is created"):
+        build_index([tmp_path / "imgs"], store, precision="int8")
+    s = build_index([tmp_path / "imgs"], store, preprocess="size=32,output=emb")  # the same, said again: fine
+    assert s.added == 2
+    moved = tmp_path / "models" / "tiny.onnx"  # the model file moves: update records its new place
+    moved.parent.mkdir()
+    model.rename(moved)
+    with pytest.raises(Exception, match="--model onnx:NEWPATH"):
+        query(store, [tmp_path / "imgs" / "img_0000.jpg"])
+    r = runner.invoke(app, ["update", str(tmp_path / "imgs"), "-s", str(store), "--model", f"onnx:{moved}"])
+    assert r.exit_code == 0 and read_meta(store).weights == str(moved), r.output
+    assert query(store, [tmp_path / "imgs" / "img_0000.jpg"], k=1)[0].matches[0].path == "imgs/img_0000.jpg"
+    for args, words in [(["--model", "phash", "--precision", "int8"], "phash has no precision"),
+                        (["--model", "resnet50", "--preprocess", "size=32"], "--preprocess describes")]:
+        r = runner.invoke(app, ["index", str(tmp_path / "imgs"), "-s", str(tmp_path / "new.h5"), *args])
+        assert r.exit_code == 2 and words in r.output and r.output.count("\n") == 1, r.output
+        assert not (tmp_path / "new.h5.lock").exists()

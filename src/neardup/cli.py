@@ -47,14 +47,19 @@ WeightsOpt = Annotated[Optional[str], typer.Option(
 PrecisionOpt = Annotated[str, typer.Option(
     "--precision", envvar=ENV_PRECISION, help="float32; bf16 (with --runtime tf); or int8 (ONNX Runtime, "
     "calibrated on the indexed images when the store is created; queries then follow the store).")]
+StorePrecisionOpt = Annotated[Optional[str], typer.Option(
+    "--precision", envvar=ENV_PRECISION, help="float32; bf16 (with --runtime tf); or int8 (ONNX Runtime, "
+    "calibrated on 64 of the indexed images and kept beside the store). Chosen when a store is created "
+    "[default: the store's, else float32].")]
 RuntimeOpt = Annotated[str, typer.Option(
     "--runtime", envvar=ENV_RUNTIME, help=f"Runtime of resnet50/vgg16: {' or '.join(RUNTIMES)} (ONNX Runtime runs "
     "the model exported from Keras once and cached; the vectors are interchangeable).")]
 PreprocessOpt = Annotated[Optional[str], typer.Option(
     "--preprocess", envvar=ENV_PREPROCESS, help="For --model onnx:PATH, what the model expects, as key=value,...: "
     "size, layout (nhwc|nchw), scale (e.g. 1/255), mean and std (a:b:c), order (rgb|bgr), fit (stretch|crop), "
-    "dtype (float32|uint8), input, output (tensor names) [default: size=224,layout=nhwc,scale=1/255,mean=0:0:0,"
-    "std=1:1:1,order=rgb,fit=stretch,dtype=float32, the only input and output].")]
+    "dtype (float32|uint8), input, output (tensor names), pool (none|nchw|nhwc|tokens|first, for outputs of more "
+    "than two axes) [default: size=224,layout=nhwc,scale=1/255,mean=0:0:0,std=1:1:1,order=rgb,fit=stretch,"
+    "dtype=float32,pool=none, the only input and output].")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", envvar=ENV_BATCH_SIZE, min=1,
                                        help="Images per model call.")]
 _PER_MODEL = ", ".join(f"{m} {t:.4g}" for m, t in THRESHOLDS.items())
@@ -153,7 +158,7 @@ def _print_summary(s: RunSummary, limit: int = 20) -> None:
 
 
 def _run_index(update: bool, dirs: list[str], store: Path, model: Optional[str], weights: Optional[str],
-               precision: str, batch_size: int, prune: bool, max_file_mb: int, runtime: str,
+               precision: Optional[str], batch_size: int, prune: bool, max_file_mb: int, runtime: str,
                preprocess: Optional[str] = None) -> None:
     from .indexer.build import build_index, update_index
 
@@ -166,14 +171,26 @@ def _run_index(update: bool, dirs: list[str], store: Path, model: Optional[str],
     finally:
         bar.close()
     _print_summary(summary)
+    _warn_random_weights(store)
+
+
+def _warn_random_weights(store: Path) -> None:
+    """Seeded random CNN weights give every photo a score near 1: say so wherever such a store is used."""
+    from .indexer.store import read_meta
+
+    meta = read_meta(store)
+    if meta.weights == "none" and meta.model in ("resnet50", "vgg16"):
+        typer.echo(f"neardup: note: {store} uses random weights (--weights none): its scores show the plumbing, "
+                   f"not which photos are alike", err=True)
 
 
 @app.command("index")
 @handled
 def index_cmd(
-    dirs: Annotated[list[str], typer.Argument(help="Folders (searched recursively) or image files.")],
+    dirs: Annotated[list[str], typer.Argument(metavar="DIR", help="Folders (searched recursively) or image "
+                                                                         "files.")],
     store: StoreOpt = Path(DEFAULTS.store), model: ModelOpt = None, weights: WeightsOpt = None,
-    precision: PrecisionOpt = DEFAULTS.precision, batch_size: BatchOpt = DEFAULTS.batch_size,
+    precision: StorePrecisionOpt = None, batch_size: BatchOpt = DEFAULTS.batch_size,
     prune: Annotated[bool, typer.Option(help="Also drop stored images no longer under DIRS.")] = False,
     max_file_mb: MaxFileOpt = DEFAULTS.max_file_mb, runtime: RuntimeOpt = DEFAULTS.runtime,
     preprocess: PreprocessOpt = None, verbose: VerboseOpt = 0,
@@ -185,11 +202,12 @@ def index_cmd(
 @app.command("update")
 @handled
 def update_cmd(
-    dirs: Annotated[list[str], typer.Argument(help="Folders (searched recursively) or image files.")],
+    dirs: Annotated[list[str], typer.Argument(metavar="DIR", help="Folders (searched recursively) or image "
+                                                                         "files.")],
     store: StoreOpt = Path(DEFAULTS.store), model: Annotated[Optional[str], typer.Option(
         "--model", "-m", help="Accepted when it is the store's own model (a job may always "
         "pass it); any other is refused [default: the store's].")] = None, weights: WeightsOpt = None,
-    precision: PrecisionOpt = DEFAULTS.precision, batch_size: BatchOpt = DEFAULTS.batch_size,
+    precision: StorePrecisionOpt = None, batch_size: BatchOpt = DEFAULTS.batch_size,
     prune: Annotated[bool, typer.Option(help="Also drop stored images no longer under DIRS.")] = False,
     max_file_mb: MaxFileOpt = DEFAULTS.max_file_mb, runtime: RuntimeOpt = DEFAULTS.runtime, verbose: VerboseOpt = 0,
 ) -> None:
@@ -354,7 +372,8 @@ def _query_rows(results: list[QueryResult], threshold: float) -> list[dict]:
 @app.command("query")
 @handled
 def query_cmd(
-    images: Annotated[list[str], typer.Argument(help="Photos to look up (folders: every image in them).")],
+    images: Annotated[list[str], typer.Argument(metavar="IMAGE", help="Photos to look up (folders: every "
+                                                                             "image in them).")],
     store: StoreOpt = Path(DEFAULTS.store), k: Annotated[int, typer.Option("-k", min=1, help="Neighbours per photo.")]
     = DEFAULTS.k, threshold: ThresholdOpt = None, weights: WeightsOpt = None,
     precision: PrecisionOpt = DEFAULTS.precision, batch_size: BatchOpt = DEFAULTS.batch_size,
@@ -370,6 +389,7 @@ def query_cmd(
         raise InputError("choose one of --json and --csv")
     meta = read_meta(store)
     t = resolve_threshold(threshold, meta.model)
+    _warn_random_weights(store)
     results = query(store, images, k=k, weights=weights, precision=precision, batch_size=batch_size,
                     max_file_bytes=max_file_mb << 20, runtime=runtime)
     if as_json:

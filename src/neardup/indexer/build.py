@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import DEFAULTS
+from ..config import DEFAULTS, PRECISIONS
 from ..errors import DecodeError, InputError, StoreError, StoreMismatchError
 from ..fileio import check_output_path, fsync_dir
 from .checkpoint import Checkpoint
@@ -80,7 +80,7 @@ def build_index(
     *,
     model: str | None = None,
     weights: str | None = None,
-    precision: str = DEFAULTS.precision,
+    precision: str | None = None,
     batch_size: int = DEFAULTS.batch_size,
     prune: bool = False,
     decode_workers: int = DEFAULTS.decode_workers,
@@ -99,7 +99,8 @@ def build_index(
     still exist but are no longer under `roots`. Images that cannot be decoded are listed, never fatal.
     Files over `max_file_bytes` are listed as skipped without being read. `runtime` picks TensorFlow or ONNX
     Runtime for the built-in CNNs; `preprocess` is the OnnxPreprocess spec of `model="onnx:PATH"`;
-    precision "int8" (a new store only) calibrates an int8 model on the indexed images and keeps it beside
+    `precision` defaults to the store's (else float32); another than the store's is refused. Precision
+    "int8" (a new store only) calibrates an int8 model on the indexed images and keeps it beside
     the store. `embedder` injects an embedding method (tests); otherwise one is built from `model`/`weights`.
     """
     t0 = time.perf_counter()
@@ -110,6 +111,13 @@ def build_index(
         raise InputError("batch size, checkpoint interval, decode workers and file size limit must be at least 1")
     if model is not None and embedder is None:
         model, weights = split_model(model, weights)  # onnx:PATH -> ("onnx", PATH)
+    if precision is not None and precision not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if model == "phash" and precision not in (None, "float32"):
+        raise InputError("phash has no precision to choose; drop --precision")
+    if preprocess and model not in (None, "onnx"):
+        raise InputError("--preprocess describes an ONNX model of one's own (--model onnx:PATH); "
+                         f"{model} has its own preprocessing")
     with writer_lock(files):
         files.remove_temporaries()
         _finish_restore(files)
@@ -126,14 +134,21 @@ def build_index(
                 raise StoreMismatchError(
                     f"{store} was made with model {old.meta.model}; it cannot be updated with {asked} "
                     f"(use another --store)")
-            if precision == "int8" and old.meta.precision != "int8":
-                raise StoreMismatchError(f"{store} holds {old.meta.precision} vectors; int8 is chosen when a store "
-                                         f"is created (use another --store)")
+            if precision is not None and precision != old.meta.precision:
+                raise StoreMismatchError(f"{store} holds {old.meta.precision} vectors; a store's precision is chosen "
+                                         f"when it is created (drop --precision, or use another --store)")
+            precision = old.meta.precision
+            if preprocess and old.meta.model == "onnx" and not _same_preprocess(preprocess, old.meta.preprocessing):
+                raise StoreMismatchError(f"{store} was made with the preprocessing {old.meta.preprocessing}; "
+                                         f"--preprocess cannot change it (use another --store)")
             model = old.meta.model
             weights = resolve_weights(model, weights) if weights else old.meta.weights
+            if model == "onnx" and weights != old.meta.weights:  # the same model file, moved: re-point the store
+                _repoint(old, weights, store)
         else:
             model = asked or DEFAULTS.model
             weights = embedder.weights if embedder is not None else resolve_weights(model, weights)
+        precision = precision or DEFAULTS.precision
         summary = RunSummary(store=str(store), model=model)
         found = scan(roots, store.parent)
         summary.failures.extend(found.failures)
@@ -177,6 +192,9 @@ def build_index(
             summary.wrote = True
         elif old is not None and not old.meta.index_file:  # a store written without an index (library use)
             _publish(files, old, rotate=False)
+            summary.wrote = True
+        elif old is not None and old.meta.weights != read_meta(store).weights:  # a moved onnx model, re-pointed
+            _publish(files, old, rotate=True)
             summary.wrote = True
         elif old is not None and not old.meta.index_sha256:  # written before checksums: rewrite it with them
             _publish(files, old, rotate=True)
@@ -239,6 +257,26 @@ def _embed_pending(pending: list[FileRecord], emb: Embedder, vectors: dict[str, 
                 progress(done, len(pending))
     flush_batch()
     checkpoint.save(unsaved)
+
+
+def _same_preprocess(asked: str, stored: str) -> bool:
+    """True when the --preprocess asked for is the store's (unnamed input/output taking the store's names)."""
+    from .onnx_runtime import OnnxPreprocess
+
+    a, s = OnnxPreprocess.parse(asked), OnnxPreprocess.parse(stored)
+    return replace(a, input=a.input or s.input, output=a.output or s.output) == s
+
+
+def _repoint(old: Catalog, path: str, store: Path) -> None:
+    """Record the new place of an onnx store's model file when it holds the very model the store was made with."""
+    from ..fileio import file_sha256
+
+    if not Path(path).is_file():
+        raise InputError(f"ONNX model not found: {path}")
+    if "sha256:" + file_sha256(path)[:16] != old.meta.weights_fingerprint:
+        raise StoreMismatchError(f"{store} was made with another model file (fingerprint "
+                                 f"{old.meta.weights_fingerprint}) than {path}")
+    old.meta = replace(old.meta, weights=path)
 
 
 def _calibrated(files: StoreFiles, pending: list[FileRecord], model: str, weights: str,

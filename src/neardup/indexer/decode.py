@@ -160,10 +160,10 @@ def read_bytes(path: str | os.PathLike[str], max_bytes: int = DEFAULTS.max_file_
 
 
 def read_and_decode(path: str, size: int, *, mode: str = "RGB", resample: str = "bilinear",
-                    max_bytes: int = DEFAULTS.max_file_bytes) -> tuple[str, Decoded]:
+                    max_bytes: int = DEFAULTS.max_file_bytes, fit: str = "stretch") -> tuple[str, Decoded]:
     """Read a file once, returning its content hash and decoded pixels. Raises DecodeError."""
     data, sha = read_file(path, max_bytes)
-    return sha, decode_image(data, size, mode=mode, resample=resample)
+    return sha, decode_image(data, size, mode=mode, resample=resample, fit=fit)
 
 
 def open_upright(path: str | os.PathLike[str], max_side: int,

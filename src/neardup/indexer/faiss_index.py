@@ -123,6 +123,9 @@ def check_store(store: str | os.PathLike[str]) -> list[str]:
     elif not index_intact(store, cat):
         problems.append(f"index {cat.meta.index_file} is missing or does not match its digest; `neardup update` "
                         f"rewrites it (queries rebuild it from the store meanwhile)")
+    if cat.meta.quantized_file and not StoreFiles.resolved(store).index(cat.meta.quantized_file).is_file():
+        problems.append(f"its int8 model {cat.meta.quantized_file} is missing: nothing can be embedded for it "
+                        f"(rebuild the store with --precision int8)")
     if not cat.meta.index_sha256:
         problems.append("written before neardup recorded checksums; `neardup update` rewrites it with them")
     previous = StoreFiles.resolved(store).previous

@@ -44,7 +44,10 @@ def make_embedder(model: str = DEFAULTS.model, weights: str | None = DEFAULTS.we
         raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if model == "phash":
         return PHashEmbedder()
-    if precision == "bf16" and (runtime != "tf" or model == "onnx"):
+    if precision == "bf16" and model == "onnx":
+        raise InputError("bf16 is a TensorFlow precision of the built-in CNNs; an ONNX model runs in float32 "
+                         "or int8")
+    if precision == "bf16" and runtime != "tf":
         raise InputError("bf16 is a TensorFlow precision of the built-in CNNs: add --runtime tf")
     if precision == "int8" and quantized is None:  # said before any model is loaded
         raise InputError("int8 is calibrated on a catalogue's own images: create the store with "

@@ -12,7 +12,9 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -58,11 +60,45 @@ def _cache_path(model: str, key: str) -> Path:
     return onnx_cache_dir() / f"{model}-{digest}.onnx"
 
 
+def _digest_ok(path: Path) -> bool:
+    """True when `path` has the SHA-256 its sidecar file `<path>.sha256` recorded (a damaged cache file is never
+    used: its vectors could be wrong without being NaN)."""
+    sidecar = path.with_name(path.name + ".sha256")
+    try:
+        return sidecar.read_text().strip() == file_sha256(path)
+    except OSError:
+        return False
+
+
+def _record_digest(path: Path) -> None:
+    digest = file_sha256(path)
+    atomic_write(path.with_name(path.name + ".sha256"), lambda tmp: Path(tmp).write_text(digest + "\n"))
+
+
+def _drop(path: Path) -> None:
+    for p in (path, path.with_name(path.name + ".sha256")):
+        p.unlink(missing_ok=True)
+
+
+def _sweep(folder: Path) -> None:
+    """Remove what a killed export or calibration left behind (scratch folders older than an hour)."""
+    for old in folder.glob("tmp*"):
+        try:
+            if old.is_dir() and time.time() - old.stat().st_mtime > 3600:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass
+
+
 def export_builtin(model: str, weights: str) -> Path:
-    """The cached ONNX file of a built-in CNN with `weights`, exported now (TensorFlow, ~30 s) if missing."""
+    """The cached ONNX file of a built-in CNN with `weights`, exported now (TensorFlow, ~40 s) if missing or
+    damaged (its digest is checked)."""
     key = weights_key(model, weights)
     if key is not None and _cache_path(model, key).is_file():
-        return _cache_path(model, key)
+        if _digest_ok(_cache_path(model, key)):
+            return _cache_path(model, key)
+        log.warning("the cached export %s is damaged; exporting it again", _cache_path(model, key))
+        _drop(_cache_path(model, key))
     keras_emb = KerasEmbedder(model, weights)  # downloads ImageNet weights if it can, or says how to get them
     key = key or weights_key(model, weights)
     if key is None:
@@ -81,7 +117,12 @@ def export_builtin(model: str, weights: str) -> Path:
                  "neardup_preprocessing": keras_emb.preprocessing, "neardup_export": EXPORT_VERSION}.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, v
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WeightsError(f"cannot create the ONNX cache {path.parent} ({exc.strerror}); set NEARDUP_CACHE to a "
+                           f"writable folder, or use --runtime tf") from None
+    _sweep(path.parent)
     with tempfile.TemporaryDirectory(dir=path.parent) as scratch:  # check the export before publishing it
         trial = Path(scratch) / "trial.onnx"
         trial.write_bytes(proto.SerializeToString())
@@ -91,6 +132,7 @@ def export_builtin(model: str, weights: str) -> Path:
             raise WeightsError(f"the ONNX export of {model} disagrees with TensorFlow (cosine {cos:.6f}); "
                                f"use --runtime tf")
         atomic_write(path, lambda tmp: os.replace(trial, tmp))
+        _record_digest(path)
     log.info("exported %s: cosine to TensorFlow >= %.7f on a random batch", path.name, cos)
     return path
 
@@ -108,11 +150,16 @@ def _machine_key() -> str:
     return hashlib.sha256("|".join([ort.__version__, platform.machine(), *cpu]).encode()).hexdigest()[:12]
 
 
-def _load(path: Path, model: str) -> OnnxEmbedder:
+def _load(path: Path, model: str, optimized: Path | None = None) -> OnnxEmbedder:
     """An exported built-in CNN (one uint8 input, one output), named and fingerprinted by its metadata."""
-    optimized = path.with_name(f"{path.stem}.opt-{_machine_key()}.onnx")
+    made = optimized is not None and not optimized.is_file()
     emb = OnnxEmbedder(path, OnnxPreprocess(dtype="uint8", scale=1.0, input="pixels"), name=model,
                        optimized=optimized)
+    if made and optimized.is_file():
+        try:
+            _record_digest(optimized)
+        except OSError:  # a read-only cache: the copy is unusable without its digest
+            _drop(optimized)
     if "neardup_weights_fingerprint" not in emb.metadata:
         raise WeightsError(f"{path} is not an export of neardup's (no weights fingerprint); delete it")
     emb.preprocessing = emb.metadata["neardup_preprocessing"]
@@ -120,8 +167,19 @@ def _load(path: Path, model: str) -> OnnxEmbedder:
 
 
 def builtin_embedder(model: str, weights: str) -> OnnxEmbedder:
-    """ResNet50/VGG16 with `weights` on ONNX Runtime (float32), from the export cache."""
-    emb = _load(export_builtin(model, weights), model)
+    """ResNet50/VGG16 with `weights` on ONNX Runtime (float32), from the export cache.
+
+    The file loaded is checked against its recorded digest first: the optimised copy for this machine when
+    it is intact (one hash, ~0.07 s for ResNet50), else the export itself, from which the copy is remade."""
+    key = weights_key(model, weights)
+    path = _cache_path(model, key) if key is not None else None
+    optimized = path.with_name(f"{path.stem}.opt-{_machine_key()}.onnx") if path is not None else None
+    if optimized is None or not path.is_file() or not _digest_ok(optimized):
+        if optimized is not None:
+            _drop(optimized)
+        path = export_builtin(model, weights)  # verified, or exported again
+        optimized = path.with_name(f"{path.stem}.opt-{_machine_key()}.onnx")
+    emb = _load(path, model, optimized)
     emb.weights = weights  # the spec the store records, not the cache file
     return emb
 
@@ -139,7 +197,7 @@ class Agreement:
 
     def line(self) -> str:
         """One line for the store and the summary."""
-        return (f"{self.images} images: cosine to float32 mean {self.cosine_mean:.4f}, min "
+        return (f"{self.images} images (the calibration sample): cosine to float32 mean {self.cosine_mean:.4f}, min "
                 f"{self.cosine_min:.4f}; top-10 neighbour overlap {self.top10_overlap:.3f}")
 
 
@@ -170,13 +228,18 @@ def quantize_int8(fp32: OnnxEmbedder, calibration: np.ndarray, out: str | os.Pat
         raise InputError("int8 needs calibration images; none could be decoded")
     pre = fp32.pre
 
+    step = fp32.fixed_batch or 8  # a fixed-batch model takes exactly its batch
+    usable = len(calibration) - len(calibration) % step if fp32.fixed_batch else len(calibration)
+    if usable < 1:
+        raise InputError(f"int8 needs at least {step} decodable calibration images")
+
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = iter(range(0, len(calibration), 8))
+            self.batches = iter(range(0, usable, step))
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             start = next(self.batches, None)
-            return None if start is None else {pre.input: pre.apply(calibration[start:start + 8])}
+            return None if start is None else {pre.input: pre.apply(calibration[start:start + step])}
 
     out = Path(out)
     with tempfile.TemporaryDirectory(dir=out.parent) as scratch:
@@ -187,7 +250,11 @@ def quantize_int8(fp32: OnnxEmbedder, calibration: np.ndarray, out: str | os.Pat
         write = lambda tmp: quantize_static(  # noqa: E731
             str(prepared), tmp, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=False)
-        atomic_write(out, write)
+        try:
+            atomic_write(out, write)
+        except Exception as exc:  # noqa: BLE001 - the quantiser raises many types; one line, not a traceback
+            raise InputError(f"int8 quantisation of {fp32.path.name} failed: {' '.join(str(exc).split())[:300]}; "
+                             f"index in float32 instead") from None
     return int8_embedder(fp32, out)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, fields, replace
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ from .embed import l2_normalize
 log = logging.getLogger(__name__)
 
 _CHOICES = {"layout": ("nhwc", "nchw"), "order": ("rgb", "bgr"), "fit": ("stretch", "crop"),
-            "dtype": ("float32", "uint8")}
+            "dtype": ("float32", "uint8"), "pool": ("none", "nchw", "nhwc", "tokens", "first")}
 
 
 @dataclass(frozen=True)
@@ -32,6 +31,9 @@ class OnnxPreprocess:
     x = ((pixels in `order`) * scale - mean) / std, laid out as `layout`, as `dtype` (uint8: the raw pixels,
     for models that preprocess inside their graph). `fit`: stretch to size x size (as Keras' load_img), or
     resize the shorter side and crop the centre. `input`/`output`: tensor names ("" = the only one).
+    `pool`: how an output of more than two axes becomes one vector, said explicitly because its layout cannot
+    be guessed: nchw / nhwc (average a feature map over its spatial axes), tokens (average [n, t, c] over t),
+    first ([n, t, c]: the first token, e.g. a ViT's CLS); "none" takes [n, d] as it is.
     """
 
     size: int = 224
@@ -44,6 +46,7 @@ class OnnxPreprocess:
     dtype: str = "float32"
     input: str = ""
     output: str = ""
+    pool: str = "none"
 
     def spec(self) -> str:
         """The canonical one-line form, recorded in the store and accepted by `parse`."""
@@ -66,11 +69,14 @@ class OnnxPreprocess:
             key, raw = key.strip(), raw.strip()
             if not sep or key not in known:
                 raise InputError(f"bad preprocessing item {item!r}; keys are {', '.join(sorted(known))}")
+            if key in values:
+                raise InputError(f"preprocessing key {key!r} is given twice")
             try:
                 if key == "size":
                     values[key] = int(raw)
                 elif key == "scale":
-                    values[key] = float(Fraction(raw))
+                    num, _, den = raw.partition("/")  # 1/255, 0.5/255 or 0.0039
+                    values[key] = float(num) / float(den) if den else float(num)
                 elif key in ("mean", "std"):
                     triple = tuple(float(x) for x in raw.split(":"))
                     values[key] = triple * 3 if len(triple) == 1 else triple
@@ -93,6 +99,9 @@ class OnnxPreprocess:
             raise InputError(f"preprocessing size={self.size} is out of range (8..4096)")
         if len(self.mean) != 3 or len(self.std) != 3 or 0.0 in self.std:
             raise InputError("preprocessing mean and std need three values (std non-zero), e.g. mean=0.485:0.456:0.406")
+        if not (np.isfinite(self.scale) and self.scale > 0 and np.isfinite(self.mean).all()
+                and np.isfinite(self.std).all()):
+            raise InputError("preprocessing scale must be positive, and scale, mean and std finite numbers")
         if self.dtype == "uint8" and (self.scale != 1.0 or self.mean != (0.0,) * 3 or self.std != (1.0,) * 3
                                       or self.order != "rgb"):
             raise InputError("dtype=uint8 passes the raw RGB pixels: leave scale=1, mean, std and order unset")
@@ -117,6 +126,11 @@ def _ort():  # noqa: ANN202 - the onnxruntime module
     return onnxruntime
 
 
+def _one_line(exc: Exception) -> str:
+    """An onnxruntime error as one line (its useful part, e.g. "Got: 32 Expected: 1", is often not the first)."""
+    return " ".join(str(exc).split())[:400] or type(exc).__name__
+
+
 def _shape(arg) -> list:  # noqa: ANN001 - an onnxruntime NodeArg
     return [d if isinstance(d, int) else None for d in (arg.shape or [])]
 
@@ -134,7 +148,8 @@ class OnnxEmbedder:
         pre.check()
         self.path = Path(path).expanduser().resolve()
         if not self.path.is_file():
-            raise WeightsError(f"ONNX model not found: {self.path}")
+            raise WeightsError(f"ONNX model not found: {self.path} (if it moved: `neardup update DIR --model "
+                               f"onnx:NEWPATH` records its new place; `--weights NEWPATH` uses it once)")
         self._session = self._open(threads, optimized)
         self._input = self._pick_input(pre)
         pre = replace(pre, input=self._input.name)
@@ -152,11 +167,20 @@ class OnnxEmbedder:
         self.fit = self.pre.fit
         self.runtime = "onnx"
         self.precision = precision
+        #: a model exported with a fixed batch size (torch.onnx.export's default is 1) is run in chunks of it
+        self.fixed_batch = _shape(self._input)[0]
         shape = _shape(next(o for o in self._session.get_outputs() if o.name == self._output))
+        want = {"none": 2, "nchw": 4, "nhwc": 4, "tokens": 3, "first": 3}[self.pre.pool]
+        if len(shape) != want:
+            hint = ("pool=nchw or pool=nhwc (a feature map)" if len(shape) == 4 else "pool=tokens or pool=first "
+                    "(token embeddings)" if len(shape) == 3 else "pool=none" if len(shape) == 2 else "another output")
+            raise InputError(f"output {self._output} of {self.path.name} has shape {shape} ({len(shape)} axes) but "
+                             f"pool={self.pre.pool} expects {want}; use {hint}")
         if len(shape) == 2 and shape[1]:
             self.dim = int(shape[1])
-        else:  # a symbolic or pooled-later output: one tiny run tells its size
-            self.dim = int(self._run(np.zeros((1, self.pre.size, self.pre.size, 3), np.uint8)).shape[1])
+        else:  # a symbolic or pooled output: one tiny run tells its size
+            n = self.fixed_batch or 1
+            self.dim = int(self._run(np.zeros((n, self.pre.size, self.pre.size, 3), np.uint8)).shape[1])
 
     def _open(self, threads: int, optimized: Path | None):  # noqa: ANN202 - an onnxruntime InferenceSession
         """A CPU session. With `optimized` (a file for this machine and onnxruntime version), the graph ONNX
@@ -165,19 +189,34 @@ class OnnxEmbedder:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads  # 0: one per physical core
         opts.log_severity_level = 3
-        source, tmp = self.path, None
         if optimized is not None and optimized.is_file():
-            source = optimized
-            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        elif optimized is not None:
-            tmp = optimized.with_name(f".{optimized.name}.{os.getpid()}.tmp")
+            fast = ort.SessionOptions()
+            fast.intra_op_num_threads, fast.log_severity_level = threads, 3
+            fast.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            try:
+                return ort.InferenceSession(str(optimized), fast, providers=["CPUExecutionProvider"])
+            except Exception:  # noqa: BLE001 - a damaged copy: drop it, use the model itself
+                optimized.unlink(missing_ok=True)
+        tmp = optimized.with_name(f".{optimized.name}.{os.getpid()}.tmp") if optimized is not None else None
+        if tmp is not None:
             opts.optimized_model_filepath = str(tmp)
         try:
-            session = ort.InferenceSession(str(source), opts, providers=["CPUExecutionProvider"])
+            try:
+                session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+            except Exception:  # noqa: BLE001 - saving the optimised copy is best effort (a full or read-only cache)
+                if tmp is None:
+                    raise
+                tmp.unlink(missing_ok=True)
+                opts, tmp = ort.SessionOptions(), None
+                opts.intra_op_num_threads, opts.log_severity_level = threads, 3
+                session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise WeightsError(f"cannot load ONNX model {self.path}: {str(exc).splitlines()[0][:200]}") from None
+            raise WeightsError(f"cannot load ONNX model {self.path}: {_one_line(exc)}") from None
         if tmp is not None and tmp.is_file():
-            os.replace(tmp, optimized)  # complete: a concurrent run sees the old name or this file
+            try:
+                os.replace(tmp, optimized)  # complete: a concurrent run sees the old name or this file
+            except OSError:
+                tmp.unlink(missing_ok=True)
         return session
 
     def _pick_input(self, pre: OnnxPreprocess):  # noqa: ANN202 - an onnxruntime NodeArg
@@ -222,14 +261,30 @@ class OnnxEmbedder:
         raise InputError(f"{self.path.name} has several outputs ({names}); choose the embedding with output=NAME")
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
-        try:
-            (y,) = self._session.run([self._output], {self._input.name: self.pre.apply(batch)})
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise InputError(f"{self.path.name} failed on a {batch.shape[1]}x{batch.shape[2]} batch: "
-                             f"{str(exc).splitlines()[0][:200]}") from None
-        y = np.asarray(y, dtype=np.float32)
-        if y.ndim == 4:  # a feature map: global average pooling over its spatial axes
-            y = y.mean(axis=(1, 2) if self.pre.layout == "nhwc" else (2, 3))
+        step = self.fixed_batch or len(batch)
+        parts = []
+        for i in range(0, len(batch), step):
+            chunk = batch[i:i + step]
+            pad = step - len(chunk)  # a fixed-batch model's last chunk is padded, its extra rows dropped
+            if pad:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+            try:
+                (y,) = self._session.run([self._output], {self._input.name: self.pre.apply(chunk)})
+            except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+                raise InputError(f"{self.path.name} failed on a batch of {len(chunk)} {chunk.shape[1]}x"
+                                 f"{chunk.shape[2]} images: {_one_line(exc)}") from None
+            parts.append(np.asarray(y, dtype=np.float32)[:step - pad])
+        y = np.concatenate(parts)
+        pool = self.pre.pool
+        if pool in ("nchw", "nhwc"):
+            y = y.mean(axis=(2, 3) if pool == "nchw" else (1, 2))
+        elif pool == "tokens":
+            y = y.mean(axis=1)
+        elif pool == "first":
+            y = y[:, 0]
+        if not np.isfinite(y).all():  # never stored: a NaN row would match nothing, silently
+            raise InputError(f"{self.path.name} produced non-finite values (NaN or inf); check the model file and "
+                             f"the preprocessing")
         return y.reshape(len(batch), -1)
 
     def embed(self, batch: np.ndarray) -> np.ndarray:

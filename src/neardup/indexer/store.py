@@ -263,6 +263,9 @@ def store_embedder(meta: StoreMeta, store: str | os.PathLike[str], *, weights: s
     if meta.precision == "int8":
         precision = "int8"  # the store's calibrated model, whatever the default
     quantized = StoreFiles(Path(store)).index(meta.quantized_file) if meta.quantized_file else None
+    if quantized is not None and not quantized.is_file() and embedder is None:
+        raise StoreError(f"the int8 model of {store} is missing ({quantized}); it was calibrated on this store's "
+                         f"images, so rebuild the store with `neardup index DIR --precision int8`")
     emb = embedder or make_embedder(meta.model, weights or meta.weights, precision, runtime=runtime,
                                     preprocess=meta.preprocessing if meta.model == "onnx" else None,
                                     quantized=quantized)
