@@ -174,11 +174,11 @@ def _run_index(update: bool, dirs: list[str], store: Path, model: Optional[str],
     _warn_random_weights(store)
 
 
-def _warn_random_weights(store: Path) -> None:
+def _warn_random_weights(store: Path, meta: Any = None) -> None:
     """Seeded random CNN weights give every photo a score near 1: say so wherever such a store is used."""
     from .indexer.store import read_meta
 
-    meta = read_meta(store)
+    meta = meta or read_meta(store)
     if meta.weights == "none" and meta.model in ("resnet50", "vgg16"):
         typer.echo(f"neardup: note: {store} uses random weights (--weights none): its scores show the plumbing, "
                    f"not which photos are alike", err=True)
@@ -389,7 +389,7 @@ def query_cmd(
         raise InputError("choose one of --json and --csv")
     meta = read_meta(store)
     t = resolve_threshold(threshold, meta.model)
-    _warn_random_weights(store)
+    _warn_random_weights(store, meta)
     results = query(store, images, k=k, weights=weights, precision=precision, batch_size=batch_size,
                     max_file_bytes=max_file_mb << 20, runtime=runtime)
     if as_json:

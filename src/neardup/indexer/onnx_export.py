@@ -97,7 +97,9 @@ def export_builtin(model: str, weights: str) -> Path:
     if key is not None and _cache_path(model, key).is_file():
         if _digest_ok(_cache_path(model, key)):
             return _cache_path(model, key)
-        log.warning("the cached export %s is damaged; exporting it again", _cache_path(model, key))
+        sidecar = _cache_path(model, key).with_name(_cache_path(model, key).name + ".sha256")
+        log.warning("the cached export %s %s; exporting it again", _cache_path(model, key),
+                    "is damaged" if sidecar.exists() else "has no recorded digest (an older neardup's)")
         _drop(_cache_path(model, key))
     keras_emb = KerasEmbedder(model, weights)  # downloads ImageNet weights if it can, or says how to get them
     key = key or weights_key(model, weights)
