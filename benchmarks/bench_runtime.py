@@ -86,13 +86,6 @@ def cli_query(photo: Path, store: Path, runtime: str, runs: int) -> tuple[float,
     return median(walls), tf
 
 
-def knn_overlap(xa: np.ndarray, xb: np.ndarray, k: int = 10) -> float:
-    """Mean share of each row's k nearest neighbours (by xa) that xb keeps."""
-    from neardup.indexer.onnx_export import agreement
-
-    return agreement(xa, xb, k).top10_overlap if k == 10 else float("nan")
-
-
 def main() -> int:
     p = base_parser(__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=128, help="photos (ResNet50 speed, end to end)")
@@ -160,9 +153,9 @@ def main() -> int:
                      [["onnx (default)", wall_ort, tf_in_ort], ["tf", wall_tf, True]])
 
         agree_rows = [["ResNet50 (random weights): ORT float32 vs TF", float(cos_ort.mean()), float(cos_ort.min()),
-                       knn_overlap(e_tf, e_ort)],
+                       agreement(e_tf, e_ort).top10_overlap],
                       ["ResNet50 (random weights): int8 vs ORT float32", float(cosine_rows(e_ort, e_int8).mean()),
-                       float(cosine_rows(e_ort, e_int8).min()), knn_overlap(e_ort, e_int8)]]
+                       float(cosine_rows(e_ort, e_int8).min()), agreement(e_ort, e_int8).top10_overlap]]
         mob = None
         if MOBILENET.is_file() and GROCERY_DIR.is_dir():
             log("trained MobileNetV2 1.4: int8 agreement and speed on grocery photos")

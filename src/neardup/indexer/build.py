@@ -118,6 +118,7 @@ def build_index(
     if preprocess and model not in (None, "onnx"):
         raise InputError("--preprocess describes an ONNX model of one's own (--model onnx:PATH); "
                          f"{model} has its own preprocessing")
+    repointed = False
     with writer_lock(files):
         files.remove_temporaries()
         _finish_restore(files)
@@ -144,7 +145,7 @@ def build_index(
             model = old.meta.model
             weights = resolve_weights(model, weights) if weights else old.meta.weights
             if model == "onnx" and weights != old.meta.weights:  # the same model file, moved: re-point the store
-                _repoint(old, weights, store)
+                repointed = _repoint(old, weights, store)
         else:
             model = asked or DEFAULTS.model
             weights = embedder.weights if embedder is not None else resolve_weights(model, weights)
@@ -193,7 +194,7 @@ def build_index(
         elif old is not None and not old.meta.index_file:  # a store written without an index (library use)
             _publish(files, old, rotate=False)
             summary.wrote = True
-        elif old is not None and old.meta.weights != read_meta(store).weights:  # a moved onnx model, re-pointed
+        elif repointed:  # a moved onnx model: the store records its new place
             _publish(files, old, rotate=True)
             summary.wrote = True
         elif old is not None and not old.meta.index_sha256:  # written before checksums: rewrite it with them
@@ -267,7 +268,7 @@ def _same_preprocess(asked: str, stored: str) -> bool:
     return replace(a, input=a.input or s.input, output=a.output or s.output) == s
 
 
-def _repoint(old: Catalog, path: str, store: Path) -> None:
+def _repoint(old: Catalog, path: str, store: Path) -> bool:
     """Record the new place of an onnx store's model file when it holds the very model the store was made with."""
     from ..fileio import file_sha256
 
@@ -277,6 +278,7 @@ def _repoint(old: Catalog, path: str, store: Path) -> None:
         raise StoreMismatchError(f"{store} was made with another model file (fingerprint "
                                  f"{old.meta.weights_fingerprint}) than {path}")
     old.meta = replace(old.meta, weights=path)
+    return True
 
 
 def _calibrated(files: StoreFiles, pending: list[FileRecord], model: str, weights: str,

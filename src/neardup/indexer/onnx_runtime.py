@@ -186,30 +186,32 @@ class OnnxEmbedder:
         """A CPU session. With `optimized` (a file for this machine and onnxruntime version), the graph ONNX
         Runtime optimised once is loaded as it is: a session then starts in 0.05 s instead of 0.2-0.5 s."""
         ort = _ort()
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads  # 0: one per physical core
-        opts.log_severity_level = 3
+
+        def session(path: Path, optimize: bool = True, save_as: Path | None = None):  # noqa: ANN202
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = threads  # 0: one per physical core
+            opts.log_severity_level = 3
+            if not optimize:
+                opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            if save_as is not None:
+                opts.optimized_model_filepath = str(save_as)
+            return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
         if optimized is not None and optimized.is_file():
-            fast = ort.SessionOptions()
-            fast.intra_op_num_threads, fast.log_severity_level = threads, 3
-            fast.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             try:
-                return ort.InferenceSession(str(optimized), fast, providers=["CPUExecutionProvider"])
+                return session(optimized, optimize=False)
             except Exception:  # noqa: BLE001 - a damaged copy: drop it, use the model itself
                 optimized.unlink(missing_ok=True)
         tmp = optimized.with_name(f".{optimized.name}.{os.getpid()}.tmp") if optimized is not None else None
-        if tmp is not None:
-            opts.optimized_model_filepath = str(tmp)
         try:
             try:
-                session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+                sess = session(self.path, save_as=tmp)
             except Exception:  # noqa: BLE001 - saving the optimised copy is best effort (a full or read-only cache)
                 if tmp is None:
                     raise
                 tmp.unlink(missing_ok=True)
-                opts, tmp = ort.SessionOptions(), None
-                opts.intra_op_num_threads, opts.log_severity_level = threads, 3
-                session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+                tmp = None
+                sess = session(self.path)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise WeightsError(f"cannot load ONNX model {self.path}: {_one_line(exc)}") from None
         if tmp is not None and tmp.is_file():
@@ -217,7 +219,7 @@ class OnnxEmbedder:
                 os.replace(tmp, optimized)  # complete: a concurrent run sees the old name or this file
             except OSError:
                 tmp.unlink(missing_ok=True)
-        return session
+        return sess
 
     def _pick_input(self, pre: OnnxPreprocess):  # noqa: ANN202 - an onnxruntime NodeArg
         inputs = self._session.get_inputs()
