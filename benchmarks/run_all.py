@@ -34,6 +34,9 @@ SUITE: list[tuple[str, list[str], list[str]]] = [
     ("bench_update.py", ["--n", "1000"], ["--n", "40"]),
     ("bench_runtime.py", ["--n", "128", "--repeats", "3", "--cli-runs", "5"],
      ["--n", "16", "--batch-size", "8", "--repeats", "1", "--cli-runs", "1", "--agreement-n", "32"]),
+    ("bench_verify.py", ["--originals", "240", "--shelf", "60", "--repeats", "3"],
+     ["--originals", "20", "--shelf-csv", "tests/data/shelf_pairs.csv", "--cost-split", "val", "--repeats", "1",
+      "--resnet-n", "16"]),
 ]
 
 

@@ -235,11 +235,11 @@ def test_evaluate_phash_store_end_to_end(tmp_path: Path, make_images) -> None:
                      "imgs/img_0002.jpg,p2\nimgs/copies/same_2.jpg,p2\n"
                      "imgs/img_0004.jpg,p3\nimgs/img_0008.jpg,p3\n"  # labelled duplicates that are not: a miss
                      "imgs/gone.jpg,p9\n")  # img_0003, 5, 6 and 7 are not in the truth
-    res = evaluate(store, truth)
+    res = evaluate(store, truth, verify=False)  # the global-threshold definition (verified: test_evaluate_verify)
     assert (res.evaluated, res.truth_missing_from_store, res.store_missing_from_truth) == (8, 1, 4)
     assert res.true_pairs == 4 and res.candidate_pairs == 3  # the copies score 1.0, the rest <= 0.25
-    assert res.default_threshold == 0.6875
-    assert res.at_default == pytest.approx({"threshold": 0.6875, "precision": 1.0, "recall": 0.75, "f1": 6 / 7})
+    assert res.default_threshold == 0.5625
+    assert res.at_default == pytest.approx({"threshold": 0.5625, "precision": 1.0, "recall": 0.75, "f1": 6 / 7})
     # F1 6/7 holds up to 1.0 (every copy's hash equals its original's); the highest tied threshold is reported
     assert res.best == pytest.approx({"threshold": 1.0, "precision": 1.0, "recall": 0.75, "f1": 6 / 7})
     k = res.sweep["thresholds"].index(1.0)

@@ -34,7 +34,7 @@ def test_duplicates_agree_with_query_on_real_photos(grocery: Path, tmp_path: Pat
     root = grocery / "train" / "Packages" / "Milk"
     store = tmp_path / "milk.h5"
     build_index([root], store, model="phash")
-    report = find_duplicates(store, threshold=0.75)
+    report = find_duplicates(store, threshold=0.75, verify=False)  # every pair >= 0.75, as query scores it
     assert report.pairs, "expected some near-duplicate shots among the milk photos"
     cat = read_catalog(store)
     for pair in report.pairs[:5]:

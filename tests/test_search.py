@@ -22,11 +22,9 @@ from neardup.search.duplicates import (
     duplicate_rows,
     exact_pairs,
     find_duplicates,
-    groups_document,
     self_join,
-    write_groups_json,
-    write_pairs_csv,
 )
+from neardup.search.pairs_io import groups_document, write_groups_json, write_pairs_csv
 from neardup.search.query import Searcher, has_match, query
 
 
@@ -201,7 +199,7 @@ def test_query_refuses_other_weights(phash_store: Path, fake_embedder) -> None:
 
 
 def test_threshold_validation() -> None:
-    assert resolve_threshold(None, "phash") == pytest.approx(0.6875)
+    assert resolve_threshold(None, "phash") == pytest.approx(0.5625)
     assert resolve_threshold(0.5, "resnet50") == 0.5
     with pytest.raises(InputError):
         resolve_threshold(1.5, "phash")

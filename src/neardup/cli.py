@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from .config import (DEFAULTS, ENV_BATCH_SIZE, ENV_MAX_FILE_MB, ENV_MODEL, ENV_PRECISION, ENV_PREPROCESS,
-                     ENV_RUNTIME, ENV_STORE, ENV_WEIGHTS, RUNTIMES, THRESHOLDS, resolve_threshold)
+from .config import (CANDIDATES, DEFAULTS, ENV_BATCH_SIZE, ENV_MAX_FILE_MB, ENV_MODEL, ENV_PRECISION,
+                     ENV_PREPROCESS, ENV_RUNTIME, ENV_STORE, ENV_VERIFY, ENV_WEIGHTS, RUNTIMES, THRESHOLDS,
+                     resolve_threshold)
 from .errors import InputError, NeardupError
 from .fileio import check_output_path, fmt_bytes
 
@@ -64,11 +65,18 @@ BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", envvar=ENV_BATCH_SI
                                        help="Images per model call.")]
 _PER_MODEL = ", ".join(f"{m} {t:.4g}" for m, t in THRESHOLDS.items())
 ThresholdOpt = Annotated[Optional[float], typer.Option(
-    "--threshold", "-t", help=f"Cosine score at or above which two photos are duplicates [default: per model: "
-    f"{_PER_MODEL} (phash: Hamming <= 10 of 64 bits)].")]
+    "--threshold", "-t", help=f"Cosine score at or above which two photos are duplicates without verification "
+    f"(with it: for photos too plain to verify; failed candidates above it are listed for review) [default: per model: "
+    f"{_PER_MODEL} (phash: Hamming <= 14 of 64 bits)].")]
 MaxFileOpt = Annotated[int, typer.Option(
     "--max-file-mb", envvar=ENV_MAX_FILE_MB, min=1, help="Image files larger than this (MiB) are listed as "
     "skipped without being read.")]
+VerifyOpt = Annotated[Optional[bool], typer.Option(
+    "--verify/--no-verify", envvar=ENV_VERIFY, show_default=False,
+    help="Check candidates geometrically (ORB keypoints + RANSAC): a match must show the same thing, not only "
+         "look alike; measured to find more and wrong less (README \"Verification\") [default: verify when the "
+         "store caches local features, as every store made by this version does].")]
+_CANDIDATES = ", ".join(f"{m} k {k} cosine {t:.4g}" for m, (k, t) in CANDIDATES.items())
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -257,6 +265,8 @@ def info_cmd(
             ("input", f"{meta.input_size}x{meta.input_size}"), ("preprocessing", meta.preprocessing),
             ("runtime", f"{meta.runtime or 'not recorded'}, {meta.precision}"
              + (f" ({meta.quantized_file}; {meta.calibration})" if meta.quantized_file else "")),
+            ("local features", f"{meta.local_features} (cached for --verify)" if meta.local_features else
+             "none: --verify extracts them from the files (a store made before they were cached)"),
             ("normalization", meta.normalization), ("created", meta.created), ("updated", meta.updated),
             ("neardup", f"{meta.neardup_version} (schema {meta.schema_version})"),
             ("previous", "none kept yet" if not previous else
@@ -360,8 +370,15 @@ def _loose_embedder(store: Optional[Path], model: Optional[str], weights: Option
     return store_embedder(meta, store, weights=weights, precision=precision, runtime=runtime)
 
 
+def _is_match(r: QueryResult, m, threshold: float) -> bool:
+    if r.verified and m.verified is not None:
+        return m.verified
+    return m.score >= threshold  # not verified, or a photo too plain to judge
+
+
 def _match_rows(r: QueryResult, threshold: float) -> list[dict]:
-    return [{"rank": m.rank, "score": round(m.score, 6), "id": m.id, "path": m.path, "match": m.score >= threshold}
+    return [{"rank": m.rank, "score": round(m.score, 6), "id": m.id, "path": m.path,
+             "match": _is_match(r, m, threshold), "verified": m.verified, "inliers": m.inliers}
             for m in r.matches]
 
 
@@ -379,9 +396,11 @@ def query_cmd(
     precision: PrecisionOpt = DEFAULTS.precision, batch_size: BatchOpt = DEFAULTS.batch_size,
     as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="CSV output.")] = False,
-    max_file_mb: MaxFileOpt = DEFAULTS.max_file_mb, runtime: RuntimeOpt = DEFAULTS.runtime, verbose: VerboseOpt = 0,
+    max_file_mb: MaxFileOpt = DEFAULTS.max_file_mb, runtime: RuntimeOpt = DEFAULTS.runtime,
+    verify: VerifyOpt = None, verbose: VerboseOpt = 0,
 ) -> None:
-    """Find the catalogue images nearest to each photo. Exit 0: a match >= threshold exists; 1: none; 2: error."""
+    """Find the catalogue images nearest to each photo. Exit 0: a match exists (verified with --verify, else
+    >= threshold); 1: none; 2: error."""
     from .indexer.store import read_meta
     from .search.query import has_match, query
 
@@ -391,13 +410,16 @@ def query_cmd(
     t = resolve_threshold(threshold, meta.model)
     _warn_random_weights(store, meta)
     results = query(store, images, k=k, weights=weights, precision=precision, batch_size=batch_size,
-                    max_file_bytes=max_file_mb << 20, runtime=runtime)
+                    max_file_bytes=max_file_mb << 20, runtime=runtime, verify=verify)
     if as_json:
-        typer.echo(json.dumps({"store": str(store), "model": meta.model, "threshold": t, "results": [
+        typer.echo(json.dumps({"store": str(store), "model": meta.model, "threshold": t,
+                               "verified": any(r.verified for r in results),
+                               "results": [
             {"query": r.query, "error": r.error, "matches": _match_rows(r, t)} for r in results]}, indent=1))
     elif as_csv:
         buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=["query", "rank", "score", "id", "path", "match", "error"])
+        w = csv.DictWriter(buf, fieldnames=["query", "rank", "score", "id", "path", "match", "verified", "inliers",
+                                            "error"])
         w.writeheader()
         w.writerows(_query_rows(results, t))
         w.writerows({"query": r.query, "error": r.error} for r in results if r.error)
@@ -408,10 +430,11 @@ def query_cmd(
             if r.error:
                 typer.echo(f"  skipped: {r.error}")
                 continue
-            typer.echo(f"  {'rank':>4}  {'score':>7}  {'id':>7}  path")
+            typer.echo(f"  {'rank':>4}  {'score':>7}  {'id':>7}  " + ("inliers  " if r.verified else "") + "path")
             for m in r.matches:
-                mark = "  <- match" if m.score >= t else ""
-                typer.echo(f"  {m.rank:>4}  {m.score:7.4f}  {m.id:>7}  {_show(m.path)}{mark}")
+                mark = "  <- match" if _is_match(r, m, t) else ""
+                inl = f"{'-' if m.inliers is None else m.inliers:>7}  " if r.verified else ""
+                typer.echo(f"  {m.rank:>4}  {m.score:7.4f}  {m.id:>7}  {inl}{_show(m.path)}{mark}")
     for r in results:
         if r.error:
             typer.echo(f"neardup: skipped {_show(r.query)}: {r.error}", err=True)
@@ -452,23 +475,41 @@ def duplicates_cmd(
     groups: Annotated[Optional[Path], typer.Option("--groups", "-g", help="JSON of groups with keepers.")] = None,
     show: Annotated[int, typer.Option("--show", help="Groups to print.")] = 10,
     show_members: Annotated[int, typer.Option("--show-members", help="Members to print per group.")] = 8,
+    verify: VerifyOpt = None,
+    k: Annotated[Optional[int], typer.Option("-k", min=1, help="With --verify: neighbours per image checked "
+                                             f"[default: per model: {_CANDIDATES}].")] = None,
+    loose: Annotated[Optional[float], typer.Option(
+        "--candidate-threshold", help="With --verify: the loose cosine a neighbour must reach to be checked "
+                                      "[default: per model, see -k].")] = None,
     verbose: VerboseOpt = 0,
 ) -> None:
-    """List every near-duplicate pair and group of a store (nothing is ever deleted)."""
-    from .search.duplicates import find_duplicates, write_groups_json, write_pairs_csv
+    """List every near-duplicate pair and group of a store (nothing is ever deleted). With --verify, pairs are
+    verified candidates; unverified candidates above the threshold are listed (verified=false), never grouped."""
+    from .search.duplicates import find_duplicates
+    from .search.pairs_io import write_groups_json, write_pairs_csv
 
-    report = find_duplicates(store, threshold=threshold)
+    report = find_duplicates(store, threshold=threshold, verify=verify, k=k, loose_threshold=loose)
     if out:
         write_pairs_csv(report, out)
     if groups:
         write_groups_json(report, groups)
-    typer.echo(f"{report.n} images, model {report.model}, threshold {report.threshold:.4f}: "
-               f"{report.n_pairs} pairs ({report.n_exact} exact), {len(report.groups)} groups, "
-               f"{sum(len(g.members) - 1 for g in report.groups)} removable, {report.seconds:.1f} s")
+    if report.verify:
+        nv = int(report.verified.sum()) - report.n_exact
+        typer.echo(f"{report.n} images, model {report.model}: {report.candidates} candidates (k {report.k}, cosine >= "
+                   f"{report.loose_threshold:.4f}) verified in {report.verify_seconds:.1f} s: {nv} verified pairs, "
+                   f"{report.n_exact} exact, {report.n_pairs - nv - report.n_exact} unverified above "
+                   f"{report.threshold:.4f}; {len(report.groups)} groups, "
+                   f"{sum(len(g.members) - 1 for g in report.groups)} removable, {report.seconds:.1f} s")
+    else:
+        typer.echo(f"{report.n} images, model {report.model}, threshold {report.threshold:.4f}: "
+                   f"{report.n_pairs} pairs ({report.n_exact} exact), {len(report.groups)} groups, "
+                   f"{sum(len(g.members) - 1 for g in report.groups)} removable, {report.seconds:.1f} s")
     for k, g in enumerate(report.groups[:show]):
         typer.echo(f"group {k + 1} ({len(g.members)} images)")
         for m in g.members[:show_members]:
             tag = "keep" if m["keeper"] else ("exact" if m["exact"] else f"{m['score_to_keeper']:.4f}")
+            if m.get("inliers_to_keeper", -1) >= 0:
+                tag += f" {m['inliers_to_keeper']:>4} inl"
             typer.echo(f"  {tag:>6}  {_show(m['path'])}  ({m['width']}x{m['height']})")
         if len(g.members) > show_members:
             typer.echo(f"          ... and {len(g.members) - show_members} more")
@@ -496,12 +537,12 @@ def report_cmd(
                                                     "pair into this folder, created if needed "
                                                     "(pair_00001.png, ...).")]
     = None,
-    threshold: ThresholdOpt = None, verbose: VerboseOpt = 0,
+    threshold: ThresholdOpt = None, verify: VerifyOpt = None, verbose: VerboseOpt = 0,
 ) -> None:
     """Write an HTML report of duplicate groups and pairs with thumbnails (nothing is ever deleted)."""
     from .search.report import write_report
 
-    res = write_report(store, out, pairs=pairs, groups=groups, threshold=threshold, png_dir=png_dir)
+    res = write_report(store, out, pairs=pairs, groups=groups, threshold=threshold, png_dir=png_dir, verify=verify)
     typer.echo(f"wrote {res.out}: {res.groups} groups, {res.pairs} pairs, {res.images} images "
                f"({len(res.missing)} missing or unreadable), {res.seconds:.1f} s")
     for path in res.missing[:10]:
@@ -545,8 +586,10 @@ def plot_cmd(
 @app.command("evaluate")
 @handled
 def evaluate_cmd(
-    truth: Annotated[Path, typer.Option("--truth", help="Ground-truth CSV with the header path,group (paths "
-                                        "relative to the CSV's folder, or absolute).")],
+    truth: Annotated[Path, typer.Option("--truth", help="Ground-truth CSV with the header path,group and "
+                                        "optionally class (pairs of one class in different groups are not "
+                                        "counted) and role (query: a photo to embed and look up, not in the "
+                                        "store); paths relative to the CSV's folder, or absolute.")],
     store: StoreOpt = Path(DEFAULTS.store),
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="JSON file with every number.")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="PNG of the precision-recall curve.")] = None,
@@ -555,7 +598,10 @@ def evaluate_cmd(
     min_threshold: Annotated[float, typer.Option(
         "--min-threshold", min=-1.0, max=1.0, help="Lower end of the 0.01-step threshold sweep (raise it for "
         "a large store whose scores run high: every pair above it is held in memory).")] = 0.5,
-    verbose: VerboseOpt = 0,
+    verify: VerifyOpt = None,
+    k: Annotated[Optional[int], typer.Option("-k", min=1, help="With --verify: candidates per image "
+                                             f"[default: per model: {_CANDIDATES}].")] = None,
+    runtime: RuntimeOpt = DEFAULTS.runtime, verbose: VerboseOpt = 0,
 ) -> None:
     """Score duplicate detection (pair precision/recall/F1 per threshold) and search (recall@k, mAP) vs truth."""
     from .search.evaluate import evaluate as run_evaluation
@@ -570,7 +616,7 @@ def evaluate_cmd(
 
         plot_format(plot)
     sweep = sorted({round(min_threshold, 6)} | {k / 100 for k in range(-100, 101) if k / 100 >= min_threshold})
-    res = run_evaluation(store, truth, thresholds=sweep, threshold=threshold)
+    res = run_evaluation(store, truth, thresholds=sweep, threshold=threshold, verify=verify, k=k, runtime=runtime)
     typer.echo(res.table())
     if out is not None:
         write_eval_json(res, out)

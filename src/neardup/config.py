@@ -23,10 +23,29 @@ PRECISIONS: tuple[str, ...] = ("float32", "bf16", "int8")
 #: Default cosine thresholds per model for "is a near-duplicate".
 #: resnet50: ImageNet GAP features of re-encodes/resizes/small crops of one photo sit well above 0.9, while
 #: different products of one category usually sit in 0.6-0.85; 0.90 is a conservative start, tune with
-#: `neardup evaluate`. vgg16: the seed's 0.95 for fc1. phash: Hamming distance <= 10 of 64 bits, which is
-#: cosine 1 - 2*10/64 = 0.6875 under the +-1/8 bit mapping. onnx: a user's own model has no known scale;
-#: 0.90 is only a start, measure yours with `neardup evaluate`.
-THRESHOLDS: dict[str, float] = {"resnet50": 0.90, "vgg16": 0.95, "phash": 1.0 - 2.0 * 10 / 64, "onnx": 0.90}
+#: `neardup evaluate`. vgg16: the seed's 0.95 for fc1. phash: Hamming distance <= 14 of 64 bits, cosine
+#: 1 - 2*14/64 = 0.5625 under the +-1/8 bit mapping: on edited copies of grocery photos the highest recall at
+#: precision >= 0.97 (0.625 at 0.974; the former <= 10 found 0.28; benchmarks/bench_verify.py). Used without
+#: verification (--no-verify), and to list unverified candidates. onnx: a user's own model has no known
+#: scale; 0.90 is only a start, measure yours with `neardup evaluate`.
+THRESHOLDS: dict[str, float] = {"resnet50": 0.90, "vgg16": 0.95, "phash": 1.0 - 2.0 * 14 / 64, "onnx": 0.90}
+
+#: Candidates of geometric verification per model: (k, loose threshold). `duplicates --verify` checks each
+#: image's k nearest neighbours that score at least the loose threshold; `query --verify` its top k. Chosen
+#: from the curves of benchmarks/bench_verify.py (README "Verification"): the loosest threshold whose
+#: candidate pairs still fit the verification time budget, for the recall it buys.
+#: phash: 5 neighbours within Hamming 20 (copies recall 0.93 at precision 1.0; 10 neighbours find no more,
+#: Hamming 22 finds 0.96 for twice the candidates). onnx (measured on the trained MobileNetV2 1.0): 10
+#: neighbours >= 0.7 (0.85, the plateau: lower thresholds find no more). resnet50/vgg16: not measurable here
+#: (no ImageNet weights); their usual copy scores suggest these.
+CANDIDATES: dict[str, tuple[int, float]] = {"phash": (5, 1.0 - 2.0 * 20 / 64), "onnx": (10, 0.7),
+                                            "resnet50": (10, 0.7), "vgg16": (10, 0.8)}
+
+
+def candidate_rule(model: str) -> tuple[int, float]:
+    """(k, loose threshold) of the candidates that verification checks for `model`."""
+    return CANDIDATES.get(model, CANDIDATES["onnx"])
+
 
 #: Environment variables that jobs (cron, CI) can use instead of options.
 ENV_STORE = "NEARDUP_STORE"
@@ -37,6 +56,7 @@ ENV_PRECISION = "NEARDUP_PRECISION"
 ENV_MAX_FILE_MB = "NEARDUP_MAX_FILE_MB"
 ENV_RUNTIME = "NEARDUP_RUNTIME"
 ENV_PREPROCESS = "NEARDUP_PREPROCESS"
+ENV_VERIFY = "NEARDUP_VERIFY"
 
 
 @dataclass(frozen=True)
@@ -62,6 +82,15 @@ class Defaults:
     #: Larger files are listed as skipped before a byte is read (a 4 GB file named *.jpg must not be read into
     #: memory). 128 MiB is several times the largest product photo (a 50 MP PNG is ~100 MB).
     max_file_mb: int = 128
+    #: Local features (ORB) per photo cached in the store for verification, and the longest side they are
+    #: found at (see indexer/local_features.py for the measurement that chose them).
+    local_keypoints: int = 500
+    local_side: int = 256
+    #: Geometric verification of candidates (search/verify.py) in duplicates, query and evaluate: measured to
+    #: find more and wrong less than one global threshold (benchmarks/RESULTS.md).
+    verify: bool = True
+    #: Threads that match candidate pairs (OpenCV releases the GIL).
+    verify_workers: int = 2
     #: Seed for the random initialisation used with weights=none, so that every process builds the same network.
     init_seed: int = 1234
 
@@ -73,6 +102,42 @@ class Defaults:
 
 
 DEFAULTS = Defaults()
+
+
+@dataclass(frozen=True)
+class VerifyRule:
+    """Geometric verification of a candidate pair (search/verify.py): ORB matches that pass Lowe's ratio test,
+    one RANSAC homography, and the verdict's three tests. Chosen from curves measured on the grocery photos
+    (benchmarks/bench_verify.py, README "Verification")."""
+
+    #: Lowe's ratio test: best Hamming distance < ratio * second best.
+    ratio: float = 0.8
+    #: RANSAC reprojection error, as a fraction of the photo's width/height (~3 px at 256 px).
+    ransac: float = 0.012
+    #: A verified pair has at least this many inliers...
+    min_inliers: int = 15
+    #: ...that are at least this share of the keypoints of the photo with fewer (edited copies: >= 0.27;
+    #: different products held up in front of one shelf: up to 0.33, so this alone is not enough)...
+    min_inlier_ratio: float = 0.2
+    #: ...and that lie on the product and over the photo: the mean of two shares, each the smaller over both
+    #: photos, must reach this: keypoints in the central half that are inliers, and textured cells of a 6x6
+    #: grid (those the fit maps into the other photo) that hold an inlier. A shelf seen behind two
+    #: different products matches around the product, not on it: <= 0.38 on the 60 worst such pairs of the
+    #: test split; edited copies >= 0.45. Fitted on 240 copies (seed 0), those 60 pairs and 4,000 random
+    #: same-shelf pairs; judged on other copies in benchmarks/bench_verify.py.
+    min_support: float = 0.42
+    #: A photo with fewer keypoints (a plain or tiny image) cannot be judged: for such a pair the global
+    #: threshold decides, as without verification (grocery photos have 300-500).
+    min_keypoints: int = 40
+    #: Screening (duplicates only, where only the verdict counts): a pair whose `screen` strongest keypoints of
+    #: the first photo find fewer than `screen_matches` ratio-test matches is rejected without the full match
+    #: (5x cheaper). Verified pairs have >= 0.2 of all keypoints as inliers; on 240 edited copies their
+    #: strongest 100 keypoints matched 25 to 90 times (median 53).
+    screen: int = 100
+    screen_matches: int = 12
+
+
+VERIFY = VerifyRule()
 
 
 def default_threshold(model: str) -> float:

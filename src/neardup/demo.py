@@ -23,7 +23,8 @@ from .indexer.embed import Embedder
 from .indexer.models import make_embedder
 from .indexer.files import StoreFiles
 from .indexer.store import read_meta
-from .search.duplicates import DuplicateReport, find_duplicates, write_groups_json, write_pairs_csv
+from .search.duplicates import DuplicateReport, find_duplicates
+from .search.pairs_io import write_groups_json, write_pairs_csv
 from .search.evaluate import EvalResult, evaluate, write_eval_json
 from .search.report import write_report
 

@@ -26,6 +26,7 @@ from .embed import Embedder, resolve_weights
 from .models import make_embedder, split_model
 from .faiss_index import build_flat_index, index_intact, save_index
 from .files import StoreFiles
+from .local_features import LOCAL_VERSION, LocalFeatures
 from .lock import writer_lock
 from .onnx_export import agreement, quantize_int8
 from .pipeline import Embedded, prepare, prepare_all
@@ -91,6 +92,7 @@ def build_index(
     embedder: Embedder | None = None,
     progress: Progress | None = None,
     require_existing: bool = False,
+    local_features: bool = True,
 ) -> RunSummary:
     """Index the images under `roots` into the HDF5 store `store` and its FAISS index; return a summary.
 
@@ -102,6 +104,7 @@ def build_index(
     `precision` defaults to the store's (else float32); another than the store's is refused. Precision
     "int8" (a new store only) calibrates an int8 model on the indexed images and keeps it beside
     the store. `embedder` injects an embedding method (tests); otherwise one is built from `model`/`weights`.
+    A new store caches local features for verification unless `local_features` is False (then never).
     """
     t0 = time.perf_counter()
     files = _writable(store)
@@ -123,7 +126,7 @@ def build_index(
         files.remove_temporaries()
         _finish_restore(files)
         if store.exists():
-            old = read_catalog(store)  # whole, checksums verified: a damaged store stops here, untouched
+            old = read_catalog(store, local=True)  # whole, checksums verified: a damaged store stops here, untouched
             files.remove_index_files(keep=_live_indexes(files, old.meta))  # orphans of a killed publish
         elif require_existing:
             raise StoreError(f"no store at {store}; create it first with `neardup index`")
@@ -158,7 +161,8 @@ def build_index(
         vectors: dict[str, Embedded] = {}  # content hash -> embedding
         if old is not None and pending:  # only new/changed files look content up; a quiet night skips this
             for i, sha in enumerate(old.sha256):
-                vectors.setdefault(sha, Embedded(old.xb[i], int(old.widths[i]), int(old.heights[i])))
+                vectors.setdefault(sha, Embedded(old.xb[i], int(old.widths[i]), int(old.heights[i]),
+                                                 old.local.row(i) if old.local is not None else None))
         hashes: dict[str, str] = {}  # rel -> content hash, for pending files that could be read
         new_meta = None
         if pending:
@@ -169,19 +173,21 @@ def build_index(
                 emb = _calibrated(files, pending, model, weights, preprocess, opts, summary)
             else:
                 emb = embedder or make_embedder(model, weights, precision, runtime=runtime, preprocess=preprocess)
+            local = (LOCAL_VERSION if local_features else "") if old is None else old.meta.local_features
             if old is None:
                 new_meta = StoreMeta(model=model, weights=weights, weights_fingerprint=emb.weights_fingerprint,
                                      dim=emb.dim, input_size=emb.input_size, preprocessing=emb.preprocessing,
                                      runtime=getattr(emb, "runtime", ""),
                                      precision=getattr(emb, "precision", DEFAULTS.precision),
                                      quantized_file=files.quantized.name if precision == "int8" else "",
-                                     calibration=summary.calibration)
+                                     calibration=summary.calibration, local_features=local)
             checkpoint = Checkpoint(files.work, {"model": emb.name, "weights_fingerprint": emb.weights_fingerprint,
-                                                 "dim": emb.dim, "preprocessing": emb.preprocessing})
+                                                 "dim": emb.dim, "preprocessing": emb.preprocessing,
+                                                 "local_features": local})
             for sha, e in checkpoint.known.items():
                 vectors.setdefault(sha, e)
             t_embed = time.perf_counter()
-            _embed_pending(pending, emb, vectors, hashes, checkpoint, summary, opts, progress)
+            _embed_pending(pending, emb, vectors, hashes, checkpoint, summary, opts, progress, bool(local))
             summary.embed_seconds = time.perf_counter() - t_embed
             summary.reused = sum(1 for f in pending if hashes.get(f.rel) in checkpoint.known)
 
@@ -220,11 +226,13 @@ def update_index(roots: Sequence[str | os.PathLike[str]], store: str | os.PathLi
 
 def _embed_pending(pending: list[FileRecord], emb: Embedder, vectors: dict[str, Embedded], hashes: dict[str, str],
                    checkpoint: Checkpoint, summary: RunSummary, opts: JobOptions,
-                   progress: Progress | None) -> None:
+                   progress: Progress | None, local: bool = False) -> None:
     """Read every pending file (hash into `hashes`), embed content not in `vectors` yet (into `vectors`),
-    checkpointing every few batches; failures go into the summary."""
+    checkpointing every few batches; failures go into the summary. With `local`, each new content's local
+    features are extracted from the same decode and kept with its embedding."""
     batch: dict[str, np.ndarray] = {}  # content hash -> pixels: identical new files embed once
     sizes: dict[str, tuple[int, int]] = {}
+    feats: dict[str, LocalFeatures | None] = {}
     unsaved: dict[str, Embedded] = {}
 
     def flush_batch() -> None:
@@ -232,13 +240,13 @@ def _embed_pending(pending: list[FileRecord], emb: Embedder, vectors: dict[str, 
             return
         xb = emb.embed(np.stack(list(batch.values())))
         for sha, vec in zip(batch, xb):
-            vectors[sha] = unsaved[sha] = Embedded(vec, *sizes[sha])
+            vectors[sha] = unsaved[sha] = Embedded(vec, *sizes[sha], feats.pop(sha, None))
         summary.embedded += len(batch)
         batch.clear()
 
     known = lambda sha: sha in vectors or sha in batch  # noqa: E731 - read by the decoding threads
     outcomes = prepare_all([f.abs for f in pending], emb, known=known, batch_size=opts.batch_size,
-                           decode_workers=opts.decode_workers, max_bytes=opts.max_file_bytes)
+                           decode_workers=opts.decode_workers, max_bytes=opts.max_file_bytes, local=local)
     with closing(outcomes):  # an error or Ctrl-C here also ends the decoding threads
         for done, (f, out) in enumerate(zip(pending, outcomes), start=1):
             if out.error is not None:
@@ -249,6 +257,7 @@ def _embed_pending(pending: list[FileRecord], emb: Embedder, vectors: dict[str, 
                 if decoded is not None and sha not in vectors and sha not in batch:
                     batch[sha] = decoded.pixels
                     sizes[sha] = (decoded.width, decoded.height)
+                    feats[sha] = decoded.local
             if len(batch) >= opts.batch_size:
                 flush_batch()
                 if len(unsaved) >= opts.batch_size * opts.checkpoint_every:
@@ -382,7 +391,7 @@ def restore_previous(store: str | os.PathLike[str]) -> Restored:
             raise StoreError(f"no previous generation of {store} is kept ({files.previous} does not exist); "
                              f"rebuild it with `neardup index DIR --store {store}`")
         try:
-            prev = read_catalog(files.previous)
+            prev = read_catalog(files.previous, local=True)
         except StoreError as exc:
             raise StoreError(f"the previous generation {files.previous} is damaged too "
                              f"({getattr(exc, 'reason', exc)}); move {files.store.name} and {files.previous.name} "

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..fileio import atomic_write
+from .local_features import LocalTable
 from .pipeline import Embedded
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,9 @@ class Checkpoint:
         for chunk in sorted(self.dir.glob("chunk-*.npz")):
             try:
                 with np.load(chunk) as z:
-                    for sha, vec, w, h in zip(z["sha256"], z["xb"], z["widths"], z["heights"]):
-                        self.known[sha.decode()] = Embedded(vec, int(w), int(h))
+                    local = LocalTable(z["lf_count"], z["lf_xy"], z["lf_desc"]) if "lf_count" in z else None
+                    for k, (sha, vec, w, h) in enumerate(zip(z["sha256"], z["xb"], z["widths"], z["heights"])):
+                        self.known[sha.decode()] = Embedded(vec, int(w), int(h), local.row(k) if local else None)
                 self._chunks += 1
             except Exception:  # noqa: BLE001 - a damaged chunk (zip, npy, key errors) only costs re-embedding
                 log.warning("ignoring unreadable checkpoint chunk %s", chunk)
@@ -60,13 +62,16 @@ class Checkpoint:
         if not meta.exists():
             atomic_write(meta, lambda tmp: Path(tmp).write_text(json.dumps(self.key)))
         items = list(rows.items())
+        has_local = any(e.local is not None for _, e in items)
+        local = LocalTable.of([e.local for _, e in items]) if has_local else None
 
         def write(tmp: str) -> None:
             with open(tmp, "wb") as fh:
                 np.savez(fh, sha256=np.array([sha for sha, _ in items], dtype="S64"),
                          xb=np.stack([e.vector for _, e in items]).astype(np.float32),
                          widths=np.array([e.width for _, e in items], np.int32),
-                         heights=np.array([e.height for _, e in items], np.int32))
+                         heights=np.array([e.height for _, e in items], np.int32),
+                         **({"lf_count": local.count, "lf_xy": local.xy, "lf_desc": local.desc} if local else {}))
 
         self._chunks += 1
         atomic_write(self.dir / f"chunk-{self._chunks:06d}-{uuid.uuid4().hex[:8]}.npz", write)

@@ -15,6 +15,7 @@ from PIL import Image, ImageOps
 from ..config import DEFAULTS
 from ..errors import DecodeError
 from ..fileio import fmt_bytes
+from .local_features import LocalFeatures, extract_local
 
 # load_upright refuses bombs itself, with a reason per file. Pillow's warning for images between one and two
 # times its pixel limit would otherwise leak to stderr with a source line. Set once at import: warnings
@@ -28,11 +29,13 @@ _HIGH_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
 @dataclass(frozen=True)
 class Decoded:
-    """One decoded image: `pixels` uint8 [s, s, 3] (RGB) or [s, s] (L), and its upright original size."""
+    """One decoded image: `pixels` uint8 [s, s, 3] (RGB) or [s, s] (L), its upright original size, and its
+    local features when asked for."""
 
     pixels: np.ndarray
     width: int
     height: int
+    local: LocalFeatures | None = None
 
 
 def sha256_hex(data: bytes) -> str:
@@ -101,22 +104,26 @@ def load_upright(data: bytes, min_side: int, *, mode: str = "RGB") -> tuple[Imag
 
 
 def decode_image(data: bytes, size: int, *, mode: str = "RGB", resample: str = "bilinear",
-                 fit: str = "stretch") -> Decoded:
+                 fit: str = "stretch", local: bool = False) -> Decoded:
     """Decode encoded image bytes into a `size`x`size` array: stretched (aspect ratio not kept, as Keras'
     load_img) or, with fit="crop", the centre square after resizing the shorter side.
 
-    See load_upright for orientation, animation, bomb guard and JPEG draft decoding. Raises DecodeError.
+    With `local`, the photo's ORB features are extracted from the same decode (local_features), which then
+    happens at >= DEFAULTS.local_side px. See load_upright for orientation, animation, bomb guard and JPEG
+    draft decoding. Raises DecodeError.
     """
     # Small targets (pHash's 32 px) decode JPEGs at >= 2x: straight 1/8 DCT scaling aliases, and the hash
     # then drifts from the reference pHash (2.8 bits mean vs imagehash on 500 grocery photos; 0.14 at 2x).
-    img, (width, height) = load_upright(data, size if size >= 64 else 2 * size, mode=mode)
+    min_side = size if size >= 64 else 2 * size
+    img, (width, height) = load_upright(data, max(min_side, DEFAULTS.local_side) if local else min_side, mode=mode)
+    features = extract_local(img) if local else None
     try:
         sized = (ImageOps.fit(img, (size, size), _RESAMPLE[resample]) if fit == "crop"
                  else img.resize((size, size), _RESAMPLE[resample]))
         pixels = np.asarray(sized, dtype=np.uint8)
     except (OSError, ValueError, MemoryError) as exc:
         raise DecodeError(f"cannot decode: {exc}") from None
-    return Decoded(pixels=pixels, width=width, height=height)
+    return Decoded(pixels=pixels, width=width, height=height, local=features)
 
 
 def too_large(size: int, max_bytes: int) -> str | None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..errors import InputError
+from .local_features import LocalFeatures, LocalTable
 from .pipeline import Embedded
 from .scan import FileRecord, Scan
 from .store import Catalog, StoreMeta
@@ -40,12 +41,14 @@ class Row:
     vector: np.ndarray
     width: int
     height: int
+    local: LocalFeatures | None = None
 
     @classmethod
     def of(cls, cat: Catalog, i: int) -> Row:
         """Row i of a catalog."""
         return cls(int(cat.ids[i]), cat.paths[i], int(cat.sizes[i]), int(cat.mtimes_ns[i]), cat.sha256[i],
-                   cat.xb[i], int(cat.widths[i]), int(cat.heights[i]))
+                   cat.xb[i], int(cat.widths[i]), int(cat.heights[i]),
+                   cat.local.row(i) if cat.local is not None else None)
 
 
 def split_unchanged(old: Catalog | None, files: list[FileRecord]) -> tuple[list[FileRecord], int]:
@@ -92,7 +95,7 @@ def assemble(old: Catalog | None, found: Scan, hashes: dict[str, str], vectors: 
             continue
         e = vectors[sha]
         new = dict(path=f.rel, size=f.size, mtime_ns=f.mtime_ns, sha256=sha, vector=e.vector, width=e.width,
-                   height=e.height)
+                   height=e.height, local=e.local)
         if i is not None:
             claimed.add(i)
             if old.sha256[i] == sha:
@@ -146,4 +149,4 @@ def catalog_of(rows: list[Row], meta: StoreMeta, failures: list[tuple[str, str]]
         sha256=[r.sha256 for r in rows], widths=np.array([r.width for r in rows], np.int32),
         heights=np.array([r.height for r in rows], np.int32),
         xb=np.stack([r.vector for r in rows]).astype(np.float32) if rows else np.zeros((0, meta.dim), np.float32),
-        failures=failures)
+        failures=failures, local=LocalTable.of([r.local for r in rows]) if meta.local_features else None)

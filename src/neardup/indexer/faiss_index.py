@@ -116,7 +116,7 @@ def check_store(store: str | os.PathLike[str]) -> list[str]:
     the data intact (an index file missing or damaged: readers rebuild it in memory, `neardup update` rewrites
     it); an empty list means healthy.
     """
-    cat = read_catalog(store, vectors=True)
+    cat = read_catalog(store, vectors=True, local=True)
     problems = []
     if not cat.meta.index_file:
         problems.append("no index file yet; `neardup update` writes one (queries build it in memory meanwhile)")
@@ -131,7 +131,7 @@ def check_store(store: str | os.PathLike[str]) -> list[str]:
     previous = StoreFiles.resolved(store).previous
     if previous.exists():
         try:
-            read_catalog(previous, vectors=True)
+            read_catalog(previous, vectors=True, local=True)
         except StoreError as exc:
             problems.append(f"the previous generation {previous} is damaged ({getattr(exc, 'reason', exc)}); "
                             f"it cannot be restored (the next update replaces it)")

@@ -19,6 +19,7 @@ from ..config import DEFAULTS
 from ..errors import DecodeError
 from .decode import Decoded, decode_image, read_file
 from .embed import Embedder
+from .local_features import LocalFeatures
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class Embedded:
     vector: np.ndarray  #: float32 [d], unit norm
     width: int
     height: int
+    local: LocalFeatures | None = None  #: its ORB features, when the store keeps them
 
 
 @dataclass(frozen=True)
@@ -48,8 +50,9 @@ class Outcome:
 
 
 def prepare(path: str, emb: Embedder, known: Callable[[str], bool] | None = None,
-            max_bytes: int = DEFAULTS.max_file_bytes) -> Prepared:
-    """Read a file once; decode it for `emb` unless `known(sha256)` says its content has an embedding already.
+            max_bytes: int = DEFAULTS.max_file_bytes, local: bool = False) -> Prepared:
+    """Read a file once; decode it for `emb` (and extract its local features with `local`) unless
+    `known(sha256)` says its content has an embedding already.
 
     Raises DecodeError with a short reason (also for a file that is not regular or is over `max_bytes`).
     """
@@ -57,12 +60,12 @@ def prepare(path: str, emb: Embedder, known: Callable[[str], bool] | None = None
     if known is not None and known(sha):
         return Prepared(sha, None)
     return Prepared(sha, decode_image(data, emb.input_size, mode=emb.input_mode, resample=emb.resample,
-                                      fit=getattr(emb, "fit", "stretch")))
+                                      fit=getattr(emb, "fit", "stretch"), local=local))
 
 
 def prepare_all(paths: Sequence[str], emb: Embedder, *, known: Callable[[str], bool] | None = None,
                 batch_size: int = DEFAULTS.batch_size, decode_workers: int = DEFAULTS.decode_workers,
-                max_bytes: int = DEFAULTS.max_file_bytes) -> Iterator[Outcome]:
+                max_bytes: int = DEFAULTS.max_file_bytes, local: bool = False) -> Iterator[Outcome]:
     """`prepare` every path in decoding threads; yields one Outcome per path, in input order.
 
     At most about two batches of decoded images are held at once. A codec bug on one file becomes that
@@ -76,7 +79,7 @@ def prepare_all(paths: Sequence[str], emb: Embedder, *, known: Callable[[str], b
         pending: deque[tuple[str, Future[Prepared]]] = deque()
         it = iter(paths)
         for path in it:
-            pending.append((path, pool.submit(prepare, path, emb, known, max_bytes)))
+            pending.append((path, pool.submit(prepare, path, emb, known, max_bytes, local)))
             if len(pending) >= window:
                 break
         try:
@@ -84,7 +87,7 @@ def prepare_all(paths: Sequence[str], emb: Embedder, *, known: Callable[[str], b
                 path, fut = pending.popleft()
                 nxt = next(it, None)
                 if nxt is not None:
-                    pending.append((nxt, pool.submit(prepare, nxt, emb, known, max_bytes)))
+                    pending.append((nxt, pool.submit(prepare, nxt, emb, known, max_bytes, local)))
                 try:
                     out = Outcome(path, fut.result(), None)
                 except DecodeError as exc:
@@ -104,24 +107,28 @@ class EmbeddedFiles:
     paths: list[str]
     xq: np.ndarray
     failures: list[tuple[str, str]]
+    local: list[LocalFeatures | None] | None = None  #: per row of xq, when asked for
 
 
 def embed_files(paths: Sequence[str | os.PathLike[str]], emb: Embedder, *,
                 batch_size: int = DEFAULTS.batch_size, decode_workers: int = DEFAULTS.decode_workers,
-                max_bytes: int = DEFAULTS.max_file_bytes) -> EmbeddedFiles:
-    """Decode and embed image files in batches with overlapped decoding; undecodable files are listed."""
+                max_bytes: int = DEFAULTS.max_file_bytes, local: bool = False) -> EmbeddedFiles:
+    """Decode and embed image files in batches with overlapped decoding; undecodable files are listed.
+    With `local`, each file's ORB features come back too (from the same decode)."""
     ok: list[str] = []
+    feats: list[LocalFeatures | None] = []
     chunks: list[np.ndarray] = []
     batch: list[np.ndarray] = []
     failures: list[tuple[str, str]] = []
     outcomes = prepare_all([str(p) for p in paths], emb, batch_size=batch_size, decode_workers=decode_workers,
-                           max_bytes=max_bytes)
+                           max_bytes=max_bytes, local=local)
     with closing(outcomes):
         for out in outcomes:
             if out.error is not None:
                 failures.append((out.path, out.error))
                 continue
             ok.append(out.path)
+            feats.append(out.prepared.decoded.local)
             batch.append(out.prepared.decoded.pixels)
             if len(batch) >= batch_size:
                 chunks.append(emb.embed(np.stack(batch)))
@@ -129,4 +136,4 @@ def embed_files(paths: Sequence[str | os.PathLike[str]], emb: Embedder, *,
     if batch:
         chunks.append(emb.embed(np.stack(batch)))
     xq = np.concatenate(chunks) if chunks else np.zeros((0, emb.dim), np.float32)
-    return EmbeddedFiles(ok, xq, failures)
+    return EmbeddedFiles(ok, xq, failures, feats if local else None)

@@ -9,9 +9,11 @@ Layout (schema 1):
   /sha256      ascii   [n]     content hash (hex)
   /widths, /heights int32 [n]  upright original image size
   /failures/paths, /failures/reasons  utf-8 [m]
+  /local/count int16 [n], /local/xy float16 [n, K, 2], /local/desc uint8 [n, K, 32]   ORB features for
+               verification (count -1: not extracted); absent in stores written before them
   attrs: format, schema_version, model, weights, weights_fingerprint, input_size, preprocessing, dim,
          normalization, created, updated, neardup_version, next_id, index_file, index_sha256, runtime,
-         precision, quantized_file, calibration
+         precision, quantized_file, calibration, local_features
 
 A published store is never modified in place: writers build a new file beside it and `os.replace` it, so
 readers see the old or the new store, never a half-written one. Damage is detected, never served: every
@@ -38,6 +40,7 @@ from ..fileio import atomic_write, check_output_path, now_iso
 from .embed import Embedder
 from .models import make_embedder
 from .files import StoreFiles
+from .local_features import LocalTable
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,7 @@ class StoreMeta:
     precision: str = "float32"
     quantized_file: str = ""  #: the int8 model beside the store, calibrated on its images ("" unless int8)
     calibration: str = ""  #: the int8 calibration and its measured agreement with float32
+    local_features: str = ""  #: version of the cached local features (local_features.LOCAL_VERSION); "" = none
     count: int = 0
     failures: int = 0
 
@@ -86,6 +90,7 @@ class Catalog:
     heights: np.ndarray  # int32 [n]
     xb: np.ndarray | None  # float32 [n, d], None when read without vectors
     failures: list[tuple[str, str]] = field(default_factory=list)
+    local: LocalTable | None = None  #: cached local features, when read with them (read_catalog(local=True))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -157,7 +162,7 @@ def _meta(f: h5py.File) -> StoreMeta:
         next_id=int(a["next_id"]), index_file=str(a["index_file"]), index_sha256=str(a.get("index_sha256", "")),
         runtime=str(a.get("runtime", "")), precision=str(a.get("precision", "float32")),
         quantized_file=str(a.get("quantized_file", "")), calibration=str(a.get("calibration", "")),
-        count=int(f["ids"].shape[0]), failures=int(f["failures/paths"].shape[0]))
+        local_features=str(a.get("local_features", "")) if "local" in f else "", count=int(f["ids"].shape[0]), failures=int(f["failures/paths"].shape[0]))
 
 
 def read_meta(path: str | os.PathLike[str]) -> StoreMeta:
@@ -178,8 +183,38 @@ def _strings(ds: h5py.Dataset) -> list[str]:
     return out
 
 
-def read_catalog(path: str | os.PathLike[str], *, vectors: bool = True) -> Catalog:
-    """Read a whole store into memory (embeddings only when `vectors`). Raises StoreError."""
+def _local(f: h5py.File, n: int, rows: np.ndarray | None = None) -> LocalTable:
+    g = f["local"]
+    if rows is None or len(rows) * 8 > n:  # many rows: one sequential read beats a point selection
+        t = LocalTable(g["count"][()], g["xy"][()], g["desc"][()])
+        return t if rows is None else LocalTable(t.count[rows], t.xy[rows], t.desc[rows])
+    uniq, inverse = np.unique(rows, return_inverse=True)  # h5py selections must be increasing
+    return LocalTable(g["count"][uniq][inverse], g["xy"][uniq][inverse], g["desc"][uniq][inverse])
+
+
+def read_local(path: str | os.PathLike[str], rows: np.ndarray | None = None,
+               sha256: list[str] | None = None) -> LocalTable | None:
+    """The cached local features of `rows` (default: all) of a store, or None when it has none. With `sha256`
+    (the content hashes the caller's catalogue has for those rows), a row whose hash differs in the store read
+    now (replaced by an update since) comes back as not extracted (count -1), never as another photo's.
+    Raises StoreError (a checksum failure included)."""
+    with _open(Path(path)) as f:
+        meta = _meta(f)
+        if not meta.local_features:
+            return None
+        rows = np.arange(meta.count) if rows is None else np.asarray(rows, np.int64)
+        valid = (rows >= 0) & (rows < meta.count)
+        table = _local(f, meta.count, np.where(valid, rows, 0))
+        if sha256 is not None:
+            now = f["sha256"][()][np.where(valid, rows, 0)] if meta.count else np.zeros(len(rows), "S64")
+            valid &= now == np.array(sha256, dtype="S64")
+        table.count[~valid] = -1
+        return table
+
+
+def read_catalog(path: str | os.PathLike[str], *, vectors: bool = True, local: bool = False) -> Catalog:
+    """Read a whole store into memory (embeddings only when `vectors`, local features only when `local` and
+    the store has them). Raises StoreError."""
     with _open(Path(path)) as f:
         meta = _meta(f)
         xb = f["embeddings"][()].astype(np.float32, copy=False) if vectors else None
@@ -190,7 +225,8 @@ def read_catalog(path: str | os.PathLike[str], *, vectors: bool = True) -> Catal
             sizes=f["sizes"][()].astype(np.int64), mtimes_ns=f["mtimes_ns"][()].astype(np.int64),
             sha256=_strings(f["sha256"]), widths=f["widths"][()].astype(np.int32),
             heights=f["heights"][()].astype(np.int32), xb=xb,
-            failures=list(zip(_strings(f["failures/paths"]), _strings(f["failures/reasons"]))))
+            failures=list(zip(_strings(f["failures/paths"]), _strings(f["failures/reasons"]))),
+            local=_local(f, meta.count) if local and meta.local_features else None)
 
 
 def write_catalog(path: str | os.PathLike[str], cat: Catalog,
@@ -203,6 +239,7 @@ def write_catalog(path: str | os.PathLike[str], cat: Catalog,
     if cat.xb is None or cat.xb.shape != (n, d):
         raise ValueError(f"embeddings must be [{n}, {d}]")
     meta = replace(cat.meta, count=n, failures=len(cat.failures), neardup_version=VERSION,
+                   local_features=cat.meta.local_features if cat.local is not None else "",
                    updated=now_iso(), created=cat.meta.created or now_iso())
 
     def column(f: h5py.Group, name: str, data: np.ndarray, **kw) -> None:
@@ -227,6 +264,15 @@ def write_catalog(path: str | os.PathLike[str], cat: Catalog,
             g = f.create_group("failures")
             column(g, "paths", np.array([p for p, _ in cat.failures], dtype=object), dtype=_STR, chunks=True)
             column(g, "reasons", np.array([r for _, r in cat.failures], dtype=object), dtype=_STR, chunks=True)
+            if cat.local is not None:
+                lt = cat.local
+                if len(lt) != n:
+                    raise ValueError(f"local features must have {n} rows")
+                g = f.create_group("local")
+                rows = max(1, min(n, 64))
+                column(g, "count", np.asarray(lt.count, np.int16), chunks=True)
+                column(g, "xy", np.asarray(lt.xy, np.float16), chunks=(rows, *lt.xy.shape[1:]))
+                column(g, "desc", np.asarray(lt.desc, np.uint8), chunks=(rows, *lt.desc.shape[1:]))
             for key, value in (("format", FORMAT), ("schema_version", SCHEMA_VERSION), ("model", meta.model),
                                ("weights", meta.weights), ("weights_fingerprint", meta.weights_fingerprint),
                                ("dim", d), ("input_size", meta.input_size), ("preprocessing", meta.preprocessing),
@@ -235,7 +281,7 @@ def write_catalog(path: str | os.PathLike[str], cat: Catalog,
                                ("next_id", meta.next_id), ("index_file", meta.index_file),
                                ("index_sha256", meta.index_sha256), ("runtime", meta.runtime),
                                ("precision", meta.precision), ("quantized_file", meta.quantized_file),
-                               ("calibration", meta.calibration)):
+                               ("calibration", meta.calibration), ("local_features", meta.local_features)):
                 f.attrs[key] = value
 
     atomic_write(path, write, before_replace)

@@ -1,4 +1,4 @@
-"""neardup search stages: query → duplicates → report / evaluate (figures in `plots`).
+"""neardup search stages: verify → query → duplicates → report / evaluate (figures in `plots`).
 
 The design card's `search` package; it lives inside `neardup` because a top-level package named `search`
 would collide with users' own `search.py`. Names are re-exported lazily: importing this package loads
@@ -13,8 +13,10 @@ from .._lazy import lazy_exports
 _EXPORTS = {
     **dict.fromkeys(["Match", "QueryResult", "Searcher", "compare", "has_match", "neighbours"], ".query"),
     **dict.fromkeys(["DuplicateReport", "Group", "Pair", "complete_linkage", "connected_components",
-                     "duplicate_rows", "exact_pairs", "find_duplicates", "groups_document", "self_join",
-                     "write_groups_json", "write_pairs_csv", "read_pairs_csv", "read_groups_json"], ".duplicates"),
+                     "duplicate_rows", "exact_pairs", "find_duplicates", "knn_pairs", "self_join"], ".duplicates"),
+    **dict.fromkeys(["groups_document", "write_groups_json", "write_pairs_csv", "read_pairs_csv",
+                     "read_groups_json"], ".pairs_io"),
+    **dict.fromkeys(["Verification", "Verified", "rerank", "verify_pair", "verify_pairs"], ".verify"),
     **dict.fromkeys(["EvalResult", "pair_metrics", "read_truth", "retrieval_metrics",
                      "retrieval_metrics_blocked", "write_eval_json"], ".evaluate"),
     **dict.fromkeys(["ReportResult", "make_thumbnails", "thumbnail_uri", "write_report"], ".report"),

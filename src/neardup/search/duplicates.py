@@ -1,28 +1,28 @@
 """Search stage 2, duplicates: every pair at or above a cosine threshold, and anti-chaining groups with a keeper.
 
-The all-pairs search is an exact blocked self-join: block after block of rows is multiplied (BLAS sgemm)
+With verification (the default), the pairs are instead each image's k nearest neighbours (FAISS) above the
+model's loose candidate threshold that pass geometric verification (search/verify.py); candidates that fail
+it but score above the strict threshold are listed too, marked unverified, and never grouped.
+
+Without verification, the all-pairs search is an exact blocked self-join: block after block of rows is multiplied (BLAS sgemm)
 against the rows after it only, so each pair is computed once (half the work of a full xb @ xb.T or a
 FAISS range search) and memory is bounded by the block, never by n².
 """
 from __future__ import annotations
 
-import csv
-import json
 import logging
-import math
 import os
 import time
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from ..config import DEFAULTS, resolve_threshold
+from ..config import DEFAULTS, candidate_rule, resolve_threshold
 from ..errors import InputError
-from ..fileio import atomic_write, check_output_path
 from ..indexer.store import Catalog, read_catalog
+from .verify import Verified, resolve_verify, row_features, verify_pairs
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,29 @@ def self_join(xb: np.ndarray, threshold: float, block: int | None = None) -> tup
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
     return (np.concatenate(out_i).astype(np.int64), np.concatenate(out_j).astype(np.int64),
             np.concatenate(out_d).astype(np.float32))
+
+
+def knn_pairs(xb: np.ndarray, k: int, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs (i < j) where j is among i's k nearest rows (or i among j's) with inner product >= threshold.
+
+    Returns (I, J, D) sorted by (I, J), each pair once. An exact FAISS k-NN search (IndexFlatIP): the
+    candidates of verification, O(n k) pairs where the self-join's grow with n².
+    """
+    import faiss
+
+    xb = np.ascontiguousarray(xb, dtype=np.float32)
+    n = len(xb)
+    if n < 2 or k < 1:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    index = faiss.IndexFlatIP(xb.shape[1])
+    index.add(xb)
+    D, I = index.search(xb, min(k + 1, n))  # +1: each row finds itself (or a tie) first
+    rows = np.repeat(np.arange(n), I.shape[1])
+    cols, sims = I.ravel(), D.ravel()
+    keep = (cols >= 0) & (cols != rows) & (sims >= threshold)
+    a, b, sims = np.minimum(rows, cols)[keep], np.maximum(rows, cols)[keep], sims[keep]
+    key, first = np.unique(a * n + b, return_index=True)
+    return key // n, key % n, sims[first].astype(np.float32)
 
 
 def exact_pairs(hashes: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -138,6 +161,8 @@ class Pair:
     b_path: str
     score: float
     kind: str
+    verified: bool | None = None  #: the geometric verdict (None: not verified)
+    inliers: int | None = None  #: RANSAC inliers of the verification
 
 
 @dataclass
@@ -164,6 +189,13 @@ class DuplicateReport:
     exact: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     groups: list[Group] = field(default_factory=list)
     seconds: float = 0.0
+    verify: bool = False  #: pairs were geometrically verified (then `verified` and `inliers` are filled)
+    verified: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    inliers: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    candidates: int = 0  #: candidate pairs verified
+    k: int = 0  #: neighbours per image among the candidates
+    loose_threshold: float = 0.0  #: the candidates' threshold
+    verify_seconds: float = 0.0
 
     @property
     def n_pairs(self) -> int:
@@ -176,11 +208,13 @@ class DuplicateReport:
         return int(self.exact.sum())
 
     def iter_pairs(self, start: int = 0, stop: int | None = None) -> Iterator[Pair]:
-        """Pairs as objects, exact pairs first, then by descending score."""
-        for a, b, s, e in zip(self.I[start:stop].tolist(), self.J[start:stop].tolist(),
-                              self.D[start:stop].tolist(), self.exact[start:stop].tolist()):
+        """Pairs as objects: exact pairs first, then (verified ones first, when verified) by descending score."""
+        ver = self.verified[start:stop].tolist() if self.verify else [None] * len(self.I[start:stop])
+        inl = self.inliers[start:stop].tolist() if self.verify else [None] * len(self.I[start:stop])
+        for a, b, s, e, v, n in zip(self.I[start:stop].tolist(), self.J[start:stop].tolist(),
+                                    self.D[start:stop].tolist(), self.exact[start:stop].tolist(), ver, inl):
             yield Pair(int(self.ids[a]), self.paths[a], int(self.ids[b]), self.paths[b], round(s, 6),
-                       "exact" if e else "near")
+                       "exact" if e else "near", v, n)
 
     @property
     def pairs(self) -> list[Pair]:
@@ -188,14 +222,20 @@ class DuplicateReport:
         return list(self.iter_pairs())
 
 
+def _without(pairs: tuple[np.ndarray, np.ndarray, np.ndarray], ei: np.ndarray, ej: np.ndarray,
+             n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The (I, J, D) pairs that are not among the exact pairs (ei, ej) of n rows."""
+    I, J, D = pairs
+    if not len(ei):
+        return I, J, D
+    keep = ~np.isin(I * np.int64(n) + J, ei * np.int64(n) + ej)
+    return I[keep], J[keep], D[keep]
+
+
 def duplicate_rows(cat: Catalog, threshold: float, block: int | None = None) -> tuple[np.ndarray, ...]:
     """Pure core of find_duplicates: (I, J, D, exact) row pairs of a catalog, exact pairs first."""
     ei, ej = exact_pairs(cat.sha256)
-    ni, nj, nd = self_join(cat.xb, threshold, block)
-    if len(ei):
-        n = np.int64(len(cat))
-        keep = ~np.isin(ni * n + nj, ei * n + ej)
-        ni, nj, nd = ni[keep], nj[keep], nd[keep]
+    ni, nj, nd = _without(self_join(cat.xb, threshold, block), ei, ej, len(cat))
     order = np.lexsort((nj, ni, -nd))
     I = np.concatenate([ei, ni[order]])
     J = np.concatenate([ej, nj[order]])
@@ -204,149 +244,143 @@ def duplicate_rows(cat: Catalog, threshold: float, block: int | None = None) -> 
     return I, J, D, exact
 
 
+def verified_rows(cat: Catalog, store: str | os.PathLike[str], threshold: float, k: int, loose: float, *,
+                  workers: int = DEFAULTS.verify_workers) -> tuple[np.ndarray, ...]:
+    """Core of find_duplicates(verify=True): (I, J, D, exact, verified, inliers, candidates).
+
+    Candidates are knn_pairs(k, loose); each is verified with the rows' cached local features (screened: a
+    rejected pair may show 0 inliers, see verify_pair). Kept: exact pairs (verified by their bytes; inliers
+    -1), verified candidates, candidates with a photo too plain to judge scoring >= `threshold` (accepted as
+    verified, inliers -1), and unverified ones scoring >= `threshold` (listed for review, never grouped).
+    Order: exact, verified, unverified; each by score.
+    """
+    ei, ej = exact_pairs(cat.sha256)
+    ci, cj, cd = _without(knn_pairs(cat.xb, k, loose), ei, ej, len(cat))
+    rows, inverse = np.unique(np.concatenate([ci, cj]), return_inverse=True)
+    feats = row_features(store, cat, rows)
+    fa = [feats[x] for x in inverse[:len(ci)].tolist()]
+    fb = [feats[x] for x in inverse[len(ci):].tolist()]
+    v = verify_pairs(fa, fb, workers=workers, screen=True) if len(ci) else Verified.of([])
+    ok = v.accepted(cd, threshold)  # verified, or too plain to judge and >= threshold
+    keep = ok | (cd >= threshold)
+    ci, cj, cd, ver, inl = ci[keep], cj[keep], cd[keep], ok[keep], np.where(v.judged, v.inliers, -1)[keep]
+    order = np.lexsort((cj, ci, -cd, ~ver))
+    return (np.concatenate([ei, ci[order]]), np.concatenate([ej, cj[order]]),
+            np.concatenate([np.ones(len(ei), np.float32), cd[order]]),
+            np.concatenate([np.ones(len(ei), bool), np.zeros(len(ci), bool)]),
+            np.concatenate([np.ones(len(ei), bool), ver[order]]),
+            np.concatenate([np.full(len(ei), -1, np.int32), inl[order]]), len(v))
+
+
 def find_duplicates(store: str | os.PathLike[str], *, threshold: float | None = None,
-                    block: int | None = None, max_group_search: int = 20_000) -> DuplicateReport:
+                    block: int | None = None, max_group_search: int = 20_000, verify: bool | None = None,
+                    k: int | None = None, loose_threshold: float | None = None,
+                    workers: int = DEFAULTS.verify_workers) -> DuplicateReport:
     """All duplicate pairs of a store and their anti-chaining groups (see complete_linkage).
 
-    A connected cluster larger than `max_group_search` images (its dense similarity matrix would take
-    gigabytes) means the threshold is far too low for the model: that is refused with InputError.
+    With `verify` (None: resolve_verify, verified when the store caches local features), pairs are verified
+    candidates (see verified_rows; `k` and `loose_threshold` default to the
+    model's candidate_rule) and groups link verified and byte-identical pairs only; without it, every pair
+    scoring >= `threshold` (the model's default) is a duplicate. A connected cluster larger than
+    `max_group_search` images (its dense similarity matrix would take gigabytes) means the threshold is far
+    too low for the model: that is refused with InputError.
     """
     t0 = time.perf_counter()
     cat = read_catalog(store)
     t = resolve_threshold(threshold, cat.meta.model)
-    I, J, D, exact = duplicate_rows(cat, t, block)
+    verify = resolve_verify(verify, cat.meta.local_features)
     report = DuplicateReport(store=str(store), model=cat.meta.model, threshold=t, n=len(cat), ids=cat.ids,
-                             paths=cat.paths, I=I, J=J, D=D, exact=exact)
-    comps = connected_components(len(cat), I, J)
+                             paths=cat.paths, verify=verify)
+    if verify:
+        dk, dt = candidate_rule(cat.meta.model)
+        report.k = dk if k is None else int(k)
+        report.loose_threshold = resolve_threshold(dt if loose_threshold is None else loose_threshold,
+                                                   cat.meta.model)
+        if report.k < 1:
+            raise InputError("k must be at least 1")
+        tv = time.perf_counter()
+        (report.I, report.J, report.D, report.exact, report.verified, report.inliers,
+         report.candidates) = verified_rows(cat, store, t, report.k, report.loose_threshold, workers=workers)
+        report.verify_seconds = time.perf_counter() - tv
+        linked = report.verified  # exact pairs are verified by their bytes
+        link_t = np.inf  # groups follow the verified links only
+    else:
+        report.I, report.J, report.D, report.exact = duplicate_rows(cat, t, block)
+        linked = report.exact
+        link_t = t
+    I, J = report.I, report.J
+    comps = connected_components(len(cat), I[linked] if verify else I, J[linked] if verify else J)
     comp_of = np.full(len(cat), -1, np.int64)
     for ci, comp in enumerate(comps):
         comp_of[comp] = ci
-    exact_in: dict[int, list[tuple[int, int]]] = defaultdict(list)  # byte-identical pairs, by component
-    for a, b in zip(I[exact].tolist(), J[exact].tolist()):
-        exact_in[int(comp_of[a])].append((a, b))
+    forced_in: dict[int, list[tuple[int, int, int]]] = defaultdict(list)  # always-linked pairs, by component
+    inl = report.inliers if verify else np.full(len(I), -1, np.int32)
+    for a, b, n in zip(I[linked].tolist(), J[linked].tolist(), inl[linked].tolist()):
+        forced_in[int(comp_of[a])].append((a, b, n))
+    extra: list[tuple[int, int, float, int]] = []  # pairs verified while grouping
     for ci, comp in enumerate(comps):
         if len(comp) > max_group_search:
             raise InputError(
                 f"threshold {t:.4f} links {len(comp)} images into one cluster, too many to be duplicates; "
                 f"raise --threshold (with {cat.meta.model}, {report.n_pairs} pairs score above it)")
+        if verify and 2 < len(comp) <= COMPLETE_UP_TO:
+            extra += _complete(cat, store, comp, forced_in[ci], t, workers)
         S = cat.xb[comp] @ cat.xb[comp].T
         forced = np.zeros_like(S, bool)
+        inliers = np.full(S.shape, -1, np.int32)
         local = {r: k for k, r in enumerate(comp.tolist())}
-        for a, b in exact_in[ci]:
+        for a, b, n in forced_in[ci]:
             forced[local[a], local[b]] = forced[local[b], local[a]] = True
-        for g in complete_linkage(S, t, forced):
+            inliers[local[a], local[b]] = inliers[local[b], local[a]] = n
+        for g in complete_linkage(S, link_t, forced):
             rows = keeper_order(cat, comp[g])
             keeper = int(rows[0])
             kl = local[keeper]
-            members = [{"id": int(cat.ids[r]), "path": cat.paths[r], "width": int(cat.widths[r]),
-                        "height": int(cat.heights[r]), "size": int(cat.sizes[r]),
-                        "score_to_keeper": 1.0 if r == keeper else round(float(S[kl, local[r]]), 6),
-                        "exact": bool(r != keeper and forced[kl, local[r]]), "keeper": r == keeper}
-                       for r in rows.tolist()]
+            members = []
+            for r in rows.tolist():
+                m = {"id": int(cat.ids[r]), "path": cat.paths[r], "width": int(cat.widths[r]),
+                     "height": int(cat.heights[r]), "size": int(cat.sizes[r]),
+                     "score_to_keeper": 1.0 if r == keeper else round(float(S[kl, local[r]]), 6),
+                     "exact": bool(r != keeper and cat.sha256[r] == cat.sha256[keeper]), "keeper": r == keeper}
+                if verify:  # inliers with the keeper (-1: byte-identical or the keeper itself)
+                    m["inliers_to_keeper"] = int(inliers[kl, local[r]])
+                members.append(m)
             report.groups.append(Group(keeper=int(cat.ids[keeper]), members=members))
     report.groups.sort(key=lambda g: (-len(g.members), -min(m["score_to_keeper"] for m in g.members)))
+    if extra:  # the pairs list shows every pair a group rests on
+        ei, ej, ed, en = (np.array(x) for x in zip(*extra))
+        I, J = np.concatenate([report.I, ei]), np.concatenate([report.J, ej])
+        D = np.concatenate([report.D, ed.astype(np.float32)])
+        ex = np.concatenate([report.exact, np.zeros(len(ei), bool)])
+        ver = np.concatenate([report.verified, np.ones(len(ei), bool)])
+        inl = np.concatenate([report.inliers, en.astype(np.int32)])
+        order = np.lexsort((J, I, -D, ~ver, ~ex))
+        report.I, report.J, report.D, report.exact, report.verified, report.inliers = (
+            I[order], J[order], D[order], ex[order], ver[order], inl[order])
     report.seconds = time.perf_counter() - t0
     return report
 
 
-# ------------------------------------------------------------------- files: pairs CSV and groups JSON
-
-def write_pairs_csv(report: DuplicateReport, path: str | os.PathLike[str]) -> None:
-    """Pairs as CSV: a_id, a_path, b_id, b_path, score, kind (exact pairs first, then by score)."""
-    path = Path(path)
-    check_output_path(path)
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="", encoding="utf-8") as fh:
-            w = csv.writer(fh)
-            w.writerow(["a_id", "a_path", "b_id", "b_path", "score", "kind"])
-            for p in report.iter_pairs():
-                w.writerow([p.a_id, p.a_path, p.b_id, p.b_path, f"{p.score:.6f}", p.kind])
-
-    atomic_write(path, write)
+#: Components of verified links up to this size get their missing pairs verified before grouping.
+COMPLETE_UP_TO = 200
 
 
-def groups_document(report: DuplicateReport) -> dict:
-    """The JSON-ready description of the groups."""
-    return {
-        "store": report.store, "model": report.model, "threshold": report.threshold, "images": report.n,
-        "rule": "complete linkage: every two members of a group score >= threshold (identical files always "
-                "match); keeper = largest resolution, then largest file, then oldest, then path",
-        "groups": [{"group": k + 1, "size": len(g.members), "keeper": g.keeper,
-                    "keeper_path": next(m["path"] for m in g.members if m["keeper"]),
-                    "removable": [m["path"] for m in g.members if not m["keeper"]], "members": g.members}
-                   for k, g in enumerate(report.groups)],
-    }
-
-
-def write_groups_json(report: DuplicateReport, path: str | os.PathLike[str]) -> None:
-    """Groups as JSON (see groups_document)."""
-    path = Path(path)
-    check_output_path(path)
-    doc = groups_document(report)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=1, ensure_ascii=False),
-                                                        encoding="utf-8"))
-
-
-def read_pairs_csv(path: str | os.PathLike[str]) -> list[Pair]:
-    """Read a pairs CSV as written by `neardup duplicates --out` (a_path, b_path, score; a_id, b_id, kind optional).
-
-    Raises InputError for a missing file, missing columns or a bad score.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"no pairs file at {path}")
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            cols = {c.strip() for c in (reader.fieldnames or [])}
-            need = {"a_path", "b_path", "score"}
-            if not need <= cols:
-                raise InputError(f"{path} is not a pairs CSV: it needs the columns a_path,b_path,score "
-                                 f"(found: {','.join(sorted(cols)) or 'nothing'})")
-            pairs = []
-            for line, row in enumerate(reader, start=2):
-                row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
-                try:
-                    score = float(row["score"])
-                    a_id, b_id = int(row.get("a_id") or -1), int(row.get("b_id") or -1)
-                except ValueError:
-                    raise InputError(f"{path}, line {line}: bad score or id") from None
-                if not math.isfinite(score):
-                    raise InputError(f"{path}, line {line}: the score must be a number, not {row['score']!r}")
-                if not row["a_path"] or not row["b_path"]:
-                    raise InputError(f"{path}, line {line}: empty path")
-                kind = row.get("kind") or "near"
-                if kind not in ("exact", "near"):
-                    raise InputError(f"{path}, line {line}: kind must be exact or near, not {kind!r}")
-                pairs.append(Pair(a_id, row["a_path"], b_id, row["b_path"], score, kind))
-    except UnicodeDecodeError:
-        raise InputError(f"{path} is not a UTF-8 text file") from None
-    return pairs
-
-
-def read_groups_json(path: str | os.PathLike[str]) -> dict:
-    """Read a groups JSON as written by `neardup duplicates --groups` (see groups_document).
-
-    Raises InputError for a missing file or a document without groups of members with paths.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"no groups file at {path}")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path} is not a JSON file ({exc})") from None
-    groups = doc.get("groups") if isinstance(doc, dict) else None
-    if not isinstance(groups, list):
-        raise InputError(f"{path} is not a groups JSON: it has no \"groups\" list")
-    for k, g in enumerate(groups, start=1):
-        members = g.get("members") if isinstance(g, dict) else None
-        if not isinstance(members, list) or not all(isinstance(m, dict) and isinstance(m.get("path"), str)
-                                                    for m in members):
-            raise InputError(f"{path}: group {k} has no list of members with paths")
-        for m in members:
-            s = m.get("score_to_keeper", 1.0)
-            if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
-                raise InputError(f"{path}: group {k} has a member whose score_to_keeper is not a number")
-    return doc
+def _complete(cat: Catalog, store: str | os.PathLike[str], comp: np.ndarray, links: list[tuple[int, int, int]],
+              threshold: float, workers: int) -> list[tuple[int, int, float, int]]:
+    """Verify the pairs of a component that were not candidates (a photo with more copies than k has
+    neighbours): complete linkage needs every pair's verdict. Adds the accepted ones to `links`; returns
+    them as (i, j, score, inliers)."""
+    have = {(a, b) for a, b, _ in links}
+    members = comp.tolist()
+    missing = [(a, b) for x, a in enumerate(members) for b in members[x + 1:] if (a, b) not in have]
+    if not missing:
+        return []
+    ma, mb = (np.array(c, np.int64) for c in zip(*missing))
+    feats = dict(zip(members, row_features(store, cat, comp)))
+    v = verify_pairs([feats[a] for a in ma.tolist()], [feats[b] for b in mb.tolist()], workers=workers, screen=True)
+    d = np.einsum("ij,ij->i", cat.xb[ma], cat.xb[mb])
+    ok = v.accepted(d, threshold)
+    out = [(int(a), int(b), float(s), int(n) if j else -1)
+           for a, b, s, n, j in zip(ma[ok], mb[ok], d[ok], v.inliers[ok], v.judged[ok])]
+    links.extend((a, b, n) for a, b, _, n in out)
+    return out

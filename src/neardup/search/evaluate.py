@@ -1,234 +1,78 @@
 """Search stage 4, evaluate: score a store's duplicate detection and retrieval against a hand-made ground truth.
 
-Ground truth is a CSV with the header `path,group`: every listed image belongs to one group, and two images
-of the same group are duplicates of each other (an empty group means "no duplicate"). Paths are relative
-to the CSV's own folder, or absolute; they are matched to store rows by resolved absolute path. Only
-images that are both in the store and in the truth are evaluated: truth rows missing from the store and
-store rows missing from the truth are counted and reported, never fatal.
+Ground truth is a CSV with the header `path,group` and two optional columns, `class` and `role`: every listed
+image belongs to one group, and two images of the same group are duplicates of each other (an empty group
+means "no duplicate"). Paths are relative to the CSV's own folder, or absolute; they are matched to store rows
+by resolved absolute path. Only images that are both in the store and in the truth are evaluated: truth rows
+missing from the store and store rows missing from the truth are counted and reported, never fatal.
+
+`class`: two images of DIFFERENT groups but the same non-empty class (two shots of one product, say) are
+neither right nor wrong: such a pair is never a false positive, and the images are left out of each other's
+rankings (junk, as in the Oxford/Paris buildings protocol). They are counted (ignored_pairs).
+
+`role`: rows of role `query` are not looked up in the store: they are photos, embedded with the store's own
+model, and ranked against the catalogue (the evaluated rows without a role). Then only this query mode is
+scored, pairs and retrieval (groups among the catalogue rows themselves only define the queries' mates).
+Query photos that cannot be decoded are counted and listed, never fatal.
+
+With verification (the default for a store that caches local features), scoring follows `duplicates
+--verify` and `query --verify`: candidates are each image's k nearest neighbours, and a pair is predicted only
+when geometrically verified (search/verify.py); a query's top k are re-ranked by rerank() above the cosine
+order of the rest.
 
 Definitions (also written into the JSON output):
 
 * Pair level. A predicted pair is two evaluated images with cosine >= t (compared in float32, exactly as
-  `neardup duplicates` does) or with identical content hashes (score 1.0). A true pair is two evaluated
-  images of the same truth group. precision = TP / predicted (1.0 when nothing is predicted), recall =
-  TP / true pairs (1.0 when there are none), F1 = their harmonic mean (0 when both are 0).
-* Query level. Every evaluated image with at least one other evaluated member of its group is a query.
-  All other evaluated images are ranked by cosine (exactly, by blocked matrix products); ties are broken
-  pessimistically (a true match tied with a false one ranks below it), so no number depends on row order.
-  Scores within TIE_TOL (1e-6) of each other count as tied: float32 products computed in another order (a
-  row at a time, another CPU's BLAS kernel) differ by ~1e-7, and must not reorder equal scores.
-  recall@k = fraction of queries with at least one true match among their top k. mAP = mean over queries
-  of the average precision over the full ranking of all their group-mates (exact, not truncated).
+  `neardup duplicates` does) or with identical content hashes (score 1.0). With verification, only
+  candidates can be predicted: pairs (i < j) where j is among i's k nearest evaluated images or i among
+  j's, scoring at least the lowest threshold of the sweep; a candidate is predicted at t when it scores
+  >= t AND is verified (byte-identical files always are). In query mode the candidates are each query's
+  top k catalogue images (and byte-identical ones). A true pair is two evaluated images of the same truth
+  group (in query mode: a query and a catalogue image of its group). precision = TP / predicted (1.0 when
+  nothing is predicted), recall = TP / true pairs, F1 = their harmonic mean (0 when both are 0).
+* Query level. Every evaluated image with at least one other evaluated member of its group is a query
+  (query mode: every decoded query photo with a catalogue image of its group). All other evaluated images
+  (query mode: all catalogue images), class junk excluded, are ranked by cosine (exactly, by blocked matrix
+  products); ties are broken pessimistically (a true match tied with a false one ranks below it), so no
+  number depends on row order. Scores within TIE_TOL (1e-6) of each other count as tied: float32 products
+  computed in another order (a row at a time, another CPU's BLAS kernel) differ by ~1e-7, and must not
+  reorder equal scores. With verification the top k come first, in rerank() order (candidates that only
+  their near-equal cosines order stay tied). recall@k = fraction of queries with at least one true match
+  among their top k. mAP = mean over queries of the average precision over the full ranking of all their
+  group-mates (exact, not truncated).
 """
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..config import resolve_threshold
-from ..errors import InputError
+from ..config import DEFAULTS, candidate_rule, resolve_threshold
+from ..errors import DecodeError, InputError
 from ..fileio import atomic_write, check_output_path
-from ..indexer.store import read_catalog
-from .duplicates import exact_pairs, self_join
+from ..indexer.decode import read_file
+from ..indexer.embed import Embedder
+from ..indexer.pipeline import embed_files
+from ..indexer.store import read_catalog, store_embedder
+from .duplicates import exact_pairs, knn_pairs, self_join
+from .metrics import (DEFAULT_KS, DEFAULT_SWEEP, DEFINITIONS, TIE_TOL, _junk, _mates,  # noqa: F401 - TIE_TOL
+                      _pairs_in, _query_candidates, _retrieval, _Verifier, best_index, pair_metrics,
+                      retrieval_metrics, retrieval_metrics_blocked)
+from .truth import TruthRow, read_truth, read_truth_rows  # noqa: F401 - read_truth: re-exported
+from .verify import resolve_verify, row_features
 
 log = logging.getLogger(__name__)
 
-#: The default threshold sweep: 0.50, 0.51, ..., 1.00 (the model's default threshold is added to it).
-DEFAULT_SWEEP = tuple(round(0.50 + k / 100, 2) for k in range(51))
-#: Cut-offs of recall@k.
-DEFAULT_KS = (1, 5, 10)
-#: Scores this close count as tied in rankings: above float32 rounding of a cosine (~1e-7), far below the
-#: gaps between different photos' scores.
-TIE_TOL = 1e-6
 #: Examples of unmatched paths kept in the result (the counts are always complete).
 EXAMPLES = 20
 
-DEFINITIONS = {
-    "predicted_pair": "two evaluated images with cosine >= t (float32 comparison, as neardup duplicates) "
-                      "or identical content hashes (score 1.0)",
-    "true_pair": "two evaluated images in the same truth group",
-    "precision": "TP / predicted pairs; 1.0 when nothing is predicted",
-    "recall": "TP / true pairs; undefined without true pairs (evaluate refuses such a truth)",
-    "f1": "2PR / (P + R); 0 when P + R = 0; undefined with recall",
-    "best": "the threshold of highest F1 (ties: the highest such threshold, the most conservative)",
-    "query": "an evaluated image with at least one other evaluated member of its truth group",
-    "ranking": "all other evaluated images by cosine, exact (blocked matrix products); ties (scores within "
-               f"{TIE_TOL:g}) broken pessimistically: a true match tied with a false one ranks below it",
-    "recall_at_k": "fraction of queries with at least one true match among their top k",
-    "map": "mean over queries of average precision over the full ranking of all their group-mates "
-           "(exact, not truncated)",
-    "evaluated": "images both in the store and in the truth; other store images are ignored",
-}
-
-
-# ----------------------------------------------------------------------------------------- pure core functions
-
-def pair_metrics(scores: np.ndarray, is_true: np.ndarray, n_true: int,
-                 thresholds: Sequence[float]) -> dict[str, np.ndarray]:
-    """Pair-level precision, recall and F1 at every threshold, from the candidate pairs' scores.
-
-    `scores[i]` is the score of candidate pair i (every pair that could be predicted at the lowest
-    threshold), `is_true[i]` whether it is a true pair, `n_true` the number of true pairs in all (found or
-    not). A pair is predicted at t when score >= t, compared in float32. Vectorised: one sort, then a binary
-    search per threshold. Returns arrays: thresholds, predicted, tp, fp, fn, precision, recall, f1.
-    """
-    s = np.asarray(scores, np.float32)
-    truth = np.asarray(is_true, bool)
-    if s.shape != truth.shape:
-        raise ValueError("scores and is_true must have the same length")
-    t = np.asarray(thresholds, np.float64)
-    order = np.argsort(-s, kind="stable")
-    desc = s[order]
-    cum_true = np.concatenate([[0], np.cumsum(truth[order])])
-    # number of scores >= t: -desc is ascending, and s >= t  <=>  -s <= -t
-    predicted = np.searchsorted(-desc, -t.astype(np.float32), side="right")
-    tp = cum_true[predicted]
-    fp = predicted - tp
-    fn = n_true - tp
-    precision = np.where(predicted > 0, tp / np.maximum(predicted, 1), 1.0)
-    recall = tp / n_true if n_true > 0 else np.full(len(t), np.nan)  # undefined, not perfect
-    denom = precision + recall
-    f1 = np.where(denom > 0, 2 * precision * recall / np.where(denom > 0, denom, 1.0), 0.0)
-    f1 = np.where(np.isnan(recall), np.nan, f1)
-    return {"thresholds": t, "predicted": predicted.astype(np.int64), "tp": tp.astype(np.int64),
-            "fp": fp.astype(np.int64), "fn": fn.astype(np.int64), "precision": precision, "recall": recall,
-            "f1": f1}
-
-
-def best_index(f1: np.ndarray, thresholds: np.ndarray) -> int:
-    """Index of the highest F1; among ties the highest threshold (fewest predictions, the safest to act on)."""
-    f1 = np.asarray(f1)
-    top = np.flatnonzero(f1 >= f1.max() - 1e-12) if len(f1) else np.zeros(0, np.int64)
-    if not len(top):
-        raise ValueError("no thresholds")
-    return int(top[np.argmax(np.asarray(thresholds)[top])])
-
-
-class _RankStats:
-    """Accumulates recall@k and average precision query by query (see the module's definitions)."""
-
-    def __init__(self, ks: Sequence[int]) -> None:
-        self.ks = tuple(int(k) for k in ks)
-        self.hits = np.zeros(len(self.ks), np.int64)
-        self.ap_sum = 0.0
-        self.queries = 0
-
-    def add(self, row: np.ndarray, positives: np.ndarray) -> None:
-        """One query: `row` = its scores against every evaluated image (itself at -inf), `positives` = columns
-        of its group-mates."""
-        pos = np.sort(row[positives])[::-1]  # positives' scores, best first
-        cut = pos - np.float32(TIE_TOL)  # a score >= cut ties with (or beats) that positive
-        if len(pos) > 32:  # many positives: one sort of the row beats a comparison per positive
-            srt = np.sort(row)
-            ge_all = len(row) - np.searchsorted(srt, cut, side="left")
-        else:
-            ge_all = (row[None, :] >= cut[:, None]).sum(1)
-        # positives scoring >= the i-th positive's cut (ties after it included): count in the ascending copy
-        pos_ge = len(pos) - np.searchsorted(pos[::-1], cut, side="left")
-        neg_ge = ge_all - pos_ge  # negatives tied with or above the i-th positive rank before it (pessimistic)
-        i = np.arange(1, len(pos) + 1)
-        ranks = i + neg_ge
-        self.ap_sum += float(np.mean(i / ranks))
-        self.hits += ranks[0] <= np.array(self.ks)
-        self.queries += 1
-
-    def result(self) -> dict[str, float | int | None]:
-        out: dict[str, float | int | None] = {"queries": self.queries}
-        for k, h in zip(self.ks, self.hits.tolist()):
-            out[f"recall@{k}"] = h / self.queries if self.queries else None
-        out["map"] = self.ap_sum / self.queries if self.queries else None
-        return out
-
-
-def _mates(labels: np.ndarray) -> tuple[np.ndarray, dict[int, np.ndarray]]:
-    labels = np.asarray(labels)
-    members: dict[int, np.ndarray] = {}
-    order = np.argsort(labels, kind="stable")
-    uniq, starts, counts = np.unique(labels[order], return_index=True, return_counts=True)
-    for lab, st, c in zip(uniq.tolist(), starts.tolist(), counts.tolist()):
-        if c > 1:
-            members[lab] = order[st:st + c]
-    queries = np.array([r for r in range(len(labels)) if labels[r] in members], np.int64)
-    return queries, members
-
-
-def retrieval_metrics(S: np.ndarray, labels: np.ndarray, ks: Sequence[int] = DEFAULT_KS) -> dict:
-    """recall@k and mAP from a full square similarity matrix S [n, n] and group labels [n].
-
-    Each row with at least one other row of its label is a query; its own column is ignored. Exact, with
-    pessimistic ties (see the module's definitions). Returns {"queries", "recall@k"..., "map"}; the rates
-    are None when there are no queries.
-    """
-    S = np.asarray(S, np.float32)
-    stats = _RankStats(ks)
-    queries, members = _mates(labels)
-    for q in queries.tolist():
-        row = S[q].copy()
-        row[q] = -np.inf
-        m = members[int(labels[q])]
-        stats.add(row, m[m != q])
-    return stats.result()
-
-
-def retrieval_metrics_blocked(xb: np.ndarray, labels: np.ndarray, ks: Sequence[int] = DEFAULT_KS,
-                              block: int | None = None) -> dict:
-    """retrieval_metrics over S = xb @ xb.T, computed block by block of query rows (memory ~ block * n * 4 B)."""
-    xb = np.ascontiguousarray(xb, np.float32)
-    n = len(xb)
-    block = block or int(np.clip((64 << 20) // (4 * max(n, 1)), 16, 4096))
-    stats = _RankStats(ks)
-    queries, members = _mates(labels)
-    for r in range(0, len(queries), block):
-        q = queries[r:r + block]
-        S = xb[q] @ xb.T
-        S[np.arange(len(q)), q] = -np.inf
-        for k, qi in enumerate(q.tolist()):
-            m = members[int(labels[qi])]
-            stats.add(S[k], m[m != qi])
-    return stats.result()
-
-
-# --------------------------------------------------------------------------------------------- ground truth
-
-def read_truth(truth: str | os.PathLike[str]) -> list[tuple[str, Path, str]]:
-    """Rows of a truth CSV as (path as written, resolved absolute path, group). Raises InputError."""
-    truth = Path(truth)
-    if not truth.is_file():
-        raise InputError(f"no truth file at {truth}")
-    base = truth.resolve().parent
-    rows: dict[Path, tuple[str, Path, str]] = {}
-    try:
-        with open(truth, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            cols = [c.strip() for c in (reader.fieldnames or [])]
-            if "path" not in cols or "group" not in cols:
-                raise InputError(f"{truth} must be a CSV with the header path,group "
-                                 f"(found: {','.join(cols) or 'nothing'})")
-            for line, raw in enumerate(reader, start=2):
-                row = {(k or "").strip(): (v or "").strip() for k, v in raw.items() if k is not None}
-                if not row.get("path"):
-                    raise InputError(f"{truth}, line {line}: empty path")
-                full = Path(os.path.normpath(base / row["path"])).resolve()
-                group = row.get("group", "")
-                if full in rows and rows[full][2] != group:
-                    raise InputError(f"{truth}, line {line}: {row['path']} is listed in two groups "
-                                     f"({rows[full][2]!r} and {group!r})")
-                rows.setdefault(full, (row["path"], full, group))
-    except UnicodeDecodeError:
-        raise InputError(f"{truth} is not a UTF-8 text file") from None
-    except csv.Error as exc:
-        raise InputError(f"{truth} is not a readable CSV ({exc})") from None
-    if not rows:
-        raise InputError(f"{truth} lists no images")
-    return list(rows.values())
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -255,6 +99,15 @@ class EvalResult:
     missing_examples: list[str] = field(default_factory=list)
     unlabelled_examples: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    mode: str = "store"  #: "store" (pairs among evaluated images) or "query" (query photos vs the catalogue)
+    verify: bool = False  #: candidates were geometrically verified and rankings re-ranked
+    k: int = 0  #: neighbours per image (query) among the candidates / re-ranked
+    ignored_pairs: int = 0  #: pairs of evaluated images of different groups and one class (neither right nor wrong)
+    ignored_candidates: int = 0  #: candidate pairs left out as ignored
+    verified_candidates: int = 0  #: candidates (byte-identical ones aside) that passed verification
+    query_images: int = 0  #: rows of role query in the truth (query mode)
+    queries_without_mate: int = 0  #: decoded query photos with no catalogue image of their group
+    queries_failed: list[tuple[str, str]] = field(default_factory=list)  #: (path as written, reason), all of them
     definitions: dict[str, str] = field(default_factory=lambda: dict(DEFINITIONS))
 
     def to_dict(self) -> dict:
@@ -265,22 +118,45 @@ class EvalResult:
         r = self.retrieval
         ret = (f"; recall@1 {r['recall@1']:.3f}, mAP {r['map']:.3f} over {r['queries']} queries"
                if r.get("queries") and "recall@1" in r else "")
-        return (f"best F1 {self.best['f1']:.3f} at t={self.best['threshold']:.4f} "
+        how = [w for w, on in (("verified", self.verify), ("query mode", self.mode == "query")) if on]
+        how = f" ({', '.join(how)})" if how else ""
+        fail = f"; {len(self.queries_failed)} query photos failed" if self.queries_failed else ""
+        return (f"best F1 {self.best['f1']:.3f} at t={self.best['threshold']:.4f}{how} "
                 f"(P {self.best['precision']:.3f}, R {self.best['recall']:.3f}); at the default "
                 f"t={self.default_threshold:.4f}: P {self.at_default['precision']:.3f}, "
-                f"R {self.at_default['recall']:.3f}, F1 {self.at_default['f1']:.3f}{ret}")
+                f"R {self.at_default['recall']:.3f}, F1 {self.at_default['f1']:.3f}{ret}{fail}")
 
     def table(self, every: float = 0.05) -> str:
         """A readable report: counts, P/R/F1 every `every` plus the default and best thresholds, retrieval."""
+        t_min = min(self.sweep["thresholds"])
         lines = [f"store {self.store} (model {self.model}), truth {self.truth}",
                  f"images: {self.images_in_store} in the store, {self.images_in_truth} in the truth, "
-                 f"{self.evaluated} evaluated",
+                 f"{self.evaluated} evaluated" + (" catalogue images" if self.mode == "query" else ""),
                  f"  {self.truth_missing_from_store} truth rows not in the store"
                  + (f" (e.g. {', '.join(self.missing_examples[:3])})" if self.missing_examples else ""),
-                 f"  {self.store_missing_from_truth} store images not in the truth (ignored)",
-                 f"true pairs {self.true_pairs}; predicted pair = cosine >= t or byte-identical", "",
-                 f"{'threshold':>10} {'predicted':>10} {'TP':>8} {'FP':>8} {'FN':>8} {'precision':>10} "
-                 f"{'recall':>8} {'F1':>8}"]
+                 f"  {self.store_missing_from_truth} store images not in the truth (ignored)"]
+        if self.mode == "query":
+            lines.append(f"query mode: {self.query_images} query photos ranked against the catalogue images, "
+                         f"{len(self.queries_failed)} failed to decode"
+                         + "".join(f"\n    {p}: {why}" for p, why in self.queries_failed[:3])
+                         + (f"; {self.queries_without_mate} have no catalogue image of their group"
+                            if self.queries_without_mate else ""))
+        if self.ignored_pairs:
+            lines.append(f"  {self.ignored_pairs} pairs of different groups and one class are ignored "
+                         f"({self.ignored_candidates} of them were candidates)")
+        if self.verify:
+            who = "each query's" if self.mode == "query" else "each image's"
+            lines.append(f"true pairs {self.true_pairs}; verified pairs: predicted pair = candidate (one of "
+                         f"{who} {self.k} nearest scoring >= {t_min:.4f}: {self.candidate_pairs} candidates) "
+                         f"scoring >= t and geometrically verified ({self.verified_candidates} of them), or "
+                         f"byte-identical")
+        elif self.mode == "query":
+            lines.append(f"true pairs {self.true_pairs}; predicted pair = one of each query's {self.k} nearest "
+                         f"catalogue images with cosine >= t, or byte-identical")
+        else:
+            lines.append(f"true pairs {self.true_pairs}; predicted pair = cosine >= t or byte-identical")
+        lines += ["", f"{'threshold':>10} {'predicted':>10} {'TP':>8} {'FP':>8} "
+                      f"{'FN':>8} {'precision':>10} {'recall':>8} {'F1':>8}"]
         sw = self.sweep
         ts = np.asarray(sw["thresholds"])
         bt, dt = self.best["threshold"], self.default_threshold
@@ -298,10 +174,14 @@ class EvalResult:
                   f"default threshold {dt:.4f}: precision {self.at_default['precision']:.4f}, "
                   f"recall {self.at_default['recall']:.4f}, F1 {self.at_default['f1']:.4f}"]
         r = self.retrieval
+        among = "the catalogue images" if self.mode == "query" else "the evaluated images"
+        rer = f"; top {self.k} re-ranked by verification" if self.verify else ""
         if r.get("queries"):
             ks = "  ".join(f"{k} {v:.4f}" for k, v in r.items() if k.startswith("recall@"))
-            lines.append(f"retrieval over {r['queries']} queries (each image with a group-mate; ranked among "
-                         f"the evaluated images): {ks}  mAP {r['map']:.4f}")
+            who = ("each query photo with a catalogue image of its group" if self.mode == "query" else
+                   "each image with a group-mate")
+            lines.append(f"retrieval over {r['queries']} queries ({who}; ranked among {among}{rer}): {ks}  "
+                         f"mAP {r['map']:.4f}")
         else:
             lines.append("retrieval: no image has a group-mate in the store, so there are no queries")
         lines.append(f"({self.seconds:.1f} s)")
@@ -310,65 +190,181 @@ class EvalResult:
 
 def evaluate(store: str | os.PathLike[str], truth: str | os.PathLike[str], *,
              thresholds: Sequence[float] | None = None, threshold: float | None = None,
-             ks: Sequence[int] = DEFAULT_KS, block: int | None = None) -> EvalResult:
+             ks: Sequence[int] = DEFAULT_KS, block: int | None = None, verify: bool | None = None,
+             k: int | None = None, embedder: Embedder | None = None, weights: str | None = None,
+             precision: str = DEFAULTS.precision, runtime: str | None = None,
+             batch_size: int = DEFAULTS.batch_size, max_file_bytes: int = DEFAULTS.max_file_bytes,
+             workers: int = DEFAULTS.verify_workers) -> EvalResult:
     """Score a store against a truth CSV: pair P/R/F1 over a threshold sweep and query recall@k / mAP.
 
-    `thresholds` defaults to 0.50..1.00 by 0.01; `threshold` (default: the model's documented default) is
-    added to the sweep and reported separately. The duplicate search runs once, by search.duplicates'
-    blocked self-join at the lowest threshold; its memory grows with the number of pairs above that
-    threshold, so raise the sweep's lower end for a large store of a model whose scores run high.
-    Raises InputError (bad truth file, no truth image in the store) and StoreError.
+    `thresholds` defaults to 0.50..1.00 by 0.01; `threshold` (default: the model's documented default, or
+    with verification its candidates' loose threshold) is added to the sweep and reported separately. Without verification the duplicate search runs once, by
+    search.duplicates' blocked self-join at the lowest threshold; its memory grows with the number of pairs
+    above that threshold, so raise the sweep's lower end for a large store of a model whose scores run high.
+
+    `verify` (None: DEFAULTS.verify for a store that caches local features, off for one made before them)
+    scores verified candidates (each image's `k` nearest, default the model's candidate_rule) and re-ranks
+    each query's top k (see the module). A truth with rows of role `query` is scored in query mode: those
+    photos are embedded with the store's model (`embedder` injects one; `weights`, `precision` and `runtime`
+    as for query()) and ranked against the catalogue rows; only query mode is then scored.
+    The `class` column marks ignored pairs. Raises InputError (bad truth file, no truth image in the store,
+    no true pairs, no decodable query photo) and StoreError.
     """
     t0 = time.perf_counter()
     truth = Path(truth)
-    rows = read_truth(truth)
+    rows = read_truth_rows(truth)
     cat = read_catalog(store)
-    t_default = resolve_threshold(threshold, cat.meta.model)
+    model = cat.meta.model
+    verify = resolve_verify(verify, cat.meta.local_features)
+    # verified, the default operating point is the candidates' loose threshold (what duplicates uses)
+    t_default = resolve_threshold(threshold if threshold is not None or not verify else candidate_rule(model)[1],
+                                  model)
     sweep = np.unique(np.round(np.array(list(thresholds or DEFAULT_SWEEP) + [t_default], np.float64), 6))
     if not np.all((sweep >= -1) & (sweep <= 1)):
         raise InputError("thresholds must be cosines between -1 and 1")
+    t_min = float(sweep.min())
+    k = candidate_rule(model)[0] if k is None else int(k)
+    if k < 1:
+        raise InputError("k must be at least 1")
     base = Path(store).resolve().parent
     row_of: dict[Path, int] = {}
     for r, p in enumerate(cat.paths):
         row_of.setdefault(Path(os.path.normpath(base / p)).resolve(), r)
+    query_rows = [r for r in rows if r.role == "query"]
+    mode = "query" if query_rows else "store"
 
-    # Labels: one integer per truth group; an empty group is a label of its own ("no duplicate").
+    # Labels: one integer per truth group; an empty group is a label of its own ("no duplicate"). Classes: one
+    # integer per non-empty class, -1 for none.
     label_of: dict[str, int] = {}
-    ev_rows, ev_labels, missing = [], [], []
-    for written, full, group in rows:
-        r = row_of.get(full)
-        if r is None:
-            missing.append(written)
+    class_of: dict[str, int] = {}
+
+    def label(row: TruthRow) -> int:
+        return label_of.setdefault(row.group if row.group else f"\0single:{row.written}", len(label_of))
+
+    def klass(row: TruthRow) -> int:
+        return class_of.setdefault(row.cls, len(class_of)) if row.cls else -1
+
+    ev_rows, ev_labels, ev_cls, missing = [], [], [], []
+    for row in rows:
+        if row.role == "query":
             continue
-        key = group if group else f"\0single:{written}"
+        r = row_of.get(row.full)
+        if r is None:
+            missing.append(row.written)
+            continue
         ev_rows.append(r)
-        ev_labels.append(label_of.setdefault(key, len(label_of)))
+        ev_labels.append(label(row))
+        ev_cls.append(klass(row))
     if not ev_rows:
-        raise InputError(f"none of the {len(rows)} images in {truth} is in the store {store} (truth paths are "
+        what = f"{len(rows) - len(query_rows)} catalogue images" if query_rows else f"{len(rows)} images"
+        raise InputError(f"none of the {what} in {truth} is in the store {store} (truth paths are "
                          f"relative to the truth file's folder, store paths to the store's folder)")
     ev = np.array(ev_rows, np.int64)
     labels = np.array(ev_labels, np.int64)
+    cid = np.array(ev_cls, np.int64)
     in_truth = set(ev_rows)
     unlabelled = [p for r, p in enumerate(cat.paths) if r not in in_truth]
     if missing:  # counted in the result and its table; not an error (files may have failed to decode)
         log.info("%d truth rows are not in the store (e.g. %s)", len(missing), missing[0])
-
-    # Candidates: every pair at or above the lowest threshold, once, plus byte-identical files at 1.0.
     xe = cat.xb[ev]
-    I, J, D = self_join(xe, float(sweep.min()))
-    ei, ej = exact_pairs([cat.sha256[r] for r in ev.tolist()])
     n = len(ev)
-    exact_keys = ei * n + ej
-    keep = ~np.isin(I * n + J, exact_keys)
-    I = np.concatenate([ei, I[keep]])
-    J = np.concatenate([ej, J[keep]])
-    D = np.concatenate([np.ones(len(ei), np.float32), D[keep]])
-    is_true = labels[I] == labels[J]
-    _, counts = np.unique(labels, return_counts=True)
-    n_true = int((counts * (counts - 1) // 2).sum())
+
+    def load_rows(idx: np.ndarray) -> list:
+        return row_features(store, cat, ev[idx])
+
+    failed: list[tuple[str, str]] = []
+    if mode == "store":
+        fe: dict = {}
+        verifier = _Verifier(fe, load_rows, fe, load_rows, workers) if verify else None
+        # Candidates: every pair at or above the lowest threshold (verified: each image's k nearest of those),
+        # once, plus byte-identical files at 1.0.
+        I, J, D = knn_pairs(xe, k, t_min) if verify else self_join(xe, t_min)
+        ei, ej = exact_pairs([cat.sha256[r] for r in ev.tolist()])
+        keep = ~np.isin(I * n + J, ei * n + ej)
+        I = np.concatenate([ei, I[keep]])
+        J = np.concatenate([ej, J[keep]])
+        D = np.concatenate([np.ones(len(ei), np.float32), D[keep]])
+        exact = np.arange(len(D)) < len(ei)
+        qlab, qcid = labels, cid
+        is_true = labels[I] == labels[J]
+        n_true = _pairs_in(Counter(labels.tolist()))
+        ignored = (_pairs_in(Counter(cid[cid >= 0].tolist()))
+                   - _pairs_in(Counter(zip(cid[cid >= 0].tolist(), labels[cid >= 0].tolist()))))
+        queries, members = _mates(labels)
+        xq = xe
+
+        def positives(q: int) -> np.ndarray:
+            m = members[int(labels[q])]
+            return m[m != q]
+    else:
+        emb = store_embedder(cat.meta, store, weights=weights, precision=precision, embedder=embedder,
+                             runtime=runtime)
+        by_path = {str(r.full): r for r in query_rows}
+        # decoded as the store's photos were (at >= 256 px when it caches features), as query() does
+        got = embed_files(list(by_path), emb, batch_size=batch_size, max_bytes=max_file_bytes,
+                          local=verify or bool(cat.meta.local_features))
+        failed = [(by_path[p].written, why) for p, why in got.failures]
+        if not got.paths:
+            raise InputError(f"none of the {len(query_rows)} query photos of {truth} could be read (e.g. "
+                             f"{failed[0][0]}: {failed[0][1]})")
+        if failed:
+            log.info("%d query photos failed (e.g. %s: %s)", len(failed), *failed[0])
+        qr = [by_path[p] for p in got.paths]
+        qlab = np.array([label(r) for r in qr], np.int64)
+        qcid = np.array([klass(r) for r in qr], np.int64)
+        xq = got.xq
+        fe = {}
+        verifier = (_Verifier(dict(enumerate(got.local)), lambda idx: [None] * len(idx), fe, load_rows, workers)
+                    if verify else None)
+        # Candidates: each query's top k catalogue images at or above the lowest threshold, plus byte-identical
+        # catalogue files at 1.0.
+        I, J, D = _query_candidates(xq, xe, k, t_min, block)
+        by_sha: dict[str, list[int]] = {}
+        for c, r in enumerate(ev.tolist()):
+            by_sha.setdefault(cat.sha256[r], []).append(c)
+        ei, ej = [], []
+        for q, p in enumerate(got.paths):
+            try:
+                sha = read_file(p, max_file_bytes)[1]
+            except DecodeError:
+                continue
+            for c in by_sha.get(sha, []):
+                ei.append(q)
+                ej.append(c)
+        ei, ej = np.array(ei, np.int64), np.array(ej, np.int64)
+        keep = ~np.isin(I * n + J, ei * n + ej)
+        I = np.concatenate([ei, I[keep]])
+        J = np.concatenate([ej, J[keep]])
+        D = np.concatenate([np.ones(len(ei), np.float32), D[keep]])
+        exact = np.arange(len(D)) < len(ei)
+        is_true = qlab[I] == labels[J]
+        cat_count = Counter(labels.tolist())
+        n_true = sum(cat_count.get(lab, 0) for lab in qlab.tolist())
+        cls_count = Counter(cid[cid >= 0].tolist())
+        cls_lab = Counter(zip(cid[cid >= 0].tolist(), labels[cid >= 0].tolist()))
+        ignored = sum(cls_count.get(c, 0) - cls_lab.get((c, lab), 0)
+                      for c, lab in zip(qcid.tolist(), qlab.tolist()) if c >= 0)
+        members = {lab: np.flatnonzero(labels == lab) for lab in set(qlab.tolist()) & set(cat_count)}
+        queries = np.array([q for q in range(len(qr)) if int(qlab[q]) in members], np.int64)
+
+        def positives(q: int) -> np.ndarray:
+            return members[int(qlab[q])]
+
+    # Ignored pairs: different groups, one class: neither right nor wrong, never candidates.
+    junk = _junk(qlab[I], qcid[I], labels[J], cid[J]) if class_of else np.zeros(len(I), bool)
+    I, J, D, exact, is_true = I[~junk], J[~junk], D[~junk], exact[~junk], is_true[~junk]
     if n_true == 0:
         raise InputError(f"{truth} has no true pairs among the {n} images in the store (no group holds two of "
-                         f"them), so precision, recall and F1 are undefined; give a truth with duplicate groups")
+                         f"them), so precision, recall and F1 are undefined; give a truth with duplicate groups"
+                         if mode == "store" else
+                         f"no query photo of {truth} has a catalogue image of its group in the store, so "
+                         f"precision, recall and F1 are undefined")
+    verified = 0
+    if verifier is not None:  # predicted only when verified (byte-identical files always are)
+        ok = exact.copy()
+        ok[~exact] = verifier(I[~exact], J[~exact]).verified
+        verified = int(ok.sum() - exact.sum())
+        D = np.where(ok, D, np.float32(-np.inf)).astype(np.float32)
     log.info("%d evaluated images, %d candidate pairs, %d true pairs", n, len(D), n_true)
 
     m = pair_metrics(D, is_true, n_true, sweep)
@@ -379,15 +375,26 @@ def evaluate(store: str | os.PathLike[str], truth: str | os.PathLike[str], *,
         return {"threshold": float(sweep[k]), "precision": float(m["precision"][k]),
                 "recall": float(m["recall"][k]), "f1": float(m["f1"][k])}
 
-    retrieval = retrieval_metrics_blocked(xe, labels, ks, block)
+    def mask(S: np.ndarray, q: np.ndarray) -> None:
+        if mode == "store":
+            S[np.arange(len(q)), q] = -np.inf
+        if class_of:
+            S[_junk(qlab[q][:, None], qcid[q][:, None], labels[None, :], cid[None, :])] = -np.inf
+
+    if mode == "store" and verifier is None and not class_of:
+        retrieval = retrieval_metrics_blocked(xe, labels, ks, block)  # the plain case, as it always was
+    else:
+        retrieval = _retrieval(xq, xe, queries, positives, mask, ks, block, k, verifier)
     return EvalResult(
-        store=str(store), truth=str(truth), model=cat.meta.model, images_in_store=len(cat),
+        store=str(store), truth=str(truth), model=model, images_in_store=len(cat),
         images_in_truth=len(rows), evaluated=n, truth_missing_from_store=len(missing),
         store_missing_from_truth=len(unlabelled), true_pairs=n_true, candidate_pairs=int(len(D)),
         default_threshold=float(sweep[d]),
         sweep={k: v.tolist() for k, v in m.items()}, best=point(b), at_default=point(d), retrieval=retrieval,
         missing_examples=missing[:EXAMPLES], unlabelled_examples=unlabelled[:EXAMPLES],
-        seconds=time.perf_counter() - t0)
+        seconds=time.perf_counter() - t0, mode=mode, verify=verify, k=k, ignored_pairs=int(ignored),
+        ignored_candidates=int(junk.sum()), verified_candidates=verified, query_images=len(query_rows),
+        queries_without_mate=len(xq) - len(queries) if mode == "query" else 0, queries_failed=failed)
 
 
 def write_eval_json(result: EvalResult, path: str | os.PathLike[str]) -> None:

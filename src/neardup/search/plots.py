@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from .evaluate import EvalResult
+    from .verify import Verification
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +49,13 @@ def _save(fig: Figure, out: Path, dpi: int) -> None:
     atomic_write(out, lambda tmp: fig.savefig(tmp, format=fmt, dpi=dpi, **kwargs))
 
 
-def _plot_panel(ax: Any, path: Path, title: str, strict: bool) -> None:
+def _plot_panel(ax: Any, path: Path, title: str, strict: bool) -> tuple[int, int] | None:
+    """Draw one photo; its (width, height) as shown, or None when it is missing."""
+    shown = None
     try:
-        ax.imshow(np.asarray(open_upright(path, PLOT_MAX_SIDE)))
+        pixels = np.asarray(open_upright(path, PLOT_MAX_SIDE))
+        ax.imshow(pixels)
+        shown = (pixels.shape[1], pixels.shape[0])
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types; any failure means "missing"
         if strict:
             raise InputError(f"cannot read image {path}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
@@ -61,11 +66,32 @@ def _plot_panel(ax: Any, path: Path, title: str, strict: bool) -> None:
     ax.set_title(title)
     ax.set_xticks([])
     ax.set_yticks([])
+    return shown
+
+
+#: Inlier matches drawn on a verified pair's plot (a random subset beyond this, for legibility).
+MAX_LINES = 80
+
+
+def _draw_matches(fig: Figure, ax1: Any, ax2: Any, size1: tuple[int, int], size2: tuple[int, int],
+                  xy1: np.ndarray, xy2: np.ndarray, colour: str) -> None:
+    from matplotlib.patches import ConnectionPatch
+
+    pick = np.random.default_rng(0).permutation(len(xy1))[:MAX_LINES]  # deterministic subset
+    for (x1, y1), (x2, y2) in zip(xy1[pick] * size1, xy2[pick] * size2):
+        fig.add_artist(ConnectionPatch(xyA=(x1, y1), coordsA=ax1.transData, xyB=(x2, y2), coordsB=ax2.transData,
+                                       color=colour, linewidth=0.6, alpha=0.7))
+    ax1.plot(*(xy1 * size1).T, ".", color=colour, markersize=3)
+    ax2.plot(*(xy2 * size2).T, ".", color=colour, markersize=3)
 
 
 def plot_pair(a: str | os.PathLike[str], b: str | os.PathLike[str], score: float,
-              out: str | os.PathLike[str] | None = "pair.png", *, strict: bool = True) -> Figure:
+              out: str | os.PathLike[str] | None = "pair.png", *, strict: bool = True,
+              verification: Verification | None = None) -> Figure:
     """The seed's side-by-side view: "Original" | "Duplicate (Score: 0.9712)", a fixed 1000x500 px image.
+
+    With a `verification` holding inlier points (verify_pair(points=True)), its verdict and inlier count
+    join the title and the inlier matches are drawn between the photos (green: verified, orange: not).
 
     Drawn on a plain Agg canvas (no window, no pyplot global state, safe in scripts and threads) and saved
     atomically to `out` (None: not saved) in the format of its extension (PNG, JPEG, PDF, SVG, WebP). With
@@ -83,9 +109,15 @@ def plot_pair(a: str | os.PathLike[str], b: str | os.PathLike[str], score: float
     fig = Figure(figsize=PLOT_FIGSIZE, dpi=PLOT_DPI)
     FigureCanvasAgg(fig)
     ax1, ax2 = fig.subplots(1, 2)
-    _plot_panel(ax1, Path(a), "Original", strict)
-    _plot_panel(ax2, Path(b), f"Duplicate (Score: {score:.4f})", strict)
-    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.03, top=0.92, wspace=0.05)
+    title = f"Duplicate (Score: {score:.4f})"
+    if verification is not None:
+        title += f"\n{'verified' if verification.verified else 'not verified'}, {verification.inliers} inliers"
+    size1 = _plot_panel(ax1, Path(a), "Original", strict)
+    size2 = _plot_panel(ax2, Path(b), title, strict)
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.03, top=0.90, wspace=0.05)
+    if verification is not None and verification.xy_a is not None and size1 and size2 and verification.inliers:
+        _draw_matches(fig, ax1, ax2, size1, size2, verification.xy_a, verification.xy_b,
+                      "#1a7f37" if verification.verified else "#d4760a")
     if out is not None:
         _save(fig, out, PLOT_DPI)  # no bbox_inches="tight": the image's size would depend on the photos
     return fig

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +16,9 @@ from ..indexer.embed import Embedder
 from ..indexer.models import make_embedder
 from ..indexer.faiss_index import open_index, search
 from ..indexer.pipeline import embed_files
+from ..indexer.local_features import LocalFeatures
 from ..indexer.store import Catalog, read_meta, store_embedder
+from .verify import rerank, resolve_verify, row_features, verify_pairs
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,8 @@ class Match:
     score: float  #: cosine similarity
     id: int
     path: str  #: as stored, relative to the store's folder
+    verified: bool | None = None  #: the geometric verdict (None: not verified)
+    inliers: int | None = None  #: RANSAC inliers of the verification
 
 
 @dataclass
@@ -38,10 +42,19 @@ class QueryResult:
     query: str
     matches: list[Match] = field(default_factory=list)
     error: str | None = None
+    verified: bool = False  #: the matches were geometrically verified (and re-ranked)
 
     def best(self) -> float | None:
         """Highest score, or None without matches."""
-        return self.matches[0].score if self.matches else None
+        return max(m.score for m in self.matches) if self.matches else None
+
+    def found(self, threshold: float) -> bool:
+        """Whether the photo is in the catalogue: a verified match when verified (or, for a photo too plain to
+        judge, verified None, one >= threshold), else a match >= threshold."""
+        if self.verified:
+            return any(m.verified or (m.verified is None and m.score >= threshold) for m in self.matches)
+        best = self.best()
+        return best is not None and best >= threshold
 
 
 def id_lookup(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -82,16 +95,37 @@ class Searcher:
         D, I = search(self.index, xq, k)
         return neighbours(D, I, self.cat, self._lookup)
 
+    def verify(self, matches: list[Match], feats: LocalFeatures | None) -> list[Match]:
+        """Geometrically verify one query's matches (its local features `feats`) and re-rank them: verified
+        first, then by shared inliers, then by score (verify.rerank)."""
+        if not matches:
+            return matches
+        sorted_ids, order = self._lookup
+        rows = order[np.searchsorted(sorted_ids, np.array([m.id for m in matches], np.int64))]
+        v = verify_pairs([feats] * len(matches), row_features(self.store, self.cat, rows), workers=1)
+        ranked = rerank(np.array([m.score for m in matches]), v)
+        # a photo too plain to judge: verified None (the global threshold decides, see QueryResult.found)
+        return [replace(matches[i], rank=r + 1, verified=bool(v.verified[i]) if v.judged[i] else None,
+                        inliers=int(v.inliers[i]) if v.judged[i] else None)
+                for r, i in enumerate(ranked.tolist())]
+
     def query(self, images: Sequence[str | os.PathLike[str]], k: int = DEFAULTS.k,
-              batch_size: int = DEFAULTS.batch_size,
-              max_file_bytes: int = DEFAULTS.max_file_bytes) -> list[QueryResult]:
+              batch_size: int = DEFAULTS.batch_size, max_file_bytes: int = DEFAULTS.max_file_bytes,
+              verify: bool | None = None) -> list[QueryResult]:
         """Query image files (folders are expanded); undecodable, non-regular and too large files come back
-        with an error."""
+        with an error. With `verify` (None: resolve_verify), each query's top k are geometrically verified and
+        re-ranked."""
         if k < 1:
             raise InputError("k must be at least 1")
+        verify = resolve_verify(verify, self.meta.local_features)
         paths = [str(p) for p in discover(images)]
-        got = embed_files(paths, self.embedder, batch_size=batch_size, max_bytes=max_file_bytes)
-        results = {p: QueryResult(p, m) for p, m in zip(got.paths, self.search(got.xq, k))}
+        # a store with local features decoded its photos at their size: decode queries the same way
+        local = verify or bool(self.meta.local_features)
+        got = embed_files(paths, self.embedder, batch_size=batch_size, max_bytes=max_file_bytes, local=local)
+        found = self.search(got.xq, k)
+        if verify:
+            found = [self.verify(m, f) for m, f in zip(found, got.local)]
+        results = {p: QueryResult(p, m, verified=verify) for p, m in zip(got.paths, found)}
         results.update({p: QueryResult(p, error=why) for p, why in got.failures})
         return [results[p] for p in paths]
 
@@ -99,16 +133,17 @@ class Searcher:
 def query(store: str | os.PathLike[str], images: Sequence[str | os.PathLike[str]], *, k: int = DEFAULTS.k,
           weights: str | None = None, precision: str = DEFAULTS.precision, embedder: Embedder | None = None,
           batch_size: int = DEFAULTS.batch_size, max_file_bytes: int = DEFAULTS.max_file_bytes,
-          runtime: str | None = None) -> list[QueryResult]:
+          runtime: str | None = None, verify: bool | None = None) -> list[QueryResult]:
     """Top-k catalogue matches of each query image, searched with the store's own model and weights
-    (`runtime` may be either: TensorFlow and ONNX Runtime vectors are interchangeable)."""
+    (`runtime` may be either: TensorFlow and ONNX Runtime vectors are interchangeable); with `verify`,
+    geometrically verified and re-ranked."""
     searcher = Searcher(store, weights=weights, precision=precision, embedder=embedder, runtime=runtime)
-    return searcher.query(images, k, batch_size, max_file_bytes)
+    return searcher.query(images, k, batch_size, max_file_bytes, verify=verify)
 
 
 def has_match(results: Sequence[QueryResult], threshold: float) -> bool:
-    """True when any query has a match scoring at least `threshold` (the CLI's exit status 0)."""
-    return any(r.best() is not None and r.best() >= threshold for r in results)
+    """True when any query is found in the catalogue (QueryResult.found; the CLI's exit status 0)."""
+    return any(r.found(threshold) for r in results)
 
 
 def compare(a: str | os.PathLike[str], b: str | os.PathLike[str], *, model: str = DEFAULTS.model,

@@ -28,12 +28,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from ..config import DEFAULTS
+from ..errors import DecodeError, InputError
 from ..fileio import atomic_write, check_output_path, fmt_bytes, now_iso
-from ..indexer.decode import open_upright
+from ..indexer.decode import load_upright, open_upright, read_bytes
+from ..indexer.local_features import extract_local
 from ..indexer.store import Catalog, read_catalog
-from .duplicates import DuplicateReport, Pair, find_duplicates, groups_document, read_groups_json, read_pairs_csv
+from .duplicates import DuplicateReport, Pair, find_duplicates
+from .pairs_io import groups_document, read_groups_json, read_pairs_csv
 from .plots import plot_pair
+from .verify import Verification, verify_pair
 
 log = logging.getLogger(__name__)
 
@@ -168,11 +172,24 @@ def render_html(data: dict, summary: Sequence[tuple[str, str]], title: str) -> s
     return re.sub(r"%%([A-Z]+)%%", lambda m: parts[m.group(1)], template("report.html"))
 
 
+def _inliers_of(a: Path, b: Path) -> Verification | None:
+    """The verification of two image files with their inlier points, for drawing (None when unreadable)."""
+    try:
+        # the indexer's own decode and extraction, so the drawing shows the inliers the verdict counted
+        fa, fb = (extract_local(load_upright(read_bytes(p), DEFAULTS.local_side)[0]) for p in (a, b))
+    except (DecodeError, OSError) as exc:
+        log.info("no inlier drawing for %s / %s: %s", a, b, exc)
+        return None
+    return verify_pair(fa, fb, points=True)
+
+
 def _groups_from(doc_groups: list[dict], images: _Images) -> list[dict]:
     out = []
     for k, g in enumerate(doc_groups, start=1):
         members = [{"i": images(m["path"]), "k": bool(m.get("keeper")), "x": bool(m.get("exact")),
-                    "s": round(float(m.get("score_to_keeper", 1.0)), 6)} for m in g["members"]]
+                    "s": round(float(m.get("score_to_keeper", 1.0)), 6),
+                    "v": int(m.get("inliers_to_keeper", -1)) if isinstance(m.get("inliers_to_keeper"), int) else -1}
+                   for m in g["members"]]
         if members and not any(m["k"] for m in members):
             members[0]["k"] = True  # a hand-made file without keeper flags: its first member, as in our files
         members.sort(key=lambda m: not m["k"])  # keeper first, the rest in the file's order
@@ -185,7 +202,7 @@ def write_report(store: str | os.PathLike[str], out: str | os.PathLike[str] = "r
                  pairs: str | os.PathLike[str] | None = None, groups: str | os.PathLike[str] | None = None,
                  duplicates: DuplicateReport | None = None, threshold: float | None = None,
                  png_dir: str | os.PathLike[str] | None = None, page_size: int = PAGE_SIZE,
-                 workers: int | None = None) -> ReportResult:
+                 workers: int | None = None, verify: bool | None = None) -> ReportResult:
     """Write one self-contained HTML report of a store's duplicate groups and pairs to `out`.
 
     The pairs and groups come from `duplicates` (a find_duplicates result), else from the files `pairs`
@@ -193,7 +210,8 @@ def write_report(store: str | os.PathLike[str], out: str | os.PathLike[str] = "r
     find_duplicates(store, threshold=threshold). With files, `threshold` hides pairs scoring below it.
     Given groups alone, the pairs are computed from the store at the groups file's threshold (or `threshold`),
     so the page is complete; given pairs alone, the page shows pairs only. `png_dir` (created if needed) gets one
-    side-by-side PNG per pair, `pair_00001.png` for the report's pair #1, and so on.
+    side-by-side PNG per pair, `pair_00001.png` for the report's pair #1, and so on; a verified pair's PNG
+    draws its inlier matches. `verify` is find_duplicates' (when the pairs are computed here).
     Raises InputError (bad files, missing output folder) and StoreError.
     """
     t0 = time.perf_counter()
@@ -214,8 +232,8 @@ def write_report(store: str | os.PathLike[str], out: str | os.PathLike[str] = "r
     group_docs: list[dict] | None = None
     t_shown: float | None = threshold
     if duplicates is None and pairs is None and groups is None:
-        duplicates = find_duplicates(store, threshold=threshold)
-        source.append("computed from the store (neardup duplicates)")
+        duplicates = find_duplicates(store, threshold=threshold, verify=verify)
+        source.append("computed from the store (neardup duplicates" + (", verified)" if duplicates.verify else ")"))
     if duplicates is not None:
         pair_list, group_docs, t_shown = duplicates.pairs, groups_document(duplicates)["groups"], duplicates.threshold
         source = source or ["a find_duplicates result"]
@@ -233,13 +251,14 @@ def write_report(store: str | os.PathLike[str], out: str | os.PathLike[str] = "r
                 t_shown = float(gdoc["threshold"])
             source.append(f"groups from {groups}")
         if pair_list is None:  # groups alone would show "Pairs (0)": compute the pairs at the groups' threshold
-            computed = find_duplicates(store, threshold=t_shown)
+            computed = find_duplicates(store, threshold=t_shown, verify=verify)
             t_shown, pair_list = computed.threshold, computed.pairs
             source.append(f"pairs computed from the store at {computed.threshold:.4f}")
 
     # Sorted by score, highest first; a stable sort keeps the file's order among equal scores.
     ordered = sorted(pair_list or [], key=lambda p: -p.score)
-    pair_rows = [[images(p.a_path), images(p.b_path), round(float(p.score), 6), 1 if p.kind == "exact" else 0]
+    pair_rows = [[images(p.a_path), images(p.b_path), round(float(p.score), 6), 1 if p.kind == "exact" else 0,
+                  -1 if p.verified is None else int(p.verified), -1 if p.inliers is None else int(p.inliers)]
                  for p in ordered]
     group_rows = _groups_from(group_docs or [], images)
 
@@ -260,7 +279,9 @@ def write_report(store: str | os.PathLike[str], out: str | os.PathLike[str] = "r
     if png_dir is not None:
         for k, p in enumerate(ordered, start=1):
             target = Path(png_dir) / f"pair_{k:05d}.png"
-            plot_pair(images.absolute(p.a_path), images.absolute(p.b_path), p.score, target, strict=False)
+            plot_pair(images.absolute(p.a_path), images.absolute(p.b_path), p.score, target, strict=False,
+                      verification=_inliers_of(images.absolute(p.a_path), images.absolute(p.b_path))
+                      if p.verified is not None and p.kind != "exact" else None)
             png_files.append(target)
             if k % 100 == 0:
                 log.info("plotted %d of %d pairs", k, len(ordered))

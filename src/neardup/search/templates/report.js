@@ -50,6 +50,11 @@
     head.appendChild(el("span", "idx", "#" + (k + 1)));
     head.appendChild(el("span", "score", p[2].toFixed(4)));
     head.appendChild(el("span", p[3] ? "kind exact" : "kind near", p[3] ? "exact" : "near"));
+    // p[4]: 1 verified, 0 failed verification, -1 not verified; p[5]: RANSAC inliers (-1: none measured)
+    if (p[4] >= 0 && !p[3]) {
+      head.appendChild(el("span", p[4] ? "kind verified" : "kind unverified", p[4] ? "verified" : "not verified"));
+      if (p[5] >= 0) { head.appendChild(el("span", "idx", p[5] + " inliers")); }
+    }
     card.appendChild(head);
     var sides = el("div", "sides");
     sides.appendChild(figure(p[0], "", false));
@@ -68,7 +73,8 @@
     card.appendChild(head);
     var sides = el("div", "sides");
     g.m.forEach(function (m) {
-      var badge = m.k ? "\u2605 KEEP" : (m.x ? "exact copy" : "score " + m.s.toFixed(4));
+      var badge = m.k ? "\u2605 KEEP" : (m.x ? "exact copy" : "score " + m.s.toFixed(4) +
+                                           (m.v >= 0 ? " \u00b7 " + m.v + " inliers" : ""));
       sides.appendChild(figure(m.i, badge, m.k));
     });
     card.appendChild(sides);
