@@ -118,6 +118,8 @@ def machine_info() -> dict[str, str]:
         "numpy": f"{np.__version__} ({_numpy_blas()})",
         "h5py": _version("h5py"),
         "Pillow": _version("pillow", "Pillow"),
+        "ONNX Runtime": _version("onnxruntime"),
+        "OpenCV": _version("opencv-python-headless", "opencv-python"),
         "neardup": f"{_version('neardup')} @ {_git_revision()}",
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "load average (1/5/15 min) at start": " / ".join(f"{x:.2f}" for x in load),
