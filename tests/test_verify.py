@@ -260,3 +260,24 @@ def test_a_photo_with_more_copies_than_k_stays_one_group(tmp_path: Path, fake_em
     listed = {frozenset((p.a_path, p.b_path)) for p in rep.pairs if p.verified}
     members = [m["path"] for m in big.members]
     assert all(frozenset((a, b)) in listed for i, a in enumerate(members) for b in members[i + 1:])
+
+
+def test_report_png_shows_the_verdict_of_the_pairs_file(copies, tmp_path: Path) -> None:
+    """The drawn inliers come from the store's cached features, screened as duplicates screens them: each
+    PNG's verdict and inlier count are the pairs file's (pHash stores decode in grayscale)."""
+    from neardup.search.report import _Images, _inliers_of
+
+    folder, photos, made = copies
+    store = tmp_path / "p.h5"
+    build_index([folder], store, model="phash")
+    rep = find_duplicates(store, verify=True, k=5, loose_threshold=-1.0)
+    cat = read_catalog(store, vectors=False)
+    images = _Images(cat, store.parent)
+    checked = 0
+    for p in rep.pairs:
+        if p.kind == "exact" or p.inliers is None or p.inliers < 0:
+            continue
+        v = _inliers_of(store, cat, p.a_path, p.b_path, images)
+        assert (v.verified, v.inliers) == (p.verified, p.inliers), p
+        checked += 1
+    assert checked >= 4

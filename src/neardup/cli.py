@@ -471,7 +471,7 @@ def compare_cmd(
 def duplicates_cmd(
     store: StoreOpt = Path(DEFAULTS.store), threshold: ThresholdOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="CSV of pairs: a_id,a_path,b_id,b_path,score,"
-                                                "kind.")] = None,
+                                                "kind (and verified,inliers with --verify).")] = None,
     groups: Annotated[Optional[Path], typer.Option("--groups", "-g", help="JSON of groups with keepers.")] = None,
     show: Annotated[int, typer.Option("--show", help="Groups to print.")] = 10,
     show_members: Annotated[int, typer.Option("--show-members", help="Members to print per group.")] = 8,
@@ -599,7 +599,8 @@ def evaluate_cmd(
         "--min-threshold", min=-1.0, max=1.0, help="Lower end of the 0.01-step threshold sweep (raise it for "
         "a large store whose scores run high: every pair above it is held in memory).")] = 0.5,
     verify: VerifyOpt = None,
-    k: Annotated[Optional[int], typer.Option("-k", min=1, help="With --verify: candidates per image "
+    k: Annotated[Optional[int], typer.Option("-k", min=1, help="Candidates per image with --verify, and per "
+                                             "query photo (role query) always "
                                              f"[default: per model: {_CANDIDATES}].")] = None,
     runtime: RuntimeOpt = DEFAULTS.runtime, verbose: VerboseOpt = 0,
 ) -> None:

@@ -37,7 +37,7 @@ from ..indexer.store import Catalog, read_catalog
 from .duplicates import DuplicateReport, Pair, find_duplicates
 from .pairs_io import groups_document, read_groups_json, read_pairs_csv
 from .plots import plot_pair
-from .verify import Verification, verify_pair
+from .verify import Verification, row_features, verify_pair
 
 log = logging.getLogger(__name__)
 
@@ -172,15 +172,22 @@ def render_html(data: dict, summary: Sequence[tuple[str, str]], title: str) -> s
     return re.sub(r"%%([A-Z]+)%%", lambda m: parts[m.group(1)], template("report.html"))
 
 
-def _inliers_of(a: Path, b: Path) -> Verification | None:
-    """The verification of two image files with their inlier points, for drawing (None when unreadable)."""
-    try:
-        # the indexer's own decode and extraction, so the drawing shows the inliers the verdict counted
-        fa, fb = (extract_local(load_upright(read_bytes(p), DEFAULTS.local_side)[0]) for p in (a, b))
-    except (DecodeError, OSError) as exc:
-        log.info("no inlier drawing for %s / %s: %s", a, b, exc)
-        return None
-    return verify_pair(fa, fb, points=True)
+def _inliers_of(store: Path, cat: Catalog, a: str, b: str, images: _Images) -> Verification | None:
+    """The verification of a pair (stored paths) with its inlier points, for drawing: from the store's cached
+    features, screened as duplicates screens, so the drawing shows what the verdict counted. A path not in
+    the store is decoded as the store's model decodes (None when unreadable)."""
+    mode = "L" if cat.meta.model == "phash" else "RGB"
+    feats = []
+    for p in (a, b):
+        if p in images.row:
+            feats += row_features(store, cat, np.array([images.row[p]]))
+            continue
+        try:
+            feats.append(extract_local(load_upright(read_bytes(images.absolute(p)), DEFAULTS.local_side, mode=mode)[0]))
+        except (DecodeError, OSError) as exc:
+            log.info("no inlier drawing for %s: %s", p, exc)
+            return None
+    return verify_pair(feats[0], feats[1], points=True, screen=True)
 
 
 def _groups_from(doc_groups: list[dict], images: _Images) -> list[dict]:
@@ -280,7 +287,7 @@ def write_report(store: str | os.PathLike[str], out: str | os.PathLike[str] = "r
         for k, p in enumerate(ordered, start=1):
             target = Path(png_dir) / f"pair_{k:05d}.png"
             plot_pair(images.absolute(p.a_path), images.absolute(p.b_path), p.score, target, strict=False,
-                      verification=_inliers_of(images.absolute(p.a_path), images.absolute(p.b_path))
+                      verification=_inliers_of(store, cat, p.a_path, p.b_path, images)
                       if p.verified is not None and p.kind != "exact" else None)
             png_files.append(target)
             if k % 100 == 0:
