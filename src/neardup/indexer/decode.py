@@ -173,6 +173,13 @@ def read_and_decode(path: str, size: int, *, mode: str = "RGB", resample: str = 
     return sha, decode_image(data, size, mode=mode, resample=resample, fit=fit)
 
 
+def file_local_features(path: str | os.PathLike[str], max_bytes: int = DEFAULTS.max_file_bytes, *,
+                        mode: str = "RGB") -> LocalFeatures:
+    """The local features of an image file, decoded as indexing decodes it in `mode` (a store's embedder's
+    input_mode: pHash decodes grayscale). Raises DecodeError."""
+    return extract_local(load_upright(read_bytes(path, max_bytes), DEFAULTS.local_side, mode=mode)[0])
+
+
 def open_upright(path: str | os.PathLike[str], max_side: int,
                  max_bytes: int = DEFAULTS.max_file_bytes) -> Image.Image:
     """Decode the file `path` as an upright RGB image no larger than `max_side` on its longest side (for

@@ -183,13 +183,18 @@ def _strings(ds: h5py.Dataset) -> list[str]:
     return out
 
 
-def _local(f: h5py.File, n: int, rows: np.ndarray | None = None) -> LocalTable:
-    g = f["local"]
-    if rows is None or len(rows) * 8 > n:  # many rows: one sequential read beats a point selection
-        t = LocalTable(g["count"][()], g["xy"][()], g["desc"][()])
-        return t if rows is None else LocalTable(t.count[rows], t.xy[rows], t.desc[rows])
+def _rows(ds: h5py.Dataset, rows: np.ndarray | None) -> np.ndarray:
+    """`ds[rows]` (all rows for None), in the order asked, repeats allowed."""
+    if rows is None or len(rows) * 8 > len(ds):  # many rows: one sequential read beats a point selection
+        whole = ds[()]
+        return whole if rows is None else whole[rows]
     uniq, inverse = np.unique(rows, return_inverse=True)  # h5py selections must be increasing
-    return LocalTable(g["count"][uniq][inverse], g["xy"][uniq][inverse], g["desc"][uniq][inverse])
+    return ds[uniq][inverse]
+
+
+def _local(f: h5py.File, rows: np.ndarray | None = None) -> LocalTable:
+    g = f["local"]
+    return LocalTable(_rows(g["count"], rows), _rows(g["xy"], rows), _rows(g["desc"], rows))
 
 
 def read_local(path: str | os.PathLike[str], rows: np.ndarray | None = None,
@@ -204,9 +209,12 @@ def read_local(path: str | os.PathLike[str], rows: np.ndarray | None = None,
             return None
         rows = np.arange(meta.count) if rows is None else np.asarray(rows, np.int64)
         valid = (rows >= 0) & (rows < meta.count)
-        table = _local(f, meta.count, np.where(valid, rows, 0))
-        if sha256 is not None:
-            now = f["sha256"][()][np.where(valid, rows, 0)] if meta.count else np.zeros(len(rows), "S64")
+        if not meta.count:
+            return LocalTable.empty(len(rows))
+        safe = np.where(valid, rows, 0)
+        table = _local(f, safe)
+        if sha256 is not None:  # the hashes of the rows read, not of the whole store (a query reads ten)
+            now = _rows(f["sha256"], safe)
             valid &= now == np.array(sha256, dtype="S64")
         table.count[~valid] = -1
         return table
@@ -226,7 +234,7 @@ def read_catalog(path: str | os.PathLike[str], *, vectors: bool = True, local: b
             sha256=_strings(f["sha256"]), widths=f["widths"][()].astype(np.int32),
             heights=f["heights"][()].astype(np.int32), xb=xb,
             failures=list(zip(_strings(f["failures/paths"]), _strings(f["failures/reasons"]))),
-            local=_local(f, meta.count) if local and meta.local_features else None)
+            local=_local(f) if local and meta.local_features else None)
 
 
 def write_catalog(path: str | os.PathLike[str], cat: Catalog,

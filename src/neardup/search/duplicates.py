@@ -222,7 +222,7 @@ class DuplicateReport:
         return list(self.iter_pairs())
 
 
-def _without(pairs: tuple[np.ndarray, np.ndarray, np.ndarray], ei: np.ndarray, ej: np.ndarray,
+def without_pairs(pairs: tuple[np.ndarray, np.ndarray, np.ndarray], ei: np.ndarray, ej: np.ndarray,
              n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The (I, J, D) pairs that are not among the exact pairs (ei, ej) of n rows."""
     I, J, D = pairs
@@ -235,7 +235,7 @@ def _without(pairs: tuple[np.ndarray, np.ndarray, np.ndarray], ei: np.ndarray, e
 def duplicate_rows(cat: Catalog, threshold: float, block: int | None = None) -> tuple[np.ndarray, ...]:
     """Pure core of find_duplicates: (I, J, D, exact) row pairs of a catalog, exact pairs first."""
     ei, ej = exact_pairs(cat.sha256)
-    ni, nj, nd = _without(self_join(cat.xb, threshold, block), ei, ej, len(cat))
+    ni, nj, nd = without_pairs(self_join(cat.xb, threshold, block), ei, ej, len(cat))
     order = np.lexsort((nj, ni, -nd))
     I = np.concatenate([ei, ni[order]])
     J = np.concatenate([ej, nj[order]])
@@ -255,7 +255,7 @@ def verified_rows(cat: Catalog, store: str | os.PathLike[str], threshold: float,
     Order: exact, verified, unverified; each by score.
     """
     ei, ej = exact_pairs(cat.sha256)
-    ci, cj, cd = _without(knn_pairs(cat.xb, k, loose), ei, ej, len(cat))
+    ci, cj, cd = without_pairs(knn_pairs(cat.xb, k, loose), ei, ej, len(cat))
     rows, inverse = np.unique(np.concatenate([ci, cj]), return_inverse=True)
     feats = row_features(store, cat, rows)
     fa = [feats[x] for x in inverse[:len(ci)].tolist()]

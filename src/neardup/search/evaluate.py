@@ -61,7 +61,7 @@ from ..indexer.decode import read_file
 from ..indexer.embed import Embedder
 from ..indexer.pipeline import embed_files
 from ..indexer.store import read_catalog, store_embedder
-from .duplicates import exact_pairs, knn_pairs, self_join
+from .duplicates import exact_pairs, knn_pairs, self_join, without_pairs
 from .metrics import (DEFAULT_KS, DEFAULT_SWEEP, DEFINITIONS, TIE_TOL, _junk, _mates,  # noqa: F401 - TIE_TOL
                       _pairs_in, _query_candidates, _retrieval, _Verifier, best_index, pair_metrics,
                       retrieval_metrics, retrieval_metrics_blocked)
@@ -280,10 +280,8 @@ def evaluate(store: str | os.PathLike[str], truth: str | os.PathLike[str], *,
         # once, plus byte-identical files at 1.0.
         I, J, D = knn_pairs(xe, k, t_min) if verify else self_join(xe, t_min)
         ei, ej = exact_pairs([cat.sha256[r] for r in ev.tolist()])
-        keep = ~np.isin(I * n + J, ei * n + ej)
-        I = np.concatenate([ei, I[keep]])
-        J = np.concatenate([ej, J[keep]])
-        D = np.concatenate([np.ones(len(ei), np.float32), D[keep]])
+        I, J, D = without_pairs((I, J, D), ei, ej, n)
+        I, J, D = np.concatenate([ei, I]), np.concatenate([ej, J]), np.concatenate([np.ones(len(ei), np.float32), D])
         exact = np.arange(len(D)) < len(ei)
         qlab, qcid = labels, cid
         is_true = labels[I] == labels[J]
@@ -332,10 +330,8 @@ def evaluate(store: str | os.PathLike[str], truth: str | os.PathLike[str], *,
                 ei.append(q)
                 ej.append(c)
         ei, ej = np.array(ei, np.int64), np.array(ej, np.int64)
-        keep = ~np.isin(I * n + J, ei * n + ej)
-        I = np.concatenate([ei, I[keep]])
-        J = np.concatenate([ej, J[keep]])
-        D = np.concatenate([np.ones(len(ei), np.float32), D[keep]])
+        I, J, D = without_pairs((I, J, D), ei, ej, n)
+        I, J, D = np.concatenate([ei, I]), np.concatenate([ej, J]), np.concatenate([np.ones(len(ei), np.float32), D])
         exact = np.arange(len(D)) < len(ei)
         is_true = qlab[I] == labels[J]
         cat_count = Counter(labels.tolist())

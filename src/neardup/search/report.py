@@ -28,11 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import DEFAULTS
 from ..errors import DecodeError, InputError
 from ..fileio import atomic_write, check_output_path, fmt_bytes, now_iso
-from ..indexer.decode import load_upright, open_upright, read_bytes
-from ..indexer.local_features import extract_local
+from ..indexer.decode import file_local_features, open_upright
 from ..indexer.store import Catalog, read_catalog
 from .duplicates import DuplicateReport, Pair, find_duplicates
 from .pairs_io import groups_document, read_groups_json, read_pairs_csv
@@ -183,7 +181,7 @@ def _inliers_of(store: Path, cat: Catalog, a: str, b: str, images: _Images) -> V
             feats += row_features(store, cat, np.array([images.row[p]]))
             continue
         try:
-            feats.append(extract_local(load_upright(read_bytes(images.absolute(p)), DEFAULTS.local_side, mode=mode)[0]))
+            feats.append(file_local_features(images.absolute(p), mode=mode))
         except (DecodeError, OSError) as exc:
             log.info("no inlier drawing for %s: %s", p, exc)
             return None

@@ -23,8 +23,8 @@ import numpy as np
 
 from ..config import DEFAULTS, VERIFY, VerifyRule
 from ..errors import DecodeError
-from ..indexer.decode import load_upright, read_bytes
-from ..indexer.local_features import LOCAL_VERSION, LocalFeatures, _cv2, extract_local
+from ..indexer.decode import file_local_features
+from ..indexer.local_features import LOCAL_VERSION, LocalFeatures, _cv2
 from ..indexer.store import Catalog, read_local
 
 log = logging.getLogger(__name__)
@@ -203,9 +203,8 @@ def row_features(store: str | os.PathLike[str], cat: Catalog, rows: np.ndarray,
         f = table.row(k) if table is not None else None
         if f is None:
             try:
-                img, _ = load_upright(read_bytes(base / cat.paths[r], max_bytes), DEFAULTS.local_side)
-                f = extract_local(img)
-            except DecodeError as exc:  # (extract_local itself never raises)
+                f = file_local_features(base / cat.paths[r], max_bytes)
+            except DecodeError as exc:
                 log.info("no local features for %s: %s", cat.paths[r], exc)
         out.append(f)
     return out

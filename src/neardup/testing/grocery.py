@@ -229,13 +229,12 @@ def shelf_pairs(root: str | Path | None = None, *, split: str = "test", top: int
     class) of Packages that share the most RANSAC inliers (a shared background and brand), as
     (a, b, raw inliers), most first. Scans every such pair of the split (~50k in the test split, ~1 min).
     """
-    from ..indexer.decode import load_upright
-    from ..indexer.local_features import extract_local
+    from ..config import VerifyRule
+    from ..indexer.decode import file_local_features
     from ..search.verify import verify_pairs
-    from ..config import DEFAULTS, VerifyRule
 
     pool = photos(root, split, ("Packages",))
-    feats = [extract_local(load_upright(ph.path.read_bytes(), DEFAULTS.local_side)[0]) for ph in pool]
+    feats = [file_local_features(ph.path) for ph in pool]
     pairs = [(i, j) for i in range(len(pool)) for j in range(i + 1, len(pool))
              if pool[i].coarse == pool[j].coarse and pool[i].product != pool[j].product]
     raw = VerifyRule(min_inliers=0, min_inlier_ratio=0.0, min_support=0.0)
