@@ -70,18 +70,19 @@ def to_mode(img: Image.Image, mode: str) -> Image.Image:
     return img if img.mode == mode else img.convert(mode)
 
 
-def load_upright(data: bytes, min_side: int, *, mode: str = "RGB") -> tuple[Image.Image, tuple[int, int]]:
+def load_upright(data: bytes, min_side: int, *, mode: str = "RGB",
+                 max_pixels: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
     """Decode image bytes upright in `mode`, at a reduced JPEG scale no smaller than `min_side` when possible.
 
     Returns the image and the photo's original upright (width, height). EXIF orientation is applied, the
-    first frame of an animation is used, and Pillow's decompression-bomb limit is enforced. Raises
-    DecodeError with a short reason.
+    first frame of an animation is used, and Pillow's decompression-bomb limit (or the lower `max_pixels`) is
+    enforced before decoding. Raises DecodeError with a short reason.
     """
     try:
         with Image.open(io.BytesIO(data)) as img:
             # Checked here rather than through Pillow's warning: warnings filters are process-wide and
             # would race between decoding threads.
-            limit = Image.MAX_IMAGE_PIXELS
+            limit = min((x for x in (Image.MAX_IMAGE_PIXELS, max_pixels) if x), default=None)
             if limit and img.width * img.height > limit:
                 raise DecodeError(f"refused as a decompression bomb ({img.width}x{img.height} pixels > {limit})")
             original = img.size
@@ -104,7 +105,7 @@ def load_upright(data: bytes, min_side: int, *, mode: str = "RGB") -> tuple[Imag
 
 
 def decode_image(data: bytes, size: int, *, mode: str = "RGB", resample: str = "bilinear",
-                 fit: str = "stretch", local: bool = False) -> Decoded:
+                 fit: str = "stretch", local: bool = False, max_pixels: int | None = None) -> Decoded:
     """Decode encoded image bytes into a `size`x`size` array: stretched (aspect ratio not kept, as Keras'
     load_img) or, with fit="crop", the centre square after resizing the shorter side.
 
@@ -115,7 +116,8 @@ def decode_image(data: bytes, size: int, *, mode: str = "RGB", resample: str = "
     # Small targets (pHash's 32 px) decode JPEGs at >= 2x: straight 1/8 DCT scaling aliases, and the hash
     # then drifts from the reference pHash (2.8 bits mean vs imagehash on 500 grocery photos; 0.14 at 2x).
     min_side = size if size >= 64 else 2 * size
-    img, (width, height) = load_upright(data, max(min_side, DEFAULTS.local_side) if local else min_side, mode=mode)
+    img, (width, height) = load_upright(data, max(min_side, DEFAULTS.local_side) if local else min_side, mode=mode,
+                                        max_pixels=max_pixels)
     features = extract_local(img) if local else None
     try:
         sized = (ImageOps.fit(img, (size, size), _RESAMPLE[resample]) if fit == "crop"
@@ -181,9 +183,9 @@ def file_local_features(path: str | os.PathLike[str], max_bytes: int = DEFAULTS.
 
 
 def open_upright(path: str | os.PathLike[str], max_side: int,
-                 max_bytes: int = DEFAULTS.max_file_bytes) -> Image.Image:
+                 max_bytes: int = DEFAULTS.max_file_bytes, max_pixels: int | None = None) -> Image.Image:
     """Decode the file `path` as an upright RGB image no larger than `max_side` on its longest side (for
     thumbnails and plots). Raises DecodeError."""
-    out, _ = load_upright(read_bytes(path, max_bytes), max_side, mode="RGB")
+    out, _ = load_upright(read_bytes(path, max_bytes), max_side, mode="RGB", max_pixels=max_pixels)
     out.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     return out

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 from ..config import DEFAULTS, VERIFY, VerifyRule
@@ -191,12 +192,16 @@ def rerank(D: np.ndarray, v: Verified, min_inliers: int = VERIFY.min_inliers) ->
 
 
 def row_features(store: str | os.PathLike[str], cat: Catalog, rows: np.ndarray,
-                 max_bytes: int = DEFAULTS.max_file_bytes) -> list[LocalFeatures | None]:
-    """Local features of catalogue `rows`: from the store's cache, else (a store made before local features,
-    or rows not extracted) from the image files themselves; None for a file that cannot be read now."""
+                 max_bytes: int = DEFAULTS.max_file_bytes, pinned: h5py.File | None = None) -> list[LocalFeatures | None]:
+    """Local features of catalogue `rows`: from the store's cache (of the `pinned` generation when given, see
+    store.open_pinned), else (a store made before local features, or rows not extracted) from the image files
+    themselves; None for a file that cannot be read now."""
     rows = np.asarray(rows, np.int64)
-    table = (read_local(store, rows, [cat.sha256[r] for r in rows.tolist()])
-             if cat.meta.local_features == LOCAL_VERSION and len(rows) else None)
+    # a pinned generation is the very file `cat` was read from: its rows cannot have moved (no hash check)
+    table = None
+    if cat.meta.local_features == LOCAL_VERSION and len(rows):
+        table = (read_local(pinned, rows) if pinned is not None
+                 else read_local(store, rows, [cat.sha256[r] for r in rows.tolist()]))
     base = Path(store).resolve().parent
     out: list[LocalFeatures | None] = []
     for k, r in enumerate(rows.tolist()):
