@@ -45,6 +45,9 @@ LAYERS: list[list[str]] = [
     ["testing/__init__"],
     ["testing/grocery"],
     ["demo"],
+    ["serve/service"],
+    ["serve/app", "serve/client"],
+    ["serve/__init__"],
     ["cli"],
     ["__main__"],
 ]

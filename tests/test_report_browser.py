@@ -13,23 +13,8 @@ from neardup.indexer.build import build_index
 from neardup.search.report import write_report
 from neardup.testing import product_photo
 
-CHROMIUM = Path("/usr/bin/chromium")
-if not CHROMIUM.exists():
-    pytest.skip("chromium not installed: apt-get install chromium", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed: pip install playwright")
-
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--no-first-run", "--disable-sync"]
 EVIL = "<script>window.__pwned=1</script>"  # as a path: folder "<script>window.__pwned=1<", file "script>.jpg"
 EVIL_ATTR = '<img src=x onerror="window.__pwned=2">'
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 
 from .config import (CANDIDATES, DEFAULTS, ENV_BATCH_SIZE, ENV_MAX_FILE_MB, ENV_MODEL, ENV_PRECISION,
-                     ENV_PREPROCESS, ENV_RUNTIME, ENV_STORE, ENV_VERIFY, ENV_WEIGHTS, RUNTIMES, THRESHOLDS,
-                     resolve_threshold)
+                     ENV_HOST, ENV_PORT, ENV_PREPROCESS, ENV_RUNTIME, ENV_SERVER, ENV_STORE, ENV_TOKEN, ENV_VERIFY, ENV_WEIGHTS, RUNTIMES,
+                     SERVE, THRESHOLDS, resolve_threshold)
 from .errors import InputError, NeardupError
 from .fileio import check_output_path, fmt_bytes
 
@@ -76,6 +76,10 @@ VerifyOpt = Annotated[Optional[bool], typer.Option(
     help="Check candidates geometrically (ORB keypoints + RANSAC): a match must show the same thing, not only "
          "look alike; measured to find more and wrong less (README \"Verification\") [default: verify when the "
          "store caches local features, as every store made by this version does].")]
+TokenOpt = Annotated[Optional[str], typer.Option(
+    "--token", envvar=ENV_TOKEN, show_default=False,
+    help=f"Bearer token of the query service (prefer the {ENV_TOKEN} variable: a command line is visible to other "
+         f"users of the machine).")]
 _CANDIDATES = ", ".join(f"{m} k {k} cosine {t:.4g}" for m, (k, t) in CANDIDATES.items())
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -397,23 +401,39 @@ def query_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="CSV output.")] = False,
     max_file_mb: MaxFileOpt = DEFAULTS.max_file_mb, runtime: RuntimeOpt = DEFAULTS.runtime,
-    verify: VerifyOpt = None, verbose: VerboseOpt = 0,
+    verify: VerifyOpt = None,
+    server: Annotated[Optional[str], typer.Option(
+        "--server", envvar=ENV_SERVER, help="Ask a running `neardup serve` at this URL (e.g. http://127.0.0.1:8000) "
+        "instead of loading the model here; --store, --weights, --precision, --runtime and --batch-size are then "
+        "the server's.")] = None,
+    token: TokenOpt = None, verbose: VerboseOpt = 0,
 ) -> None:
     """Find the catalogue images nearest to each photo. Exit 0: a match exists (verified with --verify, else
     >= threshold); 1: none; 2: error."""
-    from .indexer.store import read_meta
-    from .search.query import has_match, query
+    from .search.query import has_match
 
     if as_json and as_csv:
         raise InputError("choose one of --json and --csv")
-    meta = read_meta(store)
-    t = resolve_threshold(threshold, meta.model)
-    _warn_random_weights(store, meta)
-    results = query(store, images, k=k, weights=weights, precision=precision, batch_size=batch_size,
-                    max_file_bytes=max_file_mb << 20, runtime=runtime, verify=verify)
+    if server:
+        from .serve.client import query_server
+
+        got = query_server(server, images, k=k, token=token, verify=verify, max_file_bytes=max_file_mb << 20)
+        results, model, where = got.results, got.model, server
+        t = got.threshold if threshold is None else resolve_threshold(threshold, model)
+    else:
+        from .indexer.store import read_meta
+        from .search.query import query
+
+        meta = read_meta(store)
+        model, where = meta.model, str(store)
+        t = resolve_threshold(threshold, meta.model)
+        _warn_random_weights(store, meta)
+        results = query(store, images, k=k, weights=weights, precision=precision, batch_size=batch_size,
+                        max_file_bytes=max_file_mb << 20, runtime=runtime, verify=verify)
     if as_json:
-        typer.echo(json.dumps({"store": str(store), "model": meta.model, "threshold": t,
+        typer.echo(json.dumps({("server" if server else "store"): where, "model": model, "threshold": t,
                                "verified": any(r.verified for r in results),
+                               **({"generations": got.generations} if server else {}),
                                "results": [
             {"query": r.query, "error": r.error, "matches": _match_rows(r, t)} for r in results]}, indent=1))
     elif as_csv:
@@ -441,6 +461,47 @@ def query_cmd(
     if all(r.error for r in results):
         raise typer.Exit(2)
     raise typer.Exit(0 if has_match(results, t) else 1)
+
+
+@app.command("serve")
+@handled
+def serve_cmd(
+    store: StoreOpt = Path(DEFAULTS.store),
+    host: Annotated[str, typer.Option("--host", envvar=ENV_HOST, help="Address to listen on (localhost only "
+                                      "by default; put a reverse proxy in front to expose it).")] = SERVE.host,
+    port: Annotated[int, typer.Option("--port", "-p", envvar=ENV_PORT, min=0, max=65535,
+                                      help="Port (0: any free port, printed).")] = SERVE.port,
+    token: TokenOpt = None, weights: WeightsOpt = None, runtime: RuntimeOpt = DEFAULTS.runtime,
+    max_upload_mb: Annotated[int, typer.Option("--max-upload-mb", min=1, help="Largest photo accepted (MiB).")]
+    = SERVE.max_upload_mb,
+    max_images: Annotated[int, typer.Option("--max-images", min=1, help="Photos per request.")] = SERVE.max_images,
+    max_pixels: Annotated[int, typer.Option("--max-pixels", min=1, help="Largest decoded photo (pixels; larger "
+                                            "ones are refused as decompression bombs).")] = SERVE.max_pixels,
+    max_pending: Annotated[int, typer.Option("--max-pending", min=1, help="Requests in progress at once; more are "
+                                             "answered 503 with Retry-After.")] = SERVE.max_pending,
+    request_timeout: Annotated[float, typer.Option("--request-timeout", min=0.1, help="Seconds a request may take, "
+                                                   "its upload included.")] = SERVE.request_timeout_s,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Photos embedded together (micro-batching)."
+                                           )] = SERVE.max_batch,
+    batch_wait_ms: Annotated[float, typer.Option("--batch-wait-ms", min=0, help="Longest wait of a batch for "
+                                                 "requests still decoding.")] = SERVE.batch_wait_ms,
+    reload_poll: Annotated[float, typer.Option("--reload-poll", min=0.05, help="Seconds between checks for a new "
+                                               "store generation (published by `neardup update`).")]
+    = SERVE.reload_poll_s,
+    local_cache_mb: Annotated[int, typer.Option("--local-cache-mb", min=0, help="Memory for the local features of "
+                                                "recently verified catalogue photos (~20 kB each).")]
+    = SERVE.local_cache_mb,
+    verbose: VerboseOpt = 0,
+) -> None:
+    """Serve the store over HTTP: POST /v1/query, a web page at /, reloads each generation `update` publishes."""
+    from .serve import run
+    from .serve.app import ServeOptions
+
+    _warn_random_weights(store)
+    run(ServeOptions(store=str(store), host=host, port=port, token=token, weights=weights, runtime=runtime,
+                     max_upload_mb=max_upload_mb, max_images=max_images, max_pixels=max_pixels,
+                     max_pending=max_pending, request_timeout_s=request_timeout, max_batch=max_batch,
+                     batch_wait_ms=batch_wait_ms, reload_poll_s=reload_poll, local_cache_mb=local_cache_mb))
 
 
 @app.command("compare")

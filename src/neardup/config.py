@@ -57,6 +57,10 @@ ENV_MAX_FILE_MB = "NEARDUP_MAX_FILE_MB"
 ENV_RUNTIME = "NEARDUP_RUNTIME"
 ENV_PREPROCESS = "NEARDUP_PREPROCESS"
 ENV_VERIFY = "NEARDUP_VERIFY"
+ENV_TOKEN = "NEARDUP_TOKEN"
+ENV_HOST = "NEARDUP_HOST"
+ENV_PORT = "NEARDUP_PORT"
+ENV_SERVER = "NEARDUP_SERVER"
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,43 @@ class Defaults:
 
 
 DEFAULTS = Defaults()
+
+
+@dataclass(frozen=True)
+class ServeDefaults:
+    """Defaults of `neardup serve` (serve/): where it listens and the limits that keep one client from
+    starving the others or the machine."""
+
+    #: Localhost only: exposing the service is a decision (README "Serving": a reverse proxy, a token).
+    host: str = "127.0.0.1"
+    port: int = 8000
+    #: Largest upload per image (MiB): product photos are a few MB; a 4 GB "photo" must be refused unread.
+    max_upload_mb: int = 20
+    #: Images per request (each is embedded, searched and verified).
+    max_images: int = 16
+    #: Largest decoded image (pixels): a 20 MB PNG can hold gigapixels (a decompression bomb); 50 MP is a
+    #: large camera's photo. Refused before decoding.
+    max_pixels: int = 50_000_000
+    #: Requests admitted at once (uploading, decoding, queued or embedding); more are answered 503 with
+    #: Retry-After, so a burst neither grows memory nor makes every client wait.
+    max_pending: int = 64
+    #: Seconds a request may take from its first byte to its answer (a slow upload included): 408/503 after.
+    request_timeout_s: float = 30.0
+    #: Micro-batching: images embedded in one model call, and how long a batch waits for requests that are
+    #: still decoding (never when none are: a lone request is not delayed).
+    max_batch: int = 32
+    batch_wait_ms: float = 10.0
+    #: Seconds between checks for a newly published store generation (a stat of the store file).
+    reload_poll_s: float = 1.0
+    #: Memory for the local features of recently verified catalogue photos (~20 kB each; 256 MiB holds ~13k):
+    #: reading a query's 10 candidates from the store took ~5 ms of a verification's ~12 ms (grocery photos).
+    local_cache_mb: int = 256
+    #: Longest side of the thumbnails /v1/thumbs serves (pixels), and how many are kept in memory.
+    thumb_side: int = 256
+    thumb_cache: int = 1024
+
+
+SERVE = ServeDefaults()
 
 
 @dataclass(frozen=True)

@@ -30,3 +30,7 @@ class WeightsError(NeardupError):
 
 class DecodeError(NeardupError):
     """One image could not be read or decoded. Pipelines record these as (path, reason) rows."""
+
+
+class ServerError(NeardupError):
+    """A query server (`neardup serve`) could not be reached or refused a request."""

@@ -1,0 +1,124 @@
+"""Serve stage 3, client: `neardup query --server URL` asks a running `neardup serve` instead of loading a model.
+
+Only the standard library speaks HTTP here (urllib, a multipart body built by hand): the client starts in a
+fraction of a second, which is the point of asking a warm server.
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import DEFAULTS
+from ..errors import DecodeError, InputError, ServerError
+from ..indexer.decode import read_bytes
+from ..indexer.discover import discover
+from ..search.query import Match, QueryResult
+
+
+@dataclass
+class ServerAnswer:
+    """The results of photos queried on a server, and what answered them."""
+
+    results: list[QueryResult]
+    model: str
+    threshold: float
+    generations: list[str]  #: the store generations that answered (several when it reloaded meanwhile)
+    verified: bool
+
+
+class Client:
+    """A connection to a `neardup serve` at `url` (http://host:port/, optionally with a path prefix)."""
+
+    def __init__(self, url: str, token: str | None = None, timeout: float = 60.0) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise InputError(f"--server must be an http:// or https:// URL, got {url!r}")
+        self.url = url.rstrip("/") + "/"
+        self.token, self.timeout = token, timeout
+
+    def _request(self, path: str, data: bytes | None = None, content_type: str | None = None) -> dict:
+        req = urllib.request.Request(urllib.parse.urljoin(self.url, path), data=data,
+                                     method="POST" if data is not None else "GET")
+        if content_type:
+            req.add_header("Content-Type", content_type)
+        if self.token:
+            req.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            try:
+                body = json.loads(exc.read())
+            except ValueError:
+                body = {}
+            err = body.get("error", {}) if isinstance(body, dict) else {}
+            if err.get("code") == "bad_image" and "images" in err:
+                return {"failed": err["images"]}
+            raise ServerError(f"{self.url} answered {exc.code} ({err.get('code', exc.reason)}): "
+                              f"{err.get('message', '')}".rstrip(": ")) from None
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            why = getattr(exc, "reason", exc)
+            raise ServerError(f"cannot reach the query server at {self.url}: {why}") from None
+
+    def info(self) -> dict:
+        """GET /v1/info: the store, model, threshold and limits."""
+        return self._request("v1/info")
+
+    def query_files(self, files: Sequence[tuple[str, bytes]], k: int = DEFAULTS.k,
+                    verify: bool | None = None) -> dict:
+        """POST /v1/query with (name, bytes) photos; the response's JSON ({"failed": [...]} when none could be
+        read)."""
+        boundary = uuid.uuid4().hex
+        parts = []
+        for name, data in files:
+            safe = name.replace('"', "%22").replace("\r", "").replace("\n", "")
+            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{safe}"\r\n'
+                         f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
+        body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+        params = {"k": k} | ({} if verify is None else {"verify": str(verify).lower()})
+        return self._request("v1/query?" + urllib.parse.urlencode(params), body,
+                             f"multipart/form-data; boundary={boundary}")
+
+
+def query_server(url: str, images: Sequence[str | os.PathLike[str]], *, k: int = DEFAULTS.k,
+                 token: str | None = None, verify: bool | None = None,
+                 max_file_bytes: int = DEFAULTS.max_file_bytes, timeout: float = 60.0) -> ServerAnswer:
+    """Query image files (folders are expanded) on a running `neardup serve`, in requests of at most the
+    server's image count. Unreadable files and photos the server could not decode come back with an error.
+    Raises ServerError (unreachable, refused) or InputError."""
+    client = Client(url, token, timeout)
+    info = client.info()
+    limits = info.get("limits", {})
+    per_request = max(1, int(limits.get("max_images", 1)))
+    cap = min(max_file_bytes, int(limits.get("max_upload_mb", 1 << 20)) << 20)
+    paths = [str(p) for p in discover(images)]
+    results: dict[str, QueryResult] = {}
+    readable: list[tuple[str, bytes]] = []
+    for p in paths:
+        try:
+            readable.append((p, read_bytes(p, cap)))
+        except DecodeError as exc:
+            results[p] = QueryResult(p, error=str(exc))
+    generations: list[str] = []
+    verified = False
+    for at in range(0, len(readable), per_request):
+        chunk = readable[at:at + per_request]
+        doc = client.query_files([(Path(p).name, data) for p, data in chunk], k, verify)
+        if "failed" in doc:
+            results.update({p: QueryResult(p, error=f["error"]) for (p, _), f in zip(chunk, doc["failed"])})
+            continue
+        if doc["generation"] not in generations:
+            generations.append(doc["generation"])
+        verified = verified or doc["verified"]
+        for (p, _), r in zip(chunk, doc["results"]):
+            matches = [Match(rank=m["rank"], score=m["score"], id=m["id"], path=m["path"], verified=m["verified"],
+                             inliers=m["inliers"]) for m in r["matches"]]
+            results[p] = QueryResult(p, matches, error=r["error"], verified=doc["verified"] and not r["error"])
+    return ServerAnswer([results[p] for p in paths], info["model"], float(info["threshold"]), generations,
+                        verified)

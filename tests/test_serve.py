@@ -1,0 +1,390 @@
+"""`neardup serve` over real HTTP: a uvicorn server started as a user starts it, answers checked against the
+in-process Searcher (the oracle), every limit and error as JSON, reload during traffic, and the CLI client."""
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from neardup.indexer.build import build_index, update_index
+from neardup.indexer.store import read_catalog, read_meta
+from neardup.search.query import Searcher, generation_of
+from neardup.serve.service import LiveStore, QueryService, Upload
+from neardup.testing import FakeEmbedder, product_photo, write_product_photos
+
+TOKEN = "s3cret-token"
+
+
+def start_server(store: Path, *args: str) -> tuple[subprocess.Popen, str]:
+    """`neardup serve --port 0 ...` as a subprocess; its URL read from the line it prints when ready."""
+    proc = subprocess.Popen([sys.executable, "-m", "neardup", "serve", "--store", str(store), "--port", "0", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    if "http://" not in line:
+        proc.kill()
+        raise AssertionError(f"server did not start: {line}{proc.stderr.read()}")
+    return proc, line.split(" at ")[-1].strip()
+
+
+def stop_server(proc: subprocess.Popen) -> str:
+    proc.terminate()
+    try:
+        _, err = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("server did not stop on SIGTERM") from None
+    return err
+
+
+def multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    body = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{n}"\r\n'
+                    f"Content-Type: application/octet-stream\r\n\r\n".encode() + d + b"\r\n" for n, d in files)
+    return body + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def call(url: str, path: str, files: list[tuple[str, bytes]] | None = None, token: str | None = TOKEN,
+         method: str | None = None) -> tuple[int, dict, Any]:
+    """(status, JSON body, headers) of one request."""
+    data, ctype = multipart(files) if files is not None else (None, None)
+    req = urllib.request.Request(url + path, data=data, method=method)
+    if ctype:
+        req.add_header("Content-Type", ctype)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            raw, status, headers = r.read(), r.status, r.headers
+    except urllib.error.HTTPError as exc:
+        raw, status, headers = exc.read(), exc.code, exc.headers
+    try:
+        return status, json.loads(raw), headers
+    except ValueError:
+        return status, {"raw": raw}, headers
+
+
+def jpeg(img: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def catalogue(tmp_path_factory) -> Path:
+    """A pHash store of 30 product photos (weight-free, so the server subprocess needs no model files)."""
+    root = tmp_path_factory.mktemp("serve")
+    write_product_photos(root / "photos", range(30))
+    build_index([root / "photos"], root / "catalog.h5", model="phash")
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(catalogue: Path) -> Iterator[str]:
+    proc, url = start_server(catalogue / "catalog.h5", "--token", TOKEN, "--max-images", "3", "--max-upload-mb",
+                             "1", "--max-pixels", "1000000", "--max-pending", "2", "--request-timeout", "3")
+    yield url
+    err = stop_server(proc)
+    assert "Traceback" not in err, err
+
+
+def test_query_answers_as_the_in_process_searcher(server: str, catalogue: Path) -> None:
+    store = catalogue / "catalog.h5"
+    copy = jpeg(product_photo(7).resize((280, 280)), quality=70)  # a re-encoded, resized copy of photo 7
+    new = jpeg(product_photo(900))
+    status, doc, _ = call(server, "v1/query?k=5", [("copy.jpg", copy), ("new.jpg", new)])
+    assert status == 200, doc
+    assert doc["generation"] == generation_of(read_meta(store)) and doc["count"] == 30 and doc["verified"]
+    for name, data in (("copy.jpg", copy), ("new.jpg", new)):
+        (catalogue / name).write_bytes(data)
+    oracle = Searcher(store).query([catalogue / "copy.jpg", catalogue / "new.jpg"], k=5)
+    for got, want in zip(doc["results"], oracle):
+        assert [m["id"] for m in got["matches"]] == [m.id for m in want.matches]
+        assert [m["verified"] for m in got["matches"]] == [m.verified for m in want.matches]
+        np.testing.assert_allclose([m["score"] for m in got["matches"]], [m.score for m in want.matches], atol=1e-5)
+        assert got["found"] == want.found(doc["threshold"])
+    assert doc["results"][0]["found"] and doc["results"][0]["matches"][0]["path"].endswith("0007.jpg")
+    assert not doc["results"][1]["found"]
+
+
+def test_token_guards_everything_but_health_and_the_page(server: str) -> None:
+    status, _, headers = call(server, "v1/health", token=None)
+    assert status == 200 and headers["X-Content-Type-Options"] == "nosniff"
+    status, doc, headers = call(server, "v1/info", token=None)
+    assert status == 401 and doc["error"]["code"] == "unauthorized" and headers["WWW-Authenticate"] == "Bearer"
+    assert call(server, "v1/info", token="wrong")[0] == 401
+    assert call(server, "v1/thumbs/0", token=None)[0] == 401
+    assert call(server, "v1/query", [("a.jpg", jpeg(product_photo(1)))], token=None)[0] == 401
+    status, schema, _ = call(server, "v1/openapi.json")
+    assert status == 200 and "/v1/query" in schema["paths"] and "/v1/images/{id}" in schema["paths"]
+    with urllib.request.urlopen(server, timeout=10) as r:  # the page holds no data: served without the token
+        assert "default-src 'none'" in r.headers["Content-Security-Policy"] and b"app.js" in r.read()
+
+
+def test_errors_are_json_with_stable_codes_never_500(server: str) -> None:
+    good = jpeg(product_photo(3))
+    cases = {
+        "not_found": call(server, "v1/nothing"),
+        "method_not_allowed": call(server, "v1/query"),
+        "bad_image": call(server, "v1/query", [("notes.jpg", b"this is not an image")]),
+        "too_many_images": call(server, "v1/query", [(f"{i}.jpg", good) for i in range(4)]),
+        "file_too_large": call(server, "v1/query", [("big.jpg", good + os.urandom(1_100_000))]),
+        "invalid_request": call(server, "v1/query?k=0", [("a.jpg", good)]),
+    }
+    buf = io.BytesIO()
+    Image.new("L", (1500, 1000)).save(buf, "PNG")  # 1.5 MP > --max-pixels 1000000, a few kB on the wire
+    cases["bomb"] = call(server, "v1/query", [("bomb.png", buf.getvalue())])
+    want = {"not_found": 404, "method_not_allowed": 405, "bad_image": 422, "too_many_images": 413,
+            "file_too_large": 413, "invalid_request": 422, "bomb": 422}
+    for code, (status, doc, headers) in cases.items():
+        assert status == want[code], (code, status, doc)
+        assert doc["error"]["code"] == (code if code != "bomb" else "bad_image") and doc["error"]["message"]
+        assert headers["Content-Type"] == "application/json"
+    assert "not a recognised image format" in cases["bad_image"][1]["error"]["message"]
+    assert "decompression bomb" in cases["bomb"][1]["error"]["message"]
+    # one bad photo among good ones is that photo's error, and the others are answered
+    status, doc, _ = call(server, "v1/query", [("ok.jpg", good), ("bad.jpg", b"\xff\xd8\xff junk")])
+    assert status == 200 and doc["results"][0]["matches"] and doc["results"][1]["error"] == "not a recognised image format"
+
+
+def raw_request(url: str, head: bytes, body: bytes = b"") -> socket.socket:
+    host, port = url.split("//")[1].rstrip("/").split(":")
+    s = socket.create_connection((host, int(port)), timeout=15)
+    s.sendall(head + body)
+    return s
+
+
+def read_status(s: socket.socket) -> tuple[int, bytes]:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return int(data.split(b" ", 2)[1]), data
+
+
+def test_body_cap_admission_and_timeouts(server: str) -> None:
+    auth = f"Authorization: Bearer {TOKEN}\r\n".encode()
+    # a declared body over the cap is refused before a byte of it is read
+    s = raw_request(server, b"POST /v1/query HTTP/1.1\r\nHost: x\r\n" + auth +
+                    b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 99999999999\r\n\r\n")
+    status, data = read_status(s)
+    assert status == 413 and b'"too_large"' in data + s.recv(65536)
+    s.close()
+    # a chunked body (no length declared) is cut off at the cap
+    head = (b"POST /v1/query HTTP/1.1\r\nHost: x\r\n" + auth +
+            b"Content-Type: multipart/form-data; boundary=b\r\nTransfer-Encoding: chunked\r\n\r\n")
+    part = b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\n'
+    s = raw_request(server, head, b"%x\r\n" % len(part) + part + b"\r\n")
+    chunk = b"x" * (1 << 20)
+    try:
+        for _ in range(5):  # 5 MiB > 3 images x 1 MiB + framing
+            s.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+    except OSError:
+        pass  # the server may close as soon as it has answered
+    assert read_status(s)[0] == 413
+    s.close()
+    # two slow uploads fill --max-pending 2: the next request is told to come back; the slow ones time out
+    slow_head = (b"POST /v1/query HTTP/1.1\r\nHost: x\r\n" + auth +
+                 b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 5000\r\n\r\n")
+    slow = [raw_request(server, slow_head, b"--b\r\n") for _ in range(2)]
+    time.sleep(0.5)
+    status, doc, headers = call(server, "v1/query", [("a.jpg", jpeg(product_photo(2)))])
+    assert status == 503 and doc["error"]["code"] == "overloaded" and headers["Retry-After"] == "1"
+    assert call(server, "v1/health")[0] == 200  # health is never queued behind queries
+    for s in slow:
+        status, data = read_status(s)
+        assert status == 408 and b"request_timeout" in data + s.recv(65536)
+        s.close()
+    assert call(server, "v1/query", [("a.jpg", jpeg(product_photo(2)))])[0] == 200
+
+
+def test_images_and_thumbnails_by_id_only(server: str, catalogue: Path) -> None:
+    cat = read_catalog(catalogue / "catalog.h5", vectors=False)
+    i = int(cat.ids[5])
+    req = urllib.request.Request(server + f"v1/images/{i}", headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        assert r.read() == (catalogue / cat.paths[5]).read_bytes() and r.headers["Content-Type"] == "image/jpeg"
+    req = urllib.request.Request(server + f"v1/thumbs/{i}", headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        thumb = Image.open(io.BytesIO(r.read()))
+        assert thumb.format == "JPEG" and max(thumb.size) <= 256
+    assert call(server, "v1/images/999999")[1]["error"]["code"] == "not_found"
+    status, doc, _ = call(server, "v1/images/..%2F..%2Fetc%2Fpasswd")
+    assert status in (404, 422) and "error" in doc
+    # a file changed on disk since it was indexed is not served as if it were the indexed photo
+    victim = catalogue / cat.paths[6]
+    victim.write_bytes(jpeg(product_photo(777)))
+    status, doc, _ = call(server, f"v1/images/{int(cat.ids[6])}")
+    assert status == 404 and doc["error"]["code"] == "image_gone"
+
+
+def test_reload_publishes_without_a_gap(tmp_path: Path) -> None:
+    """Queries run without pause while `update` publishes twice: none fails, each answer comes from one whole
+    generation (its ids and paths are that generation's), and the new photos are found once published."""
+    photos = tmp_path / "photos"
+    write_product_photos(photos, range(20))
+    store = tmp_path / "catalog.h5"
+    build_index([photos], store, model="phash")
+    gens = {generation_of(read_meta(store)): read_catalog(store, vectors=False)}
+    proc, url = start_server(store, "--reload-poll", "0.1")
+    answers: list[tuple[int, dict]] = []
+    stop = threading.Event()
+    probe = jpeg(product_photo(4))
+
+    def hammer() -> None:
+        while not stop.is_set():
+            status, doc, _ = call(url, "v1/query?k=3", [("p.jpg", probe)], token=None)
+            answers.append((status, doc))
+
+    threads = [threading.Thread(target=hammer) for _ in range(3)]
+    try:
+        for t in threads:
+            t.start()
+        for step in range(2):
+            time.sleep(0.5)
+            write_product_photos(photos, range(100 + 10 * step, 110 + 10 * step))
+            update_index([photos], store)
+            gens[generation_of(read_meta(store))] = read_catalog(store, vectors=False)
+        deadline = time.time() + 15
+        while call(url, "v1/health", token=None)[1]["generation"] != list(gens)[-1] and time.time() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    new = jpeg(product_photo(115))
+    status, doc, _ = call(url, "v1/query?k=1", [("new.jpg", new)], token=None)
+    err = stop_server(proc)
+    assert "Traceback" not in err, err
+    assert status == 200 and doc["generation"] == list(gens)[-1] and doc["results"][0]["found"]
+    assert doc["results"][0]["matches"][0]["path"].endswith("0115.jpg")
+    assert len(answers) > 20 and all(s == 200 for s, _ in answers), [d for s, d in answers if s != 200][:3]
+    seen = {d["generation"] for _, d in answers}
+    assert len(seen) >= 2 and seen <= set(gens)
+    for _, d in answers:
+        cat = gens[d["generation"]]
+        where = dict(zip(cat.ids.tolist(), cat.paths))
+        assert d["count"] == len(cat)
+        assert all(where.get(m["id"]) == m["path"] for m in d["results"][0]["matches"])
+
+
+def test_query_cli_through_the_server(server: str, catalogue: Path) -> None:
+    (catalogue / "q").mkdir(exist_ok=True)
+    (catalogue / "q" / "copy.jpg").write_bytes(jpeg(product_photo(9), quality=75))
+    (catalogue / "q" / "new.jpg").write_bytes(jpeg(product_photo(901)))
+    env = {**os.environ, "NEARDUP_TOKEN": TOKEN}
+    cmd = [sys.executable, "-m", "neardup", "query", "--json", "-k", "3"]
+    remote = subprocess.run([*cmd, str(catalogue / "q"), "--server", server], capture_output=True, text=True, env=env)
+    local = subprocess.run([*cmd, str(catalogue / "q"), "--store", str(catalogue / "catalog.h5")],
+                           capture_output=True, text=True)
+    assert remote.returncode == local.returncode == 0, remote.stderr
+    r, l_ = json.loads(remote.stdout), json.loads(local.stdout)
+    assert r["generations"] == [generation_of(read_meta(catalogue / "catalog.h5"))]
+    for a, b in zip(r["results"], l_["results"]):
+        assert [(m["id"], m["match"], m["verified"]) for m in a["matches"]] == \
+            [(m["id"], m["match"], m["verified"]) for m in b["matches"]]
+    one = subprocess.run([*cmd, str(catalogue / "q" / "new.jpg"), "--server", server], capture_output=True,
+                         text=True, env=env)
+    assert one.returncode == 1  # not in the catalogue
+    down = subprocess.run([*cmd, str(catalogue / "q"), "--server", "http://127.0.0.1:9"], capture_output=True,
+                          text=True)
+    assert down.returncode == 2 and "cannot reach the query server" in down.stderr
+    assert "Traceback" not in down.stderr and len(down.stderr.strip().splitlines()) == 1
+    denied = subprocess.run([*cmd, str(catalogue / "q"), "--server", server], capture_output=True, text=True)
+    assert denied.returncode == 2 and "401" in denied.stderr
+
+
+class SlowFake(FakeEmbedder):
+    """The fake embedder, 30 ms a call: long enough for concurrent requests to queue behind it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        self.sizes.append(len(batch))
+        time.sleep(0.03)
+        return super().embed(batch)
+
+
+def test_micro_batching_embeds_concurrent_requests_together(tmp_path: Path) -> None:
+    paths = write_product_photos(tmp_path / "photos", range(12))
+    store = tmp_path / "catalog.h5"
+    build_index([tmp_path / "photos"], store, embedder=FakeEmbedder())
+    slow = SlowFake()
+    service = QueryService(LiveStore(store, embedder=slow), batch_wait_ms=10)
+    ups = [Upload(p.name, p.read_bytes()) for p in paths]
+
+    async def run() -> list:
+        return await asyncio.gather(*(service.query([u], k=3) for u in ups))
+
+    try:
+        answers = asyncio.run(run())
+    finally:
+        service.close()
+    assert sum(slow.sizes) == 12 and len(slow.sizes) < 12 and max(slow.sizes) > 1  # batched
+    oracle = Searcher(store, embedder=FakeEmbedder()).query(paths, k=3)
+    for a, want in zip(answers, oracle):
+        got = a.results[0]
+        assert [m.id for m in got.matches] == [m.id for m in want.matches]
+        np.testing.assert_allclose([m.score for m in got.matches], [m.score for m in want.matches], atol=1e-5)
+
+
+def test_serve_refuses_what_it_cannot_serve(tmp_path: Path) -> None:
+    run = [sys.executable, "-m", "neardup", "serve", "--port", "0"]
+    missing = subprocess.run([*run, "--store", str(tmp_path / "none.h5")], capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "no store at" in missing.stderr and "Traceback" not in missing.stderr
+    write_product_photos(tmp_path / "p", range(2))
+    build_index([tmp_path / "p"], tmp_path / "c.h5", model="phash")
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    taken = subprocess.run([*run[:-2], "--port", str(busy.getsockname()[1]), "--store", str(tmp_path / "c.h5")],
+                           capture_output=True, text=True, timeout=60)
+    busy.close()
+    assert taken.returncode == 2 and "cannot listen on" in taken.stderr and "Traceback" not in taken.stderr
+    shutil.rmtree(tmp_path / "p")
+
+
+def test_a_damaged_new_generation_is_not_served(tmp_path: Path) -> None:
+    """A store file replaced by a damaged one: the service keeps answering from the generation it has, says
+    why in /v1/info's reload_error, and takes the next good generation."""
+    write_product_photos(tmp_path / "photos", range(6))
+    store = tmp_path / "catalog.h5"
+    build_index([tmp_path / "photos"], store, model="phash")
+    live = LiveStore(store, poll_s=60)
+    try:
+        first = live.current.id
+        good = store.read_bytes()
+        broken = tmp_path / "broken.h5"
+        broken.write_bytes(good[: len(good) // 2])
+        os.replace(broken, store)
+        assert not live.check() and live.current.id == first and "damaged" in live.reload_error
+        with live.use() as gen:  # still answers from the generation it holds open
+            assert len(gen.searcher.search(np.eye(1, 64, dtype=np.float32), 2)[0]) == 2
+        store.write_bytes(good)  # the good file back (a new inode and mtime), then a real update
+        write_product_photos(tmp_path / "photos", range(6, 8))
+        update_index([tmp_path / "photos"], store)
+        assert live.check() and live.current.id != first and live.reload_error is None
+        assert len(live.current.searcher.cat) == 8
+    finally:
+        live.stop()

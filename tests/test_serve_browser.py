@@ -1,0 +1,98 @@
+"""The `neardup serve` page in a real headless Chromium against a real server: upload a photo, see its match's
+thumbnail, no console errors, nothing fetched from elsewhere, hostile file names shown as text."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from neardup.indexer.build import build_index
+from neardup.indexer.store import read_catalog
+from neardup.testing import product_photo, write_product_photos
+
+from .test_serve import TOKEN, start_server, stop_server
+
+EVIL = '<img src=x onerror="window.__pwned=1">'
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory) -> Iterator[tuple[str, Path, int]]:
+    """A server over 12 photos, one of them under a hostile file name; (url, folder, that photo's id)."""
+    root = tmp_path_factory.mktemp("page")
+    write_product_photos(root / "photos", range(12))
+    product_photo(50).save(root / "photos" / f"{EVIL}.jpg", "JPEG", quality=92)
+    build_index([root / "photos"], root / "catalog.h5", model="phash")
+    cat = read_catalog(root / "catalog.h5", vectors=False)
+    evil_id = int(cat.ids[[p.endswith(f"{EVIL}.jpg") for p in cat.paths].index(True)])
+    proc, url = start_server(root / "catalog.h5", "--token", TOKEN)
+    yield url, root, evil_id
+    stop_server(proc)
+
+
+def test_upload_shows_the_match_and_escapes_names(served, browser, tmp_path: Path) -> None:
+    url, root, evil_id = served
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors: list[str] = []
+    requests: list[str] = []
+    page.on("console", lambda m: errors.append(f"console: {m.text}") if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
+    page.on("request", lambda r: requests.append(r.url))
+    page.goto(url)
+    page.wait_for_selector("#token-row:not([hidden])")  # the page asks for the token the server wants
+    page.fill("#token", TOKEN)
+    page.dispatch_event("#token", "change")
+    page.wait_for_function("() => document.getElementById('store').textContent.includes('13 photos')")
+    assert errors == ["console: Failed to load resource: the server responded with a status of 401 (Unauthorized)"]
+    errors.clear()  # that 401 was the page learning that a token is needed
+
+    upload = tmp_path / f"{EVIL}.jpg"  # a copy of the hostile-named catalogue photo, under the same name
+    product_photo(50).resize((300, 300)).save(upload, "JPEG", quality=80)
+    page.set_input_files("#files", str(upload))
+    page.wait_for_selector(".result .match img.thumb")
+    page.wait_for_function("() => Array.from(document.querySelectorAll('img.thumb')).every(i => i.complete && "
+                           "i.naturalWidth > 0)")
+    first = page.locator(".result .match").first
+    assert first.locator("img.thumb").get_attribute("data-id") == str(evil_id)
+    assert "is-match" in first.get_attribute("class")
+    assert page.locator(".result .verdict").inner_text() == "Already in the catalogue"
+    # the thumbnail shown is the server's thumbnail of that id (same size as decoded here)
+    shown = page.evaluate("(() => { const i = document.querySelector('img.thumb'); return [i.naturalWidth, "
+                          "i.naturalHeight]; })()")
+    want = Image.open(root / "photos" / f"{EVIL}.jpg")
+    want.thumbnail((256, 256))
+    assert tuple(shown) == want.size
+    # hostile names are text: in the heading, in the match's path, and nothing ran
+    # (browsers send a file name's quotes as %22 in a multipart upload, per the HTML standard)
+    assert page.locator(".result .name").inner_text() == f"{EVIL}.jpg".replace('"', "%22")
+    assert first.locator(".path").inner_text().endswith(f"{EVIL}.jpg")
+    assert page.locator(".result img[src='x']").count() == 0
+    assert page.evaluate("window.__pwned === undefined")
+    assert first.locator("a.full").get_attribute("href") == f"v1/images/{evil_id}"
+    # the threshold slider re-renders the verdicts without asking the server again
+    before = len(requests)
+    page.eval_on_selector("#threshold", "el => { el.value = '0.99'; el.dispatchEvent(new Event('input')); }")
+    assert page.locator("#threshold-value").inner_text() == "0.990"
+    assert len(requests) == before
+    # offline: every request went to the server itself (or a blob: of the page)
+    assert all(r.startswith(url) or r.startswith("blob:") for r in requests), requests
+    assert not errors, errors
+    page.close()
+
+
+def test_a_bad_file_is_reported_on_the_page(served, browser, tmp_path: Path) -> None:
+    url, _, _ = served
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url)
+    page.evaluate(f"sessionStorage.setItem('neardup-token', '{TOKEN}')")
+    page.reload()
+    bad = tmp_path / "notes.jpg"
+    bad.write_bytes(b"not a photo")
+    page.set_input_files("#files", str(bad))
+    page.wait_for_function("() => document.getElementById('status').textContent.startsWith('Failed')")
+    assert "bad_image" in page.locator("#status").inner_text()
+    assert not errors, errors
+    page.close()
