@@ -98,7 +98,8 @@ def catalogue(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(catalogue: Path) -> Iterator[str]:
     proc, url = start_server(catalogue / "catalog.h5", "--token", TOKEN, "--max-images", "3", "--max-upload-mb",
-                             "1", "--max-pixels", "1000000", "--max-pending", "2", "--request-timeout", "3")
+                             "1", "--max-pixels", "1000000", "--max-pending", "2", "--request-timeout", "3",
+                             "--max-inflight-mb", "1")
     yield url
     err = stop_server(proc)
     assert "Traceback" not in err, err
@@ -183,26 +184,19 @@ def read_status(s: socket.socket) -> tuple[int, bytes]:
 def test_body_cap_admission_and_timeouts(server: str) -> None:
     auth = f"Authorization: Bearer {TOKEN}\r\n".encode()
     # a declared body over the cap is refused before a byte of it is read
-    s = raw_request(server, b"POST /v1/query HTTP/1.1\r\nHost: x\r\n" + auth +
+    s = raw_request(server, b"POST /v1/query HTTP/1.1\r\nHost: localhost\r\n" + auth +
                     b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 99999999999\r\n\r\n")
     status, data = read_status(s)
     assert status == 413 and b'"too_large"' in data + s.recv(65536)
     s.close()
-    # a chunked body (no length declared) is cut off at the cap
-    head = (b"POST /v1/query HTTP/1.1\r\nHost: x\r\n" + auth +
-            b"Content-Type: multipart/form-data; boundary=b\r\nTransfer-Encoding: chunked\r\n\r\n")
-    part = b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\n'
-    s = raw_request(server, head, b"%x\r\n" % len(part) + part + b"\r\n")
-    chunk = b"x" * (1 << 20)
-    try:
-        for _ in range(5):  # 5 MiB > 3 images x 1 MiB + framing
-            s.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
-    except OSError:
-        pass  # the server may close as soon as it has answered
-    assert read_status(s)[0] == 413
+    # an upload must declare its length (so that the cap and the byte budget apply before it is read)
+    s = raw_request(server, b"POST /v1/query HTTP/1.1\r\nHost: localhost\r\n" + auth +
+                    b"Content-Type: multipart/form-data; boundary=b\r\nTransfer-Encoding: chunked\r\n\r\n")
+    status, data = read_status(s)
+    assert status == 411 and b"length_required" in data + s.recv(65536)
     s.close()
     # two slow uploads fill --max-pending 2: the next request is told to come back; the slow ones time out
-    slow_head = (b"POST /v1/query HTTP/1.1\r\nHost: x\r\n" + auth +
+    slow_head = (b"POST /v1/query HTTP/1.1\r\nHost: localhost\r\n" + auth +
                  b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 5000\r\n\r\n")
     slow = [raw_request(server, slow_head, b"--b\r\n") for _ in range(2)]
     time.sleep(0.5)
@@ -214,6 +208,38 @@ def test_body_cap_admission_and_timeouts(server: str) -> None:
         assert status == 408 and b"request_timeout" in data + s.recv(65536)
         s.close()
     assert call(server, "v1/query", [("a.jpg", jpeg(product_photo(2)))])[0] == 200
+    # one slow upload declaring ~1 MiB fills the byte budget (--max-inflight-mb 1) though one slot is free
+    big = raw_request(server, slow_head.replace(b"5000", b"1040000"), b"--b\r\n")
+    time.sleep(0.5)
+    status, doc, headers = call(server, "v1/query", [("a.jpg", jpeg(product_photo(2)))])
+    assert status == 503 and doc["error"]["code"] == "overloaded" and headers["Retry-After"] == "1"
+    assert read_status(big)[0] == 408
+    big.close()
+    assert call(server, "v1/query", [("a.jpg", jpeg(product_photo(2)))])[0] == 200
+
+
+def test_host_token_and_id_edges(server: str) -> None:
+    host, port = server.split("//")[1].rstrip("/").split(":")
+    for name, want in (("evil.example", 400), (f"localhost:{port}", 200), (f"[::1]:{port}", 200)):
+        s = raw_request(server, f"GET /v1/health HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n".encode())
+        status, data = read_status(s)
+        assert status == want, (name, data)
+        s.close()
+    s = raw_request(server, f"GET /v1/info HTTP/1.1\r\nHost: x.example\r\nAuthorization: bearer {TOKEN}\r\n"
+                    f"Connection: close\r\n\r\n".encode())
+    assert read_status(s)[0] == 400  # the Host check comes first, token or not
+    s.close()
+    req = urllib.request.Request(server + "v1/info", headers={"Authorization": f"bearer {TOKEN}"})
+    with urllib.request.urlopen(req, timeout=10) as r:  # the scheme is case-insensitive
+        assert r.status == 200
+    for path in ("v1/images/99999999999999999999", "v1/thumbs/-1", "v1/images/abc"):
+        status, doc, _ = call(server, path)
+        assert status == 422 and doc["error"]["code"] == "invalid_request", (path, doc)
+    status, doc, headers = call(server, "v1/query")
+    assert status == 405 and headers["Allow"] == "POST"
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    status, doc, _ = call(server, "v1/query", [("photo.jpg", eps)])
+    assert status == 422 and "not a recognised image format" in doc["error"]["message"]
 
 
 def test_images_and_thumbnails_by_id_only(server: str, catalogue: Path) -> None:
@@ -311,6 +337,21 @@ def test_query_cli_through_the_server(server: str, catalogue: Path) -> None:
     assert "Traceback" not in down.stderr and len(down.stderr.strip().splitlines()) == 1
     denied = subprocess.run([*cmd, str(catalogue / "q"), "--server", server], capture_output=True, text=True)
     assert denied.returncode == 2 and "401" in denied.stderr
+    # a busy server (both slots held by slow uploads until their 3 s timeout) is retried as its 503 asks
+    head = (f"POST /v1/query HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: "
+            f"multipart/form-data; boundary=b\r\nContent-Length: 5000\r\n\r\n").encode()
+    slow = [raw_request(server, head, b"--b\r\n") for _ in range(2)]
+    time.sleep(0.3)
+    t0 = time.time()
+    busy = subprocess.run([*cmd, str(catalogue / "q" / "copy.jpg"), "--server", server], capture_output=True,
+                          text=True, env=env)
+    assert busy.returncode == 0 and time.time() - t0 > 1.5, busy.stderr
+    for s in slow:
+        s.close()
+    empty = subprocess.run([sys.executable, "-m", "neardup", "serve", "--port", "0", "--store",
+                            str(catalogue / "catalog.h5")], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "NEARDUP_TOKEN": ""})
+    assert empty.returncode == 2 and "token" in empty.stderr and "Traceback" not in empty.stderr
 
 
 class SlowFake(FakeEmbedder):

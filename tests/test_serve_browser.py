@@ -26,7 +26,7 @@ def served(tmp_path_factory) -> Iterator[tuple[str, Path, int]]:
     build_index([root / "photos"], root / "catalog.h5", model="phash")
     cat = read_catalog(root / "catalog.h5", vectors=False)
     evil_id = int(cat.ids[[p.endswith(f"{EVIL}.jpg") for p in cat.paths].index(True)])
-    proc, url = start_server(root / "catalog.h5", "--token", TOKEN)
+    proc, url = start_server(root / "catalog.h5", "--token", TOKEN, "--max-images", "2")
     yield url, root, evil_id
     stop_server(proc)
 
@@ -81,7 +81,8 @@ def test_upload_shows_the_match_and_escapes_names(served, browser, tmp_path: Pat
     page.close()
 
 
-def test_a_bad_file_is_reported_on_the_page(served, browser, tmp_path: Path) -> None:
+def test_photos_beyond_the_request_size_and_a_bad_one(served, browser, tmp_path: Path) -> None:
+    """Three photos with --max-images 2: two requests, answers in the order dropped; the bad one shows why."""
     url, _, _ = served
     page = browser.new_page()
     errors: list[str] = []
@@ -89,10 +90,22 @@ def test_a_bad_file_is_reported_on_the_page(served, browser, tmp_path: Path) -> 
     page.goto(url)
     page.evaluate(f"sessionStorage.setItem('neardup-token', '{TOKEN}')")
     page.reload()
-    bad = tmp_path / "notes.jpg"
-    bad.write_bytes(b"not a photo")
-    page.set_input_files("#files", str(bad))
-    page.wait_for_function("() => document.getElementById('status').textContent.startsWith('Failed')")
-    assert "bad_image" in page.locator("#status").inner_text()
+    page.wait_for_function("() => document.getElementById('store').textContent.includes('photos')")
+    files = []
+    for i, seed in enumerate((3, None, 7)):
+        f = tmp_path / f"{i}.jpg"
+        if seed is None:
+            f.write_bytes(b"not a photo")
+        else:
+            product_photo(seed).save(f, "JPEG", quality=85)
+        files.append(str(f))
+    page.set_input_files("#files", files)
+    page.wait_for_function("() => document.querySelectorAll('.result').length === 3 && "
+                           "document.getElementById('status').textContent.startsWith('Answered')")
+    cards = page.locator(".result")
+    assert [cards.nth(i).locator(".name").inner_text() for i in range(3)] == ["0.jpg", "1.jpg", "2.jpg"]
+    assert cards.nth(1).locator(".error").inner_text() == "not a recognised image format"
+    assert cards.nth(0).locator(".match").count() > 0 and cards.nth(2).locator(".match").count() > 0
+    assert cards.nth(0).locator(".verdict").inner_text() == "Already in the catalogue"
     assert not errors, errors
     page.close()

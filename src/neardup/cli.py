@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 
 from .config import (CANDIDATES, DEFAULTS, ENV_BATCH_SIZE, ENV_MAX_FILE_MB, ENV_MODEL, ENV_PRECISION,
-                     ENV_HOST, ENV_PORT, ENV_PREPROCESS, ENV_RUNTIME, ENV_SERVER, ENV_STORE, ENV_TOKEN, ENV_VERIFY, ENV_WEIGHTS, RUNTIMES,
+                     ENV_ALLOWED_HOSTS, ENV_HOST, ENV_PORT, ENV_PREPROCESS, ENV_RUNTIME, ENV_SERVER, ENV_STORE, ENV_TOKEN, ENV_VERIFY, ENV_WEIGHTS, RUNTIMES,
                      SERVE, THRESHOLDS, resolve_threshold)
 from .errors import InputError, NeardupError
 from .fileio import check_output_path, fmt_bytes
@@ -476,8 +476,9 @@ def serve_cmd(
     = SERVE.max_upload_mb,
     max_images: Annotated[int, typer.Option("--max-images", min=1, help="Photos per request.")] = SERVE.max_images,
     max_pixels: Annotated[int, typer.Option("--max-pixels", min=1, help="Largest decoded photo (pixels; larger "
-                                            "ones are refused as decompression bombs).")] = SERVE.max_pixels,
-    max_pending: Annotated[int, typer.Option("--max-pending", min=1, help="Requests in progress at once; more are "
+                                            "ones are refused as decompression bombs; Pillow's own limit, 89 MP, "
+                                            "applies too).")] = SERVE.max_pixels,
+    max_pending: Annotated[int, typer.Option("--max-pending", min=1, help="Queries in progress at once; more are "
                                              "answered 503 with Retry-After.")] = SERVE.max_pending,
     request_timeout: Annotated[float, typer.Option("--request-timeout", min=0.1, help="Seconds a request may take, "
                                                    "its upload included.")] = SERVE.request_timeout_s,
@@ -491,17 +492,28 @@ def serve_cmd(
     local_cache_mb: Annotated[int, typer.Option("--local-cache-mb", min=0, help="Memory for the local features of "
                                                 "recently verified catalogue photos (~20 kB each).")]
     = SERVE.local_cache_mb,
+    max_inflight_mb: Annotated[int, typer.Option("--max-inflight-mb", min=1, help="Upload bytes the queries in "
+                                                 "progress may hold together; more are answered 503.")]
+    = SERVE.max_inflight_mb,
+    allowed_host: Annotated[Optional[list[str]], typer.Option(
+        "--allowed-host", envvar=ENV_ALLOWED_HOSTS, show_default=False,
+        help="A Host name requests may name besides localhost (repeatable; the variable: space-separated), for "
+             "a reverse proxy that passes the client's Host. Bound to localhost, other names are refused (DNS "
+             "rebinding); bound elsewhere, any name unless this is given.")] = None,
     verbose: VerboseOpt = 0,
 ) -> None:
     """Serve the store over HTTP: POST /v1/query, a web page at /, reloads each generation `update` publishes."""
     from .serve import run
     from .serve.app import ServeOptions
 
+    if token is None and os.environ.get(ENV_TOKEN) == "":  # Click takes an empty variable for an unset one
+        raise InputError(f"{ENV_TOKEN} is set but empty: set a token, or unset it to serve without one")
     _warn_random_weights(store)
     run(ServeOptions(store=str(store), host=host, port=port, token=token, weights=weights, runtime=runtime,
                      max_upload_mb=max_upload_mb, max_images=max_images, max_pixels=max_pixels,
                      max_pending=max_pending, request_timeout_s=request_timeout, max_batch=max_batch,
-                     batch_wait_ms=batch_wait_ms, reload_poll_s=reload_poll, local_cache_mb=local_cache_mb))
+                     batch_wait_ms=batch_wait_ms, reload_poll_s=reload_poll, local_cache_mb=local_cache_mb,
+                     max_inflight_mb=max_inflight_mb, allowed_hosts=tuple(allowed_host or ())))
 
 
 @app.command("compare")

@@ -13,6 +13,10 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 )
 
+#: The image formats Pillow may decode, those of IMAGE_EXTENSIONS (JPEG includes a camera's multi-picture
+#: JPEG): not every format Pillow knows, as EPS would start Ghostscript on the file's PostScript.
+IMAGE_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+
 #: The embedding methods neardup knows, by CLI name ("onnx" is a user's own model: --model onnx:PATH).
 MODELS: tuple[str, ...] = ("resnet50", "vgg16", "phash", "onnx")
 #: Runtimes of the built-in CNNs: TensorFlow (Keras, the models' source) or ONNX Runtime (their export).
@@ -60,6 +64,7 @@ ENV_VERIFY = "NEARDUP_VERIFY"
 ENV_TOKEN = "NEARDUP_TOKEN"
 ENV_HOST = "NEARDUP_HOST"
 ENV_PORT = "NEARDUP_PORT"
+ENV_ALLOWED_HOSTS = "NEARDUP_ALLOWED_HOSTS"
 ENV_SERVER = "NEARDUP_SERVER"
 
 
@@ -123,9 +128,11 @@ class ServeDefaults:
     #: Largest decoded image (pixels): a 20 MB PNG can hold gigapixels (a decompression bomb); 50 MP is a
     #: large camera's photo. Refused before decoding.
     max_pixels: int = 50_000_000
-    #: Requests admitted at once (uploading, decoding, queued or embedding); more are answered 503 with
-    #: Retry-After, so a burst neither grows memory nor makes every client wait.
+    #: Queries admitted at once (uploading, decoding, queued or embedding), and the upload bytes they may hold
+    #: together (by their Content-Length); beyond either, 503 with Retry-After: a burst is turned away instead
+    #: of growing memory or making every client wait.
     max_pending: int = 64
+    max_inflight_mb: int = 512
     #: Seconds a request may take from its first byte to its answer (a slow upload included): 408/503 after.
     request_timeout_s: float = 30.0
     #: Micro-batching: images embedded in one model call, and how long a batch waits for requests that are

@@ -11,8 +11,12 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
+# The plugins of IMAGE_FORMATS, registered now: Image.open(formats=...) fails (KeyError) on a named format whose
+# plugin Pillow has not loaded yet (WebP and TIFF load lazily).
+from PIL import BmpImagePlugin, GifImagePlugin, JpegImagePlugin, PngImagePlugin, TiffImagePlugin  # noqa: F401
+from PIL import WebPImagePlugin  # noqa: F401
 
-from ..config import DEFAULTS
+from ..config import DEFAULTS, IMAGE_FORMATS
 from ..errors import DecodeError
 from ..fileio import fmt_bytes
 from .local_features import LocalFeatures, extract_local
@@ -79,7 +83,7 @@ def load_upright(data: bytes, min_side: int, *, mode: str = "RGB",
     enforced before decoding. Raises DecodeError with a short reason.
     """
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
             # Checked here rather than through Pillow's warning: warnings filters are process-wide and
             # would race between decoding threads.
             limit = min((x for x in (Image.MAX_IMAGE_PIXELS, max_pixels) if x), default=None)

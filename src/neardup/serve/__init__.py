@@ -7,7 +7,6 @@
 """
 from __future__ import annotations
 
-import ipaddress
 import logging
 import socket
 import sys
@@ -22,22 +21,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 def run(opts: ServeOptions) -> None:
     """Load the store and its model, bind, print the address, and serve until interrupted. Raises
     StoreError/WeightsError (the store cannot be served) or InputError (the address cannot be bound)."""
     import uvicorn
 
-    from .app import create_app
+    from .app import check_token, create_app, is_loopback
     from .service import LiveStore, QueryService
 
-    if not opts.token and not _loopback(opts.host):
+    check_token(opts.token)
+    if not opts.token and not is_loopback(opts.host):
         log.warning("serving on %s without --token: anyone who can reach this port can query the catalogue and "
                     "fetch its photos", opts.host)
     service = QueryService(LiveStore(opts.store, weights=opts.weights, runtime=opts.runtime,
@@ -60,11 +53,9 @@ def run(opts: ServeOptions) -> None:
     shown = f"[{host}]" if ":" in host else host
     print(f"neardup: serving {opts.store} (generation {gen.id}, {len(gen.searcher.cat)} photos, model "
           f"{gen.searcher.meta.model}) at http://{shown}:{port}/", flush=True)
-    # limit_concurrency bounds the connections and tasks the event loop holds (503 beyond); queries have their
-    # own, lower bound (max_pending), so health checks and thumbnails still get through under load
+    # the app's Guard bounds the requests in progress (JSON 503 with Retry-After beyond), not uvicorn
     config = uvicorn.Config(create_app(opts, service), log_level="warning", timeout_keep_alive=5,
-                            timeout_graceful_shutdown=5, server_header=False,
-                            limit_concurrency=4 * opts.max_pending + 64)
+                            timeout_graceful_shutdown=5, server_header=False)
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:

@@ -6,14 +6,15 @@ verified query costs ~37 ms; FastAPI's typed routes give the OpenAPI schema and 
 and it is the framework most users already run.
 
 Every error is JSON `{"error": {"code": ..., "message": ...}}` with a stable code and a status that means
-what it says. `Guard`, a plain ASGI middleware, enforces the limits before a route runs: the bearer token, the
-request body cap (also for chunked uploads), the bounded number of requests admitted at once (503 with
+what it says. `Guard`, a plain ASGI middleware, enforces the limits before a route runs: the Host (DNS
+rebinding), the bearer token, the declared body size, the queries and upload bytes admitted at once (503 with
 Retry-After beyond) and the request timeout (a slow upload included).
 """
 from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import logging
 import mimetypes
 from contextlib import asynccontextmanager
@@ -22,12 +23,13 @@ from importlib import resources
 from typing import Annotated, Any, Optional
 
 from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi import Path as FastApiPath
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import DEFAULTS, SERVE, VERSION, resolve_threshold
-from ..errors import DecodeError
+from ..errors import DecodeError, InputError
 from ..search.query import QueryResult
 from .service import Answer, LiveStore, QueryService, Upload
 
@@ -43,8 +45,8 @@ PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 's
 SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
                     "Cross-Origin-Resource-Policy": "same-origin"}
 _CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-          408: "request_timeout", 413: "too_large", 415: "unsupported_media_type", 422: "invalid_request",
-          503: "unavailable"}
+          408: "request_timeout", 411: "length_required", 413: "too_large", 415: "unsupported_media_type",
+          422: "invalid_request", 503: "unavailable"}
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,13 @@ class ServeOptions:
     batch_wait_ms: float = SERVE.batch_wait_ms
     reload_poll_s: float = SERVE.reload_poll_s
     local_cache_mb: int = SERVE.local_cache_mb
+    max_inflight_mb: int = SERVE.max_inflight_mb
+    allowed_hosts: tuple[str, ...] = ()
+
+    @property
+    def max_inflight_bytes(self) -> int:
+        """The upload bytes that requests in progress may hold together."""
+        return self.max_inflight_mb << 20
 
     @property
     def max_body(self) -> int:
@@ -89,12 +98,51 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
                         headers={**SECURITY_HEADERS, **(headers or {})})
 
 
+def check_token(token: str | None) -> None:
+    """Refuse (InputError) a token that is set but empty or not printable ASCII: an empty NEARDUP_TOKEN would
+    otherwise turn authentication off silently, and HTTP headers carry ASCII."""
+    if token is not None and (not token or not token.isascii() or not token.isprintable() or " " in token):
+        raise InputError("the token (--token / NEARDUP_TOKEN) must be non-empty printable ASCII without spaces")
+
+
+def allowed_hosts(opts: ServeOptions) -> frozenset[str] | None:
+    """Host names requests may name (None: any). Bound to a loopback address, only loopback names and the
+    --allowed-host ones: a web page elsewhere cannot reach the service by re-pointing its own name at
+    127.0.0.1 (DNS rebinding). Bound elsewhere, any host unless --allowed-host names them."""
+    loopback = {"127.0.0.1", "localhost", "::1"}
+    if opts.allowed_hosts:
+        return frozenset(loopback | {h.lower() for h in opts.allowed_hosts})
+    return frozenset(loopback | {opts.host.lower()}) if is_loopback(opts.host) else None
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _host_name(header: bytes) -> str:
+    host = header.decode("latin-1").strip().lower()
+    if host.startswith("["):  # [::1]:8000
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _authorized(header: bytes, token: str) -> bool:
+    scheme, _, value = header.decode("latin-1").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode("latin-1"), token.encode())
+
+
 class Guard:
-    """ASGI middleware: token, body cap, admission (bounded pending requests) and timeout; see the module doc."""
+    """ASGI middleware: host, token, body cap, admission and timeout; see the module doc."""
 
     def __init__(self, app: Any, opts: ServeOptions) -> None:
         self.app, self.opts = app, opts
-        self.pending = 0
+        self.hosts = allowed_hosts(opts)
+        self.pending = 0  #: /v1/query requests in progress
+        self.pending_bytes = 0  #: their declared bodies: the memory they may hold
+        self.active = 0  #: other requests in progress (thumbnails, images, info)
 
     async def _reply(self, send: Any, resp: JSONResponse) -> None:
         await resp({"type": "http"}, None, send)
@@ -103,63 +151,83 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         send = _with_headers(send)
-        opts, path = self.opts, scope["path"]
-        if opts.token and path not in OPEN_PATHS:
-            got = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-            if not hmac.compare_digest(got.encode(), f"Bearer {opts.token}".encode()):
-                return await self._reply(send, error_response(
-                    401, "unauthorized", "a bearer token is required: send 'Authorization: Bearer TOKEN'",
-                    {"WWW-Authenticate": "Bearer"}))
-        if path != "/v1/query":
+        opts, path, headers = self.opts, scope["path"], dict(scope["headers"])
+        if self.hosts is not None and _host_name(headers.get(b"host", b"")) not in self.hosts:
+            return await self._reply(send, error_response(
+                400, "host_not_allowed", "this Host is not served (start neardup serve with --allowed-host NAME "
+                "to serve it behind a proxy that keeps the client's Host)"))
+        if opts.token and path not in OPEN_PATHS and not _authorized(headers.get(b"authorization", b""), opts.token):
+            return await self._reply(send, error_response(
+                401, "unauthorized", "a bearer token is required: send 'Authorization: Bearer TOKEN'",
+                {"WWW-Authenticate": "Bearer"}))
+        if path == "/v1/health" or path in OPEN_PATHS:
             return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > opts.max_body:
+        if path != "/v1/query" or scope["method"] != "POST":
+            if self.active >= 4 * opts.max_pending:
+                return await self._reply(send, _overloaded(self.active))
+            self.active += 1
+            try:
+                return await self._timed(scope, receive, send)
+            finally:
+                self.active -= 1
+        length = headers.get(b"content-length", b"")
+        if not length.isdigit():
             return await self._reply(send, error_response(
-                413, "too_large", f"the request is larger than {opts.max_body} bytes ({opts.max_images} images "
-                f"of at most {opts.max_upload_mb} MiB)", {"Connection": "close"}))
-        if self.pending >= opts.max_pending:
+                411, "length_required", "send the upload with a Content-Length (chunked uploads are not accepted)",
+                {"Connection": "close"}))
+        size = int(length)
+        if size > opts.max_body:
             return await self._reply(send, error_response(
-                503, "overloaded", f"{self.pending} requests are in progress; retry shortly", {"Retry-After": "1"}))
-        self.pending += 1
-        state = {"received": 0, "done": False, "too_large": False, "started": False}
+                413, "too_large", f"the request is larger than {opts.max_body} bytes ({opts.max_images} images of "
+                f"at most {opts.max_upload_mb} MiB)", {"Connection": "close"}))
+        if self.pending >= opts.max_pending or (self.pending and self.pending_bytes + size > opts.max_inflight_bytes):
+            return await self._reply(send, _overloaded(self.pending))
+        self.pending, self.pending_bytes = self.pending + 1, self.pending_bytes + size
+        held = True
 
-        async def counted_receive() -> dict:
-            msg = await receive()
-            if msg["type"] == "http.request":
-                state["received"] += len(msg.get("body", b""))
-                state["done"] = not msg.get("more_body", False)
-                if state["received"] > opts.max_body:
-                    state["too_large"] = True
-                    raise ApiError(413, "too_large", f"the request is larger than {opts.max_body} bytes")
-            return msg
-
-        async def guarded_send(msg: dict) -> None:
-            if state["too_large"]:
-                return  # the route's answer to a cut-off body is replaced by the 413 below
-            state["started"] = True
-            await send(msg)
+        def release() -> None:  # once: when the answer's last byte is sent (the client may ask again at once)
+            nonlocal held
+            if held:
+                held = False
+                self.pending, self.pending_bytes = self.pending - 1, self.pending_bytes - size
 
         try:
-            async with asyncio.timeout(opts.request_timeout_s):
-                await self.app(scope, counted_receive, guarded_send)
-        except TimeoutError:
-            if not state["started"]:
-                if state["done"]:
-                    await self._reply(send, error_response(
-                        503, "timeout", f"the request took longer than {opts.request_timeout_s:g} s; retry"))
-                else:
-                    await self._reply(send, error_response(
-                        408, "request_timeout", f"the upload did not finish in {opts.request_timeout_s:g} s",
-                        {"Connection": "close"}))
-        except ApiError:
-            if not state["too_large"]:
-                raise
+            await self._timed(scope, receive, send, release)
         finally:
-            self.pending -= 1
-        if state["too_large"]:
-            await self._reply(send, error_response(413, "too_large", f"the request is larger than {opts.max_body} "
-                                                   f"bytes ({opts.max_images} images of at most "
-                                                   f"{opts.max_upload_mb} MiB)", {"Connection": "close"}))
+            release()
+
+    async def _timed(self, scope: dict, receive: Any, send: Any, answered: Any = None) -> None:
+        """Run the app with the request timeout: 408 when the upload was still coming, else 503. `answered()`
+        is called when the response's last part is about to be sent."""
+        state = {"done": False, "started": False}
+
+        async def watched_receive() -> dict:
+            msg = await receive()
+            state["done"] = msg["type"] != "http.request" or not msg.get("more_body", False)
+            return msg
+
+        async def watched_send(msg: dict) -> None:
+            state["started"] = True
+            if answered is not None and msg["type"] == "http.response.body" and not msg.get("more_body", False):
+                answered()
+            await send(msg)
+
+        timeout = self.opts.request_timeout_s
+        try:
+            await asyncio.wait_for(self.app(scope, watched_receive, watched_send), timeout)
+        except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11; another class in 3.10
+            if state["started"]:
+                return
+            if state["done"] or scope["method"] != "POST":
+                await self._reply(send, error_response(503, "timeout", f"the request took longer than {timeout:g} s; "
+                                                       "retry", {"Retry-After": "1"}))
+            else:
+                await self._reply(send, error_response(408, "request_timeout", f"the upload did not finish in "
+                                                       f"{timeout:g} s", {"Connection": "close"}))
+
+
+def _overloaded(n: int) -> JSONResponse:
+    return error_response(503, "overloaded", f"{n} requests are in progress; retry shortly", {"Retry-After": "1"})
 
 
 _RAW_HEADERS = [(k.lower().encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
@@ -191,8 +259,13 @@ def answer_json(a: Answer) -> dict:
                          "matches": [match(r, m) for m in r.matches]} for r in a.results]}
 
 
+#: A catalogue id as the store keeps it (int64, never negative).
+PhotoId = Annotated[int, FastApiPath(ge=0, le=2**63 - 1, description="The photo's id in the store.")]
+
+
 def create_app(opts: ServeOptions, service: QueryService | None = None) -> FastAPI:
-    """The ASGI app serving `opts.store` (or an already built `service`)."""
+    """The ASGI app serving `opts.store` (or an already built `service`). Raises InputError for a bad token."""
+    check_token(opts.token)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -216,7 +289,8 @@ def create_app(opts: ServeOptions, service: QueryService | None = None) -> FastA
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, _CODES.get(exc.status_code, "error"), str(exc.detail))
+        return error_response(exc.status_code, _CODES.get(exc.status_code, "error"), str(exc.detail),
+                              getattr(exc, "headers", None))  # 405 keeps its Allow
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -292,7 +366,7 @@ def create_app(opts: ServeOptions, service: QueryService | None = None) -> FastA
         s = svc(request)
         with s.live.use() as gen:
             try:
-                return await asyncio.get_running_loop().run_in_executor(None, fn, gen, *args)
+                return await asyncio.get_running_loop().run_in_executor(s.files, fn, gen, *args)
             except LookupError as exc:
                 raise ApiError(404, "not_found", str(exc)) from None
             except FileNotFoundError as exc:
@@ -301,14 +375,14 @@ def create_app(opts: ServeOptions, service: QueryService | None = None) -> FastA
                 raise ApiError(422, "bad_image", str(exc)) from None
 
     @app.get("/v1/images/{id}", summary="An indexed photo, by id", response_class=FileResponse)
-    async def image_file(request: Request, id: int) -> Response:
+    async def image_file(request: Request, id: PhotoId) -> Response:
         path = await _in_thread(request, svc(request).image_path, id)
         kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         return FileResponse(path, media_type=kind if kind.startswith("image/") else "application/octet-stream",
                             headers={**SECURITY_HEADERS, "Content-Security-Policy": "default-src 'none'"})
 
     @app.get("/v1/thumbs/{id}", summary="A JPEG thumbnail of an indexed photo, by id")
-    async def thumb(request: Request, id: int) -> Response:
+    async def thumb(request: Request, id: PhotoId) -> Response:
         data = await _in_thread(request, svc(request).thumbnail, id)
         return Response(data, media_type="image/jpeg", headers={**SECURITY_HEADERS, "Cache-Control": "max-age=300"})
 

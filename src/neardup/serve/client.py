@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 import urllib.error
 import urllib.parse
@@ -20,6 +21,9 @@ from ..errors import DecodeError, InputError, ServerError
 from ..indexer.decode import read_bytes
 from ..indexer.discover import discover
 from ..search.query import Match, QueryResult
+
+#: Retries of a request the server answered 503 with Retry-After (overloaded), each after the time it asks.
+RETRIES = 5
 
 
 @dataclass
@@ -39,6 +43,8 @@ class Client:
     def __init__(self, url: str, token: str | None = None, timeout: float = 60.0) -> None:
         if not url.startswith(("http://", "https://")):
             raise InputError(f"--server must be an http:// or https:// URL, got {url!r}")
+        if token is not None and (not token or not token.isascii() or not token.isprintable()):
+            raise InputError("the token (--token / NEARDUP_TOKEN) must be non-empty printable ASCII")
         self.url = url.rstrip("/") + "/"
         self.token, self.timeout = token, timeout
 
@@ -49,22 +55,31 @@ class Client:
             req.add_header("Content-Type", content_type)
         if self.token:
             req.add_header("Authorization", f"Bearer {self.token}")
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                return json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
+        for attempt in range(RETRIES + 1):
             try:
-                body = json.loads(exc.read())
-            except ValueError:
-                body = {}
-            err = body.get("error", {}) if isinstance(body, dict) else {}
-            if err.get("code") == "bad_image" and "images" in err:
-                return {"failed": err["images"]}
-            raise ServerError(f"{self.url} answered {exc.code} ({err.get('code', exc.reason)}): "
-                              f"{err.get('message', '')}".rstrip(": ")) from None
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            why = getattr(exc, "reason", exc)
-            raise ServerError(f"cannot reach the query server at {self.url}: {why}") from None
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    return json.loads(resp.read())
+            except urllib.error.HTTPError as exc:
+                wait = exc.headers.get("Retry-After", "")
+                if exc.code != 503 or not wait.isdigit() or attempt == RETRIES:
+                    return self._refused(exc)
+                exc.close()
+                time.sleep(min(int(wait), 30))  # busy: come back when it says
+            except (urllib.error.URLError, OSError, ValueError) as exc:
+                why = getattr(exc, "reason", exc)
+                raise ServerError(f"cannot reach the query server at {self.url}: {why}") from None
+        raise AssertionError("unreachable")
+
+    def _refused(self, exc: urllib.error.HTTPError) -> dict:
+        try:
+            body = json.loads(exc.read())
+        except (ValueError, OSError):
+            body = {}
+        err = body.get("error", {}) if isinstance(body, dict) else {}
+        if err.get("code") == "bad_image" and "images" in err:
+            return {"failed": err["images"]}
+        raise ServerError(f"{self.url} answered {exc.code} ({err.get('code', exc.reason)}): "
+                          f"{err.get('message', '')}".rstrip(": ")) from None
 
     def info(self) -> dict:
         """GET /v1/info: the store, model, threshold and limits."""
@@ -99,16 +114,17 @@ def query_server(url: str, images: Sequence[str | os.PathLike[str]], *, k: int =
     cap = min(max_file_bytes, int(limits.get("max_upload_mb", 1 << 20)) << 20)
     paths = [str(p) for p in discover(images)]
     results: dict[str, QueryResult] = {}
-    readable: list[tuple[str, bytes]] = []
-    for p in paths:
-        try:
-            readable.append((p, read_bytes(p, cap)))
-        except DecodeError as exc:
-            results[p] = QueryResult(p, error=str(exc))
     generations: list[str] = []
     verified = False
-    for at in range(0, len(readable), per_request):
-        chunk = readable[at:at + per_request]
+    for at in range(0, len(paths), per_request):
+        chunk: list[tuple[str, bytes]] = []  # read just before sending: a whole folder is never held at once
+        for p in paths[at:at + per_request]:
+            try:
+                chunk.append((p, read_bytes(p, cap)))
+            except DecodeError as exc:
+                results[p] = QueryResult(p, error=str(exc))
+        if not chunk:
+            continue
         doc = client.query_files([(Path(p).name, data) for p, data in chunk], k, verify)
         if "failed" in doc:
             results.update({p: QueryResult(p, error=f["error"]) for (p, _), f in zip(chunk, doc["failed"])})

@@ -287,6 +287,8 @@ class QueryService:
         # and a bounded pool bounds the memory of full-size decodes.
         self._decode = ThreadPoolExecutor(DEFAULTS.decode_workers, thread_name_prefix="neardup-decode")
         self._verify = ThreadPoolExecutor(DEFAULTS.verify_workers, thread_name_prefix="neardup-verify")
+        #: full images and thumbnails (decodes of up to max_pixels: two at a time)
+        self.files = ThreadPoolExecutor(2, thread_name_prefix="neardup-files")
         self._thumbs: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self._thumbs_lock = threading.Lock()
 
@@ -294,6 +296,7 @@ class QueryService:
         self.batcher.close()
         self._decode.shutdown(wait=False, cancel_futures=True)
         self._verify.shutdown(wait=False, cancel_futures=True)
+        self.files.shutdown(wait=False, cancel_futures=True)
         self.live.stop()
 
     def _decode_all(self, gen: Generation, uploads: Sequence[Upload], local: bool) -> list[Decoded | str]:

@@ -12,13 +12,16 @@
 
   function status(text) { $("status").textContent = text; }
 
+  // fetch with the token; a JSON error becomes an Error carrying the server's {code, message, ...}
   async function call(url, options) {
     const resp = await fetch(url, Object.assign({ headers: headers() }, options || {}));
     if (resp.status === 401) { $("token-row").hidden = false; }
     if (!resp.ok) {
-      let message = resp.status + " " + resp.statusText;
-      try { const body = await resp.json(); message = body.error.code + ": " + body.error.message; } catch (e) { /* not JSON */ }
-      throw new Error(message);
+      let detail = { code: String(resp.status), message: resp.statusText };
+      try { detail = (await resp.json()).error; } catch (e) { /* not JSON */ }
+      const err = new Error(detail.code + ": " + detail.message);
+      err.detail = detail;
+      throw err;
     }
     return resp;
   }
@@ -48,22 +51,30 @@
     return m.score >= t;
   }
 
-  async function thumb(img, id) {
-    const key = state.last.generation + "/" + id;
-    let url = state.thumbs.get(key);
-    if (!url) {
-      const blob = await (await call("v1/thumbs/" + id)).blob();
-      url = URL.createObjectURL(blob);
-      state.thumbs.set(key, url);
+  // One fetch per thumbnail and answer (a promise, so re-rendering while it loads does not fetch again); the
+  // blob URLs are revoked when the next answer replaces these results.
+  function thumb(img, id) {
+    let p = state.thumbs.get(id);
+    if (!p) {
+      p = call("v1/thumbs/" + id).then((r) => r.blob()).then((b) => URL.createObjectURL(b));
+      state.thumbs.set(id, p);
     }
-    img.src = url;
+    return p.then((url) => { img.src = url; });
+  }
+
+  function forget() {
+    for (const p of state.thumbs.values()) p.then((u) => URL.revokeObjectURL(u), () => {});
+    state.thumbs.clear();
+    if (state.last) state.last.previews.forEach((u) => URL.revokeObjectURL(u));
   }
 
   async function openFull(event) {
     if (!sessionStorage.getItem("neardup-token")) return; // the plain link works without a token
     event.preventDefault();
     const blob = await (await call(event.currentTarget.getAttribute("href"))).blob();
-    window.open(URL.createObjectURL(blob), "_blank", "noopener");
+    const url = URL.createObjectURL(blob);
+    window.open(url, "_blank", "noopener");
+    setTimeout(() => URL.revokeObjectURL(url), 60000);
   }
 
   function render() {
@@ -108,23 +119,44 @@
     });
   }
 
+  // Photos go in requests of at most the server's image count; a photo over its size cap, or one the server
+  // could not read, is shown with its reason beside the others' answers.
   async function send(files) {
-    files = Array.from(files).filter((f) => f.size > 0);
+    files = Array.from(files);
     if (!files.length) return;
-    const form = new FormData();
-    for (const f of files) form.append("image", f, f.name);
-    status("Looking up " + files.length + " photo" + (files.length > 1 ? "s" : "") + "…");
+    const limits = (state.info && state.info.limits) || { max_images: 16, max_upload_mb: 20 };
+    const cap = limits.max_upload_mb * 1048576;
+    const answer = { results: new Array(files.length), generation: null, verified: false, previews: [] };
     const started = performance.now();
-    try {
-      const answer = await (await call("v1/query?k=" + encodeURIComponent($("k").value), { method: "POST", body: form })).json();
-      if (state.last) state.last.previews.forEach((u) => URL.revokeObjectURL(u));
-      answer.previews = files.map((f) => URL.createObjectURL(f));
-      state.last = answer;
-      status("Answered by generation " + answer.generation + " in " + Math.round(performance.now() - started) + " ms.");
-      render();
-    } catch (err) {
-      status("Failed: " + err.message);
+    let failure = null;
+    const ok = [];
+    files.forEach((f, i) => {
+      if (f.size > cap) answer.results[i] = { name: f.name, error: "larger than " + limits.max_upload_mb + " MiB", matches: [] };
+      else ok.push(i);
+    });
+    for (let at = 0; at < ok.length; at += limits.max_images) {
+      const chunk = ok.slice(at, at + limits.max_images);
+      status("Looking up photos " + (at + 1) + "–" + (at + chunk.length) + " of " + ok.length + "…");
+      const form = new FormData();
+      for (const i of chunk) form.append("image", files[i], files[i].name);
+      try {
+        const got = await (await call("v1/query?k=" + encodeURIComponent($("k").value), { method: "POST", body: form })).json();
+        answer.generation = got.generation;
+        answer.verified = answer.verified || got.verified;
+        chunk.forEach((i, j) => { answer.results[i] = got.results[j]; });
+      } catch (err) {
+        const each = (err.detail && err.detail.images) || [];
+        chunk.forEach((i, j) => { answer.results[i] = { name: files[i].name, error: each[j] ? each[j].error : err.message, matches: [] }; });
+        if (!each.length) failure = err.message;
+      }
     }
+    forget();
+    answer.previews = files.map((f) => URL.createObjectURL(f));
+    state.last = answer;
+    const ms = Math.round(performance.now() - started);
+    status(failure ? "Failed: " + failure
+      : "Answered" + (answer.generation ? " by generation " + answer.generation : "") + " in " + ms + " ms.");
+    render();
   }
 
   function init() {
