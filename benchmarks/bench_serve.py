@@ -293,7 +293,8 @@ def main() -> int:
     status = report.finish(args.json)
     if args.record:
         info_m = machine_info()
-        what = f"{args.model}, {'verified' if args.verify else 'without verification'}"
+        what = f"{args.model}, {'verified' if args.verify else 'without verification'}" + (
+            f", updates under nice -n {args.update_nice}" if args.update_nice else "")
         text = (f"\n---\n\n# Query service under load (issue 14): {what}\n\nCommand (from the repository root): "
                 f"`python benchmarks/bench_serve.py {' '.join(sys.argv[1:])}`, run on {info_m['date']}. The server, "
                 "the clients and the updates share the machine's cores; compare ratios within this section only."

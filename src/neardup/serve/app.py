@@ -333,6 +333,7 @@ def create_app(opts: ServeOptions, service: QueryService | None = None) -> FastA
                 "local_cache": gen.searcher.cache_info(),
                 "limits": {"max_upload_mb": opts.max_upload_mb, "max_images": opts.max_images,
                            "max_pixels": opts.max_pixels, "max_pending": opts.max_pending,
+                           "max_inflight_mb": opts.max_inflight_mb,
                            "request_timeout_s": opts.request_timeout_s}}
 
     @app.post("/v1/query", summary="Look up photos in the catalogue")
