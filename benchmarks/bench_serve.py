@@ -306,11 +306,9 @@ def main() -> int:
 
 
 def _decoded(s: Any, paths: list[Path]) -> list[np.ndarray]:
-    from neardup.indexer.decode import decode_image
+    from neardup.indexer.pipeline import decode_for
 
-    e = s.embedder
-    return [decode_image(p.read_bytes(), e.input_size, mode=e.input_mode, resample=e.resample,
-                         fit=getattr(e, "fit", "stretch")).pixels for p in paths]
+    return [decode_for(p.read_bytes(), s.embedder).pixels for p in paths]
 
 
 if __name__ == "__main__":

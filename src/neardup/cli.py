@@ -374,15 +374,9 @@ def _loose_embedder(store: Optional[Path], model: Optional[str], weights: Option
     return store_embedder(meta, store, weights=weights, precision=precision, runtime=runtime)
 
 
-def _is_match(r: QueryResult, m, threshold: float) -> bool:
-    if r.verified and m.verified is not None:
-        return m.verified
-    return m.score >= threshold  # not verified, or a photo too plain to judge
-
-
 def _match_rows(r: QueryResult, threshold: float) -> list[dict]:
     return [{"rank": m.rank, "score": round(m.score, 6), "id": m.id, "path": m.path,
-             "match": _is_match(r, m, threshold), "verified": m.verified, "inliers": m.inliers}
+             "match": r.is_match(m, threshold), "verified": m.verified, "inliers": m.inliers}
             for m in r.matches]
 
 
@@ -452,7 +446,7 @@ def query_cmd(
                 continue
             typer.echo(f"  {'rank':>4}  {'score':>7}  {'id':>7}  " + ("inliers  " if r.verified else "") + "path")
             for m in r.matches:
-                mark = "  <- match" if _is_match(r, m, t) else ""
+                mark = "  <- match" if r.is_match(m, t) else ""
                 inl = f"{'-' if m.inliers is None else m.inliers:>7}  " if r.verified else ""
                 typer.echo(f"  {m.rank:>4}  {m.score:7.4f}  {m.id:>7}  {inl}{_show(m.path)}{mark}")
     for r in results:

@@ -59,8 +59,13 @@ def prepare(path: str, emb: Embedder, known: Callable[[str], bool] | None = None
     data, sha = read_file(path, max_bytes)
     if known is not None and known(sha):
         return Prepared(sha, None)
-    return Prepared(sha, decode_image(data, emb.input_size, mode=emb.input_mode, resample=emb.resample,
-                                      fit=getattr(emb, "fit", "stretch"), local=local))
+    return Prepared(sha, decode_for(data, emb, local=local))
+
+
+def decode_for(data: bytes, emb: Embedder, *, local: bool = False, max_pixels: int | None = None) -> Decoded:
+    """Decode image bytes as `emb` takes them (its size, mode, resampling and fit). Raises DecodeError."""
+    return decode_image(data, emb.input_size, mode=emb.input_mode, resample=emb.resample,
+                        fit=getattr(emb, "fit", "stretch"), local=local, max_pixels=max_pixels)
 
 
 def prepare_all(paths: Sequence[str], emb: Embedder, *, known: Callable[[str], bool] | None = None,

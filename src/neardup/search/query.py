@@ -51,13 +51,16 @@ class QueryResult:
         """Highest score, or None without matches."""
         return max(m.score for m in self.matches) if self.matches else None
 
+    def is_match(self, m: Match, threshold: float) -> bool:
+        """Whether neighbour `m` is this photo again: its verdict when verified (a photo too plain to judge,
+        verified None, and unverified results compare the score with `threshold`)."""
+        if self.verified and m.verified is not None:
+            return m.verified
+        return m.score >= threshold
+
     def found(self, threshold: float) -> bool:
-        """Whether the photo is in the catalogue: a verified match when verified (or, for a photo too plain to
-        judge, verified None, one >= threshold), else a match >= threshold."""
-        if self.verified:
-            return any(m.verified or (m.verified is None and m.score >= threshold) for m in self.matches)
-        best = self.best()
-        return best is not None and best >= threshold
+        """Whether the photo is in the catalogue: one of its neighbours is a match (is_match)."""
+        return any(self.is_match(m, threshold) for m in self.matches)
 
 
 def id_lookup(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -30,9 +30,10 @@ import numpy as np
 
 from ..config import DEFAULTS, SERVE, resolve_threshold
 from ..errors import DecodeError, NeardupError
-from ..indexer.decode import Decoded, decode_image, open_upright
+from ..indexer.decode import Decoded, open_upright
 from ..indexer.embed import Embedder
 from ..indexer.faiss_index import search
+from ..indexer.pipeline import decode_for
 from ..indexer.store import StoreMeta, read_meta
 from ..search.query import Match, QueryResult, Searcher
 from ..search.verify import resolve_verify
@@ -304,8 +305,7 @@ class QueryService:
         out: list[Decoded | str] = []
         for up in uploads:
             try:
-                out.append(decode_image(up.data, emb.input_size, mode=emb.input_mode, resample=emb.resample,
-                                        fit=getattr(emb, "fit", "stretch"), local=local, max_pixels=self.max_pixels))
+                out.append(decode_for(up.data, emb, local=local, max_pixels=self.max_pixels))
             except DecodeError as exc:
                 out.append(str(exc))
         return out
@@ -341,6 +341,9 @@ class QueryService:
     def image_path(self, gen: Generation, id: int) -> Path:
         """The indexed file of catalogue `id`, as it was indexed. Raises LookupError (no such id) or
         FileNotFoundError (moved, or changed on disk since the generation was published)."""
+        return self._indexed(gen, id)[1]
+
+    def _indexed(self, gen: Generation, id: int) -> tuple[int, Path]:
         s = gen.searcher
         row = int(s.rows_of([id])[0])
         if row < 0:
@@ -353,13 +356,13 @@ class QueryService:
         if st.st_size != int(s.cat.sizes[row]) or st.st_mtime_ns != int(s.cat.mtimes_ns[row]):
             raise FileNotFoundError(f"image {id} changed on disk after generation {gen.id} was published "
                                     f"(`neardup update` indexes it again)")
-        return path
+        return row, path
 
     def thumbnail(self, gen: Generation, id: int) -> bytes:
         """A JPEG thumbnail of catalogue `id` (cached by content). Raises LookupError, FileNotFoundError,
         DecodeError."""
-        path = self.image_path(gen, id)
-        key = (gen.searcher.cat.sha256[int(gen.searcher.rows_of([id])[0])], self.thumb_side)
+        row, path = self._indexed(gen, id)
+        key = (gen.searcher.cat.sha256[row], self.thumb_side)
         with self._thumbs_lock:
             if key in self._thumbs:
                 self._thumbs.move_to_end(key)
