@@ -189,7 +189,7 @@ def main() -> int:
         return 0
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server on SIGTERM too (finally below)
-    from common import BENCH_DIR, Report, _version, log, machine_info, markdown_table  # numpy: not in the servers
+    from common import Report, _version, append_results, log, machine_info  # numpy: not in the servers
 
     jpeg = make_jpeg()
     body, want = multipart_body(jpeg), _answer(jpeg)
@@ -223,14 +223,9 @@ def main() -> int:
         info = machine_info()
         info.update({n: _version(n.lower()) for n in ("FastAPI", "Litestar", "uvicorn", "Starlette",
                                                       "python-multipart")})
-        text = (f"\n---\n\n# ASGI framework (issue 14): FastAPI vs Litestar\n\nCommand (from the repository root): "
-                f"`python benchmarks/bench_asgi.py {' '.join(sys.argv[1:])}`, run on {info['date']}. One uvicorn "
-                "process per framework, one after the other; the clients run in the benchmark's process on the "
-                "same cores, so compare the ratio within this section only.\n\n## Machine\n\n"
-                + markdown_table(["", ""], list(info.items())) + "\n\n" + report.to_markdown())
-        with open(BENCH_DIR / "RESULTS.md", "a") as fh:
-            fh.write(text)
-        log("appended a section to benchmarks/RESULTS.md")
+        append_results("ASGI framework (issue 14): FastAPI vs Litestar", "bench_asgi.py",
+                       report, "One uvicorn process per framework, one after the other; the clients run in the "
+                       "benchmark's process on the same cores, so compare the ratio within this section only.", info)
     return status
 
 

@@ -30,10 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from common import (BENCH_DIR, GROCERY_DIR, REPO_ROOT, Report, all_photos, log, machine_info, markdown_table,
-                    median, percentile)
+from common import (GROCERY_DIR, Report, all_photos, append_results, link_photos, log, median, parse_real_photo_args,
+                    percentile)
 
-MOBILENET = REPO_ROOT.parent / "shared" / "models" / "nsfwjs-mobilenet-v2" / "mobilenet_v2_100_features.onnx"
 
 
 def multipart(name: str, data: bytes) -> tuple[bytes, str]:
@@ -111,19 +110,14 @@ def main() -> int:
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--update-photos", type=int, default=200, help="photos each of the two updates adds")
     p.add_argument("--queries", type=int, default=150, help="edited copies among the query photos")
-    p.add_argument("--model", choices=("mobilenet", "resnet50"), default="mobilenet",
-                   help="mobilenet: the trained MobileNetV2 (quality and speed); resnet50: the default model with "
-                        "seeded random weights (no ImageNet weights here: speed and plumbing only)")
     p.add_argument("--update-nice", type=int, default=0, help="run the updates under `nice -n N` (how a nightly job "
                    "shares a machine with the service)")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="queries without geometric verification (server and in-process baseline alike)")
-    p.add_argument("--record", action="store_true", help="append a section to benchmarks/RESULTS.md")
-    p.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT (for run_all.py)")
-    args = p.parse_args()
-    if not GROCERY_DIR.is_dir() or (args.model == "mobilenet" and not MOBILENET.is_file()):
-        print(f"skipped: needs the Grocery Store Dataset ({GROCERY_DIR}) and the trained MobileNetV2 ({MOBILENET})")
+    parsed = parse_real_photo_args(p)
+    if parsed is None:
         return 0
+    args, spec, model_name = parsed
     import tempfile
 
     from neardup.indexer.build import build_index
@@ -133,10 +127,7 @@ def main() -> int:
                     params={"photos": args.photos, "seconds": args.seconds, "clients": args.clients,
                             "update photos": 2 * args.update_photos, "update nice": args.update_nice,
                             "verify": args.verify,
-                            "model": "MobileNetV2 1.0 (trained, ONNX)" if args.model == "mobilenet" else
-                            "ResNet50, seeded random weights (ONNX Runtime; speed only)"})
-    spec = (dict(model=f"onnx:{MOBILENET}", preprocess="output=features") if args.model == "mobilenet" else
-            dict(model="resnet50", weights="none"))
+                            "model": model_name})
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     found = all_photos(GROCERY_DIR)
     need = args.photos + 2 * args.update_photos + 50
@@ -148,10 +139,7 @@ def main() -> int:
                              picked[-50:])
     with tempfile.TemporaryDirectory(prefix="neardup-bench-serve-") as tmp:
         tmp = Path(tmp)
-        cat_dir = tmp / "catalogue"
-        cat_dir.mkdir()
-        for i, src in enumerate(base):
-            (cat_dir / f"{i:05d}{src.suffix}").symlink_to(src)
+        cat_dir = link_photos(base, tmp / "catalogue")
         store = tmp / "catalog.h5"
         log(f"indexing {len(base)} photos with {args.model}")
         t0 = time.perf_counter()
@@ -292,16 +280,11 @@ def main() -> int:
     report.target("warm request latency / in-process query", single_ms / lone_ms, "<= 1.3", single_ms / lone_ms <= 1.3)
     status = report.finish(args.json)
     if args.record:
-        info_m = machine_info()
         what = f"{args.model}, {'verified' if args.verify else 'without verification'}" + (
             f", updates under nice -n {args.update_nice}" if args.update_nice else "")
-        text = (f"\n---\n\n# Query service under load (issue 14): {what}\n\nCommand (from the repository root): "
-                f"`python benchmarks/bench_serve.py {' '.join(sys.argv[1:])}`, run on {info_m['date']}. The server, "
-                "the clients and the updates share the machine's cores; compare ratios within this section only."
-                "\n\n## Machine\n\n" + markdown_table(["", ""], list(info_m.items())) + "\n\n" + report.to_markdown())
-        with open(BENCH_DIR / "RESULTS.md", "a") as fh:
-            fh.write(text)
-        log("appended a section to benchmarks/RESULTS.md")
+        append_results(f"Query service under load (issue 14): {what}", "bench_serve.py", report,
+                       "The server, the clients and the updates share the machine's cores; compare ratios within "
+                       "this section only.")
     return status
 
 

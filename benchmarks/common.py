@@ -30,6 +30,8 @@ REPO_ROOT = BENCH_DIR.parent
 #: The Grocery Store Dataset as CI lays it out: ../shared beside the checkout.
 GROCERY_DIR = REPO_ROOT.parent / "shared" / "datasets" / "grocery-store" / "dataset"
 IMAGE_SUFFIXES = (".jpg", ".jpeg")
+#: The trained MobileNetV2 (ONNX) beside the checkout: the only trained weights here.
+MOBILENET = REPO_ROOT.parent / "shared" / "models" / "nsfwjs-mobilenet-v2" / "mobilenet_v2_100_features.onnx"
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before any script imports TensorFlow
 
@@ -365,6 +367,61 @@ def report_markdown(d: dict[str, Any], level: int = 2) -> str:
     out.append(f"_{d['script']} took {d.get('seconds', 0):.1f} s; correctness: "
                f"{'all checks passed' if d.get('correct') else 'FAILED'}._")
     return "\n".join(out) + "\n"
+
+
+def link_photos(paths: Sequence[Path], folder: Path) -> Path:
+    """`folder` (made) holding numbered symbolic links to `paths`: a catalogue without copying shared data."""
+    folder.mkdir(parents=True)
+    for i, src in enumerate(paths):
+        (folder / f"{i:05d}{src.suffix}").symlink_to(src)
+    return folder
+
+
+def model_spec(model: str) -> tuple[dict[str, str], str]:
+    """build_index's model arguments for a benchmark's --model (mobilenet | resnet50), and how to name it."""
+    if model == "mobilenet":
+        return dict(model=f"onnx:{MOBILENET}", preprocess="output=features"), "MobileNetV2 1.0 (trained, ONNX)"
+    return dict(model="resnet50", weights="none"), "ResNet50, seeded random weights (ONNX Runtime; speed only)"
+
+
+def missing_inputs(model: str) -> str:
+    """Why a real-photo benchmark with `model` cannot run here ("" when it can)."""
+    if not GROCERY_DIR.is_dir() or (model == "mobilenet" and not MOBILENET.is_file()):
+        return f"skipped: needs the Grocery Store Dataset ({GROCERY_DIR}) and the trained MobileNetV2 ({MOBILENET})"
+    return ""
+
+
+def output_options(p: argparse.ArgumentParser) -> None:
+    """--record and --json, as every benchmark takes them."""
+    p.add_argument("--record", action="store_true", help="append a section to benchmarks/RESULTS.md")
+    p.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT (for run_all.py)")
+
+
+def parse_real_photo_args(p: argparse.ArgumentParser) -> tuple[argparse.Namespace, dict[str, str], str] | None:
+    """Add --model, --record and --json to `p` and parse; returns (args, build_index's model arguments, the
+    model's name), or None after printing why the benchmark is skipped here."""
+    p.add_argument("--model", choices=("mobilenet", "resnet50"), default="mobilenet",
+                   help="mobilenet: the trained MobileNetV2 (quality and speed); resnet50: the default model with "
+                        "seeded random weights (no ImageNet weights here: speed and plumbing only)")
+    output_options(p)
+    args = p.parse_args()
+    if missing_inputs(args.model):
+        print(missing_inputs(args.model))
+        return None
+    return (args, *model_spec(args.model))
+
+
+def append_results(title: str, script: str, report: Report, remark: str = "",
+                   info: dict[str, str] | None = None) -> None:
+    """Append a section for one run of `script` (this process's argv) to benchmarks/RESULTS.md: its title, the
+    command, `remark` (how to read it), the machine (`info`, else machine_info()) and the report."""
+    info = info or machine_info()
+    text = (f"\n---\n\n# {title}\n\nCommand (from the repository root): `python benchmarks/{script} "
+            f"{' '.join(sys.argv[1:])}`, run on {info['date']}.{' ' + remark if remark else ''}\n\n## Machine\n\n"
+            + markdown_table(["", ""], list(info.items())) + "\n\n" + report.to_markdown())
+    with open(BENCH_DIR / "RESULTS.md", "a") as fh:
+        fh.write(text)
+    log("appended a section to benchmarks/RESULTS.md")
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:

@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from .config import (CANDIDATES, DEFAULTS, ENV_BATCH_SIZE, ENV_MAX_FILE_MB, ENV_MODEL, ENV_PRECISION,
-                     ENV_ALLOWED_HOSTS, ENV_HOST, ENV_PORT, ENV_PREPROCESS, ENV_RUNTIME, ENV_SERVER, ENV_STORE, ENV_TOKEN, ENV_VERIFY, ENV_WEIGHTS, RUNTIMES,
-                     SERVE, THRESHOLDS, resolve_threshold)
+from .config import (CANDIDATES, DEFAULTS, ENV_ALLOWED_HOSTS, ENV_BATCH_SIZE, ENV_HOST, ENV_INDEX, ENV_INDEX_MEMORY,
+                     ENV_MAX_FILE_MB, ENV_MODEL, ENV_PORT, ENV_PRECISION, ENV_PREPROCESS, ENV_RAY, ENV_RUNTIME,
+                     ENV_SERVER, ENV_STORE, ENV_TOKEN, ENV_VERIFY, ENV_WEIGHTS, RUNTIMES, SERVE, THRESHOLDS,
+                     parse_size, resolve_threshold)
 from .errors import InputError, NeardupError
 from .fileio import check_output_path, fmt_bytes
 
@@ -87,6 +88,29 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 def _show(text: object) -> str:
     """A file name as one printable line: control characters (a newline in a name) written as escapes."""
     return _CONTROL.sub(lambda m: repr(m.group())[1:-1], str(text))
+IndexKindOpt = Annotated[Optional[str], typer.Option(
+    "--index", envvar=ENV_INDEX, help="The FAISS index: flat (exact), auto (exact up to 100k vectors, then IVF "
+    "sized to --memory), ivf, hnsw, or a FAISS index-factory string such as 'IVF4096,PQ64'. An approximate one is "
+    "tuned to --target-recall and its measured recall is kept in the store (neardup info) [default: auto for a "
+    "new store, else the store's].")]
+MemoryOpt = Annotated[Optional[str], typer.Option(
+    "--memory", envvar=ENV_INDEX_MEMORY, help="Memory budget of the index for auto and ivf, e.g. 2G "
+    "[default: none, else the store's].")]
+TargetRecallOpt = Annotated[Optional[float], typer.Option(
+    "--target-recall", min=0.01, max=1.0, help="recall@10 against exact search that an approximate index's "
+    "nprobe/efSearch is tuned to at build [default: 0.95, else the store's].")]
+RayOpt = Annotated[bool, typer.Option(
+    "--ray", envvar=ENV_RAY, help="Decode and embed on a Ray cluster (Ray Data actors; pip install "
+    "'neardup[ray]'). Scanning, the checkpoint and the store stay here; the store is the one a local run makes.")]
+RayAddressOpt = Annotated[Optional[str], typer.Option(
+    "--ray-address", help="With --ray: the cluster (auto, or ray://HOST:10001) [default: RAY_ADDRESS, else a cluster "
+    "started on this machine with `ray start`, else a new local one].")]
+RayActorsOpt = Annotated[Optional[int], typer.Option(
+    "--ray-actors", min=1, help="With --ray: at most this many embedding actors [default: as many as the cluster's "
+    "CPUs or GPUs hold].")]
+RayCpusOpt = Annotated[float, typer.Option("--ray-cpus", min=0.1, help="With --ray: CPUs per actor.")]
+RayGpusOpt = Annotated[Optional[float], typer.Option(
+    "--ray-gpus", min=0.0, help="With --ray: GPUs per actor [default: 1 when the cluster has GPUs, else 0].")]
 VerboseOpt = Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output (-vv: debug).")]
 
 
@@ -171,7 +195,8 @@ def _print_summary(s: RunSummary, limit: int = 20) -> None:
 
 def _run_index(update: bool, dirs: list[str], store: Path, model: Optional[str], weights: Optional[str],
                precision: Optional[str], batch_size: int, prune: bool, max_file_mb: int, runtime: str,
-               preprocess: Optional[str] = None) -> None:
+               preprocess: Optional[str], ray: Any, index: Optional[str], memory: Optional[str],
+               target_recall: Optional[float]) -> None:
     from .indexer.build import build_index, update_index
 
     bar = _Bar("update" if update else "index")
@@ -179,7 +204,8 @@ def _run_index(update: bool, dirs: list[str], store: Path, model: Optional[str],
         fn = update_index if update else build_index
         summary = fn(dirs, store, model=model, weights=weights, precision=precision,
                      batch_size=batch_size, prune=prune, max_file_bytes=max_file_mb << 20, runtime=runtime,
-                     preprocess=preprocess, progress=bar)
+                     preprocess=preprocess, progress=bar, ray=ray, index=index,
+                     memory=parse_size(memory) if memory else None, target_recall=target_recall)
     finally:
         bar.close()
     _print_summary(summary)
@@ -205,10 +231,14 @@ def index_cmd(
     precision: StorePrecisionOpt = None, batch_size: BatchOpt = DEFAULTS.batch_size,
     prune: Annotated[bool, typer.Option(help="Also drop stored images no longer under DIRS.")] = False,
     max_file_mb: MaxFileOpt = DEFAULTS.max_file_mb, runtime: RuntimeOpt = DEFAULTS.runtime,
-    preprocess: PreprocessOpt = None, verbose: VerboseOpt = 0,
+    preprocess: PreprocessOpt = None, ray: RayOpt = False, ray_address: RayAddressOpt = None,
+    ray_actors: RayActorsOpt = None, ray_cpus: RayCpusOpt = DEFAULTS.ray_cpus, ray_gpus: RayGpusOpt = None,
+    index: IndexKindOpt = None, memory: MemoryOpt = None, target_recall: TargetRecallOpt = None,
+    verbose: VerboseOpt = 0,
 ) -> None:
     """Index images into a store (creates it, or updates it incrementally with its own model)."""
-    _run_index(False, dirs, store, model, weights, precision, batch_size, prune, max_file_mb, runtime, preprocess)
+    _run_index(False, dirs, store, model, weights, precision, batch_size, prune, max_file_mb, runtime, preprocess,
+               _ray_options(ray, ray_address, ray_actors, ray_cpus, ray_gpus), index, memory, target_recall)
 
 
 @app.command("update")
@@ -221,10 +251,36 @@ def update_cmd(
         "pass it); any other is refused [default: the store's].")] = None, weights: WeightsOpt = None,
     precision: StorePrecisionOpt = None, batch_size: BatchOpt = DEFAULTS.batch_size,
     prune: Annotated[bool, typer.Option(help="Also drop stored images no longer under DIRS.")] = False,
-    max_file_mb: MaxFileOpt = DEFAULTS.max_file_mb, runtime: RuntimeOpt = DEFAULTS.runtime, verbose: VerboseOpt = 0,
+    max_file_mb: MaxFileOpt = DEFAULTS.max_file_mb, runtime: RuntimeOpt = DEFAULTS.runtime, ray: RayOpt = False,
+    ray_address: RayAddressOpt = None, ray_actors: RayActorsOpt = None, ray_cpus: RayCpusOpt = DEFAULTS.ray_cpus,
+    ray_gpus: RayGpusOpt = None, index: IndexKindOpt = None, memory: MemoryOpt = None,
+    target_recall: TargetRecallOpt = None, verbose: VerboseOpt = 0,
 ) -> None:
     """Update an existing store: embed new and changed images, drop deleted ones (for nightly jobs)."""
-    _run_index(True, dirs, store, model, weights, precision, batch_size, prune, max_file_mb, runtime)
+    _run_index(True, dirs, store, model, weights, precision, batch_size, prune, max_file_mb, runtime, None,
+               _ray_options(ray, ray_address, ray_actors, ray_cpus, ray_gpus), index, memory, target_recall)
+
+
+def _index_line(meta: Any) -> str:
+    """The store's FAISS index as `info` shows it: what was built, why, and its measured recall."""
+    asked = f"asked {meta.index_kind}" + (f", memory {fmt_bytes(meta.index_memory)}" if meta.index_memory else "")
+    if meta.index_factory == "Flat":
+        return f"Flat (exact; {asked})"
+    return (f"{meta.index_factory} at {meta.index_params or 'its defaults'}: recall@10 {meta.index_recall:.3f} "
+            f"against exact search on {meta.index_recall_queries} store vectors (target {meta.index_target:.2f}; "
+            f"{asked})")
+
+
+def _ray_options(ray: bool, address: Optional[str], actors: Optional[int], cpus: float,
+                 gpus: Optional[float]) -> Any:
+    """The RayOptions of --ray (None without it); the --ray-* options alone are refused, not ignored."""
+    if not ray:
+        if address is not None or actors is not None or gpus is not None or cpus != DEFAULTS.ray_cpus:
+            raise InputError("--ray-address, --ray-actors, --ray-cpus and --ray-gpus go with --ray")
+        return None
+    from .indexer.ray_job import RayOptions
+
+    return RayOptions(address=address, actors=actors, cpus_per_actor=cpus, gpus_per_actor=gpus)
 
 
 def _size(path: Path) -> str:
@@ -271,6 +327,7 @@ def info_cmd(
              + (f" ({meta.quantized_file}; {meta.calibration})" if meta.quantized_file else "")),
             ("local features", f"{meta.local_features} (cached for --verify)" if meta.local_features else
              "none: --verify extracts them from the files (a store made before they were cached)"),
+            ("faiss index", _index_line(meta)),
             ("normalization", meta.normalization), ("created", meta.created), ("updated", meta.updated),
             ("neardup", f"{meta.neardup_version} (schema {meta.schema_version})"),
             ("previous", "none kept yet" if not previous else
@@ -544,10 +601,14 @@ def duplicates_cmd(
     show_members: Annotated[int, typer.Option("--show-members", help="Members to print per group.")] = 8,
     verify: VerifyOpt = None,
     k: Annotated[Optional[int], typer.Option("-k", min=1, help="With --verify: neighbours per image checked "
-                                             f"[default: per model: {_CANDIDATES}].")] = None,
+                                             f"[default: per model: {_CANDIDATES}]; without it, on a store with an "
+                                             f"approximate index: neighbours per image [default: {DEFAULTS.k}].")]
+    = None,
     loose: Annotated[Optional[float], typer.Option(
         "--candidate-threshold", help="With --verify: the loose cosine a neighbour must reach to be checked "
                                       "[default: per model, see -k].")] = None,
+    exact: Annotated[bool, typer.Option("--exact", help="Exact search even on a store with an approximate index "
+                                        "(the n² join: hours at a million images).")] = False,
     verbose: VerboseOpt = 0,
 ) -> None:
     """List every near-duplicate pair and group of a store (nothing is ever deleted). With --verify, pairs are
@@ -555,11 +616,12 @@ def duplicates_cmd(
     from .search.duplicates import find_duplicates
     from .search.pairs_io import write_groups_json, write_pairs_csv
 
-    report = find_duplicates(store, threshold=threshold, verify=verify, k=k, loose_threshold=loose)
+    report = find_duplicates(store, threshold=threshold, verify=verify, k=k, loose_threshold=loose, exact=exact)
     if out:
         write_pairs_csv(report, out)
     if groups:
         write_groups_json(report, groups)
+    typer.echo(f"pairs from: {report.method}")
     if report.verify:
         nv = int(report.verified.sum()) - report.n_exact
         typer.echo(f"{report.n} images, model {report.model}: {report.candidates} candidates (k {report.k}, cosine >= "

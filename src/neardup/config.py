@@ -46,6 +46,19 @@ CANDIDATES: dict[str, tuple[int, float]] = {"phash": (5, 1.0 - 2.0 * 20 / 64), "
                                             "resnet50": (10, 0.7), "vgg16": (10, 0.8)}
 
 
+def parse_size(text: str) -> int:
+    """Bytes of a size such as 2G, 512M, 1.5GiB or 1000000 (K/M/G/T are powers of 1024). Raises InputError."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    scale = 1024 ** ("KMGT".index(t[-1]) + 1) if t and t[-1] in "KMGT" else 1
+    try:
+        value = float(t[:-1] if scale > 1 else t)
+    except ValueError:
+        raise InputError(f"not a size: {text!r} (e.g. 2G, 512M)") from None
+    if value <= 0:
+        raise InputError(f"a size must be positive: {text!r}")
+    return int(value * scale)
+
+
 def candidate_rule(model: str) -> tuple[int, float]:
     """(k, loose threshold) of the candidates that verification checks for `model`."""
     return CANDIDATES.get(model, CANDIDATES["onnx"])
@@ -66,6 +79,11 @@ ENV_HOST = "NEARDUP_HOST"
 ENV_PORT = "NEARDUP_PORT"
 ENV_ALLOWED_HOSTS = "NEARDUP_ALLOWED_HOSTS"
 ENV_SERVER = "NEARDUP_SERVER"
+ENV_RAY = "NEARDUP_RAY"
+ENV_INDEX = "NEARDUP_INDEX"
+ENV_INDEX_MEMORY = "NEARDUP_INDEX_MEMORY"
+#: Set by a Ray actor given a GPU: ONNX Runtime then runs the model on CUDA (onnxruntime-gpu).
+ENV_ORT_DEVICE = "NEARDUP_ORT_DEVICE"
 
 
 @dataclass(frozen=True)
@@ -85,6 +103,10 @@ class Defaults:
     decode_workers: int = 2
     #: Batches between durable checkpoints of a run (crash resume granularity).
     checkpoint_every: int = 4
+    #: The FAISS index of a new store: auto is exact up to 100k vectors, then IVF (indexer/index_kinds.py).
+    index: str = "auto"
+    #: --ray: CPUs reserved per embedding actor (its model threads and decoding threads; a 2-core node runs one).
+    ray_cpus: float = 2.0
     k: int = 10
     #: Rows of the similarity matrix computed at once by the duplicate self-join (memory = block * n * 4 bytes).
     join_block: int = 1024

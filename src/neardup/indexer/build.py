@@ -10,10 +10,11 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
-from contextlib import closing
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,18 +25,21 @@ from .checkpoint import Checkpoint
 from .diff import assemble, split_unchanged
 from .embed import Embedder, resolve_weights
 from .models import make_embedder, split_model
-from .faiss_index import build_flat_index, index_intact, save_index
+from .faiss_index import derived_index, index_intact, save_index
+from .index_kinds import plan as plan_index
 from .files import StoreFiles
-from .local_features import LOCAL_VERSION, LocalFeatures
+from .local_features import LOCAL_VERSION
+from .embed_job import EmbedPhase, JobOptions, Progress, embed_pending
 from .lock import writer_lock
 from .onnx_export import agreement, quantize_int8
-from .pipeline import Embedded, prepare, prepare_all
+from .pipeline import Embedded, prepare
 from .scan import FileRecord, scan
 from .store import Catalog, StoreMeta, read_catalog, read_meta, store_embedder, write_catalog
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from .ray_job import RayOptions
 
-Progress = Callable[[int, int], None]  # (done, total)
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,21 +62,12 @@ class RunSummary:
     embed_seconds: float = 0.0  #: wall time of the decode+embed phase
     wrote: bool = False
     calibration: str = ""  #: int8 only: the calibration and its measured agreement with float32
+    driver_seconds: float = 0.0  #: --ray only: the driver's own time on the rows that came back
 
     @property
     def images_per_second(self) -> float:
         """Decode+embed throughput of this run."""
         return self.embedded / self.embed_seconds if self.embed_seconds > 0 else 0.0
-
-
-@dataclass(frozen=True)
-class JobOptions:
-    """The knobs of the decode+embed phase."""
-
-    batch_size: int = DEFAULTS.batch_size
-    checkpoint_every: int = DEFAULTS.checkpoint_every
-    decode_workers: int = DEFAULTS.decode_workers
-    max_file_bytes: int = DEFAULTS.max_file_bytes
 
 
 def build_index(
@@ -93,6 +88,10 @@ def build_index(
     progress: Progress | None = None,
     require_existing: bool = False,
     local_features: bool = True,
+    ray: RayOptions | None = None,
+    index: str | None = None,
+    memory: int | None = None,
+    target_recall: float | None = None,
 ) -> RunSummary:
     """Index the images under `roots` into the HDF5 store `store` and its FAISS index; return a summary.
 
@@ -105,6 +104,9 @@ def build_index(
     "int8" (a new store only) calibrates an int8 model on the indexed images and keeps it beside
     the store. `embedder` injects an embedding method (tests); otherwise one is built from `model`/`weights`.
     A new store caches local features for verification unless `local_features` is False (then never).
+    With `ray`, the decode+embed phase runs on a Ray cluster (indexer/ray_job.py); the store is the same.
+    `index` (flat, auto, ivf, hnsw or a FAISS factory string), `memory` (bytes) and `target_recall` choose the
+    FAISS index (indexer/index_kinds.py); the store keeps them for its updates (default: auto, no budget, 0.95).
     """
     t0 = time.perf_counter()
     files = _writable(store)
@@ -112,6 +114,10 @@ def build_index(
     opts = JobOptions(batch_size, checkpoint_every, decode_workers, max_file_bytes)
     if min(batch_size, checkpoint_every, decode_workers, max_file_bytes) < 1:
         raise InputError("batch size, checkpoint interval, decode workers and file size limit must be at least 1")
+    if ray is not None:  # said before any work: Ray is an optional extra
+        from .ray_job import import_ray
+
+        import_ray()
     if model is not None and embedder is None:
         model, weights = split_model(model, weights)  # onnx:PATH -> ("onnx", PATH)
     if precision is not None and precision not in PRECISIONS:
@@ -121,6 +127,12 @@ def build_index(
     if preprocess and model not in (None, "onnx"):
         raise InputError("--preprocess describes an ONNX model of one's own (--model onnx:PATH); "
                          f"{model} has its own preprocessing")
+    asked_index = {k: v for k, v in (("index_kind", index), ("index_memory", memory),
+                                      ("index_target", target_recall)) if v is not None}
+    if target_recall is not None and not 0 < target_recall <= 1:
+        raise InputError("--target-recall is a fraction in (0, 1]")
+    if memory is not None and memory < 0:
+        raise InputError("--memory must be positive")
     repointed = False
     with writer_lock(files):
         files.remove_temporaries()
@@ -146,6 +158,7 @@ def build_index(
                 raise StoreMismatchError(f"{store} was made with the preprocessing {old.meta.preprocessing}; "
                                          f"--preprocess cannot change it (use another --store)")
             model = old.meta.model
+            plan_index(asked_index.get("index_kind", old.meta.index_kind), 1, old.meta.dim)  # refused before work
             weights = resolve_weights(model, weights) if weights else old.meta.weights
             if model == "onnx" and weights != old.meta.weights:  # the same model file, moved: re-point the store
                 repointed = _repoint(old, weights, store)
@@ -167,40 +180,58 @@ def build_index(
         new_meta = None
         if pending:
             if old is not None:  # the store's own model, preprocessing and int8 file, checked against it
-                emb = store_embedder(old.meta, store, weights=weights, precision=precision, embedder=embedder,
-                                     runtime=runtime)
+                factory = partial(store_embedder, old.meta, store, weights=weights, precision=precision,
+                                  embedder=embedder, runtime=runtime)
+                emb = factory()
             elif embedder is None and precision == "int8":
                 emb = _calibrated(files, pending, model, weights, preprocess, opts, summary)
+                factory = partial(make_embedder, model, weights, "int8", runtime="onnx", preprocess=preprocess,
+                                  quantized=files.quantized)
             else:
-                emb = embedder or make_embedder(model, weights, precision, runtime=runtime, preprocess=preprocess)
+                factory = partial(_itself, embedder) if embedder is not None else partial(
+                    make_embedder, model, weights, precision, runtime=runtime, preprocess=preprocess)
+                emb = factory()
             local = (LOCAL_VERSION if local_features else "") if old is None else old.meta.local_features
             if old is None:
+                plan_index(asked_index.get("index_kind", DEFAULTS.index), 1, emb.dim)  # refused before embedding
                 new_meta = StoreMeta(model=model, weights=weights, weights_fingerprint=emb.weights_fingerprint,
                                      dim=emb.dim, input_size=emb.input_size, preprocessing=emb.preprocessing,
                                      runtime=getattr(emb, "runtime", ""),
                                      precision=getattr(emb, "precision", DEFAULTS.precision),
                                      quantized_file=files.quantized.name if precision == "int8" else "",
-                                     calibration=summary.calibration, local_features=local)
+                                     calibration=summary.calibration, local_features=local,
+                                     **{"index_kind": DEFAULTS.index, **asked_index})
             checkpoint = Checkpoint(files.work, {"model": emb.name, "weights_fingerprint": emb.weights_fingerprint,
                                                  "dim": emb.dim, "preprocessing": emb.preprocessing,
                                                  "local_features": local})
             for sha, e in checkpoint.known.items():
                 vectors.setdefault(sha, e)
+            phase = EmbedPhase(vectors, hashes, summary.failures)
             t_embed = time.perf_counter()
-            _embed_pending(pending, emb, vectors, hashes, checkpoint, summary, opts, progress, bool(local))
+            if ray is None:
+                embed_pending(pending, emb, phase, checkpoint, opts, progress, bool(local))
+            else:  # the same phase on a Ray cluster; everything around it stays here
+                from .ray_job import embed_pending_ray
+
+                embed_pending_ray(pending, emb, factory, phase, checkpoint, opts, ray, progress, bool(local))
             summary.embed_seconds = time.perf_counter() - t_embed
+            summary.embedded, summary.driver_seconds = phase.embedded, phase.driver_seconds
             summary.reused = sum(1 for f in pending if hashes.get(f.rel) in checkpoint.known)
 
         new, changes = assemble(old, found, hashes, vectors, summary.failures, prune=prune, new_meta=new_meta)
         for name, count in asdict(changes).items():
             setattr(summary, name, count)
+        reindex = old is not None and any(getattr(old.meta, k) != v for k, v in asked_index.items())
+        if new is not None and old is not None:
+            new.meta = replace(new.meta, **asked_index)
         if new is not None:
             _publish(files, new, rotate=old is not None)
             summary.wrote = True
         elif old is not None and not old.meta.index_file:  # a store written without an index (library use)
             _publish(files, old, rotate=False)
             summary.wrote = True
-        elif repointed:  # a moved onnx model: the store records its new place
+        elif repointed or reindex:  # a moved onnx model (its new place), or another index asked for
+            old.meta = replace(old.meta, **asked_index)
             _publish(files, old, rotate=True)
             summary.wrote = True
         elif old is not None and not old.meta.index_sha256:  # written before checksums: rewrite it with them
@@ -208,8 +239,10 @@ def build_index(
             summary.wrote = True
         elif old is not None and not index_intact(store, old):  # lost or damaged: rewrite it from the store
             log.warning("index %s is missing or damaged; rewriting it from the store", old.meta.index_file)
-            digest = save_index(build_flat_index(old.xb, old.ids), files.index(old.meta.index_file))
-            if old.meta.index_sha256 and digest != old.meta.index_sha256:  # another FAISS version's bytes
+            index, meta = derived_index(old.meta, old.xb, old.ids)
+            digest = save_index(index, files.index(old.meta.index_file))
+            if (old.meta.index_sha256 and digest != old.meta.index_sha256) or meta != old.meta:
+                old.meta = meta  # another FAISS version's bytes, or a retrained approximate index
                 _publish(files, old, rotate=False)
                 summary.wrote = True
         # also a checkpoint left by a run killed after publishing: its work is in the store now
@@ -224,49 +257,9 @@ def update_index(roots: Sequence[str | os.PathLike[str]], store: str | os.PathLi
     return build_index(roots, store, require_existing=True, **kwargs)
 
 
-def _embed_pending(pending: list[FileRecord], emb: Embedder, vectors: dict[str, Embedded], hashes: dict[str, str],
-                   checkpoint: Checkpoint, summary: RunSummary, opts: JobOptions,
-                   progress: Progress | None, local: bool = False) -> None:
-    """Read every pending file (hash into `hashes`), embed content not in `vectors` yet (into `vectors`),
-    checkpointing every few batches; failures go into the summary. With `local`, each new content's local
-    features are extracted from the same decode and kept with its embedding."""
-    batch: dict[str, np.ndarray] = {}  # content hash -> pixels: identical new files embed once
-    sizes: dict[str, tuple[int, int]] = {}
-    feats: dict[str, LocalFeatures | None] = {}
-    unsaved: dict[str, Embedded] = {}
-
-    def flush_batch() -> None:
-        if not batch:
-            return
-        xb = emb.embed(np.stack(list(batch.values())))
-        for sha, vec in zip(batch, xb):
-            vectors[sha] = unsaved[sha] = Embedded(vec, *sizes[sha], feats.pop(sha, None))
-        summary.embedded += len(batch)
-        batch.clear()
-
-    known = lambda sha: sha in vectors or sha in batch  # noqa: E731 - read by the decoding threads
-    outcomes = prepare_all([f.abs for f in pending], emb, known=known, batch_size=opts.batch_size,
-                           decode_workers=opts.decode_workers, max_bytes=opts.max_file_bytes, local=local)
-    with closing(outcomes):  # an error or Ctrl-C here also ends the decoding threads
-        for done, (f, out) in enumerate(zip(pending, outcomes), start=1):
-            if out.error is not None:
-                summary.failures.append((f.rel, out.error))
-            else:
-                sha, decoded = out.prepared.sha256, out.prepared.decoded
-                hashes[f.rel] = sha
-                if decoded is not None and sha not in vectors and sha not in batch:
-                    batch[sha] = decoded.pixels
-                    sizes[sha] = (decoded.width, decoded.height)
-                    feats[sha] = decoded.local
-            if len(batch) >= opts.batch_size:
-                flush_batch()
-                if len(unsaved) >= opts.batch_size * opts.checkpoint_every:
-                    checkpoint.save(unsaved)
-                    unsaved = {}
-            if progress is not None:
-                progress(done, len(pending))
-    flush_batch()
-    checkpoint.save(unsaved)
+def _itself(emb: Embedder) -> Embedder:
+    """An injected embedder as its own factory (Ray actors get a pickled copy)."""
+    return emb
 
 
 def _same_preprocess(asked: str, stored: str) -> bool:
@@ -341,8 +334,8 @@ def _publish(files: StoreFiles, cat: Catalog, *, rotate: bool) -> None:
 
 def _save_index(files: StoreFiles, cat: Catalog) -> None:
     name = files.new_index_name()
-    digest = save_index(build_flat_index(cat.xb, cat.ids), files.index(name))
-    cat.meta = replace(cat.meta, index_file=name, index_sha256=digest)
+    index, cat.meta = derived_index(cat.meta, cat.xb, cat.ids)
+    cat.meta = replace(cat.meta, index_file=name, index_sha256=save_index(index, files.index(name)))
 
 
 def _finish_restore(files: StoreFiles) -> bool:

@@ -8,10 +8,13 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from ..fileio import atomic_write, file_sha256
-from .files import StoreFiles
+from dataclasses import replace
+
 from ..errors import StoreError
-from .store import Catalog, read_catalog
+from ..fileio import atomic_write, file_sha256
+from . import index_kinds
+from .files import StoreFiles
+from .store import Catalog, StoreMeta, read_catalog
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +26,22 @@ def build_flat_index(xb: np.ndarray, ids: np.ndarray) -> faiss.Index:
     if len(xb):
         index.add_with_ids(xb, np.ascontiguousarray(ids, dtype=np.int64))
     return index
+
+
+def derived_index(meta: StoreMeta, xb: np.ndarray, ids: np.ndarray) -> tuple[faiss.Index, StoreMeta]:
+    """The index the store asks for (meta.index_kind, its memory budget and target recall) over xb, and the
+    meta recording what was built: an approximate one trained, tuned to the target and its recall measured."""
+    choice = index_kinds.plan(meta.index_kind, len(xb), xb.shape[1], meta.index_memory or None)
+    if choice.exact:
+        return build_flat_index(xb, ids), replace(meta, index_factory="Flat", index_params="", index_recall=1.0,
+                                                  index_recall_queries=0)
+    index = index_kinds.build(xb, ids, choice.factory)
+    got = index_kinds.tune(index, xb, ids, target=meta.index_target)
+    log.info("index %s (%s): recall@%d %.3f at %s, measured on %d store vectors in %.1f s", choice.factory,
+             choice.reason, index_kinds.RECALL_K, got.recall, got.params or "its defaults", got.queries,
+             got.build_seconds)
+    return index, replace(meta, index_factory=choice.factory, index_params=got.params, index_recall=got.recall,
+                          index_recall_queries=got.queries)
 
 
 #: Below this many queries FAISS scans the flat index without BLAS; that scan is memory-bound, and more
@@ -88,9 +107,15 @@ def _saved_index(store: Path, cat: Catalog) -> faiss.Index | None:
         log.info("index %s unavailable; rebuilding it from the store", path)
         return None
     if index.ntotal == len(cat) and np.array_equal(index_ids(index), cat.ids):
+        index_kinds.apply_params(index, cat.meta.index_params)  # FAISS does not save nprobe with the index
         return index
     log.warning("index %s does not match the store; rebuilding it from the store", path)
     return None
+
+
+def load_saved_index(store: str | os.PathLike[str], cat: Catalog) -> faiss.Index | None:
+    """The store's saved index with its search knob set, when it is intact and matches `cat`; else None."""
+    return _saved_index(Path(store), cat)
 
 
 def open_index(store: str | os.PathLike[str]) -> tuple[Catalog, faiss.Index]:
@@ -102,7 +127,7 @@ def open_index(store: str | os.PathLike[str]) -> tuple[Catalog, faiss.Index]:
     """
     cat = read_catalog(store, vectors=False)
     index = _saved_index(Path(store), cat)
-    if index is None:
+    if index is None:  # exact, whatever kind the store asks for: training one here would take minutes
         cat = read_catalog(store, vectors=True)
         index = build_flat_index(cat.xb, cat.ids)
         cat.xb = None

@@ -28,7 +28,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import h5py
@@ -72,6 +72,14 @@ class StoreMeta:
     quantized_file: str = ""  #: the int8 model beside the store, calibrated on its images ("" unless int8)
     calibration: str = ""  #: the int8 calibration and its measured agreement with float32
     local_features: str = ""  #: version of the cached local features (local_features.LOCAL_VERSION); "" = none
+    # The FAISS index (indexer/index_kinds.py): what was asked for, what was built, and its measured recall.
+    index_kind: str = "flat"  #: flat, auto, ivf, hnsw or a FAISS index-factory string
+    index_memory: int = 0  #: the memory budget (bytes) auto chose under; 0: none
+    index_target: float = 0.95  #: the recall@10 an approximate index is tuned to
+    index_factory: str = "Flat"  #: the FAISS index-factory string built
+    index_params: str = ""  #: its search knob as tuned ("nprobe=16"); "" for Flat
+    index_recall: float = 1.0  #: its recall@10 against exact search at those params (measured at build)
+    index_recall_queries: int = 0  #: the held-out store vectors it was measured with (0 for Flat: exact)
     count: int = 0
     failures: int = 0
 
@@ -182,7 +190,14 @@ def _meta(f: h5py.File) -> StoreMeta:
         next_id=int(a["next_id"]), index_file=str(a["index_file"]), index_sha256=str(a.get("index_sha256", "")),
         runtime=str(a.get("runtime", "")), precision=str(a.get("precision", "float32")),
         quantized_file=str(a.get("quantized_file", "")), calibration=str(a.get("calibration", "")),
-        local_features=str(a.get("local_features", "")) if "local" in f else "", count=int(f["ids"].shape[0]), failures=int(f["failures/paths"].shape[0]))
+        local_features=str(a.get("local_features", "")) if "local" in f else "", count=int(f["ids"].shape[0]),
+        failures=int(f["failures/paths"].shape[0]),
+        **{k: type(v)(a.get(k, v)) for k, v in _INDEX_DEFAULTS.items()})  # absent in stores made before them
+
+
+#: The index_* attributes and their defaults (a store written before them has a flat index).
+_INDEX_DEFAULTS = {f.name: f.default for f in fields(StoreMeta) if f.name.startswith("index_")
+                   and f.name not in ("index_file", "index_sha256")}
 
 
 def read_meta(path: str | os.PathLike[str] | h5py.File) -> StoreMeta:
@@ -315,7 +330,8 @@ def write_catalog(path: str | os.PathLike[str], cat: Catalog,
                                ("next_id", meta.next_id), ("index_file", meta.index_file),
                                ("index_sha256", meta.index_sha256), ("runtime", meta.runtime),
                                ("precision", meta.precision), ("quantized_file", meta.quantized_file),
-                               ("calibration", meta.calibration), ("local_features", meta.local_features)):
+                               ("calibration", meta.calibration), ("local_features", meta.local_features),
+                               *((k, getattr(meta, k)) for k in _INDEX_DEFAULTS)):
                 f.attrs[key] = value
 
     atomic_write(path, write, before_replace)

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..config import DEFAULTS, candidate_rule, resolve_threshold
 from ..errors import InputError
+from ..indexer.faiss_index import load_saved_index
 from ..indexer.store import Catalog, read_catalog
 from .verify import Verified, resolve_verify, row_features, verify_pairs
 
@@ -55,11 +56,15 @@ def self_join(xb: np.ndarray, threshold: float, block: int | None = None) -> tup
             np.concatenate(out_d).astype(np.float32))
 
 
-def knn_pairs(xb: np.ndarray, k: int, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def knn_pairs(xb: np.ndarray, k: int, threshold: float, index=None, ids: np.ndarray | None = None,  # noqa: ANN001
+              chunk: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs (i < j) where j is among i's k nearest rows (or i among j's) with inner product >= threshold.
 
-    Returns (I, J, D) sorted by (I, J), each pair once. An exact FAISS k-NN search (IndexFlatIP): the
-    candidates of verification, O(n k) pairs where the self-join's grow with n².
+    Returns (I, J, D) sorted by (I, J), each pair once: O(n k) pairs where the self-join's grow with n². The
+    k-NN come from `index` (a store's FAISS index, holding the catalog's `ids`) when given, else from an exact
+    IndexFlatIP; either way every candidate is re-scored exactly from xb, so an approximate index can miss a
+    pair but never scores one wrongly. Rows are searched `chunk` at a time: memory is bounded by the chunk
+    and the pairs kept, never by n².
     """
     import faiss
 
@@ -67,15 +72,27 @@ def knn_pairs(xb: np.ndarray, k: int, threshold: float) -> tuple[np.ndarray, np.
     n = len(xb)
     if n < 2 or k < 1:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    index = faiss.IndexFlatIP(xb.shape[1])
-    index.add(xb)
-    D, I = index.search(xb, min(k + 1, n))  # +1: each row finds itself (or a tie) first
-    rows = np.repeat(np.arange(n), I.shape[1])
-    cols, sims = I.ravel(), D.ravel()
-    keep = (cols >= 0) & (cols != rows) & (sims >= threshold)
-    a, b, sims = np.minimum(rows, cols)[keep], np.maximum(rows, cols)[keep], sims[keep]
+    if index is None:
+        index, ids = faiss.IndexFlatIP(xb.shape[1]), None
+        index.add(xb)
+    order = np.argsort(ids) if ids is not None else None
+    kk = min(k + 1, n)  # +1: each row finds itself (or a tie) first
+    found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    for start in range(0, n, chunk):
+        xq = xb[start:start + chunk]
+        _, cols = index.search(xq, kk)
+        if order is not None:  # store ids -> rows (-1 stays -1)
+            at = np.clip(np.searchsorted(ids, cols, sorter=order), 0, n - 1)
+            cols = np.where((cols >= 0) & (ids[order[at]] == cols), order[at], -1)
+        # exact re-scoring from the stored vectors: chunk x (k+1) x d floats at a time
+        sims = np.einsum("cd,ckd->ck", xq, xb[np.maximum(cols, 0)]).ravel()
+        rows, cols = np.repeat(np.arange(start, start + len(xq)), kk), cols.ravel()
+        keep = (cols >= 0) & (cols != rows) & (sims >= threshold)
+        a, b = np.minimum(rows, cols)[keep], np.maximum(rows, cols)[keep]
+        found.append((a, b, sims[keep].astype(np.float32)))
+    a, b, sims = (np.concatenate(x) for x in zip(*found))
     key, first = np.unique(a * n + b, return_index=True)
-    return key // n, key % n, sims[first].astype(np.float32)
+    return key // n, key % n, sims[first]
 
 
 def exact_pairs(hashes: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -196,6 +213,7 @@ class DuplicateReport:
     k: int = 0  #: neighbours per image among the candidates
     loose_threshold: float = 0.0  #: the candidates' threshold
     verify_seconds: float = 0.0
+    method: str = "exact join"  #: how pairs were found: the exact self-join, or the store index's k-NN
 
     @property
     def n_pairs(self) -> int:
@@ -232,10 +250,13 @@ def without_pairs(pairs: tuple[np.ndarray, np.ndarray, np.ndarray], ei: np.ndarr
     return I[keep], J[keep], D[keep]
 
 
-def duplicate_rows(cat: Catalog, threshold: float, block: int | None = None) -> tuple[np.ndarray, ...]:
-    """Pure core of find_duplicates: (I, J, D, exact) row pairs of a catalog, exact pairs first."""
+def duplicate_rows(cat: Catalog, threshold: float, block: int | None = None, index=None,  # noqa: ANN001
+                   k: int = DEFAULTS.k) -> tuple[np.ndarray, ...]:
+    """Pure core of find_duplicates: (I, J, D, exact) row pairs of a catalog, exact pairs first. All pairs
+    (the exact self-join), or with `index` (the store's approximate index) each row's k nearest, re-scored."""
     ei, ej = exact_pairs(cat.sha256)
-    ni, nj, nd = without_pairs(self_join(cat.xb, threshold, block), ei, ej, len(cat))
+    near = self_join(cat.xb, threshold, block) if index is None else knn_pairs(cat.xb, k, threshold, index, cat.ids)
+    ni, nj, nd = without_pairs(near, ei, ej, len(cat))
     order = np.lexsort((nj, ni, -nd))
     I = np.concatenate([ei, ni[order]])
     J = np.concatenate([ej, nj[order]])
@@ -245,7 +266,7 @@ def duplicate_rows(cat: Catalog, threshold: float, block: int | None = None) -> 
 
 
 def verified_rows(cat: Catalog, store: str | os.PathLike[str], threshold: float, k: int, loose: float, *,
-                  workers: int = DEFAULTS.verify_workers) -> tuple[np.ndarray, ...]:
+                  workers: int = DEFAULTS.verify_workers, index=None) -> tuple[np.ndarray, ...]:  # noqa: ANN001
     """Core of find_duplicates(verify=True): (I, J, D, exact, verified, inliers, candidates).
 
     Candidates are knn_pairs(k, loose); each is verified with the rows' cached local features (screened: a
@@ -255,7 +276,8 @@ def verified_rows(cat: Catalog, store: str | os.PathLike[str], threshold: float,
     Order: exact, verified, unverified; each by score.
     """
     ei, ej = exact_pairs(cat.sha256)
-    ci, cj, cd = without_pairs(knn_pairs(cat.xb, k, loose), ei, ej, len(cat))
+    ci, cj, cd = without_pairs(knn_pairs(cat.xb, k, loose, index, cat.ids if index is not None else None),
+                               ei, ej, len(cat))
     rows, inverse = np.unique(np.concatenate([ci, cj]), return_inverse=True)
     feats = row_features(store, cat, rows)
     fa = [feats[x] for x in inverse[:len(ci)].tolist()]
@@ -275,7 +297,7 @@ def verified_rows(cat: Catalog, store: str | os.PathLike[str], threshold: float,
 def find_duplicates(store: str | os.PathLike[str], *, threshold: float | None = None,
                     block: int | None = None, max_group_search: int = 20_000, verify: bool | None = None,
                     k: int | None = None, loose_threshold: float | None = None,
-                    workers: int = DEFAULTS.verify_workers) -> DuplicateReport:
+                    workers: int = DEFAULTS.verify_workers, exact: bool = False) -> DuplicateReport:
     """All duplicate pairs of a store and their anti-chaining groups (see complete_linkage).
 
     With `verify` (None: resolve_verify, verified when the store caches local features), pairs are verified
@@ -283,7 +305,9 @@ def find_duplicates(store: str | os.PathLike[str], *, threshold: float | None = 
     model's candidate_rule) and groups link verified and byte-identical pairs only; without it, every pair
     scoring >= `threshold` (the model's default) is a duplicate. A connected cluster larger than
     `max_group_search` images (its dense similarity matrix would take gigabytes) means the threshold is far
-    too low for the model: that is refused with InputError.
+    too low for the model: that is refused with InputError. A store with an approximate index (a large one:
+    indexer/index_kinds.py) finds candidates as each image's `k` nearest in that index, re-scored exactly
+    from the stored vectors, instead of the exact n² join; `exact` forces the exact search.
     """
     t0 = time.perf_counter()
     cat = read_catalog(store)
@@ -291,6 +315,12 @@ def find_duplicates(store: str | os.PathLike[str], *, threshold: float | None = 
     verify = resolve_verify(verify, cat.meta.local_features)
     report = DuplicateReport(store=str(store), model=cat.meta.model, threshold=t, n=len(cat), ids=cat.ids,
                              paths=cat.paths, verify=verify)
+    index = None if exact or cat.meta.index_factory == "Flat" else load_saved_index(store, cat)
+    if index is not None:  # a large store: its approximate index's k-NN graph, not the n² join
+        report.method = (f"k-NN of the store's {cat.meta.index_factory} index ({cat.meta.index_params}, recall@10 "
+                         f"{cat.meta.index_recall:.3f}), candidates re-scored exactly")
+    elif verify:
+        report.method = "exact k-NN"
     if verify:
         dk, dt = candidate_rule(cat.meta.model)
         report.k = dk if k is None else int(k)
@@ -300,12 +330,14 @@ def find_duplicates(store: str | os.PathLike[str], *, threshold: float | None = 
             raise InputError("k must be at least 1")
         tv = time.perf_counter()
         (report.I, report.J, report.D, report.exact, report.verified, report.inliers,
-         report.candidates) = verified_rows(cat, store, t, report.k, report.loose_threshold, workers=workers)
+         report.candidates) = verified_rows(cat, store, t, report.k, report.loose_threshold, workers=workers,
+                                            index=index)
         report.verify_seconds = time.perf_counter() - tv
         linked = report.verified  # exact pairs are verified by their bytes
         link_t = np.inf  # groups follow the verified links only
     else:
-        report.I, report.J, report.D, report.exact = duplicate_rows(cat, t, block)
+        report.k = DEFAULTS.k if k is None else int(k)
+        report.I, report.J, report.D, report.exact = duplicate_rows(cat, t, block, index, report.k)
         linked = report.exact
         link_t = t
     I, J = report.I, report.J

@@ -11,6 +11,8 @@ import functools
 import io
 from pathlib import Path
 
+import time
+
 import numpy as np
 from PIL import Image
 
@@ -65,14 +67,17 @@ class FakeEmbedder:
     weights = "none"
     weights_fingerprint = "none"
 
-    def __init__(self) -> None:
+    def __init__(self, delay: float = 0.0) -> None:
         self.calls = 0
         self.embedded = 0
+        self.delay = delay  #: seconds each embed call takes (a slow model, for tests that kill a worker mid-run)
         self._p = np.random.default_rng(42).standard_normal((16 * 16 * 3, self.dim)).astype(np.float32)
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
         """uint8 [n, 16, 16, 3] -> float32 [n, 32] unit rows."""
         self.calls += 1
         self.embedded += len(batch)
+        if self.delay:
+            time.sleep(self.delay)
         x = np.asarray(batch, np.float32).reshape(len(batch), -1) / 255.0
         return l2_normalize((x - x.mean(1, keepdims=True)) @ self._p)

@@ -1,0 +1,200 @@
+"""Indexing stage 7a, index_kinds: which FAISS index a store gets, trained, tuned and measured.
+
+The store's float32 vectors stay the ground truth; the index is derived from them and rebuildable. `flat`
+is exact. An approximate kind (`ivf`, `hnsw`, or any FAISS index-factory string) is built on the store's
+vectors, then measured: recall@10 of its k-NN against exact search, over a held-out sample of the store's
+own vectors as queries, with its search knob (nprobe, efSearch) raised until that recall reaches the target.
+The knob, the recall and the sample size are recorded in the store, and `neardup info` shows them.
+
+`auto` chooses from the vector count n, the dimension d and a memory budget (autofaiss-style rules):
+    n <= FLAT_MAX and 4*n*d bytes fit          Flat: exact; at 100k x 2048-d one scan is ~30 ms
+    d + 16 bytes a vector fit                   IVF{nlist},SQ8: 8-bit scalar quantisation, no PCA
+    else                                        PCAR{p},IVF{nlist},SQ8 with the widest p in 1024/512/256 that fits,
+                                                or PCAR256,IVF{nlist},PQ{m} (m in 64/32/16/8 bytes a vector) below that
+nlist is the power of two nearest 2*sqrt(n) (16 <= nlist), trained on a seeded sample of 40*nlist vectors
+(FAISS warns below 39 per centroid): on 2 cores the k-means and the assignment of n vectors in 2048-d cost
+O(n * nlist * d), so nlist stays at the low end of autofaiss's 4-16*sqrt(n) and nprobe is tuned up instead. HNSW is offered (`--index hnsw`: HNSW32 on the float vectors, no training)
+but never chosen by `auto`: its build inserts every vector through a graph search in full dimension.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+from ..errors import InputError
+
+log = logging.getLogger(__name__)
+
+#: The kinds by name; anything else must be a FAISS index-factory string ("IVF1024,PQ64", "PCAR256,HNSW32").
+KINDS = ("flat", "auto", "ivf", "hnsw")
+#: auto keeps the exact index up to this many vectors (the 50k catalogue of the design card stays exact).
+FLAT_MAX = 100_000
+#: The recall@10 an approximate index is tuned to by default, and the queries it is measured with.
+TARGET_RECALL = 0.95
+RECALL_K = 10
+RECALL_QUERIES = 1000
+#: Bytes a vector costs beside its code: its id in the IDMap and in the inverted list.
+ID_BYTES = 16
+
+
+@dataclass(frozen=True)
+class IndexPlan:
+    """A resolved index kind: the factory string to build and why it was chosen."""
+
+    factory: str  #: FAISS index-factory string ("Flat" for the exact index)
+    reason: str
+
+    @property
+    def exact(self) -> bool:
+        return self.factory == "Flat"
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What building an approximate index measured (recorded in the store)."""
+
+    params: str  #: the search knob it was tuned to, as FAISS ParameterSpace takes it ("nprobe=16"), or ""
+    recall: float  #: recall@RECALL_K against exact search at those params (1.0 for Flat)
+    queries: int  #: held-out store vectors it was measured with (0 for Flat)
+    build_seconds: float
+
+
+def nlist_for(n: int) -> int:
+    """Inverted lists for n vectors: the power of two nearest 2*sqrt(n), at least 16."""
+    return max(16, 2 ** round(math.log2(max(2 * math.sqrt(max(n, 1)), 1))))
+
+
+def plan(kind: str, n: int, d: int, memory: int | None = None) -> IndexPlan:
+    """Resolve `kind` (KINDS or a factory string) for n vectors of dimension d under `memory` bytes."""
+    budget = memory if memory else math.inf
+    if kind == "flat":
+        return IndexPlan("Flat", "asked for (exact)")
+    if kind == "hnsw":
+        return IndexPlan("HNSW32,Flat", "asked for (graph over the float vectors)")
+    nlist = nlist_for(n)
+    if kind == "ivf":
+        return IndexPlan(f"IVF{nlist},SQ8" if (d + ID_BYTES) * n <= budget else _compressed(n, d, budget, nlist),
+                         f"asked for; nlist {nlist} for {n} vectors")
+    if kind != "auto":
+        _check_factory(kind, d)
+        return IndexPlan(kind, "a FAISS factory string, as given")
+    per = budget / max(n, 1)
+    if n <= FLAT_MAX and 4 * d + 8 <= per:
+        return IndexPlan("Flat", f"{n} vectors <= {FLAT_MAX}: exact search is fast enough")
+    if d + ID_BYTES <= per:
+        return IndexPlan(f"IVF{nlist},SQ8", f"{n} vectors: 8-bit codes of all {d} dims fit the memory budget")
+    return IndexPlan(_compressed(n, d, budget, nlist), f"{n} vectors under a {_gb(budget)} budget")
+
+
+def _compressed(n: int, d: int, budget: float, nlist: int) -> str:
+    per = budget / max(n, 1) - ID_BYTES
+    for p in (1024, 512, 256):
+        if p < d and p <= per:
+            return f"PCAR{p},IVF{nlist},SQ8"
+    p = min(256, d)
+    fits = [m for m in (64, 32, 16, 8) if m <= per and p % m == 0]  # PQ's sub-vectors must split p evenly
+    if not fits:
+        raise InputError(f"a memory budget of {_gb(budget)} leaves {per:.0f} bytes per vector for {n} vectors; "
+                         f"the smallest index needs {8 + ID_BYTES} (raise --memory)")
+    return f"PCAR{p},IVF{nlist},PQ{fits[0]}"
+
+
+def _gb(x: float) -> str:
+    return "unlimited" if x == math.inf else f"{x / 2**30:.2f} GiB"
+
+
+def _check_factory(spec: str, d: int) -> None:
+    try:
+        faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise InputError(f"--index {spec!r} is neither one of {', '.join(KINDS)} nor a FAISS index-factory string "
+                         f"FAISS accepts ({' '.join(str(exc).split())[:200]})") from None
+
+
+def build(xb: np.ndarray, ids: np.ndarray, factory: str, *, seed: int = 0) -> faiss.Index:
+    """The index `factory` over xb with the store's ids (IndexIDMap2), trained on a seeded sample of xb."""
+    xb = np.ascontiguousarray(xb, dtype=np.float32)
+    n, d = xb.shape
+    inner = faiss.IndexFlatIP(d) if factory == "Flat" else faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    index = faiss.IndexIDMap2(inner)
+    if not inner.is_trained:
+        ivf = _ivf(index)
+        need = max(40 * ivf.nlist, 4096) if ivf is not None else 65_536
+        if n < (ivf.nlist if ivf is not None else 1):
+            raise InputError(f"{factory} needs at least {ivf.nlist} vectors to train; the store has {n} "
+                             f"(use --index flat or a smaller IVF)")
+        rows = np.sort(np.random.default_rng(seed).choice(n, size=min(n, need), replace=False))
+        index.train(xb[rows])
+    if n:
+        for start in range(0, n, 65_536):  # bounded temporaries (PCA, codes) for a million rows
+            index.add_with_ids(xb[start:start + 65_536], np.ascontiguousarray(ids[start:start + 65_536], np.int64))
+    return index
+
+
+def _ivf(index: faiss.Index) -> faiss.IndexIVF | None:
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def _knob(index: faiss.Index) -> tuple[str, list[int]] | None:
+    """The search knob of an approximate index and the values tuning tries, smallest first."""
+    ivf = _ivf(index)
+    if ivf is not None:
+        return "nprobe", [p for p in (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+                          if p <= ivf.nlist]
+    if "HNSW" in type(faiss.downcast_index(index.index)).__name__:
+        return "efSearch", [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
+    return None
+
+
+def apply_params(index: faiss.Index, params: str) -> None:
+    """Set the recorded search knob ("nprobe=16") on a loaded index ("" leaves it alone)."""
+    if params:
+        faiss.ParameterSpace().set_index_parameters(index, params)
+
+
+def recall_at(I: np.ndarray, gt: np.ndarray) -> float:
+    """Mean fraction of each row of gt (exact k-NN ids) found in the same row of I."""
+    k = gt.shape[1]
+    return float(np.mean([len(set(a[:k]) & set(b[b >= 0])) / k for a, b in zip(gt, I)])) if len(gt) else 1.0
+
+
+def tune(index: faiss.Index, xb: np.ndarray, ids: np.ndarray, *, target: float = TARGET_RECALL,
+         k: int = RECALL_K, queries: int = RECALL_QUERIES, seed: int = 1) -> Measured:
+    """Measure recall@k of `index` against exact search, over `queries` store vectors picked with `seed`, and
+    set its knob to the smallest value that reaches `target` (the largest tried when none does)."""
+    t0 = time.perf_counter()
+    knob = _knob(index)
+    if index.ntotal == 0 or knob is None and "Flat" == type(faiss.downcast_index(index.index)).__name__[-4:]:
+        return Measured("", 1.0, 0, 0.0)
+    n = len(xb)
+    rows = np.random.default_rng(seed).choice(n, size=min(n, queries), replace=False)
+    xq = np.ascontiguousarray(xb[rows], dtype=np.float32)
+    k = min(k, n)
+    exact = faiss.IndexFlatIP(xb.shape[1])
+    for start in range(0, n, 65_536):
+        exact.add(np.ascontiguousarray(xb[start:start + 65_536], np.float32))
+    _, gt_rows = exact.search(xq, k)
+    gt = np.asarray(ids, np.int64)[gt_rows]
+    if knob is None:  # a factory string without a knob: measured as it is
+        return Measured("", recall_at(index.search(xq, k)[1], gt), len(rows), time.perf_counter() - t0)
+    name, values = knob
+    best = ("", -1.0)
+    for v in values:
+        apply_params(index, f"{name}={v}")
+        r = recall_at(index.search(xq, k)[1], gt)
+        best = (f"{name}={v}", r)
+        if r >= target:
+            break
+    apply_params(index, best[0])
+    if best[1] < target:
+        log.warning("index reached recall@%d %.3f < target %.2f at %s (its best); consider --index flat or more "
+                    "memory", k, best[1], target, best[0])
+    return Measured(best[0], best[1], len(rows), time.perf_counter() - t0)

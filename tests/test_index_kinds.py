@@ -1,0 +1,148 @@
+"""Index kinds (issue 15): the written-down auto rules, approximate indexes tuned to a target recall that an
+independent brute-force oracle confirms, and the choice kept in the store, shown by `info`, applied on load."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from neardup.cli import app
+from neardup.errors import InputError
+from neardup.indexer import index_kinds
+from neardup.indexer.build import build_index, update_index
+from neardup.indexer.faiss_index import open_index, search
+from neardup.indexer.store import read_meta
+from neardup.testing import FakeEmbedder
+
+runner = CliRunner()
+GiB = 1 << 30
+
+
+def test_auto_follows_its_written_rules() -> None:
+    assert index_kinds.plan("auto", 50_000, 2048).factory == "Flat"  # the design card's 50k stay exact
+    assert index_kinds.plan("auto", 1_000_000, 2048).factory == "IVF2048,SQ8"  # no budget: 8-bit codes
+    assert index_kinds.plan("auto", 1_000_000, 2048, 2 * GiB).factory == "IVF2048,SQ8"  # 2064 B a vector fit
+    assert index_kinds.plan("auto", 1_000_000, 2048, GiB).factory == "PCAR1024,IVF2048,SQ8"
+    assert index_kinds.plan("auto", 1_000_000, 2048, 300 << 20).factory == "PCAR256,IVF2048,SQ8"
+    assert index_kinds.plan("auto", 1_000_000, 2048, 64 << 20).factory == "PCAR256,IVF2048,PQ32"
+    assert index_kinds.plan("auto", 200_000, 2048, 10 * GiB).factory.startswith("IVF1024,")
+    assert index_kinds.plan("hnsw", 10, 64).factory == "HNSW32,Flat"
+    assert index_kinds.plan("IVF64,PQ8", 10, 64).factory == "IVF64,PQ8"  # an expert's factory string
+    with pytest.raises(InputError, match="raise --memory"):
+        index_kinds.plan("auto", 1_000_000, 2048, 16 << 20)
+    with pytest.raises(InputError, match="neither one of"):
+        index_kinds.plan("IVFbogus", 10, 64)
+
+
+def _clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
+    """Unit vectors around 200 centres (catalogue-like: many products, a few shots each)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((200, d)).astype(np.float32)
+    x = centres[rng.integers(0, 200, n)] + 0.6 * rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("factory", ["IVF128,SQ8", "IVF64,Flat", "HNSW16,Flat"])
+def test_tuned_index_reaches_the_target_and_the_oracle_agrees(factory: str) -> None:
+    xb = _clustered(20_000, 64)
+    ids = np.arange(len(xb), dtype=np.int64) * 7 + 3  # the store's ids, not row numbers
+    index = index_kinds.build(xb, ids, factory)
+    got = index_kinds.tune(index, xb, ids, target=0.9, queries=300)
+    assert got.recall >= 0.9 and got.queries == 300
+    # oracle: brute force in numpy on other queries; the tuned knob must give about the measured recall
+    xq = xb[np.random.default_rng(99).choice(len(xb), 300, replace=False)]
+    truth = ids[np.argsort(-(xq @ xb.T), axis=1)[:, :10]]
+    _, I = index.search(xq, 10)
+    assert abs(index_kinds.recall_at(I, truth) - got.recall) < 0.05
+    if factory != "HNSW16,Flat":  # the smallest knob that reaches the target: one step lower misses it
+        knob, value = got.params.split("=")
+        lower = [v for v in index_kinds._knob(index)[1] if v < int(value)]
+        if lower:
+            index_kinds.apply_params(index, f"{knob}={lower[-1]}")
+            assert index_kinds.recall_at(index.search(xq, 10)[1], truth) < 0.9 + 0.05
+
+
+def test_an_unreachable_target_is_recorded_as_measured(caplog: pytest.LogCaptureFixture) -> None:
+    xb = _clustered(5_000, 64)  # full-rank noise: half the dimensions cannot keep the neighbours
+    ids = np.arange(len(xb), dtype=np.int64)
+    index = index_kinds.build(xb, ids, "PCAR32,IVF32,Flat")
+    got = index_kinds.tune(index, xb, ids, target=0.95, queries=200)
+    assert got.params == "nprobe=32" and got.recall < 0.9  # the best it has, honestly measured
+    assert "< target 0.95" in caplog.text
+
+
+def test_store_records_measures_and_reapplies_its_index(make_images, tmp_path: Path) -> None:
+    make_images(300)
+    store = tmp_path / "s.h5"
+    build_index([tmp_path / "imgs"], store, embedder=FakeEmbedder(), index="IVF16,Flat", target_recall=0.9)
+    meta = read_meta(store)
+    assert (meta.index_kind, meta.index_factory) == ("IVF16,Flat", "IVF16,Flat")
+    assert meta.index_params.startswith("nprobe=") and meta.index_recall >= 0.9 and meta.index_recall_queries == 300
+    cat, index = open_index(store)  # the recorded knob is set again on load (FAISS does not save nprobe)
+    assert faiss.extract_index_ivf(index).nprobe == int(meta.index_params.split("=")[1])
+    D, I = search(index, np.eye(32, dtype=np.float32)[:3], 5)
+    assert set(I.ravel()) <= set(cat.ids.tolist())
+
+    res = runner.invoke(app, ["info", "--store", str(store)])
+    assert res.exit_code == 0 and "IVF16,Flat at nprobe=" in res.output and "recall@10" in res.output
+    doc = json.loads(runner.invoke(app, ["info", "--store", str(store), "--json"]).output)
+    assert doc["index_recall"] == pytest.approx(meta.index_recall)
+
+    make_images(20, start=300)  # an update keeps the store's kind and measures again
+    update_index([tmp_path / "imgs"], store, embedder=FakeEmbedder())
+    assert read_meta(store).index_factory == "IVF16,Flat" and read_meta(store).count == 320
+    update_index([tmp_path / "imgs"], store, embedder=FakeEmbedder(), index="flat")  # nothing changed but the index
+    meta = read_meta(store)
+    assert (meta.index_kind, meta.index_factory, meta.index_recall) == ("flat", "Flat", 1.0)
+
+
+def test_bad_index_options_are_refused_before_any_work(make_images, tmp_path: Path) -> None:
+    make_images(3)
+    res = runner.invoke(app, ["index", str(tmp_path / "imgs"), "--store", str(tmp_path / "s.h5"), "--model", "phash",
+                              "--index", "IVFbogus"])
+    assert res.exit_code == 2 and "neither one of" in res.output and not (tmp_path / "s.h5").exists()
+    res = runner.invoke(app, ["index", str(tmp_path / "imgs"), "--store", str(tmp_path / "s.h5"), "--model", "phash",
+                              "--memory", "lots"])
+    assert res.exit_code == 2 and "not a size" in res.output
+
+
+def test_knn_duplicates_on_an_approximate_index_match_the_exact_join() -> None:
+    from neardup.search.duplicates import knn_pairs, self_join
+
+    rng = np.random.default_rng(5)
+    xb = _clustered(20_000, 64)
+    planted = rng.choice(len(xb), 400, replace=False)  # 200 planted near-duplicate pairs: b = a + a little
+    a, b = planted[:200], planted[200:]
+    xb[b] = xb[a] + 0.02 * rng.standard_normal((200, 64)).astype(np.float32)  # cosine ~0.99
+    xb /= np.linalg.norm(xb, axis=1, keepdims=True)
+    ids = np.arange(len(xb), dtype=np.int64)[::-1].copy()  # ids in another order than rows
+    index = index_kinds.build(xb, ids, "IVF128,SQ8")
+    index_kinds.tune(index, xb, ids, target=0.95, queries=300)
+    I, J, D = knn_pairs(xb, 10, 0.95, index, ids, chunk=4096)
+    oi, oj, od = self_join(xb, 0.95)  # the oracle
+    exact = {(i, j): d for i, j, d in zip(oi.tolist(), oj.tolist(), od.tolist())}
+    got = list(zip(I.tolist(), J.tolist(), D.tolist()))
+    assert got and all((i, j) in exact and abs(d - exact[(i, j)]) < 1e-5 for i, j, d in got)  # re-scored exactly
+    pairs = {(min(x, y), max(x, y)) for x, y in zip(a.tolist(), b.tolist())}
+    assert pairs <= exact.keys()  # the oracle finds every planted pair
+    assert len(pairs & {(i, j) for i, j, _ in got}) / len(pairs) >= 0.95  # planted-pair recall
+
+
+def test_find_duplicates_uses_the_stores_index_and_exact_on_request(make_images, tmp_path: Path) -> None:
+    from neardup.search.duplicates import find_duplicates
+
+    make_images(300)
+    store = tmp_path / "s.h5"
+    build_index([tmp_path / "imgs"], store, embedder=FakeEmbedder(), index="IVF16,Flat", local_features=False)
+    approx = find_duplicates(store, threshold=0.9, verify=False)
+    exact = find_duplicates(store, threshold=0.9, verify=False, exact=True)
+    assert "IVF16,Flat" in approx.method and exact.method == "exact join"
+    got = {(a, b): d for a, b, d in zip(approx.I.tolist(), approx.J.tolist(), approx.D.tolist())}
+    want = {(a, b): d for a, b, d in zip(exact.I.tolist(), exact.J.tolist(), exact.D.tolist())}
+    assert got.keys() <= want.keys() and all(abs(d - want[p]) < 1e-5 for p, d in got.items())
+    res = runner.invoke(app, ["duplicates", "--store", str(store), "--threshold", "0.9", "--no-verify"])
+    assert res.exit_code == 0 and "pairs from: k-NN of the store's IVF16,Flat index" in res.output

@@ -1,0 +1,158 @@
+"""`--ray`: the embed phase on a local Ray cluster gives the local run's store, loses nothing when a worker or
+the driver is killed, and lists bad photos as rows. Real grocery photos, the trained MobileNetV2."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from neardup.cli import app
+from neardup.errors import InputError
+from neardup.indexer.build import build_index, update_index
+from neardup.indexer.files import StoreFiles
+from neardup.indexer.ray_job import INSTALL_HINT, RayOptions
+from neardup.indexer.store import read_catalog
+from neardup.testing import FakeEmbedder
+
+from .conftest import GROCERY, SKIP_GROCERY
+
+MODEL = Path(__file__).resolve().parents[2] / "shared" / "models" / "nsfwjs-mobilenet-v2" / \
+    "mobilenet_v2_100_features.onnx"
+SPEC = dict(model=f"onnx:{MODEL}", preprocess="output=features")
+ACTOR = "MapBatches(EmbedActor)"  #: in the process title Ray gives an embedding actor
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A local 2-CPU Ray cluster for the module (no network, no dashboard)."""
+    ray = pytest.importorskip("ray", reason="Ray not installed: pip install 'neardup[ray]'")
+    if not MODEL.is_file() or not GROCERY.is_dir():
+        pytest.skip(SKIP_GROCERY if not GROCERY.is_dir() else f"trained-network test skipped: no {MODEL}")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """96 grocery photos (links to ../shared, never copies), one of them twice, and one file that is no photo."""
+    if not GROCERY.is_dir():
+        pytest.skip(SKIP_GROCERY)
+    found = sorted((GROCERY / "test" / "Packages").rglob("*.jpg"))
+    folder = tmp_path_factory.mktemp("ray-photos") / "photos"
+    folder.mkdir()
+    for i, src in enumerate(found[::max(1, len(found) // 96)][:96]):
+        (folder / f"p{i:03d}.jpg").symlink_to(src)
+    (folder / "again.jpg").symlink_to(folder / "p000.jpg")  # one content, two names: embedded once
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really a JPEG")
+    return folder
+
+
+def _same_store(a: Path, b: Path, local: bool = True) -> None:
+    """Two stores hold the same rows: paths, ids, content, sizes, failures, local features; vectors within the
+    runtime's tolerance (batches of other sizes may round differently)."""
+    ca, cb = read_catalog(a, local=True), read_catalog(b, local=True)
+    assert ca.paths == cb.paths and ca.paths
+    assert (ca.ids == cb.ids).all() and list(ca.sha256) == list(cb.sha256)
+    assert (ca.widths == cb.widths).all() and (ca.heights == cb.heights).all()
+    assert sorted(ca.failures) == sorted(cb.failures)
+    np.testing.assert_allclose(ca.xb, cb.xb, atol=1e-4)
+    for i in range(len(ca) if local else 0):
+        la, lb = ca.local.row(i), cb.local.row(i)
+        assert (la.desc == lb.desc).all()
+        np.testing.assert_allclose(la.xy, lb.xy, atol=1e-6)
+    assert ca.meta.model == cb.meta.model and ca.meta.weights_fingerprint == cb.meta.weights_fingerprint
+
+
+def test_ray_run_makes_the_local_runs_store_and_updates_alike(cluster, photos: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "photos"
+    shutil.copytree(photos, folder, symlinks=True)
+    local, on_ray = tmp_path / "local.h5", tmp_path / "ray.h5"
+    a = build_index([folder], local, batch_size=16, **SPEC)
+    b = build_index([folder], on_ray, batch_size=16, ray=RayOptions(), **SPEC)
+    assert b.embedded == a.embedded == 96  # the second name of p000's content is not embedded again
+    assert [p for p, _ in b.failures] == ["photos/broken.jpg"] and b.failures == a.failures
+    _same_store(local, on_ray)
+    assert not StoreFiles(on_ray).work.exists()  # the run's checkpoint is gone once published
+
+    for p in sorted(folder.glob("p0[0-1]*.jpg")):  # an update: 20 photos gone, one back under a new name
+        p.unlink()
+    (folder / "renamed.jpg").symlink_to(next(photos.glob("p005.jpg")).resolve())
+    a = update_index([folder], local, **SPEC)
+    b = update_index([folder], on_ray, ray=RayOptions(), **SPEC)
+    assert (b.removed, b.moved, b.embedded) == (a.removed, a.moved, a.embedded) and (a.moved, a.embedded) == (1, 0)
+    _same_store(local, on_ray)
+
+
+def _actor_pids() -> list[int]:
+    """Processes of embedding actors (Ray names them in their process title)."""
+    import psutil
+
+    return [p.info["pid"] for p in psutil.process_iter(["pid", "cmdline"]) if ACTOR in " ".join(p.info["cmdline"] or [])]
+
+
+def test_a_killed_worker_is_retried_and_nothing_is_lost(cluster, photos: Path, tmp_path: Path) -> None:
+    # a slow stand-in model (0.25 s a batch of 4: ~6 s of work) so the kill lands mid-run, whatever Ray's start
+    reference = tmp_path / "local.h5"
+    build_index([photos], reference, batch_size=4, embedder=FakeEmbedder())
+    killed: list[tuple[int, float]] = []
+    earlier = set(_actor_pids())  # an earlier test's pool may still be shutting down
+
+    def killer() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not set(_actor_pids()) - earlier:
+            time.sleep(0.05)
+        time.sleep(2.0)  # the actor is embedding by now
+        mine = sorted(set(_actor_pids()) - earlier)[:1]
+        for pid in mine:
+            os.kill(pid, signal.SIGKILL)
+        killed.append((mine[0] if mine else 0, time.monotonic()))
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    s = build_index([photos], tmp_path / "ray.h5", batch_size=4, embedder=FakeEmbedder(delay=0.25), ray=RayOptions())
+    ended = time.monotonic()
+    thread.join()
+    pid, at = killed[0]
+    assert pid and ended - at > 1.0  # an actor was killed while work remained; Ray restarted it and redid its block
+    assert s.total == 97 and [Path(p).name for p, _ in s.failures] == ["broken.jpg"]
+    _same_store(reference, tmp_path / "ray.h5", local=False)
+
+
+def test_a_killed_driver_resumes_from_its_shards(cluster, photos: Path, tmp_path: Path) -> None:
+    reference, store = tmp_path / "local.h5", tmp_path / "ray.h5"
+    build_index([photos], reference, **SPEC)
+    work = StoreFiles(store).work
+    env = {**os.environ, "RAY_ADDRESS": cluster.get_runtime_context().gcs_address}  # the test's cluster
+    cmd = [sys.executable, "-m", "neardup", "index", str(photos), "--store", str(store), "--ray", "--batch-size", "4",
+           "--model", SPEC["model"], "--preprocess", SPEC["preprocess"]]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list(work.glob("chunk-*.npz")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.kill()  # kill -9 of the driver, once one shard of 16 embeddings is durable
+    err = proc.communicate()[1].decode(errors="replace")
+    assert proc.returncode == -signal.SIGKILL, err[-2000:]
+    assert not store.exists()  # nothing published
+    s = build_index([photos], store, ray=RayOptions(), **SPEC)
+    assert s.reused >= 16 and s.embedded + s.reused >= 96
+    _same_store(reference, store)
+
+
+def test_ray_without_ray_installed_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    with pytest.raises(InputError, match=r"pip install 'neardup\[ray\]'"):
+        build_index([tmp_path], tmp_path / "s.h5", ray=RayOptions())
+    assert INSTALL_HINT.startswith("--ray needs Ray Data")
+    res = CliRunner().invoke(app, ["index", str(tmp_path), "--store", str(tmp_path / "s.h5"), "--ray-actors", "2"])
+    assert res.exit_code != 0 and "go with --ray" in res.output
