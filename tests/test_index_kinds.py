@@ -146,3 +146,15 @@ def test_find_duplicates_uses_the_stores_index_and_exact_on_request(make_images,
     assert got.keys() <= want.keys() and all(abs(d - want[p]) < 1e-5 for p, d in got.items())
     res = runner.invoke(app, ["duplicates", "--store", str(store), "--threshold", "0.9", "--no-verify"])
     assert res.exit_code == 0 and "pairs from: k-NN of the store's IVF16,Flat index" in res.output
+
+
+def test_a_store_too_small_to_train_its_index_stays_exact_until_it_grows(make_images, tmp_path: Path) -> None:
+    make_images(12)
+    store = tmp_path / "s.h5"
+    build_index([tmp_path / "imgs"], store, embedder=FakeEmbedder(), index="ivf", local_features=False)
+    meta = read_meta(store)
+    assert (meta.index_kind, meta.index_factory) == ("ivf", "Flat")  # 12 vectors cannot train 16 lists
+    make_images(40, start=12)
+    update_index([tmp_path / "imgs"], store, embedder=FakeEmbedder())
+    meta = read_meta(store)
+    assert meta.index_factory.startswith("IVF16,") and meta.index_recall_queries == 52

@@ -10,7 +10,7 @@ import numpy as np
 
 from dataclasses import replace
 
-from ..errors import StoreError
+from ..errors import InputError, StoreError
 from ..fileio import atomic_write, file_sha256
 from . import index_kinds
 from .files import StoreFiles
@@ -35,7 +35,13 @@ def derived_index(meta: StoreMeta, xb: np.ndarray, ids: np.ndarray) -> tuple[fai
     if choice.exact:
         return build_flat_index(xb, ids), replace(meta, index_factory="Flat", index_params="", index_recall=1.0,
                                                   index_recall_queries=0)
-    index = index_kinds.build(xb, ids, choice.factory)
+    try:
+        index = index_kinds.build(xb, ids, choice.factory)
+    except (InputError, RuntimeError) as exc:  # too few vectors to train it yet: exact until there are enough
+        log.warning("index %s cannot be trained on %d vectors (%s); the store keeps an exact index until an update "
+                    "has enough", choice.factory, len(xb), " ".join(str(exc).split())[:200])
+        return build_flat_index(xb, ids), replace(meta, index_factory="Flat", index_params="", index_recall=1.0,
+                                                  index_recall_queries=0)
     got = index_kinds.tune(index, xb, ids, target=meta.index_target)
     log.info("index %s (%s): recall@%d %.3f at %s, measured on %d store vectors in %.1f s", choice.factory,
              choice.reason, index_kinds.RECALL_K, got.recall, got.params or "its defaults", got.queries,
