@@ -158,3 +158,21 @@ def test_a_store_too_small_to_train_its_index_stays_exact_until_it_grows(make_im
     update_index([tmp_path / "imgs"], store, embedder=FakeEmbedder())
     meta = read_meta(store)
     assert meta.index_factory.startswith("IVF16,") and meta.index_recall_queries == 52
+
+
+def test_query_scores_are_exact_cosines_whatever_the_index_codes(make_images, tmp_path: Path) -> None:
+    from neardup.indexer.store import read_catalog
+    from neardup.search.query import Searcher
+
+    make_images(300)
+    store = tmp_path / "s.h5"
+    build_index([tmp_path / "imgs"], store, embedder=FakeEmbedder(), index="PCAR8,IVF16,PQ4", local_features=False)
+    cat = read_catalog(store)
+    s = Searcher(store, embedder=FakeEmbedder())
+    xq = cat.xb[:5] + 0.01
+    xq /= np.linalg.norm(xq, axis=1, keepdims=True)
+    for q, matches in zip(xq, s.search(xq, k=5)):
+        scores = [m.score for m in matches]
+        assert scores == sorted(scores, reverse=True)
+        for m in matches:  # the stored vector's cosine, not the PCA+PQ code's approximation
+            assert m.score == pytest.approx(float(q @ cat.xb[list(cat.ids).index(m.id)]), abs=1e-5)

@@ -259,6 +259,15 @@ def read_local(path: str | os.PathLike[str] | h5py.File, rows: np.ndarray | None
         return table
 
 
+def read_vectors(path: str | os.PathLike[str] | h5py.File, rows: np.ndarray, index_file: str) -> np.ndarray:
+    """The stored vectors of `rows` (one read a row), from the generation that names `index_file` (the one the
+    caller's rows came from); StoreError when another generation is there now. `path` may be pinned."""
+    with _open(path) as f:
+        if str(f.attrs["index_file"]) != index_file:
+            raise StoreError(f"{path} was updated during the search; run it again")
+        return _rows(f["embeddings"], np.asarray(rows, np.int64)).astype(np.float32, copy=False)
+
+
 def read_catalog(path: str | os.PathLike[str], *, vectors: bool = True, local: bool = False) -> Catalog:
     """Read a whole store into memory (embeddings only when `vectors`, local features only when `local` and
     the store has them). Raises StoreError."""

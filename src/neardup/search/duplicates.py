@@ -57,14 +57,14 @@ def self_join(xb: np.ndarray, threshold: float, block: int | None = None) -> tup
 
 
 def knn_pairs(xb: np.ndarray, k: int, threshold: float, index=None, ids: np.ndarray | None = None,  # noqa: ANN001
-              chunk: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+              chunk: int = 1024, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs (i < j) where j is among i's k nearest rows (or i among j's) with inner product >= threshold.
 
     Returns (I, J, D) sorted by (I, J), each pair once: O(n k) pairs where the self-join's grow with n². The
     k-NN come from `index` (a store's FAISS index, holding the catalog's `ids`) when given, else from an exact
     IndexFlatIP; either way every candidate is re-scored exactly from xb, so an approximate index can miss a
     pair but never scores one wrongly. Rows are searched `chunk` at a time: memory is bounded by the chunk
-    and the pairs kept, never by n².
+    and the pairs kept, never by n². `rows` limits the searched rows (a benchmark's sample; default: all).
     """
     import faiss
 
@@ -78,19 +78,22 @@ def knn_pairs(xb: np.ndarray, k: int, threshold: float, index=None, ids: np.ndar
     order = np.argsort(ids) if ids is not None else None
     kk = min(k + 1, n)  # +1: each row finds itself (or a tie) first
     found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    for start in range(0, n, chunk):
-        xq = xb[start:start + chunk]
+    todo = np.arange(n) if rows is None else np.asarray(rows, np.int64)
+    for start in range(0, len(todo), chunk):
+        qrows = todo[start:start + chunk]
+        xq = xb[qrows]
         _, cols = index.search(xq, kk)
         if order is not None:  # store ids -> rows (-1 stays -1)
             at = np.clip(np.searchsorted(ids, cols, sorter=order), 0, n - 1)
             cols = np.where((cols >= 0) & (ids[order[at]] == cols), order[at], -1)
         # exact re-scoring from the stored vectors: chunk x (k+1) x d floats at a time
         sims = np.einsum("cd,ckd->ck", xq, xb[np.maximum(cols, 0)]).ravel()
-        rows, cols = np.repeat(np.arange(start, start + len(xq)), kk), cols.ravel()
-        keep = (cols >= 0) & (cols != rows) & (sims >= threshold)
-        a, b = np.minimum(rows, cols)[keep], np.maximum(rows, cols)[keep]
+        src, cols = np.repeat(qrows, kk), cols.ravel()
+        keep = (cols >= 0) & (cols != src) & (sims >= threshold)
+        a, b = np.minimum(src, cols)[keep], np.maximum(src, cols)[keep]
         found.append((a, b, sims[keep].astype(np.float32)))
-    a, b, sims = (np.concatenate(x) for x in zip(*found))
+    a, b, sims = (np.concatenate(x) for x in zip(*found)) if found else (np.zeros(0, np.int64),) * 2 + (
+        np.zeros(0, np.float32),)
     key, first = np.unique(a * n + b, return_index=True)
     return key // n, key % n, sims[first]
 
@@ -316,11 +319,9 @@ def find_duplicates(store: str | os.PathLike[str], *, threshold: float | None = 
     report = DuplicateReport(store=str(store), model=cat.meta.model, threshold=t, n=len(cat), ids=cat.ids,
                              paths=cat.paths, verify=verify)
     index = None if exact or cat.meta.index_factory == "Flat" else load_saved_index(store, cat)
-    if index is not None:  # a large store: its approximate index's k-NN graph, not the n² join
-        report.method = (f"k-NN of the store's {cat.meta.index_factory} index ({cat.meta.index_params}, recall@10 "
-                         f"{cat.meta.index_recall:.3f}), candidates re-scored exactly")
-    elif verify:
-        report.method = "exact k-NN"
+    report.method = (f"k-NN of the store's {cat.meta.index_factory} index ({cat.meta.index_params}, recall@10 "
+                     f"{cat.meta.index_recall:.3f}), candidates re-scored exactly" if index is not None  # large store
+                     else "exact k-NN" if verify else "exact join")
     if verify:
         dk, dt = candidate_rule(cat.meta.model)
         report.k = dk if k is None else int(k)

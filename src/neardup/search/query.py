@@ -20,7 +20,7 @@ from ..indexer.models import make_embedder
 from ..indexer.faiss_index import open_index, search
 from ..indexer.pipeline import embed_files
 from ..indexer.local_features import LocalFeatures
-from ..indexer.store import Catalog, StoreMeta, open_pinned, read_meta, store_embedder
+from ..indexer.store import Catalog, StoreMeta, open_pinned, read_meta, read_vectors, store_embedder
 from .verify import rerank, resolve_verify, row_features, verify_pairs
 
 log = logging.getLogger(__name__)
@@ -165,8 +165,27 @@ class Searcher:
         """k nearest catalogue images of each row of xq (unit vectors from this store's embedder)."""
         if len(xq) == 0:
             return []
+        return self.neighbours(*self.knn(xq, k))
+
+    def knn(self, xq: np.ndarray, k: int = DEFAULTS.k) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS (D, I) of xq in this store's index; on an approximate index (SQ, PQ, PCA codes) the scores are
+        re-computed exactly from the stored vectors."""
         D, I = search(self.index, xq, k)
-        return self.neighbours(D, I)
+        return self._rescored(xq, I) if self.meta.index_factory != "Flat" else (D, I)
+
+    def _rescored(self, xq: np.ndarray, I: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exact cosines of the found ids from the stored vectors, each row re-sorted by them (so a threshold
+        means the same whatever the index's codes)."""
+        rows = self.rows_of(I.ravel()).reshape(I.shape)
+        ok = rows >= 0
+        uniq, inverse = np.unique(rows[ok], return_inverse=True)
+        D = np.full(I.shape, -np.inf, np.float32)
+        if len(uniq):
+            xb = read_vectors(self.pinned or self.store, uniq, self.meta.index_file)
+            D[ok] = np.einsum("ij,ij->i", np.repeat(xq, ok.sum(1), axis=0), xb[inverse])
+        order = np.argsort(-D, axis=1, kind="stable")
+        I = np.where(ok, I, -1)
+        return np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)
 
     def neighbours(self, D: np.ndarray, I: np.ndarray) -> list[list[Match]]:
         """FAISS results (D, I) of this store's index as Match lists."""

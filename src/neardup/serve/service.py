@@ -32,7 +32,6 @@ from ..config import DEFAULTS, SERVE, resolve_threshold
 from ..errors import DecodeError, NeardupError
 from ..indexer.decode import Decoded, open_upright
 from ..indexer.embed import Embedder
-from ..indexer.faiss_index import search
 from ..indexer.pipeline import decode_for
 from ..indexer.store import StoreMeta, read_meta
 from ..search.query import Match, QueryResult, Searcher
@@ -244,7 +243,7 @@ class Batcher:
     def _embed_search(self, gen: Generation, group: list[_Job]) -> None:
         pixels = np.concatenate([j.pixels for j in group])
         xq = gen.searcher.embedder.embed(pixels)
-        D, I = search(gen.searcher.index, xq, max(j.k for j in group))
+        D, I = gen.searcher.knn(xq, max(j.k for j in group))
         self.stats.batches += 1
         self.stats.images += len(pixels)
         self.stats.largest = max(self.stats.largest, len(pixels))
