@@ -197,11 +197,12 @@ def _dataset(ray, pending: list[FileRecord], emb: Embedder, factory: Callable[[]
         1.0 if resources.get("GPU", 0) >= 1 else 0.0)
     cpus = min(ray_opts.cpus_per_actor, resources.get("CPU", 1.0))  # a 1-CPU cluster still gets its actor
     fits = resources.get("GPU", 0) / gpus if gpus else resources.get("CPU", 1.0) / cpus
-    size = max(1, min(ray_opts.actors or math.inf, int(fits) or 1, math.ceil(len(pending) / opts.batch_size)))
+    per_block = opts.batch_size * BATCHES_PER_BLOCK
+    blocks = max(1, math.ceil(len(pending) / per_block))
+    size = max(1, min(ray_opts.actors or math.inf, int(fits) or 1, blocks))  # no more actors than blocks
     known = {"ref": ray.put(frozenset(phase.vectors))}  # nested: the actor fetches it from the object store
     rows = [{"path": f.abs, "rel": f.rel} for f in pending]
-    per_block = opts.batch_size * BATCHES_PER_BLOCK
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / per_block)))
+    ds = ray.data.from_items(rows, override_num_blocks=blocks)
     log.info("embedding %d files on Ray: %d actor(s), %g CPU and %g GPU each", len(rows), size, cpus, gpus)
     return ds.map_batches(EmbedActor, batch_size=per_block, batch_format="numpy",
                           compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size),
