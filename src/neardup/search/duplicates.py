@@ -23,6 +23,7 @@ from ..config import DEFAULTS, candidate_rule, resolve_threshold
 from ..errors import InputError
 from ..indexer.faiss_index import load_saved_index
 from ..indexer.store import Catalog, read_catalog
+from .query import id_lookup, rows_for
 from .verify import Verified, resolve_verify, row_features, verify_pairs
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def knn_pairs(xb: np.ndarray, k: int, threshold: float, index=None, ids: np.ndar
     if index is None:
         index, ids = faiss.IndexFlatIP(xb.shape[1]), None
         index.add(xb)
-    order = np.argsort(ids) if ids is not None else None
+    lookup = id_lookup(np.asarray(ids, np.int64)) if ids is not None else None
     kk = min(k + 1, n)  # +1: each row finds itself (or a tie) first
     found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     todo = np.arange(n) if rows is None else np.asarray(rows, np.int64)
@@ -83,9 +84,8 @@ def knn_pairs(xb: np.ndarray, k: int, threshold: float, index=None, ids: np.ndar
         qrows = todo[start:start + chunk]
         xq = xb[qrows]
         _, cols = index.search(xq, kk)
-        if order is not None:  # store ids -> rows (-1 stays -1)
-            at = np.clip(np.searchsorted(ids, cols, sorter=order), 0, n - 1)
-            cols = np.where((cols >= 0) & (ids[order[at]] == cols), order[at], -1)
+        if lookup is not None:  # store ids -> rows (-1 stays -1)
+            cols = rows_for(lookup, cols)
         # exact re-scoring from the stored vectors: chunk x (k+1) x d floats at a time
         sims = np.einsum("cd,ckd->ck", xq, xb[np.maximum(cols, 0)]).ravel()
         src, cols = np.repeat(qrows, kk), cols.ravel()

@@ -69,6 +69,16 @@ def id_lookup(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ids[order], order
 
 
+def rows_for(lookup: tuple[np.ndarray, np.ndarray], ids: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Rows of catalogue `ids` (any shape) through an id_lookup; -1 for an id not there (and for -1)."""
+    ids = np.asarray(ids, np.int64)
+    sorted_ids, order = lookup
+    if not len(order):
+        return np.full(ids.shape, -1, np.int64)
+    at = np.clip(np.searchsorted(sorted_ids, ids), 0, len(order) - 1)
+    return np.where(sorted_ids[at] == ids, order[at], -1)
+
+
 def neighbours(D: np.ndarray, I: np.ndarray, cat: Catalog,
                lookup: tuple[np.ndarray, np.ndarray] | None = None) -> list[list[Match]]:
     """Turn FAISS (D, I) rows into Match lists, dropping the -1 padding of short results."""
@@ -154,12 +164,7 @@ class Searcher:
 
     def rows_of(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Rows of catalogue `ids`; -1 for an id not in this generation."""
-        ids = np.asarray(ids, np.int64)
-        sorted_ids, order = self._lookup
-        if not len(order):
-            return np.full(len(ids), -1, np.int64)
-        at = np.clip(np.searchsorted(sorted_ids, ids), 0, len(order) - 1)
-        return np.where(sorted_ids[at] == ids, order[at], -1)
+        return rows_for(self._lookup, ids)
 
     def search(self, xq: np.ndarray, k: int = DEFAULTS.k) -> list[list[Match]]:
         """k nearest catalogue images of each row of xq (unit vectors from this store's embedder)."""
