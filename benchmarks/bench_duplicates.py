@@ -285,7 +285,7 @@ def run_child(kind: str, data: Path, store: Path, threshold: float, repeats: int
 def bench_case(report: Report, n: int, variant: str, args: argparse.Namespace, workdir: Path, rows_time: list,
                rows_data: list, rows_seed: list) -> None:
     """Generate one data set, time every method on it, and check the pair sets."""
-    from neardup.indexer.store import write_catalog
+    from neardup.store import write_catalog
 
     t = args.threshold
     log(f"n={n} {variant}: generating vectors")

@@ -65,7 +65,7 @@ def neardup_build(paths: list[Path], store: Path, emb, batch: int, workers: int)
 
 def store_rows(store: Path, paths: list[Path]) -> tuple[np.ndarray, list[int]]:
     """Stored embeddings in the order of `paths` (missing photos are listed by position)."""
-    from neardup.indexer.store import read_catalog
+    from neardup.store import read_catalog
 
     cat = read_catalog(store)
     row = {os.path.normpath(store.parent / p): i for i, p in enumerate(cat.paths)}
@@ -83,7 +83,7 @@ def store_rows(store: Path, paths: list[Path]) -> tuple[np.ndarray, list[int]]:
 def write_seconds(store: Path, workdir: Path, repeats: int) -> tuple[float, float]:
     """Median seconds to write this store's rows as a new HDF5 store, and to build + save its FAISS index."""
     from neardup.indexer.faiss_index import build_flat_index, save_index
-    from neardup.indexer.store import read_catalog, write_catalog
+    from neardup.store import read_catalog, write_catalog
 
     cat = read_catalog(store)
     h5, fx = [], []

@@ -31,7 +31,7 @@ def main() -> int:
         print(missing_inputs("mobilenet"))
         return 0
     from neardup.indexer.build import build_index
-    from neardup.indexer.store import read_catalog
+    from neardup.store import read_catalog
 
     spec, name = model_spec("mobilenet")
     found = [f for f in all_photos(GROCERY_DIR) if "iconic" not in f.as_posix()]

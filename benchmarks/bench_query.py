@@ -25,11 +25,8 @@ from common import Report, base_parser, log, percentile, sample_photos, syntheti
 
 
 def make_store(folder: Path, n: int, seed: int) -> tuple[Path, np.ndarray, float]:
-    """Write a store of n random unit vectors with its FAISS index; return (store, vectors, seconds)."""
-    from dataclasses import replace
-
-    from neardup.indexer.faiss_index import build_flat_index, save_index
-    from neardup.indexer.store import write_catalog
+    """Write a store of n random unit vectors (an exact index: the vectors); return (store, vectors, seconds)."""
+    from neardup.store import write_catalog
 
     rng = np.random.default_rng(seed)
     xb = np.empty((n, 2048), np.float32)
@@ -39,9 +36,6 @@ def make_store(folder: Path, n: int, seed: int) -> tuple[Path, np.ndarray, float
     store = folder / "catalog.h5"
     cat = synthetic_catalog(xb)
     t0 = time.perf_counter()
-    index_file = "catalog.h5.bench.faiss"
-    save_index(build_flat_index(xb, cat.ids), folder / index_file)
-    cat.meta = replace(cat.meta, index_file=index_file)
     write_catalog(store, cat)
     return store, xb, time.perf_counter() - t0
 
@@ -89,7 +83,7 @@ def main() -> int:
         from neardup.indexer.faiss_index import search as faiss_search
         from neardup.search.query import Searcher, neighbours
 
-        searcher = Searcher(store)
+        searcher = Searcher.open(store)
         open_s = time.perf_counter() - t0
         emb = searcher.embedder
         warm, timed = photos.paths[:args.warmup], photos.paths[args.warmup:]
@@ -117,7 +111,7 @@ def main() -> int:
             t3 = time.perf_counter()
             D, I = faiss_search(searcher.index, xq, args.k)
             t4 = time.perf_counter()
-            neighbours(D, I, searcher.cat)
+            neighbours(D, I, searcher.cat.paths, searcher.rows_of(I))
             t5 = time.perf_counter()
             t6 = time.perf_counter()
             searcher.index.search(xq, args.k)  # FAISS directly, with its default OpenMP threads
@@ -130,7 +124,7 @@ def main() -> int:
             vectors.append(xq[0])
 
         log("the same queries with --precision bf16")
-        bf16 = Searcher(store, precision="bf16")
+        bf16 = Searcher.open(store, precision="bf16")
         for ph in warm:
             bf16.query([ph], args.k)
         total_bf16 = []
@@ -147,7 +141,7 @@ def main() -> int:
         report.table(f"Latency per query photo (ms, {len(timed)} queries, k={args.k})",
                      ["step", "p50", "p95", "min", "max"], [
                          row("total: Searcher.query([photo], k) (read + decode + embed + search)", total),
-                         row("total with --precision bf16: Searcher(store, precision='bf16').query", total_bf16),
+                         row("total with --precision bf16: Searcher.open(store, precision='bf16').query", total_bf16),
                          row("search alone: Searcher.search(xq, k) (FAISS IndexFlatIP + match list)", search_only),
                          row("  breakdown: read + decode (read_and_decode)", decode),
                          row("  breakdown: embed one image (KerasEmbedder.embed, batch 1)", embed),

@@ -36,7 +36,7 @@ def main() -> int:
         return 0
     from neardup.indexer.build import build_index
     from neardup.indexer.ray_job import BATCHES_PER_BLOCK, RayOptions
-    from neardup.indexer.store import read_catalog
+    from neardup.store import read_catalog
 
     found = all_photos(GROCERY_DIR)
     step = max(1, len(found) // args.photos)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from types import SimpleNamespace
 
 import faiss
 import numpy as np
@@ -44,7 +45,6 @@ def main() -> int:
     from neardup.config import parse_size
     from neardup.indexer.faiss_index import derived_index, search
     from neardup.indexer.index_kinds import recall_at
-    from neardup.indexer.store import StoreMeta
     from neardup.search.duplicates import knn_pairs, self_join
 
     memory = parse_size(args.memory)
@@ -63,10 +63,9 @@ def main() -> int:
     flat_ms = _latency(lambda _, q, k: faiss.knn(q, xb, k, metric=faiss.METRIC_INNER_PRODUCT), None, xq[:30])
 
     log(f"building the store's index ({args.index}, memory {args.memory})")
-    meta = StoreMeta(model="bench", weights="none", weights_fingerprint="none", dim=args.d, input_size=0,
-                     preprocessing="", index_kind=args.index, index_memory=memory, index_target=args.target)
     t0 = time.perf_counter()
-    index, meta = derived_index(meta, xb, ids)
+    index, built = derived_index(args.index, memory, args.target, xb, ids)
+    meta = SimpleNamespace(index_factory=built.factory, index_params=built.params, index_recall=built.recall)
     build_s = time.perf_counter() - t0
     served = len(faiss.serialize_index(index))
     _, I = index.search(xq, 10)

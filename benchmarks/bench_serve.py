@@ -79,11 +79,10 @@ def peak_rss_mib(pid: int) -> float:
 
 
 def catalogue_map(store: Path) -> tuple[str, dict[int, str], int]:
-    from neardup.indexer.store import read_catalog
-    from neardup.search.query import generation_of
+    from neardup.store import read_catalog
 
     cat = read_catalog(store, vectors=False)
-    return generation_of(cat.meta), dict(zip(cat.ids.tolist(), cat.paths)), len(cat)
+    return cat.meta.generation, dict(zip(cat.ids.tolist(), cat.paths)), len(cat)
 
 
 def make_queries(photos: list[Path], held_out: list[Path], n_copies: int, folder: Path) -> list[Path]:
@@ -150,7 +149,7 @@ def main() -> int:
 
         # -- baselines, in this process, before the server starts (nothing else running)
         log("baselines: model at batch 32, in-process query at batch 32, one warm in-process query")
-        s = Searcher(store)
+        s = Searcher.open(store)
         pix = np.stack(_decoded(s, queries[:32]))
         s.embedder.embed(pix)
         t0, rounds = time.perf_counter(), 0

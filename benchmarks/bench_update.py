@@ -35,7 +35,7 @@ def main() -> int:
 
     from neardup.indexer.build import build_index, update_index
     from neardup.indexer.models import make_embedder
-    from neardup.indexer.store import read_catalog
+    from neardup.store import read_catalog
 
     rep = Report("bench_update.py", "Nightly re-index: first index, no-change update, 1% change update",
                  "Does an update cost in proportion to what changed?", params={"n": args.n,

@@ -59,7 +59,7 @@ def shelf_false_matches(store: Path, shelf: Path, verify: bool) -> tuple[int, in
     """(false matches, pairs) of the shelf set at the store's defaults: global score >= the model's threshold
     without verification; a verified candidate (the pair among each other's k nearest above the loose
     threshold, and passing the verdict) with it."""
-    from neardup import read_catalog
+    from neardup import Store, read_catalog
     from neardup.config import candidate_rule, default_threshold
     from neardup.search.verify import row_features, verify_pairs
 
@@ -77,7 +77,8 @@ def shelf_false_matches(store: Path, shelf: Path, verify: bool) -> tuple[int, in
     np.fill_diagonal(S, -np.inf)
     kth = -np.sort(-S, axis=1)[:, k - 1]
     candidate = (s >= loose) & ((s >= kth[a]) | (s >= kth[b]))
-    fa, fb = row_features(store, cat, a), row_features(store, cat, b)
+    with Store.open(store) as gen:
+        fa, fb = row_features(gen, a), row_features(gen, b)
     v = verify_pairs(fa, fb)
     return int((candidate & v.verified).sum()), len(pairs)
 

@@ -459,7 +459,7 @@ def synthetic_catalog(xb: np.ndarray, *, model: str = "resnet50"):  # noqa: ANN2
 
     Ids are row numbers; paths, sizes, times and content hashes are made up but distinct.
     """
-    from neardup.indexer.store import Catalog, StoreMeta
+    from neardup.store import Catalog, StoreMeta
 
     n, d = xb.shape
     meta = StoreMeta(model=model, weights="none", weights_fingerprint="none", dim=d, input_size=224,

@@ -11,10 +11,11 @@ from PIL import Image
 
 from neardup.errors import InputError, StoreError, StoreLockedError, StoreMismatchError
 from neardup.indexer.build import build_index, update_index
-from neardup.indexer.faiss_index import open_index, search
-from neardup.indexer.files import StoreFiles
-from neardup.indexer.lock import writer_lock
-from neardup.indexer.store import read_catalog
+from neardup.indexer.faiss_index import search
+from neardup.store import Store
+from neardup.store.files import StoreFiles
+from neardup.store.lock import writer_lock
+from neardup.store import read_catalog
 
 
 def _store_map(store: Path) -> dict[str, tuple[int, np.ndarray]]:
@@ -35,8 +36,8 @@ def test_index_writes_store_and_index(tmp_path: Path, make_images, fake_embedder
     assert list(cat.ids) == list(range(12)) and (cat.widths == 320).all()
     np.testing.assert_allclose(np.linalg.norm(cat.xb, axis=1), 1, atol=1e-6)
     # the FAISS index holds the store's ids and vectors: each image finds itself first
-    _, index = open_index(store)
-    D, I = search(index, cat.xb, 1)
+    with Store.open(store) as gen:
+        D, I = search(gen.index, cat.xb, 1)
     np.testing.assert_array_equal(I[:, 0], cat.ids)
     assert np.allclose(D[:, 0], 1, atol=1e-5)
 
@@ -128,8 +129,8 @@ def test_incremental_scenarios(tmp_path: Path, make_images, fake_embedder) -> No
     new_ids = {after[f"imgs/img_{i:04d}.jpg"][0] for i in (100, 101)}
     assert new_ids == {10, 11}  # never reuses an id
     # index and store agree after the update
-    cat, index = open_index(store)
-    assert index.ntotal == len(cat) == 11
+    with Store.open(store) as gen:
+        assert gen.index.ntotal == len(gen.catalog) == 11
 
 
 def test_files_outside_given_folders_are_kept_unless_prune(tmp_path: Path, make_images, fake_embedder) -> None:
@@ -167,17 +168,14 @@ def test_unlistable_folder_keeps_its_rows(tmp_path: Path, make_images, fake_embe
     make_images(2, folder="cat/b", start=10)
     store = tmp_path / "s.h5"
     build_index([tmp_path / "cat"], store, embedder=fake_embedder)
-    real_walk = os.walk
+    real_scandir = os.scandir
 
-    def walk(top, onerror=None, **kw):  # 'b' cannot be listed this time (as with a permission error)
-        for dirpath, dirnames, filenames in real_walk(top, onerror=onerror, **kw):
-            if Path(dirpath).name == "b":
-                onerror(PermissionError(13, "Permission denied", dirpath))
-                dirnames[:] = []
-                continue
-            yield dirpath, dirnames, filenames
+    def scandir(path):  # 'b' cannot be listed this time (as with a permission error)
+        if Path(path).name == "b":
+            raise PermissionError(13, "Permission denied", path)
+        return real_scandir(path)
 
-    monkeypatch.setattr(os, "walk", walk)
+    monkeypatch.setattr(os, "scandir", scandir)
     s = update_index([tmp_path / "cat"], store, embedder=fake_embedder, prune=True)
     assert (s.removed, s.total) == (0, 5)
     assert s.failures == [("cat/b/", "cannot list folder: Permission denied; its stored images are kept as they "
@@ -203,34 +201,35 @@ def test_store_in_a_symlinked_folder(tmp_path: Path, make_images, fake_embedder)
 
 
 def test_lost_index_file_is_rewritten_and_stale_work_removed(tmp_path: Path, make_images, fake_embedder) -> None:
-    make_images(3)
+    make_images(40)
     store = tmp_path / "s.h5"
-    build_index([tmp_path / "imgs"], store, embedder=fake_embedder)
-    (index_file,) = tmp_path.glob("s.h5.*.faiss")
-    index_file.unlink()
+    build_index([tmp_path / "imgs"], store, embedder=fake_embedder, index="IVF4,Flat")
+    files = StoreFiles(store)
+    (part,) = files.segments.glob("*.faiss")  # an approximate index: one part per segment
+    part.unlink()
     (tmp_path / "s.h5.work").mkdir()
     (tmp_path / "s.h5.catalog.h5.abcdef012345.faiss").write_text("a sibling store's file")
+    with Store.open(store) as gen:  # meanwhile readers search the vectors exactly
+        assert not gen.index_intact() and gen.index.ntotal == 40
     s = update_index([tmp_path / "imgs"], store, embedder=fake_embedder)
-    assert not s.wrote and index_file.is_file() and not (tmp_path / "s.h5.work").exists()
+    assert s.wrote and s.unchanged == 40 and s.embedded == 0 and not (tmp_path / "s.h5.work").exists()
+    with Store.open(store) as gen:
+        assert gen.index_intact() and gen.meta.index_factory == "IVF4,Flat"
+    assert len(list(files.segments.glob("*.faiss"))) == 1
     assert (tmp_path / "s.h5.catalog.h5.abcdef012345.faiss").exists()
 
 
-def test_store_written_without_an_index_gets_one(tmp_path: Path, make_images, fake_embedder) -> None:
-    from dataclasses import replace
-
-    from neardup.indexer.store import write_catalog
-
+def test_an_exact_store_keeps_no_index_file(tmp_path: Path, make_images, fake_embedder) -> None:
+    """Flat is the stored vectors searched in memory: nothing to write, lose or damage beside them."""
     make_images(3)
     store = tmp_path / "s.h5"
     build_index([tmp_path / "imgs"], store, embedder=fake_embedder)
+    assert not list(tmp_path.rglob("*.faiss"))
     cat = read_catalog(store)
-    cat.meta = replace(cat.meta, index_file="")
-    for f in tmp_path.glob("s.h5.*.faiss"):
-        f.unlink()
-    write_catalog(store, cat)
-    s = update_index([tmp_path / "imgs"], store, embedder=fake_embedder)
-    assert s.wrote and s.unchanged == 3 and len(list(tmp_path.glob("s.h5.*.faiss"))) == 1
-    assert read_catalog(store).meta.index_file
+    with Store.open(store) as gen:
+        assert gen.index_intact() and gen.meta.index_factory == "Flat"
+        D, I = search(gen.index, cat.xb, 1)
+    np.testing.assert_array_equal(I[:, 0], cat.ids)
 
 
 def test_store_records_the_weights_the_injected_embedder_loaded(tmp_path: Path, make_images, fake_embedder) -> None:
@@ -250,7 +249,8 @@ def test_stale_index_temporaries_are_removed(tmp_path: Path, make_images, fake_e
     make_images(2)
     store = tmp_path / "s.h5"
     build_index([tmp_path / "imgs"], store, embedder=fake_embedder)
-    leftovers = [tmp_path / ".s.h5.0123456789ab.faiss.abcd_123.neardup-tmp", tmp_path / ".s.h5.ab12cd34.neardup-tmp"]
+    leftovers = [tmp_path / ".s.h5.0123456789ab.faiss.abcd_123.neardup-tmp", tmp_path / ".s.h5.ab12cd34.neardup-tmp",
+                 tmp_path / "s.h5.segments" / ".0123456789ab.h5.ab12cd34.neardup-tmp"]
     for f in leftovers:
         f.write_text("killed mid-write")
     other = tmp_path / ".pairs.csv.ab12cd34.neardup-tmp"

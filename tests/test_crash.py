@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,8 +16,8 @@ import pytest
 
 from neardup.indexer.build import build_index
 from neardup.indexer.checkpoint import Checkpoint
-from neardup.indexer.files import StoreFiles
-from neardup.indexer.store import read_catalog
+from neardup.store.files import StoreFiles
+from neardup.store import Store, read_catalog
 from neardup.testing import product_photo
 
 N_IMAGES = 240
@@ -82,7 +83,9 @@ def test_kill_at_random_points_then_resume(photos: Path, tmp_path: Path) -> None
         reused_total += s.reused
         assert not store.with_name("cat.h5.work").exists()
         assert not list(store.parent.glob(".cat.h5.*.neardup-tmp"))
-        assert len(list(store.parent.glob("cat.h5.*.faiss"))) == 1
+        with Store.open(store) as gen:  # nothing is left but what the manifest names
+            named = {s.name for s in gen.segments}
+        assert {p.stem for p in StoreFiles(store).segments.iterdir()} == named
     assert reused_total > 0  # the kills after a checkpoint resumed from it
 
 
@@ -95,11 +98,11 @@ store, until, log = sys.argv[1], float(sys.argv[2]), open(sys.argv[3], "w")
 seen = set()
 while time.time() < until:
     try:
-        s = Searcher(store)
-        D, I = s.index.search(numpy.eye(1, 64, dtype="float32"), 1)
-        assert s.index.ntotal == len(s.cat.ids)
-        find_duplicates(store)
-        seen.add(len(s.cat.ids))
+        with Searcher.open(store) as s:
+            D, I = s.index.search(numpy.eye(1, 64, dtype="float32"), 1)
+            assert s.index.ntotal == len(s.cat.ids)
+            find_duplicates(s.gen)
+            seen.add(len(s.cat.ids))
     except Exception as exc:
         log.write(f"ERROR {type(exc).__name__}: {exc}\n"); log.flush()
 log.write("SEEN " + " ".join(map(str, sorted(seen))) + "\n")
@@ -122,7 +125,81 @@ def test_readers_never_fail_during_updates(photos: Path, tmp_path: Path) -> None
         if step % 3 == 2:
             (root / f"img_{step:04d}.png").unlink()
         build_index([root], store, model="phash")
+        if step % 4 == 3:  # compactions too: every row copied into a new segment, the old ones deleted
+            Store(store).compact()
     assert reader.wait(timeout=60) == 0
     lines = log.read_text().splitlines()
     assert not [ln for ln in lines if ln.startswith("ERROR")], lines[:5]
     assert len(lines[-1].split()) > 2  # it saw several versions of the store
+
+
+KILLER = r"""
+import os, signal, sys
+from neardup import update_index
+# Every durable step of an update goes through one of these: kill the process just before the N-th one.
+real = {name: getattr(os, name) for name in ("replace", "link", "unlink", "fsync", "rename")}
+count = 0
+def step(name):
+    def call(*a, **k):
+        global count
+        count += 1
+        if count == int(sys.argv[3]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real[name](*a, **k)
+    return call
+for name in real:
+    setattr(os, name, step(name))
+update_index([sys.argv[1]], sys.argv[2], model="phash")
+print("STEPS", count)
+"""
+
+
+def _rows(store: Path) -> dict[str, tuple[int, str]]:
+    with Store.open(store) as gen:
+        gen.verify()
+        cat = gen.catalog
+        return dict(zip(cat.paths, zip(cat.ids.tolist(), cat.sha256)))
+
+
+def test_kill_at_every_step_of_an_update(photos: Path, tmp_path: Path) -> None:
+    """SIGKILL before each durable step of an update (a rename, link, unlink or fsync) in turn: the store
+    always opens, every block checked, as the old generation or the new one, never a mix; and the next run
+    ends where an uninterrupted update ends."""
+    base = tmp_path / "base"
+    (base / "imgs").mkdir(parents=True)
+    for i in range(60):
+        os.link(photos / f"img_{i:04d}.png", base / "imgs" / f"img_{i:04d}.png")
+    build_index([base / "imgs"], base / "s.h5", model="phash")
+    old = _rows(base / "s.h5")
+    for i in range(60, 70):  # the change: 10 added, 5 deleted, 2 replaced by other content
+        os.link(photos / f"img_{i:04d}.png", base / "imgs" / f"img_{i:04d}.png")
+    for i in range(5):
+        (base / "imgs" / f"img_{i:04d}.png").unlink()
+    for i in (10, 11):
+        (base / "imgs" / f"img_{i:04d}.png").unlink()
+        os.link(photos / f"img_{i + 100:04d}.png", base / "imgs" / f"img_{i:04d}.png")
+
+    def trial(name: str, kill_at: int) -> tuple[Path, subprocess.CompletedProcess[str]]:
+        shutil.copytree(base, tmp_path / name, copy_function=os.link)
+        store = tmp_path / name / "s.h5"
+        shutil.rmtree(StoreFiles(store).segments)  # segments copied, not linked: each trial owns its store
+        shutil.copytree(StoreFiles(base / "s.h5").segments, StoreFiles(store).segments)
+        store.unlink()
+        shutil.copyfile(base / "s.h5", store)
+        return store, subprocess.run([sys.executable, "-c", KILLER, str(store.parent / "imgs"), str(store),
+                                      str(kill_at)], capture_output=True, text=True, timeout=120)
+
+    ref, r = trial("ref", 0)
+    assert r.returncode == 0, r.stderr
+    steps, new = int(r.stdout.split()[-1]), _rows(ref)
+    assert steps >= 8 and new != old
+    for n in range(1, steps + 1):
+        store, r = trial(f"k{n}", n)
+        assert r.returncode == -signal.SIGKILL, (n, r.stderr)
+        assert _rows(store) in (old, new), n  # one whole generation or the other
+        build_index([store.parent / "imgs"], store, model="phash")
+        assert _rows(store) == new, n
+        left = {p.stem for p in StoreFiles(store).segments.iterdir()}
+        with Store.open(store) as gen, Store(store).previous() as prev:  # nothing unnamed is left behind
+            assert left <= {s.name for s in gen.segments} | {s.name for s in prev.segments}, n
+        assert not list(store.parent.rglob("*.neardup-tmp")), n

@@ -111,7 +111,8 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path: Path, fake_embedder) ->
     first = run_demo(demo, embedder=fake_embedder)
     again = run_demo(demo, embedder=fake_embedder)  # an earlier demo's folder is reused
     assert first.summary.total == again.summary.total == 119 and again.summary.added == 119
-    assert len(list(demo.glob("sample.h5.*.faiss"))) == 1
+    assert len(list((demo / "sample.h5.segments").iterdir())) == 1  # the earlier store is gone, not kept
+    assert not (demo / "sample.h5.prev").exists()
 
 
 def test_demo_never_deletes_a_sample_it_did_not_copy(tmp_path: Path, fake_embedder) -> None:

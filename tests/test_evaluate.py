@@ -15,7 +15,7 @@ from neardup.cli import app
 from neardup.errors import InputError
 from neardup.indexer.build import build_index
 from neardup.indexer.embed import l2_normalize
-from neardup.indexer.store import Catalog, StoreMeta, write_catalog
+from neardup.store import Catalog, StoreMeta, write_catalog
 from neardup.search.evaluate import (
     TIE_TOL,
     best_index,

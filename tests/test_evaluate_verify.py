@@ -13,7 +13,7 @@ from PIL import Image
 from neardup import build_index
 from neardup.config import candidate_rule
 from neardup.errors import InputError
-from neardup.indexer.store import Catalog, StoreMeta, read_catalog, write_catalog
+from neardup.store import Catalog, StoreMeta, read_catalog, write_catalog
 from neardup.search.duplicates import exact_pairs, self_join
 from neardup.search.evaluate import evaluate
 from neardup.search.metrics import DEFAULT_SWEEP, _reranked, _topk, pair_metrics, retrieval_metrics_blocked

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from neardup.indexer.files import StoreFiles
-from neardup.indexer.store import read_catalog
+from neardup.store.files import StoreFiles
+from neardup.store import Store, read_catalog
 
 TIMEOUT = 120  # seconds; every case here finishes in a few, so this only catches a hang
 ENV = {**os.environ, "COLUMNS": "100"}
@@ -127,48 +127,55 @@ def flip(path: Path, offset: int, n: int = 8) -> None:
         fh.write(bytes(b ^ 0xFF for b in data))
 
 
-def test_flipped_bytes_in_embeddings_are_detected_and_restored(store: Path, tmp_path: Path, make_images) -> None:
-    first = rows(store)
+def _segment_of(store: Path, k: int = 0) -> Path:
+    with Store.open(store) as gen:
+        return StoreFiles(store).segment(gen.segments[k].name)
+
+
+def test_flipped_bytes_in_embeddings_are_detected_and_repaired(store: Path, tmp_path: Path, make_images) -> None:
     make_images(3, start=12)
-    assert nd("update", tmp_path / "imgs", "-s", store).returncode == 0  # the first generation becomes .prev
-    assert StoreFiles(store).previous.is_file() and len(rows(store)) == 15
-    with h5py.File(store) as f:
+    assert nd("update", tmp_path / "imgs", "-s", store).returncode == 0  # a second segment: the 3 new photos
+    before = {(p, sha) for _, p, sha in rows(store)}
+    seg = _segment_of(store)  # the first segment, shared by both generations
+    with h5py.File(seg) as f:
         offset = f["embeddings"].id.get_chunk_info(0).byte_offset
-    flip(store, offset + 64 * 4 * 3)  # inside row 3's vector
-    damaged = store.read_bytes()
+    flip(seg, offset + 64 * 4 * 3)  # inside row 3's vector
+    damaged = seg.read_bytes()
     truth = tmp_path / "truth.csv"
     truth.write_text("path,group\nimgs/img_0000.jpg,a\nimgs/img_0001.jpg,a\n")
-    for args in (["duplicates"], ["info", "--check"], ["update", tmp_path / "imgs"], ["evaluate", "--truth", truth]):
-        err = one_line(nd(*args, "-s", store), "checksum does not match", "neardup restore")
-    assert store.read_bytes() == damaged  # an unreadable store is never replaced (by an empty one or any other)
-    r = nd("restore", "-s", store)
-    assert r.returncode == 0 and "the damaged store was moved to" in r.stdout, r.stderr
-    assert rows(store) == first and StoreFiles(store).damaged.read_bytes() == damaged
-    r = nd("update", tmp_path / "imgs", "-s", store)  # the restored generation catches up: no row lost
-    assert r.returncode == 0 and "added 3" in r.stdout
-    assert len(rows(store)) == 15 and nd("info", "--check", "-s", store).returncode == 0
-    assert err
+    for args in (["duplicates"], ["info", "--check"], ["evaluate", "--truth", truth], ["query", tmp_path / "imgs"]):
+        one_line(nd(*args, "-s", store), "does not match its digest", "--repair")
+    assert seg.read_bytes() == damaged  # damage is never written over, or served
+    # a restore cannot help (both generations share the segment): the photos are indexed again instead
+    one_line(nd("restore", "-s", store), "damaged too")
+    r = nd("update", tmp_path / "imgs", "-s", store, "--repair")
+    assert r.returncode == 0 and "repaired: dropped damaged segment" in r.stdout and "added 12" in r.stdout, r.stdout
+    assert {(p, sha) for _, p, sha in rows(store)} == before  # nothing lost (the 12 photos have new ids)
+    assert nd("info", "--check", "-s", store).returncode == 0 and not seg.exists()
 
 
-def test_flipped_bytes_in_the_index_are_never_served(store: Path, tmp_path: Path) -> None:
+def test_flipped_bytes_in_the_index_are_never_served(tmp_path: Path, make_images) -> None:
+    make_images(12)
+    store = tmp_path / "ivf.h5"
+    assert nd("index", tmp_path / "imgs", "-s", store, "--model", "phash", "--index", "IVF2,Flat").returncode == 0
     cat = read_catalog(store)
-    index_file = StoreFiles(store).index(cat.meta.index_file)
+    (part,) = StoreFiles(store).segments.glob("*.faiss")
     # zero one stored vector (ids intact: FAISS still reads the file) — what a silent corruption looks like
-    data = bytearray(index_file.read_bytes())
+    data = bytearray(part.read_bytes())
     vec = cat.xb[0].astype(np.float32).tobytes()
     at = data.find(vec)
     assert at > 0
     data[at:at + len(vec)] = bytes(len(vec))
-    index_file.write_bytes(bytes(data))
+    part.write_bytes(bytes(data))
     r = nd("query", tmp_path / "imgs" / "img_0000.jpg", "-s", store, "-k", "1", "--json")
-    assert r.returncode == 0 and "rebuilding it from the store" in r.stderr
+    assert r.returncode == 0 and "searching its vectors exactly instead" in r.stderr, r.stderr
     match = json.loads(r.stdout)["results"][0]["matches"][0]
     assert match["path"] == "imgs/img_0000.jpg" and match["score"] > 0.999
     r = nd("info", "--check", "-s", store)
     assert r.returncode == 1 and "does not match its digest" in r.stdout
-    r = nd("update", tmp_path / "imgs", "-s", store)
+    r = nd("update", tmp_path / "imgs", "-s", store, "--repair")
     assert r.returncode == 0 and nd("info", "--check", "-s", store).returncode == 0
-    assert "rebuilding" not in nd("query", tmp_path / "imgs" / "img_0000.jpg", "-s", store).stderr
+    assert "exactly instead" not in nd("query", tmp_path / "imgs" / "img_0000.jpg", "-s", store).stderr
 
 
 def test_truncated_store_says_how_to_recover_and_restore_undoes(store: Path, tmp_path: Path, make_images) -> None:
@@ -264,20 +271,18 @@ def test_a_lower_size_limit_never_drops_unchanged_rows(store: Path, tmp_path: Pa
 
 
 def test_a_killed_restore_is_finished_or_dropped_never_lost(store: Path, tmp_path: Path, make_images) -> None:
-    from neardup.indexer.build import _finish_restore
-    from neardup.indexer.store import write_catalog
 
     first = rows(store)
     make_images(2, start=12)
     assert nd("update", tmp_path / "imgs", "-s", store).returncode == 0
     second = rows(store)
     files = StoreFiles.resolved(store)
-    # killed after writing the restored generation, before touching anything else: dropped
-    write_catalog(files.restoring, read_catalog(files.previous))
-    assert not _finish_restore(files) and not files.restoring.exists() and rows(store) == second
-    # killed after keeping the current store as the previous generation: both names hold one file, and the
-    # restored generation exists only as .restoring; the next restore (or any writer) finishes it
-    write_catalog(files.restoring, read_catalog(files.previous))
+    # killed after linking the restored manifest, before touching anything else: dropped
+    os.link(files.previous, files.restoring)
+    assert not files.finish_restore() and not files.restoring.exists() and rows(store) == second
+    # killed after keeping the current manifest as the previous one: both names hold one file, and the
+    # restored manifest exists only as .restoring; the next restore (or any writer) finishes it
+    os.link(files.previous, files.restoring)
     files.keep_previous()
     r = nd("restore", "-s", store)
     assert r.returncode == 0 and rows(store) == first and rows(files.previous) == second
@@ -317,10 +322,3 @@ def test_model_variable_does_not_stop_an_update(store: Path, tmp_path: Path) -> 
     assert r.returncode == 0, r.stderr
 
 
-def test_a_store_from_before_checksums_gets_them_on_update(store: Path, tmp_path: Path) -> None:
-    with h5py.File(store, "a") as f:  # what an older neardup wrote: no index digest
-        del f.attrs["index_sha256"]
-    r = nd("info", "--check", "-s", store)
-    assert r.returncode == 1 and "written before neardup recorded checksums" in r.stdout
-    assert nd("update", tmp_path / "imgs", "-s", store).returncode == 0
-    assert nd("info", "--check", "-s", store).returncode == 0 and len(rows(store)) == 12

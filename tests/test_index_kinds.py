@@ -14,8 +14,9 @@ from neardup.cli import app
 from neardup.errors import InputError
 from neardup.indexer import index_kinds
 from neardup.indexer.build import build_index, update_index
-from neardup.indexer.faiss_index import open_index, search
-from neardup.indexer.store import read_meta
+from neardup.indexer.faiss_index import search
+from neardup.store import Store
+from neardup.store import read_meta
 from neardup.testing import FakeEmbedder
 
 runner = CliRunner()
@@ -82,10 +83,10 @@ def test_store_records_measures_and_reapplies_its_index(make_images, tmp_path: P
     meta = read_meta(store)
     assert (meta.index_kind, meta.index_factory) == ("IVF16,Flat", "IVF16,Flat")
     assert meta.index_params.startswith("nprobe=") and meta.index_recall >= 0.9 and meta.index_recall_queries == 300
-    cat, index = open_index(store)  # the recorded knob is set again on load (FAISS does not save nprobe)
-    assert faiss.extract_index_ivf(index).nprobe == int(meta.index_params.split("=")[1])
-    D, I = search(index, np.eye(32, dtype=np.float32)[:3], 5)
-    assert set(I.ravel()) <= set(cat.ids.tolist())
+    with Store.open(store) as gen:  # the recorded knob is set again on load (FAISS does not save nprobe)
+        assert faiss.extract_index_ivf(gen.index).nprobe == int(meta.index_params.split("=")[1])
+        D, I = search(gen.index, np.eye(32, dtype=np.float32)[:3], 5)
+        assert set(I.ravel()) <= set(gen.catalog.ids.tolist())
 
     res = runner.invoke(app, ["info", "--store", str(store)])
     assert res.exit_code == 0 and "IVF16,Flat at nprobe=" in res.output and "recall@10" in res.output
@@ -161,14 +162,14 @@ def test_a_store_too_small_to_train_its_index_stays_exact_until_it_grows(make_im
 
 
 def test_query_scores_are_exact_cosines_whatever_the_index_codes(make_images, tmp_path: Path) -> None:
-    from neardup.indexer.store import read_catalog
+    from neardup.store import read_catalog
     from neardup.search.query import Searcher
 
     make_images(300)
     store = tmp_path / "s.h5"
     build_index([tmp_path / "imgs"], store, embedder=FakeEmbedder(), index="PCAR8,IVF16,PQ4", local_features=False)
     cat = read_catalog(store)
-    s = Searcher(store, embedder=FakeEmbedder())
+    s = Searcher.open(store, embedder=FakeEmbedder())
     xq = cat.xb[:5] + 0.01
     xq /= np.linalg.norm(xq, axis=1, keepdims=True)
     for q, matches in zip(xq, s.search(xq, k=5)):

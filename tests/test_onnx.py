@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 import re
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from neardup.indexer.build import build_index
 from neardup.indexer.decode import decode_image
 from neardup.indexer.models import make_embedder
 from neardup.indexer.onnx_runtime import OnnxEmbedder, OnnxPreprocess
-from neardup.indexer.store import read_meta
+from neardup.store import read_meta
 from neardup.search.query import query
 
 from .conftest import GROCERY, SKIP_GROCERY
@@ -255,6 +256,7 @@ def test_trained_network_index_query_duplicates_and_int8_end_to_end(mobilenet: P
     (tmp_path / "moved").mkdir()  # a store copied without its int8 model says what is missing
     copy = tmp_path / "moved" / "int8.h5"
     copy.write_bytes((tmp_path / "int8.h5").read_bytes())
+    shutil.copytree(tmp_path / "int8.h5.segments", tmp_path / "moved" / "int8.h5.segments")
     r = runner.invoke(app, ["query", str(folder / "p00.jpg"), "-s", str(copy)])
     assert r.exit_code == 2 and "the int8 model of" in r.output and "is missing" in r.output
     # the agreement int8 measured on its calibration images, as the index run printed and the store recorded

@@ -15,7 +15,7 @@ from neardup.config import resolve_threshold
 from neardup.errors import InputError, StoreMismatchError
 from neardup.indexer.build import build_index
 from neardup.indexer.embed import l2_normalize
-from neardup.indexer.store import Catalog, StoreMeta, write_catalog
+from neardup.store import Catalog, StoreMeta, write_catalog
 from neardup.search.duplicates import (
     complete_linkage,
     connected_components,
@@ -195,7 +195,7 @@ def test_query_folder_batches_and_lists_bad_files(tmp_path: Path, phash_store: P
 
 def test_query_refuses_other_weights(phash_store: Path, fake_embedder) -> None:
     with pytest.raises(StoreMismatchError):
-        Searcher(phash_store, embedder=fake_embedder)
+        Searcher.open(phash_store, embedder=fake_embedder)
 
 
 def test_threshold_validation() -> None:
@@ -206,12 +206,13 @@ def test_threshold_validation() -> None:
 
 
 def test_neighbours_maps_sparse_ids_to_paths() -> None:
+    from neardup.indexer.faiss_index import id_lookup, rows_for
     from neardup.search.query import neighbours
 
     cat = _catalog(l2_normalize(np.eye(4, dtype=np.float32)))
     cat.ids = np.array([40, 7, 99, 12], np.int64)
     D = np.array([[0.9, 0.5, 0.1], [0.8, -1, -1]], np.float32)
     I = np.array([[99, 7, 12], [40, -1, -1]], np.int64)
-    got = neighbours(D, I, cat)
+    got = neighbours(D, I, cat.paths, rows_for(id_lookup(cat.ids), I))
     assert [(m.id, m.path, m.rank) for m in got[0]] == [(99, "p002.jpg", 1), (7, "p001.jpg", 2), (12, "p003.jpg", 3)]
     assert [(m.id, m.path) for m in got[1]] == [(40, "p000.jpg")]

@@ -24,8 +24,8 @@ import pytest
 from PIL import Image
 
 from neardup.indexer.build import build_index, update_index
-from neardup.indexer.store import read_catalog, read_meta
-from neardup.search.query import Searcher, generation_of
+from neardup.store import Store, StoreFiles, read_catalog, read_meta
+from neardup.search.query import Searcher
 from neardup.serve.service import LiveStore, QueryService, Upload
 from neardup.testing import FakeEmbedder, product_photo, write_product_photos
 
@@ -111,10 +111,11 @@ def test_query_answers_as_the_in_process_searcher(server: str, catalogue: Path) 
     new = jpeg(product_photo(900))
     status, doc, _ = call(server, "v1/query?k=5", [("copy.jpg", copy), ("new.jpg", new)])
     assert status == 200, doc
-    assert doc["generation"] == generation_of(read_meta(store)) and doc["count"] == 30 and doc["verified"]
+    assert doc["generation"] == read_meta(store).generation and doc["count"] == 30 and doc["verified"]
     for name, data in (("copy.jpg", copy), ("new.jpg", new)):
         (catalogue / name).write_bytes(data)
-    oracle = Searcher(store).query([catalogue / "copy.jpg", catalogue / "new.jpg"], k=5)
+    with Searcher.open(store) as s:
+        oracle = s.query([catalogue / "copy.jpg", catalogue / "new.jpg"], k=5)
     for got, want in zip(doc["results"], oracle):
         assert [m["id"] for m in got["matches"]] == [m.id for m in want.matches]
         assert [m["verified"] for m in got["matches"]] == [m.verified for m in want.matches]
@@ -269,7 +270,7 @@ def test_reload_publishes_without_a_gap(tmp_path: Path) -> None:
     write_product_photos(photos, range(20))
     store = tmp_path / "catalog.h5"
     build_index([photos], store, model="phash")
-    gens = {generation_of(read_meta(store)): read_catalog(store, vectors=False)}
+    gens = {read_meta(store).generation: read_catalog(store, vectors=False)}
     proc, url = start_server(store, "--reload-poll", "0.1")
     answers: list[tuple[int, dict]] = []
     stop = threading.Event()
@@ -288,7 +289,7 @@ def test_reload_publishes_without_a_gap(tmp_path: Path) -> None:
             time.sleep(0.5)
             write_product_photos(photos, range(100 + 10 * step, 110 + 10 * step))
             update_index([photos], store)
-            gens[generation_of(read_meta(store))] = read_catalog(store, vectors=False)
+            gens[read_meta(store).generation] = read_catalog(store, vectors=False)
         deadline = time.time() + 15
         while call(url, "v1/health", token=None)[1]["generation"] != list(gens)[-1] and time.time() < deadline:
             time.sleep(0.1)
@@ -324,7 +325,7 @@ def test_query_cli_through_the_server(server: str, catalogue: Path) -> None:
                            capture_output=True, text=True)
     assert remote.returncode == local.returncode == 0, remote.stderr
     r, l_ = json.loads(remote.stdout), json.loads(local.stdout)
-    assert r["generations"] == [generation_of(read_meta(catalogue / "catalog.h5"))]
+    assert r["generations"] == [read_meta(catalogue / "catalog.h5").generation]
     for a, b in zip(r["results"], l_["results"]):
         assert [(m["id"], m["match"], m["verified"]) for m in a["matches"]] == \
             [(m["id"], m["match"], m["verified"]) for m in b["matches"]]
@@ -383,7 +384,8 @@ def test_micro_batching_embeds_concurrent_requests_together(tmp_path: Path) -> N
     finally:
         service.close()
     assert sum(slow.sizes) == 12 and len(slow.sizes) < 12 and max(slow.sizes) > 1  # batched
-    oracle = Searcher(store, embedder=FakeEmbedder()).query(paths, k=3)
+    with Searcher.open(store, embedder=FakeEmbedder()) as s:
+        oracle = s.query(paths, k=3)
     for a, want in zip(answers, oracle):
         got = a.results[0]
         assert [m.id for m in got.matches] == [m.id for m in want.matches]
@@ -429,3 +431,60 @@ def test_a_damaged_new_generation_is_not_served(tmp_path: Path) -> None:
         assert len(live.current.searcher.cat) == 8
     finally:
         live.stop()
+
+
+def test_a_store_rewritten_in_place_while_served_is_never_answered_wrongly(tmp_path: Path) -> None:
+    """The manifest, then a segment, overwritten in place (same inode) by another store's bytes while the
+    service serves: every answer stays right (the generation served reads its verified blocks, or the photos),
+    the bad manifest is refused with a reason, and once the files are restored it serves on, no restart."""
+    write_product_photos(tmp_path / "a", range(12))
+    write_product_photos(tmp_path / "b", range(100, 112))
+    build_index([tmp_path / "a"], tmp_path / "a.h5", model="phash")
+    build_index([tmp_path / "b"], tmp_path / "b.h5", model="phash")
+    photos = [(p.name, p.read_bytes()) for p in sorted((tmp_path / "a").iterdir())]
+    # no cache of verified rows' features: every verification reads the segment (or, damaged, the photos)
+    proc, url = start_server(tmp_path / "a.h5", "--reload-poll", "0.1", "--local-cache-mb", "0")
+
+    def all_right() -> tuple[int, int]:
+        right = wrong = 0
+        for name, data in photos:
+            status, doc, _ = call(url, "v1/query?k=3", [(name, data)], token=None)
+            if status != 200:
+                continue  # an error is not a wrong answer (none is expected here either)
+            top = doc["results"][0]["matches"][0]
+            ok = top["path"] == f"a/{name}" and doc["results"][0]["found"]
+            right, wrong = right + ok, wrong + (not ok)
+        return right, wrong
+
+    def in_place(path: Path, data: bytes) -> None:
+        with open(path, "r+b") as fh:  # the same inode: what `cp other.h5 a.h5` or a restore from tape does
+            fh.write(data)
+            fh.truncate(len(data))
+
+    try:
+        assert all_right() == (12, 0)
+        good = (tmp_path / "a.h5").read_bytes()
+        in_place(tmp_path / "a.h5", (tmp_path / "b.h5").read_bytes())  # names segments that are not ours
+        time.sleep(1.0)
+        _, info, _ = call(url, "v1/info", token=None)
+        assert info["reload_error"] and "damaged" in info["reload_error"], info
+        assert all_right() == (12, 0)
+        with Store.open(tmp_path / "b.h5") as b:
+            other = StoreFiles(tmp_path / "b.h5").segment(b.segments[0].name).read_bytes()
+        in_place(tmp_path / "a.h5", good)
+        with Store.open(tmp_path / "a.h5") as a:
+            seg = StoreFiles(tmp_path / "a.h5").segment(a.segments[0].name)
+        saved = seg.read_bytes()
+        in_place(seg, other)  # the segment the service reads its local features from, under it
+        assert all_right() == (12, 0)  # from the photos themselves, said in the log
+        in_place(seg, saved)  # a failed load is tried again after a pause, the manifest unchanged
+        for _ in range(50):
+            _, info, _ = call(url, "v1/info", token=None)
+            if info["reload_error"] is None:
+                break
+            time.sleep(0.2)
+        assert info["reload_error"] is None and info["count"] == 12, info
+        assert all_right() == (12, 0)
+    finally:
+        err = stop_server(proc)
+    assert "verifying from the photos themselves" in err and "Traceback" not in err, err[-2000:]

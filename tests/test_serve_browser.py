@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from neardup.indexer.build import build_index
-from neardup.indexer.store import read_catalog
+from neardup.store import read_catalog
 from neardup.testing import product_photo, write_product_photos
 
 from .test_serve import TOKEN, start_server, stop_server

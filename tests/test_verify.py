@@ -20,7 +20,7 @@ from neardup.config import VERIFY
 from neardup.indexer.build import build_index, update_index
 from neardup.indexer.decode import file_local_features
 from neardup.indexer.local_features import LOCAL_VERSION, LocalTable, extract_local
-from neardup.indexer.store import read_catalog, read_local, read_meta
+from neardup.store import Store, read_catalog, read_meta
 from neardup.search.duplicates import find_duplicates, knn_pairs
 from neardup.search.pairs_io import read_pairs_csv, write_pairs_csv
 from neardup.search.query import Searcher, query
@@ -110,7 +110,8 @@ def test_store_keeps_features_and_update_carries_them(copies, tmp_path: Path, fa
     r2 = after.paths.index(f"cat/{photos[3].name}")
     assert np.array_equal(after.local.row(r2).desc, cached.desc)
     assert after.local.row(after.paths.index("cat/img_0040.jpg")) is not None
-    some = read_local(store, np.array([r2, 0, r2]))
+    with Store.open(store) as gen:
+        some = gen.local(np.array([r2, 0, r2]))
     assert np.array_equal(some.desc[0], some.desc[2]) and len(some) == 3
 
 
@@ -150,7 +151,7 @@ def test_query_verifies_and_reranks(copies, tmp_path: Path, fake_embedder) -> No
     for c in made:
         c.rename(tmp_path / c.name)  # the copies are the queries, not in the catalogue
     build_index([folder], store, embedder=fake_embedder)
-    res = Searcher(store, embedder=fake_embedder).query([tmp_path / c.name for c in made], k=5, verify=True)
+    res = Searcher.open(store, embedder=fake_embedder).query([tmp_path / c.name for c in made], k=5, verify=True)
     for r, p in zip(res, photos):
         assert r.verified and r.matches[0].path == f"cat/{p.name}" and r.matches[0].verified
         assert [m.rank for m in r.matches] == list(range(1, len(r.matches) + 1))
@@ -217,26 +218,25 @@ def test_thin_or_tiny_images_have_no_features_and_never_raise(size: tuple[int, i
     assert len(extract_local(img)) == 0
 
 
-def test_features_of_a_replaced_row_are_never_served(copies, tmp_path: Path, fake_embedder) -> None:
-    """A reader holding an old catalogue asks for row r after an update shifted the rows: the content hash
-    check returns "not extracted" (then the file is read), never another photo's keypoints."""
+def test_a_pinned_generation_keeps_its_rows_after_updates(copies, tmp_path: Path, fake_embedder) -> None:
+    """A reader holding a generation asks for row r after updates shifted the rows and deleted the files of
+    its generation: it still reads its own rows' features (its files stay open), never another photo's."""
     folder, photos, made = copies
     store = tmp_path / "s.h5"
     build_index([folder], store, embedder=fake_embedder)
-    old = read_catalog(store)
-    write_product_photos(folder, [90], size=(400, 400), prefix="aaa")  # sorts first: every row shifts by one
-    update_index([folder], store, embedder=fake_embedder)
-    rows = np.arange(3)
-    stale = read_local(store, rows, [old.sha256[r] for r in rows])
-    assert (stale.count == -1).all()
-    fresh = read_catalog(store)
-    ok = read_local(store, rows, [fresh.sha256[r] for r in rows])
-    assert (ok.count > 0).all()
-    from neardup.search.verify import row_features
+    with Store.open(store) as old:
+        rows = np.arange(3)
+        write_product_photos(folder, [90], size=(400, 400), prefix="aaa")  # sorts first
+        update_index([folder], store, embedder=fake_embedder)
+        Store(store).compact()  # twice: no kept manifest names the first generation's segment any more
+        Store(store).compact()
+        assert not any(Store(store).files.segment(s.name).exists() for s in old.segments)
+        from neardup.search.verify import row_features
 
-    got = row_features(store, old, rows)  # the old catalogue's rows: read from their files instead
-    for r, f in zip(rows.tolist(), got):
-        assert np.array_equal(f.desc, features(folder.parent / old.paths[r]).desc)
+        got = row_features(old, rows)
+        for r, f in zip(rows.tolist(), got):
+            assert np.array_equal(f.desc, features(folder.parent / old.catalog.paths[r]).desc)
+        assert np.array_equal(old.local(rows).desc[:, :10], np.stack([g.desc[:10] for g in got]))
 
 
 def test_plain_images_fall_back_to_the_global_threshold(tmp_path: Path) -> None:
@@ -277,13 +277,13 @@ def test_report_png_shows_the_verdict_of_the_pairs_file(copies, tmp_path: Path) 
     store = tmp_path / "p.h5"
     build_index([folder], store, model="phash")
     rep = find_duplicates(store, verify=True, k=5, loose_threshold=-1.0)
-    cat = read_catalog(store, vectors=False)
-    images = _Images(cat, store.parent)
     checked = 0
-    for p in rep.pairs:
-        if p.kind == "exact" or p.inliers is None or p.inliers < 0:
-            continue
-        v = _inliers_of(store, cat, p.a_path, p.b_path, images)
-        assert (v.verified, v.inliers) == (p.verified, p.inliers), p
-        checked += 1
+    with Store.open(store) as gen:
+        images = _Images(gen.catalog, store.parent)
+        for p in rep.pairs:
+            if p.kind == "exact" or p.inliers is None or p.inliers < 0:
+                continue
+            v = _inliers_of(gen, p.a_path, p.b_path, images)
+            assert (v.verified, v.inliers) == (p.verified, p.inliers), p
+            checked += 1
     assert checked >= 4

@@ -7,8 +7,9 @@ The public API, importable from here (each name loads its module on first use, s
     results = query("catalog.h5", ["new.jpg"], k=5)
     report = find_duplicates("catalog.h5", threshold=0.9)
 
-Layers, bottom up: `errors`, `config`, `fileio` → `indexer` (discover → decode → embed → pipeline → store →
-faiss_index → build) → `search` (query → duplicates → report / evaluate) → `demo` → `cli`.
+Layers, bottom up: `errors`, `config`, `fileio` → `indexer` stages (discover → decode → embed → pipeline →
+faiss_index) → `store` (segments, manifest, Generation, the writer) → the index job (`indexer` scan → diff →
+build) → `search` (query → duplicates → report / evaluate) → `demo`, `serve` → `cli`.
 """
 from __future__ import annotations
 
@@ -22,9 +23,12 @@ _EXPORTS = {
     **dict.fromkeys(["Embedder"], ".indexer.embed"),
     **dict.fromkeys(["make_embedder"], ".indexer.models"),
     **dict.fromkeys(["OnnxPreprocess"], ".indexer.onnx_runtime"),
-    **dict.fromkeys(["Catalog", "StoreMeta", "read_catalog", "read_meta"], ".indexer.store"),
+    **dict.fromkeys(["Store"], ".store.handle"),
+    **dict.fromkeys(["Generation"], ".store.generation"),
+    **dict.fromkeys(["read_catalog", "read_meta"], ".store.handle"),
+    **dict.fromkeys(["Catalog", "StoreMeta"], ".store.meta"),
     **dict.fromkeys(["RunSummary", "build_index", "update_index"], ".indexer.build"),
-    **dict.fromkeys(["QueryResult", "Match", "Searcher", "query", "compare"], ".search.query"),
+    **dict.fromkeys(["QueryResult", "Match", "Answer", "Searcher", "answer", "query", "compare"], ".search.query"),
     **dict.fromkeys(["DuplicateReport", "find_duplicates"], ".search.duplicates"),
     **dict.fromkeys(["EvalResult", "evaluate"], ".search.evaluate"),
     **dict.fromkeys(["ReportResult", "write_report"], ".search.report"),

@@ -112,6 +112,13 @@ RayCpusOpt = Annotated[float, typer.Option("--ray-cpus", min=0.1, help="With --r
 RayGpusOpt = Annotated[Optional[float], typer.Option(
     "--ray-gpus", min=0.0, help="With --ray: GPUs per actor [default: 1 when the cluster has GPUs, else 0].")]
 VerboseOpt = Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output (-vv: debug).")]
+CompactOpt = Annotated[bool, typer.Option(
+    "--compact", help="Copy every live row into one segment now and train the index anew (updates compact by "
+    "themselves when deleted rows pass a quarter of those written; this also retrains an approximate index).")]
+RepairOpt = Annotated[bool, typer.Option(
+    "--repair", help="Read and check every block of the store first (as `info --check`); drop damaged segments and "
+    "index their photos again (they get new ids), and write damaged index files anew. Nothing is lost but the "
+    "embedding time.")]
 
 
 def _setup_logging(verbose: int) -> None:
@@ -186,6 +193,12 @@ def _print_summary(s: RunSummary, limit: int = 20) -> None:
                    + (f", {same} by identical content (copies, moves, touched files)" if same > 0 else ""))
     if s.calibration:
         typer.echo(f"  {s.calibration}")
+    for name, rows, why in s.repaired:
+        typer.echo(f"  repaired: dropped damaged segment {name} ({rows} rows: {why}); its photos were indexed again")
+    if s.published is not None:
+        p = s.published
+        typer.echo(f"  published generation {p.generation}: {p.rows_written} rows written, {fmt_bytes(p.bytes_written)}"
+                   + (f"; {p.compacted}" if p.compacted else "") + ("; index trained anew" if p.reindexed else ""))
     typer.echo(f"  time {s.seconds:.1f} s")
     for path, why in s.failures[:limit]:
         typer.echo(f"  skipped {_show(path)}: {why}")
@@ -196,7 +209,7 @@ def _print_summary(s: RunSummary, limit: int = 20) -> None:
 def _run_index(update: bool, dirs: list[str], store: Path, model: Optional[str], weights: Optional[str],
                precision: Optional[str], batch_size: int, prune: bool, max_file_mb: int, runtime: str,
                preprocess: Optional[str], ray: Any, index: Optional[str], memory: Optional[str],
-               target_recall: Optional[float]) -> None:
+               target_recall: Optional[float], repair: bool = False, compact: bool = False) -> None:
     from .indexer.build import build_index, update_index
 
     bar = _Bar("update" if update else "index")
@@ -205,7 +218,8 @@ def _run_index(update: bool, dirs: list[str], store: Path, model: Optional[str],
         summary = fn(dirs, store, model=model, weights=weights, precision=precision,
                      batch_size=batch_size, prune=prune, max_file_bytes=max_file_mb << 20, runtime=runtime,
                      preprocess=preprocess, progress=bar, ray=ray, index=index,
-                     memory=parse_size(memory) if memory else None, target_recall=target_recall)
+                     memory=parse_size(memory) if memory else None, target_recall=target_recall, repair=repair,
+                     compact=compact)
     finally:
         bar.close()
     _print_summary(summary)
@@ -214,7 +228,7 @@ def _run_index(update: bool, dirs: list[str], store: Path, model: Optional[str],
 
 def _warn_random_weights(store: Path, meta: Any = None) -> None:
     """Seeded random CNN weights give every photo a score near 1: say so wherever such a store is used."""
-    from .indexer.store import read_meta
+    from .store.handle import read_meta
 
     meta = meta or read_meta(store)
     if meta.weights == "none" and meta.model in ("resnet50", "vgg16"):
@@ -234,11 +248,11 @@ def index_cmd(
     preprocess: PreprocessOpt = None, ray: RayOpt = False, ray_address: RayAddressOpt = None,
     ray_actors: RayActorsOpt = None, ray_cpus: RayCpusOpt = DEFAULTS.ray_cpus, ray_gpus: RayGpusOpt = None,
     index: IndexKindOpt = None, memory: MemoryOpt = None, target_recall: TargetRecallOpt = None,
-    verbose: VerboseOpt = 0,
+    repair: RepairOpt = False, verbose: VerboseOpt = 0,
 ) -> None:
     """Index images into a store (creates it, or updates it incrementally with its own model)."""
     _run_index(False, dirs, store, model, weights, precision, batch_size, prune, max_file_mb, runtime, preprocess,
-               _ray_options(ray, ray_address, ray_actors, ray_cpus, ray_gpus), index, memory, target_recall)
+               _ray_options(ray, ray_address, ray_actors, ray_cpus, ray_gpus), index, memory, target_recall, repair)
 
 
 @app.command("update")
@@ -254,11 +268,14 @@ def update_cmd(
     max_file_mb: MaxFileOpt = DEFAULTS.max_file_mb, runtime: RuntimeOpt = DEFAULTS.runtime, ray: RayOpt = False,
     ray_address: RayAddressOpt = None, ray_actors: RayActorsOpt = None, ray_cpus: RayCpusOpt = DEFAULTS.ray_cpus,
     ray_gpus: RayGpusOpt = None, index: IndexKindOpt = None, memory: MemoryOpt = None,
-    target_recall: TargetRecallOpt = None, verbose: VerboseOpt = 0,
+    target_recall: TargetRecallOpt = None, repair: RepairOpt = False, compact: CompactOpt = False,
+    verbose: VerboseOpt = 0,
 ) -> None:
-    """Update an existing store: embed new and changed images, drop deleted ones (for nightly jobs)."""
+    """Update an existing store: embed new and changed images, drop deleted ones (for nightly jobs). Writes what
+    changed: a new segment and a new manifest; compacts when deleted rows pile up."""
     _run_index(True, dirs, store, model, weights, precision, batch_size, prune, max_file_mb, runtime, None,
-               _ray_options(ray, ray_address, ray_actors, ray_cpus, ray_gpus), index, memory, target_recall)
+               _ray_options(ray, ray_address, ray_actors, ray_cpus, ray_gpus), index, memory, target_recall, repair,
+               compact)
 
 
 def _index_line(meta: Any) -> str:
@@ -300,26 +317,28 @@ def info_cmd(
                                         "(digest); exit 1 when the index needs `neardup update`.")] = False,
     verbose: VerboseOpt = 0,
 ) -> None:
-    """Describe a store: model, weights, counts, dimension, failures, file sizes, previous generation."""
-    from .indexer.faiss_index import check_store
-    from .indexer.files import StoreFiles
-    from .indexer.store import read_catalog, read_meta
+    """Describe a store: model, weights, counts, dimension, failures, segments, sizes, previous generation."""
+    from .store.handle import Store
 
-    meta = read_meta(store)
-    problems = check_store(store) if check else []
-    previous = _previous(StoreFiles.resolved(store).previous)
-    failed = read_catalog(store, vectors=False).failures if (failures or as_json) else []
-    index_file = StoreFiles(store).index(meta.index_file) if meta.index_file else None
+    handle = Store(store)
+    problems = handle.check() if check else []
+    previous = _previous(handle)
+    with handle.current() as gen:
+        meta, size, segs, dead = gen.meta, gen.disk_bytes(), gen.segments, gen.manifest.dead_rows if gen.manifest else 0
+        failed = gen.failures if (failures or as_json) else []
     if as_json:
         doc = {k: getattr(meta, k) for k in meta.__dataclass_fields__}
-        doc.update(store=str(store), store_bytes=store.stat().st_size,
-                   index_bytes=index_file.stat().st_size if index_file and index_file.exists() else None,
-                   failure_list=[{"path": p, "reason": r} for p, r in failed], previous=previous,
+        doc.update(store=str(store), store_bytes=sum(size.values()), index_bytes=size["index"],
+                   segments=[{"name": s.name, "rows": s.rows, "index": s.index or None} for s in segs],
+                   dead_rows=dead, failure_list=[{"path": p, "reason": r} for p, r in failed], previous=previous,
                    check=({"problems": problems} if check else None))
         typer.echo(json.dumps(doc, indent=1))
         raise typer.Exit(1 if problems else 0)
-    rows = [("store", f"{store} ({_size(store)})"),
-            ("index", f"{index_file} ({_size(index_file)})" if index_file else "none (rebuilt from the store)"),
+    layout = (f"{len(segs)} in {handle.files.segments} ({fmt_bytes(size['segments'])}"
+              + (f"; {dead} deleted rows until compaction" if dead else "") + ")") if meta.schema_version > 1 else \
+        "none: written before segments (schema 1; `neardup update` rewrites it as segments)"
+    rows = [("store", f"{store} (manifest {fmt_bytes(size['manifest'])}, {fmt_bytes(sum(size.values()))} in all)"),
+            ("generation", meta.generation or "not recorded"), ("segments", layout),
             ("images", str(meta.count)), ("failed", str(meta.failures)), ("model", meta.model),
             ("weights", f"{meta.weights} (fingerprint {meta.weights_fingerprint})"), ("dim", str(meta.dim)),
             ("input", f"{meta.input_size}x{meta.input_size}"), ("preprocessing", meta.preprocessing),
@@ -327,7 +346,8 @@ def info_cmd(
              + (f" ({meta.quantized_file}; {meta.calibration})" if meta.quantized_file else "")),
             ("local features", f"{meta.local_features} (cached for --verify)" if meta.local_features else
              "none: --verify extracts them from the files (a store made before they were cached)"),
-            ("faiss index", _index_line(meta)),
+            ("faiss index", _index_line(meta) + (f", {fmt_bytes(size['index'])} on disk" if size["index"] else
+                                                 ", searched from the stored vectors (no file)")),
             ("normalization", meta.normalization), ("created", meta.created), ("updated", meta.updated),
             ("neardup", f"{meta.neardup_version} (schema {meta.schema_version})"),
             ("previous", "none kept yet" if not previous else
@@ -335,7 +355,8 @@ def info_cmd(
              f"{previous['path']} ({previous['count']} images, written {previous['updated']}; "
              f"`neardup restore` makes it current)")]
     if check:
-        rows.append(("check", "; ".join(problems) if problems else "ok: every checksum and the index digest match"))
+        rows.append(("check", "; ".join(problems) if problems else
+                     "ok: every block of every segment and every index file match their digests"))
     for k, v in rows:
         typer.echo(f"{k:>14}  {_show(v)}")
     for p, r in failed:
@@ -343,15 +364,18 @@ def info_cmd(
     raise typer.Exit(1 if problems else 0)
 
 
-def _previous(path: Path) -> dict | None:
+def _previous(handle: Any) -> dict | None:
     from .errors import StoreError
-    from .indexer.store import read_meta
 
+    path = handle.files.previous
     try:
-        meta = read_meta(path)
+        prev = handle.previous()
     except StoreError as exc:
-        return {"path": str(path), "count": None, "damaged": getattr(exc, "reason", str(exc))} if path.exists() else None
-    return {"path": str(path), "count": meta.count, "updated": meta.updated}
+        return {"path": str(path), "count": None, "damaged": getattr(exc, "reason", str(exc))}
+    if prev is None:
+        return None
+    with prev:
+        return {"path": str(path), "count": len(prev), "updated": prev.meta.updated}
 
 
 @app.command("restore")
@@ -421,7 +445,7 @@ def _loose_embedder(store: Optional[Path], model: Optional[str], weights: Option
     """The embedder of commands that embed loose files (compare, plot): a store's, or --model's."""
     from .errors import StoreMismatchError
     from .indexer.models import make_embedder, split_model
-    from .indexer.store import read_meta, store_embedder
+    from .store.handle import read_meta, store_embedder
 
     if store is None:
         return make_embedder(model or DEFAULTS.model, weights, precision, runtime=runtime, preprocess=preprocess)
@@ -468,19 +492,16 @@ def query_cmd(
     if server:
         from .serve.client import query_server
 
-        got = query_server(server, images, k=k, token=token, verify=verify, max_file_bytes=max_file_mb << 20)
-        results, model, where = got.results, got.model, server
-        t = got.threshold if threshold is None else resolve_threshold(threshold, model)
+        got = query_server(server, images, k=k, token=token, verify=verify, threshold=threshold,
+                           max_file_bytes=max_file_mb << 20)
+        results, model, where, t = got.results, got.model, server, got.threshold
     else:
-        from .indexer.store import read_meta
-        from .search.query import query
+        from .search.query import answer
 
-        meta = read_meta(store)
-        model, where = meta.model, str(store)
-        t = resolve_threshold(threshold, meta.model)
-        _warn_random_weights(store, meta)
-        results = query(store, images, k=k, weights=weights, precision=precision, batch_size=batch_size,
-                        max_file_bytes=max_file_mb << 20, runtime=runtime, verify=verify)
+        got = answer(store, images, k=k, weights=weights, precision=precision, batch_size=batch_size,
+                     max_file_bytes=max_file_mb << 20, runtime=runtime, verify=verify, threshold=threshold)
+        _warn_random_weights(store, got)
+        results, model, where, t = got.results, got.model, str(store), got.threshold
     if as_json:
         typer.echo(json.dumps({("server" if server else "store"): where, "model": model, "threshold": t,
                                "verified": any(r.verified for r in results),

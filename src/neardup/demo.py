@@ -21,8 +21,9 @@ from .fileio import check_output_path
 from .indexer.build import Progress, RunSummary, build_index
 from .indexer.embed import Embedder
 from .indexer.models import make_embedder
-from .indexer.files import StoreFiles
-from .indexer.store import read_meta
+from .store.files import StoreFiles
+from .store.generation import Generation
+from .store.handle import read_meta
 from .search.duplicates import DuplicateReport, find_duplicates
 from .search.pairs_io import write_groups_json, write_pairs_csv
 from .search.evaluate import EvalResult, evaluate, write_eval_json
@@ -109,10 +110,7 @@ def run_demo(out: str | Path, *, sample: str | Path | None = None, weights: str 
                                  f"folder") from None
         # An earlier demo: start from a clean store (another model may have made it). Only the demo's own
         # files go: the store and what it owns, and the sample copy; the outputs below are overwritten.
-        files = StoreFiles(store)
-        store.unlink(missing_ok=True)
-        files.remove_work()
-        files.remove_index_files(keep="")
+        StoreFiles(store).remove_store()
     out.mkdir(exist_ok=True)
     if sample is None:
         if (copy / COPY_MARK).is_file():  # the earlier demo's copy (never a folder of the user's)
@@ -127,15 +125,16 @@ def run_demo(out: str | Path, *, sample: str | Path | None = None, weights: str 
     if embedder is None:
         embedder, reason = choose_embedder(weights)
     summary = build_index([sample / "catalog"], store, embedder=embedder, progress=progress)
-    dups = find_duplicates(store)
-    result = DemoResult(out=out, sample=sample, store=store, model=embedder.name, fallback_reason=reason,
-                        summary=summary, duplicates=dups, pairs_csv=out / "pairs.csv",
-                        groups_json=out / "groups.json")
-    write_pairs_csv(dups, result.pairs_csv)
-    write_groups_json(dups, result.groups_json)
-    result.report_html = write_report(store, out / "report.html", duplicates=dups).out
-    truth = sample / "truth.csv"
-    if truth.is_file():
-        result.evaluation = evaluate(store, truth)
-        write_eval_json(result.evaluation, out / "evaluation.json")
+    with Generation.open(store) as gen:  # one generation for the pairs, the report and the evaluation
+        dups = find_duplicates(gen)
+        result = DemoResult(out=out, sample=sample, store=store, model=embedder.name, fallback_reason=reason,
+                            summary=summary, duplicates=dups, pairs_csv=out / "pairs.csv",
+                            groups_json=out / "groups.json")
+        write_pairs_csv(dups, result.pairs_csv)
+        write_groups_json(dups, result.groups_json)
+        result.report_html = write_report(gen, out / "report.html", duplicates=dups).out
+        truth = sample / "truth.csv"
+        if truth.is_file():
+            result.evaluation = evaluate(gen, truth)
+            write_eval_json(result.evaluation, out / "evaluation.json")
     return result

@@ -10,12 +10,14 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
+from typing import TypeVar
 from pathlib import Path
 
 from .errors import InputError
 
 #: Suffix of every temporary file neardup writes beside its target (cleaned up by the store's writer).
 TMP_SUFFIX = ".neardup-tmp"
+T = TypeVar("T")
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -46,8 +48,9 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, write: Callable[[str], object], before_replace: Callable[[], object] | None = None) -> None:
-    """Call `write(tmp)` on a temporary file beside `path`, fsync it, then atomically rename it to `path`.
+def atomic_write(path: Path, write: Callable[[str], T], before_replace: Callable[[], object] | None = None) -> T:
+    """Call `write(tmp)` on a temporary file beside `path`, fsync it, then atomically rename it to `path`;
+    returns what `write` returned.
 
     `before_replace` runs between the two, when the new file is complete (the store keeps its previous
     generation there, so the moment both names hold the same file is as short as it can be)."""
@@ -61,7 +64,7 @@ def atomic_write(path: Path, write: Callable[[str], object], before_replace: Cal
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     os.close(fd)
     try:
-        write(tmp)
+        result = write(tmp)
         os.chmod(tmp, mode)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
@@ -75,6 +78,7 @@ def atomic_write(path: Path, write: Callable[[str], object], before_replace: Cal
             pass
         raise
     fsync_dir(path.parent)
+    return result
 
 
 def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:

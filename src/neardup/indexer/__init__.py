@@ -1,4 +1,6 @@
-"""neardup indexing stages: discover → decode → embed (onnx_runtime, onnx_export, models) → pipeline → store → faiss_index → build (the job).
+"""neardup indexing: stages discover → decode → embed → pipeline → faiss_index, then the job (scan → diff → build).
+
+The job publishes into `neardup.store`.
 
 The design card's `indexer` package; it lives inside `neardup` because a top-level package of that name
 would collide with users' own modules. Names are re-exported lazily: importing this package loads nothing.
@@ -16,10 +18,7 @@ _EXPORTS = {
     **dict.fromkeys(["OnnxEmbedder", "OnnxPreprocess"], ".onnx_runtime"),
     **dict.fromkeys(["make_embedder"], ".models"),
     **dict.fromkeys(["Embedded", "EmbeddedFiles", "embed_files"], ".pipeline"),
-    **dict.fromkeys(["Catalog", "StoreMeta", "read_catalog", "read_meta", "write_catalog", "store_embedder"],
-                    ".store"),
-    **dict.fromkeys(["StoreFiles"], ".files"),
-    **dict.fromkeys(["build_flat_index", "open_index", "save_index", "search"], ".faiss_index"),
+    **dict.fromkeys(["build_flat_index", "save_index", "search"], ".faiss_index"),
     **dict.fromkeys(["RunSummary", "build_index", "update_index"], ".build"),
 }
 __all__ = sorted(_EXPORTS)

@@ -1,9 +1,10 @@
-"""Index job, build: scan → diff → decode+embed → store → FAISS index, incremental and crash-safe.
+"""Index job, build: scan → diff → decode+embed → publish (store/publish.py), incremental and crash-safe.
 
 One operation serves `neardup index` and `neardup update`: files whose size and mtime are unchanged cost a
 stat; other files are hashed, and only content never seen before is decoded and embedded. Embeddings are
-saved in durable checkpoint chunks while the run goes, so a killed run resumes where it stopped; the
-store and index are published with `os.replace`, so readers see the old or the new state, never a mix.
+saved in durable checkpoint chunks while the run goes, so a killed run resumes where it stopped; what
+changed is published as a new segment and tombstones under a new manifest (`os.replace`), so readers see
+the old or the new generation, never a mix, and an update writes what changed, not the store.
 """
 from __future__ import annotations
 
@@ -20,21 +21,23 @@ import numpy as np
 
 from ..config import DEFAULTS, PRECISIONS
 from ..errors import DecodeError, InputError, StoreError, StoreMismatchError
-from ..fileio import check_output_path, fsync_dir
+from ..fileio import check_output_path
+from ..store.files import StoreFiles
+from ..store.handle import store_embedder
+from ..store.meta import StoreMeta
+from ..store.publish import Change, Published, Writer
+from ..store.restore import Restored
+from ..store.restore import restore_previous as _restore
 from .checkpoint import Checkpoint
-from .diff import assemble, split_unchanged
+from .diff import KnownContent, assemble, split_unchanged
 from .embed import Embedder, resolve_weights
 from .models import make_embedder, split_model
-from .faiss_index import derived_index, index_intact, save_index
 from .index_kinds import plan as plan_index
-from .files import StoreFiles
 from .local_features import LOCAL_VERSION
 from .embed_job import EmbedPhase, JobOptions, Progress, embed_pending
-from .lock import writer_lock
 from .onnx_export import agreement, quantize_int8
-from .pipeline import Embedded, prepare
+from .pipeline import prepare
 from .scan import FileRecord, scan
-from .store import Catalog, StoreMeta, read_catalog, read_meta, store_embedder, write_catalog
 
 if TYPE_CHECKING:
     from .ray_job import RayOptions
@@ -63,6 +66,8 @@ class RunSummary:
     wrote: bool = False
     calibration: str = ""  #: int8 only: the calibration and its measured agreement with float32
     driver_seconds: float = 0.0  #: --ray only: the driver's own time on the rows that came back
+    published: Published | None = None  #: what the publish wrote (segments, bytes, compaction), if anything
+    repaired: list[tuple[str, int, str]] = field(default_factory=list)  #: damaged segments dropped: name, rows, why
 
     @property
     def images_per_second(self) -> float:
@@ -92,6 +97,8 @@ def build_index(
     index: str | None = None,
     memory: int | None = None,
     target_recall: float | None = None,
+    repair: bool = False,
+    compact: bool = False,
 ) -> RunSummary:
     """Index the images under `roots` into the HDF5 store `store` and its FAISS index; return a summary.
 
@@ -107,6 +114,10 @@ def build_index(
     With `ray`, the decode+embed phase runs on a Ray cluster (indexer/ray_job.py); the store is the same.
     `index` (flat, auto, ivf, hnsw or a FAISS factory string), `memory` (bytes) and `target_recall` choose the
     FAISS index (indexer/index_kinds.py); the store keeps them for its updates (default: auto, no budget, 0.95).
+    `repair` reads every block of the store first and drops damaged segments: their photos are indexed again
+    (new ids), so nothing is lost but the embedding time. `compact` copies every live row into one segment and
+    trains the index anew (what every update did before segments; updates compact by themselves when deleted
+    rows pile up).
     """
     t0 = time.perf_counter()
     files = _writable(store)
@@ -134,34 +145,29 @@ def build_index(
     if memory is not None and memory < 0:
         raise InputError("--memory must be positive")
     repointed = False
-    with writer_lock(files):
-        files.remove_temporaries()
-        _finish_restore(files)
-        if store.exists():
-            old = read_catalog(store, local=True)  # whole, checksums verified: a damaged store stops here, untouched
-            files.remove_index_files(keep=_live_indexes(files, old.meta))  # orphans of a killed publish
-        elif require_existing:
+    with Writer(files, repair=repair) as w:
+        gen = w.current  # opened and checked: a damaged store stops here, untouched
+        if gen is None and require_existing:
             raise StoreError(f"no store at {store}; create it first with `neardup index`")
-        else:
-            old = None
+        old_meta = gen.meta if gen is not None else None
         asked = embedder.name if embedder is not None else model
-        if old is not None:
-            if asked is not None and asked != old.meta.model:  # refused before any model is built
+        if old_meta is not None:
+            if asked is not None and asked != old_meta.model:  # refused before any model is built
                 raise StoreMismatchError(
-                    f"{store} was made with model {old.meta.model}; it cannot be updated with {asked} "
+                    f"{store} was made with model {old_meta.model}; it cannot be updated with {asked} "
                     f"(use another --store)")
-            if precision is not None and precision != old.meta.precision:
-                raise StoreMismatchError(f"{store} holds {old.meta.precision} vectors; a store's precision is chosen "
+            if precision is not None and precision != old_meta.precision:
+                raise StoreMismatchError(f"{store} holds {old_meta.precision} vectors; a store's precision is chosen "
                                          f"when it is created (drop --precision, or use another --store)")
-            precision = old.meta.precision
-            if preprocess and old.meta.model == "onnx" and not _same_preprocess(preprocess, old.meta.preprocessing):
-                raise StoreMismatchError(f"{store} was made with the preprocessing {old.meta.preprocessing}; "
+            precision = old_meta.precision
+            if preprocess and old_meta.model == "onnx" and not _same_preprocess(preprocess, old_meta.preprocessing):
+                raise StoreMismatchError(f"{store} was made with the preprocessing {old_meta.preprocessing}; "
                                          f"--preprocess cannot change it (use another --store)")
-            model = old.meta.model
-            plan_index(asked_index.get("index_kind", old.meta.index_kind), 1, old.meta.dim)  # refused before work
-            weights = resolve_weights(model, weights) if weights else old.meta.weights
-            if model == "onnx" and weights != old.meta.weights:  # the same model file, moved: re-point the store
-                repointed = _repoint(old, weights, store)
+            model = old_meta.model
+            plan_index(asked_index.get("index_kind", old_meta.index_kind), 1, old_meta.dim)  # refused before work
+            weights = resolve_weights(model, weights) if weights else old_meta.weights
+            if model == "onnx" and weights != old_meta.weights:  # the same model file, moved: re-point the store
+                repointed = _repoint(old_meta, weights, store)
         else:
             model = asked or DEFAULTS.model
             weights = embedder.weights if embedder is not None else resolve_weights(model, weights)
@@ -169,18 +175,15 @@ def build_index(
         summary = RunSummary(store=str(store), model=model)
         found = scan(roots, store.parent)
         summary.failures.extend(found.failures)
+        old = gen.catalog if gen is not None else None
         pending, summary.unchanged = split_unchanged(old, found.files)
 
-        vectors: dict[str, Embedded] = {}  # content hash -> embedding
-        if old is not None and pending:  # only new/changed files look content up; a quiet night skips this
-            for i, sha in enumerate(old.sha256):
-                vectors.setdefault(sha, Embedded(old.xb[i], int(old.widths[i]), int(old.heights[i]),
-                                                 old.local.row(i) if old.local is not None else None))
+        vectors = KnownContent(gen)  # content hash -> embedding: stored rows are read only when asked for
         hashes: dict[str, str] = {}  # rel -> content hash, for pending files that could be read
         new_meta = None
         if pending:
-            if old is not None:  # the store's own model, preprocessing and int8 file, checked against it
-                factory = partial(store_embedder, old.meta, store, weights=weights, precision=precision,
+            if gen is not None:  # the store's own model, preprocessing and int8 file, checked against it
+                factory = partial(store_embedder, gen.meta, store, weights=weights, precision=precision,
                                   embedder=embedder, runtime=runtime)
                 emb = factory()
             elif embedder is None and precision == "int8":
@@ -191,8 +194,8 @@ def build_index(
                 factory = partial(_itself, embedder) if embedder is not None else partial(
                     make_embedder, model, weights, precision, runtime=runtime, preprocess=preprocess)
                 emb = factory()
-            local = (LOCAL_VERSION if local_features else "") if old is None else old.meta.local_features
-            if old is None:
+            local = (LOCAL_VERSION if local_features else "") if gen is None else gen.meta.local_features
+            if gen is None:
                 plan_index(asked_index.get("index_kind", DEFAULTS.index), 1, emb.dim)  # refused before embedding
                 new_meta = StoreMeta(model=model, weights=weights, weights_fingerprint=emb.weights_fingerprint,
                                      dim=emb.dim, input_size=emb.input_size, preprocessing=emb.preprocessing,
@@ -217,37 +220,35 @@ def build_index(
             summary.embed_seconds = time.perf_counter() - t_embed
             summary.embedded, summary.driver_seconds = phase.embedded, phase.driver_seconds
             summary.reused = sum(1 for f in pending if hashes.get(f.rel) in checkpoint.known)
+            vectors.prefetch(set(hashes.values()))  # stored content of moved, touched and copied files: one read
 
-        new, changes = assemble(old, found, hashes, vectors, summary.failures, prune=prune, new_meta=new_meta)
-        for name, count in asdict(changes).items():
-            setattr(summary, name, count)
-        reindex = old is not None and any(getattr(old.meta, k) != v for k, v in asked_index.items())
-        if new is not None and old is not None:
-            new.meta = replace(new.meta, **asked_index)
-        if new is not None:
-            _publish(files, new, rotate=old is not None)
-            summary.wrote = True
-        elif old is not None and not old.meta.index_file:  # a store written without an index (library use)
-            _publish(files, old, rotate=False)
-            summary.wrote = True
-        elif repointed or reindex:  # a moved onnx model (its new place), or another index asked for
-            old.meta = replace(old.meta, **asked_index)
-            _publish(files, old, rotate=True)
-            summary.wrote = True
-        elif old is not None and not old.meta.index_sha256:  # written before checksums: rewrite it with them
-            _publish(files, old, rotate=True)
-            summary.wrote = True
-        elif old is not None and not index_intact(store, old):  # lost or damaged: rewrite it from the store
-            log.warning("index %s is missing or damaged; rewriting it from the store", old.meta.index_file)
-            index, meta = derived_index(old.meta, old.xb, old.ids)
-            digest = save_index(index, files.index(old.meta.index_file))
-            if (old.meta.index_sha256 and digest != old.meta.index_sha256) or meta != old.meta:
-                old.meta = meta  # another FAISS version's bytes, or a retrained approximate index
-                _publish(files, old, rotate=False)
-                summary.wrote = True
+        delta = assemble(old, found, hashes, vectors, summary.failures, prune=prune, new_meta=new_meta)
+        if delta is not None:
+            for name, count in asdict(delta.changes).items():
+                setattr(summary, name, count)
+        reindex = gen is not None and any(getattr(gen.meta, k) != v for k, v in asked_index.items())
+        moved_model = {"weights": weights} if repointed else {}
+        if delta is not None:
+            meta = replace(delta.meta, **asked_index, **moved_model)
+            summary.published = w.publish(Change(meta, delta.append, delta.delete, delta.failures,
+                                                 reindex or compact), compact=compact or None)
+        elif gen is not None and compact:
+            summary.published = w.publish(Change(replace(gen.meta, **asked_index, **moved_model),
+                                                 failures=gen.failures, reindex=True), compact=True)
+        elif gen is not None and (repointed or reindex or gen.manifest is None or w.dropped or w.bad_parts or
+                                  not gen.index_intact(full=False)):
+            # a moved onnx model (its new place), another index asked for, a store written before segments
+            # (upgraded: its rows copied, nothing embedded) or an index file lost or damaged (written anew)
+            if not (repointed or reindex or gen.manifest is None or w.dropped or w.bad_parts):
+                log.warning("the index of %s is missing or damaged; writing it anew from the store", store)
+            meta = replace(gen.meta, **asked_index, **moved_model)
+            summary.published = w.publish(Change(meta, failures=gen.failures, reindex=reindex))
+        summary.wrote = summary.published is not None
+        summary.repaired = [(seg.name, seg.rows, why) for seg, why in w.dropped]
         # also a checkpoint left by a run killed after publishing: its work is in the store now
         files.remove_work()
-        summary.total = len(new) if new is not None else (len(old) if old is not None else 0)
+        summary.total = summary.published.count if summary.published is not None else (
+            len(gen) if gen is not None else 0)
     summary.seconds = time.perf_counter() - t0
     return summary
 
@@ -270,16 +271,15 @@ def _same_preprocess(asked: str, stored: str) -> bool:
     return replace(a, input=a.input or s.input, output=a.output or s.output) == s
 
 
-def _repoint(old: Catalog, path: str, store: Path) -> bool:
-    """Record the new place of an onnx store's model file when it holds the very model the store was made with."""
+def _repoint(meta: StoreMeta, path: str, store: Path) -> bool:
+    """Whether `path` holds the very model an onnx store was made with (its new place is then recorded)."""
     from ..fileio import file_sha256
 
     if not Path(path).is_file():
         raise InputError(f"ONNX model not found: {path}")
-    if "sha256:" + file_sha256(path)[:16] != old.meta.weights_fingerprint:
+    if "sha256:" + file_sha256(path)[:16] != meta.weights_fingerprint:
         raise StoreMismatchError(f"{store} was made with another model file (fingerprint "
-                                 f"{old.meta.weights_fingerprint}) than {path}")
-    old.meta = replace(old.meta, weights=path)
+                                 f"{meta.weights_fingerprint}) than {path}")
     return True
 
 
@@ -313,100 +313,6 @@ def _writable(store: str | os.PathLike[str]) -> StoreFiles:
     return files
 
 
-def _live_indexes(files: StoreFiles, meta: StoreMeta) -> set[str]:
-    """Index files still named by a store: the current one and the previous generation's."""
-    live = {meta.index_file}
-    try:
-        live.add(read_meta(files.previous).index_file)
-    except StoreError:
-        pass
-    return live
-
-
-def _publish(files: StoreFiles, cat: Catalog, *, rotate: bool) -> None:
-    """Write the index, then (after keeping the current store as the previous generation when `rotate`) the
-    store that names it with the index's digest, then drop index files no generation names."""
-    _save_index(files, cat)
-    # the previous generation is linked when the new store is complete, just before it replaces the old one
-    write_catalog(files.store, cat, before_replace=files.keep_previous if rotate and files.store.exists() else None)
-    files.remove_index_files(keep=_live_indexes(files, cat.meta))
-
-
-def _save_index(files: StoreFiles, cat: Catalog) -> None:
-    name = files.new_index_name()
-    index, cat.meta = derived_index(cat.meta, cat.xb, cat.ids)
-    cat.meta = replace(cat.meta, index_file=name, index_sha256=save_index(index, files.index(name)))
-
-
-def _finish_restore(files: StoreFiles) -> bool:
-    """Complete or drop a restore that was killed (call under the writer lock). It had kept the current store
-    as the previous generation only after writing the restored one as `<store>.restoring`: if both names
-    already hold one file, that step happened and the rename is finished now; otherwise it is dropped.
-    Returns True when a restore was finished."""
-    if not files.restoring.exists():
-        return False
-    if files.store.exists() and files.previous.exists() and os.path.samefile(files.store, files.previous):
-        log.warning("finishing a restore of %s that was interrupted", files.store)
-        os.replace(files.restoring, files.store)
-        fsync_dir(files.store.parent)
-        return True
-    files.restoring.unlink()
-    return False
-
-
-@dataclass(frozen=True)
-class Restored:
-    """What `restore_previous` did."""
-
-    store: str
-    count: int  #: images in the restored store
-    updated: str  #: when the restored generation was written
-    set_aside: str | None  #: where a damaged store was moved, if there was one
-    swapped: bool  #: the replaced store was readable and is now the previous generation (restore is undoable)
-
-
 def restore_previous(store: str | os.PathLike[str]) -> Restored:
-    """Make the previous published generation of `store` current again, under the writer lock.
-
-    The previous generation is read whole (checksums verified) first. A readable current store becomes the
-    previous one (so a restore can be undone the same way); a damaged one is moved to `<store>.damaged`.
-    Raises StoreError when there is no previous generation or it is damaged too.
-    """
-    files = _writable(store)
-    if not files.store.exists() and not files.previous.exists():  # a mistyped path: no lock file left behind
-        raise StoreError(f"no store at {store}")
-    with writer_lock(files):
-        files.remove_temporaries()
-        if _finish_restore(files):  # the restore asked for again was killed after its point of no return
-            cat = read_catalog(files.store, vectors=False)
-            return Restored(str(files.store), len(cat), cat.meta.updated, None, True)
-        if not files.previous.is_file():
-            raise StoreError(f"no previous generation of {store} is kept ({files.previous} does not exist); "
-                             f"rebuild it with `neardup index DIR --store {store}`")
-        try:
-            prev = read_catalog(files.previous, local=True)
-        except StoreError as exc:
-            raise StoreError(f"the previous generation {files.previous} is damaged too "
-                             f"({getattr(exc, 'reason', exc)}); move {files.store.name} and {files.previous.name} "
-                             f"away and rebuild the store with `neardup index DIR --store {store}`") from None
-        swapped, set_aside = False, None
-        if files.store.exists():
-            try:
-                read_catalog(files.store)
-                swapped = True
-            except StoreError:
-                set_aside = str(files.damaged)
-        updated = prev.meta.updated
-        # The restored generation is written whole under its own name first, so a kill at any point leaves a
-        # readable store name and both generations on disk (see _finish_restore); the store's name is never
-        # missing, not even for a moment.
-        _save_index(files, prev)
-        write_catalog(files.restoring, prev)
-        if swapped:
-            files.keep_previous()  # restore can be undone the same way
-        elif files.store.exists():
-            files.link_as(files.damaged)  # kept for inspection, never read
-        os.replace(files.restoring, files.store)
-        fsync_dir(files.store.parent)
-        files.remove_index_files(keep=_live_indexes(files, prev.meta))
-    return Restored(str(files.store), len(prev), updated, set_aside, swapped)
+    """Make the previous published generation of `store` current again (see store.restore.restore_previous)."""
+    return _restore(_writable(store))

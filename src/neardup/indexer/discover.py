@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from ..config import IMAGE_EXTENSIONS
@@ -20,18 +20,63 @@ def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _walk(root: Path, unreadable: list[tuple[str, str]] | None) -> Iterable[Path]:
-    def onerror(exc: OSError) -> None:
-        if unreadable is None:
-            raise InputError(f"cannot read folder {exc.filename}: {exc.strerror or exc}")
-        unreadable.append((str(exc.filename), exc.strerror or str(exc)))
+def _walk(root: str, unreadable: list[tuple[str, str]] | None) -> Iterator[tuple[str, str, os.DirEntry]]:
+    """(folder, name, directory entry) of the image files under `root`, hidden files and folders skipped.
+    Symlinked folders are not entered: a symlink loop in a merchant's folder must not hang the nightly job."""
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError as exc:
+            if unreadable is None:
+                raise InputError(f"cannot read folder {folder}: {exc.strerror or exc}") from None
+            unreadable.append((folder, exc.strerror or str(exc)))
+            continue
+        sub = []
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            try:
+                folder_entry = e.is_dir()
+                if folder_entry and not e.is_symlink():
+                    sub.append(e.path)
+            except OSError:
+                folder_entry = False
+            if not folder_entry and is_image_name(e.name):
+                yield folder, e.name, e
+        stack.extend(sorted(sub, reverse=True))
 
-    # os.walk without followlinks: a symlink loop in a merchant's folder must not hang the nightly job.
-    for dirpath, dirnames, filenames in os.walk(root, onerror=onerror):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if is_image_name(name) and not name.startswith("."):
-                yield Path(dirpath, name)
+
+def walk_images(roots: Sequence[str | os.PathLike[str]], *, unreadable: list[tuple[str, str]] | None = None
+                ) -> list[tuple[str, tuple[str, str, os.DirEntry | None]]]:
+    """(absolute path, (its folder, its name, its directory entry: None for a root given as a file)) of every
+    image under `roots`, sorted by path, without repeats: discover's walk, with the entries whose stat a scan
+    reuses (one os.scandir a folder, nothing else a file)."""
+    if not roots:
+        raise InputError("no folder given")
+    found: dict[str, tuple[str, str, os.DirEntry | None]] = {}
+    for raw in roots:
+        if _URL.match(os.fspath(raw)):  # Path() would turn http://host/x into http:/host/x
+            raise InputError(f"URLs are not supported, only local files and folders (download it first): {raw}")
+        root = Path(raw).expanduser()
+        if not root.exists():
+            raise InputError(f"no such file or folder: {root}")
+        # abspath, not resolve(): a symlinked photo keeps the name the catalogue gives it
+        if not root.is_dir():
+            if not is_image_name(root.name):
+                raise InputError(f"not an image file (by its extension): {root}")
+            path = os.path.abspath(root)
+            found.setdefault(path, (*os.path.split(path), None))
+        else:
+            for folder, name, entry in _walk(os.path.abspath(root), unreadable):
+                found.setdefault(f"{folder}/{name}", (folder, name, entry))
+    if not found:
+        shown = ", ".join(str(r) for r in roots)
+        raise InputError(f"no images found in {shown} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    log.debug("discovered %d images", len(found))
+    return sorted(found.items(), key=lambda kv: kv[0])
 
 
 def discover(roots: Sequence[str | os.PathLike[str]], *,
@@ -43,24 +88,4 @@ def discover(roots: Sequence[str | os.PathLike[str]], *,
     A folder that cannot be listed raises InputError, or, when an `unreadable` list is given, is appended
     to it as (folder, reason) and skipped.
     """
-    if not roots:
-        raise InputError("no folder given")
-    found: set[Path] = set()
-    for raw in roots:
-        if _URL.match(os.fspath(raw)):  # Path() would turn http://host/x into http:/host/x
-            raise InputError(f"URLs are not supported, only local files and folders (download it first): {raw}")
-        root = Path(raw).expanduser()
-        if not root.exists():
-            raise InputError(f"no such file or folder: {root}")
-        if not root.is_dir():
-            if not is_image_name(root.name):
-                raise InputError(f"not an image file (by its extension): {root}")
-            found.add(Path(os.path.abspath(root)))
-        else:
-            # abspath, not resolve(): a symlinked photo keeps the name the catalogue gives it
-            found.update(Path(os.path.abspath(p)) for p in _walk(root, unreadable))
-    if not found:
-        shown = ", ".join(str(r) for r in roots)
-        raise InputError(f"no images found in {shown} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
-    log.debug("discovered %d images", len(found))
-    return sorted(found)
+    return [Path(p) for p, _ in walk_images(roots, unreadable=unreadable)]

@@ -1,20 +1,22 @@
-"""Indexing stage 7, faiss_index: the FAISS inner-product index over L2-normalized vectors (so scores are cosines)."""
+"""Indexing stage 7, faiss_index: the FAISS inner-product index over L2-normalized vectors (so scores are cosines).
+
+Pure: vectors and ids in, an index out (and its bytes). The store keeps an exact index as nothing at all
+(it is the stored vectors, searched in memory); an IVF index as one part per segment, merged when loaded
+(FAISS merges IVF lists of one training); other kinds (HNSW) as one whole file.
+"""
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
 
-from dataclasses import replace
-
-from ..errors import InputError, StoreError
+from ..errors import InputError
 from ..fileio import atomic_write, file_sha256
 from . import index_kinds
-from .files import StoreFiles
-from .store import Catalog, StoreMeta, read_catalog
 
 log = logging.getLogger(__name__)
 
@@ -28,26 +30,72 @@ def build_flat_index(xb: np.ndarray, ids: np.ndarray) -> faiss.Index:
     return index
 
 
-def derived_index(meta: StoreMeta, xb: np.ndarray, ids: np.ndarray) -> tuple[faiss.Index, StoreMeta]:
-    """The index the store asks for (meta.index_kind, its memory budget and target recall) over xb, and the
-    meta recording what was built: an approximate one trained, tuned to the target and its recall measured."""
-    choice = index_kinds.plan(meta.index_kind, len(xb), xb.shape[1], meta.index_memory or None)
+@dataclass(frozen=True)
+class BuiltIndex:
+    """What building the index a store asks for made and measured (recorded in its meta)."""
+
+    factory: str  #: "Flat" or the FAISS factory string trained
+    params: str = ""  #: the tuned search knob ("nprobe=16")
+    recall: float = 1.0  #: recall@10 against exact search at those params
+    queries: int = 0  #: held-out store vectors it was measured with
+
+
+EXACT = BuiltIndex("Flat")
+
+
+def derived_index(kind: str, memory: int, target: float, xb: np.ndarray,
+                  ids: np.ndarray) -> tuple[faiss.Index, BuiltIndex]:
+    """The index `kind` (flat, auto, ivf, hnsw or a factory string) asks for over xb under `memory` bytes (0:
+    none): an approximate one trained, tuned to recall@10 `target` and measured; what was built."""
+    choice = index_kinds.plan(kind, len(xb), xb.shape[1], memory or None)
     if choice.exact:
-        return build_flat_index(xb, ids), replace(meta, index_factory="Flat", index_params="", index_recall=1.0,
-                                                  index_recall_queries=0)
+        return build_flat_index(xb, ids), EXACT
     try:
         index = index_kinds.build(xb, ids, choice.factory)
     except (InputError, RuntimeError) as exc:  # too few vectors to train it yet: exact until there are enough
         log.warning("index %s cannot be trained on %d vectors (%s); the store keeps an exact index until an update "
                     "has enough", choice.factory, len(xb), " ".join(str(exc).split())[:200])
-        return build_flat_index(xb, ids), replace(meta, index_factory="Flat", index_params="", index_recall=1.0,
-                                                  index_recall_queries=0)
-    got = index_kinds.tune(index, xb, ids, target=meta.index_target)
+        return build_flat_index(xb, ids), EXACT
+    got = index_kinds.tune(index, xb, ids, target=target)
     log.info("index %s (%s): recall@%d %.3f at %s, measured on %d store vectors in %.1f s", choice.factory,
              choice.reason, index_kinds.RECALL_K, got.recall, got.params or "its defaults", got.queries,
              got.build_seconds)
-    return index, replace(meta, index_factory=choice.factory, index_params=got.params, index_recall=got.recall,
-                          index_recall_queries=got.queries)
+    return index, BuiltIndex(choice.factory, got.params, got.recall, got.queries)
+
+
+def mergeable(index: faiss.Index) -> bool:
+    """Whether parts of this kind of index, trained once, can be built apart and merged (IVF lists can; an
+    HNSW graph cannot)."""
+    try:
+        faiss.extract_index_ivf(index)
+        return True
+    except RuntimeError:
+        return False
+
+
+def template_of(index: faiss.Index) -> faiss.Index:
+    """An empty copy of a trained index (its training kept): new segments' parts are added to copies of it."""
+    empty = faiss.clone_index(index)
+    empty.reset()
+    return empty
+
+
+def part(template: faiss.Index, xb: np.ndarray, ids: np.ndarray) -> faiss.Index:
+    """A segment's part of an approximate index: `template`'s training with the segment's vectors."""
+    return index_kinds.add(faiss.clone_index(template), xb, ids)
+
+
+def merged(parts: list[tuple[faiss.Index, np.ndarray]]) -> faiss.Index:
+    """One index from segment parts, each without its `dead` ids (rows deleted since it was written)."""
+    base = None
+    for index, dead in parts:
+        if len(dead):
+            index.remove_ids(faiss.IDSelectorBatch(np.ascontiguousarray(dead, np.int64)))
+        if base is None:
+            base = index
+        else:
+            base.merge_from(index, 0)
+    return base
 
 
 #: Below this many queries FAISS scans the flat index without BLAS; that scan is memory-bound, and more
@@ -69,13 +117,35 @@ def search(index: faiss.Index, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.n
         faiss.omp_set_num_threads(threads)
 
 
+def id_lookup(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted ids, their rows): rows_for(lookup, I) is then one searchsorted, not a dict built per query."""
+    ids = np.asarray(ids, np.int64)
+    order = np.argsort(ids, kind="stable")
+    return ids[order], order
+
+
+def rows_for(lookup: tuple[np.ndarray, np.ndarray], ids: np.ndarray) -> np.ndarray:
+    """Rows of `ids` (any shape; FAISS's I) through an id_lookup; -1 for an id not there (and for -1)."""
+    ids = np.asarray(ids, np.int64)
+    sorted_ids, order = lookup
+    if not len(order):
+        return np.full(ids.shape, -1, np.int64)
+    at = np.clip(np.searchsorted(sorted_ids, ids), 0, len(order) - 1)
+    return np.where(sorted_ids[at] == ids, order[at], -1)
+
+
 def index_ids(index: faiss.Index) -> np.ndarray:
-    """The ids held by an IndexIDMap(2)."""
-    return faiss.vector_to_array(index.id_map).astype(np.int64)
+    """The ids an index holds: an IndexIDMap(2)'s map, or the ids in an IVF index's lists."""
+    if hasattr(index, "id_map"):
+        return faiss.vector_to_array(index.id_map).astype(np.int64)
+    inv = faiss.extract_index_ivf(index).invlists
+    parts = [faiss.rev_swig_ptr(inv.get_ids(k), inv.list_size(k)).copy() for k in range(inv.nlist)
+             if inv.list_size(k)]
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
 
 def save_index(index: faiss.Index, path: str | os.PathLike[str]) -> str:
-    """Write `index` to `path` atomically; returns the file's SHA-256 (the store records it)."""
+    """Write `index` to `path` atomically; returns the file's SHA-256 (the manifest records it)."""
     digest = ""
 
     def write(tmp: str) -> None:
@@ -87,83 +157,6 @@ def save_index(index: faiss.Index, path: str | os.PathLike[str]) -> str:
     return digest
 
 
-def index_intact(store: str | os.PathLike[str], cat: Catalog) -> bool:
-    """True when the index file the store names exists and has the digest the store recorded for it."""
-    if not cat.meta.index_file:
-        return False
-    path = StoreFiles(Path(store)).index(cat.meta.index_file)
-    try:
-        return not cat.meta.index_sha256 or file_sha256(path) == cat.meta.index_sha256
-    except OSError:
-        return False
-
-
-def _saved_index(store: Path, cat: Catalog) -> faiss.Index | None:
-    if not cat.meta.index_file:
-        return None
-    path = StoreFiles(store).index(cat.meta.index_file)
-    try:
-        # The digest is checked before FAISS parses the file: a flipped byte in a vector still parses.
-        if cat.meta.index_sha256 and file_sha256(path) != cat.meta.index_sha256:
-            log.warning("index %s does not match the digest its store recorded (damaged); rebuilding it from "
-                        "the store (`neardup update` writes a fresh one)", path)
-            return None
-        index = faiss.read_index(str(path))
-    except (OSError, RuntimeError):
-        log.info("index %s unavailable; rebuilding it from the store", path)
-        return None
-    if index.ntotal == len(cat) and np.array_equal(index_ids(index), cat.ids):
-        index_kinds.apply_params(index, cat.meta.index_params)  # FAISS does not save nprobe with the index
-        return index
-    log.warning("index %s does not match the store; rebuilding it from the store", path)
-    return None
-
-
-def load_saved_index(store: str | os.PathLike[str], cat: Catalog) -> faiss.Index | None:
-    """The store's saved index with its search knob set, when it is intact and matches `cat`; else None."""
-    return _saved_index(Path(store), cat)
-
-
-def open_index(store: str | os.PathLike[str]) -> tuple[Catalog, faiss.Index]:
-    """The store's rows (without vectors) and its FAISS index.
-
-    Uses the saved index when it matches the store's ids, else rebuilds one from the store's vectors. A
-    writer may replace the store and remove the old index between our reads; the rebuild reads the store
-    once more, so the rows and the index always come from the same published store.
-    """
-    cat = read_catalog(store, vectors=False)
-    index = _saved_index(Path(store), cat)
-    if index is None:  # exact, whatever kind the store asks for: training one here would take minutes
-        cat = read_catalog(store, vectors=True)
-        index = build_flat_index(cat.xb, cat.ids)
-        cat.xb = None
-    return cat, index
-
-
-def check_store(store: str | os.PathLike[str]) -> list[str]:
-    """Read every row of a store (each checksum verified) and check its index file's digest.
-
-    Raises StoreError, with how to recover, when the store itself is damaged. Returns the problems that leave
-    the data intact (an index file missing or damaged: readers rebuild it in memory, `neardup update` rewrites
-    it); an empty list means healthy.
-    """
-    cat = read_catalog(store, vectors=True, local=True)
-    problems = []
-    if not cat.meta.index_file:
-        problems.append("no index file yet; `neardup update` writes one (queries build it in memory meanwhile)")
-    elif not index_intact(store, cat):
-        problems.append(f"index {cat.meta.index_file} is missing or does not match its digest; `neardup update` "
-                        f"rewrites it (queries rebuild it from the store meanwhile)")
-    if cat.meta.quantized_file and not StoreFiles.resolved(store).index(cat.meta.quantized_file).is_file():
-        problems.append(f"its int8 model {cat.meta.quantized_file} is missing: nothing can be embedded for it "
-                        f"(rebuild the store with --precision int8)")
-    if not cat.meta.index_sha256:
-        problems.append("written before neardup recorded checksums; `neardup update` rewrites it with them")
-    previous = StoreFiles.resolved(store).previous
-    if previous.exists():
-        try:
-            read_catalog(previous, vectors=True, local=True)
-        except StoreError as exc:
-            problems.append(f"the previous generation {previous} is damaged ({getattr(exc, 'reason', exc)}); "
-                            f"it cannot be restored (the next update replaces it)")
-    return problems
+def index_from_bytes(data: bytes) -> faiss.Index:
+    """An index read from its file's bytes (read once, checked against their digest, then parsed)."""
+    return faiss.deserialize_index(np.frombuffer(data, np.uint8))

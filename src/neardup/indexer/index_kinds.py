@@ -116,12 +116,14 @@ def _check_factory(spec: str, d: int) -> None:
                          f"FAISS accepts ({' '.join(str(exc).split())[:200]})") from None
 
 
-def build(xb: np.ndarray, ids: np.ndarray, factory: str, *, seed: int = 0) -> faiss.Index:
-    """The index `factory` over xb with the store's ids (IndexIDMap2), trained on a seeded sample of xb."""
+def trained(xb: np.ndarray, factory: str, *, seed: int = 0) -> faiss.Index:
+    """An empty index `factory` trained on a seeded sample of xb, holding the store's ids: an IVF kind keeps
+    them in its lists (so parts built apart merge with their ids: an IndexIDMap's sequence numbers would
+    collide), any other kind in an IndexIDMap2."""
     xb = np.ascontiguousarray(xb, dtype=np.float32)
     n, d = xb.shape
     inner = faiss.IndexFlatIP(d) if factory == "Flat" else faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
-    index = faiss.IndexIDMap2(inner)
+    index = inner if _ivf(inner) is not None else faiss.IndexIDMap2(inner)
     if not inner.is_trained:
         ivf = _ivf(index)
         need = max(40 * ivf.nlist, 4096) if ivf is not None else 65_536
@@ -130,10 +132,20 @@ def build(xb: np.ndarray, ids: np.ndarray, factory: str, *, seed: int = 0) -> fa
                              f"(use --index flat or a smaller IVF)")
         rows = np.sort(np.random.default_rng(seed).choice(n, size=min(n, need), replace=False))
         index.train(xb[rows])
-    if n:
-        for start in range(0, n, 65_536):  # bounded temporaries (PCA, codes) for a million rows
-            index.add_with_ids(xb[start:start + 65_536], np.ascontiguousarray(ids[start:start + 65_536], np.int64))
     return index
+
+
+def add(index: faiss.Index, xb: np.ndarray, ids: np.ndarray) -> faiss.Index:
+    """Add xb with `ids` to `index` in bounded steps (PCA and code temporaries for a million rows); returns it."""
+    for start in range(0, len(xb), 65_536):
+        index.add_with_ids(np.ascontiguousarray(xb[start:start + 65_536], np.float32),
+                           np.ascontiguousarray(ids[start:start + 65_536], np.int64))
+    return index
+
+
+def build(xb: np.ndarray, ids: np.ndarray, factory: str, *, seed: int = 0) -> faiss.Index:
+    """The index `factory` over xb with the store's ids, trained on a seeded sample of xb (see trained)."""
+    return add(trained(xb, factory, seed=seed), xb, ids)
 
 
 def _ivf(index: faiss.Index) -> faiss.IndexIVF | None:

@@ -4,8 +4,8 @@ With verification (the default), the pairs are instead each image's k nearest ne
 model's loose candidate threshold that pass geometric verification (search/verify.py); candidates that fail
 it but score above the strict threshold are listed too, marked unverified, and never grouped.
 
-Without verification, the all-pairs search is an exact blocked self-join: block after block of rows is multiplied (BLAS sgemm)
-against the rows after it only, so each pair is computed once (half the work of a full xb @ xb.T or a
+Without verification, the all-pairs search is an exact blocked self-join: each block of rows is multiplied
+(BLAS sgemm) against the rows after it only, so each pair is computed once (half the work of xb @ xb.T or a
 FAISS range search) and memory is bounded by the block, never by n².
 """
 from __future__ import annotations
@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..config import DEFAULTS, candidate_rule, resolve_threshold
+from ..config import DEFAULTS, candidate_rule
 from ..errors import InputError
-from ..indexer.faiss_index import load_saved_index
-from ..indexer.store import Catalog, read_catalog
-from .query import id_lookup, rows_for
+from ..indexer.faiss_index import id_lookup, rows_for
+from ..store.generation import Generation
+from ..store.handle import opened
+from ..store.meta import Catalog
 from .verify import Verified, resolve_verify, row_features, verify_pairs
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ def knn_pairs(xb: np.ndarray, k: int, threshold: float, index=None, ids: np.ndar
     if index is None:
         index, ids = faiss.IndexFlatIP(xb.shape[1]), None
         index.add(xb)
-    lookup = id_lookup(np.asarray(ids, np.int64)) if ids is not None else None
+    lookup = id_lookup(ids) if ids is not None else None
     kk = min(k + 1, n)  # +1: each row finds itself (or a tie) first
     found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     todo = np.arange(n) if rows is None else np.asarray(rows, np.int64)
@@ -268,7 +269,7 @@ def duplicate_rows(cat: Catalog, threshold: float, block: int | None = None, ind
     return I, J, D, exact
 
 
-def verified_rows(cat: Catalog, store: str | os.PathLike[str], threshold: float, k: int, loose: float, *,
+def verified_rows(cat: Catalog, gen: Generation, threshold: float, k: int, loose: float, *,
                   workers: int = DEFAULTS.verify_workers, index=None) -> tuple[np.ndarray, ...]:  # noqa: ANN001
     """Core of find_duplicates(verify=True): (I, J, D, exact, verified, inliers, candidates).
 
@@ -282,7 +283,7 @@ def verified_rows(cat: Catalog, store: str | os.PathLike[str], threshold: float,
     ci, cj, cd = without_pairs(knn_pairs(cat.xb, k, loose, index, cat.ids if index is not None else None),
                                ei, ej, len(cat))
     rows, inverse = np.unique(np.concatenate([ci, cj]), return_inverse=True)
-    feats = row_features(store, cat, rows)
+    feats = row_features(gen, rows)
     fa = [feats[x] for x in inverse[:len(ci)].tolist()]
     fb = [feats[x] for x in inverse[len(ci):].tolist()]
     v = verify_pairs(fa, fb, workers=workers, screen=True) if len(ci) else Verified.of([])
@@ -297,41 +298,41 @@ def verified_rows(cat: Catalog, store: str | os.PathLike[str], threshold: float,
             np.concatenate([np.full(len(ei), -1, np.int32), inl[order]]), len(v))
 
 
-def find_duplicates(store: str | os.PathLike[str], *, threshold: float | None = None,
+def find_duplicates(store: Generation | str | os.PathLike[str], *, threshold: float | None = None,
                     block: int | None = None, max_group_search: int = 20_000, verify: bool | None = None,
                     k: int | None = None, loose_threshold: float | None = None,
                     workers: int = DEFAULTS.verify_workers, exact: bool = False) -> DuplicateReport:
-    """All duplicate pairs of a store and their anti-chaining groups (see complete_linkage).
+    """All duplicate pairs of a store (an open Generation, or a path) and their anti-chaining groups.
 
-    With `verify` (None: resolve_verify, verified when the store caches local features), pairs are verified
-    candidates (see verified_rows; `k` and `loose_threshold` default to the
-    model's candidate_rule) and groups link verified and byte-identical pairs only; without it, every pair
-    scoring >= `threshold` (the model's default) is a duplicate. A connected cluster larger than
-    `max_group_search` images (its dense similarity matrix would take gigabytes) means the threshold is far
-    too low for the model: that is refused with InputError. A store with an approximate index (a large one:
-    indexer/index_kinds.py) finds candidates as each image's `k` nearest in that index, re-scored exactly
-    from the stored vectors, instead of the exact n² join; `exact` forces the exact search.
+    With `verify` (None: resolve_verify), pairs are verified candidates (verified_rows; `k` and
+    `loose_threshold` default to the model's candidate_rule) and groups link verified and byte-identical pairs
+    only; without it, every pair scoring >= `threshold` (the model's default) is a duplicate. A cluster larger
+    than `max_group_search` images means the threshold is far too low: refused with InputError. A store with
+    an approximate index takes each image's `k` nearest in it, re-scored exactly, instead of the n² join;
+    `exact` forces the exact search.
     """
-    t0 = time.perf_counter()
-    cat = read_catalog(store)
-    t = resolve_threshold(threshold, cat.meta.model)
+    with opened(store) as gen:
+        return _find(gen, threshold, block, max_group_search, verify, k, loose_threshold, workers, exact)
+
+
+def _find(gen: Generation, threshold: float | None, block: int | None, max_group_search: int, verify: bool | None,
+          k: int | None, loose_threshold: float | None, workers: int, exact: bool) -> DuplicateReport:
+    t0, cat, t = time.perf_counter(), gen.read(vectors=True), gen.threshold(threshold)
     verify = resolve_verify(verify, cat.meta.local_features)
-    report = DuplicateReport(store=str(store), model=cat.meta.model, threshold=t, n=len(cat), ids=cat.ids,
-                             paths=cat.paths, verify=verify)
-    index = None if exact or cat.meta.index_factory == "Flat" else load_saved_index(store, cat)
+    report = DuplicateReport(str(gen.path), cat.meta.model, t, len(cat), cat.ids, cat.paths, verify=verify)
+    index = None if exact or cat.meta.index_factory == "Flat" else gen.index
     report.method = (f"k-NN of the store's {cat.meta.index_factory} index ({cat.meta.index_params}, recall@10 "
                      f"{cat.meta.index_recall:.3f}), candidates re-scored exactly" if index is not None  # large store
                      else "exact k-NN" if verify else "exact join")
     if verify:
         dk, dt = candidate_rule(cat.meta.model)
         report.k = dk if k is None else int(k)
-        report.loose_threshold = resolve_threshold(dt if loose_threshold is None else loose_threshold,
-                                                   cat.meta.model)
+        report.loose_threshold = gen.threshold(dt if loose_threshold is None else loose_threshold)
         if report.k < 1:
             raise InputError("k must be at least 1")
         tv = time.perf_counter()
         (report.I, report.J, report.D, report.exact, report.verified, report.inliers,
-         report.candidates) = verified_rows(cat, store, t, report.k, report.loose_threshold, workers=workers,
+         report.candidates) = verified_rows(cat, gen, t, report.k, report.loose_threshold, workers=workers,
                                             index=index)
         report.verify_seconds = time.perf_counter() - tv
         linked = report.verified  # exact pairs are verified by their bytes
@@ -357,7 +358,7 @@ def find_duplicates(store: str | os.PathLike[str], *, threshold: float | None = 
                 f"threshold {t:.4f} links {len(comp)} images into one cluster, too many to be duplicates; "
                 f"raise --threshold (with {cat.meta.model}, {report.n_pairs} pairs score above it)")
         if verify and 2 < len(comp) <= COMPLETE_UP_TO:
-            extra += _complete(cat, store, comp, forced_in[ci], t, workers)
+            extra += _complete(cat, gen, comp, forced_in[ci], t, workers)
         S = cat.xb[comp] @ cat.xb[comp].T
         forced = np.zeros_like(S, bool)
         inliers = np.full(S.shape, -1, np.int32)
@@ -398,7 +399,7 @@ def find_duplicates(store: str | os.PathLike[str], *, threshold: float | None = 
 COMPLETE_UP_TO = 200
 
 
-def _complete(cat: Catalog, store: str | os.PathLike[str], comp: np.ndarray, links: list[tuple[int, int, int]],
+def _complete(cat: Catalog, gen: Generation, comp: np.ndarray, links: list[tuple[int, int, int]],
               threshold: float, workers: int) -> list[tuple[int, int, float, int]]:
     """Verify the pairs of a component that were not candidates (a photo with more copies than k has
     neighbours): complete linkage needs every pair's verdict. Adds the accepted ones to `links`; returns
@@ -409,7 +410,7 @@ def _complete(cat: Catalog, store: str | os.PathLike[str], comp: np.ndarray, lin
     if not missing:
         return []
     ma, mb = (np.array(c, np.int64) for c in zip(*missing))
-    feats = dict(zip(members, row_features(store, cat, comp)))
+    feats = dict(zip(members, row_features(gen, comp)))
     v = verify_pairs([feats[a] for a in ma.tolist()], [feats[b] for b in mb.tolist()], workers=workers, screen=True)
     d = np.einsum("ij,ij->i", cat.xb[ma], cat.xb[mb])
     ok = v.accepted(d, threshold)

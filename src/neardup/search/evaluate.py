@@ -60,7 +60,8 @@ from ..fileio import atomic_write, check_output_path
 from ..indexer.decode import read_file
 from ..indexer.embed import Embedder
 from ..indexer.pipeline import embed_files
-from ..indexer.store import read_catalog, store_embedder
+from ..store.generation import Generation
+from ..store.handle import opened, store_embedder
 from .duplicates import exact_pairs, knn_pairs, self_join, without_pairs
 from .metrics import (DEFAULT_KS, DEFAULT_SWEEP, DEFINITIONS, TIE_TOL, _junk, _mates,  # noqa: F401 - TIE_TOL
                       _pairs_in, _query_candidates, _retrieval, _Verifier, best_index, pair_metrics,
@@ -188,7 +189,7 @@ class EvalResult:
         return "\n".join(lines)
 
 
-def evaluate(store: str | os.PathLike[str], truth: str | os.PathLike[str], *,
+def evaluate(store: Generation | str | os.PathLike[str], truth: str | os.PathLike[str], *,
              thresholds: Sequence[float] | None = None, threshold: float | None = None,
              ks: Sequence[int] = DEFAULT_KS, block: int | None = None, verify: bool | None = None,
              k: int | None = None, embedder: Embedder | None = None, weights: str | None = None,
@@ -207,13 +208,22 @@ def evaluate(store: str | os.PathLike[str], truth: str | os.PathLike[str], *,
     each query's top k (see the module). A truth with rows of role `query` is scored in query mode: those
     photos are embedded with the store's model (`embedder` injects one; `weights`, `precision` and `runtime`
     as for query()) and ranked against the catalogue rows; only query mode is then scored.
-    The `class` column marks ignored pairs. Raises InputError (bad truth file, no truth image in the store,
-    no true pairs, no decodable query photo) and StoreError.
+    The `class` column marks ignored pairs. `store` is an open Generation or a store's path. Raises InputError
+    (bad truth file, no truth image in the store, no true pairs, no decodable query photo) and StoreError.
     """
+    with opened(store) as gen:
+        return _evaluate(gen, Path(truth), thresholds=thresholds, threshold=threshold, ks=ks, block=block,
+                         verify=verify, k=k, embedder=embedder, weights=weights, precision=precision,
+                         runtime=runtime, batch_size=batch_size, max_file_bytes=max_file_bytes, workers=workers)
+
+
+def _evaluate(gen: Generation, truth: Path, *, thresholds: Sequence[float] | None, threshold: float | None,
+              ks: Sequence[int], block: int | None, verify: bool | None, k: int | None,
+              embedder: Embedder | None, weights: str | None, precision: str, runtime: str | None,
+              batch_size: int, max_file_bytes: int, workers: int) -> EvalResult:
     t0 = time.perf_counter()
-    truth = Path(truth)
     rows = read_truth_rows(truth)
-    cat = read_catalog(store)
+    cat = gen.read()
     model = cat.meta.model
     verify = resolve_verify(verify, cat.meta.local_features)
     # verified, the default operating point is the candidates' loose threshold (what duplicates uses)
@@ -226,7 +236,7 @@ def evaluate(store: str | os.PathLike[str], truth: str | os.PathLike[str], *,
     k = candidate_rule(model)[0] if k is None else int(k)
     if k < 1:
         raise InputError("k must be at least 1")
-    base = Path(store).resolve().parent
+    base = gen.files.store.resolve().parent
     row_of: dict[Path, int] = {}
     for r, p in enumerate(cat.paths):
         row_of.setdefault(Path(os.path.normpath(base / p)).resolve(), r)
@@ -257,7 +267,7 @@ def evaluate(store: str | os.PathLike[str], truth: str | os.PathLike[str], *,
         ev_cls.append(klass(row))
     if not ev_rows:
         what = f"{len(rows) - len(query_rows)} catalogue images" if query_rows else f"{len(rows)} images"
-        raise InputError(f"none of the {what} in {truth} is in the store {store} (truth paths are "
+        raise InputError(f"none of the {what} in {truth} is in the store {gen.path} (truth paths are "
                          f"relative to the truth file's folder, store paths to the store's folder)")
     ev = np.array(ev_rows, np.int64)
     labels = np.array(ev_labels, np.int64)
@@ -270,7 +280,7 @@ def evaluate(store: str | os.PathLike[str], truth: str | os.PathLike[str], *,
     n = len(ev)
 
     def load_rows(idx: np.ndarray) -> list:
-        return row_features(store, cat, ev[idx])
+        return row_features(gen, ev[idx])
 
     failed: list[tuple[str, str]] = []
     if mode == "store":
@@ -295,7 +305,7 @@ def evaluate(store: str | os.PathLike[str], truth: str | os.PathLike[str], *,
             m = members[int(labels[q])]
             return m[m != q]
     else:
-        emb = store_embedder(cat.meta, store, weights=weights, precision=precision, embedder=embedder,
+        emb = store_embedder(gen.meta, gen.files.store, weights=weights, precision=precision, embedder=embedder,
                              runtime=runtime)
         by_path = {str(r.full): r for r in query_rows}
         # decoded as the store's photos were (at >= 256 px when it caches features), as query() does
@@ -382,7 +392,7 @@ def evaluate(store: str | os.PathLike[str], truth: str | os.PathLike[str], *,
     else:
         retrieval = _retrieval(xq, xe, queries, positives, mask, ks, block, k, verifier)
     return EvalResult(
-        store=str(store), truth=str(truth), model=model, images_in_store=len(cat),
+        store=str(gen.path), truth=str(truth), model=model, images_in_store=len(cat),
         images_in_truth=len(rows), evaluated=n, truth_missing_from_store=len(missing),
         store_missing_from_truth=len(unlabelled), true_pairs=n_true, candidate_pairs=int(len(D)),
         default_threshold=float(sweep[d]),

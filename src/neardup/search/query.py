@@ -1,26 +1,25 @@
 """Search stage 1, query: find the catalogue images nearest to new photos, with the store's own model."""
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 
 from ..config import DEFAULTS
-from ..errors import InputError, StoreError
+from ..errors import InputError
 from ..indexer.discover import discover
 from ..indexer.embed import Embedder
 from ..indexer.models import make_embedder
-from ..indexer.faiss_index import open_index, search
+from ..indexer.faiss_index import search
 from ..indexer.pipeline import embed_files
 from ..indexer.local_features import LocalFeatures
-from ..indexer.store import Catalog, StoreMeta, open_pinned, read_meta, read_vectors, store_embedder
+from ..store.generation import Generation
+from ..store.handle import store_embedder
 from .verify import rerank, resolve_verify, row_features, verify_pairs
 
 log = logging.getLogger(__name__)
@@ -46,97 +45,96 @@ class QueryResult:
     matches: list[Match] = field(default_factory=list)
     error: str | None = None
     verified: bool = False  #: the matches were geometrically verified (and re-ranked)
+    threshold: float | None = None  #: the match threshold it was answered with (Generation.threshold)
 
     def best(self) -> float | None:
         """Highest score, or None without matches."""
         return max(m.score for m in self.matches) if self.matches else None
 
-    def is_match(self, m: Match, threshold: float) -> bool:
+    def is_match(self, m: Match, threshold: float | None = None) -> bool:
         """Whether neighbour `m` is this photo again: its verdict when verified (a photo too plain to judge,
-        verified None, and unverified results compare the score with `threshold`)."""
+        verified None, and unverified results compare the score with the threshold)."""
         if self.verified and m.verified is not None:
             return m.verified
-        return m.score >= threshold
+        t = self.threshold if threshold is None else threshold
+        if t is None:
+            raise ValueError("a result without a threshold needs one")
+        return m.score >= t
 
-    def found(self, threshold: float) -> bool:
+    def found(self, threshold: float | None = None) -> bool:
         """Whether the photo is in the catalogue: one of its neighbours is a match (is_match)."""
         return any(self.is_match(m, threshold) for m in self.matches)
 
 
-def id_lookup(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(sorted ids, their rows): rows_of(I) is then one searchsorted, not a dict built per query."""
-    order = np.argsort(ids, kind="stable")
-    return ids[order], order
+@dataclass
+class Answer:
+    """What a look-up gets, from the CLI or the service: a result per photo, all from one generation."""
+
+    store: str
+    generation: str
+    count: int  #: photos in that generation
+    model: str
+    threshold: float
+    verified: bool
+    results: list[QueryResult]
+    weights: str = ""  #: the store's weights spec ("none": seeded random weights, scores show only plumbing)
 
 
-def rows_for(lookup: tuple[np.ndarray, np.ndarray], ids: Sequence[int] | np.ndarray) -> np.ndarray:
-    """Rows of catalogue `ids` (any shape) through an id_lookup; -1 for an id not there (and for -1)."""
-    ids = np.asarray(ids, np.int64)
-    sorted_ids, order = lookup
-    if not len(order):
-        return np.full(ids.shape, -1, np.int64)
-    at = np.clip(np.searchsorted(sorted_ids, ids), 0, len(order) - 1)
-    return np.where(sorted_ids[at] == ids, order[at], -1)
-
-
-def neighbours(D: np.ndarray, I: np.ndarray, cat: Catalog,
-               lookup: tuple[np.ndarray, np.ndarray] | None = None) -> list[list[Match]]:
-    """Turn FAISS (D, I) rows into Match lists, dropping the -1 padding of short results."""
-    sorted_ids, order = lookup or id_lookup(cat.ids)
-    rows = order[np.clip(np.searchsorted(sorted_ids, I), 0, max(len(order) - 1, 0))] if len(order) else I
+def neighbours(D: np.ndarray, I: np.ndarray, paths: list[str], rows: np.ndarray) -> list[list[Match]]:
+    """Turn FAISS (D, I) rows into Match lists (`rows`: the catalogue rows of I), dropping the -1 padding."""
     out = []
     for drow, irow, rrow in zip(D.tolist(), I.tolist(), np.atleast_2d(rows).tolist()):
-        out.append([Match(rank=k + 1, score=s, id=i, path=cat.paths[r])
-                    for k, (s, i, r) in enumerate(zip(drow, irow, rrow)) if i >= 0])
+        out.append([Match(rank=k + 1, score=s, id=i, path=paths[r])
+                    for k, (s, i, r) in enumerate(zip(drow, irow, rrow)) if i >= 0 and r >= 0])
     return out
 
 
-def generation_of(meta: StoreMeta) -> str:
-    """A published store's generation: the 12 hex digits of the index file it names (new at every publish),
-    else a digest of its update time and size."""
-    token = meta.index_file.rsplit(".", 2)[-2] if meta.index_file.count(".") >= 2 else ""
-    if len(token) == 12:
-        return token
-    return hashlib.sha256(f"{meta.updated}/{meta.count}/{meta.next_id}".encode()).hexdigest()[:12]
-
-
 class Searcher:
-    """A store opened for repeated queries: rows, FAISS index and embedder stay loaded (warm process).
+    """A store generation opened for repeated queries: its rows, FAISS index and embedder stay loaded (a warm
+    process), and every answer comes from that one generation, also after a writer publishes the next (serve
+    then opens a new Searcher beside this one). The one query pipeline of the CLI and the service:
+    decode → `embed_knn` (the service batches it across requests) → `results` (neighbours, verification, the
+    threshold). `embedder` may be a previous generation's (checked against this store's model and weights).
+    `local_cache_rows` keeps the local features of that many recently verified catalogue rows (~18 kB each)."""
 
-    With `pinned`, the store file stays open (store.open_pinned), and the rows, the index and the local
-    features all come from that one generation, also after a writer publishes the next (serve reloads then
-    opens a new Searcher beside this one); `close()` releases it. `embedder` may be a previous generation's
-    (checked against this store's model and weights). `local_cache_rows` keeps the local features of that many
-    recently verified catalogue rows in memory (~18 kB each)."""
-
-    def __init__(self, store: str | os.PathLike[str], *, weights: str | None = None,
-                 precision: str = DEFAULTS.precision, embedder: Embedder | None = None,
-                 runtime: str | None = None, pinned: bool = False, local_cache_rows: int = 0) -> None:
-        self.store = Path(store)
+    def __init__(self, gen: Generation, *, weights: str | None = None, precision: str = DEFAULTS.precision,
+                 embedder: Embedder | None = None, runtime: str | None = None, local_cache_rows: int = 0,
+                 owns: bool = False) -> None:
+        self.gen, self._owns = gen, owns
+        self.meta, self.generation = gen.meta, gen.id
         # Local features of catalogue rows kept after verification reads them (a warm service): reading a
         # query's 10 candidate rows from the store took ~5 ms, their matching ~7 ms (grocery photos, 2 cores).
         self.local_cache_rows, self.cache_hits, self.cache_misses = local_cache_rows, 0, 0
         self._local_cache: OrderedDict[int, LocalFeatures] = OrderedDict()
         self._cache_lock = threading.Lock()
-        self.pinned = None
-        for _ in range(5):  # a writer may publish between our reads: read until all come from one generation
-            self.pinned = open_pinned(self.store) if pinned else None
-            self.meta = read_meta(self.pinned or self.store)
-            self.cat, self.index = open_index(self.store)
-            if not pinned or self.cat.meta == self.meta:
-                break
-            self.pinned.close()
-        else:
-            raise StoreError(f"{self.store} changed during each of 5 reads; is a writer publishing in a loop?")
-        self.embedder = store_embedder(self.meta, self.store, weights=weights, precision=precision,
-                                       embedder=embedder, runtime=runtime)
-        self._lookup = id_lookup(self.cat.ids)
-        self.generation = generation_of(self.meta)
+        try:
+            self.cat, self.index = gen.catalog, gen.index
+            self.embedder = store_embedder(gen.meta, gen.files.store, weights=weights, precision=precision,
+                                           embedder=embedder, runtime=runtime)
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def open(cls, store: str | os.PathLike[str], **kwargs: object) -> Searcher:
+        """A Searcher over the current generation of `store`, which it closes with itself."""
+        return cls(Generation.open(store), owns=True, **kwargs)
+
+    def close(self) -> None:
+        """Release the generation's files, when this Searcher opened it."""
+        if self._owns:
+            self.gen.close()
+
+    def __enter__(self) -> Searcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _row_features(self, rows: np.ndarray) -> list[LocalFeatures | None]:
         """row_features, through the LRU cache of the last `local_cache_rows` rows read (when kept)."""
         if not self.local_cache_rows:
-            return row_features(self.store, self.cat, rows, pinned=self.pinned)
+            return row_features(self.gen, rows)
         with self._cache_lock:
             got = {r: self._local_cache.get(r) for r in rows.tolist()}
             missing = [r for r, f in got.items() if f is None]
@@ -145,7 +143,7 @@ class Searcher:
             self.cache_hits += len(got) - len(missing)
             self.cache_misses += len(missing)
         if missing:
-            got.update(zip(missing, row_features(self.store, self.cat, np.array(missing), pinned=self.pinned)))
+            got.update(zip(missing, row_features(self.gen, np.array(missing))))
             with self._cache_lock:
                 self._local_cache.update((r, got[r]) for r in missing if got[r] is not None)
                 while len(self._local_cache) > self.local_cache_rows:
@@ -156,21 +154,24 @@ class Searcher:
         """The local-features cache: rows held, hits and misses."""
         return {"rows": len(self._local_cache), "hits": self.cache_hits, "misses": self.cache_misses}
 
-    def close(self) -> None:
-        """Release a pinned store file (the embedder and index are freed with the object)."""
-        if self.pinned is not None:
-            self.pinned.close()
-            self.pinned = None
-
     def rows_of(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Rows of catalogue `ids`; -1 for an id not in this generation."""
-        return rows_for(self._lookup, ids)
+        return self.gen.rows_of(ids)
+
+    def decode_local(self, verify: bool) -> bool:
+        """Whether query photos are decoded with their local features: to verify, and for a store that caches
+        them (it decoded its photos at their size: queries are decoded the same way)."""
+        return verify or bool(self.meta.local_features)
 
     def search(self, xq: np.ndarray, k: int = DEFAULTS.k) -> list[list[Match]]:
         """k nearest catalogue images of each row of xq (unit vectors from this store's embedder)."""
         if len(xq) == 0:
             return []
         return self.neighbours(*self.knn(xq, k))
+
+    def embed_knn(self, pixels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Embed decoded photos and search them: FAISS (D, I)."""
+        return self.knn(self.embedder.embed(pixels), k)
 
     def knn(self, xq: np.ndarray, k: int = DEFAULTS.k) -> tuple[np.ndarray, np.ndarray]:
         """FAISS (D, I) of xq in this store's index; on an approximate index (SQ, PQ, PCA codes) the scores are
@@ -186,7 +187,7 @@ class Searcher:
         uniq, inverse = np.unique(rows[ok], return_inverse=True)
         D = np.full(I.shape, -np.inf, np.float32)
         if len(uniq):
-            xb = read_vectors(self.pinned or self.store, uniq, self.meta.index_file)
+            xb = self.gen.vectors(uniq)
             D[ok] = np.einsum("ij,ij->i", np.repeat(xq, ok.sum(1), axis=0), xb[inverse])
         order = np.argsort(-D, axis=1, kind="stable")
         I = np.where(ok, I, -1)
@@ -194,7 +195,7 @@ class Searcher:
 
     def neighbours(self, D: np.ndarray, I: np.ndarray) -> list[list[Match]]:
         """FAISS results (D, I) of this store's index as Match lists."""
-        return neighbours(D, I, self.cat, self._lookup)
+        return neighbours(D, I, self.cat.paths, self.rows_of(I))
 
     def verify(self, matches: list[Match], feats: LocalFeatures | None) -> list[Match]:
         """Geometrically verify one query's matches (its local features `feats`) and re-rank them: verified
@@ -209,39 +210,72 @@ class Searcher:
                         inliers=int(v.inliers[i]) if v.judged[i] else None)
                 for r, i in enumerate(ranked.tolist())]
 
-    def query(self, images: Sequence[str | os.PathLike[str]], k: int = DEFAULTS.k,
-              batch_size: int = DEFAULTS.batch_size, max_file_bytes: int = DEFAULTS.max_file_bytes,
-              verify: bool | None = None) -> list[QueryResult]:
-        """Query image files (folders are expanded); undecodable, non-regular and too large files come back
-        with an error. With `verify` (None: resolve_verify), each query's top k are geometrically verified and
-        re-ranked."""
+    def results(self, names: Sequence[str], D: np.ndarray, I: np.ndarray, local: Sequence[LocalFeatures | None],
+                *, verify: bool, threshold: float, errors: Sequence[str | None] | None = None) -> list[QueryResult]:
+        """The results of photos `names` (in order): those with an error in `errors` (by position) with it,
+        the others (rows of D, I and `local`, in order) with their neighbours, verified and re-ranked when
+        `verify`. The last stage of every look-up, in the CLI and the service."""
+        errors = errors or [None] * len(names)
+        found = iter(self.neighbours(D, I))
+        feats = iter(local)
+        out = []
+        for name, error in zip(names, errors):
+            if error is not None:
+                out.append(QueryResult(name, error=error, threshold=threshold))
+                continue
+            m, f = next(found), next(feats)
+            out.append(QueryResult(name, self.verify(m, f) if verify else m, verified=verify, threshold=threshold))
+        return out
+
+    def answer(self, images: Sequence[str | os.PathLike[str]], k: int = DEFAULTS.k, *,
+               batch_size: int = DEFAULTS.batch_size, max_file_bytes: int = DEFAULTS.max_file_bytes,
+               verify: bool | None = None, threshold: float | None = None) -> Answer:
+        """Look up image files (folders are expanded); undecodable, non-regular and too large files come back
+        with an error. With `verify` (None: resolve_verify), each photo's top k are geometrically verified and
+        re-ranked; `threshold` (default: the model's) decides the rest."""
         if k < 1:
             raise InputError("k must be at least 1")
         verify = resolve_verify(verify, self.meta.local_features)
+        t = self.gen.threshold(threshold)
         paths = [str(p) for p in discover(images)]
-        # a store with local features decoded its photos at their size: decode queries the same way
-        local = verify or bool(self.meta.local_features)
-        got = embed_files(paths, self.embedder, batch_size=batch_size, max_bytes=max_file_bytes, local=local)
-        found = self.search(got.xq, k)
-        if verify:
-            found = [self.verify(m, f) for m, f in zip(found, got.local)]
-        results = {p: QueryResult(p, m, verified=verify) for p, m in zip(got.paths, found)}
-        results.update({p: QueryResult(p, error=why) for p, why in got.failures})
-        return [results[p] for p in paths]
+        got = embed_files(paths, self.embedder, batch_size=batch_size, max_bytes=max_file_bytes,
+                          local=self.decode_local(verify))
+        D, I = self.knn(got.xq, k) if len(got.xq) else (np.zeros((0, k), np.float32), np.zeros((0, k), np.int64))
+        failed = dict(got.failures)
+        results = self.results(paths, D, I, got.local or [None] * len(got.paths), verify=verify, threshold=t,
+                               errors=[failed.get(p) for p in paths])
+        return Answer(str(self.gen.path), self.generation, len(self.cat), self.meta.model, t, verify, results,
+                      self.meta.weights)
+
+    def query(self, images: Sequence[str | os.PathLike[str]], k: int = DEFAULTS.k,
+              batch_size: int = DEFAULTS.batch_size, max_file_bytes: int = DEFAULTS.max_file_bytes,
+              verify: bool | None = None) -> list[QueryResult]:
+        """The results of `answer`."""
+        return self.answer(images, k, batch_size=batch_size, max_file_bytes=max_file_bytes, verify=verify).results
+
+
+def answer(store: str | os.PathLike[str], images: Sequence[str | os.PathLike[str]], *, k: int = DEFAULTS.k,
+           weights: str | None = None, precision: str = DEFAULTS.precision, embedder: Embedder | None = None,
+           batch_size: int = DEFAULTS.batch_size, max_file_bytes: int = DEFAULTS.max_file_bytes,
+           runtime: str | None = None, verify: bool | None = None, threshold: float | None = None) -> Answer:
+    """Look up photos in the current generation of `store`, with its own model and weights (`runtime` may be
+    either: TensorFlow and ONNX Runtime vectors are interchangeable); see Searcher.answer."""
+    with Searcher.open(store, weights=weights, precision=precision, embedder=embedder, runtime=runtime) as s:
+        return s.answer(images, k, batch_size=batch_size, max_file_bytes=max_file_bytes, verify=verify,
+                        threshold=threshold)
 
 
 def query(store: str | os.PathLike[str], images: Sequence[str | os.PathLike[str]], *, k: int = DEFAULTS.k,
           weights: str | None = None, precision: str = DEFAULTS.precision, embedder: Embedder | None = None,
           batch_size: int = DEFAULTS.batch_size, max_file_bytes: int = DEFAULTS.max_file_bytes,
           runtime: str | None = None, verify: bool | None = None) -> list[QueryResult]:
-    """Top-k catalogue matches of each query image, searched with the store's own model and weights
-    (`runtime` may be either: TensorFlow and ONNX Runtime vectors are interchangeable); with `verify`,
-    geometrically verified and re-ranked."""
-    searcher = Searcher(store, weights=weights, precision=precision, embedder=embedder, runtime=runtime)
-    return searcher.query(images, k, batch_size, max_file_bytes, verify=verify)
+    """Top-k catalogue matches of each query image (see answer); with `verify`, geometrically verified and
+    re-ranked."""
+    return answer(store, images, k=k, weights=weights, precision=precision, embedder=embedder,
+                  batch_size=batch_size, max_file_bytes=max_file_bytes, runtime=runtime, verify=verify).results
 
 
-def has_match(results: Sequence[QueryResult], threshold: float) -> bool:
+def has_match(results: Sequence[QueryResult], threshold: float | None = None) -> bool:
     """True when any query is found in the catalogue (QueryResult.found; the CLI's exit status 0)."""
     return any(r.found(threshold) for r in results)
 

@@ -31,7 +31,9 @@ import numpy as np
 from ..errors import DecodeError, InputError
 from ..fileio import atomic_write, check_output_path, fmt_bytes, now_iso
 from ..indexer.decode import file_local_features, open_upright
-from ..indexer.store import Catalog, read_catalog
+from ..store.generation import Generation
+from ..store.handle import opened
+from ..store.meta import Catalog
 from .duplicates import DuplicateReport, Pair, find_duplicates
 from .pairs_io import groups_document, read_groups_json, read_pairs_csv
 from .plots import plot_pair
@@ -170,15 +172,15 @@ def render_html(data: dict, summary: Sequence[tuple[str, str]], title: str) -> s
     return re.sub(r"%%([A-Z]+)%%", lambda m: parts[m.group(1)], template("report.html"))
 
 
-def _inliers_of(store: Path, cat: Catalog, a: str, b: str, images: _Images) -> Verification | None:
+def _inliers_of(gen: Generation, a: str, b: str, images: _Images) -> Verification | None:
     """The verification of a pair (stored paths) with its inlier points, for drawing: from the store's cached
     features, screened as duplicates screens, so the drawing shows what the verdict counted. A path not in
     the store is decoded as the store's model decodes (None when unreadable)."""
-    mode = "L" if cat.meta.model == "phash" else "RGB"
+    mode = "L" if gen.meta.model == "phash" else "RGB"
     feats = []
     for p in (a, b):
         if p in images.row:
-            feats += row_features(store, cat, np.array([images.row[p]]))
+            feats += row_features(gen, np.array([images.row[p]]))
             continue
         try:
             feats.append(file_local_features(images.absolute(p), mode=mode))
@@ -203,7 +205,7 @@ def _groups_from(doc_groups: list[dict], images: _Images) -> list[dict]:
     return out
 
 
-def write_report(store: str | os.PathLike[str], out: str | os.PathLike[str] = "report.html", *,
+def write_report(store: Generation | str | os.PathLike[str], out: str | os.PathLike[str] = "report.html", *,
                  pairs: str | os.PathLike[str] | None = None, groups: str | os.PathLike[str] | None = None,
                  duplicates: DuplicateReport | None = None, threshold: float | None = None,
                  png_dir: str | os.PathLike[str] | None = None, page_size: int = PAGE_SIZE,
@@ -216,9 +218,18 @@ def write_report(store: str | os.PathLike[str], out: str | os.PathLike[str] = "r
     Given groups alone, the pairs are computed from the store at the groups file's threshold (or `threshold`),
     so the page is complete; given pairs alone, the page shows pairs only. `png_dir` (created if needed) gets one
     side-by-side PNG per pair, `pair_00001.png` for the report's pair #1, and so on; a verified pair's PNG
-    draws its inlier matches. `verify` is find_duplicates' (when the pairs are computed here).
-    Raises InputError (bad files, missing output folder) and StoreError.
+    draws its inlier matches. `verify` is find_duplicates' (when the pairs are computed here). `store` is an
+    open Generation or a store's path. Raises InputError (bad files, missing output folder) and StoreError.
     """
+    with opened(store) as gen:
+        return _write_report(gen, out, pairs=pairs, groups=groups, duplicates=duplicates, threshold=threshold,
+                             png_dir=png_dir, page_size=page_size, workers=workers, verify=verify)
+
+
+def _write_report(gen: Generation, out: str | os.PathLike[str], *, pairs: str | os.PathLike[str] | None,
+                  groups: str | os.PathLike[str] | None, duplicates: DuplicateReport | None,
+                  threshold: float | None, png_dir: str | os.PathLike[str] | None, page_size: int,
+                  workers: int | None, verify: bool | None) -> ReportResult:
     t0 = time.perf_counter()
     out = Path(out)
     check_output_path(out)
@@ -228,16 +239,15 @@ def write_report(store: str | os.PathLike[str], out: str | os.PathLike[str] = "r
         Path(png_dir).mkdir(parents=True, exist_ok=True)
     if page_size < 1:
         raise InputError("page size must be at least 1")
-    store = Path(store)
-    cat = read_catalog(store, vectors=False)
-    images = _Images(cat, Path(store).resolve().parent)
+    store, cat = gen.path, gen.catalog
+    images = _Images(cat, gen.files.store.resolve().parent)
 
     source: list[str] = []
     pair_list: list[Pair] | None = None
     group_docs: list[dict] | None = None
     t_shown: float | None = threshold
     if duplicates is None and pairs is None and groups is None:
-        duplicates = find_duplicates(store, threshold=threshold, verify=verify)
+        duplicates = find_duplicates(gen, threshold=threshold, verify=verify)
         source.append("computed from the store (neardup duplicates" + (", verified)" if duplicates.verify else ")"))
     if duplicates is not None:
         pair_list, group_docs, t_shown = duplicates.pairs, groups_document(duplicates)["groups"], duplicates.threshold
@@ -256,7 +266,7 @@ def write_report(store: str | os.PathLike[str], out: str | os.PathLike[str] = "r
                 t_shown = float(gdoc["threshold"])
             source.append(f"groups from {groups}")
         if pair_list is None:  # groups alone would show "Pairs (0)": compute the pairs at the groups' threshold
-            computed = find_duplicates(store, threshold=t_shown, verify=verify)
+            computed = find_duplicates(gen, threshold=t_shown, verify=verify)
             t_shown, pair_list = computed.threshold, computed.pairs
             source.append(f"pairs computed from the store at {computed.threshold:.4f}")
 
@@ -285,7 +295,7 @@ def write_report(store: str | os.PathLike[str], out: str | os.PathLike[str] = "r
         for k, p in enumerate(ordered, start=1):
             target = Path(png_dir) / f"pair_{k:05d}.png"
             plot_pair(images.absolute(p.a_path), images.absolute(p.b_path), p.score, target, strict=False,
-                      verification=_inliers_of(store, cat, p.a_path, p.b_path, images)
+                      verification=_inliers_of(gen, p.a_path, p.b_path, images)
                       if p.verified is not None and p.kind != "exact" else None)
             png_files.append(target)
             if k % 100 == 0:

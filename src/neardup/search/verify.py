@@ -13,20 +13,17 @@ and duplicates decide which pairs to verify.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
-import h5py
 import numpy as np
 
 from ..config import DEFAULTS, VERIFY, VerifyRule
-from ..errors import DecodeError
+from ..errors import DecodeError, StoreError
 from ..indexer.decode import file_local_features
 from ..indexer.local_features import LOCAL_VERSION, LocalFeatures, _cv2
-from ..indexer.store import Catalog, read_local
+from ..store.generation import Generation
 
 log = logging.getLogger(__name__)
 
@@ -191,25 +188,26 @@ def rerank(D: np.ndarray, v: Verified, min_inliers: int = VERIFY.min_inliers) ->
     return np.lexsort((-np.asarray(D, np.float64), -support, ~v.verified))
 
 
-def row_features(store: str | os.PathLike[str], cat: Catalog, rows: np.ndarray,
-                 max_bytes: int = DEFAULTS.max_file_bytes, pinned: h5py.File | None = None) -> list[LocalFeatures | None]:
-    """Local features of catalogue `rows`: from the store's cache (of the `pinned` generation when given, see
-    store.open_pinned), else (a store made before local features, or rows not extracted) from the image files
-    themselves; None for a file that cannot be read now."""
+def row_features(gen: Generation, rows: np.ndarray,
+                 max_bytes: int = DEFAULTS.max_file_bytes) -> list[LocalFeatures | None]:
+    """Local features of catalogue `rows` of a generation: from its cache (every block checked), else (a store
+    made before local features, rows not extracted, or damaged cached features, which are never used) from the
+    image files themselves; None for a file that cannot be read now."""
     rows = np.asarray(rows, np.int64)
-    # a pinned generation is the very file `cat` was read from: its rows cannot have moved (no hash check)
     table = None
-    if cat.meta.local_features == LOCAL_VERSION and len(rows):
-        table = (read_local(pinned, rows) if pinned is not None
-                 else read_local(store, rows, [cat.sha256[r] for r in rows.tolist()]))
-    base = Path(store).resolve().parent
+    if gen.meta.local_features == LOCAL_VERSION and len(rows):
+        try:
+            table = gen.local(rows)
+        except StoreError as exc:  # said (once a generation), and answered from the photos: never served
+            if gen.first_damage(str(exc)):
+                log.warning("%s; verifying from the photos themselves", exc)
     out: list[LocalFeatures | None] = []
     for k, r in enumerate(rows.tolist()):
         f = table.row(k) if table is not None else None
         if f is None:
             try:
-                f = file_local_features(base / cat.paths[r], max_bytes)
+                f = file_local_features(gen.image_path(r), max_bytes)
             except DecodeError as exc:
-                log.info("no local features for %s: %s", cat.paths[r], exc)
+                log.info("no local features for %s: %s", gen.catalog.paths[r], exc)
         out.append(f)
     return out

@@ -29,7 +29,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import DEFAULTS, SERVE, VERSION, resolve_threshold
-from ..errors import DecodeError, InputError
+from ..errors import DecodeError, InputError, StoreError
 from ..search.query import QueryResult
 from .service import Answer, LiveStore, QueryService, Upload
 
@@ -295,6 +295,11 @@ def create_app(opts: ServeOptions, service: QueryService | None = None) -> FastA
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         where = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())
         return error_response(422, "invalid_request", where or "invalid request")
+
+    @app.exception_handler(StoreError)
+    async def _store(request: Request, exc: StoreError) -> JSONResponse:  # damage found on a read: never served
+        log.error("%s", exc)
+        return error_response(503, "store_damaged", str(exc))
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:

@@ -86,7 +86,7 @@ class Client:
         return self._request("v1/info")
 
     def query_files(self, files: Sequence[tuple[str, bytes]], k: int = DEFAULTS.k,
-                    verify: bool | None = None) -> dict:
+                    verify: bool | None = None, threshold: float | None = None) -> dict:
         """POST /v1/query with (name, bytes) photos; the response's JSON ({"failed": [...]} when none could be
         read)."""
         boundary = uuid.uuid4().hex
@@ -96,17 +96,19 @@ class Client:
             parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{safe}"\r\n'
                          f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
         body = b"".join(parts) + f"--{boundary}--\r\n".encode()
-        params = {"k": k} | ({} if verify is None else {"verify": str(verify).lower()})
+        params = {"k": k} | ({} if verify is None else {"verify": str(verify).lower()}) | (
+            {} if threshold is None else {"threshold": threshold})
         return self._request("v1/query?" + urllib.parse.urlencode(params), body,
                              f"multipart/form-data; boundary={boundary}")
 
 
 def query_server(url: str, images: Sequence[str | os.PathLike[str]], *, k: int = DEFAULTS.k,
-                 token: str | None = None, verify: bool | None = None,
+                 token: str | None = None, verify: bool | None = None, threshold: float | None = None,
                  max_file_bytes: int = DEFAULTS.max_file_bytes, timeout: float = 60.0) -> ServerAnswer:
     """Query image files (folders are expanded) on a running `neardup serve`, in requests of at most the
-    server's image count. Unreadable files and photos the server could not decode come back with an error.
-    Raises ServerError (unreachable, refused) or InputError."""
+    server's image count; `threshold` (default: the server's) is the server's to apply. Unreadable files and
+    photos the server could not decode come back with an error. Raises ServerError (unreachable, refused) or
+    InputError."""
     client = Client(url, token, timeout)
     info = client.info()
     limits = info.get("limits", {})
@@ -116,25 +118,28 @@ def query_server(url: str, images: Sequence[str | os.PathLike[str]], *, k: int =
     results: dict[str, QueryResult] = {}
     generations: list[str] = []
     verified = False
+    t = float(info["threshold"]) if threshold is None else threshold  # until an answer says what it used
     for at in range(0, len(paths), per_request):
         chunk: list[tuple[str, bytes]] = []  # read just before sending: a whole folder is never held at once
         for p in paths[at:at + per_request]:
             try:
                 chunk.append((p, read_bytes(p, cap)))
             except DecodeError as exc:
-                results[p] = QueryResult(p, error=str(exc))
+                results[p] = QueryResult(p, error=str(exc), threshold=t)
         if not chunk:
             continue
-        doc = client.query_files([(Path(p).name, data) for p, data in chunk], k, verify)
+        doc = client.query_files([(Path(p).name, data) for p, data in chunk], k, verify, threshold)
         if "failed" in doc:
-            results.update({p: QueryResult(p, error=f["error"]) for (p, _), f in zip(chunk, doc["failed"])})
+            results.update({p: QueryResult(p, error=f["error"], threshold=t)
+                            for (p, _), f in zip(chunk, doc["failed"])})
             continue
+        t = float(doc["threshold"])
         if doc["generation"] not in generations:
             generations.append(doc["generation"])
         verified = verified or doc["verified"]
         for (p, _), r in zip(chunk, doc["results"]):
             matches = [Match(rank=m["rank"], score=m["score"], id=m["id"], path=m["path"], verified=m["verified"],
                              inliers=m["inliers"]) for m in r["matches"]]
-            results[p] = QueryResult(p, matches, error=r["error"], verified=doc["verified"] and not r["error"])
-    return ServerAnswer([results[p] for p in paths], info["model"], float(info["threshold"]), generations,
-                        verified)
+            results[p] = QueryResult(p, matches, error=r["error"], verified=doc["verified"] and not r["error"],
+                                     threshold=t)
+    return ServerAnswer([results[p] for p in paths], info["model"], t, generations, verified)

@@ -1,9 +1,10 @@
 """Serve stage 1, service: the warm query engine behind `neardup serve`, without HTTP.
 
-- `LiveStore` holds the current store generation (a pinned Searcher: rows, index and local features of one
-  published store) and a thread that stats the store file. When the nightly job publishes a new generation,
-  it is loaded beside the old one and the reference is swapped; a request keeps the generation it started with
-  to its end, so every answer comes from one complete generation and none waits for a reload.
+- `LiveStore` holds the current store generation (a Searcher over one open Generation: rows, index and local
+  features of one published manifest) and a thread that watches the manifest. When the nightly job publishes
+  a new generation, it is loaded beside the old one and the reference is swapped; a request keeps the
+  generation it started with to its end, so every answer comes from one complete generation and none waits
+  for a reload.
 - `Batcher` is the micro-batcher: the decoded images of concurrent requests queue up, and one thread embeds
   what has queued in one model call, waiting (at most `batch_wait_ms`) only while other requests are still
   decoding, so a lone request is never delayed. It searches FAISS with the whole batch too.
@@ -24,25 +25,29 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from ..config import DEFAULTS, SERVE, resolve_threshold
+from ..config import DEFAULTS, SERVE
 from ..errors import DecodeError, NeardupError
 from ..indexer.decode import Decoded, open_upright
 from ..indexer.embed import Embedder
 from ..indexer.pipeline import decode_for
-from ..indexer.store import StoreMeta, read_meta
-from ..search.query import Match, QueryResult, Searcher
+from ..fileio import file_sha256
+from ..search.query import Answer, Searcher
+from ..store.generation import Generation
+from ..store.meta import StoreMeta
 from ..search.verify import resolve_verify
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class Generation:
-    """One published store generation as served: its Searcher and the requests using it."""
+class Served:
+    """One published store generation as served: its Searcher (which holds the generation's files open) and
+    the requests using it."""
 
     searcher: Searcher
     loaded_at: float = field(default_factory=time.time)
@@ -61,7 +66,13 @@ def _same_model(a: Searcher, meta: StoreMeta) -> bool:
 
 
 class LiveStore:
-    """The served store: its current generation, swapped atomically when a new one is published."""
+    """The served store: its current generation, swapped atomically when a new one is published.
+
+    The watcher notices a new manifest by its inode, size, mtime and digest (a file rewritten in place with
+    the same size and time is noticed too). A manifest that does not open (damaged, or naming damaged
+    segments) is never served: the last good generation goes on answering and `reload_error` says why. The
+    generation served reads from files it holds open, every block checked: a segment rewritten in place
+    under it is found on the first read of a changed block, and verification then reads the photos instead."""
 
     def __init__(self, store: str | os.PathLike[str], *, weights: str | None = None, runtime: str | None = None,
                  embedder: Embedder | None = None, poll_s: float = SERVE.reload_poll_s,
@@ -72,26 +83,31 @@ class LiveStore:
         self._cache_rows = (local_cache_mb << 20) // (DEFAULTS.local_keypoints * 40)
         self._lock = threading.Lock()
         self._key = self._stat_key()  # before the load: a publish during it is then seen as a change
-        self._current = Generation(Searcher(store, weights=weights, runtime=runtime, embedder=embedder,
-                                            pinned=True, local_cache_rows=self._cache_rows))
+        self._current = Served(self._searcher(Generation.open(self.path), embedder))
         self.reloads = 0
         self.reload_error: str | None = None
+        self._retry_at, self._backoff = 0.0, 1.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def _stat_key(self) -> tuple[int, ...] | None:
+    def _searcher(self, gen: Generation, embedder: Embedder | None) -> Searcher:
+        return Searcher(gen, weights=self._weights, runtime=self._runtime, embedder=embedder, owns=True,
+                        local_cache_rows=self._cache_rows)
+
+    def _stat_key(self) -> tuple[object, ...] | None:
         try:
             st = os.stat(self.path)
+            digest = file_sha256(self.path)  # a manifest is small: a few kB, more with many tombstones
         except OSError:
             return None
-        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, digest)
 
     @property
-    def current(self) -> Generation:
+    def current(self) -> Served:
         return self._current
 
     @contextmanager
-    def use(self) -> Iterator[Generation]:
+    def use(self) -> Iterator[Served]:
         """The current generation, kept open until the block ends (also when a newer one is swapped in)."""
         with self._lock:
             gen = self._current
@@ -106,17 +122,26 @@ class LiveStore:
                 gen.searcher.close()
 
     def check(self) -> bool:
-        """Load and swap in the store's newly published generation, if there is one. True when swapped."""
+        """Load and swap in the store's newly published generation, if there is one. True when swapped. After a
+        failed load it is tried again, with a growing pause, even if the manifest does not change: the damage
+        may have been in a segment, and mended there."""
         key = self._stat_key()
-        if key is None or key == self._key:
+        retry = self.reload_error is not None and time.monotonic() >= self._retry_at
+        if key is None or (key == self._key and not retry):
             return False
         old = self._current
         try:
-            reuse = old.searcher.embedder if _same_model(old.searcher, read_meta(self.path)) else None
-            new = Generation(Searcher(self.path, weights=self._weights, runtime=self._runtime, embedder=reuse,
-                                      pinned=True, local_cache_rows=self._cache_rows))
+            gen = Generation.open(self.path)
+            try:
+                reuse = old.searcher.embedder if _same_model(old.searcher, gen.meta) else None
+                new = Served(self._searcher(gen, reuse))
+            except BaseException:
+                gen.close()
+                raise
         except NeardupError as exc:
-            # keep answering from the old generation; try again when the file changes next
+            # keep answering from the old generation; try again when the file changes, or after a pause
+            self._backoff = min(2 * self._backoff, 30.0) if self.reload_error else 1.0
+            self._retry_at = time.monotonic() + self._backoff
             self._key, self.reload_error = key, str(exc)
             log.warning("serving generation %s still: the new store could not be loaded: %s", old.id, exc)
             return False
@@ -157,7 +182,7 @@ class LiveStore:
 
 @dataclass
 class _Job:
-    gen: Generation
+    gen: Served
     pixels: np.ndarray  #: uint8 [m, s, s(, 3)]
     k: int
     future: Future  #: -> (D [m, k], I [m, k])
@@ -195,7 +220,7 @@ class Batcher:
             with self._lock:
                 self._decoding -= 1
 
-    def submit(self, gen: Generation, pixels: np.ndarray, k: int) -> Future:
+    def submit(self, gen: Served, pixels: np.ndarray, k: int) -> Future:
         """Queue one request's decoded images; the future gives (D, I) of its rows."""
         fut: Future = Future()
         self._q.put(_Job(gen, pixels, k, fut))
@@ -240,10 +265,9 @@ class Batcher:
                     for j in group:
                         j.future.set_exception(exc)
 
-    def _embed_search(self, gen: Generation, group: list[_Job]) -> None:
+    def _embed_search(self, gen: Served, group: list[_Job]) -> None:
         pixels = np.concatenate([j.pixels for j in group])
-        xq = gen.searcher.embedder.embed(pixels)
-        D, I = gen.searcher.knn(xq, max(j.k for j in group))
+        D, I = gen.searcher.embed_knn(pixels, max(j.k for j in group))
         self.stats.batches += 1
         self.stats.images += len(pixels)
         self.stats.largest = max(self.stats.largest, len(pixels))
@@ -260,18 +284,6 @@ class Upload:
 
     name: str
     data: bytes
-
-
-@dataclass
-class Answer:
-    """What one request gets: a result per upload, from one generation."""
-
-    generation: str
-    count: int  #: photos in that generation
-    model: str
-    threshold: float
-    verified: bool
-    results: list[QueryResult]
 
 
 class QueryService:
@@ -299,7 +311,7 @@ class QueryService:
         self.files.shutdown(wait=False, cancel_futures=True)
         self.live.stop()
 
-    def _decode_all(self, gen: Generation, uploads: Sequence[Upload], local: bool) -> list[Decoded | str]:
+    def _decode_all(self, gen: Served, uploads: Sequence[Upload], local: bool) -> list[Decoded | str]:
         emb = gen.searcher.embedder
         out: list[Decoded | str] = []
         for up in uploads:
@@ -309,45 +321,39 @@ class QueryService:
                 out.append(str(exc))
         return out
 
-    def _finish(self, gen: Generation, matches: list[list[Match]], decoded: list[Decoded],
-                verify: bool) -> list[list[Match]]:
-        if not verify:
-            return matches
-        return [gen.searcher.verify(m, d.local) for m, d in zip(matches, decoded)]
-
     async def query(self, uploads: Sequence[Upload], k: int = DEFAULTS.k, *, verify: bool | None = None,
                     threshold: float | None = None) -> Answer:
-        """Look up uploaded images in the current generation (each image's error, if any, in its result)."""
+        """Look up uploaded images in the current generation (each image's error, if any, in its result): the
+        Searcher's pipeline, with decoding and verification in worker threads and the model call batched."""
         loop = asyncio.get_running_loop()
         with self.live.use() as gen:
-            meta = gen.searcher.meta
-            verify = resolve_verify(verify, meta.local_features)
-            t = resolve_threshold(threshold, meta.model)
+            s = gen.searcher
+            verify = resolve_verify(verify, s.meta.local_features)
+            t = s.gen.threshold(threshold)
             with self.batcher.decoding():
                 decoded = await loop.run_in_executor(self._decode, self._decode_all, gen, uploads,
-                                                     verify or bool(meta.local_features))
+                                                     s.decode_local(verify))
             ok = [d for d in decoded if not isinstance(d, str)]
-            found: list[list[Match]] = []
+            D, I = np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
             if ok:
                 D, I = await asyncio.wrap_future(self.batcher.submit(gen, np.stack([d.pixels for d in ok]), k))
-                found = gen.searcher.neighbours(D, I)
-                found = await loop.run_in_executor(self._verify, self._finish, gen, found, ok, verify)
-            it = iter(found)
-            results = [QueryResult(up.name, error=d) if isinstance(d, str) else
-                       QueryResult(up.name, next(it), verified=verify) for up, d in zip(uploads, decoded)]
-            return Answer(gen.id, len(gen.searcher.cat), meta.model, t, verify, results)
+            results = await loop.run_in_executor(
+                self._verify, partial(s.results, [up.name for up in uploads], D, I, [d.local for d in ok],
+                                      verify=verify, threshold=t,
+                                      errors=[d if isinstance(d, str) else None for d in decoded]))
+            return Answer(s.gen.path.name, gen.id, len(s.cat), s.meta.model, t, verify, results)
 
-    def image_path(self, gen: Generation, id: int) -> Path:
+    def image_path(self, gen: Served, id: int) -> Path:
         """The indexed file of catalogue `id`, as it was indexed. Raises LookupError (no such id) or
         FileNotFoundError (moved, or changed on disk since the generation was published)."""
         return self._indexed(gen, id)[1]
 
-    def _indexed(self, gen: Generation, id: int) -> tuple[int, Path]:
+    def _indexed(self, gen: Served, id: int) -> tuple[int, Path]:
         s = gen.searcher
         row = int(s.rows_of([id])[0])
         if row < 0:
             raise LookupError(f"no image with id {id} in generation {gen.id}")
-        path = s.store.resolve().parent / s.cat.paths[row]
+        path = s.gen.image_path(row)
         try:
             st = os.stat(path)
         except OSError:
@@ -357,7 +363,7 @@ class QueryService:
                                     f"(`neardup update` indexes it again)")
         return row, path
 
-    def thumbnail(self, gen: Generation, id: int) -> bytes:
+    def thumbnail(self, gen: Served, id: int) -> bytes:
         """A JPEG thumbnail of catalogue `id` (cached by content). Raises LookupError, FileNotFoundError,
         DecodeError."""
         row, path = self._indexed(gen, id)

@@ -1,4 +1,4 @@
-"""Index job, lock: one writer per store at a time, by an OS lock the kernel drops if the process dies."""
+"""Store, lock: one writer per store at a time, by an OS lock the kernel drops if the process dies."""
 from __future__ import annotations
 
 import fcntl

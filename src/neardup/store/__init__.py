@@ -1,0 +1,23 @@
+"""neardup's store: one object for the HDF5 store — a manifest of immutable, checked segments — and its writer.
+
+`Store(path).current()` (or `Store.open(path)`) is the current `Generation`: meta, catalogue, vectors, local
+features, FAISS index, all from one published generation, every block checked as it is read.
+`Store(path).writer()` is the one writer (an OS lock): it publishes new segments, tombstones and a new
+manifest, compacts when worthwhile, and restores the previous generation. Only this package reads or writes
+HDF5. Names are re-exported lazily: importing this package loads nothing.
+"""
+from __future__ import annotations
+
+from .._lazy import lazy_exports
+
+_EXPORTS = {
+    **dict.fromkeys(["Store"], ".handle"),
+    **dict.fromkeys(["Generation"], ".generation"),
+    **dict.fromkeys(["read_catalog", "read_meta", "store_embedder", "opened", "write_catalog"], ".handle"),
+    **dict.fromkeys(["Catalog", "StoreMeta", "Manifest", "Segment"], ".meta"),
+    **dict.fromkeys(["Change", "Published", "Writer"], ".publish"),
+    **dict.fromkeys(["Restored"], ".restore"),
+    **dict.fromkeys(["StoreFiles"], ".files"),
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)

@@ -1,0 +1,384 @@
+"""Store, generation: one published generation of a store, pinned and immutable — what every reader uses.
+
+`Generation.open(path)` reads the manifest (its digest checked) and opens every segment it names (each
+root digest checked); the segment files and index parts stay open, so the generation stays readable after
+a writer publishes the next one and deletes what no kept manifest names (an unlinked file stays readable
+through an open handle). Its catalogue, vectors, local features and FAISS index all come from those files,
+every block checked as it is read: searches, duplicates, evaluation, reports and the service take a
+Generation, never a path.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cached_property
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from ..config import DEFAULTS, resolve_threshold
+from ..errors import StoreError
+from ..fileio import file_sha256
+from ..indexer import faiss_index, index_kinds
+from ..indexer.local_features import LocalTable
+from .files import StoreFiles
+from .manifest import LegacyFile, is_store, open_any
+from .segment import Damage, SegmentFile
+from .meta import Catalog, Manifest, Segment, StoreMeta
+
+log = logging.getLogger(__name__)
+
+
+def recovery_hint(path: str | os.PathLike[str]) -> str:
+    """How to get a usable store back when the one at `path` cannot be read."""
+    files = StoreFiles.resolved(path)  # beside the real file, also through a symlink
+    if files.previous.is_file() and is_store(files.previous):
+        return (f"the previous generation is kept as {files.previous}: restore it with "
+                f"`neardup restore --store {path}`, then `neardup update` to add what changed since")
+    if files.previous.is_file():
+        return (f"its previous generation {files.previous} is damaged too; move both away and rebuild the store "
+                f"with `neardup index DIR --store {path}`")
+    return f"no previous generation is kept; move {path} away and rebuild it with `neardup index DIR --store {path}`"
+
+
+def damaged(path: str | os.PathLike[str], reason: str, hint: bool = True, segment: str = "") -> StoreError:
+    """The StoreError of a damaged store at `path` (`reason` kept on it for callers with their own advice).
+    Damage in a segment is repaired from the photos (generations share segments: a restore cannot help);
+    damage in the manifest by restoring the previous one."""
+    repair = (f"`neardup update DIR --store {path} --repair` drops the damaged segments and indexes their photos "
+              f"again")
+    files = StoreFiles.of_manifest(path)
+    if segment and not files.segment(segment).exists():  # a manifest from elsewhere, or segments deleted
+        advice = f"segment {segment} is missing: if the manifest was replaced, {recovery_hint(path)}; else {repair}"
+    else:
+        advice = f"the photos are still on disk: {repair}" if segment else recovery_hint(path)
+    err = StoreError(f"{path} is damaged or incomplete ({reason})" + (f"; {advice}" if hint else ""))
+    err.reason, err.segment = reason, segment
+    return err
+
+
+class Generation:
+    """One generation of a store, open for reading; use it as a context manager or `close()` it."""
+
+    def __init__(self, path: Path, files: StoreFiles, source: Manifest | LegacyFile,
+                 readers: list[SegmentFile | LegacyFile]) -> None:
+        self.path, self.files, self._readers = path, files, readers
+        self.manifest = source if isinstance(source, Manifest) else None
+        self.meta: StoreMeta = source.meta
+        self.failures: list[tuple[str, str]] = list(source.failures)
+        if self.manifest is None:
+            self._segments = [Segment("legacy", source.rows, "")]
+            self._live = [np.ones(source.rows, bool)]
+        else:
+            self._segments = list(self.manifest.segments)
+            self._live = [self.manifest.live(s) for s in self._segments]
+        counts = [int(m.sum()) for m in self._live]
+        self._seg = np.repeat(np.arange(len(counts), dtype=np.int32), counts)  # row -> segment
+        self._row = np.concatenate([np.flatnonzero(m) for m in self._live]) if counts else np.zeros(0, np.int64)
+        self._lock = threading.Lock()
+        self.damage: str | None = None  #: damage found in this generation's files while serving (first_damage)
+        self._index_files = self._open_index_files()
+
+    # ------------------------------------------------------------------------------------------- opening
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, hint: bool = True, files: StoreFiles | None = None) -> Generation:
+        """The generation whose manifest is `path`: a store's current one, or (with the store's `files`) its
+        previous one. Raises StoreError: missing, not a store, damaged (with how to recover, unless `hint` is
+        False)."""
+        path = Path(path)
+        if not path.exists():
+            raise StoreError(f"no store at {path}")
+        if path.is_dir():
+            raise StoreError(f"{path} is a folder; give the store's file name (e.g. {path / DEFAULTS.store})")
+        files = files or StoreFiles.of_manifest(path)  # segments lie beside the real file, also through a symlink
+        for _ in range(5):  # a writer may publish twice and delete our segments between our reads: read again
+            try:
+                source = open_any(path)
+            except Damage as exc:
+                raise damaged(path, exc.reason, hint) from None
+            if isinstance(source, LegacyFile):
+                return cls(path, files, source, [source])
+            readers: list[SegmentFile] = []
+            try:
+                for seg in source.segments:
+                    readers.append(SegmentFile(files.segment(seg.name), seg.sha256))
+                return cls(path, files, source, readers)
+            except Damage as exc:
+                for r in readers:
+                    r.close()
+                gone = [s.name for s in source.segments if not files.segment(s.name).exists()]
+                try:
+                    moved_on = open_any(path).meta.generation != source.meta.generation
+                except StoreError:
+                    moved_on = False
+                if gone and moved_on:
+                    continue
+                raise damaged(path, exc.reason, hint, exc.segment) from None
+        raise StoreError(f"{path} changed during each of 5 reads; is a writer publishing in a loop?")
+
+    def _open_index_files(self) -> dict[str, BinaryIO]:
+        """The index files this generation's index is read from, opened now (they stay readable when a writer
+        deletes them later); none for an exact index, which is the vectors themselves."""
+        out: dict[str, BinaryIO] = {}
+        wanted = [(s.index, self.files.segment_index(s.index)) for s in self._segments if s.index]
+        if self.meta.index_file and self.meta.index_factory != "Flat":
+            wanted.append((self.meta.index_file, self.files.index(self.meta.index_file)))
+        for name, p in wanted:
+            try:
+                out[name] = open(p, "rb")
+            except OSError:
+                pass  # rebuilt from the vectors when needed (and said then)
+        return out
+
+    def close(self) -> None:
+        """Release the files (the generation cannot be read after)."""
+        for r in self._readers:
+            r.close()
+        for fh in self._index_files.values():
+            fh.close()
+        self._readers, self._index_files = [], {}
+
+    def __enter__(self) -> Generation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------------------ reading
+    @property
+    def id(self) -> str:
+        """The generation's 12 hex digits (new at every publish)."""
+        return self.meta.generation
+
+    def __len__(self) -> int:
+        return len(self._seg)
+
+    @contextmanager
+    def _reading(self, what: str) -> Iterator[None]:
+        """Damage found while reading becomes the store's StoreError, with how to recover."""
+        try:
+            yield
+        except Damage as exc:
+            raise damaged(self.path, f"{what}: {exc.reason}", segment=exc.segment) from None
+
+    def _column(self, name: str) -> np.ndarray:
+        with self._reading(name):
+            parts = [r.column(name)[live] for r, live in zip(self._readers, self._live)]
+        return np.concatenate(parts) if parts else np.zeros(0)
+
+    @cached_property
+    def catalog(self) -> Catalog:
+        """The live rows' columns (without vectors or local features; read once, checked)."""
+        with self._reading("catalogue"):
+            paths, sha = [], []
+            for r, live in zip(self._readers, self._live):
+                rp, rs = r.paths(), r.sha256()
+                if len(rp) != r.rows:
+                    raise Damage(f"{len(rp)} paths for {r.rows} rows")
+                keep = np.flatnonzero(live).tolist()
+                paths += rp if len(keep) == r.rows else [rp[i] for i in keep]
+                sha += rs if len(keep) == r.rows else [rs[i] for i in keep]
+        n = len(self)
+        col = lambda name, dt: self._column(name).astype(dt) if n else np.zeros(0, dt)  # noqa: E731
+        return Catalog(meta=self.meta, ids=col("ids", np.int64), paths=paths, sizes=col("sizes", np.int64),
+                       mtimes_ns=col("mtimes_ns", np.int64), sha256=sha, widths=col("widths", np.int32),
+                       heights=col("heights", np.int32), xb=None, failures=self.failures)
+
+    def _take(self, name: str, rows: np.ndarray | None, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+        """Column `name` of `rows` (default: all live rows), reading only their blocks."""
+        if rows is None:
+            rows = np.arange(len(self))
+        rows = np.asarray(rows, np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"rows out of range [0, {len(self)})")
+        out = np.empty((len(rows), *shape), dtype)
+        seg = self._seg[rows]
+        with self._reading(name):
+            for k in np.unique(seg).tolist():
+                at = np.flatnonzero(seg == k)
+                out[at] = self._readers[k].take(name, self._row[rows[at]])
+        return out
+
+    def vectors(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """float32 [len(rows), d] stored vectors of `rows` (default: all)."""
+        return self._take("embeddings", rows, (self.meta.dim,), np.float32)
+
+    def local(self, rows: np.ndarray | None = None) -> LocalTable | None:
+        """The cached local features of `rows` (default: all), or None when the store caches none."""
+        if not self.meta.local_features or not all(r.has("local/count") for r in self._readers):
+            return None
+        if rows is None:
+            rows = np.arange(len(self))
+        count = self._take("local/count", rows, (), np.int16)
+        xy = self._take("local/xy", rows, (DEFAULTS.local_keypoints, 2), np.float16)
+        return LocalTable(count, xy, self._take("local/desc", rows, (DEFAULTS.local_keypoints, 32), np.uint8))
+
+    def read(self, *, vectors: bool = True, local: bool = False) -> Catalog:
+        """The whole generation in memory: the catalogue, with vectors and local features if asked."""
+        cat = self.catalog
+        return Catalog(meta=cat.meta, ids=cat.ids, paths=cat.paths, sizes=cat.sizes, mtimes_ns=cat.mtimes_ns,
+                       sha256=cat.sha256, widths=cat.widths, heights=cat.heights,
+                       xb=self.vectors() if vectors else None, failures=cat.failures,
+                       local=self.local() if local else None)
+
+    def pieces(self, keep: np.ndarray | None = None, step: int = 8192) -> Iterator[dict[str, np.ndarray | list[str]]]:
+        """The rows marked in `keep` (bool [len(self)]; default all), in order, as segment columns in pieces of
+        at most `step` rows: a compaction or an upgrade copies a store of any size in bounded memory."""
+        cat, local = self.catalog, bool(self.meta.local_features)
+        at = 0
+        with self._reading("copy"):
+            for r, live in zip(self._readers, self._live):
+                gen_row = np.full(r.rows, -1, np.int64)
+                gen_row[live] = np.arange(at, at + int(live.sum()))
+                at += int(live.sum())
+                for s0 in range(0, r.rows, step):
+                    g = gen_row[s0:s0 + step]
+                    sel = g >= 0
+                    sel[sel] = keep[g[sel]] if keep is not None else True
+                    if not sel.any():
+                        continue
+                    rows = g[sel]
+                    piece: dict[str, np.ndarray | list[str]] = {
+                        "ids": cat.ids[rows], "paths": [cat.paths[i] for i in rows.tolist()],
+                        "sizes": cat.sizes[rows], "mtimes_ns": cat.mtimes_ns[rows],
+                        "sha256": np.array([cat.sha256[i] for i in rows.tolist()], "S64"),
+                        "widths": cat.widths[rows], "heights": cat.heights[rows],
+                        "embeddings": r.span("embeddings", s0, s0 + len(g))[sel]}
+                    if local:
+                        for name in ("local/count", "local/xy", "local/desc"):
+                            piece[name] = r.span(name, s0, s0 + len(g))[sel]
+                    yield piece
+
+    @cached_property
+    def _lookup(self) -> tuple[np.ndarray, np.ndarray]:
+        return faiss_index.id_lookup(self.catalog.ids)
+
+    def rows_of(self, ids: np.ndarray | list[int]) -> np.ndarray:
+        """Rows of catalogue `ids` (any shape); -1 for an id not in this generation (and for -1)."""
+        return faiss_index.rows_for(self._lookup, ids)
+
+    def image_path(self, row: int) -> Path:
+        """The indexed file of `row` (stored paths are relative to the store's real folder)."""
+        return self.files.store.resolve().parent / self.catalog.paths[row]
+
+    def threshold(self, threshold: float | None = None) -> float:
+        """The match threshold: `threshold` when given, else this store's model's default (the one rule)."""
+        return resolve_threshold(threshold, self.meta.model)
+
+    # ------------------------------------------------------------------------------------------- index
+    @property
+    def index(self):  # noqa: ANN201 - faiss.Index, imported lazily
+        """The FAISS index of the live rows, its search knob set (built or loaded once, then kept)."""
+        with self._lock:
+            if "_index" not in self.__dict__:
+                self.__dict__["_index"] = self._load_index()
+            return self.__dict__["_index"]
+
+    def _flat(self):  # noqa: ANN202
+        index = faiss_index.build_flat_index(np.zeros((0, self.meta.dim), np.float32), np.zeros(0, np.int64))
+        ids = self.catalog.ids
+        at = 0
+        with self._reading("embeddings"):
+            for r, live in zip(self._readers, self._live):  # in runs: memory is the index plus one run
+                for start, xb in r.runs("embeddings"):
+                    keep = live[start:start + len(xb)]
+                    n = int(keep.sum())
+                    index.add_with_ids(np.ascontiguousarray(xb[keep], np.float32), ids[at:at + n])
+                    at += n
+        return index
+
+    def _index_bytes(self, name: str, sha256: str) -> bytes | None:
+        fh = self._index_files.get(name)
+        if fh is None:
+            return None
+        data = os.pread(fh.fileno(), os.fstat(fh.fileno()).st_size, 0)
+        return data if not sha256 or hashlib.sha256(data).hexdigest() == sha256 else None
+
+    def _load_index(self):  # noqa: ANN202
+        m = self.meta
+        if m.index_factory == "Flat":
+            return self._flat()
+        index = None
+        try:
+            if m.index_file:  # one whole file (HNSW; a store written before segments)
+                data = self._index_bytes(m.index_file, m.index_sha256)
+                index = faiss_index.index_from_bytes(data) if data is not None else None
+            else:
+                parts = []
+                for s, live in zip(self._segments, self._live):
+                    data = self._index_bytes(s.index, s.index_sha256)
+                    if data is None:
+                        raise RuntimeError(f"index part {s.index} of segment {s.name}")
+                    dead = self._column_of(s, "ids")[~live] if not live.all() else np.zeros(0, np.int64)
+                    parts.append((faiss_index.index_from_bytes(data), dead))
+                index = faiss_index.merged(parts) if parts else None
+        except RuntimeError as exc:
+            log.warning("the index of %s is missing or damaged (%s); searching its vectors exactly instead "
+                        "(`neardup update DIR --repair` writes it anew)", self.path, exc)
+            index = None
+        if index is None or index.ntotal != len(self) or not np.array_equal(
+                np.sort(faiss_index.index_ids(index)), np.sort(self.catalog.ids)):
+            if index is not None:
+                log.warning("the index of %s does not match its rows; searching its vectors exactly instead",
+                            self.path)
+            return self._flat()
+        index_kinds.apply_params(index, m.index_params)  # FAISS does not save nprobe with the index
+        return index
+
+    def _column_of(self, seg: Segment, name: str) -> np.ndarray:
+        k = self._segments.index(seg)
+        with self._reading(name):
+            return self._readers[k].column(name)
+
+    def index_intact(self, full: bool = True) -> bool:
+        """Whether every index file this generation names is there (with `full`: and has its recorded digest,
+        which reads them whole)."""
+        m = self.meta
+        if m.index_factory == "Flat":
+            return True
+        if not full:
+            named = [m.index_file] if m.index_file else [s.index for s in self._segments]
+            return all(name in self._index_files for name in named)
+        named = [(m.index_file, m.index_sha256)] if m.index_file else [(s.index, s.index_sha256) for s in
+                                                                        self._segments]
+        for name, sha in named:
+            p = self.files.index(name) if name == m.index_file else self.files.segment_index(name)
+            try:
+                if not name or (sha and file_sha256(p) != sha):
+                    return False
+            except OSError:
+                return False
+        return True
+
+    # ------------------------------------------------------------------------------------------- checks
+    def verify(self) -> None:
+        """Read and check every block of every segment. Raises StoreError (damaged)."""
+        with self._reading("full check"):
+            for r in self._readers:
+                r.verify()
+
+    def first_damage(self, what: str) -> bool:
+        """Record damage found while reading; True the first time (so it is said once, not on every request)."""
+        with self._lock:
+            first, self.damage = self.damage is None, self.damage or what
+        return first
+
+    def disk_bytes(self) -> dict[str, int]:
+        """Bytes on disk: the manifest, the segments and the index files this generation names."""
+        size = lambda p: p.stat().st_size if p.exists() else 0  # noqa: E731
+        idx = [self.files.segment_index(s.index) for s in self._segments if s.index]
+        if self.meta.index_file:
+            idx.append(self.files.index(self.meta.index_file))
+        segs = [self.files.segment(s.name) for s in self._segments] if self.manifest is not None else []
+        return {"manifest": size(self.path), "segments": sum(size(p) for p in segs),
+                "index": sum(size(p) for p in idx)}
+
+    @property
+    def segments(self) -> list[Segment]:
+        """The segments in row order (a store written before segments: one, named "legacy")."""
+        return list(self._segments)

@@ -1,0 +1,213 @@
+"""Store, manifest: the store's manifest file, and a store written before segments (h5py, with segment).
+
+The manifest (`catalog.h5`) is a small HDF5 file: the meta as attributes, the segment table, the
+tombstones and the failures; `manifest_sha256` covers all of them, attributes included. A store written
+before segments (schema 1: every row in one file, Fletcher-32 and string digests) is read here too, as one
+segment without block digests (`LegacyFile`); the next update upgrades it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import fields
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..errors import StoreError
+from ..fileio import atomic_write
+from .meta import FORMAT, INDEX_DEFAULTS, LEGACY_SCHEMA, RECORDED, SCHEMA_VERSION, Manifest, Segment, StoreMeta
+from .segment import Damage, attrs_of, blob, canonical, plain, text_of, reason_of
+
+def _manifest_digest(attrs: dict[str, object], data: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256(canonical(attrs))
+    for name in sorted(data):
+        a = np.ascontiguousarray(data[name])
+        h.update(f"\0{name}\0{a.dtype.str}\0{a.shape}\0".encode())
+        h.update(a.data)
+    return h.hexdigest()
+
+
+def _manifest_data(man: Manifest) -> dict[str, np.ndarray]:
+    order = {s.name: k for k, s in enumerate(man.segments)}
+    seg = [np.full(len(rows), order[name], np.int32) for name, rows in man.dead.items() if len(rows)]
+    row = [np.asarray(rows, np.int64) for rows in man.dead.values() if len(rows)]
+    return {"segments": blob(json.dumps([s.__dict__ for s in man.segments])),
+            "dead/segment": np.concatenate(seg) if seg else np.zeros(0, np.int32),
+            "dead/row": np.concatenate(row) if row else np.zeros(0, np.int64),
+            "failures": blob(json.dumps(man.failures))}
+
+
+def write_manifest(path: Path, man: Manifest, before_replace: Callable[[], object] | None = None) -> None:
+    """Publish `man` at `path` atomically (`before_replace`: see atomic_write)."""
+    attrs = {"format": FORMAT, **{k: plain(getattr(man.meta, k)) for k in RECORDED},
+             "schema_version": SCHEMA_VERSION, "parent": man.parent}
+    data = _manifest_data(man)
+    attrs["manifest_sha256"] = _manifest_digest(attrs, data)
+
+    def write(tmp: str) -> None:
+        with h5py.File(tmp, "w", libver=("v110", "latest")) as f:
+            for name, a in data.items():
+                f.create_dataset(name, data=a)
+            for k, v in attrs.items():
+                f.attrs[k] = v
+
+    atomic_write(path, write, before_replace)
+
+
+def _meta(attrs: dict[str, object], count: int, failures: int, **extra: object) -> StoreMeta:
+    kinds = {f.name: f.type for f in fields(StoreMeta)}
+    values = {}
+    for k in RECORDED:
+        if k in attrs:
+            v = attrs[k]
+            values[k] = int(v) if kinds[k] == "int" else float(v) if kinds[k] == "float" else str(v)
+    values.update(extra)
+    return StoreMeta(**{**INDEX_DEFAULTS, **values, "count": count, "failures": failures})
+
+
+def read_manifest(path: Path) -> Manifest:
+    """The manifest at `path`, its digest checked. Raises Damage (damaged or unreadable), StoreError (not a
+    store, another schema); a store written before segments is read by LegacyFile (see open_any)."""
+    with h5py.File(path, "r") as f:
+        return _read_manifest(f, path)
+
+
+def _read_manifest(f: h5py.File, path: Path) -> Manifest:
+    try:
+        attrs = attrs_of(f)
+        data = {name: f[name][()] for name in ("segments", "dead/segment", "dead/row", "failures")}
+    except (KeyError, OSError, ValueError) as exc:
+        raise Damage(reason_of(exc)) from None
+    want = attrs.pop("manifest_sha256", None)
+    if want != _manifest_digest(attrs, data):
+        raise Damage("the manifest does not match its digest")
+    segments = [Segment(**s) for s in json.loads(text_of(data["segments"]))]
+    dead: dict[str, np.ndarray] = {}
+    for k, s in enumerate(segments):
+        rows = np.sort(data["dead/row"][data["dead/segment"] == k]).astype(np.int64)
+        if len(rows):
+            dead[s.name] = rows
+    failures = [tuple(x) for x in json.loads(text_of(data["failures"]))]
+    man = Manifest(meta=StoreMeta(model="", weights="", weights_fingerprint="", dim=0, input_size=0,
+                                  preprocessing=""), segments=segments, dead=dead, failures=failures,
+                   parent=str(attrs.get("parent", "")))
+    man.meta = _meta(attrs, man.count, len(failures))
+    return man
+
+
+def open_any(path: Path) -> Manifest | LegacyFile:
+    """The store at `path`: its manifest, or (schema 1) the whole store file opened. Raises StoreError, Damage."""
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise Damage(f"not a readable HDF5 file ({reason_of(exc)})") from None
+    try:
+        if f.attrs.get("format") != FORMAT:
+            raise StoreError(f"{path} is an HDF5 file but not a neardup store")
+        schema = int(f.attrs.get("schema_version", -1))
+        if schema == LEGACY_SCHEMA:
+            legacy = LegacyFile(path, f)
+            f = None  # kept open by LegacyFile
+            return legacy
+        if schema != SCHEMA_VERSION:
+            raise StoreError(f"{path} has store schema {schema}; this neardup reads schemas {LEGACY_SCHEMA} and "
+                             f"{SCHEMA_VERSION}")
+        return _read_manifest(f, path)
+    except (KeyError, OSError, ValueError) as exc:
+        raise Damage(reason_of(exc)) from None
+    finally:
+        if f is not None:
+            f.close()
+
+
+class LegacyFile:
+    """A store written before segments (schema 1), read as one segment: HDF5's Fletcher-32 checks each chunk
+    and a digest attribute each string column (no block digests: the next update rewrites it as segments)."""
+
+    legacy = True
+
+    def __init__(self, path: Path, f: h5py.File) -> None:
+        self.path, self._f = path, f
+        try:
+            a = attrs_of(f)
+            self.rows, self.dim = int(f["ids"].shape[0]), int(a["dim"])
+            self.local_features = str(a.get("local_features", "")) if "local" in f else ""
+            self.failures = list(zip(self._strings("failures/paths"), self._strings("failures/reasons")))
+            token = str(a.get("index_file", "")).rsplit(".", 2)
+            gen = token[-2] if len(token) == 3 and len(token[-2]) == 12 else hashlib.sha256(
+                f"{a.get('updated')}/{self.rows}/{a.get('next_id')}".encode()).hexdigest()[:12]
+            self.meta = _meta(a, self.rows, len(self.failures), schema_version=LEGACY_SCHEMA, generation=gen,
+                              local_features=self.local_features)
+        except (KeyError, OSError, ValueError) as exc:
+            f.close()
+            raise Damage(reason_of(exc)) from None
+
+    def close(self) -> None:
+        self._f.close()
+
+    def has(self, name: str) -> bool:
+        return name in self._f
+
+    def _strings(self, name: str) -> list[str]:
+        ds = self._f[name]
+        out = [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in ds[()]]
+        want = ds.attrs.get("sha256")
+        digest = hashlib.sha256(b"\0".join(s.encode("utf-8", "surrogateescape") for s in out)).hexdigest()
+        if want is not None and digest != str(want):
+            raise Damage(f"checksum mismatch in {name}")
+        return out
+
+    def runs(self, name: str) -> Iterator[tuple[int, np.ndarray]]:
+        yield 0, self.column(name)
+
+    def column(self, name: str) -> np.ndarray:
+        try:
+            return self._f[name][()]
+        except (KeyError, OSError, ValueError) as exc:
+            raise Damage(f"{name} cannot be read ({reason_of(exc)})") from None
+
+    def span(self, name: str, start: int, stop: int) -> np.ndarray:
+        try:
+            return self._f[name][start:stop]
+        except (KeyError, OSError, ValueError) as exc:
+            raise Damage(f"{name} cannot be read ({reason_of(exc)})") from None
+
+    def take(self, name: str, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, np.int64)
+        if len(rows) * 8 > self.rows:
+            return self.column(name)[rows]
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        try:  # one read a row: h5py's point selection costs ~1 ms a row on /local
+            got = [self._f[name][int(r)] for r in uniq]
+        except (KeyError, OSError, ValueError) as exc:
+            raise Damage(f"{name} cannot be read ({reason_of(exc)})") from None
+        return np.stack(got)[inverse] if got else self.column(name)[:0]
+
+    def paths(self) -> list[str]:
+        try:
+            return self._strings("paths")
+        except (KeyError, OSError, ValueError) as exc:
+            raise Damage(reason_of(exc)) from None
+
+    def sha256(self) -> list[str]:
+        return self.column("sha256").astype("U64").tolist()
+
+    def verify(self) -> None:
+        for name in ("ids", "sizes", "mtimes_ns", "sha256", "widths", "heights", "embeddings"):
+            self.column(name)
+        self.paths()
+        if self.local_features:
+            for name in ("local/count", "local/xy", "local/desc"):
+                self.column(name)
+
+
+def is_store(path: Path) -> bool:
+    """Whether `path` opens as a neardup store (any schema)."""
+    try:
+        with h5py.File(path, "r") as f:
+            return f.attrs.get("format") == FORMAT
+    except OSError:
+        return False

@@ -1,0 +1,121 @@
+"""Store, meta: what a store says about itself (StoreMeta), its rows as columns (Catalog), and its manifest.
+
+A generation of a store is a manifest: the meta, the list of immutable segments with the digest of each,
+the tombstones (rows of those segments that are no longer live) and the files that could not be indexed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+
+from ..indexer.local_features import LocalTable
+
+FORMAT = "neardup-store"
+SEGMENT_FORMAT = "neardup-segment"
+#: 1: one HDF5 file holding every row (neardup before segments; read, and upgraded by the next update).
+#: 2: a manifest naming append-only segments.
+SCHEMA_VERSION = 2
+LEGACY_SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class StoreMeta:
+    """What a store says about itself."""
+
+    model: str
+    weights: str
+    weights_fingerprint: str
+    dim: int
+    input_size: int
+    preprocessing: str
+    normalization: str = "l2"
+    created: str = ""
+    updated: str = ""
+    neardup_version: str = ""
+    schema_version: int = SCHEMA_VERSION
+    next_id: int = 0
+    generation: str = ""  #: 12 hex digits, new at every publish ("" in a store written before segments)
+    index_file: str = ""  #: a whole-index file (HNSW, or a store written before segments); "" otherwise
+    index_sha256: str = ""  #: its digest
+    runtime: str = ""  #: what embedded the rows: tf, onnx or numpy (vectors of tf and onnx are interchangeable)
+    precision: str = "float32"
+    quantized_file: str = ""  #: the int8 model beside the store, calibrated on its images ("" unless int8)
+    calibration: str = ""  #: the int8 calibration and its measured agreement with float32
+    local_features: str = ""  #: version of the cached local features (local_features.LOCAL_VERSION); "" = none
+    # The FAISS index (indexer/index_kinds.py): what was asked for, what was built, and its measured recall.
+    index_kind: str = "flat"  #: flat, auto, ivf, hnsw or a FAISS index-factory string
+    index_memory: int = 0  #: the memory budget (bytes) auto chose under; 0: none
+    index_target: float = 0.95  #: the recall@10 an approximate index is tuned to
+    index_factory: str = "Flat"  #: the FAISS index-factory string built
+    index_params: str = ""  #: its search knob as tuned ("nprobe=16"); "" for Flat
+    index_recall: float = 1.0  #: its recall@10 against exact search at those params (measured at build)
+    index_recall_queries: int = 0  #: the held-out store vectors it was measured with (0 for Flat: exact)
+    count: int = 0  #: live rows
+    failures: int = 0
+
+
+#: The attributes a manifest records (count and failures are counted, not recorded).
+RECORDED = tuple(f.name for f in fields(StoreMeta) if f.name not in ("count", "failures"))
+#: The index_* attributes and their defaults (a store written before them has a flat index).
+INDEX_DEFAULTS = {f.name: f.default for f in fields(StoreMeta) if f.name.startswith("index_")
+                  and f.name not in ("index_file", "index_sha256")}
+
+
+@dataclass
+class Catalog:
+    """The rows of a store as column arrays (row i of every array describes one image)."""
+
+    meta: StoreMeta
+    ids: np.ndarray  # int64 [n]
+    paths: list[str]
+    sizes: np.ndarray  # int64 [n]
+    mtimes_ns: np.ndarray  # int64 [n]
+    sha256: list[str]
+    widths: np.ndarray  # int32 [n]
+    heights: np.ndarray  # int32 [n]
+    xb: np.ndarray | None  # float32 [n, d], None when read without vectors
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    local: LocalTable | None = None  #: cached local features, when read with them (read_catalog(local=True))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One immutable segment as a manifest names it."""
+
+    name: str  #: 12 hex digits: the file `<store>.segments/<name>.h5`
+    rows: int  #: rows written (live or not)
+    sha256: str  #: root digest: the segment's attributes and the digest of every block of every column
+    index: str = ""  #: its part of an approximate index: `<store>.segments/<index>.faiss` ("" for none)
+    index_sha256: str = ""  #: that file's digest
+
+
+@dataclass
+class Manifest:
+    """One published generation: meta, segments in row order, tombstones, failures."""
+
+    meta: StoreMeta
+    segments: list[Segment]
+    #: per segment name, the rows (of that segment) that are deleted: sorted int64 arrays
+    dead: dict[str, np.ndarray] = field(default_factory=dict)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    parent: str = ""  #: the generation this one was published over ("" for the first)
+
+    def live(self, seg: Segment) -> np.ndarray:
+        """Bool mask [seg.rows] of the live rows of `seg`."""
+        mask = np.ones(seg.rows, bool)
+        mask[self.dead.get(seg.name, np.zeros(0, np.int64))] = False
+        return mask
+
+    @property
+    def count(self) -> int:
+        """Live rows."""
+        return sum(s.rows for s in self.segments) - self.dead_rows
+
+    @property
+    def dead_rows(self) -> int:
+        """Rows written but deleted since (reclaimed by compaction)."""
+        return sum(len(v) for v in self.dead.values())
