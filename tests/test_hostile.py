@@ -5,6 +5,7 @@ FIFOs, a link to /dev/zero, a 4 GB sparse file, a decompression bomb, a newline 
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -173,8 +174,10 @@ def test_flipped_bytes_in_the_index_are_never_served(tmp_path: Path, make_images
     assert match["path"] == "imgs/img_0000.jpg" and match["score"] > 0.999
     r = nd("info", "--check", "-s", store)
     assert r.returncode == 1 and "does not match its digest" in r.stdout
-    r = nd("update", tmp_path / "imgs", "-s", store, "--repair")
-    assert r.returncode == 0 and nd("info", "--check", "-s", store).returncode == 0
+    make_images(1, start=12)  # the next update that publishes checks every part it keeps, and mends this one
+    r = nd("update", tmp_path / "imgs", "-s", store)
+    assert r.returncode == 0 and "published generation" in r.stdout, r.stdout
+    assert nd("info", "--check", "-s", store).returncode == 0
     assert "exactly instead" not in nd("query", tmp_path / "imgs" / "img_0000.jpg", "-s", store).stderr
 
 
@@ -217,14 +220,24 @@ def test_help_shows_every_default() -> None:
 
 
 def test_broken_pipe_is_quiet(store: Path, tmp_path: Path, make_images) -> None:
+    """`neardup query … | head -1`: the reader goes away while the command still has lines to write. Made
+    certain, not likely: the pipe holds one page (F_SETPIPE_SZ), far less than the answer (40 photos x 12
+    rows), so the command is still writing when the reader closes; and a reader gone before the first line."""
     make_images(40, folder="more", start=12)
-    p = subprocess.Popen([sys.executable, "-m", "neardup", "query", tmp_path / "more", "-s", store, "-k", "12"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
-    p.stdout.readline()
-    p.stdout.close()  # as `| head -1` does
-    err = p.stderr.read().decode()
-    p.wait(timeout=TIMEOUT)
-    assert err == "" and p.returncode == 141, (p.returncode, err)  # as a process ended by SIGPIPE
+    cmd = [sys.executable, "-m", "neardup", "query", tmp_path / "more", "-s", store, "-k", "12"]
+    for read_first_line in (True, False):
+        r, w = os.pipe()
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)
+        if not read_first_line:
+            os.close(r)  # `| head -0`: gone before the first write
+        p = subprocess.Popen(cmd, stdout=w, stderr=subprocess.PIPE, env=ENV)
+        os.close(w)
+        if read_first_line:
+            with os.fdopen(r, "rb") as out:
+                assert out.readline().strip()  # a line came, and the command blocks on the full pipe
+        err = p.stderr.read().decode()
+        p.wait(timeout=TIMEOUT)
+        assert err == "" and p.returncode == 141, (read_first_line, p.returncode, err)  # as SIGPIPE ends one
 
 
 def test_compare_and_plot_follow_a_store_and_update_accepts_its_model(store: Path, tmp_path: Path) -> None:

@@ -36,6 +36,7 @@ LAYERS: list[list[str]] = [
     ["store/segment"],
     ["store/manifest"],
     ["store/generation"],
+    ["store/repair"],
     ["store/publish"],
     ["store/restore"],
     ["store/handle"],

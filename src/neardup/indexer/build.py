@@ -21,10 +21,10 @@ import numpy as np
 
 from ..config import DEFAULTS, PRECISIONS
 from ..errors import DecodeError, InputError, StoreError, StoreMismatchError
-from ..fileio import check_output_path
+from ..fileio import check_output_path, file_sha256
 from ..store.files import StoreFiles
 from ..store.handle import store_embedder
-from ..store.meta import StoreMeta
+from ..store.meta import Segment, StoreMeta
 from ..store.publish import Change, Published, Writer
 from ..store.restore import Restored
 from ..store.restore import restore_previous as _restore
@@ -37,7 +37,7 @@ from .local_features import LOCAL_VERSION
 from .embed_job import EmbedPhase, JobOptions, Progress, embed_pending
 from .onnx_export import agreement, quantize_int8
 from .pipeline import prepare
-from .scan import FileRecord, scan
+from .scan import FileRecord, Scan, scan
 
 if TYPE_CHECKING:
     from .ray_job import RayOptions
@@ -175,6 +175,8 @@ def build_index(
         summary = RunSummary(store=str(store), model=model)
         found = scan(roots, store.parent)
         summary.failures.extend(found.failures)
+        dropped = list(w.dropped)  # a repair's damaged segments: their photos must be among those found
+        _check_repair(dropped, found)
         old = gen.catalog if gen is not None else None
         pending, summary.unchanged = split_unchanged(old, found.files)
 
@@ -202,6 +204,8 @@ def build_index(
                                      runtime=getattr(emb, "runtime", ""),
                                      precision=getattr(emb, "precision", DEFAULTS.precision),
                                      quantized_file=files.quantized.name if precision == "int8" else "",
+                                     quantized_sha256=file_sha256(files.quantized)
+                                     if precision == "int8" and files.quantized.is_file() else "",
                                      calibration=summary.calibration, local_features=local,
                                      **{"index_kind": DEFAULTS.index, **asked_index})
             checkpoint = Checkpoint(files.work, {"model": emb.name, "weights_fingerprint": emb.weights_fingerprint,
@@ -235,16 +239,17 @@ def build_index(
         elif gen is not None and compact:
             summary.published = w.publish(Change(replace(gen.meta, **asked_index, **moved_model),
                                                  failures=gen.failures, reindex=True), compact=True)
-        elif gen is not None and (repointed or reindex or gen.manifest is None or w.dropped or w.bad_parts or
-                                  not gen.index_intact(full=False)):
+        elif gen is not None and (repointed or reindex or gen.manifest is None or dropped or
+                                  not gen.index_intact(full=repair)):
             # a moved onnx model (its new place), another index asked for, a store written before segments
-            # (upgraded: its rows copied, nothing embedded) or an index file lost or damaged (written anew)
-            if not (repointed or reindex or gen.manifest is None or w.dropped or w.bad_parts):
+            # (upgraded: its rows copied, nothing embedded) or an index file lost (or, with --repair, damaged:
+            # a publish checks every part it keeps, so any update that changes rows mends a damaged one too)
+            if not (repointed or reindex or gen.manifest is None or dropped):
                 log.warning("the index of %s is missing or damaged; writing it anew from the store", store)
             meta = replace(gen.meta, **asked_index, **moved_model)
             summary.published = w.publish(Change(meta, failures=gen.failures, reindex=reindex))
         summary.wrote = summary.published is not None
-        summary.repaired = [(seg.name, seg.rows, why) for seg, why in w.dropped]
+        summary.repaired = [(seg.name, seg.rows, why) for seg, why, _ in dropped]
         # also a checkpoint left by a run killed after publishing: its work is in the store now
         files.remove_work()
         summary.total = summary.published.count if summary.published is not None else (
@@ -273,8 +278,6 @@ def _same_preprocess(asked: str, stored: str) -> bool:
 
 def _repoint(meta: StoreMeta, path: str, store: Path) -> bool:
     """Whether `path` holds the very model an onnx store was made with (its new place is then recorded)."""
-    from ..fileio import file_sha256
-
     if not Path(path).is_file():
         raise InputError(f"ONNX model not found: {path}")
     if "sha256:" + file_sha256(path)[:16] != meta.weights_fingerprint:
@@ -302,6 +305,23 @@ def _calibrated(files: StoreFiles, pending: list[FileRecord], model: str, weight
     summary.calibration = f"int8 calibrated on {agree.line()}"
     log.info("%s", summary.calibration)
     return int8
+
+
+def _check_repair(dropped: list[tuple[Segment, str, list[str] | None]], found: Scan) -> None:
+    """Refuse a repair that would lose photos: those of a damaged segment that are still on disk but not
+    under the folders given (they would not be indexed again). Where the segment's paths cannot be read
+    either, say that only the photos under the folders given come back."""
+    here = {f.rel for f in found.files}
+    for seg, _, paths in dropped:
+        if paths is None:
+            log.warning("the paths of damaged segment %s cannot be read: of its %d photos, those under the folders "
+                        "given are indexed again", seg.name, seg.rows)
+            continue
+        outside = [p for p in paths if p not in here and not found.gone(p)]
+        if outside:
+            raise InputError(f"damaged segment {seg.name} holds {len(outside)} photos outside the folders given "
+                             f"(e.g. {outside[0]}): give every folder the store indexes, so that they are "
+                             f"indexed again")
 
 
 def _writable(store: str | os.PathLike[str]) -> StoreFiles:

@@ -73,11 +73,12 @@ class KnownContent(MutableMapping):
     @property
     def rows(self) -> dict[str, int]:
         """Content hash -> a row of the current generation holding it."""
-        if self._rows is None:
-            self._rows = {}
+        if self._rows is None:  # filled before it is published: decoding threads ask from the first file on
+            rows: dict[str, int] = {}
             if self._gen is not None:
                 for i, sha in enumerate(self._gen.catalog.sha256):
-                    self._rows.setdefault(sha, i)
+                    rows.setdefault(sha, i)
+            self._rows = rows
         return self._rows
 
     def prefetch(self, hashes: set[str]) -> None:

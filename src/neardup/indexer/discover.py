@@ -16,8 +16,9 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def is_image_name(name: str) -> bool:
-    """True when `name` has one of the image extensions, in any letter case."""
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+    """True when `name` has one of the image extensions, in any letter case (".jpg" alone is a hidden file)."""
+    dot = name.rfind(".")
+    return dot > 0 and name[dot:].lower() in IMAGE_EXTENSIONS
 
 
 def _walk(root: str, unreadable: list[tuple[str, str]] | None) -> Iterator[tuple[str, str, os.DirEntry]]:
@@ -36,16 +37,22 @@ def _walk(root: str, unreadable: list[tuple[str, str]] | None) -> Iterator[tuple
             continue
         sub = []
         for e in entries:
-            if e.name.startswith("."):
+            name = e.name
+            if name[0] == ".":
                 continue
+            if is_image_name(name):  # a folder named *.jpg is a folder still
+                try:
+                    if not e.is_dir():
+                        yield folder, name, e
+                        continue
+                except OSError:
+                    yield folder, name, e  # its stat says why
+                    continue
             try:
-                folder_entry = e.is_dir()
-                if folder_entry and not e.is_symlink():
+                if e.is_dir() and not e.is_symlink():
                     sub.append(e.path)
             except OSError:
-                folder_entry = False
-            if not folder_entry and is_image_name(e.name):
-                yield folder, e.name, e
+                pass
         stack.extend(sorted(sub, reverse=True))
 
 

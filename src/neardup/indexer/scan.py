@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -63,11 +62,7 @@ def scan(roots: Sequence[str | os.PathLike[str]], base: Path) -> Scan:
     out = Scan(base=base)
     unreadable: list[tuple[str, str]] = []
     found = walk_images(roots, unreadable=unreadable)
-    # A stat a file is all an unchanged file costs; the calls wait on the kernel without the GIL, so two
-    # threads take about half the time of one (measured: 200k files, 0.67 s against 1.2 s)
-    with ThreadPoolExecutor(2, thread_name_prefix="neardup-stat") as pool:
-        stats = [st for part in pool.map(_stats, [found[i:i + 8192] for i in range(0, len(found), 8192)])
-                 for st in part]
+    stats = _stats(found)  # a stat a file is all an unchanged file costs (~3 µs a call here)
     prefixes: dict[str, str] = {}  # folder -> its path relative to the store's folder: one relpath a folder
     for (p, (folder, name, _)), st in zip(found, stats):
         prefix = prefixes.get(folder)

@@ -19,6 +19,7 @@ import logging
 import mimetypes
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 from importlib import resources
 from typing import Annotated, Any, Optional
 
@@ -371,7 +372,8 @@ def create_app(opts: ServeOptions, service: QueryService | None = None) -> FastA
         s = svc(request)
         with s.live.use() as gen:
             try:
-                return await asyncio.get_running_loop().run_in_executor(s.files, fn, gen, *args)
+                return await asyncio.get_running_loop().run_in_executor(s.files, partial(s.live.held, gen, fn, gen,
+                                                                                         *args))
             except LookupError as exc:
                 raise ApiError(404, "not_found", str(exc)) from None
             except FileNotFoundError as exc:

@@ -21,11 +21,12 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from typing import TypeVar
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,7 @@ from ..store.meta import StoreMeta
 from ..search.verify import resolve_verify
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -115,11 +117,29 @@ class LiveStore:
         try:
             yield gen
         finally:
-            with self._lock:
-                gen.users -= 1
-                done = gen.retired and gen.users == 0
-            if done:
-                gen.searcher.close()
+            self.release(gen)
+
+    def acquire(self, gen: Served) -> None:
+        """Keep `gen` open for one more user (work handed to a thread, which may outlive its request)."""
+        with self._lock:
+            gen.users += 1
+
+    def release(self, gen: Served) -> None:
+        """One user of `gen` is done; a retired generation is closed when its last user is."""
+        with self._lock:
+            gen.users -= 1
+            done = gen.retired and gen.users == 0
+        if done:
+            gen.searcher.close()
+
+    def held(self, gen: Served, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+        """`fn(*args, **kwargs)` with `gen` kept open while it runs (the body of a worker thread's job: a
+        request that times out leaves its job running, and the generation must outlive it)."""
+        self.acquire(gen)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.release(gen)
 
     def check(self) -> bool:
         """Load and swap in the store's newly published generation, if there is one. True when swapped. After a
@@ -331,16 +351,18 @@ class QueryService:
             verify = resolve_verify(verify, s.meta.local_features)
             t = s.gen.threshold(threshold)
             with self.batcher.decoding():
-                decoded = await loop.run_in_executor(self._decode, self._decode_all, gen, uploads,
-                                                     s.decode_local(verify))
+                decoded = await loop.run_in_executor(self._decode, partial(
+                    self.live.held, gen, self._decode_all, gen, uploads, s.decode_local(verify)))
             ok = [d for d in decoded if not isinstance(d, str)]
             D, I = np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
             if ok:
-                D, I = await asyncio.wrap_future(self.batcher.submit(gen, np.stack([d.pixels for d in ok]), k))
-            results = await loop.run_in_executor(
-                self._verify, partial(s.results, [up.name for up in uploads], D, I, [d.local for d in ok],
-                                      verify=verify, threshold=t,
-                                      errors=[d if isinstance(d, str) else None for d in decoded]))
+                self.live.acquire(gen)  # until the batch is done, whether or not this request waits for it
+                fut = self.batcher.submit(gen, np.stack([d.pixels for d in ok]), k)
+                fut.add_done_callback(lambda _: self.live.release(gen))
+                D, I = await asyncio.wrap_future(fut)
+            results = await loop.run_in_executor(self._verify, partial(
+                self.live.held, gen, s.results, [up.name for up in uploads], D, I, [d.local for d in ok],
+                verify=verify, threshold=t, errors=[d if isinstance(d, str) else None for d in decoded]))
             return Answer(s.gen.path.name, gen.id, len(s.cat), s.meta.model, t, verify, results)
 
     def image_path(self, gen: Served, id: int) -> Path:

@@ -76,12 +76,17 @@ class Generation:
             self._live = [np.ones(source.rows, bool)]
         else:
             self._segments = list(self.manifest.segments)
+            for seg, r in zip(self._segments, readers):  # the manifest and its segments must agree
+                if r.rows != seg.rows or r.dim != self.meta.dim:
+                    raise Damage(f"segment {seg.name} holds {r.rows} rows of dim {r.dim}; its manifest says "
+                                 f"{seg.rows} of dim {self.meta.dim}", seg.name)
             self._live = [self.manifest.live(s) for s in self._segments]
         counts = [int(m.sum()) for m in self._live]
         self._seg = np.repeat(np.arange(len(counts), dtype=np.int32), counts)  # row -> segment
         self._row = np.concatenate([np.flatnonzero(m) for m in self._live]) if counts else np.zeros(0, np.int64)
         self._lock = threading.Lock()
         self.damage: str | None = None  #: damage found in this generation's files while serving (first_damage)
+        self.closed = False
         self._index_files = self._open_index_files()
 
     # ------------------------------------------------------------------------------------------- opening
@@ -107,19 +112,25 @@ class Generation:
             try:
                 for seg in source.segments:
                     readers.append(SegmentFile(files.segment(seg.name), seg.sha256))
-                return cls(path, files, source, readers)
+                gen = cls(path, files, source, readers)
             except Damage as exc:
                 for r in readers:
                     r.close()
-                gone = [s.name for s in source.segments if not files.segment(s.name).exists()]
-                try:
-                    moved_on = open_any(path).meta.generation != source.meta.generation
-                except StoreError:
-                    moved_on = False
-                if gone and moved_on:
+                if _moved_on(path, source, files):
                     continue
                 raise damaged(path, exc.reason, hint, exc.segment) from None
+            if gen.missing_index_files() and _moved_on(path, source, files, index=True):
+                gen.close()  # its index parts were deleted by a later publish before we opened them
+                continue
+            return gen
         raise StoreError(f"{path} changed during each of 5 reads; is a writer publishing in a loop?")
+
+    def missing_index_files(self) -> list[str]:
+        """The index files this generation names that could not be opened."""
+        wanted = [s.index for s in self._segments if s.index]
+        if self.meta.index_file and self.meta.index_factory != "Flat":
+            wanted.append(self.meta.index_file)
+        return [w for w in wanted if w not in self._index_files]
 
     def _open_index_files(self) -> dict[str, BinaryIO]:
         """The index files this generation's index is read from, opened now (they stay readable when a writer
@@ -137,6 +148,7 @@ class Generation:
 
     def close(self) -> None:
         """Release the files (the generation cannot be read after)."""
+        self.closed = True
         for r in self._readers:
             r.close()
         for fh in self._index_files.values():
@@ -226,34 +238,6 @@ class Generation:
                        xb=self.vectors() if vectors else None, failures=cat.failures,
                        local=self.local() if local else None)
 
-    def pieces(self, keep: np.ndarray | None = None, step: int = 8192) -> Iterator[dict[str, np.ndarray | list[str]]]:
-        """The rows marked in `keep` (bool [len(self)]; default all), in order, as segment columns in pieces of
-        at most `step` rows: a compaction or an upgrade copies a store of any size in bounded memory."""
-        cat, local = self.catalog, bool(self.meta.local_features)
-        at = 0
-        with self._reading("copy"):
-            for r, live in zip(self._readers, self._live):
-                gen_row = np.full(r.rows, -1, np.int64)
-                gen_row[live] = np.arange(at, at + int(live.sum()))
-                at += int(live.sum())
-                for s0 in range(0, r.rows, step):
-                    g = gen_row[s0:s0 + step]
-                    sel = g >= 0
-                    sel[sel] = keep[g[sel]] if keep is not None else True
-                    if not sel.any():
-                        continue
-                    rows = g[sel]
-                    piece: dict[str, np.ndarray | list[str]] = {
-                        "ids": cat.ids[rows], "paths": [cat.paths[i] for i in rows.tolist()],
-                        "sizes": cat.sizes[rows], "mtimes_ns": cat.mtimes_ns[rows],
-                        "sha256": np.array([cat.sha256[i] for i in rows.tolist()], "S64"),
-                        "widths": cat.widths[rows], "heights": cat.heights[rows],
-                        "embeddings": r.span("embeddings", s0, s0 + len(g))[sel]}
-                    if local:
-                        for name in ("local/count", "local/xy", "local/desc"):
-                            piece[name] = r.span(name, s0, s0 + len(g))[sel]
-                    yield piece
-
     @cached_property
     def _lookup(self) -> tuple[np.ndarray, np.ndarray]:
         return faiss_index.id_lookup(self.catalog.ids)
@@ -297,6 +281,8 @@ class Generation:
         if fh is None:
             return None
         data = os.pread(fh.fileno(), os.fstat(fh.fileno()).st_size, 0)
+        if not sha256 and self.manifest is not None:  # a manifest records every index file's digest
+            return None
         return data if not sha256 or hashlib.sha256(data).hexdigest() == sha256 else None
 
     def _load_index(self):  # noqa: ANN202
@@ -304,31 +290,43 @@ class Generation:
         if m.index_factory == "Flat":
             return self._flat()
         index = None
-        try:
-            if m.index_file:  # one whole file (HNSW; a store written before segments)
-                data = self._index_bytes(m.index_file, m.index_sha256)
-                index = faiss_index.index_from_bytes(data) if data is not None else None
-            else:
-                parts = []
-                for s, live in zip(self._segments, self._live):
-                    data = self._index_bytes(s.index, s.index_sha256)
-                    if data is None:
-                        raise RuntimeError(f"index part {s.index} of segment {s.name}")
-                    dead = self._column_of(s, "ids")[~live] if not live.all() else np.zeros(0, np.int64)
-                    parts.append((faiss_index.index_from_bytes(data), dead))
-                index = faiss_index.merged(parts) if parts else None
-        except RuntimeError as exc:
-            log.warning("the index of %s is missing or damaged (%s); searching its vectors exactly instead "
-                        "(`neardup update DIR --repair` writes it anew)", self.path, exc)
-            index = None
+        if m.index_file:  # one whole file (HNSW; a store written before segments)
+            data = self._index_bytes(m.index_file, m.index_sha256)
+            index = faiss_index.index_from_bytes(data) if data is not None else None
+        else:
+            index = self._merged_parts()
         if index is None or index.ntotal != len(self) or not np.array_equal(
                 np.sort(faiss_index.index_ids(index)), np.sort(self.catalog.ids)):
-            if index is not None:
-                log.warning("the index of %s does not match its rows; searching its vectors exactly instead",
-                            self.path)
+            log.warning("the index of %s is missing, damaged or does not match its rows; searching its vectors "
+                        "exactly instead (`neardup update DIR --repair` writes it anew)", self.path)
             return self._flat()
         index_kinds.apply_params(index, m.index_params)  # FAISS does not save nprobe with the index
         return index
+
+    def _merged_parts(self):  # noqa: ANN202
+        """The segments' index parts merged, each without its dead rows; a part that is missing or damaged is
+        built again in memory from its segment's vectors with the others' training (said in the log): an index
+        chosen to fit a memory budget stays within it. None when no part is intact."""
+        loaded, lost = [], []
+        for s, live in zip(self._segments, self._live):
+            data = self._index_bytes(s.index, s.index_sha256) if s.index else None
+            (lost if data is None else loaded).append((s, live, data))
+        if not loaded:
+            return None
+        parts = []
+        for s, live, data in loaded:
+            dead = self._column_of(s, "ids")[~live] if not live.all() else np.zeros(0, np.int64)
+            parts.append((faiss_index.index_from_bytes(data), dead))
+        if lost:
+            log.warning("index parts of %d segments of %s are missing or damaged; built again in memory (`neardup "
+                        "update DIR --repair` writes them anew)", len(lost), self.path)
+            template = faiss_index.template_of(parts[0][0])
+            for s, live, _ in lost:
+                k = self._segments.index(s)
+                rows = np.flatnonzero(self._seg == k)
+                parts.append((faiss_index.part(template, self.vectors(rows), self.catalog.ids[rows]),
+                              np.zeros(0, np.int64)))
+        return faiss_index.merged(parts)
 
     def _column_of(self, seg: Segment, name: str) -> np.ndarray:
         k = self._segments.index(seg)
@@ -382,3 +380,19 @@ class Generation:
     def segments(self) -> list[Segment]:
         """The segments in row order (a store written before segments: one, named "legacy")."""
         return list(self._segments)
+
+
+def _moved_on(path: Path, source: Manifest, files: StoreFiles, index: bool = False) -> bool:
+    """Whether a file `source` names is gone because a writer has published since (read the manifest again)."""
+    gone = [s.name for s in source.segments if not files.segment(s.name).exists()]
+    if index:
+        gone += [s.index for s in source.segments if s.index and not files.segment_index(s.index).exists()]
+    if not gone:
+        return False
+    try:
+        now = open_any(path)
+    except StoreError:
+        return False
+    if isinstance(now, LegacyFile):
+        now.close()
+    return now.meta.generation != source.meta.generation

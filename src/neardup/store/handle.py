@@ -12,7 +12,7 @@ import numpy as np
 
 from ..config import DEFAULTS
 from ..errors import StoreError, StoreMismatchError
-from ..fileio import check_output_path
+from ..fileio import check_output_path, file_sha256
 from ..indexer.embed import Embedder
 from ..indexer.models import make_embedder
 from .files import StoreFiles
@@ -70,9 +70,11 @@ class Store:
             if not gen.index_intact():
                 problems.append("an index file is missing or does not match its digest; `neardup update DIR --repair` "
                                 "writes it anew (queries search the vectors exactly meanwhile)")
-            if gen.meta.quantized_file and not self.files.index(gen.meta.quantized_file).is_file():
-                problems.append(f"its int8 model {gen.meta.quantized_file} is missing: nothing can be embedded for "
-                                f"it (rebuild the store with --precision int8)")
+            q = self.files.index(gen.meta.quantized_file) if gen.meta.quantized_file else None
+            if q is not None and (not q.is_file() or (gen.meta.quantized_sha256 and
+                                                      file_sha256(q) != gen.meta.quantized_sha256)):
+                problems.append(f"its int8 model {gen.meta.quantized_file} is missing or damaged: nothing can be "
+                                f"embedded for it (rebuild the store with --precision int8)")
             if gen.manifest is None:
                 problems.append("written before segments (store schema 1); `neardup update` rewrites it as segments, "
                                 "nothing embedded again")
@@ -102,13 +104,20 @@ def check_embedder(meta: StoreMeta, emb: Embedder, store: str | os.PathLike[str]
 def store_embedder(meta: StoreMeta, store: str | os.PathLike[str], *, weights: str | None = None,
                    precision: str = DEFAULTS.precision, embedder: Embedder | None = None,
                    runtime: str | None = None) -> Embedder:
-    """The embedder of a store's `meta` (see Generation.embedder); `store` locates its int8 model."""
+    """The embedder a store was built with (its model, its weights unless others are given, its onnx
+    preprocessing, its int8 model, beside `store`, checked against its digest), checked against the store's
+    `meta`; an injected `embedder` is checked the same way. `runtime` may differ from the store's: TensorFlow
+    and ONNX Runtime vectors are interchangeable."""
     if meta.precision == "int8":
         precision = "int8"  # the store's calibrated model, whatever the default
-    quantized = StoreFiles(Path(store)).index(meta.quantized_file) if meta.quantized_file else None
-    if quantized is not None and not quantized.is_file() and embedder is None:
-        raise StoreError(f"the int8 model of {store} is missing ({quantized}); it was calibrated on this store's "
-                         f"images, so rebuild the store with `neardup index DIR --precision int8`")
+    quantized = StoreFiles.of_manifest(store).index(meta.quantized_file) if meta.quantized_file else None
+    if quantized is not None and embedder is None:
+        if not quantized.is_file():
+            raise StoreError(f"the int8 model of {store} is missing ({quantized}); it was calibrated on this "
+                             f"store's images, so rebuild the store with `neardup index DIR --precision int8`")
+        if meta.quantized_sha256 and file_sha256(quantized) != meta.quantized_sha256:
+            raise StoreError(f"the int8 model of {store} ({quantized}) does not match the digest its store recorded "
+                             f"(damaged); rebuild the store with `neardup index DIR --precision int8`")
     emb = embedder or make_embedder(meta.model, weights or meta.weights, precision, runtime=runtime,
                                     preprocess=meta.preprocessing if meta.model == "onnx" else None,
                                     quantized=quantized)

@@ -79,15 +79,24 @@ def _read_manifest(f: h5py.File, path: Path) -> Manifest:
     try:
         attrs = attrs_of(f)
         data = {name: f[name][()] for name in ("segments", "dead/segment", "dead/row", "failures")}
-    except (KeyError, OSError, ValueError) as exc:
+    except (KeyError, OSError, ValueError, TypeError) as exc:
         raise Damage(reason_of(exc)) from None
     want = attrs.pop("manifest_sha256", None)
-    if want != _manifest_digest(attrs, data):
+    try:
+        digest = _manifest_digest(attrs, data)
+    except (TypeError, ValueError):  # an attribute no writer of ours makes (an array, say)
+        digest = None
+    if want != digest:
         raise Damage("the manifest does not match its digest")
     segments = [Segment(**s) for s in json.loads(text_of(data["segments"]))]
     dead: dict[str, np.ndarray] = {}
+    if len(data["dead/segment"]) != len(data["dead/row"]) or (len(data["dead/segment"]) and (
+            data["dead/segment"].min() < 0 or data["dead/segment"].max() >= len(segments))):
+        raise Damage("the manifest's tombstones name segments it does not have")
     for k, s in enumerate(segments):
-        rows = np.sort(data["dead/row"][data["dead/segment"] == k]).astype(np.int64)
+        rows = np.unique(data["dead/row"][data["dead/segment"] == k]).astype(np.int64)
+        if len(rows) and (rows[0] < 0 or rows[-1] >= s.rows):
+            raise Damage(f"the manifest's tombstones name rows segment {s.name} does not have")
         if len(rows):
             dead[s.name] = rows
     failures = [tuple(x) for x in json.loads(text_of(data["failures"]))]
@@ -116,7 +125,7 @@ def open_any(path: Path) -> Manifest | LegacyFile:
             raise StoreError(f"{path} has store schema {schema}; this neardup reads schemas {LEGACY_SCHEMA} and "
                              f"{SCHEMA_VERSION}")
         return _read_manifest(f, path)
-    except (KeyError, OSError, ValueError) as exc:
+    except (KeyError, OSError, ValueError, TypeError) as exc:
         raise Damage(reason_of(exc)) from None
     finally:
         if f is not None:
@@ -141,7 +150,7 @@ class LegacyFile:
                 f"{a.get('updated')}/{self.rows}/{a.get('next_id')}".encode()).hexdigest()[:12]
             self.meta = _meta(a, self.rows, len(self.failures), schema_version=LEGACY_SCHEMA, generation=gen,
                               local_features=self.local_features)
-        except (KeyError, OSError, ValueError) as exc:
+        except (KeyError, OSError, ValueError, TypeError) as exc:
             f.close()
             raise Damage(reason_of(exc)) from None
 
@@ -166,13 +175,13 @@ class LegacyFile:
     def column(self, name: str) -> np.ndarray:
         try:
             return self._f[name][()]
-        except (KeyError, OSError, ValueError) as exc:
+        except (KeyError, OSError, ValueError, TypeError) as exc:
             raise Damage(f"{name} cannot be read ({reason_of(exc)})") from None
 
     def span(self, name: str, start: int, stop: int) -> np.ndarray:
         try:
             return self._f[name][start:stop]
-        except (KeyError, OSError, ValueError) as exc:
+        except (KeyError, OSError, ValueError, TypeError) as exc:
             raise Damage(f"{name} cannot be read ({reason_of(exc)})") from None
 
     def take(self, name: str, rows: np.ndarray) -> np.ndarray:
@@ -182,14 +191,14 @@ class LegacyFile:
         uniq, inverse = np.unique(rows, return_inverse=True)
         try:  # one read a row: h5py's point selection costs ~1 ms a row on /local
             got = [self._f[name][int(r)] for r in uniq]
-        except (KeyError, OSError, ValueError) as exc:
+        except (KeyError, OSError, ValueError, TypeError) as exc:
             raise Damage(f"{name} cannot be read ({reason_of(exc)})") from None
         return np.stack(got)[inverse] if got else self.column(name)[:0]
 
     def paths(self) -> list[str]:
         try:
             return self._strings("paths")
-        except (KeyError, OSError, ValueError) as exc:
+        except (KeyError, OSError, ValueError, TypeError) as exc:
             raise Damage(reason_of(exc)) from None
 
     def sha256(self) -> list[str]:

@@ -41,6 +41,7 @@ class StoreMeta:
     runtime: str = ""  #: what embedded the rows: tf, onnx or numpy (vectors of tf and onnx are interchangeable)
     precision: str = "float32"
     quantized_file: str = ""  #: the int8 model beside the store, calibrated on its images ("" unless int8)
+    quantized_sha256: str = ""  #: its digest, checked before it embeds anything
     calibration: str = ""  #: the int8 calibration and its measured agreement with float32
     local_features: str = ""  #: version of the cached local features (local_features.LOCAL_VERSION); "" = none
     # The FAISS index (indexer/index_kinds.py): what was asked for, what was built, and its measured recall.

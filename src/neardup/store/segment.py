@@ -221,7 +221,7 @@ class SegmentFile:
                 raise Damage(f"segment {path.name} does not match the digest its manifest recorded", self.path.stem)
             self.rows, self.dim = int(attrs["rows"]), int(attrs["dim"])
             self.local_features = str(attrs.get("local_features", ""))
-        except (KeyError, OSError, ValueError) as exc:
+        except (KeyError, OSError, ValueError, TypeError) as exc:
             self._f.close()
             raise Damage(f"segment {path.name} is damaged ({reason_of(exc)})", self.path.stem) from None
         except Damage:
