@@ -207,7 +207,7 @@ def child(kind: str, data: str, store: str, threshold: float, repeats: int, out:
     times, peaks = [], []
     base = 0
     if kind == "selfjoin":
-        from neardup.search.duplicates import self_join
+        from neardup.search.join import self_join
 
         xb = np.load(data)
         self_join(xb[:1024], threshold)  # warm-up: BLAS threads and buffers
@@ -220,7 +220,8 @@ def child(kind: str, data: str, store: str, threshold: float, repeats: int, out:
             peaks.append(peak_rss_bytes() - base)
             del _
     elif kind == "find":
-        from neardup.search.duplicates import find_duplicates, self_join
+        from neardup.search.duplicates import find_duplicates
+        from neardup.search.join import self_join
 
         self_join(unit_rows(np.random.default_rng(0).standard_normal((1024, D), dtype=np.float32)), threshold)
         for _ in range(repeats):

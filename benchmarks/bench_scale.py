@@ -45,7 +45,7 @@ def main() -> int:
     from neardup.config import parse_size
     from neardup.indexer.faiss_index import derived_index, search
     from neardup.indexer.index_kinds import recall_at
-    from neardup.search.duplicates import knn_pairs, self_join
+    from neardup.search.join import knn_pairs, self_join
 
     memory = parse_size(args.memory)
     report = Report("bench_scale.py", f"Scale (issue 15): {args.n:,} x {args.d}-d", " ".join(

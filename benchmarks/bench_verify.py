@@ -98,7 +98,7 @@ def main() -> int:
         return 0
     from neardup import evaluate, find_duplicates
     from neardup.config import CANDIDATES, VERIFY, candidate_rule, default_threshold
-    from neardup.search.duplicates import knn_pairs
+    from neardup.search.join import knn_pairs
     from neardup.testing.grocery import make_catalogue_set, make_copies_set, make_reshots_set, make_shelf_set
 
     report = Report("bench_verify.py", "Geometric verification on real grocery photos (issue 13)",

@@ -14,7 +14,7 @@ from neardup import build_index
 from neardup.config import candidate_rule
 from neardup.errors import InputError
 from neardup.store import Catalog, StoreMeta, read_catalog, write_catalog
-from neardup.search.duplicates import exact_pairs, self_join
+from neardup.search.join import exact_pairs, self_join
 from neardup.search.evaluate import evaluate
 from neardup.search.metrics import DEFAULT_SWEEP, _reranked, _topk, pair_metrics, retrieval_metrics_blocked
 from neardup.search.truth import read_truth, read_truth_rows

@@ -112,7 +112,7 @@ def test_bad_index_options_are_refused_before_any_work(make_images, tmp_path: Pa
 
 
 def test_knn_duplicates_on_an_approximate_index_match_the_exact_join() -> None:
-    from neardup.search.duplicates import knn_pairs, self_join
+    from neardup.search.join import knn_pairs, self_join
 
     rng = np.random.default_rng(5)
     xb = _clustered(20_000, 64)

@@ -47,6 +47,7 @@ LAYERS: list[list[str]] = [
     ["indexer/build"],
     ["search/verify", "search/truth"],
     ["search/query"],
+    ["search/join"],
     ["search/duplicates"],
     ["search/pairs_io", "search/metrics", "search/plots"],
     ["search/evaluate", "search/report"],

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,16 +17,11 @@ from PIL import Image
 from neardup.config import resolve_threshold
 from neardup.errors import InputError, StoreMismatchError
 from neardup.indexer.build import build_index
+from neardup.testing import write_product_photos
 from neardup.indexer.embed import l2_normalize
 from neardup.store import Catalog, StoreMeta, write_catalog
-from neardup.search.duplicates import (
-    complete_linkage,
-    connected_components,
-    duplicate_rows,
-    exact_pairs,
-    find_duplicates,
-    self_join,
-)
+from neardup.search.duplicates import complete_linkage, connected_components, duplicate_rows, find_duplicates
+from neardup.search.join import exact_pairs, self_join
 from neardup.search.pairs_io import groups_document, write_groups_json, write_pairs_csv
 from neardup.search.query import Searcher, has_match, query
 
@@ -216,3 +214,30 @@ def test_neighbours_maps_sparse_ids_to_paths() -> None:
     got = neighbours(D, I, cat.paths, rows_for(id_lookup(cat.ids), I))
     assert [(m.id, m.path, m.rank) for m in got[0]] == [(99, "p002.jpg", 1), (7, "p001.jpg", 2), (12, "p003.jpg", 3)]
     assert [(m.id, m.path) for m in got[1]] == [(40, "p000.jpg")]
+
+
+def test_duplicates_say_which_listed_files_changed_since_indexing(tmp_path: Path) -> None:
+    """A keeper that vanished and a member replaced by another photo since indexing are flagged stale: never
+    the keeper, never removable, said on stderr and in the CSV and JSON."""
+    write_product_photos(tmp_path / "imgs", range(6))
+    copy = (tmp_path / "imgs" / "img_0001.jpg").read_bytes()
+    for name, t in (("a.jpg", 1), ("b.jpg", 2), ("c.jpg", 3)):  # three copies; the oldest, a, would be keeper
+        (tmp_path / "imgs" / name).write_bytes(copy)
+        os.utime(tmp_path / "imgs" / name, ns=(t * 10**18, t * 10**18))
+    store = tmp_path / "s.h5"
+    build_index([tmp_path / "imgs"], store, model="phash")
+    (tmp_path / "imgs" / "a.jpg").unlink()
+    (tmp_path / "imgs" / "b.jpg").write_bytes((tmp_path / "imgs" / "img_0004.jpg").read_bytes())
+    r = subprocess.run([sys.executable, "-m", "neardup", "duplicates", "--store", str(store), "--out",
+                        str(tmp_path / "p.csv"), "--groups", str(tmp_path / "g.json")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "2 listed photos are no longer as indexed (1 missing, 1 changed" in r.stderr, r.stderr
+    group = next(g for g in json.loads((tmp_path / "g.json").read_text())["groups"]
+                 if "imgs/c.jpg" in [m["path"] for m in g["members"]])
+    assert group["keeper_path"] != "imgs/a.jpg" and "imgs/a.jpg" not in group["removable"]
+    assert {m["path"]: m["stale"] for m in group["members"] if m["stale"]} == {"imgs/a.jpg": "missing",
+                                                                               "imgs/b.jpg": "changed"}
+    assert set(group["stale"]) == {"imgs/a.jpg", "imgs/b.jpg"} and "imgs/b.jpg" not in group["removable"]
+    rows = list(csv.DictReader(open(tmp_path / "p.csv", encoding="utf-8")))
+    flagged = {(row["a_path"], row["a_stale"]) for row in rows} | {(row["b_path"], row["b_stale"]) for row in rows}
+    assert ("imgs/a.jpg", "missing") in flagged and ("imgs/c.jpg", "") in flagged

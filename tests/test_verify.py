@@ -21,7 +21,8 @@ from neardup.indexer.build import build_index, update_index
 from neardup.indexer.decode import file_local_features
 from neardup.indexer.local_features import LOCAL_VERSION, LocalTable, extract_local
 from neardup.store import Store, read_catalog, read_meta
-from neardup.search.duplicates import find_duplicates, knn_pairs
+from neardup.search.duplicates import find_duplicates
+from neardup.search.join import knn_pairs
 from neardup.search.pairs_io import read_pairs_csv, write_pairs_csv
 from neardup.search.query import Searcher, query
 from neardup.search.verify import Verified, rerank, verify_pair
@@ -136,13 +137,13 @@ def test_duplicates_verified_pairs_groups_and_csv(copies, tmp_path: Path, fake_e
     out = tmp_path / "pairs.csv"
     write_pairs_csv(rep, out)
     head = out.read_text().splitlines()[0]
-    assert head == "a_id,a_path,b_id,b_path,score,kind,verified,inliers"
+    assert head == "a_id,a_path,b_id,b_path,score,kind,a_stale,b_stale,verified,inliers"
     back = read_pairs_csv(out)
     assert [(p.verified, p.inliers) for p in back] == [(p.verified, p.inliers) for p in rep.pairs]
     plain = find_duplicates(store, verify=False)
     assert all(p.verified is None and p.inliers is None for p in plain.pairs)
     write_pairs_csv(plain, out)
-    assert out.read_text().splitlines()[0] == "a_id,a_path,b_id,b_path,score,kind"
+    assert out.read_text().splitlines()[0] == "a_id,a_path,b_id,b_path,score,kind,a_stale,b_stale"
 
 
 def test_query_verifies_and_reranks(copies, tmp_path: Path, fake_embedder) -> None:

@@ -616,7 +616,8 @@ def compare_cmd(
 def duplicates_cmd(
     store: StoreOpt = Path(DEFAULTS.store), threshold: ThresholdOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="CSV of pairs: a_id,a_path,b_id,b_path,score,"
-                                                "kind (and verified,inliers with --verify).")] = None,
+                                                "kind,a_stale,b_stale (missing or changed since indexing), and "
+                                                "verified,inliers with --verify.")] = None,
     groups: Annotated[Optional[Path], typer.Option("--groups", "-g", help="JSON of groups with keepers.")] = None,
     show: Annotated[int, typer.Option("--show", help="Groups to print.")] = 10,
     show_members: Annotated[int, typer.Option("--show-members", help="Members to print per group.")] = 8,
@@ -648,27 +649,39 @@ def duplicates_cmd(
         typer.echo(f"{report.n} images, model {report.model}: {report.candidates} candidates (k {report.k}, cosine >= "
                    f"{report.loose_threshold:.4f}) verified in {report.verify_seconds:.1f} s: {nv} verified pairs, "
                    f"{report.n_exact} exact, {report.n_pairs - nv - report.n_exact} unverified above "
-                   f"{report.threshold:.4f}; {len(report.groups)} groups, "
-                   f"{sum(len(g.members) - 1 for g in report.groups)} removable, {report.seconds:.1f} s")
+                   f"{report.threshold:.4f}; {len(report.groups)} groups, {_removable(report)} removable, "
+                   f"{report.seconds:.1f} s")
     else:
         typer.echo(f"{report.n} images, model {report.model}, threshold {report.threshold:.4f}: "
                    f"{report.n_pairs} pairs ({report.n_exact} exact), {len(report.groups)} groups, "
-                   f"{sum(len(g.members) - 1 for g in report.groups)} removable, {report.seconds:.1f} s")
+                   f"{_removable(report)} removable, {report.seconds:.1f} s")
     for k, g in enumerate(report.groups[:show]):
         typer.echo(f"group {k + 1} ({len(g.members)} images)")
         for m in g.members[:show_members]:
             tag = "keep" if m["keeper"] else ("exact" if m["exact"] else f"{m['score_to_keeper']:.4f}")
             if m.get("inliers_to_keeper", -1) >= 0:
                 tag += f" {m['inliers_to_keeper']:>4} inl"
-            typer.echo(f"  {tag:>6}  {_show(m['path'])}  ({m['width']}x{m['height']})")
+            typer.echo(f"  {tag:>6}  {_show(m['path'])}  ({m['width']}x{m['height']})"
+                       + (f"  STALE: {m['stale']} since indexed" if m.get("stale") else ""))
         if len(g.members) > show_members:
             typer.echo(f"          ... and {len(g.members) - show_members} more")
     if len(report.groups) > show:
         typer.echo(f"... {len(report.groups) - show} more groups" + (f" in {groups}" if groups else
                                                                      " (write them all with --groups FILE)"))
+    if report.stale:
+        gone = sum(v == "missing" for v in report.stale.values())
+        first = report.paths[next(iter(report.stale))]
+        typer.echo(f"neardup: {len(report.stale)} listed photos are no longer as indexed ({gone} missing, "
+                   f"{len(report.stale) - gone} changed; e.g. {_show(first)}): marked stale, never a keeper nor "
+                   f"removable; run `neardup update` and list the duplicates again", err=True)
     for path in (out, groups):
         if path:
             typer.echo(f"wrote {path}")
+
+
+def _removable(report: Any) -> int:
+    """Group members that may be removed: not the keeper, and still the file that was indexed."""
+    return sum(1 for g in report.groups for m in g.members if not m["keeper"] and not m.get("stale"))
 
 
 # --- report, plot, evaluate: matplotlib is imported only when a plot is drawn ---

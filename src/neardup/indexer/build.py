@@ -226,7 +226,8 @@ def build_index(
             summary.reused = sum(1 for f in pending if hashes.get(f.rel) in checkpoint.known)
             vectors.prefetch(set(hashes.values()))  # stored content of moved, touched and copied files: one read
 
-        delta = assemble(old, found, hashes, vectors, summary.failures, prune=prune, new_meta=new_meta)
+        delta = assemble(old, found, hashes, vectors, summary.failures, prune=prune, new_meta=new_meta,
+                         unchanged=summary.unchanged)
         if delta is not None:
             for name, count in asdict(delta.changes).items():
                 setattr(summary, name, count)

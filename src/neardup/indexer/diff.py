@@ -134,14 +134,17 @@ def split_unchanged(old: Catalog | None, files: list[FileRecord]) -> tuple[list[
 
 
 def assemble(old: Catalog | None, found: Scan, hashes: dict[str, str], vectors: MutableMapping[str, Embedded],
-             failures: list[tuple[str, str]], *, prune: bool, new_meta: StoreMeta | None) -> Delta | None:
+             failures: list[tuple[str, str]], *, prune: bool, new_meta: StoreMeta | None,
+             unchanged: int = -1) -> Delta | None:
     """The delta from `old` (the current generation's catalogue; None for a new store) to what `found` holds
     now; None when nothing changed.
 
     `hashes` maps the read files (path → content hash), `vectors` content hashes to embeddings; files read
     without an embedding failed and are in `failures`. `new_meta` describes a store made from scratch (None
-    when nothing could be embedded: then a new store is refused).
+    when nothing could be embedded: then a new store is refused). `unchanged` is split_unchanged's count.
     """
+    if old is not None and unchanged == len(found.files) == len(old) and sorted(failures) == sorted(old.failures):
+        return None  # every file found is an unchanged row, and every row was found: a quiet night
     changes = Changes()
     old_rows = {p: i for i, p in enumerate(old.paths)} if old is not None else {}
     current = {f.rel for f in found.files}

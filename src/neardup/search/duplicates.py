@@ -21,96 +21,13 @@ import numpy as np
 
 from ..config import DEFAULTS, candidate_rule
 from ..errors import InputError
-from ..indexer.faiss_index import id_lookup, rows_for
 from ..store.generation import Generation
 from ..store.handle import opened
 from ..store.meta import Catalog
+from .join import exact_pairs, knn_pairs, self_join, without_pairs
 from .verify import Verified, resolve_verify, row_features, verify_pairs
 
 log = logging.getLogger(__name__)
-
-
-def self_join(xb: np.ndarray, threshold: float, block: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All pairs (i < j) of rows of xb with inner product >= threshold.
-
-    Returns (I, J, D): int64 row indices and float32 scores, sorted by (I, J). Memory beyond xb is about
-    block * n * 5 bytes; the default block keeps it near half the bytes of xb, and at least 16 MB.
-    """
-    xb = np.ascontiguousarray(xb, dtype=np.float32)
-    n, d = xb.shape
-    if block is None:
-        budget = max(16 << 20, xb.nbytes // 2)
-        block = int(np.clip(budget // (5 * max(n, 1)), 16, DEFAULTS.join_block))
-    out_i, out_j, out_d = [], [], []
-    for r in range(0, n, block):
-        q = xb[r:r + block]
-        sims = q @ xb[r:].T  # rows r.., columns r..: the lower triangle is never computed
-        # keep only j > i: the diagonal block is the first len(q) columns
-        sims[:, :len(q)][np.tril_indices(len(q))] = -np.inf
-        ii, jj = np.nonzero(sims >= threshold)
-        out_i.append(ii + r)
-        out_j.append(jj + r)
-        out_d.append(sims[ii, jj])
-        del sims
-    if not out_i:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    return (np.concatenate(out_i).astype(np.int64), np.concatenate(out_j).astype(np.int64),
-            np.concatenate(out_d).astype(np.float32))
-
-
-def knn_pairs(xb: np.ndarray, k: int, threshold: float, index=None, ids: np.ndarray | None = None,  # noqa: ANN001
-              chunk: int = 1024, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pairs (i < j) where j is among i's k nearest rows (or i among j's) with inner product >= threshold.
-
-    Returns (I, J, D) sorted by (I, J), each pair once: O(n k) pairs where the self-join's grow with n². The
-    k-NN come from `index` (a store's FAISS index, holding the catalog's `ids`) when given, else from an exact
-    IndexFlatIP; either way every candidate is re-scored exactly from xb, so an approximate index can miss a
-    pair but never scores one wrongly. Rows are searched `chunk` at a time: memory is bounded by the chunk
-    and the pairs kept, never by n². `rows` limits the searched rows (a benchmark's sample; default: all).
-    """
-    import faiss
-
-    xb = np.ascontiguousarray(xb, dtype=np.float32)
-    n = len(xb)
-    if n < 2 or k < 1:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    if index is None:
-        index, ids = faiss.IndexFlatIP(xb.shape[1]), None
-        index.add(xb)
-    lookup = id_lookup(ids) if ids is not None else None
-    kk = min(k + 1, n)  # +1: each row finds itself (or a tie) first
-    found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    todo = np.arange(n) if rows is None else np.asarray(rows, np.int64)
-    for start in range(0, len(todo), chunk):
-        qrows = todo[start:start + chunk]
-        xq = xb[qrows]
-        _, cols = index.search(xq, kk)
-        if lookup is not None:  # store ids -> rows (-1 stays -1)
-            cols = rows_for(lookup, cols)
-        # exact re-scoring from the stored vectors: chunk x (k+1) x d floats at a time
-        sims = np.einsum("cd,ckd->ck", xq, xb[np.maximum(cols, 0)]).ravel()
-        src, cols = np.repeat(qrows, kk), cols.ravel()
-        keep = (cols >= 0) & (cols != src) & (sims >= threshold)
-        a, b = np.minimum(src, cols)[keep], np.maximum(src, cols)[keep]
-        found.append((a, b, sims[keep].astype(np.float32)))
-    a, b, sims = (np.concatenate(x) for x in zip(*found)) if found else (np.zeros(0, np.int64),) * 2 + (
-        np.zeros(0, np.float32),)
-    key, first = np.unique(a * n + b, return_index=True)
-    return key // n, key % n, sims[first]
-
-
-def exact_pairs(hashes: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """All pairs (i < j) of rows with the same content hash: byte-identical files."""
-    by_hash: dict[str, list[int]] = defaultdict(list)
-    for i, h in enumerate(hashes):
-        by_hash[h].append(i)
-    pi, pj = [], []
-    for rows in by_hash.values():
-        for a in range(len(rows)):
-            for b in range(a + 1, len(rows)):
-                pi.append(rows[a])
-                pj.append(rows[b])
-    return np.array(pi, np.int64), np.array(pj, np.int64)
 
 
 def connected_components(n: int, pi: np.ndarray, pj: np.ndarray) -> list[np.ndarray]:
@@ -165,11 +82,28 @@ def complete_linkage(S: np.ndarray, threshold: float, forced: np.ndarray | None 
     return groups
 
 
-def keeper_order(cat: Catalog, rows: np.ndarray) -> np.ndarray:
-    """`rows` sorted best keeper first: largest resolution, then largest file, then oldest, then path."""
-    return np.array(sorted(rows.tolist(), key=lambda r: (-int(cat.widths[r]) * int(cat.heights[r]),
+def keeper_order(cat: Catalog, rows: np.ndarray, stale: dict[int, str] | None = None) -> np.ndarray:
+    """`rows` sorted best keeper first: a file still as indexed (not in `stale`), then largest resolution, then
+    largest file, then oldest, then path."""
+    stale = stale or {}
+    return np.array(sorted(rows.tolist(), key=lambda r: (r in stale, -int(cat.widths[r]) * int(cat.heights[r]),
                                                            -int(cat.sizes[r]), int(cat.mtimes_ns[r]),
                                                            cat.paths[r])), np.int64)
+
+
+def stale_rows(gen: Generation, rows: np.ndarray) -> dict[int, str]:
+    """The `rows` whose file is gone ("missing") or is no longer the file indexed ("changed": another size or
+    modification time): their pairs were found on what the file was, so they are flagged, never a keeper."""
+    cat, out = gen.catalog, {}
+    for r in np.asarray(rows, np.int64).tolist():
+        try:
+            st = os.stat(gen.image_path(r))
+        except OSError:
+            out[r] = "missing"
+            continue
+        if st.st_size != int(cat.sizes[r]) or st.st_mtime_ns != int(cat.mtimes_ns[r]):
+            out[r] = "changed"
+    return out
 
 
 @dataclass(frozen=True)
@@ -184,6 +118,8 @@ class Pair:
     kind: str
     verified: bool | None = None  #: the geometric verdict (None: not verified)
     inliers: int | None = None  #: RANSAC inliers of the verification
+    a_stale: str | None = None  #: "missing" or "changed" when a's file is no longer the one indexed
+    b_stale: str | None = None
 
 
 @dataclass
@@ -218,6 +154,8 @@ class DuplicateReport:
     loose_threshold: float = 0.0  #: the candidates' threshold
     verify_seconds: float = 0.0
     method: str = "exact join"  #: how pairs were found: the exact self-join, or the store index's k-NN
+    #: catalog row -> "missing" / "changed": listed files no longer as indexed (stale_rows)
+    stale: dict[int, str] = field(default_factory=dict)
 
     @property
     def n_pairs(self) -> int:
@@ -236,22 +174,12 @@ class DuplicateReport:
         for a, b, s, e, v, n in zip(self.I[start:stop].tolist(), self.J[start:stop].tolist(),
                                     self.D[start:stop].tolist(), self.exact[start:stop].tolist(), ver, inl):
             yield Pair(int(self.ids[a]), self.paths[a], int(self.ids[b]), self.paths[b], round(s, 6),
-                       "exact" if e else "near", v, n)
+                       "exact" if e else "near", v, n, self.stale.get(a), self.stale.get(b))
 
     @property
     def pairs(self) -> list[Pair]:
         """All pairs as a list (see iter_pairs for large reports)."""
         return list(self.iter_pairs())
-
-
-def without_pairs(pairs: tuple[np.ndarray, np.ndarray, np.ndarray], ei: np.ndarray, ej: np.ndarray,
-             n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The (I, J, D) pairs that are not among the exact pairs (ei, ej) of n rows."""
-    I, J, D = pairs
-    if not len(ei):
-        return I, J, D
-    keep = ~np.isin(I * np.int64(n) + J, ei * np.int64(n) + ej)
-    return I[keep], J[keep], D[keep]
 
 
 def duplicate_rows(cat: Catalog, threshold: float, block: int | None = None, index=None,  # noqa: ANN001
@@ -343,6 +271,7 @@ def _find(gen: Generation, threshold: float | None, block: int | None, max_group
         linked = report.exact
         link_t = t
     I, J = report.I, report.J
+    report.stale = stale_rows(gen, np.unique(np.concatenate([I, J])))
     comps = connected_components(len(cat), I[linked] if verify else I, J[linked] if verify else J)
     comp_of = np.full(len(cat), -1, np.int64)
     for ci, comp in enumerate(comps):
@@ -367,7 +296,7 @@ def _find(gen: Generation, threshold: float | None, block: int | None, max_group
             forced[local[a], local[b]] = forced[local[b], local[a]] = True
             inliers[local[a], local[b]] = inliers[local[b], local[a]] = n
         for g in complete_linkage(S, link_t, forced):
-            rows = keeper_order(cat, comp[g])
+            rows = keeper_order(cat, comp[g], report.stale)
             keeper = int(rows[0])
             kl = local[keeper]
             members = []
@@ -375,7 +304,8 @@ def _find(gen: Generation, threshold: float | None, block: int | None, max_group
                 m = {"id": int(cat.ids[r]), "path": cat.paths[r], "width": int(cat.widths[r]),
                      "height": int(cat.heights[r]), "size": int(cat.sizes[r]),
                      "score_to_keeper": 1.0 if r == keeper else round(float(S[kl, local[r]]), 6),
-                     "exact": bool(r != keeper and cat.sha256[r] == cat.sha256[keeper]), "keeper": r == keeper}
+                     "exact": bool(r != keeper and cat.sha256[r] == cat.sha256[keeper]), "keeper": r == keeper,
+                     "stale": report.stale.get(r)}
                 if verify:  # inliers with the keeper (-1: byte-identical or the keeper itself)
                     m["inliers_to_keeper"] = int(inliers[kl, local[r]])
                 members.append(m)

@@ -62,7 +62,7 @@ from ..indexer.embed import Embedder
 from ..indexer.pipeline import embed_files
 from ..store.generation import Generation
 from ..store.handle import opened, store_embedder
-from .duplicates import exact_pairs, knn_pairs, self_join, without_pairs
+from .join import exact_pairs, knn_pairs, self_join, without_pairs
 from .metrics import (DEFAULT_KS, DEFAULT_SWEEP, DEFINITIONS, TIE_TOL, _junk, _mates,  # noqa: F401 - TIE_TOL
                       _pairs_in, _query_candidates, _retrieval, _Verifier, best_index, pair_metrics,
                       retrieval_metrics, retrieval_metrics_blocked)

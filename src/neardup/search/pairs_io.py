@@ -15,18 +15,19 @@ from ..fileio import atomic_write, check_output_path
 from .duplicates import DuplicateReport, Pair
 
 def write_pairs_csv(report: DuplicateReport, path: str | os.PathLike[str]) -> None:
-    """Pairs as CSV: a_id, a_path, b_id, b_path, score, kind (exact pairs first, then by score), and when the
-    pairs were verified: verified (true/false), inliers (empty for byte-identical pairs)."""
+    """Pairs as CSV: a_id, a_path, b_id, b_path, score, kind (exact pairs first, then by score), a_stale and
+    b_stale ("missing" or "changed" for a file no longer as indexed), and when the pairs were verified:
+    verified (true/false), inliers (empty for byte-identical pairs)."""
     path = Path(path)
     check_output_path(path)
 
     def write(tmp: str) -> None:
         with open(tmp, "w", newline="", encoding="utf-8") as fh:
             w = csv.writer(fh)
-            head = ["a_id", "a_path", "b_id", "b_path", "score", "kind"]
+            head = ["a_id", "a_path", "b_id", "b_path", "score", "kind", "a_stale", "b_stale"]
             w.writerow(head + (["verified", "inliers"] if report.verify else []))
             for p in report.iter_pairs():
-                row = [p.a_id, p.a_path, p.b_id, p.b_path, f"{p.score:.6f}", p.kind]
+                row = [p.a_id, p.a_path, p.b_id, p.b_path, f"{p.score:.6f}", p.kind, p.a_stale or "", p.b_stale or ""]
                 if report.verify:
                     row += ["true" if p.verified else "false", "" if p.inliers is None or p.inliers < 0 else p.inliers]
                 w.writerow(row)
@@ -45,10 +46,13 @@ def groups_document(report: DuplicateReport) -> dict:
     return {
         "store": report.store, "model": report.model, "threshold": report.threshold, "images": report.n,
         "verified": report.verify,
-        "rule": rule + "; keeper = largest resolution, then largest file, then oldest, then path",
+        "rule": rule + "; keeper = a file still as indexed, then largest resolution, then largest file, then oldest, "
+                       "then path; a file gone or changed since it was indexed is listed as stale, never removable",
+        "stale": len(report.stale),
         "groups": [{"group": k + 1, "size": len(g.members), "keeper": g.keeper,
                     "keeper_path": next(m["path"] for m in g.members if m["keeper"]),
-                    "removable": [m["path"] for m in g.members if not m["keeper"]], "members": g.members}
+                    "removable": [m["path"] for m in g.members if not m["keeper"] and not m.get("stale")],
+                    "stale": [m["path"] for m in g.members if m.get("stale")], "members": g.members}
                    for k, g in enumerate(report.groups)],
     }
 
@@ -100,7 +104,8 @@ def read_pairs_csv(path: str | os.PathLike[str]) -> list[Pair]:
                     inl = int(row["inliers"]) if row.get("inliers") else None
                 except ValueError:
                     raise InputError(f"{path}, line {line}: inliers must be a whole number") from None
-                pairs.append(Pair(a_id, row["a_path"], b_id, row["b_path"], score, kind, ver, inl))
+                pairs.append(Pair(a_id, row["a_path"], b_id, row["b_path"], score, kind, ver, inl,
+                                  row.get("a_stale") or None, row.get("b_stale") or None))
     except UnicodeDecodeError:
         raise InputError(f"{path} is not a UTF-8 text file") from None
     return pairs
