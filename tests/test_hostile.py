@@ -335,3 +335,46 @@ def test_model_variable_does_not_stop_an_update(store: Path, tmp_path: Path) -> 
     assert r.returncode == 0, r.stderr
 
 
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 2.5 MB tmpfs at tmp_path/disk, grown or shrunk with resize(bytes) (skipped where tmpfs cannot be
+    mounted: that needs root, as in CI and this project's machines)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2500k", "tmpfs", str(disk)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("full-disk test skipped: a small tmpfs cannot be mounted here (needs root)")
+
+    def resize(nbytes: int) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={nbytes // 1024}k", str(disk)], check=True)
+
+    try:
+        yield disk, resize
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_a_full_disk_ends_with_one_line_and_loses_nothing(small_disk, tmp_path: Path, make_images) -> None:
+    """HDF5 crashed the process (SIGSEGV) when the disk filled mid-write. Now every write reserves its space
+    first: a full disk is one line and exit 2, the store is as it was, and the next run resumes."""
+    disk, resize = small_disk
+    make_images(120, size=(200, 200))
+    store = disk / "s.h5"
+    one_line(nd("index", tmp_path / "imgs", "-s", store, "--model", "phash"), "No space left on device",
+             "run it again")
+    assert not store.exists() and not list(disk.rglob("*.neardup-tmp"))
+    resize(16 << 20)
+    r = nd("index", tmp_path / "imgs", "-s", store, "--model", "phash")
+    assert r.returncode == 0 and "reused 120 from an interrupted run" in r.stdout, r.stdout
+    before = rows(store)
+    make_images(150, start=120, size=(200, 200))
+    used = sum(p.stat().st_size for p in disk.rglob("*") if p.is_file())
+    resize(used + (600 << 10))  # room for the checkpoint of the new photos, not for their segment
+    one_line(nd("update", tmp_path / "imgs", "-s", store), "No space left on device")
+    assert rows(store) == before and nd("info", "--check", "-s", store).returncode == 0
+    assert not list(disk.rglob("*.neardup-tmp"))
+    resize(32 << 20)
+    r = nd("update", tmp_path / "imgs", "-s", store)
+    assert r.returncode == 0 and "added 150" in r.stdout and len(rows(store)) == 270

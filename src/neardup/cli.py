@@ -6,6 +6,7 @@ TensorFlow.
 from __future__ import annotations
 
 import csv
+import errno
 import functools
 import io
 import json
@@ -157,7 +158,9 @@ def handled(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(128 + 13) from None
         except OSError as exc:  # permissions, full disk, a folder where a file was expected...
             where = f"{exc.filename}: " if exc.filename else ""
-            raise _fail(f"{where}{exc.strerror or exc}") from None
+            hint = ("; free some space and run it again: the store is as it was, and an index run resumes from "
+                    "the embeddings it saved") if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+            raise _fail(f"{where}{exc.strerror or exc}{hint}") from None
 
     return wrapper
 

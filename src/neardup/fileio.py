@@ -5,8 +5,10 @@ or a crash sees the old file or the new one, never half of one.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -79,6 +81,27 @@ def atomic_write(path: Path, write: Callable[[str], T], before_replace: Callable
         raise
     fsync_dir(path.parent)
     return result
+
+
+def ensure_space(path: Path, nbytes: int) -> None:
+    """Refuse a write of about `nbytes` to `path` that its filesystem cannot take, before anything is written:
+    the blocks are reserved beside it (posix_fallocate: a user's quota counts too) and given back at once.
+    Raises OSError (ENOSPC, EDQUOT). HDF5 must never meet a full disk mid-write: it has crashed the process
+    (SIGSEGV) there instead of failing."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    try:
+        try:
+            os.posix_fallocate(fd, 0, max(1, int(nbytes)))
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise OSError(exc.errno, f"{exc.strerror} (needs about {fmt_bytes(int(nbytes))})", str(path)) from None
+            if shutil.disk_usage(path.parent).free < nbytes:  # a filesystem without fallocate: its free space
+                raise OSError(errno.ENOSPC, f"No space left on device (needs about {fmt_bytes(int(nbytes))})",
+                              str(path)) from None
+    finally:
+        os.close(fd)
+        os.unlink(tmp)
 
 
 def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:

@@ -6,6 +6,7 @@ Pure: vectors and ids in, an index out (and its bytes). The store keeps an exact
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ import faiss
 import numpy as np
 
 from ..errors import InputError
-from ..fileio import atomic_write, file_sha256
+from ..fileio import atomic_write, ensure_space
 from . import index_kinds
 
 log = logging.getLogger(__name__)
@@ -145,16 +146,12 @@ def index_ids(index: faiss.Index) -> np.ndarray:
 
 
 def save_index(index: faiss.Index, path: str | os.PathLike[str]) -> str:
-    """Write `index` to `path` atomically; returns the file's SHA-256 (the manifest records it)."""
-    digest = ""
-
-    def write(tmp: str) -> None:
-        nonlocal digest
-        faiss.write_index(index, tmp)
-        digest = file_sha256(tmp)
-
-    atomic_write(Path(path), write)
-    return digest
+    """Write `index` to `path` atomically; returns the file's SHA-256 (the manifest records it). The bytes are
+    made in memory and written by Python, so a full disk is an OSError, never a failure inside FAISS."""
+    data = faiss.serialize_index(index).tobytes()
+    ensure_space(Path(path), len(data))
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_bytes(data))
+    return hashlib.sha256(data).hexdigest()
 
 
 def index_from_bytes(data: bytes) -> faiss.Index:

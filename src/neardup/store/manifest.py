@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 
 from ..errors import StoreError
-from ..fileio import atomic_write
+from ..fileio import atomic_write, ensure_space
 from .meta import FORMAT, INDEX_DEFAULTS, LEGACY_SCHEMA, RECORDED, SCHEMA_VERSION, Manifest, Segment, StoreMeta
 from .segment import Damage, attrs_of, blob, canonical, plain, text_of, reason_of
 
@@ -46,6 +46,7 @@ def write_manifest(path: Path, man: Manifest, before_replace: Callable[[], objec
              "schema_version": SCHEMA_VERSION, "parent": man.parent}
     data = _manifest_data(man)
     attrs["manifest_sha256"] = _manifest_digest(attrs, data)
+    ensure_space(path, sum(a.nbytes for a in data.values()) + (256 << 10))
 
     def write(tmp: str) -> None:
         with h5py.File(tmp, "w", libver=("v110", "latest")) as f:

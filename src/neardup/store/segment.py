@@ -21,7 +21,7 @@ import numpy as np
 
 from ..config import DEFAULTS
 from ..errors import StoreError
-from ..fileio import atomic_write
+from ..fileio import atomic_write, ensure_space
 from .meta import SEGMENT_FORMAT, Catalog, Segment
 
 #: Bytes of a block of the large columns (embeddings: 32 rows of 2048-d): a scattered row read costs one
@@ -150,6 +150,9 @@ def write_segment(path: Path, n: int, dim: int, local_features: str, created: st
     if local_features:
         large.update({"local/xy": ((k, 2), np.float16), "local/desc": ((k, 32), np.uint8)})
     attrs = {"format": SEGMENT_FORMAT, "rows": n, "dim": dim, "local_features": local_features, "created": created}
+    # an upper bound of the file's size: the columns (paths at 256 bytes), their digests and HDF5's own
+    row = 4 * dim + 256 + 48 + (k * 2 * 2 + k * 32 + 2 if local_features else 0)
+    ensure_space(path, n * row * 1.05 + (1 << 20))
 
     def write(tmp: str) -> Segment:
         small: dict[str, list] = {}
