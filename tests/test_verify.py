@@ -7,6 +7,7 @@ products held up in front of one shelf) does not.
 from __future__ import annotations
 
 import csv
+import json
 import io
 import subprocess
 import sys
@@ -207,6 +208,51 @@ def test_edited_grocery_copies_verify(tmp_path: Path) -> None:
         groups.setdefault(r["group"], []).append(Path(r["path"]))
     got = [verify_pair(features(a), features(b)) for a, b in groups.values()]
     assert all(v.verified for v in got), [(v.inliers, v.inlier_ratio, v.centre, v.coverage) for v in got]
+
+
+@pytest.mark.skipif(not GROCERY.is_dir(), reason=SKIP_GROCERY)
+def test_copies_resized_anisotropically_verify(tmp_path: Path) -> None:
+    """Width and height resized by different factors (up to 2x apart) and saved at JPEG 45-65: features found
+    on the aspect-normalised photo keep them verifiable (with the aspect kept, ORB lost a third of them)."""
+    from neardup.testing.grocery import make_copies_set
+
+    truth = make_copies_set(tmp_path, n_originals=16, n_distractors=0, seed=27, anisotropic=True)
+    edits = json.loads((tmp_path / "copies-aspect_edits.json").read_text())["copies"]
+    stretched = [c for c in edits if max(c["edits"]["scale"]) / min(c["edits"]["scale"]) >= 1.5]
+    assert len(stretched) >= 5  # the hard ones are there (1.5x and more: none verified with the aspect kept)
+    groups: dict[str, list[Path]] = {}
+    for r in csv.DictReader(open(truth, encoding="utf-8")):
+        groups.setdefault(r["group"], []).append(Path(r["path"]))
+    got = [verify_pair(features(a), features(b)) for a, b in groups.values()]
+    assert all(v.verified for v in got), [(v.inliers, round(v.inlier_ratio, 3)) for v in got]
+
+
+@pytest.mark.skipif(not GROCERY.is_dir(), reason=SKIP_GROCERY)
+def test_the_verdict_is_symmetric() -> None:
+    """verify(a, b) == verify(b, a), screened or not, on 300 pairs of other shots of one product (the borderline
+    cases: matching a->b only, duplicates and evaluate disagreed on some of them)."""
+    from neardup.testing.grocery import photos
+
+    shots = photos(GROCERY, "test", ("Packages",))
+    by_product: dict[str, list[Path]] = {}
+    for ph in shots:
+        by_product.setdefault(ph.product, []).append(ph.path)
+    rng = np.random.default_rng(3)
+    pairs = []
+    for product in sorted(by_product):
+        paths = by_product[product]
+        for _ in range(10):
+            i, j = rng.choice(len(paths), 2, replace=False)
+            pairs.append((paths[i], paths[j]))
+    feats = {p: features(p) for pair in pairs[:300] for p in pair}
+    flipped = 0
+    for a, b in pairs[:300]:
+        for screen in (False, True):
+            ab, ba = verify_pair(feats[a], feats[b], screen=screen), verify_pair(feats[b], feats[a], screen=screen)
+            assert (ab.verified, ab.inliers, ab.inlier_ratio, ab.centre, ab.coverage) == \
+                (ba.verified, ba.inliers, ba.inlier_ratio, ba.centre, ba.coverage), (a, b, screen, ab, ba)
+            flipped += ab.verified != ba.verified
+    assert flipped == 0 and len(pairs) >= 300
 
 
 # ----------------------------------------------------------------------------------------- hard cases

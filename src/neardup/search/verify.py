@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -92,18 +92,34 @@ def _knn2(qa: np.ndarray, db: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def verify_pair(a: LocalFeatures | None, b: LocalFeatures | None, rule: VerifyRule = VERIFY, *,
                 points: bool = False, screen: bool = False) -> Verification:
     """Match two photos' features and judge the geometry (see the module). Missing features: not verified.
-    With `screen` (for callers that need only the verdict), a pair is rejected as soon as its verdict is
-    known: unfitted (inliers 0) when its strongest keypoints barely match (rule.screen) or too few matches
-    pass the ratio test for the inlier share, and without centre and coverage when the fit fails them."""
+    The verdict is symmetric: verify_pair(a, b) == verify_pair(b, a) (the pair is judged in one order, the
+    photos' own, whichever way it is asked; matches must be mutual nearest neighbours). With `screen` (for
+    callers that need only the verdict), a pair is rejected as soon as its verdict is known: unfitted (inliers
+    0) when its strongest keypoints barely match (rule.screen) or too few matches pass the ratio test for the
+    inlier share, and without centre and coverage when the fit fails them."""
     if a is None or b is None or min(len(a), len(b)) < max(rule.min_keypoints, 4):
         return UNJUDGED
+    if _first(b, a):  # one order for the pair, whichever way it is asked: the same RANSAC, the same verdict
+        v = _verify(b, a, rule, points, screen)
+        return replace(v, xy_a=v.xy_b, xy_b=v.xy_a)
+    return _verify(a, b, rule, points, screen)
+
+
+def _first(a: LocalFeatures, b: LocalFeatures) -> bool:
+    """Whether `a` comes first in a pair: an order of the features themselves (by count, then bytes)."""
+    return (len(a), a.desc.tobytes()) < (len(b), b.desc.tobytes())
+
+
+def _verify(a: LocalFeatures, b: LocalFeatures, rule: VerifyRule, points: bool, screen: bool) -> Verification:
     cv2 = _cv2()
     if screen and len(a) > rule.screen:
         dist, _ = _knn2(a.desc[:rule.screen], b.desc)
         if int(np.count_nonzero(dist[:, 0] < rule.ratio * dist[:, 1])) < rule.screen_matches:
             return UNVERIFIABLE
     dist, nn = _knn2(a.desc, b.desc)
-    good = np.flatnonzero((dist[:, 0] < rule.ratio * dist[:, 1]) & (nn[:, 0] >= 0))
+    _, back = _knn2(b.desc, a.desc)  # cross-check: a's match in b must have a as its own nearest
+    mutual = back[np.maximum(nn[:, 0], 0), 0] == np.arange(len(a))
+    good = np.flatnonzero((dist[:, 0] < rule.ratio * dist[:, 1]) & (nn[:, 0] >= 0) & mutual)
     if len(good) < max(rule.min_inliers, 4):  # too few matches to verify: RANSAC is not even run (inliers 0)
         return UNVERIFIABLE
     if screen and len(good) < rule.min_inlier_ratio * min(len(a), len(b)):  # even all inliers would fail

@@ -3,7 +3,8 @@
 Three truth CSVs (header `path,group,class,role`, read by `neardup evaluate`):
 
 - copies: photos, one independently edited copy of each original (crop, small rotation, resize, colour, JPEG),
-  and distractor photos; an original and its copy share a group.
+  and distractor photos; an original and its copy share a group. `aspect`: the same with width and height
+  resized by different factors and harder JPEG.
 - reshots: every photo of some kinds in a split; all photos of one product are one group (re-shots).
 - catalogue: the 81 iconic packshots are indexed, the photos of a split are queries grouped with their product.
 
@@ -111,18 +112,24 @@ def _inner_rect(w: int, h: int, degrees: float) -> tuple[int, int]:
     return max(1, min(w, int(wr) - 2)), max(1, min(h, int(hr) - 2))
 
 
-def edit_copy(img: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, dict]:
+def edit_copy(img: Image.Image, rng: np.random.Generator, anisotropic: bool = False) -> tuple[Image.Image, dict]:
     """An independently edited copy of a product photo: (RGB image, dict of the edits).
 
     Rotate -2..+2 degrees about the centre, crop 0-10 % off each side independently (at least the rotation's
     black corners, so no side loses more than 10 %), resize by 0.5-1.0 (Lanczos), brightness, contrast and
     saturation x0.8-1.2; `quality` (40-90) is for the caller's JPEG save. `crop` records the fractions taken.
+    `anisotropic`: width and height are resized by two independent factors in 0.5-1.0 (the aspect ratio changes
+    by up to 2x, as a careless thumbnailer does) and saved at JPEG 45-65.
     """
     drawn = [float(v) for v in rng.uniform(0.0, 0.10, 4)]  # left, top, right, bottom fractions
     degrees = float(rng.uniform(-2.0, 2.0))
     scale = float(rng.uniform(0.5, 1.0))
     brightness, contrast, saturation = (float(v) for v in rng.uniform(0.8, 1.2, 3))
     quality = int(rng.integers(40, 91))
+    sx, sy = scale, scale
+    if anisotropic:  # drawn after the others: the plain sets stay byte for byte what they were
+        sx, sy = (float(v) for v in rng.uniform(0.5, 1.0, 2))
+        quality = int(rng.integers(45, 66))
 
     img = img.convert("RGB")
     w, h = img.size
@@ -133,12 +140,13 @@ def edit_copy(img: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, 
     box = (math.ceil(crop[0] * w), math.ceil(crop[1] * h), w - math.ceil(crop[2] * w), h - math.ceil(crop[3] * h))
     img = img.crop(box)
     cw, ch = img.size
-    size = (max(1, round(cw * scale)), max(1, round(ch * scale)))
+    size = (max(1, round(cw * sx)), max(1, round(ch * sy)))
     img = img.resize(size, Image.Resampling.LANCZOS)
     img = ImageEnhance.Brightness(img).enhance(brightness)
     img = ImageEnhance.Contrast(img).enhance(contrast)
     img = ImageEnhance.Color(img).enhance(saturation)
-    edits = {"crop": crop, "rotate": degrees, "scale": scale, "brightness": brightness, "contrast": contrast,
+    edits = {"crop": crop, "rotate": degrees, "scale": [sx, sy] if anisotropic else scale, "brightness": brightness,
+             "contrast": contrast,
              "saturation": saturation, "quality": quality, "size": list(img.size)}
     return img, edits
 
@@ -153,8 +161,9 @@ def _write_csv(path: Path, rows: list[tuple[str, str, str, str]]) -> Path:
 
 def make_copies_set(out_dir: str | Path, *, root: str | Path | None = None, n_originals: int = 240,
                     n_distractors: int = 240, seed: int = 0, split: str = "test",
-                    kinds: tuple[str, ...] | list[str] = KINDS) -> Path:
-    """Write `copies.csv`, `copies/<stem>_copy.jpg` and `copies_edits.json` to `out_dir`; the CSV's path.
+                    kinds: tuple[str, ...] | list[str] = KINDS, anisotropic: bool = False) -> Path:
+    """Write `copies.csv`, `copies/<stem>_copy.jpg` and `copies_edits.json` to `out_dir`; the CSV's path
+    (`copies-aspect*` with `anisotropic`: see edit_copy).
 
     Picks n_originals + n_distractors distinct photos (seeded shuffle, so spread over products); each original
     and its one edited copy form group `c<k>`; distractors have no group. Every role is empty (all indexed).
@@ -171,7 +180,8 @@ def make_copies_set(out_dir: str | Path, *, root: str | Path | None = None, n_or
     originals, distractors = chosen[:n_originals], chosen[n_originals:]
 
     out_dir = Path(out_dir).resolve()
-    copies_dir = out_dir / "copies"
+    set_name = "copies-aspect" if anisotropic else "copies"
+    copies_dir = out_dir / set_name
     copies_dir.mkdir(parents=True, exist_ok=True)
     rows, edits_doc, names = [], [], set()
     for k, ph in enumerate(originals):
@@ -180,7 +190,7 @@ def make_copies_set(out_dir: str | Path, *, root: str | Path | None = None, n_or
             name = f"{ph.path.stem}_{k}_copy.jpg"
         names.add(name)
         with Image.open(ph.path) as im:
-            copy, edits = edit_copy(im, np.random.default_rng([seed, 1, k]))
+            copy, edits = edit_copy(im, np.random.default_rng([seed, 1, k]), anisotropic)
         dst = copies_dir / name
         copy.save(dst, "JPEG", quality=edits["quality"])
         group = f"c{k}"
@@ -190,8 +200,8 @@ def make_copies_set(out_dir: str | Path, *, root: str | Path | None = None, n_or
     rows += [(str(ph.path), "", ph.product, "") for ph in distractors]
     doc = {"seed": seed, "split": split, "kinds": list(kinds), "n_originals": n_originals,
            "n_distractors": n_distractors, "copies": edits_doc}
-    (out_dir / "copies_edits.json").write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
-    return _write_csv(out_dir / "copies.csv", rows)
+    (out_dir / f"{set_name}_edits.json").write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    return _write_csv(out_dir / f"{set_name}.csv", rows)
 
 
 def make_reshots_set(out_dir: str | Path, *, root: str | Path | None = None, split: str = "test",
@@ -273,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m neardup.testing.grocery",
                                  description="Write near-duplicate evaluation sets from the Grocery Store Dataset.")
     ap.add_argument("out_dir", type=Path)
-    ap.add_argument("--sets", default="copies,reshots,catalogue", help="comma-separated: copies,reshots,catalogue,shelf")
+    ap.add_argument("--sets", default="copies,reshots,catalogue",
+                    help="comma-separated: copies,aspect (copies resized anisotropically),reshots,catalogue,shelf")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--originals", type=int, default=240)
     ap.add_argument("--distractors", type=int, default=240)
@@ -284,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     makers = {
         "copies": lambda: make_copies_set(args.out_dir, root=args.root, n_originals=args.originals,
                                           n_distractors=args.distractors, seed=args.seed, split=args.split),
+        "aspect": lambda: make_copies_set(args.out_dir, root=args.root, n_originals=args.originals,
+                                          n_distractors=args.distractors, seed=args.seed, split=args.split,
+                                          anisotropic=True),
         "reshots": lambda: make_reshots_set(args.out_dir, root=args.root, split=args.split),
         "catalogue": lambda: make_catalogue_set(args.out_dir, root=args.root, split=args.split),
         "shelf": lambda: make_shelf_set(args.out_dir, root=args.root, split=args.split),
