@@ -8,6 +8,7 @@ Sets (made by neardup.testing.grocery in a temporary folder from ../shared; noth
   (a) copies: originals of the test split with one independently edited copy each (crop 0-10 % per side,
       rotation +-2 degrees, resize 0.5-1, colour, JPEG 40-90), plus distractors. Seed 1: the verdict was
       fitted on seed 0's copies. Two photos of one product in different groups are not counted (re-shots).
+      (a') the same with width and height resized by independent factors 0.5-1 and JPEG 45-65.
   (b) re-shots: the Packages photos of the test split, grouped by product: recall@1/@5 and mAP of "another
       photo of this product".
   (c) store -> catalogue: each of those photos queries the 81 iconic packshots.
@@ -17,8 +18,9 @@ Methods: pHash and the trained MobileNetV2 1.0 of ../shared/models (features out
 verification, each at its default settings (no tuning on these sets).
 Cost: a store of every photo of the dataset (train, val, test): `duplicates` without and with verification
 (local features cached; in-process and CLI wall time), and indexing time with and without local features.
-Targets (issue 13): (a) pHash+verify P >= 0.99 and R >= 0.99; (d) 0 false matches; MobileNetV2 + verify
-recall@1 >= global + 0.15 on (b) and on (c); duplicates + verify <= 1.25x; indexing with features <= 1.5x.
+Targets (issues 13, 24): (a) and (a') pHash+verify P >= 0.99 and R >= 0.99; (d) 0 false matches;
+MobileNetV2 + verify recall@1 >= global + 0.15 on (b) and on (c); duplicates + verify <= 2x (CLI wall time);
+indexing with features <= 1.5x.
 """
 from __future__ import annotations
 
@@ -97,15 +99,15 @@ def main() -> int:
         print(f"skipped: the Grocery Store Dataset is not at {GROCERY_DIR}")
         return 0
     from neardup import evaluate, find_duplicates
-    from neardup.config import CANDIDATES, VERIFY, candidate_rule, default_threshold
+    from neardup.config import CANDIDATES, VERIFY, WORD_CANDIDATES, candidate_rule, default_threshold
     from neardup.search.join import knn_pairs
     from neardup.testing.grocery import make_catalogue_set, make_copies_set, make_reshots_set, make_shelf_set
 
-    report = Report("bench_verify.py", "Geometric verification on real grocery photos (issue 13)",
+    report = Report("bench_verify.py", "Geometric verification on real grocery photos (issues 13, 24)",
                     __doc__.split("\n\n")[1].replace("\n", " "),
                     params={"originals": args.originals, "distractors": args.originals, "copies seed": 1,
                             "shelf pairs": args.shelf, "cost store": args.cost_split, "verify rule": str(VERIFY),
-                            "candidates": str(CANDIDATES)})
+                            "candidates": str(CANDIDATES), "word candidates": str(WORD_CANDIDATES)})
     found = models()
     if "MobileNetV2" not in found:
         report.note(f"the trained network is absent ({MOBILENET}): pHash only")
@@ -113,6 +115,8 @@ def main() -> int:
         tmp = Path(tmp)
         log("making the evaluation sets")
         copies = make_copies_set(tmp / "sets", n_originals=args.originals, n_distractors=args.originals, seed=1)
+        aspect = make_copies_set(tmp / "sets", n_originals=args.originals, n_distractors=args.originals, seed=1,
+                                 anisotropic=True)
         reshots = make_reshots_set(tmp / "sets")
         catalogue = make_catalogue_set(tmp / "sets")
         t0 = time.perf_counter()
@@ -135,7 +139,9 @@ def main() -> int:
         for name, spec in found.items():
             log(f"{name}: indexing the sets")
             s_copies, s_test, s_icon = tmp / f"{name}-copies.h5", tmp / f"{name}-test.h5", tmp / f"{name}-icon.h5"
+            s_aspect = tmp / f"{name}-aspect.h5"
             build([tmp / "sets" / "copies", test], s_copies, spec)
+            build([tmp / "sets" / "copies-aspect", test], s_aspect, spec)
             build([test / "Packages"], s_test, spec)
             build([iconic], s_icon, spec)
             r = {}
@@ -143,11 +149,13 @@ def main() -> int:
                 tag = f"{name} + verify" if verify else name
                 log(f"{tag}: evaluating")
                 a = evaluate(s_copies, copies, verify=verify, thresholds=SWEEP)
+                a2 = evaluate(s_aspect, aspect, verify=verify, thresholds=SWEEP)
                 b = evaluate(s_test, reshots, verify=verify)
                 c = evaluate(s_icon, catalogue, verify=verify)
                 fm, npairs = shelf_false_matches(s_test, shelf, verify)
-                r[verify] = (a, b, c)
+                r[verify] = (a, b, c, a2)
                 quality.append([tag, a.at_default["precision"], a.at_default["recall"], a.at_default["f1"],
+                                a2.at_default["precision"], a2.at_default["recall"],
                                 b.retrieval["recall@1"], b.retrieval["recall@5"], b.retrieval["map"],
                                 c.retrieval["recall@1"], c.retrieval["recall@5"], c.retrieval["map"],
                                 f"{fm} / {npairs}"])
@@ -164,9 +172,10 @@ def main() -> int:
                                a1.sweep["precision"][i], a1.sweep["recall"][i], "<- default" if abs(t - loose) < 1e-6 else ""])
             targets[name] = r
 
-        report.table("What each method finds, at its default settings (a: copies P/R/F1; b: re-shots; c: store -> "
-                     "catalogue; d: shelf false matches)",
-                     ["method", "a precision", "a recall", "a F1", "b recall@1", "b recall@5", "b mAP",
+        report.table("What each method finds, at its default settings (a: copies P/R/F1; a': copies resized "
+                     "anisotropically; b: re-shots; c: store -> catalogue; d: shelf false matches)",
+                     ["method", "a precision", "a recall", "a F1", "a' precision", "a' recall", "b recall@1",
+                      "b recall@5", "b mAP",
                       "c recall@1", "c recall@5", "c mAP", "d false matches"], quality)
         report.table("Curves behind the defaults: copies precision/recall at each threshold; with verification the "
                       "threshold is the candidates' loose one", ["model", "threshold", "pHash Hamming",
@@ -217,10 +226,11 @@ def main() -> int:
         report.table("Indexing Packages photos of the test split: without vs with local features (build_index)",
                      ["model", "photos", "without s", "with s", "ratio", "added ms / photo"], index_rows)
 
-        a = targets["phash"][True][0]
-        report.target("pHash + verify, copies precision", a.at_default["precision"], ">= 0.99",
-                      a.at_default["precision"] >= 0.99)
-        report.target("pHash + verify, copies recall", a.at_default["recall"], ">= 0.99", a.at_default["recall"] >= 0.99)
+        for label, a in (("copies", targets["phash"][True][0]), ("anisotropic copies", targets["phash"][True][3])):
+            report.target(f"pHash + verify, {label} precision", a.at_default["precision"], ">= 0.99",
+                          a.at_default["precision"] >= 0.99)
+            report.target(f"pHash + verify, {label} recall", a.at_default["recall"], ">= 0.99",
+                          a.at_default["recall"] >= 0.99)
         for tag, fm in shelf_rows:
             if "verify" in tag:
                 report.target(f"{tag}: shelf false matches", fm, "0", fm == 0)
@@ -232,12 +242,13 @@ def main() -> int:
         for name in index_specs:
             got = targets[name + "-cost"]
             if len(got) == 3:
-                report.target(f"{name}: duplicates CLI wall, verify / not", got[1], "<= 1.25", got[1] <= 1.25)
+                report.target(f"{name}: duplicates CLI wall, verify / not", got[1], "<= 2", got[1] <= 2)
             report.target(f"{name}: indexing with / without local features", got[-1], "<= 1.5", got[-1] <= 1.5)
         report.check("every evaluation found its true pairs or queries", all(
-            r[v][i].true_pairs > 0 for n, r in targets.items() if not n.endswith("-cost") for v in r for i in range(3)))
+            r[v][i].true_pairs > 0 for n, r in targets.items() if not n.endswith("-cost") for v in r for i in range(4)))
         report.note("pHash Hamming = 32 (1 - cosine) under the +-1/8 bit mapping. Candidates are each photo's k "
-                    "nearest neighbours scoring at least the loose threshold; verification screens them with the "
+                    "nearest neighbours scoring at least the loose threshold and (pHash) its 2 photos sharing the most "
+                    "keypoint words; verification screens them with the "
                     f"{VERIFY.screen} strongest keypoints first (duplicates only).")
         report.note("defaults not tuned on these sets: the copies here are seed 1; thresholds of the verdict were "
                     "fitted on seed 0 and on the shelf pairs; global thresholds: "

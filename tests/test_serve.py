@@ -196,13 +196,17 @@ def test_body_cap_admission_and_timeouts(server: str) -> None:
     status, data = read_status(s)
     assert status == 411 and b"length_required" in data + s.recv(65536)
     s.close()
-    # two slow uploads fill --max-pending 2: the next request is told to come back; the slow ones time out
+    # slow uploads wait outside: two of them (--max-pending 2) take no query's place; the client's fifth
+    # upload still coming (--max-uploads-per-client, 4) is told to come back; the slow ones time out
     slow_head = (b"POST /v1/query HTTP/1.1\r\nHost: localhost\r\n" + auth +
                  b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 5000\r\n\r\n")
     slow = [raw_request(server, slow_head, b"--b\r\n") for _ in range(2)]
     time.sleep(0.5)
+    assert call(server, "v1/query", [("a.jpg", jpeg(product_photo(2)))])[0] == 200
+    slow += [raw_request(server, slow_head, b"--b\r\n") for _ in range(2)]
+    time.sleep(0.5)
     status, doc, headers = call(server, "v1/query", [("a.jpg", jpeg(product_photo(2)))])
-    assert status == 503 and doc["error"]["code"] == "overloaded" and headers["Retry-After"] == "1"
+    assert status == 503 and "still coming" in doc["error"]["message"] and headers["Retry-After"] == "1"
     assert call(server, "v1/health")[0] == 200  # health is never queued behind queries
     for s in slow:
         status, data = read_status(s)
@@ -338,10 +342,10 @@ def test_query_cli_through_the_server(server: str, catalogue: Path) -> None:
     assert "Traceback" not in down.stderr and len(down.stderr.strip().splitlines()) == 1
     denied = subprocess.run([*cmd, str(catalogue / "q"), "--server", server], capture_output=True, text=True)
     assert denied.returncode == 2 and "401" in denied.stderr
-    # a busy server (both slots held by slow uploads until their 3 s timeout) is retried as its 503 asks
+    # a busy server (its upload bytes held by a slow upload until its 3 s timeout) is retried as its 503 asks
     head = (f"POST /v1/query HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: "
-            f"multipart/form-data; boundary=b\r\nContent-Length: 5000\r\n\r\n").encode()
-    slow = [raw_request(server, head, b"--b\r\n") for _ in range(2)]
+            f"multipart/form-data; boundary=b\r\nContent-Length: 1048500\r\n\r\n").encode()
+    slow = [raw_request(server, head, b"--b\r\n")]
     time.sleep(0.3)
     t0 = time.time()
     busy = subprocess.run([*cmd, str(catalogue / "q" / "copy.jpg"), "--server", server], capture_output=True,

@@ -570,6 +570,21 @@ def serve_cmd(
     max_inflight_mb: Annotated[int, typer.Option("--max-inflight-mb", min=1, help="Upload bytes the queries in "
                                                  "progress may hold together; more are answered 503.")]
     = SERVE.max_inflight_mb,
+    max_uploads_per_client: Annotated[int, typer.Option(
+        "--max-uploads-per-client", min=1, help="Uploads one client (address) may have coming at once; a query "
+        "takes a place among --max-pending only once its upload is whole.")] = SERVE.max_uploads_per_client,
+    header_timeout: Annotated[float, typer.Option(
+        "--header-timeout", min=0.1, help="Seconds a connection may take to send a request's headers.")]
+    = SERVE.header_timeout_s,
+    max_connections: Annotated[int, typer.Option(
+        "--max-connections", min=8, help="Connections open at once (fewer where the process may open fewer files); "
+        "beyond, the one idle the longest is closed.")] = SERVE.max_connections,
+    max_request_mp: Annotated[float, typer.Option(
+        "--max-request-mp", min=1, help="Megapixels the photos of one request may decode to together (413 "
+        "beyond).")] = SERVE.max_request_pixels / 1e6,
+    max_inflight_mp: Annotated[float, typer.Option(
+        "--max-inflight-mp", min=1, help="Megapixels the requests in progress may decode to together (503 "
+        "beyond; a request of a few ordinary photos is always taken).")] = SERVE.max_inflight_pixels / 1e6,
     allowed_host: Annotated[Optional[list[str]], typer.Option(
         "--allowed-host", envvar=ENV_ALLOWED_HOSTS, show_default=False,
         help="A Host name requests may name besides localhost (repeatable; the variable: space-separated), for "
@@ -588,7 +603,10 @@ def serve_cmd(
                      max_upload_mb=max_upload_mb, max_images=max_images, max_pixels=max_pixels,
                      max_pending=max_pending, request_timeout_s=request_timeout, max_batch=max_batch,
                      batch_wait_ms=batch_wait_ms, reload_poll_s=reload_poll, local_cache_mb=local_cache_mb,
-                     max_inflight_mb=max_inflight_mb, allowed_hosts=tuple(allowed_host or ())))
+                     max_inflight_mb=max_inflight_mb, allowed_hosts=tuple(allowed_host or ()),
+                     max_uploads_per_client=max_uploads_per_client, header_timeout_s=header_timeout,
+                     max_connections=max_connections, max_request_pixels=int(max_request_mp * 1e6),
+                     max_inflight_pixels=int(max_inflight_mp * 1e6)))
 
 
 @app.command("compare")

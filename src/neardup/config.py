@@ -44,6 +44,10 @@ THRESHOLDS: dict[str, float] = {"resnet50": 0.90, "vgg16": 0.95, "phash": 1.0 - 
 #: (no ImageNet weights); their usual copy scores suggest these.
 CANDIDATES: dict[str, tuple[int, float]] = {"phash": (5, 1.0 - 2.0 * 20 / 64), "onnx": (10, 0.7),
                                             "resnet50": (10, 0.7), "vgg16": (10, 0.8)}
+#: ...and each image's this many photos sharing the most keypoint words (search/join.py word_pairs), whatever
+#: their cosine: a crop moves pHash 22-30 bits off its original, past the loose threshold (pHash's candidates
+#: held 0.90 of the seed-0 copies; with the words, all: benchmarks/bench_verify.py).
+WORD_CANDIDATES: dict[str, int] = {"phash": 2}
 
 
 def parse_size(text: str) -> int:
@@ -62,6 +66,11 @@ def parse_size(text: str) -> int:
 def candidate_rule(model: str) -> tuple[int, float]:
     """(k, loose threshold) of the candidates that verification checks for `model`."""
     return CANDIDATES.get(model, CANDIDATES["onnx"])
+
+
+def word_candidates(model: str) -> int:
+    """Photos sharing the most keypoint words that verification also checks, per image, for `model`."""
+    return WORD_CANDIDATES.get(model, 0)
 
 
 #: Environment variables that jobs (cron, CI) can use instead of options.
@@ -120,8 +129,10 @@ class Defaults:
     #: Geometric verification of candidates (search/verify.py) in duplicates, query and evaluate: measured to
     #: find more and wrong less than one global threshold (benchmarks/RESULTS.md).
     verify: bool = True
-    #: Threads that match candidate pairs (OpenCV releases the GIL).
-    verify_workers: int = 2
+    #: Threads that match candidate pairs. One: a pair's matching is short, and Python holds the GIL between
+    #: its OpenCV and FAISS calls (measured on 26,954 candidates of 5,421 grocery photos: 7.6 s with one thread,
+    #: 8.8 s with two).
+    verify_workers: int = 1
     #: Seed for the random initialisation used with weights=none, so that every process builds the same network.
     init_seed: int = 1234
 
@@ -157,6 +168,22 @@ class ServeDefaults:
     max_inflight_mb: int = 512
     #: Seconds a request may take from its first byte to its answer (a slow upload included): 408/503 after.
     request_timeout_s: float = 30.0
+    #: A query is admitted to the queries in progress only once its upload has arrived whole; until then it
+    #: counts against its client's uploads, at most this many at once (more: 503), so slow uploads from one
+    #: client cannot hold the places every other client needs.
+    max_uploads_per_client: int = 4
+    #: Seconds a connection may take to send complete request headers (first request, and between requests):
+    #: a client that connects and stays silent is closed after this.
+    header_timeout_s: float = 10.0
+    #: Connections open at once (fewer where the process may open fewer files); beyond, the connection idle
+    #: the longest is closed to make room.
+    max_connections: int = 1000
+    #: Decoded pixels (by the photos' headers, before decoding) a request may hold, and all requests in
+    #: progress together (beyond: 413, and 503 with Retry-After). A request of at most `small_request_pixels`
+    #: is always admitted, and decoded in a lane of its own: big uploads cannot hold up a one-photo query.
+    max_request_pixels: int = 200_000_000
+    max_inflight_pixels: int = 400_000_000
+    small_request_pixels: int = 25_000_000
     #: Micro-batching: images embedded in one model call, and how long a batch waits for requests that are
     #: still decoding (never when none are: a lone request is not delayed).
     max_batch: int = 32

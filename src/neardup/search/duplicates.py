@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..config import DEFAULTS, candidate_rule
+from ..config import DEFAULTS, candidate_rule, word_candidates
+from ..indexer.local_features import LOCAL_VERSION
 from ..errors import InputError
 from ..store.generation import Generation
 from ..store.handle import opened
 from ..store.meta import Catalog
-from .join import exact_pairs, knn_pairs, self_join, without_pairs
+from .join import candidate_pairs, exact_pairs, knn_pairs, self_join, without_pairs
 from .verify import Verified, resolve_verify, row_features, verify_pairs
 
 log = logging.getLogger(__name__)
@@ -198,20 +199,24 @@ def duplicate_rows(cat: Catalog, threshold: float, block: int | None = None, ind
 
 
 def verified_rows(cat: Catalog, gen: Generation, threshold: float, k: int, loose: float, *,
-                  workers: int = DEFAULTS.verify_workers, index=None) -> tuple[np.ndarray, ...]:  # noqa: ANN001
+                  workers: int = DEFAULTS.verify_workers, index=None,  # noqa: ANN001
+                  words: int = 0) -> tuple[np.ndarray, ...]:
     """Core of find_duplicates(verify=True): (I, J, D, exact, verified, inliers, candidates).
 
-    Candidates are knn_pairs(k, loose); each is verified with the rows' cached local features (screened: a
+    Candidates are candidate_pairs(k, loose, words) (with `words`, each image's photos sharing the most keypoint
+    words too); each is verified with the rows' cached local features (screened: a
     rejected pair may show 0 inliers, see verify_pair). Kept: exact pairs (verified by their bytes; inliers
     -1), verified candidates, candidates with a photo too plain to judge scoring >= `threshold` (accepted as
     verified, inliers -1), and unverified ones scoring >= `threshold` (listed for review, never grouped).
     Order: exact, verified, unverified; each by score.
     """
     ei, ej = exact_pairs(cat.sha256)
-    ci, cj, cd = without_pairs(knn_pairs(cat.xb, k, loose, index, cat.ids if index is not None else None),
-                               ei, ej, len(cat))
+    table = gen.local() if words and gen.meta.local_features == LOCAL_VERSION else None  # one read, two uses
+    ci, cj, cd, _ = candidate_pairs(cat.xb, k, loose, index=index, ids=cat.ids if index is not None else None,
+                                    local=table, words=words)
+    ci, cj, cd = without_pairs((ci, cj, cd), ei, ej, len(cat))
     rows, inverse = np.unique(np.concatenate([ci, cj]), return_inverse=True)
-    feats = row_features(gen, rows)
+    feats = row_features(gen, rows, table=table)
     fa = [feats[x] for x in inverse[:len(ci)].tolist()]
     fb = [feats[x] for x in inverse[len(ci):].tolist()]
     v = verify_pairs(fa, fb, workers=workers, screen=True) if len(ci) else Verified.of([])
@@ -261,7 +266,7 @@ def _find(gen: Generation, threshold: float | None, block: int | None, max_group
         tv = time.perf_counter()
         (report.I, report.J, report.D, report.exact, report.verified, report.inliers,
          report.candidates) = verified_rows(cat, gen, t, report.k, report.loose_threshold, workers=workers,
-                                            index=index)
+                                            index=index, words=word_candidates(cat.meta.model))
         report.verify_seconds = time.perf_counter() - tv
         linked = report.verified  # exact pairs are verified by their bytes
         link_t = np.inf  # groups follow the verified links only

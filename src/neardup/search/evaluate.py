@@ -54,15 +54,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import DEFAULTS, candidate_rule, resolve_threshold
+from ..config import DEFAULTS, candidate_rule, resolve_threshold, word_candidates
 from ..errors import DecodeError, InputError
 from ..fileio import atomic_write, check_output_path
 from ..indexer.decode import read_file
 from ..indexer.embed import Embedder
 from ..indexer.pipeline import embed_files
+from ..indexer.local_features import LOCAL_VERSION
 from ..store.generation import Generation
 from ..store.handle import opened, store_embedder
-from .join import exact_pairs, knn_pairs, self_join, without_pairs
+from .join import candidate_pairs, exact_pairs, self_join, without_pairs
 from .metrics import (DEFAULT_KS, DEFAULT_SWEEP, DEFINITIONS, TIE_TOL, _junk, _mates,  # noqa: F401 - TIE_TOL
                       _pairs_in, _query_candidates, _retrieval, _Verifier, best_index, pair_metrics,
                       retrieval_metrics, retrieval_metrics_blocked)
@@ -286,9 +287,15 @@ def _evaluate(gen: Generation, truth: Path, *, thresholds: Sequence[float] | Non
     if mode == "store":
         fe: dict = {}
         verifier = _Verifier(fe, load_rows, fe, load_rows, workers) if verify else None
-        # Candidates: every pair at or above the lowest threshold (verified: each image's k nearest of those),
-        # once, plus byte-identical files at 1.0.
-        I, J, D = knn_pairs(xe, k, t_min) if verify else self_join(xe, t_min)
+        # Candidates: every pair at or above the lowest threshold (verified: each image's k nearest of those, and
+        # as duplicates takes them, its photos sharing the most keypoint words, counted at the default
+        # threshold whatever their cosine), once, plus byte-identical files at 1.0.
+        if verify:
+            words = word_candidates(model) if gen.meta.local_features == LOCAL_VERSION else 0
+            I, J, D, by_words = candidate_pairs(xe, k, t_min, local=gen.local(ev) if words else None, words=words)
+            D = np.where(by_words, np.maximum(D, np.float32(t_default)), D).astype(np.float32)
+        else:
+            I, J, D = self_join(xe, t_min)
         ei, ej = exact_pairs([cat.sha256[r] for r in ev.tolist()])
         I, J, D = without_pairs((I, J, D), ei, ej, n)
         I, J, D = np.concatenate([ei, I]), np.concatenate([ej, J]), np.concatenate([np.ones(len(ei), np.float32), D])

@@ -3,13 +3,17 @@
 `self_join` is the exact all-pairs search: block after block of rows is multiplied (BLAS sgemm) against the
 rows after it only, so each pair is computed once (half the work of xb @ xb.T or a FAISS range search) and
 memory is bounded by the block, never by n². `knn_pairs` takes each row's k nearest (a store's index, or an
-exact one) and re-scores every candidate exactly. `exact_pairs` finds byte-identical files by content hash.
+exact one) and re-scores every candidate exactly. `word_pairs` takes each row's k photos sharing the most
+keypoint words (its ORB descriptors, quantised): a crop moves a photo's global vector far (a pHash 22-30 bits
+off) but keeps most of its keypoints. `candidate_pairs` is what verification checks: both. `exact_pairs`
+finds byte-identical files by content hash.
 """
 from __future__ import annotations
 
 from collections import defaultdict
 
 import numpy as np
+from scipy import sparse
 
 from ..config import DEFAULTS
 from ..indexer.faiss_index import id_lookup, rows_for
@@ -106,3 +110,83 @@ def without_pairs(pairs: tuple[np.ndarray, np.ndarray, np.ndarray], ei: np.ndarr
         return I, J, D
     keep = ~np.isin(I * np.int64(n) + J, ei * np.int64(n) + ej)
     return I[keep], J[keep], D[keep]
+
+
+#: Keypoint words: an ORB descriptor (256 bits) quantised by sampling 16 of its bits, in two tables of other
+#: bits (seeded: the same words in every process); words in more than WORD_MAX_DF photos are dropped
+#: (textures every shelf has). Chosen on the grocery copies sets of seed 0 (with and without anisotropic
+#: resizes): each photo's 2 photos sharing the most words hold its copy for 480 of 480, and for 480 of 480 of
+#: seed 1's (benchmarks/bench_verify.py); pHash's 5 nearest within Hamming 20 held 0.90.
+WORD_TABLES, WORD_BITS, WORD_MAX_DF, WORD_SEED = 2, 16, 30, 0
+
+
+def _words(count: np.ndarray, desc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row, word) of every extracted keypoint of these rows, in every table."""
+    n, K = desc.shape[:2]
+    rng = np.random.default_rng(WORD_SEED)
+    valid = (np.arange(K)[None, :] < np.maximum(count, 0)[:, None]).ravel()
+    weights = 1 << np.arange(WORD_BITS, dtype=np.int64)
+    rows, words = [], []
+    for t in range(WORD_TABLES):
+        pos = np.sort(rng.choice(256, WORD_BITS, replace=False))
+        bits = (desc[:, :, pos // 8] >> (7 - pos % 8).astype(np.uint8)) & 1  # [n, K, bits]
+        w = (bits.astype(np.int64) @ weights).ravel() + (t << WORD_BITS)
+        rows.append(np.repeat(np.arange(n), K)[valid])
+        words.append(w[valid])
+    return np.concatenate(rows), np.concatenate(words)
+
+
+def word_pairs(count: np.ndarray, desc: np.ndarray, k: int, *, min_shared: int = 2,
+               chunk: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs (i < j) where j is among the k rows sharing the most keypoint words with i (or i among j's), at
+    least `min_shared`: (I, J, shared words), sorted by (I, J), each pair once. `count`/`desc` are a
+    LocalTable's (rows of count -1 have no words). Memory: the word matrix and a chunk of rows' overlaps."""
+    n = len(count)
+    if n < 2 or k < 1:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int32)
+    parts = [_words(count[s:s + chunk], desc[s:s + chunk]) for s in range(0, n, chunk)]
+    rows = np.concatenate([r + s for (r, _), s in zip(parts, range(0, n, chunk))])
+    words = np.concatenate([w for _, w in parts])
+    X = sparse.csr_matrix((np.ones(len(rows), np.int32), (rows, words)),
+                          shape=(n, WORD_TABLES << WORD_BITS))
+    X.data[:] = 1  # a word counts once a photo
+    df = X.getnnz(axis=0)
+    X = X[:, np.flatnonzero((df >= 2) & (df <= WORD_MAX_DF))].tocsr()
+    XT = X.T.tocsr()
+    out_i, out_j, out_s = [], [], []
+    for s0 in range(0, n, chunk):
+        S = (X[s0:s0 + chunk] @ XT).tocsr()
+        for r in range(S.shape[0]):
+            lo, hi = S.indptr[r], S.indptr[r + 1]
+            cols, vals = S.indices[lo:hi], S.data[lo:hi]
+            keep = (cols != s0 + r) & (vals >= min_shared)
+            cols, vals = cols[keep], vals[keep]
+            top = np.argsort(-vals, kind="stable")[:k]
+            out_i.append(np.full(len(top), s0 + r, np.int64))
+            out_j.append(cols[top].astype(np.int64))
+            out_s.append(vals[top].astype(np.int32))
+    a, b, sh = (np.concatenate(x) for x in (out_i, out_j, out_s))
+    key, first = np.unique(np.minimum(a, b) * n + np.maximum(a, b), return_index=True)
+    return key // n, key % n, sh[first]
+
+
+def candidate_pairs(xb: np.ndarray, k: int, loose: float, *, index=None, ids: np.ndarray | None = None,  # noqa: ANN001
+                    local: object | None = None, words: int = 0) -> tuple[np.ndarray, ...]:
+    """The pairs verification checks: knn_pairs(k, loose), and with `words` (and a LocalTable `local` of the
+    same rows) each row's `words` photos sharing the most keypoint words, whatever their cosine. Returns
+    (I, J, D, by_words): D exact cosines; by_words marks the pairs the words found (candidates whatever their
+    score)."""
+    I, J, D = knn_pairs(xb, k, loose, index, ids)
+    by_words = np.zeros(len(I), bool)
+    if words and local is not None and len(xb) > 1:
+        wi, wj, _ = word_pairs(local.count, local.desc, words)
+        n = np.int64(len(xb))
+        by_words = np.isin(I * n + J, wi * n + wj)
+        new = ~np.isin(wi * n + wj, I * n + J)
+        wi, wj = wi[new], wj[new]
+        wd = np.einsum("ij,ij->i", np.asarray(xb[wi], np.float32), np.asarray(xb[wj], np.float32))
+        I, J, D = np.concatenate([I, wi]), np.concatenate([J, wj]), np.concatenate([D, wd.astype(np.float32)])
+        by_words = np.concatenate([by_words, np.ones(len(wi), bool)])
+        order = np.lexsort((J, I))
+        I, J, D, by_words = I[order], J[order], D[order], by_words[order]
+    return I, J, D, by_words

@@ -22,7 +22,7 @@ import numpy as np
 from ..config import DEFAULTS, VERIFY, VerifyRule
 from ..errors import DecodeError, StoreError
 from ..indexer.decode import file_local_features
-from ..indexer.local_features import LOCAL_VERSION, LocalFeatures, _cv2
+from ..indexer.local_features import LOCAL_VERSION, LocalFeatures, LocalTable, _cv2
 from ..store.generation import Generation
 
 log = logging.getLogger(__name__)
@@ -117,9 +117,11 @@ def _verify(a: LocalFeatures, b: LocalFeatures, rule: VerifyRule, points: bool, 
         if int(np.count_nonzero(dist[:, 0] < rule.ratio * dist[:, 1])) < rule.screen_matches:
             return UNVERIFIABLE
     dist, nn = _knn2(a.desc, b.desc)
-    _, back = _knn2(b.desc, a.desc)  # cross-check: a's match in b must have a as its own nearest
-    mutual = back[np.maximum(nn[:, 0], 0), 0] == np.arange(len(a))
-    good = np.flatnonzero((dist[:, 0] < rule.ratio * dist[:, 1]) & (nn[:, 0] >= 0) & mutual)
+    good = np.flatnonzero((dist[:, 0] < rule.ratio * dist[:, 1]) & (nn[:, 0] >= 0))
+    if len(good):  # cross-check the matches that passed the ratio test: a's match in b must have a as nearest
+        matched, at = np.unique(nn[good, 0], return_inverse=True)
+        _, back = _knn2(b.desc[matched], a.desc)
+        good = good[back[at, 0] == good]
     if len(good) < max(rule.min_inliers, 4):  # too few matches to verify: RANSAC is not even run (inliers 0)
         return UNVERIFIABLE
     if screen and len(good) < rule.min_inlier_ratio * min(len(a), len(b)):  # even all inliers would fail
@@ -185,9 +187,16 @@ def verify_pairs(fa: Sequence[LocalFeatures | None], fb: Sequence[LocalFeatures 
         raise ValueError("fa and fb must have the same length")
     if workers <= 1 or len(fa) < 16:
         return Verified.of([verify_pair(a, b, rule, screen=screen) for a, b in zip(fa, fb)])
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="neardup-verify") as pool:
-        return Verified.of(list(pool.map(lambda ab: verify_pair(ab[0], ab[1], rule, screen=screen), zip(fa, fb),
-                                         chunksize=64)))
+    import faiss
+
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)  # the pairs run in parallel: FAISS's own threads would only contend
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="neardup-verify") as pool:
+            return Verified.of(list(pool.map(lambda ab: verify_pair(ab[0], ab[1], rule, screen=screen),
+                                             zip(fa, fb), chunksize=64)))
+    finally:
+        faiss.omp_set_num_threads(threads)
 
 
 def resolve_verify(verify: bool | None, local_features: str) -> bool:
@@ -204,14 +213,16 @@ def rerank(D: np.ndarray, v: Verified, min_inliers: int = VERIFY.min_inliers) ->
     return np.lexsort((-np.asarray(D, np.float64), -support, ~v.verified))
 
 
-def row_features(gen: Generation, rows: np.ndarray,
-                 max_bytes: int = DEFAULTS.max_file_bytes) -> list[LocalFeatures | None]:
-    """Local features of catalogue `rows` of a generation: from its cache (every block checked), else (a store
-    made before local features, rows not extracted, or damaged cached features, which are never used) from the
-    image files themselves; None for a file that cannot be read now."""
+def row_features(gen: Generation, rows: np.ndarray, max_bytes: int = DEFAULTS.max_file_bytes, *,
+                 table: LocalTable | None = None) -> list[LocalFeatures | None]:
+    """Local features of catalogue `rows` of a generation: from its cache (every block checked; `table`: the
+    generation's whole cache, already read), else (a store made before local features, or with another version
+    of them, rows not extracted, or damaged cached features, which are never used) from the image files
+    themselves; None for a file that cannot be read now."""
     rows = np.asarray(rows, np.int64)
-    table = None
-    if gen.meta.local_features == LOCAL_VERSION and len(rows):
+    if table is not None:
+        table = LocalTable(table.count[rows], table.xy[rows], table.desc[rows])
+    elif gen.meta.local_features == LOCAL_VERSION and len(rows):
         try:
             table = gen.local(rows)
         except StoreError as exc:  # said (once a generation), and answered from the photos: never served

@@ -27,6 +27,7 @@ def run(opts: ServeOptions) -> None:
     import uvicorn
 
     from .app import check_token, create_app, is_loopback
+    from .protocol import ACCEPT_BATCH, connection_cap, guarded_protocol
     from .service import LiveStore, QueryService
 
     check_token(opts.token)
@@ -35,7 +36,8 @@ def run(opts: ServeOptions) -> None:
                     "fetch its photos", opts.host)
     service = QueryService(LiveStore(opts.store, weights=opts.weights, runtime=opts.runtime,
                                      poll_s=opts.reload_poll_s, local_cache_mb=opts.local_cache_mb),
-                           max_batch=opts.max_batch, batch_wait_ms=opts.batch_wait_ms, max_pixels=opts.max_pixels)
+                           max_batch=opts.max_batch, batch_wait_ms=opts.batch_wait_ms, max_pixels=opts.max_pixels,
+                           max_request_pixels=opts.max_request_pixels, max_inflight_pixels=opts.max_inflight_pixels)
     family = socket.AF_INET6 if ":" in opts.host else socket.AF_INET
     # IPPROTO_TCP, not 0: asyncio turns Nagle's algorithm off only for sockets that say they are TCP, and with
     # it on, a keep-alive client waits for the delayed ACK (40 ms) on every response (measured: 44 ms health)
@@ -53,11 +55,20 @@ def run(opts: ServeOptions) -> None:
     shown = f"[{host}]" if ":" in host else host
     print(f"neardup: serving {opts.store} (generation {gen.id}, {len(gen.searcher.cat)} photos, model "
           f"{gen.searcher.meta.model}) at http://{shown}:{port}/", flush=True)
-    # the app's Guard bounds the requests in progress (JSON 503 with Retry-After beyond), not uvicorn
+    # the app's Guard bounds the requests in progress (JSON 503 with Retry-After beyond), not uvicorn; the
+    # protocol bounds the connections and the time a client may take to send its request's headers
+    http = guarded_protocol(opts.header_timeout_s, connection_cap(opts.max_connections))
     config = uvicorn.Config(create_app(opts, service), log_level="warning", timeout_keep_alive=5,
-                            timeout_graceful_shutdown=5, server_header=False)
+                            timeout_graceful_shutdown=5, server_header=False, http=http, backlog=ACCEPT_BATCH)
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            for s in sockets or ():  # asyncio listened with its accept batch: the queue is longer again
+                s.listen(2048)
+
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        Server(config).run(sockets=[sock])
     finally:
         sock.close()
     sys.stdout.flush()

@@ -1,15 +1,11 @@
-"""Serve stage 1, service: the warm query engine behind `neardup serve`, without HTTP.
+"""Serve stage 1a, service: the warm query engine behind `neardup serve`, without HTTP.
 
-- `LiveStore` holds the current store generation (a Searcher over one open Generation: rows, index and local
-  features of one published manifest) and a thread that watches the manifest. When the nightly job publishes
-  a new generation, it is loaded beside the old one and the reference is swapped; a request keeps the
-  generation it started with to its end, so every answer comes from one complete generation and none waits
-  for a reload.
+- `LiveStore` (live.py) holds the current store generation and reloads each one `neardup update` publishes.
 - `Batcher` is the micro-batcher: the decoded images of concurrent requests queue up, and one thread embeds
   what has queued in one model call, waiting (at most `batch_wait_ms`) only while other requests are still
   decoding, so a lone request is never delayed. It searches FAISS with the whole batch too.
-- `QueryService` runs a request: decode (threads) -> batch -> verify (threads), with the CPU work off the
-  caller's event loop.
+- `QueryService` runs a request: decode (threads; a lane of its own for small requests) -> batch -> verify
+  (threads), with the CPU work off the caller's event loop, within a budget of decoded pixels.
 """
 from __future__ import annotations
 
@@ -21,183 +17,25 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
-from typing import TypeVar
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from ..config import DEFAULTS, SERVE
 from ..errors import DecodeError, NeardupError
 from ..indexer.decode import Decoded, open_upright
-from ..indexer.embed import Embedder
 from ..indexer.pipeline import decode_for
-from ..fileio import file_sha256
-from ..search.query import Answer, Searcher
-from ..store.generation import Generation
-from ..store.meta import StoreMeta
+from ..search.query import Answer
+from .live import LiveStore, Served  # noqa: F401 - LiveStore is the service's, re-exported
 from ..search.verify import resolve_verify
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-
-
-@dataclass
-class Served:
-    """One published store generation as served: its Searcher (which holds the generation's files open) and
-    the requests using it."""
-
-    searcher: Searcher
-    loaded_at: float = field(default_factory=time.time)
-    users: int = 0
-    retired: bool = False
-
-    @property
-    def id(self) -> str:
-        return self.searcher.generation
-
-
-def _same_model(a: Searcher, meta: StoreMeta) -> bool:
-    m = a.meta
-    return (m.model, m.weights_fingerprint, m.dim, m.preprocessing, m.precision, m.quantized_file) == \
-        (meta.model, meta.weights_fingerprint, meta.dim, meta.preprocessing, meta.precision, meta.quantized_file)
-
-
-class LiveStore:
-    """The served store: its current generation, swapped atomically when a new one is published.
-
-    The watcher notices a new manifest by its inode, size, mtime and digest (a file rewritten in place with
-    the same size and time is noticed too). A manifest that does not open (damaged, or naming damaged
-    segments) is never served: the last good generation goes on answering and `reload_error` says why. The
-    generation served reads from files it holds open, every block checked: a segment rewritten in place
-    under it is found on the first read of a changed block, and verification then reads the photos instead."""
-
-    def __init__(self, store: str | os.PathLike[str], *, weights: str | None = None, runtime: str | None = None,
-                 embedder: Embedder | None = None, poll_s: float = SERVE.reload_poll_s,
-                 local_cache_mb: int = SERVE.local_cache_mb) -> None:
-        self.path = Path(store)
-        self._weights, self._runtime, self._poll_s = weights, runtime, poll_s
-        # a cached row holds float32 positions and 32-byte descriptors: 40 bytes a keypoint
-        self._cache_rows = (local_cache_mb << 20) // (DEFAULTS.local_keypoints * 40)
-        self._lock = threading.Lock()
-        self._key = self._stat_key()  # before the load: a publish during it is then seen as a change
-        self._current = Served(self._searcher(Generation.open(self.path), embedder))
-        self.reloads = 0
-        self.reload_error: str | None = None
-        self._retry_at, self._backoff = 0.0, 1.0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _searcher(self, gen: Generation, embedder: Embedder | None) -> Searcher:
-        return Searcher(gen, weights=self._weights, runtime=self._runtime, embedder=embedder, owns=True,
-                        local_cache_rows=self._cache_rows)
-
-    def _stat_key(self) -> tuple[object, ...] | None:
-        try:
-            st = os.stat(self.path)
-            digest = file_sha256(self.path)  # a manifest is small: a few kB, more with many tombstones
-        except OSError:
-            return None
-        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, digest)
-
-    @property
-    def current(self) -> Served:
-        return self._current
-
-    @contextmanager
-    def use(self) -> Iterator[Served]:
-        """The current generation, kept open until the block ends (also when a newer one is swapped in)."""
-        with self._lock:
-            gen = self._current
-            gen.users += 1
-        try:
-            yield gen
-        finally:
-            self.release(gen)
-
-    def acquire(self, gen: Served) -> None:
-        """Keep `gen` open for one more user (work handed to a thread, which may outlive its request)."""
-        with self._lock:
-            gen.users += 1
-
-    def release(self, gen: Served) -> None:
-        """One user of `gen` is done; a retired generation is closed when its last user is."""
-        with self._lock:
-            gen.users -= 1
-            done = gen.retired and gen.users == 0
-        if done:
-            gen.searcher.close()
-
-    def held(self, gen: Served, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
-        """`fn(*args, **kwargs)` with `gen` kept open while it runs (the body of a worker thread's job: a
-        request that times out leaves its job running, and the generation must outlive it)."""
-        self.acquire(gen)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            self.release(gen)
-
-    def check(self) -> bool:
-        """Load and swap in the store's newly published generation, if there is one. True when swapped. After a
-        failed load it is tried again, with a growing pause, even if the manifest does not change: the damage
-        may have been in a segment, and mended there."""
-        key = self._stat_key()
-        retry = self.reload_error is not None and time.monotonic() >= self._retry_at
-        if key is None or (key == self._key and not retry):
-            return False
-        old = self._current
-        try:
-            gen = Generation.open(self.path)
-            try:
-                reuse = old.searcher.embedder if _same_model(old.searcher, gen.meta) else None
-                new = Served(self._searcher(gen, reuse))
-            except BaseException:
-                gen.close()
-                raise
-        except NeardupError as exc:
-            # keep answering from the old generation; try again when the file changes, or after a pause
-            self._backoff = min(2 * self._backoff, 30.0) if self.reload_error else 1.0
-            self._retry_at = time.monotonic() + self._backoff
-            self._key, self.reload_error = key, str(exc)
-            log.warning("serving generation %s still: the new store could not be loaded: %s", old.id, exc)
-            return False
-        self._key, self.reload_error = key, None
-        if new.id == old.id:  # touched, not republished
-            new.searcher.close()
-            return False
-        with self._lock:
-            self._current = new
-            old.retired = True
-            done = old.users == 0
-        if done:
-            old.searcher.close()
-        self.reloads += 1
-        log.info("now serving generation %s (%d photos; was %s)", new.id, len(new.searcher.cat), old.id)
-        return True
-
-    def _watch(self) -> None:
-        while not self._stop.wait(self._poll_s):
-            try:
-                self.check()
-            except Exception:  # noqa: BLE001 - the watcher must outlive any one failed reload
-                log.exception("reload check failed")
-
-    def start(self) -> None:
-        """Start watching the store file for new generations."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._watch, name="neardup-reload", daemon=True)
-            self._thread.start()
-
-    def stop(self) -> None:
-        """Stop watching and release the current generation."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._current.searcher.close()
 
 
 @dataclass
@@ -306,18 +144,69 @@ class Upload:
     data: bytes
 
 
+class Refused(NeardupError):
+    """A request the service will not take now (`status` 503: later, with Retry-After) or ever (413)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+def header_pixels(data: bytes) -> int:
+    """The pixels a photo will decode to, from its header alone (0 when it has none: decoding says why)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+    except Exception:  # noqa: BLE001 - any unreadable header: the decode reports it per photo
+        return 0
+    return int(w) * int(h)
+
+
+class PixelBudget:
+    """The decoded pixels of the queries in progress, counted from the photos' headers before decoding: a
+    request over `per_request` is refused (413), one that would take those in progress past `in_flight` waits
+    for its client's retry (503); a request of at most `small` is always taken (its decode has its own lane)."""
+
+    def __init__(self, per_request: int, in_flight: int, small: int) -> None:
+        self.per_request, self.in_flight, self.small = per_request, in_flight, small
+        self.held = 0
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def hold(self, n: int) -> Iterator[None]:
+        if n > self.per_request:
+            raise Refused(413, "too_many_pixels", f"the photos decode to {n / 1e6:.0f} MP together; at most "
+                          f"{self.per_request / 1e6:.0f} MP a request")
+        with self._lock:
+            if n > self.small and self.held and self.held + n > self.in_flight:
+                raise Refused(503, "overloaded", f"{self.held / 1e6:.0f} MP of photos are being decoded; retry "
+                              f"shortly")
+            self.held += n
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.held -= n
+
+
 class QueryService:
     """The served store, the micro-batcher and the thread pools of a `neardup serve` process."""
 
     def __init__(self, live: LiveStore, *, max_batch: int = SERVE.max_batch,
                  batch_wait_ms: float = SERVE.batch_wait_ms, max_pixels: int = SERVE.max_pixels,
-                 thumb_side: int = SERVE.thumb_side, thumb_cache: int = SERVE.thumb_cache) -> None:
+                 thumb_side: int = SERVE.thumb_side, thumb_cache: int = SERVE.thumb_cache,
+                 max_request_pixels: int = SERVE.max_request_pixels,
+                 max_inflight_pixels: int = SERVE.max_inflight_pixels,
+                 small_request_pixels: int = SERVE.small_request_pixels) -> None:
         self.live = live
         self.batcher = Batcher(max_batch, batch_wait_ms)
         self.max_pixels, self.thumb_side, self._thumb_cache_size = max_pixels, thumb_side, thumb_cache
+        self.pixels = PixelBudget(max_request_pixels, max_inflight_pixels, small_request_pixels)
         # Decoding and verification run in their own small pools: CPU-bound work beyond the cores only queues,
-        # and a bounded pool bounds the memory of full-size decodes.
+        # and a bounded pool bounds the memory of full-size decodes. Small requests (a few ordinary photos)
+        # decode in a lane of their own: a burst of huge uploads cannot hold up a one-photo query.
         self._decode = ThreadPoolExecutor(DEFAULTS.decode_workers, thread_name_prefix="neardup-decode")
+        self._decode_small = ThreadPoolExecutor(1, thread_name_prefix="neardup-decode-small")
         self._verify = ThreadPoolExecutor(DEFAULTS.verify_workers, thread_name_prefix="neardup-verify")
         #: full images and thumbnails (decodes of up to max_pixels: two at a time)
         self.files = ThreadPoolExecutor(2, thread_name_prefix="neardup-files")
@@ -327,6 +216,7 @@ class QueryService:
     def close(self) -> None:
         self.batcher.close()
         self._decode.shutdown(wait=False, cancel_futures=True)
+        self._decode_small.shutdown(wait=False, cancel_futures=True)
         self._verify.shutdown(wait=False, cancel_futures=True)
         self.files.shutdown(wait=False, cancel_futures=True)
         self.live.stop()
@@ -346,12 +236,14 @@ class QueryService:
         """Look up uploaded images in the current generation (each image's error, if any, in its result): the
         Searcher's pipeline, with decoding and verification in worker threads and the model call batched."""
         loop = asyncio.get_running_loop()
-        with self.live.use() as gen:
+        pixels = sum(header_pixels(up.data) for up in uploads)
+        with self.live.use() as gen, self.pixels.hold(pixels):
             s = gen.searcher
             verify = resolve_verify(verify, s.meta.local_features)
             t = s.gen.threshold(threshold)
+            lane = self._decode_small if pixels <= self.pixels.small else self._decode
             with self.batcher.decoding():
-                decoded = await loop.run_in_executor(self._decode, partial(
+                decoded = await loop.run_in_executor(lane, partial(
                     self.live.held, gen, self._decode_all, gen, uploads, s.decode_local(verify)))
             ok = [d for d in decoded if not isinstance(d, str)]
             D, I = np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
