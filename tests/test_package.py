@@ -154,7 +154,7 @@ def test_users_search_and_indexer_modules_do_not_shadow_neardup(tmp_path: Path) 
 
 
 def test_import_and_help_load_no_heavy_library(tmp_path: Path) -> None:
-    heavy = ["numpy", "h5py", "faiss", "tensorflow", "matplotlib", "scipy", "PIL", "neardup.indexer.store",
+    heavy = ["numpy", "h5py", "faiss", "tensorflow", "matplotlib", "scipy", "PIL", "neardup.store.handle", "neardup.store.generation",
              "neardup.search.report", "neardup.search.evaluate"]
     code = ("import sys\n"
             "import neardup\n"
