@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import GROCERY_DIR, REPO_ROOT, Report, base_parser, log, median
+from common import GROCERY_DIR, REPO_ROOT, Report, append_results, log, median, output_options
 
 MOBILENET = REPO_ROOT.parent / "shared" / "models" / "nsfwjs-mobilenet-v2" / "mobilenet_v2_100_features.onnx"
 #: The largest pHash Hamming distance whose cosine (1 - h/32 under the +-1/8 mapping) reaches t.
@@ -86,7 +86,8 @@ def shelf_false_matches(store: Path, shelf: Path, verify: bool) -> tuple[int, in
 
 
 def main() -> int:
-    p = base_parser(__doc__.split("\n\n")[0])
+    p = __import__("argparse").ArgumentParser(description=__doc__.split("\n\n")[0])
+    output_options(p)
     p.add_argument("--originals", type=int, default=240, help="copies set: originals (and as many distractors)")
     p.add_argument("--shelf", type=int, default=60, help="shelf pairs (scanning all pairs takes ~3 min)")
     p.add_argument("--shelf-csv", type=Path, help="take the shelf pairs from this CSV (a_path,b_path relative to "
@@ -253,7 +254,11 @@ def main() -> int:
         report.note("defaults not tuned on these sets: the copies here are seed 1; thresholds of the verdict were "
                     "fitted on seed 0 and on the shelf pairs; global thresholds: "
                     + ", ".join(f"{n} {default_threshold(s['model'].split(':')[0]):.4f}" for n, s in found.items()))
-    return report.finish(args.json)
+    status = report.finish(args.json)
+    if args.record:
+        append_results("Geometric verification on real grocery photos (issues 13, 24)", "bench_verify.py", report,
+                       "One process, both cores; each method's baseline runs in the same process.")
+    return status
 
 
 def rep_xb(store: Path) -> np.ndarray:

@@ -277,3 +277,24 @@ def test_a_failing_model_stops_the_decoding_threads(tmp_path: Path, make_images,
     # still holds the exception (and so the job's frames)
     assert info.value is not None
     assert not [t for t in threading.enumerate() if t.name.startswith("neardup-decode")]
+
+
+def test_file_and_folder_names_that_are_not_utf8_are_listed(tmp_path: Path, make_images, fake_embedder) -> None:
+    """A name the store cannot record (not UTF-8: Linux allows any bytes) is a failure row, whether the bad
+    bytes are in the file's name or in a folder's on the way; the other photos are indexed."""
+    make_images(3)
+    photo = (tmp_path / "imgs" / "img_0000.jpg").read_bytes()
+    imgs = os.fsencode(tmp_path / "imgs")
+    try:
+        os.mkdir(imgs + b"/caf\xe9")
+        with open(imgs + b"/caf\xe9/a.jpg", "wb") as fh:
+            fh.write(photo)
+        with open(imgs + b"/\xff.jpg", "wb") as fh:
+            fh.write(photo)
+    except OSError as exc:  # a file system that refuses such names cannot hold them either
+        pytest.skip(f"this file system refuses names that are not UTF-8: {exc}")
+    s = build_index([tmp_path / "imgs"], tmp_path / "s.h5", embedder=fake_embedder)
+    assert s.total == 3
+    bad = sorted(p for p, why in s.failures if why == "file name is not valid UTF-8")
+    assert len(bad) == 2 and any("caf\\xe9/a.jpg" in p for p in bad) and any("\\xff.jpg" in p for p in bad), s.failures
+    assert all(p.encode("utf-8") for p in read_catalog(tmp_path / "s.h5").paths)

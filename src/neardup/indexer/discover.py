@@ -21,9 +21,11 @@ def is_image_name(name: str) -> bool:
     return dot > 0 and name[dot:].lower() in IMAGE_EXTENSIONS
 
 
-def _walk(root: str, unreadable: list[tuple[str, str]] | None) -> Iterator[tuple[str, str, os.DirEntry]]:
-    """(folder, name, directory entry) of the image files under `root`, hidden files and folders skipped.
-    Symlinked folders are not entered: a symlink loop in a merchant's folder must not hang the nightly job."""
+def _walk(root: str, unreadable: list[tuple[str, str]] | None) -> Iterator[tuple[str, list[os.DirEntry]]]:
+    """(folder, the directory entries of its image files) for each folder under `root`, hidden files and
+    folders skipped. Symlinked folders are not entered: a symlink loop in a merchant's folder must not hang
+    the nightly job. One list a folder, not one item a file: a nightly scan of 200k files spends its time here."""
+    exts = IMAGE_EXTENSIONS
     stack = [root]
     while stack:
         folder = stack.pop()
@@ -35,24 +37,27 @@ def _walk(root: str, unreadable: list[tuple[str, str]] | None) -> Iterator[tuple
                 raise InputError(f"cannot read folder {folder}: {exc.strerror or exc}") from None
             unreadable.append((folder, exc.strerror or str(exc)))
             continue
-        sub = []
+        images, sub = [], []
         for e in entries:
             name = e.name
             if name[0] == ".":
                 continue
-            if is_image_name(name):  # a folder named *.jpg is a folder still
+            dot = name.rfind(".")  # is_image_name, inlined: one call less for each of 200k files
+            if dot > 0 and name[dot:].lower() in exts:  # a folder named *.jpg is a folder still
                 try:
                     if not e.is_dir():
-                        yield folder, name, e
+                        images.append(e)
                         continue
                 except OSError:
-                    yield folder, name, e  # its stat says why
+                    images.append(e)  # its stat says why
                     continue
             try:
                 if e.is_dir() and not e.is_symlink():
                     sub.append(e.path)
             except OSError:
                 pass
+        if images:
+            yield folder, images
         stack.extend(sorted(sub, reverse=True))
 
 
@@ -77,8 +82,9 @@ def walk_images(roots: Sequence[str | os.PathLike[str]], *, unreadable: list[tup
             path = os.path.abspath(root)
             found.setdefault(path, (*os.path.split(path), None))
         else:
-            for folder, name, entry in _walk(os.path.abspath(root), unreadable):
-                found.setdefault(f"{folder}/{name}", (folder, name, entry))
+            for folder, entries in _walk(os.path.abspath(root), unreadable):
+                for e in entries:
+                    found.setdefault(e.path, (folder, e.name, e))
     if not found:
         shown = ", ".join(str(r) for r in roots)
         raise InputError(f"no images found in {shown} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")

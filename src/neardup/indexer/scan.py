@@ -45,16 +45,6 @@ class Scan:
         return False
 
 
-def _stats(found: list[tuple[str, tuple[str, str, os.DirEntry | None]]]) -> list[os.stat_result | OSError]:
-    out: list[os.stat_result | OSError] = []
-    for p, (_, _, entry) in found:
-        try:  # an entry's stat follows a symlink, as os.stat does
-            out.append(entry.stat() if entry is not None else os.stat(p))
-        except OSError as exc:
-            out.append(exc)
-    return out
-
-
 def scan(roots: Sequence[str | os.PathLike[str]], base: Path) -> Scan:
     """Image files under `roots` (see discover) with size and mtime; non-regular files and names that are not
     UTF-8 are listed as failures, folders that cannot be listed as `blind`. (The size limit applies when a
@@ -62,24 +52,37 @@ def scan(roots: Sequence[str | os.PathLike[str]], base: Path) -> Scan:
     out = Scan(base=base)
     unreadable: list[tuple[str, str]] = []
     found = walk_images(roots, unreadable=unreadable)
-    stats = _stats(found)  # a stat a file is all an unchanged file costs (~3 µs a call here)
-    prefixes: dict[str, str] = {}  # folder -> its path relative to the store's folder: one relpath a folder
-    for (p, (folder, name, _)), st in zip(found, stats):
-        prefix = prefixes.get(folder)
+    # folder -> (its path relative to the store's folder, ending in "/", and whether it is ASCII): one relpath
+    # a folder
+    prefixes: dict[str, tuple[str, bool]] = {}
+    files, failures = out.files, out.failures
+    record = FileRecord._make  # tuple.__new__: a NamedTuple's own __new__ is a Python call a file
+    regular = stat.S_ISREG
+    # the loop of a quiet night: a stat a file (~3 µs here) is all an unchanged file costs, so nothing else
+    # a file may cost much more
+    for p, (folder, name, entry) in found:
+        prefix, ascii_folder = prefixes.get(folder) or (None, False)
         if prefix is None:
-            prefix = prefixes[folder] = Path(os.path.relpath(folder, base)).as_posix()
-        rel = name if prefix == "." else f"{prefix}/{name}"
-        try:
-            rel.encode("utf-8")
-        except UnicodeEncodeError:
-            out.failures.append((os.fsencode(p).decode("utf-8", "backslashreplace"), "file name is not valid UTF-8"))
-            continue
+            prefix = Path(os.path.relpath(folder, base)).as_posix() + "/"
+            prefix = "" if prefix == "./" else prefix
+            prefixes[folder] = (prefix, ascii_folder := prefix.isascii())
+        rel = prefix + name
+        if not (ascii_folder and name.isascii()):  # a name that is not UTF-8 holds surrogates: no row for it
+            try:
+                rel.encode("utf-8")
+            except UnicodeEncodeError:
+                failures.append((os.fsencode(p).decode("utf-8", "backslashreplace"), "file name is not valid UTF-8"))
+                continue
+        try:  # an entry's stat follows a symlink, as os.stat does
+            st = entry.stat() if entry is not None else os.stat(p)
+        except OSError as exc:
+            st = exc
         if isinstance(st, OSError):
-            out.failures.append((rel, f"cannot stat: {st.strerror or st}"))
-        elif not stat.S_ISREG(st.st_mode):  # a FIFO or device named *.jpg would block or read forever
-            out.failures.append((rel, "not a regular file (a FIFO, device or socket)"))
+            failures.append((rel, f"cannot stat: {st.strerror or st}"))
+        elif not regular(st.st_mode):  # a FIFO or device named *.jpg would block or read forever
+            failures.append((rel, "not a regular file (a FIFO, device or socket)"))
         else:
-            out.files.append(FileRecord(rel, p, st.st_size, st.st_mtime_ns))
+            files.append(record((rel, p, st.st_size, st.st_mtime_ns)))
     blind = []
     for folder, why in unreadable:
         rel = Path(os.path.relpath(os.path.abspath(folder), base)).as_posix()
