@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,10 +112,17 @@ def search(index: faiss.Index, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.n
     k = max(1, min(int(k), max(index.ntotal, 1)))
     if len(xq) >= SMALL_BATCH:
         return index.search(xq, k)
+    with one_thread():
+        return index.search(xq, k)
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """FAISS on one OpenMP thread inside the block (the process's setting restored after it)."""
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     try:
-        return index.search(xq, k)
+        yield
     finally:
         faiss.omp_set_num_threads(threads)
 

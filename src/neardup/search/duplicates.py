@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..config import DEFAULTS, candidate_rule, word_candidates
-from ..indexer.local_features import LOCAL_VERSION
+from ..indexer.local_features import LOCAL_VERSION, LocalFeatures
 from ..errors import InputError
 from ..store.generation import Generation
 from ..store.handle import opened
@@ -200,7 +200,8 @@ def duplicate_rows(cat: Catalog, threshold: float, block: int | None = None, ind
 
 def verified_rows(cat: Catalog, gen: Generation, threshold: float, k: int, loose: float, *,
                   workers: int = DEFAULTS.verify_workers, index=None,  # noqa: ANN001
-                  words: int = 0) -> tuple[np.ndarray, ...]:
+                  words: int = 0, features: dict[int, LocalFeatures | None] | None = None
+                  ) -> tuple[np.ndarray, ...]:
     """Core of find_duplicates(verify=True): (I, J, D, exact, verified, inliers, candidates).
 
     Candidates are candidate_pairs(k, loose, words) (with `words`, each image's photos sharing the most keypoint
@@ -208,7 +209,8 @@ def verified_rows(cat: Catalog, gen: Generation, threshold: float, k: int, loose
     rejected pair may show 0 inliers, see verify_pair). Kept: exact pairs (verified by their bytes; inliers
     -1), verified candidates, candidates with a photo too plain to judge scoring >= `threshold` (accepted as
     verified, inliers -1), and unverified ones scoring >= `threshold` (listed for review, never grouped).
-    Order: exact, verified, unverified; each by score.
+    Order: exact, verified, unverified; each by score. `features`, when given, receives the local features
+    read (row -> features) for grouping to use again.
     """
     ei, ej = exact_pairs(cat.sha256)
     table = gen.local() if words and gen.meta.local_features == LOCAL_VERSION else None  # one read, two uses
@@ -217,6 +219,8 @@ def verified_rows(cat: Catalog, gen: Generation, threshold: float, k: int, loose
     ci, cj, cd = without_pairs((ci, cj, cd), ei, ej, len(cat))
     rows, inverse = np.unique(np.concatenate([ci, cj]), return_inverse=True)
     feats = row_features(gen, rows, table=table)
+    if features is not None:
+        features.update(zip(rows.tolist(), feats))
     fa = [feats[x] for x in inverse[:len(ci)].tolist()]
     fb = [feats[x] for x in inverse[len(ci):].tolist()]
     v = verify_pairs(fa, fb, workers=workers, screen=True) if len(ci) else Verified.of([])
@@ -264,9 +268,10 @@ def _find(gen: Generation, threshold: float | None, block: int | None, max_group
         if report.k < 1:
             raise InputError("k must be at least 1")
         tv = time.perf_counter()
+        feats: dict[int, LocalFeatures | None] = {}  # read once: candidates, then the groups' missing pairs
         (report.I, report.J, report.D, report.exact, report.verified, report.inliers,
          report.candidates) = verified_rows(cat, gen, t, report.k, report.loose_threshold, workers=workers,
-                                            index=index, words=word_candidates(cat.meta.model))
+                                            index=index, words=word_candidates(cat.meta.model), features=feats)
         report.verify_seconds = time.perf_counter() - tv
         linked = report.verified  # exact pairs are verified by their bytes
         link_t = np.inf  # groups follow the verified links only
@@ -292,7 +297,7 @@ def _find(gen: Generation, threshold: float | None, block: int | None, max_group
                 f"threshold {t:.4f} links {len(comp)} images into one cluster, too many to be duplicates; "
                 f"raise --threshold (with {cat.meta.model}, {report.n_pairs} pairs score above it)")
         if verify and 2 < len(comp) <= COMPLETE_UP_TO:
-            extra += _complete(cat, gen, comp, forced_in[ci], t, workers)
+            extra += _complete(cat, gen, comp, forced_in[ci], t, workers, feats)
         S = cat.xb[comp] @ cat.xb[comp].T
         forced = np.zeros_like(S, bool)
         inliers = np.full(S.shape, -1, np.int32)
@@ -335,17 +340,20 @@ COMPLETE_UP_TO = 200
 
 
 def _complete(cat: Catalog, gen: Generation, comp: np.ndarray, links: list[tuple[int, int, int]],
-              threshold: float, workers: int) -> list[tuple[int, int, float, int]]:
+              threshold: float, workers: int, feats: dict[int, LocalFeatures | None]
+              ) -> list[tuple[int, int, float, int]]:
     """Verify the pairs of a component that were not candidates (a photo with more copies than k has
     neighbours): complete linkage needs every pair's verdict. Adds the accepted ones to `links`; returns
-    them as (i, j, score, inliers)."""
+    them as (i, j, score, inliers). `feats`: the features read so far (row -> features), completed here."""
     have = {(a, b) for a, b, _ in links}
     members = comp.tolist()
     missing = [(a, b) for x, a in enumerate(members) for b in members[x + 1:] if (a, b) not in have]
     if not missing:
         return []
     ma, mb = (np.array(c, np.int64) for c in zip(*missing))
-    feats = dict(zip(members, row_features(gen, comp)))
+    need = [r for r in members if r not in feats]  # rows of byte-identical pairs only: never candidates
+    if need:
+        feats.update(zip(need, row_features(gen, np.array(need, np.int64))))
     v = verify_pairs([feats[a] for a in ma.tolist()], [feats[b] for b in mb.tolist()], workers=workers, screen=True)
     d = np.einsum("ij,ij->i", cat.xb[ma], cat.xb[mb])
     ok = v.accepted(d, threshold)

@@ -237,7 +237,7 @@ def _evaluate(gen: Generation, truth: Path, *, thresholds: Sequence[float] | Non
     k = candidate_rule(model)[0] if k is None else int(k)
     if k < 1:
         raise InputError("k must be at least 1")
-    base = gen.files.store.resolve().parent
+    base = gen.folder
     row_of: dict[Path, int] = {}
     for r, p in enumerate(cat.paths):
         row_of.setdefault(Path(os.path.normpath(base / p)).resolve(), r)

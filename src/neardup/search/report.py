@@ -240,7 +240,7 @@ def _write_report(gen: Generation, out: str | os.PathLike[str], *, pairs: str | 
     if page_size < 1:
         raise InputError("page size must be at least 1")
     store, cat = gen.path, gen.catalog
-    images = _Images(cat, gen.files.store.resolve().parent)
+    images = _Images(cat, gen.folder)
 
     source: list[str] = []
     pair_list: list[Pair] | None = None

@@ -187,16 +187,12 @@ def verify_pairs(fa: Sequence[LocalFeatures | None], fb: Sequence[LocalFeatures 
         raise ValueError("fa and fb must have the same length")
     if workers <= 1 or len(fa) < 16:
         return Verified.of([verify_pair(a, b, rule, screen=screen) for a, b in zip(fa, fb)])
-    import faiss
+    from ..indexer.faiss_index import one_thread
 
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)  # the pairs run in parallel: FAISS's own threads would only contend
-    try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="neardup-verify") as pool:
-            return Verified.of(list(pool.map(lambda ab: verify_pair(ab[0], ab[1], rule, screen=screen),
-                                             zip(fa, fb), chunksize=64)))
-    finally:
-        faiss.omp_set_num_threads(threads)
+    # the pairs run in parallel: FAISS's own threads would only contend
+    with one_thread(), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="neardup-verify") as pool:
+        return Verified.of(list(pool.map(lambda ab: verify_pair(ab[0], ab[1], rule, screen=screen),
+                                         zip(fa, fb), chunksize=64)))
 
 
 def resolve_verify(verify: bool | None, local_features: str) -> bool:

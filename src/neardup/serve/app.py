@@ -25,7 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..config import DEFAULTS, VERSION, resolve_threshold
+from ..config import DEFAULTS, VERSION
 from ..errors import DecodeError, StoreError
 from ..search.query import QueryResult
 from .guard import (_CODES, OPEN_PATHS, PAGE_CSP, SECURITY_HEADERS, STATIC, ApiError, Guard, ServeOptions,  # noqa: F401
@@ -124,7 +124,7 @@ def create_app(opts: ServeOptions, service: QueryService | None = None) -> FastA
         gen = s.live.current
         m = gen.searcher.meta
         return {"version": VERSION, "store": s.live.path.name, "generation": gen.id, "count": len(gen.searcher.cat),
-                "model": m.model, "dim": m.dim, "threshold": resolve_threshold(None, m.model),
+                "model": m.model, "dim": m.dim, "threshold": gen.searcher.gen.threshold(),
                 "verify": bool(m.local_features), "updated": m.updated, "loaded_at": gen.loaded_at,
                 "reloads": s.live.reloads, "reload_error": s.live.reload_error, "k": DEFAULTS.k,
                 "batching": {**asdict(s.batcher.stats), "max_batch": opts.max_batch, "wait_ms": opts.batch_wait_ms},

@@ -150,7 +150,7 @@ class Guard:
             return await self._reply(send, error_response(
                 401, "unauthorized", "a bearer token is required: send 'Authorization: Bearer TOKEN'",
                 {"WWW-Authenticate": "Bearer"}))
-        if path == "/v1/health" or path in OPEN_PATHS:
+        if path in OPEN_PATHS:
             return await self.app(scope, receive, send)
         if path != "/v1/query" or scope["method"] != "POST":
             if self.active >= 4 * opts.max_pending:

@@ -13,7 +13,7 @@ import hashlib
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
@@ -246,9 +246,14 @@ class Generation:
         """Rows of catalogue `ids` (any shape); -1 for an id not in this generation (and for -1)."""
         return faiss_index.rows_for(self._lookup, ids)
 
+    @cached_property
+    def folder(self) -> Path:
+        """The store's real folder (symlinks resolved), which stored paths are relative to."""
+        return self.files.store.resolve().parent
+
     def image_path(self, row: int) -> Path:
         """The indexed file of `row` (stored paths are relative to the store's real folder)."""
-        return self.files.store.resolve().parent / self.catalog.paths[row]
+        return self.folder / self.catalog.paths[row]
 
     def threshold(self, threshold: float | None = None) -> float:
         """The match threshold: `threshold` when given, else this store's model's default (the one rule)."""
@@ -354,11 +359,15 @@ class Generation:
         return True
 
     # ------------------------------------------------------------------------------------------- checks
-    def verify(self) -> None:
-        """Read and check every block of every segment. Raises StoreError (damaged)."""
+    def verify(self, skip: Collection[tuple[str, str]] = ()) -> set[tuple[str, str]]:
+        """Read and check every block of every segment but those in `skip`: (name, digest) of segments another
+        generation's verify already checked (generations share most of their segments). Returns this
+        generation's (name, digest) pairs. Raises StoreError (damaged)."""
         with self._reading("full check"):
-            for r in self._readers:
-                r.verify()
+            for seg, r in zip(self._segments, self._readers):
+                if not seg.sha256 or (seg.name, seg.sha256) not in skip:  # a file before segments: no digest
+                    r.verify()
+        return {(seg.name, seg.sha256) for seg in self._segments if seg.sha256}
 
     def first_damage(self, what: str) -> bool:
         """Record damage found while reading; True the first time (so it is said once, not on every request)."""

@@ -66,7 +66,7 @@ class Store:
         `neardup update` writes it anew); an empty list means healthy."""
         problems = []
         with self.current() as gen:
-            gen.verify()
+            checked = gen.verify()
             if not gen.index_intact():
                 problems.append("an index file is missing or does not match its digest; `neardup update DIR --repair` "
                                 "writes it anew (queries search the vectors exactly meanwhile)")
@@ -82,7 +82,7 @@ class Store:
             prev = self.previous()
             if prev is not None:
                 with prev:
-                    prev.verify()
+                    prev.verify(skip=checked)  # the segments both name were read once, above
         except StoreError as exc:
             problems.append(f"the previous generation {self.files.previous} is damaged "
                             f"({getattr(exc, 'reason', exc)}); it cannot be restored (the next update replaces it)")

@@ -69,14 +69,8 @@ def _meta(attrs: dict[str, object], count: int, failures: int, **extra: object) 
     return StoreMeta(**{**INDEX_DEFAULTS, **values, "count": count, "failures": failures})
 
 
-def read_manifest(path: Path) -> Manifest:
-    """The manifest at `path`, its digest checked. Raises Damage (damaged or unreadable), StoreError (not a
-    store, another schema); a store written before segments is read by LegacyFile (see open_any)."""
-    with h5py.File(path, "r") as f:
-        return _read_manifest(f, path)
-
-
-def _read_manifest(f: h5py.File, path: Path) -> Manifest:
+def _read_manifest(f: h5py.File) -> Manifest:
+    """The manifest of the open file `f`, its digest checked. Raises Damage (damaged or unreadable)."""
     try:
         attrs = attrs_of(f)
         data = {name: f[name][()] for name in ("segments", "dead/segment", "dead/row", "failures")}
@@ -125,7 +119,7 @@ def open_any(path: Path) -> Manifest | LegacyFile:
         if schema != SCHEMA_VERSION:
             raise StoreError(f"{path} has store schema {schema}; this neardup reads schemas {LEGACY_SCHEMA} and "
                              f"{SCHEMA_VERSION}")
-        return _read_manifest(f, path)
+        return _read_manifest(f)
     except (KeyError, OSError, ValueError, TypeError) as exc:
         raise Damage(reason_of(exc)) from None
     finally:
@@ -136,8 +130,6 @@ def open_any(path: Path) -> Manifest | LegacyFile:
 class LegacyFile:
     """A store written before segments (schema 1), read as one segment: HDF5's Fletcher-32 checks each chunk
     and a digest attribute each string column (no block digests: the next update rewrites it as segments)."""
-
-    legacy = True
 
     def __init__(self, path: Path, f: h5py.File) -> None:
         self.path, self._f = path, f

@@ -51,7 +51,7 @@ def restore_previous(files: StoreFiles) -> Restored:
                              f"rebuild it with `neardup index DIR --store {store}`")
         try:
             with Generation.open(files.previous, hint=False, files=files) as prev:
-                prev.verify()
+                checked = prev.verify()
                 count, updated = len(prev), prev.meta.updated
         except StoreError as exc:
             raise StoreError(f"the previous generation {files.previous} is damaged too "
@@ -61,7 +61,7 @@ def restore_previous(files: StoreFiles) -> Restored:
         if store.exists():
             try:
                 with Generation.open(store, hint=False) as gen:
-                    gen.verify()
+                    gen.verify(skip=checked)  # the segments both name were read once, above
                 swapped = True
             except StoreError:
                 set_aside = str(files.damaged)

@@ -203,8 +203,6 @@ class SegmentFile:
     """A segment opened for reading: its root checked against the manifest's digest, then every block read
     checked against the digest tables held in memory. Raises Damage."""
 
-    legacy = False
-
     def __init__(self, path: Path, sha256: str) -> None:
         self.path = path
         try:
@@ -282,7 +280,7 @@ class SegmentFile:
             return np.zeros((0, *shape[1:]), np.dtype(dtype))
         if block >= shape[0] or len(rows) * 4 > shape[0] // max(block, 1):  # many rows: read it all
             return self.column(name)[rows]
-        blocks, inverse = np.unique(rows // block, return_inverse=True)
+        blocks = np.unique(rows // block)
         got = {int(b): self._read(name, int(b), int(b) + 1) for b in blocks}
         return np.stack([got[int(r // block)][int(r % block)] for r in rows.tolist()])
 
