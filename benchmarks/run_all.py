@@ -37,6 +37,8 @@ SUITE: list[tuple[str, list[str], list[str]]] = [
     ("bench_verify.py", ["--originals", "240", "--shelf", "60", "--repeats", "3"],
      ["--originals", "20", "--shelf-csv", "tests/data/shelf_pairs.csv", "--cost-split", "val", "--repeats", "1",
       "--resnet-n", "16"]),
+    ("bench_models.py", [], ["--originals", "20", "--speed-n", "32", "--models", "phash,efficientnet-lite0",
+                             "--no-cost"]),
 ]
 
 

@@ -57,7 +57,8 @@ StorePrecisionOpt = Annotated[Optional[str], typer.Option(
     "[default: the store's, else float32].")]
 RuntimeOpt = Annotated[str, typer.Option(
     "--runtime", envvar=ENV_RUNTIME, help=f"Runtime of resnet50/vgg16: {' or '.join(RUNTIMES)} (ONNX Runtime runs "
-    "the model exported from Keras once and cached; the vectors are interchangeable).")]
+    "the model exported from Keras once and cached; the vectors are interchangeable). EfficientNet-Lite always "
+    "runs on ONNX Runtime.")]
 PreprocessOpt = Annotated[Optional[str], typer.Option(
     "--preprocess", envvar=ENV_PREPROCESS, help="For --model onnx:PATH, what the model expects, as key=value,...: "
     "size, layout (nhwc|nchw), scale (e.g. 1/255), mean and std (a:b:c), order (rgb|bgr), fit (stretch|crop), "

@@ -89,10 +89,13 @@ def lite_graph(state: dict[str, np.ndarray], size: int, *, mean: float = 127.0, 
         inits.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
         return name
 
+    used: set[str] = set()
+
     def take(name: str) -> np.ndarray:
         if name not in state:
             raise WeightsError(f"the weights lack {name}: not an EfficientNet-Lite state_dict")
-        return state[name].astype(np.float64)
+        used.add(name)
+        return np.asarray(state[name], dtype=np.float64)
 
     def conv_bn(x: str, conv: str, bn: str, stride: int, hw: int, *, depthwise: bool = False,
                 relu6: bool = True) -> tuple[str, int]:
@@ -120,14 +123,15 @@ def lite_graph(state: dict[str, np.ndarray], size: int, *, mean: float = 127.0, 
               helper.make_node("Sub", ["x.nchw", const("mean", np.full((1, 3, 1, 1), mean, np.float32))], ["x.c"]),
               helper.make_node("Div", ["x.c", const("std", np.full((1, 3, 1, 1), std, np.float32))], ["x.in"])]
     x, hw = conv_bn("x.in", "_conv_stem", "_bn0", 2, size)
-    blocks = sorted({int(k.split(".")[1]) for k in state if k.startswith("_blocks.")})
+    blocks = sorted({int(k.split(".")[1]) for k in state
+                     if k.startswith("_blocks.") and k.split(".")[1].isdigit()})
     if blocks != list(range(len(blocks))) or not blocks:
         raise WeightsError("the weights' blocks are not numbered 0..n-1: not an EfficientNet-Lite state_dict")
     stage, width = -1, None
     for i in blocks:
         p = f"_blocks.{i}"
         expand = f"{p}._expand_conv.weight" in state
-        c_in = state[f"{p}._expand_conv.weight" if expand else f"{p}._depthwise_conv.weight"].shape[
+        c_in = take(f"{p}._expand_conv.weight" if expand else f"{p}._depthwise_conv.weight").shape[
             1 if expand else 0]
         c_out = take(f"{p}._project_conv.weight").shape[0]
         first = c_out != width
@@ -143,7 +147,13 @@ def lite_graph(state: dict[str, np.ndarray], size: int, *, mean: float = 127.0, 
             nodes.append(helper.make_node("Add", [x, skip], [f"{p}.sum"]))
             x = f"{p}.sum"
     x, _ = conv_bn(x, "_conv_head", "_bn1", 1, hw)
-    dim = state["_conv_head.weight"].shape[0]
+    dim = take("_conv_head.weight").shape[0]
+    # a weight left over means another network (EfficientNet-B0's squeeze-excite, say): refused, not half-used
+    extra = sorted(k for k in state if k not in used and not k.startswith("_fc.")
+                   and not k.endswith("num_batches_tracked"))
+    if extra:
+        raise WeightsError(f"the weights hold {len(extra)} tensors EfficientNet-Lite has no place for (e.g. "
+                           f"{extra[0]}): another network's")
     nodes += [helper.make_node("GlobalAveragePool", [x], ["pooled"]),
               helper.make_node("Flatten", ["pooled"], ["embedding"], axis=1)]
     outputs = [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["n", dim])]

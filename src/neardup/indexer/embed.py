@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from ..config import DEFAULTS, MODELS
+from ..config import DEFAULTS
 from ..errors import InputError, WeightsError
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ class KerasEmbedder:
     def __init__(self, name: str = DEFAULTS.model, weights: str = DEFAULTS.weights,
                  precision: str = DEFAULTS.precision) -> None:
         if name not in _KERAS_SPECS:
-            raise InputError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+            raise InputError(f"{name!r} is not a Keras model; TensorFlow runs {' or '.join(_KERAS_SPECS)}")
         if precision not in ("float32", "bf16"):
             raise InputError(f"unknown precision {precision!r}; choose float32 or bf16")
         self.name = name

@@ -50,14 +50,13 @@ def make_embedder(model: str = DEFAULTS.model, weights: str | None = DEFAULTS.we
     if precision == "bf16" and (model == "onnx" or is_lite(model)):
         raise InputError("bf16 is a TensorFlow precision of ResNet50 and VGG16; an ONNX model runs in float32 "
                          "or int8")
-    if runtime == "tf" and is_lite(model):
-        raise InputError(f"{model} runs on ONNX Runtime only (its weights are not Keras'); drop --runtime tf")
     if precision == "bf16" and runtime != "tf":
         raise InputError("bf16 is a TensorFlow precision of the built-in CNNs: add --runtime tf")
     if precision == "int8" and quantized is None:  # said before any model is loaded
         raise InputError("int8 is calibrated on a catalogue's own images: create the store with "
                          "`neardup index DIR --precision int8`, then query it as usual")
-    if model != "onnx" and runtime == "tf" and precision != "int8":
+    # EfficientNet-Lite runs on ONNX Runtime whatever the runtime (it has no Keras model), as pHash on numpy
+    if model != "onnx" and not is_lite(model) and runtime == "tf" and precision != "int8":
         return KerasEmbedder(model, weights, precision)
     from .onnx_export import builtin_embedder, int8_embedder
     from .onnx_runtime import OnnxEmbedder, OnnxPreprocess

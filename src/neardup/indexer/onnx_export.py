@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -124,34 +125,52 @@ def _set_metadata(proto, values: dict[str, str]) -> None:  # noqa: ANN001 - an o
         entry.key, entry.value = k, v
 
 
-def export_lite(model: str, weights: str) -> Path:
+def _publish(path: Path, write: Callable[[str], object], digest: str) -> None:
+    """Put a cache file in place: its digest first, then the file (atomically), so that a concurrent process
+    never finds the file without its digest (and drops it as damaged)."""
+    try:
+        atomic_write(path.with_name(path.name + ".sha256"), lambda tmp: Path(tmp).write_text(digest + "\n"))
+        atomic_write(path, write)
+    except OSError as exc:
+        raise WeightsError(f"cannot write to the ONNX cache {path.parent} ({exc.strerror or exc}); set "
+                           f"NEARDUP_CACHE to a writable folder") from None
+
+
+def export_lite(model: str, weights: str, key: str | None = None) -> Path:
     """The cached ONNX file of an EfficientNet-Lite, converted now (numpy and onnx, ~1 s) if missing or damaged.
 
-    Only the weights file's digest decides the cache file; the conversion reads the .pth without torch."""
+    `key` is weights_key()'s answer when the caller has it. Only the weights file's digest decides the cache
+    file; the conversion reads the .pth without torch."""
     from .torch_pickle import read_state_dict
 
     source = lite_weights_file(model, weights)
-    digest = file_sha256(source)
-    path = _cache_path(model, f"file-{digest}")
-    if (found := _cached(model, f"file-{digest}")) is not None:
+    key = key or weights_key(model, weights)
+    path = _cache_path(model, key)
+    if (found := _cached(model, key)) is not None:
         return found
     spec = LITE[model]
     log.warning("converting %s to ONNX once (cached in %s)", model, path.parent)
-    proto = lite_graph(read_state_dict(source), spec.size, mean=spec.mean, std=spec.std)
-    _set_metadata(proto, {"neardup_model": model, "neardup_weights_fingerprint": f"sha256:{digest[:16]}",
+    try:
+        proto = lite_graph(read_state_dict(source), spec.size, mean=spec.mean, std=spec.std)
+    except WeightsError as exc:
+        raise WeightsError(f"{source}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - arrays of unexpected shapes fail in numpy or onnx: one line
+        raise WeightsError(f"{source} is not an EfficientNet-Lite state_dict: {' '.join(str(exc).split())[:200]}"
+                           ) from None
+    _set_metadata(proto, {"neardup_model": model, "neardup_weights_fingerprint": "sha256:" + key[5:21],
                           "neardup_preprocessing": lite_preprocessing(model), "neardup_export": EXPORT_VERSION})
+    data = proto.SerializeToString()
     _cache_folder(path)
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(proto.SerializeToString()))
-    _record_digest(path)
+    _publish(path, lambda tmp: Path(tmp).write_bytes(data), hashlib.sha256(data).hexdigest())
     return path
 
 
 def export_builtin(model: str, weights: str) -> Path:
     """The cached ONNX file of a built-in CNN with `weights`, exported now (TensorFlow, ~40 s; EfficientNet-Lite
     ~1 s without it) if missing or damaged (its digest is checked)."""
-    if is_lite(model):
-        return export_lite(model, weights)
     key = weights_key(model, weights)
+    if is_lite(model):
+        return export_lite(model, weights, key)
     if (found := _cached(model, key)) is not None:
         return found
     keras_emb = KerasEmbedder(model, weights)  # downloads ImageNet weights if it can, or says how to get them
@@ -179,8 +198,7 @@ def export_builtin(model: str, weights: str) -> Path:
         if cos < EXPORT_MIN_COSINE:
             raise WeightsError(f"the ONNX export of {model} disagrees with TensorFlow (cosine {cos:.6f}); "
                                f"use --runtime tf")
-        atomic_write(path, lambda tmp: os.replace(trial, tmp))
-        _record_digest(path)
+        _publish(path, lambda tmp: os.replace(trial, tmp), file_sha256(trial))
     log.info("exported %s: cosine to TensorFlow >= %.7f on a random batch", path.name, cos)
     return path
 

@@ -9,6 +9,7 @@ The zip format of torch >= 1.6 is read the same way (its pickle and one file a s
 from __future__ import annotations
 
 import collections
+import io
 import os
 import pickle
 import zipfile
@@ -19,7 +20,10 @@ from typing import IO
 import numpy as np
 
 from ..errors import WeightsError
+from .onnx_runtime import _one_line
 
+#: The largest weights file read (and the most a zip-format one may unpack to): EfficientNet-Lite2's is 24 MB.
+MAX_BYTES = 1 << 30
 #: The pickled magic number that opens a legacy-format torch file.
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _STORAGES: dict[str, np.dtype] = {
@@ -49,9 +53,17 @@ class _TensorRef:
         data = self.storage.data
         if data is None:
             raise WeightsError("a tensor's storage is missing from the file")
-        need = self.offset + sum((n - 1) * s for n, s in zip(self.shape, self.stride)) + 1 if all(self.shape) else 0
-        if need > len(data):
+        count = int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        if self.offset < 0 or min(self.shape, default=0) < 0 or min(self.stride, default=0) < 0 or (
+                len(self.shape) != len(self.stride)):
+            raise WeightsError("a tensor has a negative offset, size or stride: the file is damaged")
+        # every element inside the storage, and no more elements than the storage holds (a zero stride would
+        # otherwise copy one float into gigabytes)
+        last = self.offset + sum((n - 1) * s for n, s in zip(self.shape, self.stride))
+        if count and (last >= len(data) or count > len(data) - self.offset):
             raise WeightsError("a tensor reaches past the end of its storage: the file is damaged")
+        if not count:
+            return np.zeros(self.shape, data.dtype)
         view = np.lib.stride_tricks.as_strided(data[self.offset:], self.shape,
                                                [s * data.itemsize for s in self.stride])
         return np.array(view)  # a copy: the file's buffer is not kept alive
@@ -95,6 +107,7 @@ def _tensors(obj: object) -> dict[str, np.ndarray]:
 
 
 def _read_legacy(fh: IO[bytes]) -> dict[str, np.ndarray]:
+    """`fh` holds the whole file in memory (BytesIO): a length the file declares beyond its end reads short."""
     def plain() -> object:  # the header values and the key list: restricted too, a hostile file may put code anywhere
         return _StateDictUnpickler(fh, {}).load()
 
@@ -107,13 +120,15 @@ def _read_legacy(fh: IO[bytes]) -> dict[str, np.ndarray]:
     storages: dict[str, _Storage] = {}
     obj = _StateDictUnpickler(fh, storages).load()
     keys = plain()  # a list of strings
+    if not isinstance(keys, list):
+        raise WeightsError("the file's storage list is not a list")
     for key in keys:
         storage = storages.get(str(key))
         head = fh.read(8)
         if storage is None or len(head) != 8:
             raise WeightsError("the file's storages do not match its tensors: the file is damaged")
         n = int(np.frombuffer(head, "<i8")[0])
-        raw = fh.read(n * storage.dtype.itemsize)
+        raw = fh.read(max(n, 0) * storage.dtype.itemsize)
         if n < 0 or len(raw) != n * storage.dtype.itemsize:
             raise WeightsError("the file ends inside a storage: it is truncated")
         storage.data = np.frombuffer(raw, storage.dtype)
@@ -126,13 +141,16 @@ def _read_zip(path: Path) -> dict[str, np.ndarray]:
         pkl = next((n for n in names if n.endswith("/data.pkl") or n == "data.pkl"), None)
         if pkl is None:
             raise WeightsError("a zip file without data.pkl is not a PyTorch weights file")
+        if sum(i.file_size for i in z.infolist()) > MAX_BYTES:  # a zip bomb is refused before it is unpacked
+            raise WeightsError(f"the file unpacks to more than {MAX_BYTES >> 20} MiB")
         prefix = pkl[: -len("data.pkl")]
         storages: dict[str, _Storage] = {}
         with z.open(pkl) as fh:
-            obj = _StateDictUnpickler(fh, storages).load()
+            obj = _StateDictUnpickler(io.BytesIO(fh.read(MAX_BYTES)), storages).load()
         for key, storage in storages.items():
             try:
-                raw = z.read(f"{prefix}data/{key}")
+                with z.open(f"{prefix}data/{key}") as fh:
+                    raw = fh.read(MAX_BYTES)
             except KeyError:
                 raise WeightsError(f"storage {key} is missing from the file") from None
             storage.data = np.frombuffer(raw, storage.dtype, count=len(raw) // storage.dtype.itemsize)
@@ -140,14 +158,18 @@ def _read_zip(path: Path) -> dict[str, np.ndarray]:
 
 
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
-    """A PyTorch state_dict file (legacy or zip format) as {name: ndarray}. WeightsError names what is wrong."""
+    """A PyTorch state_dict file (legacy or zip format) as {name: ndarray}. WeightsError names what is wrong.
+
+    The file is untrusted input: whatever it holds, the answer is its tensors or one WeightsError, never code
+    run, a traceback or memory beyond MAX_BYTES and the tensors themselves."""
     path = Path(path)
     try:
+        if path.stat().st_size > MAX_BYTES:
+            raise WeightsError(f"the file is larger than {MAX_BYTES >> 20} MiB")
         if zipfile.is_zipfile(path):
             return _read_zip(path)
-        with open(path, "rb") as fh:
-            return _read_legacy(fh)
+        return _read_legacy(io.BytesIO(path.read_bytes()))
     except WeightsError as exc:
         raise WeightsError(f"cannot read {path}: {exc}") from None
-    except (OSError, EOFError, pickle.UnpicklingError, ValueError, zipfile.BadZipFile) as exc:
-        raise WeightsError(f"cannot read {path} as PyTorch weights: {' '.join(str(exc).split())[:200]}") from None
+    except Exception as exc:  # noqa: BLE001 - a hostile pickle raises anything; one line, not a traceback
+        raise WeightsError(f"cannot read {path} as PyTorch weights: {_one_line(exc)}") from None
