@@ -206,8 +206,8 @@ def test_truncated_store_says_how_to_recover_and_restore_undoes(store: Path, tmp
 def test_help_shows_every_default() -> None:
     r = nd("query", "--help")
     text = " ".join(r.stdout.split())  # the help is wrapped to the terminal's width
-    assert ("[default: per model: resnet50 0.9, vgg16 0.95, phash 0.5625, onnx 0.9 (phash: Hamming <= 14 of 64 "
-            "bits)]") in text
+    assert ("[default: per model: resnet50 0.9, vgg16 0.95, efficientnet-lite0 0.9, efficientnet-lite2 0.9, "
+            "phash 0.5625, onnx 0.9 (phash: Hamming <= 14 of 64 bits)]") in text
     assert "[default: verify when the store caches local features" in text  # --verify/--no-verify
     for shown in ("NEARDUP_STORE; default: catalog.h5]", "[default: 10; x>=1]", "default: 32; x>=1]",
                   "default: float32]", "[env var: NEARDUP_MAX_FILE_MB; default: 128; x>=1]",
