@@ -117,6 +117,64 @@ def speed(spec: dict, photos: list[Path], repeats: int = 3) -> float:
     return len(x) / median(times)
 
 
+def quality_and_speed(args, found: dict, tmp: Path, photos: list[Path], quality: list, fits: list,
+                      speeds: list, curves: list, results: dict) -> None:
+    """The speed table, and what each model finds on the sets (filling the lists and `results` given)."""
+    from neardup import evaluate
+    from neardup.config import candidate_rule, default_threshold
+    from neardup.testing.grocery import make_catalogue_set, make_copies_set, make_reshots_set
+
+    test, iconic = GROCERY_DIR / "test", GROCERY_DIR / "iconic-images-and-descriptions"
+    log("making the evaluation sets")
+    fit_set = make_copies_set(tmp / "fit", n_originals=args.originals, n_distractors=args.originals, seed=0)
+    copies = make_copies_set(tmp / "sets", n_originals=args.originals, n_distractors=args.originals, seed=1)
+    aspect = make_copies_set(tmp / "sets", n_originals=args.originals, n_distractors=args.originals, seed=1,
+                             anisotropic=True)
+    reshots, catalogue = make_reshots_set(tmp / "sets"), make_catalogue_set(tmp / "sets")
+    for name, spec in {**found, "resnet50 (weights none, speed only)": {"model": "resnet50",
+                                                                       "weights": "none"}}.items():
+        log(f"{name}: speed")
+        speeds.append([name, speed(spec, photos)])
+    base = next((s for n, s in speeds if n.startswith("MobileNetV2 1.0")), speeds[0][1])
+    speeds[:] = [[n, s, s / base] for n, s in speeds]
+    for name, spec in found.items():
+        model = spec["model"].split(":")[0]
+        stores = {key: tmp / f"{name}-{key}.h5" for key in ("fit", "copies", "aspect", "test", "icon")}
+        log(f"{name}: indexing the sets")
+        t_index = build([tmp / "fit" / "copies", test], stores["fit"], spec)
+        build([tmp / "sets" / "copies", test], stores["copies"], spec)
+        build([tmp / "sets" / "copies-aspect", test], stores["aspect"], spec)
+        build([test / "Packages"], stores["test"], spec)
+        build([iconic], stores["icon"], spec)
+        f0, f1 = (evaluate(stores["fit"], fit_set, verify=v, thresholds=SWEEP) for v in (False, True))
+        g_fit, l_fit = fit(f0, f1)
+        k, loose = candidate_rule(model)
+        glob = default_threshold(model)
+        if model != "phash":  # every CNN is scored at what seed 0 fits for it (pHash: its configured ones)
+            glob, loose = g_fit, l_fit
+        fits.append([name, g_fit, l_fit, default_threshold(model), candidate_rule(model)[1], glob, loose,
+                     t_index])
+        for t, pg, rg, pv, rv in zip(f0.sweep["thresholds"], f0.sweep["precision"], f0.sweep["recall"],
+                                     f1.sweep["precision"], f1.sweep["recall"]):
+            if model != "phash" and abs(t * 20 - round(t * 20)) < 1e-6 and t >= 0.5:
+                curves.append([name, t, pg, rg, pv, rv])
+        r = {}
+        for verify in (False, True):
+            tag = f"{name} + verify" if verify else name
+            log(f"{tag}: evaluating")
+            t = loose if verify else glob
+            a = evaluate(stores["copies"], copies, verify=verify, threshold=t, k=k if verify else None)
+            a2 = evaluate(stores["aspect"], aspect, verify=verify, threshold=t, k=k if verify else None)
+            b = evaluate(stores["test"], reshots, verify=verify, k=k if verify else None)
+            c = evaluate(stores["icon"], catalogue, verify=verify, k=k if verify else None)
+            fm, npairs = shelf_false_matches(stores["test"], SHELF_CSV, glob, k, loose, verify)
+            r[verify] = (a, a2, b, c, fm)
+            quality.append([tag, a.at_default["precision"], a.at_default["recall"], a2.at_default["precision"],
+                            a2.at_default["recall"], b.retrieval["recall@1"], b.retrieval["map"],
+                            c.retrieval["recall@1"], c.retrieval["recall@5"], f"{fm} / {npairs}"])
+        results[name] = r
+
+
 def main() -> int:
     p = __import__("argparse").ArgumentParser(description=__doc__.split("\n\n")[0])
     output_options(p)
@@ -124,13 +182,12 @@ def main() -> int:
     p.add_argument("--speed-n", type=int, default=256, help="decoded photos the speed is measured on")
     p.add_argument("--models", help="comma-separated table names to run (default: every one found)")
     p.add_argument("--no-cost", action="store_true", help="skip duplicates on every photo of the dataset")
+    p.add_argument("--cost-only", action="store_true", help="only duplicates on every photo of the dataset")
     args = p.parse_args()
     if not GROCERY_DIR.is_dir():
         print(f"skipped: the Grocery Store Dataset is not at {GROCERY_DIR}")
         return 0
-    from neardup import evaluate, find_duplicates
-    from neardup.config import candidate_rule, default_threshold
-    from neardup.testing.grocery import make_catalogue_set, make_copies_set, make_reshots_set
+    from neardup import find_duplicates
 
     found = models()
     if args.models:
@@ -140,59 +197,12 @@ def main() -> int:
                     params={"originals": args.originals, "distractors": args.originals, "fit seed": 0,
                             "score seed": 1, "shelf pairs": str(SHELF_CSV.relative_to(REPO_ROOT)),
                             "speed photos": args.speed_n, "models": ", ".join(found)})
-    test, iconic = GROCERY_DIR / "test", GROCERY_DIR / "iconic-images-and-descriptions"
-    photos = sorted((test / "Packages").rglob("*.jpg"))[:args.speed_n]
+    photos = sorted((GROCERY_DIR / "test" / "Packages").rglob("*.jpg"))[:args.speed_n]
     quality, fits, speeds, curves, cost, results = [], [], [], [], [], {}
     with tempfile.TemporaryDirectory(prefix="neardup-bench-models-") as tmp:
         tmp = Path(tmp)
-        log("making the evaluation sets")
-        fit_set = make_copies_set(tmp / "fit", n_originals=args.originals, n_distractors=args.originals, seed=0)
-        copies = make_copies_set(tmp / "sets", n_originals=args.originals, n_distractors=args.originals, seed=1)
-        aspect = make_copies_set(tmp / "sets", n_originals=args.originals, n_distractors=args.originals, seed=1,
-                                 anisotropic=True)
-        reshots, catalogue = make_reshots_set(tmp / "sets"), make_catalogue_set(tmp / "sets")
-        for name, spec in {**found, "resnet50 (weights none, speed only)": {"model": "resnet50",
-                                                                           "weights": "none"}}.items():
-            log(f"{name}: speed")
-            speeds.append([name, speed(spec, photos)])
-        base = next((s for n, s in speeds if n.startswith("MobileNetV2 1.0")), speeds[0][1])
-        speeds = [[n, s, s / base] for n, s in speeds]
-        for name, spec in found.items():
-            model = spec["model"].split(":")[0]
-            stores = {key: tmp / f"{name}-{key}.h5" for key in ("fit", "copies", "aspect", "test", "icon")}
-            log(f"{name}: indexing the sets")
-            t_index = build([tmp / "fit" / "copies", test], stores["fit"], spec)
-            build([tmp / "sets" / "copies", test], stores["copies"], spec)
-            build([tmp / "sets" / "copies-aspect", test], stores["aspect"], spec)
-            build([test / "Packages"], stores["test"], spec)
-            build([iconic], stores["icon"], spec)
-            f0, f1 = (evaluate(stores["fit"], fit_set, verify=v, thresholds=SWEEP) for v in (False, True))
-            g_fit, l_fit = fit(f0, f1)
-            k, loose = candidate_rule(model)
-            glob = default_threshold(model)
-            if model != "phash":  # every CNN is scored at what seed 0 fits for it (pHash: its configured ones)
-                glob, loose = g_fit, l_fit
-            fits.append([name, g_fit, l_fit, default_threshold(model), candidate_rule(model)[1], glob, loose,
-                         t_index])
-            for t, pg, rg, pv, rv in zip(f0.sweep["thresholds"], f0.sweep["precision"], f0.sweep["recall"],
-                                         f1.sweep["precision"], f1.sweep["recall"]):
-                if model != "phash" and abs(t * 20 - round(t * 20)) < 1e-6 and t >= 0.5:
-                    curves.append([name, t, pg, rg, pv, rv])
-            r = {}
-            for verify in (False, True):
-                tag = f"{name} + verify" if verify else name
-                log(f"{tag}: evaluating")
-                t = loose if verify else glob
-                a = evaluate(stores["copies"], copies, verify=verify, threshold=t, k=k if verify else None)
-                a2 = evaluate(stores["aspect"], aspect, verify=verify, threshold=t, k=k if verify else None)
-                b = evaluate(stores["test"], reshots, verify=verify, k=k if verify else None)
-                c = evaluate(stores["icon"], catalogue, verify=verify, k=k if verify else None)
-                fm, npairs = shelf_false_matches(stores["test"], SHELF_CSV, glob, k, loose, verify)
-                r[verify] = (a, a2, b, c, fm)
-                quality.append([tag, a.at_default["precision"], a.at_default["recall"], a2.at_default["precision"],
-                                a2.at_default["recall"], b.retrieval["recall@1"], b.retrieval["map"],
-                                c.retrieval["recall@1"], c.retrieval["recall@5"], f"{fm} / {npairs}"])
-            results[name] = r
+        if not args.cost_only:
+            quality_and_speed(args, found, tmp, photos, quality, fits, speeds, curves, results)
         # what verification costs at these defaults on a catalogue shot like this one: every photo of the dataset
         for name in ("MobileNetV2 1.4", "efficientnet-lite0"):
             if name not in found or args.no_cost:
@@ -204,25 +214,29 @@ def main() -> int:
             ver = median([timed(lambda s=store: find_duplicates(s, verify=True)) for _ in range(3)])
             rep = find_duplicates(store, verify=True)
             cost.append([name, rep.n, rep.n / t_all, rep.candidates, int(rep.verified.sum()) - rep.n_exact, plain,
-                         ver, ver / plain])
+                         ver, ver / plain, (ver - plain) / rep.candidates * 1e3])
 
-    report.table("What each method finds at its defaults, seed 1 (a: copies P/R; a': anisotropic copies P/R; "
-                 "b: re-shots recall@1, mAP; c: store -> catalogue recall@1, @5; d: shelf false matches)",
-                 ["method", "a P", "a R", "a' P", "a' R", "b recall@1", "b mAP", "c recall@1", "c recall@5",
-                  "d false matches"], quality)
-    report.table("Speed: the model alone, decoded photos, batch 32 (ratio to MobileNetV2 1.0)",
-                 ["model", "photos/s", "ratio"], speeds)
-    report.table("duplicates on every photo of the dataset at the configured defaults, in-process (indexing "
-                 "photos/s: decode, model and local features)", ["model", "photos", "indexing photos/s", "candidates",
-                                                                 "verified pairs", "unverified s", "verified s",
-                                                                 "ratio"], cost)
-    report.table("Defaults: fitted on seed 0's copies against those configured; scored at (used)",
-                 ["model", "fit global", "fit loose", "config global", "config loose", "used global",
-                  "used loose", "index fit set s"], fits)
-    report.table("Curves on seed 0's copies (CNNs): precision/recall at each threshold; verified: the loose one",
-                 ["model", "threshold", "P global", "R global", "P verified", "R verified"], curves)
-    for name in found:
+    for title, headers, rows in (
+            (("What each method finds at its defaults, seed 1 (a: copies P/R; a': anisotropic copies P/R; "
+              "b: re-shots recall@1, mAP; c: store -> catalogue recall@1, @5; d: shelf false matches)"),
+             ["method", "a P", "a R", "a' P", "a' R", "b recall@1", "b mAP", "c recall@1", "c recall@5",
+              "d false matches"], quality),
+            ("Speed: the model alone, decoded photos, batch 32 (ratio to MobileNetV2 1.0)",
+             ["model", "photos/s", "ratio"], speeds),
+            (("duplicates on every photo of the dataset at the configured defaults, in-process (indexing photos/s: "
+              "decode, model and local features)"), ["model", "photos", "indexing photos/s", "candidates",
+                                                   "verified pairs", "unverified s", "verified s", "ratio",
+                                                   "ms / candidate"], cost),
+            ("Defaults: fitted on seed 0's copies against those configured; scored at (used)",
+             ["model", "fit global", "fit loose", "config global", "config loose", "used global", "used loose",
+              "index fit set s"], fits),
+            ("Curves on seed 0's copies (CNNs): precision/recall at each threshold; verified: the loose one",
+             ["model", "threshold", "P global", "R global", "P verified", "R verified"], curves)):
+        if rows:
+            report.table(title, headers, rows)
+    for name in results:
         if name in LITE and "MobileNetV2 1.4" in results:
+
             for label, i in (("re-shots", 2), ("store -> catalogue", 3)):
                 ours = results[name][True][i].retrieval["recall@1"]
                 best = max(results[m][True][i].retrieval["recall@1"] for m in results if m.startswith("MobileNet"))
