@@ -18,7 +18,6 @@ Speed: the model alone on 256 decoded Packages photos (batch 32, median of 3), p
 """
 from __future__ import annotations
 
-import csv
 import sys
 import tempfile
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench_verify import build, shelf_false_matches
 from common import GROCERY_DIR, REPO_ROOT, Report, append_results, log, median, output_options, timed
 
 SHARED_MODELS = REPO_ROOT.parent / "shared" / "models" / "nsfwjs-mobilenet-v2"
@@ -53,14 +53,6 @@ def models() -> dict[str, dict]:
     return out
 
 
-def build(roots: list[Path], store: Path, spec: dict) -> float:
-    from neardup import build_index
-
-    t0 = time.perf_counter()
-    build_index(roots, store, **spec)
-    return time.perf_counter() - t0
-
-
 def fit(a0, a1) -> tuple[float, float]:  # a0, a1: EvalResults without and with verification
     """(global threshold, loose threshold) fitted on one copies set's sweeps."""
     t, p, r, f1 = (np.array(a0.sweep[key]) for key in ("thresholds", "precision", "recall", "f1"))
@@ -69,32 +61,6 @@ def fit(a0, a1) -> tuple[float, float]:  # a0, a1: EvalResults without and with 
     tv, rv = np.array(a1.sweep["thresholds"]), np.array(a1.sweep["recall"])
     loose = float(tv[rv >= rv.max() - 0.005].max())
     return glob, loose
-
-
-def shelf_false_matches(store: Path, pairs_csv: Path, threshold: float, k: int, loose: float,
-                        verify: bool) -> tuple[int, int]:
-    """(false matches, pairs) of the shelf set: global score >= threshold without verification; a verified
-    candidate (among each other's k nearest above the loose threshold, and passing the verdict) with it."""
-    from neardup import Store, read_catalog
-    from neardup.search.verify import row_features, verify_pairs
-
-    with open(pairs_csv, encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
-    cat = read_catalog(store)
-    row = {str((store.resolve().parent / p).resolve()): i for i, p in enumerate(cat.paths)}
-    pairs = [(row[str((GROCERY_DIR / r["a_path"]).resolve())], row[str((GROCERY_DIR / r["b_path"]).resolve())])
-             for r in rows]
-    a, b = np.array(pairs).T
-    s = np.einsum("ij,ij->i", cat.xb[a], cat.xb[b])
-    if not verify:
-        return int((s >= threshold).sum()), len(pairs)
-    S = cat.xb @ cat.xb.T
-    np.fill_diagonal(S, -np.inf)
-    kth = -np.sort(-S, axis=1)[:, k - 1]
-    candidate = (s >= loose) & ((s >= kth[a]) | (s >= kth[b]))
-    with Store.open(store) as gen:
-        v = verify_pairs(row_features(gen, a), row_features(gen, b))
-    return int((candidate & v.verified).sum()), len(pairs)
 
 
 def speed(spec: dict, photos: list[Path], repeats: int = 3) -> float:
@@ -167,7 +133,7 @@ def quality_and_speed(args, found: dict, tmp: Path, photos: list[Path], quality:
             a2 = evaluate(stores["aspect"], aspect, verify=verify, threshold=t, k=k if verify else None)
             b = evaluate(stores["test"], reshots, verify=verify, k=k if verify else None)
             c = evaluate(stores["icon"], catalogue, verify=verify, k=k if verify else None)
-            fm, npairs = shelf_false_matches(stores["test"], SHELF_CSV, glob, k, loose, verify)
+            fm, npairs = shelf_false_matches(stores["test"], SHELF_CSV, verify, glob, (k, loose))
             r[verify] = (a, a2, b, c, fm)
             quality.append([tag, a.at_default["precision"], a.at_default["recall"], a2.at_default["precision"],
                             a2.at_default["recall"], b.retrieval["recall@1"], b.retrieval["map"],

@@ -57,10 +57,12 @@ def build(roots: list[Path], store: Path, spec: dict, **kw) -> float:
     return time.perf_counter() - t0
 
 
-def shelf_false_matches(store: Path, shelf: Path, verify: bool) -> tuple[int, int]:
-    """(false matches, pairs) of the shelf set at the store's defaults: global score >= the model's threshold
-    without verification; a verified candidate (the pair among each other's k nearest above the loose
-    threshold, and passing the verdict) with it."""
+def shelf_false_matches(store: Path, shelf: Path, verify: bool, threshold: float | None = None,
+                        rule: tuple[int, float] | None = None) -> tuple[int, int]:
+    """(false matches, pairs) of the shelf set (paths absolute or relative to the dataset): global score >=
+    `threshold` without verification; a verified candidate (the pair among each other's k nearest above the
+    loose threshold of `rule` = (k, loose), and passing the verdict) with it. Both default to the store's
+    model's configured ones."""
     from neardup import Store, read_catalog
     from neardup.config import candidate_rule, default_threshold
     from neardup.search.verify import row_features, verify_pairs
@@ -68,13 +70,15 @@ def shelf_false_matches(store: Path, shelf: Path, verify: bool) -> tuple[int, in
     cat = read_catalog(store)
     base = store.resolve().parent
     row = {str((base / p).resolve()): i for i, p in enumerate(cat.paths)}
-    pairs = [(row[str(Path(r["a_path"]).resolve())], row[str(Path(r["b_path"]).resolve())])
-             for r in csv.DictReader(open(shelf, encoding="utf-8"))]
+    with open(shelf, encoding="utf-8") as fh:
+        pairs = [(row[str((GROCERY_DIR / r["a_path"]).resolve())], row[str((GROCERY_DIR / r["b_path"]).resolve())])
+                 for r in csv.DictReader(fh)]  # an absolute path stays itself under the / operator
     a, b = np.array(pairs).T
     s = np.einsum("ij,ij->i", cat.xb[a], cat.xb[b])
     if not verify:
-        return int((s >= default_threshold(cat.meta.model)).sum()), len(pairs)
-    k, loose = candidate_rule(cat.meta.model)
+        t = default_threshold(cat.meta.model) if threshold is None else threshold
+        return int((s >= t).sum()), len(pairs)
+    k, loose = rule or candidate_rule(cat.meta.model)
     S = cat.xb @ cat.xb.T
     np.fill_diagonal(S, -np.inf)
     kth = -np.sort(-S, axis=1)[:, k - 1]
