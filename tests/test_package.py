@@ -19,7 +19,7 @@ SRC = REPO / "src" / "neardup"
 #: package is listed, so a new module must be given its place here.
 LAYERS: list[list[str]] = [
     ["errors", "_lazy"],
-    ["config", "fileio"],
+    ["config", "fileio", "threads"],
     ["__init__", "indexer/__init__", "search/__init__", "store/__init__"],  # lazy re-exports only
     ["indexer/discover"],
     ["indexer/local_features"],

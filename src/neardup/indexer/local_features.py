@@ -13,7 +13,6 @@ extracted), `xy` as fractions of the photo's width and height (so the feature su
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,12 +44,10 @@ class LocalFeatures:
 EMPTY = LocalFeatures(np.zeros((0, 2), np.float32), np.zeros((0, DESC_BYTES), np.uint8))
 
 
-@functools.cache
-def _cv2():
-    import cv2  # lazy: ~0.2 s, and only indexing and verification need it
+def _cv2():  # noqa: ANN202 - the cv2 module
+    from ..threads import opencv  # the thread owner sets its threads
 
-    cv2.setNumThreads(1)  # callers parallelise over photos; nested thread pools only oversubscribe 2 cores
-    return cv2
+    return opencv()
 
 
 def extract_local(img: Image.Image, *, side: int = DEFAULTS.local_side,

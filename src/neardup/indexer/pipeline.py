@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from contextlib import closing
 from dataclasses import dataclass
 
@@ -17,6 +17,7 @@ import numpy as np
 
 from ..config import DEFAULTS
 from ..errors import DecodeError
+from ..threads import thread_pool
 from .decode import Decoded, decode_image, read_file
 from .embed import Embedder
 from .local_features import LocalFeatures
@@ -80,7 +81,7 @@ def prepare_all(paths: Sequence[str], emb: Embedder, *, known: Callable[[str], b
     window = batch_size * 2 + decode_workers
     # one photo (the interactive query) is decoded inline: starting a thread pool costs more than it saves
     workers = decode_workers if len(paths) > 1 else 1
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="neardup-decode") as pool:
+    with thread_pool(workers, "neardup-decode") as pool:
         pending: deque[tuple[str, Future[Prepared]]] = deque()
         it = iter(paths)
         for path in it:

@@ -21,7 +21,6 @@ import os
 import re
 import time
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -34,6 +33,7 @@ from ..indexer.decode import file_local_features, open_upright
 from ..store.generation import Generation
 from ..store.handle import opened
 from ..store.meta import Catalog
+from ..threads import thread_pool
 from .duplicates import DuplicateReport, Pair, find_duplicates
 from .pairs_io import groups_document, read_groups_json, read_pairs_csv
 from .plots import plot_pair
@@ -86,7 +86,7 @@ def make_thumbnails(paths: Iterable[str | os.PathLike[str]], *, workers: int | N
     if not unique:
         return {}
     workers = workers or min(8, (os.cpu_count() or 2) + 2)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="thumb") as pool:
+    with thread_pool(workers, "thumb") as pool:
         return dict(zip(unique, pool.map(lambda p: thumbnail_uri(p, max_side), unique)))
 
 

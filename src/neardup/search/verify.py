@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -24,6 +23,7 @@ from ..errors import DecodeError, StoreError
 from ..indexer.decode import file_local_features
 from ..indexer.local_features import LOCAL_VERSION, LocalFeatures, LocalTable, _cv2
 from ..store.generation import Generation
+from ..threads import thread_pool
 
 log = logging.getLogger(__name__)
 
@@ -187,10 +187,8 @@ def verify_pairs(fa: Sequence[LocalFeatures | None], fb: Sequence[LocalFeatures 
         raise ValueError("fa and fb must have the same length")
     if workers <= 1 or len(fa) < 16:
         return Verified.of([verify_pair(a, b, rule, screen=screen) for a, b in zip(fa, fb)])
-    from ..indexer.faiss_index import one_thread
-
-    # the pairs run in parallel: FAISS's own threads would only contend
-    with one_thread(), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="neardup-verify") as pool:
+    # the pairs run in parallel, each worker on one thread of every library (threads.py)
+    with thread_pool(workers, "neardup-verify") as pool:
         return Verified.of(list(pool.map(lambda ab: verify_pair(ab[0], ab[1], rule, screen=screen),
                                          zip(fa, fb), chunksize=64)))
 
