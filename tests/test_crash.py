@@ -90,47 +90,64 @@ def test_kill_at_random_points_then_resume(photos: Path, tmp_path: Path) -> None
 
 
 READER = r"""
-import sys, time
+import os, sys
 import numpy
 from neardup.search.query import Searcher
 from neardup.search.duplicates import find_duplicates
-store, until, log = sys.argv[1], float(sys.argv[2]), open(sys.argv[3], "w")
+store, stop, log = sys.argv[1], sys.argv[2], open(sys.argv[3], "w")
 seen = set()
-while time.time() < until:
+while not os.path.exists(stop):
     try:
         with Searcher.open(store) as s:
             D, I = s.index.search(numpy.eye(1, 64, dtype="float32"), 1)
             assert s.index.ntotal == len(s.cat.ids)
             find_duplicates(s.gen)
-            seen.add(len(s.cat.ids))
+            if len(s.cat.ids) not in seen:
+                seen.add(len(s.cat.ids))
+                log.write(f"SAW {len(s.cat.ids)}\n"); log.flush()
     except Exception as exc:
         log.write(f"ERROR {type(exc).__name__}: {exc}\n"); log.flush()
-log.write("SEEN " + " ".join(map(str, sorted(seen))) + "\n")
+log.write("DONE\n")
 """
 
 
+def _wait_for(what: str, check, timeout: float = 180.0) -> None:  # noqa: ANN001
+    """Wait for `check()` to hold (a busy machine may take long; the event, not a time window, decides)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
 def test_readers_never_fail_during_updates(photos: Path, tmp_path: Path) -> None:
+    """A reader loops over the store while it grows, shrinks and is compacted: it never fails, and it sees
+    each generation (the test waits for the reader to report each one before the next update)."""
     root = tmp_path / "cat"
     root.mkdir()
     store = tmp_path / "cat.h5"
     for i in range(40):
         os.link(photos / f"img_{i:04d}.png", root / f"img_{i:04d}.png")
     build_index([root], store, model="phash")
-    log = tmp_path / "reader.log"
-    reader = subprocess.Popen([sys.executable, "-c", READER, str(store), str(time.time() + 6), str(log)])
-    time.sleep(1.5)
-    for step in range(8):  # grow and shrink the catalogue while the reader loops
-        for i in range(40 + step * 10, 50 + step * 10):
-            os.link(photos / f"img_{i:04d}.png", root / f"img_{i:04d}.png")
-        if step % 3 == 2:
-            (root / f"img_{step:04d}.png").unlink()
-        build_index([root], store, model="phash")
-        if step % 4 == 3:  # compactions too: every row copied into a new segment, the old ones deleted
-            Store(store).compact()
-    assert reader.wait(timeout=60) == 0
+    log, stop = tmp_path / "reader.log", tmp_path / "stop"
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(store), str(stop), str(log)])
+    saw = lambda n: lambda: log.is_file() and f"SAW {n}" in log.read_text().splitlines()  # noqa: E731
+    try:
+        _wait_for("the reader's first read", saw(40))
+        for step in range(8):  # grow and shrink the catalogue while the reader loops
+            for i in range(40 + step * 10, 50 + step * 10):
+                os.link(photos / f"img_{i:04d}.png", root / f"img_{i:04d}.png")
+            if step % 3 == 2:
+                (root / f"img_{step:04d}.png").unlink()
+            build_index([root], store, model="phash")
+            if step % 4 == 3:  # compactions too: every row copied into a new segment, the old ones deleted
+                Store(store).compact()
+            _wait_for(f"the reader to see update {step}", saw(len(read_catalog(store).ids)))
+    finally:
+        stop.touch()
+    assert reader.wait(timeout=120) == 0
     lines = log.read_text().splitlines()
     assert not [ln for ln in lines if ln.startswith("ERROR")], lines[:5]
-    assert len(lines[-1].split()) > 2  # it saw several versions of the store
+    assert lines[-1] == "DONE"
 
 
 KILLER = r"""
