@@ -111,7 +111,7 @@ class Generation:
             readers: list[SegmentFile] = []
             try:
                 for seg in source.segments:
-                    readers.append(SegmentFile(files.segment(seg.name), seg.sha256))
+                    readers.append(SegmentFile(files.segment(seg.name), seg.sha256, seg.file_sha256, seg.file_bytes))
                 gen = cls(path, files, source, readers)
             except Damage as exc:
                 for r in readers:

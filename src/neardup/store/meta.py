@@ -92,6 +92,9 @@ class Segment:
     sha256: str  #: root digest: the segment's attributes and the digest of every block of every column
     index: str = ""  #: its part of an approximate index: `<store>.segments/<index>.faiss` ("" for none)
     index_sha256: str = ""  #: that file's digest
+    file_sha256: str = ""  #: the digest of the segment file's bytes, checked before HDF5 parses it ("": written
+    #: before segments had one; the next writer adds it)
+    file_bytes: int = 0  #: the segment file's size (with file_sha256)
 
 
 @dataclass

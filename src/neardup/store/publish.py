@@ -27,7 +27,8 @@ from ..errors import InputError, StoreError
 from ..fileio import now_iso
 from ..indexer import faiss_index, index_kinds
 from .files import StoreFiles, new_name
-from .generation import Generation
+from .generation import Generation, damaged
+from .h5io import file_digest
 from .lock import writer_lock
 from .manifest import LegacyFile, open_any, write_manifest
 from .repair import open_healthy
@@ -215,6 +216,7 @@ class Writer:
                        segments=segments, dead=dead, failures=sorted(change.failures),
                        parent=cur.id if cur is not None else "")
         man, reindexed = self._index(man, cur, written, change.reindex or upgrade)
+        man.segments = [s if s.file_sha256 else self._file_digest(s) for s in man.segments]
         # a repair keeps no generation that names a dropped (damaged) segment: it could never be restored
         rotate = files.store.exists() and not self.dropped
         write_manifest(files.store, man, before_replace=files.keep_previous if rotate else None)
@@ -247,6 +249,17 @@ class Writer:
         seg = write_segment(path, n, meta.dim, meta.local_features, created, pieces)
         self._bytes += path.stat().st_size
         return seg
+
+    def _file_digest(self, seg: Segment) -> Segment:
+        """`seg` with its whole-file digest: a segment written before segments had one is read whole and every
+        block checked first (once: the manifest keeps the digest, and readers check it before HDF5 parses)."""
+        with SegmentFile(self.files.segment(seg.name), seg.sha256) as r:
+            try:
+                r.verify()
+            except Damage as exc:
+                raise damaged(self.files.store, exc.reason, segment=seg.name) from None
+        sha, size = file_digest(self.files.segment(seg.name))
+        return replace(seg, file_sha256=sha, file_bytes=size)
 
     def _save(self, index, path: Path) -> str:  # noqa: ANN001
         sha = faiss_index.save_index(index, path)
@@ -383,7 +396,7 @@ class _Pinned(Generation):
         readers = []
         try:
             for s in m.segments:
-                readers.append(SegmentFile(files.segment(s.name), s.sha256))
+                readers.append(SegmentFile(files.segment(s.name), s.sha256, s.file_sha256, s.file_bytes))
         except Damage:
             for r in readers:
                 r.close()

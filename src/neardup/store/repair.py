@@ -35,9 +35,9 @@ def open_healthy(path: Path, files: StoreFiles) -> tuple[Generation, list[tuple[
     readers, kept, dropped = [], [], []
     for seg in source.segments:
         try:
-            r = SegmentFile(files.segment(seg.name), seg.sha256)
+            r = SegmentFile(files.segment(seg.name), seg.sha256, seg.file_sha256, seg.file_bytes)
         except Damage as exc:
-            dropped.append((seg, exc.reason, None))
+            dropped.append((seg, exc.reason, _paths_of_damaged(files, seg) if seg.file_sha256 else None))
             continue
         try:
             r.verify()
@@ -56,3 +56,13 @@ def open_healthy(path: Path, files: StoreFiles) -> tuple[Generation, list[tuple[
                    failures=source.failures, parent=source.parent)
     man.meta = replace(source.meta, count=man.count)
     return Generation(path, files, man, readers), dropped
+
+
+def _paths_of_damaged(files: StoreFiles, seg: Segment) -> list[str] | None:
+    """The paths of a segment whose file does not match its digest, when its root and its paths column still
+    read true (their own digests: damage elsewhere in the file leaves them usable); None otherwise."""
+    try:
+        with SegmentFile(files.segment(seg.name), seg.sha256) as r:
+            return r.paths()
+    except Damage:
+        return None

@@ -22,6 +22,7 @@ import numpy as np
 from ..config import DEFAULTS
 from ..errors import StoreError
 from ..fileio import atomic_write, ensure_space
+from .h5io import H5_ERRORS, check_file, file_digest, h5_create
 from .meta import SEGMENT_FORMAT, Catalog, Segment
 
 #: Bytes of a block of the large columns (embeddings: 32 rows of 2048-d): a scattered row read costs one
@@ -157,7 +158,7 @@ def write_segment(path: Path, n: int, dim: int, local_features: str, created: st
     def write(tmp: str) -> Segment:
         small: dict[str, list] = {}
         digest = {}
-        with h5py.File(tmp, "w", libver=("v110", "latest")) as f:
+        with h5_create(tmp, path) as (f, guard):  # a full disk: an OSError after HDF5 closed the file (h5io)
             for name, (shape, dt) in large.items():
                 rows = block_rows(name, int(np.prod(shape)) * np.dtype(dt).itemsize, n)
                 f.create_dataset(name, shape=(n, *shape), dtype=dt, chunks=(min(rows, n), *shape))
@@ -176,6 +177,7 @@ def write_segment(path: Path, n: int, dim: int, local_features: str, created: st
                     else:
                         small.setdefault(name, []).append(a)
                 at += m
+                guard.check()  # the disk filled: stop now
             if at != n:
                 raise ValueError(f"{at} rows written of the {n} announced")
             cols = {name: (blob("\0".join(p for part in parts for p in part)) if name == "paths"
@@ -194,7 +196,8 @@ def write_segment(path: Path, n: int, dim: int, local_features: str, created: st
                 f[f"digests/{name}"].attrs["block"] = d.block
             for key, v in attrs.items():
                 f.attrs[key] = v
-        return Segment(name=path.stem, rows=n, sha256=_root(attrs, tables))
+        sha, size = file_digest(tmp)
+        return Segment(name=path.stem, rows=n, sha256=_root(attrs, tables), file_sha256=sha, file_bytes=size)
 
     return atomic_write(path, write)
 
@@ -203,11 +206,18 @@ class SegmentFile:
     """A segment opened for reading: its root checked against the manifest's digest, then every block read
     checked against the digest tables held in memory. Raises Damage."""
 
-    def __init__(self, path: Path, sha256: str) -> None:
+    def __init__(self, path: Path, sha256: str, file_sha256: str = "", file_bytes: int = 0) -> None:
         self.path = path
+        if file_sha256:  # the bytes first: HDF5 never parses a damaged file (it has looped forever on one)
+            try:
+                check_file(path, file_sha256, file_bytes)
+            except ValueError as exc:
+                raise Damage(f"segment {path.name}: {exc}", self.path.stem) from None
+            except OSError as exc:
+                raise Damage(f"segment {path.name} cannot be read ({reason_of(exc)})", self.path.stem) from None
         try:
             self._f = h5py.File(path, "r")
-        except OSError as exc:
+        except H5_ERRORS as exc:
             raise Damage(f"segment {path.name} cannot be read ({reason_of(exc)})", self.path.stem) from None
         try:
             attrs = attrs_of(self._f)
@@ -222,7 +232,7 @@ class SegmentFile:
                 raise Damage(f"segment {path.name} does not match the digest its manifest recorded", self.path.stem)
             self.rows, self.dim = int(attrs["rows"]), int(attrs["dim"])
             self.local_features = str(attrs.get("local_features", ""))
-        except (KeyError, OSError, ValueError, TypeError) as exc:
+        except H5_ERRORS as exc:
             self._f.close()
             raise Damage(f"segment {path.name} is damaged ({reason_of(exc)})", self.path.stem) from None
         except Damage:
@@ -247,7 +257,7 @@ class SegmentFile:
         _, _, block, table = self.tables[name]
         try:
             a = self._f[name][start_block * block:stop_block * block]
-        except (KeyError, OSError, ValueError) as exc:
+        except H5_ERRORS as exc:
             raise Damage(f"segment {self.path.name}: {name} cannot be read ({reason_of(exc)})",
                          self.path.stem) from None
         for b in range(start_block, stop_block):
