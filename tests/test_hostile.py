@@ -9,6 +9,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -379,3 +380,50 @@ def test_a_full_disk_ends_with_one_line_and_loses_nothing(small_disk, tmp_path: 
     resize(32 << 20)
     r = nd("update", tmp_path / "imgs", "-s", store)
     assert r.returncode == 0 and "added 150" in r.stdout and len(rows(store)) == 270
+
+
+FILL_HOOK = r"""
+import os, sys
+from neardup import fileio
+import neardup.store.manifest, neardup.store.segment
+left, target = int(sys.argv[1]), sys.argv[2]
+real = fileio.ensure_space
+def filled(path, nbytes):  # the check passes, then another process fills the disk (as in a race)
+    real(path, nbytes)
+    st = os.statvfs(os.path.dirname(str(path)))
+    with open(os.path.join(os.path.dirname(str(path)), "..", "fill") if path.parent.name.endswith(".segments")
+              else os.path.join(os.path.dirname(str(path)), "fill"), "ab") as fh:
+        fh.write(bytes(max(0, st.f_bavail * st.f_frsize - left)))
+setattr(getattr(neardup.store, target), "ensure_space", filled)
+from neardup.cli import main
+sys.argv = ["neardup", *sys.argv[3:]]
+main()
+"""
+
+
+@pytest.mark.parametrize("target", ["segment", "manifest"])
+def test_a_disk_filled_during_a_write_is_one_line_every_time(small_disk, tmp_path: Path, make_images,
+                                                              target: str) -> None:
+    """The disk fills after the space check passed, at several points of HDF5's write: HDF5 never meets the
+    failed write (h5io.GuardedFile), so every run is one line and exit 2 — never a crash at exit (SIGSEGV)."""
+    disk, resize = small_disk
+    make_images(120, size=(200, 200))
+    resize(12 << 20)
+    store = disk / "s.h5"
+    lefts = [0, 64 << 10, 512 << 10, 1 << 20, 1600 << 10] if target == "segment" else [0, 4 << 10]
+    for cmd in ("index", "update"):
+        for left in lefts:
+            if cmd == "update":
+                assert nd("index", tmp_path / "imgs", "-s", store, "--model", "phash").returncode == 0
+                make_images(30, start=200 + left % 1000, folder="more", size=(200, 200))
+                args = ["update", tmp_path / "imgs", tmp_path / "more", "-s", store]
+            else:
+                args = ["index", tmp_path / "imgs", "-s", store, "--model", "phash"]
+            r = subprocess.run([sys.executable, "-c", FILL_HOOK, str(left), target, *map(str, args)],
+                               capture_output=True, text=True, timeout=TIMEOUT, env=ENV)
+            one_line(r, "No space left on device")
+            assert not list(disk.rglob("*.neardup-tmp")), (cmd, left)
+            if cmd == "update":
+                assert nd("info", "--check", "-s", store).returncode == 0  # the store is as it was
+            for p in disk.iterdir():
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
