@@ -504,3 +504,18 @@ def test_bit_rot_is_a_right_answer_or_one_line_naming_the_previous_generation(st
                 one_line(r, "damaged")
         _flipped(path, data, len(data))
     assert rows(store) == want
+
+
+def test_a_symlinked_or_odd_lock_file_is_refused_and_its_target_untouched(store: Path, tmp_path: Path) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    lock = StoreFiles(store).lock
+    lock.unlink()
+    lock.symlink_to(victim)
+    one_line(nd("update", tmp_path / "imgs", "--store", store), "symbolic link", lock.name)
+    assert victim.read_text() == "precious"
+    lock.unlink()
+    os.mkfifo(lock)  # opening a FIFO would block a writer that did not check
+    one_line(nd("update", tmp_path / "imgs", "--store", store), "not a regular file")
+    lock.unlink()
+    assert nd("update", tmp_path / "imgs", "--store", store).returncode == 0

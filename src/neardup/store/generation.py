@@ -197,7 +197,10 @@ class Generation:
                 sha += rs if len(keep) == r.rows else [rs[i] for i in keep]
         n = len(self)
         col = lambda name, dt: self._column(name).astype(dt) if n else np.zeros(0, dt)  # noqa: E731
-        return Catalog(meta=self.meta, ids=col("ids", np.int64), paths=paths, sizes=col("sizes", np.int64),
+        ids = col("ids", np.int64)
+        if len(np.unique(ids)) != len(ids):  # a forged or mixed-up manifest: a photo would pair with itself
+            raise damaged(self.path, "an id is in more than one row of its segments")
+        return Catalog(meta=self.meta, ids=ids, paths=paths, sizes=col("sizes", np.int64),
                        mtimes_ns=col("mtimes_ns", np.int64), sha256=sha, widths=col("widths", np.int32),
                        heights=col("heights", np.int32), xb=None, failures=self.failures)
 
@@ -367,6 +370,7 @@ class Generation:
             for seg, r in zip(self._segments, self._readers):
                 if not seg.sha256 or (seg.name, seg.sha256) not in skip:  # a file before segments: no digest
                     r.verify()
+        self.catalog  # noqa: B018 - its ids are checked unique
         return {(seg.name, seg.sha256) for seg in self._segments if seg.sha256}
 
     def first_damage(self, what: str) -> bool:
