@@ -111,19 +111,25 @@ class StoreFiles:
         """A fresh whole-index file name (published before the manifest that names it)."""
         return f"{self.store.name}.{new_name()}.faiss"
 
-    def remove_unnamed(self, names: Iterable[str], index_files: Iterable[str]) -> None:
-        """Delete this store's segments and index parts (by `names`) and whole-index files that no kept
-        manifest names (call only under the writer lock): what a killed publish or an earlier generation left."""
-        keep_segments, keep_index = set(names), set(index_files)
+    def unnamed(self, names: Iterable[str], index_files: Iterable[str]) -> list[Path]:
+        """This store's segments and index parts (by `names`) and whole-index files that no kept manifest
+        names: what a killed publish or an earlier generation left."""
+        keep_segments, keep_index, out = set(names), set(index_files), []
         if self.segments.is_dir():
             for f in self.segments.iterdir():
                 stem, dot, ext = f.name.partition(".")
                 if _HEX12.fullmatch(stem) and dot and ext in ("h5", "faiss") and stem not in keep_segments:
-                    _unlink(f)
+                    out.append(f)
         pattern = re.compile(rf"{re.escape(self.store.name)}\.[0-9a-f]{{12}}\.faiss")
         for f in self.store.parent.iterdir():
             if pattern.fullmatch(f.name) and f.name not in keep_index:
-                _unlink(f)
+                out.append(f)
+        return sorted(out)
+
+    def remove_unnamed(self, names: Iterable[str], index_files: Iterable[str]) -> None:
+        """Delete what `unnamed` lists (call only under the writer lock)."""
+        for f in self.unnamed(names, index_files):
+            _unlink(f)
 
     def remove_temporaries(self) -> None:
         """Delete temporary files a killed writer left (call only while holding the writer lock)."""

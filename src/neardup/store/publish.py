@@ -79,10 +79,9 @@ def named(man: Manifest | LegacyFile) -> tuple[set[str], set[str]]:
             {man.meta.index_file} - {""})
 
 
-def remove_unnamed(files: StoreFiles, *kept: Manifest | Path) -> None:
-    """Delete the segments and index files that no manifest in `kept` (in memory, or a file) names, under the
-    writer lock. A manifest file that exists but cannot be read stops the clean-up: what it names is unknown,
-    so nothing is deleted (it is said, and the next writer tries again)."""
+def unnamed(files: StoreFiles, *kept: Manifest | Path) -> list[Path] | None:
+    """The segments and index files that no manifest in `kept` (in memory, or a file) names; None when a
+    manifest file exists but cannot be read (what it names is unknown)."""
     names: set[str] = set()
     index_files: set[str] = set()
     for m in kept:
@@ -93,13 +92,23 @@ def remove_unnamed(files: StoreFiles, *kept: Manifest | Path) -> None:
                 m = open_any(m)
             except (StoreError, OSError) as exc:
                 log.warning("not deleting unused segments: %s cannot be read (%s)", m, exc)
-                return
+                return None
             if isinstance(m, LegacyFile):
                 m.close()
         a, b = named(m)
         names |= a
         index_files |= b
-    files.remove_unnamed(names, index_files)
+    return files.unnamed(names, index_files)
+
+
+def remove_unnamed(files: StoreFiles, *kept: Manifest | Path) -> None:
+    """Delete the segments and index files that no manifest in `kept` names, under the writer lock. A manifest
+    file that exists but cannot be read stops the clean-up (it is said, and the next writer tries again)."""
+    for f in unnamed(files, *kept) or ():
+        try:
+            f.unlink()
+        except OSError:
+            pass
 
 
 def merge_start(live: list[int], fanout: int = MERGE_FANOUT, limit: int = MAX_SEGMENTS) -> int | None:
@@ -148,6 +157,8 @@ class Writer:
                                 seg.name, seg.rows, why)
             elif self.files.store.exists():
                 self.current = Generation.open(self.files.store)
+                if self.current.manifest is not None:  # what a writer killed before its publish left (orphans)
+                    remove_unnamed(self.files, self.current.manifest, self.files.previous)
         except BaseException:
             self._lock.__exit__(None, None, None)
             raise
