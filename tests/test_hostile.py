@@ -519,3 +519,22 @@ def test_a_symlinked_or_odd_lock_file_is_refused_and_its_target_untouched(store:
     one_line(nd("update", tmp_path / "imgs", "--store", store), "not a regular file")
     lock.unlink()
     assert nd("update", tmp_path / "imgs", "--store", store).returncode == 0
+
+
+def test_a_renamed_store_says_what_is_wrong_and_works_renamed_whole(tmp_path: Path, make_images) -> None:
+    make_images(12)
+    store = tmp_path / "catalog.h5"
+    assert nd("index", tmp_path / "imgs", "--store", store, "--model", "phash", "--index", "hnsw").returncode == 0
+    other = tmp_path / "other.h5"
+    store.rename(other)  # the manifest alone
+    one_line(nd("info", "--store", other), "segments folder", "was the store renamed",
+             "rename catalog.h5.segments to other.h5.segments")
+    for p in tmp_path.glob("catalog.h5*"):  # and now its files too: it just works
+        p.rename(tmp_path / ("other.h5" + p.name[len("catalog.h5"):]))
+    r = nd("query", tmp_path / "imgs" / "img_0003.jpg", "--store", other, "--json")
+    assert r.returncode == 0 and "index" not in r.stderr, r.stderr  # its HNSW file found under the new name
+    assert json.loads(r.stdout)["results"][0]["matches"][0]["path"].endswith("img_0003.jpg")
+    make_images(2, start=12)
+    assert nd("update", tmp_path / "imgs", "--store", other).returncode == 0
+    r = nd("info", "--check", "--store", other)
+    assert r.returncode == 0 and "ok:" in r.stdout, r.stdout + r.stderr

@@ -104,8 +104,13 @@ class StoreFiles:
         return self.store.resolve().parent / self.segments.name / f"{name}.faiss"
 
     def index(self, index_file: str) -> Path:
-        """Where a whole-index file named in the manifest lies (beside the store's real file)."""
-        return self.store.resolve().parent / index_file
+        """Where a whole-index file (or the int8 model) named in the manifest lies: beside the store's real
+        file, under the name recorded or, for a store renamed with its files, under the store's new name."""
+        path = self.store.resolve().parent / index_file
+        tail = _tail(index_file)
+        if tail and not path.exists() and (path.parent / (self.store.name + tail)).exists():
+            return path.parent / (self.store.name + tail)
+        return path
 
     def new_index_name(self) -> str:
         """A fresh whole-index file name (published before the manifest that names it)."""
@@ -121,8 +126,9 @@ class StoreFiles:
                 if _HEX12.fullmatch(stem) and dot and ext in ("h5", "faiss") and stem not in keep_segments:
                     out.append(f)
         pattern = re.compile(rf"{re.escape(self.store.name)}\.[0-9a-f]{{12}}\.faiss")
+        keep_tails = {_tail(k) for k in keep_index}  # a store renamed with its files keeps them
         for f in self.store.parent.iterdir():
-            if pattern.fullmatch(f.name) and f.name not in keep_index:
+            if pattern.fullmatch(f.name) and f.name not in keep_index and _tail(f.name) not in keep_tails:
                 out.append(f)
         return sorted(out)
 
@@ -194,6 +200,13 @@ class StoreFiles:
     def remove_work(self) -> None:
         """Delete the checkpoint folder (its work is in the published store, or is being discarded)."""
         shutil.rmtree(self.work, ignore_errors=True)
+
+
+def _tail(file_name: str) -> str:
+    """The part of a whole-index or int8-model file name after its store's name (".<12 hex>.faiss",
+    ".int8.onnx"); "" for another name."""
+    m = re.fullmatch(r".+?(\.[0-9a-f]{12}\.faiss|\.int8\.onnx)", file_name)
+    return m.group(1) if m else ""
 
 
 def _unlink(path: Path) -> None:
