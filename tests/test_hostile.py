@@ -538,3 +538,19 @@ def test_a_renamed_store_says_what_is_wrong_and_works_renamed_whole(tmp_path: Pa
     assert nd("update", tmp_path / "imgs", "--store", other).returncode == 0
     r = nd("info", "--check", "--store", other)
     assert r.returncode == 0 and "ok:" in r.stdout, r.stdout + r.stderr
+
+
+def test_a_first_generations_damaged_manifest_is_rebuilt_from_its_segments(store: Path, tmp_path: Path) -> None:
+    """No previous generation to restore, every segment intact: `update --repair` rebuilds the manifest from the
+    segments (each records the store's meta) instead of embedding every photo again."""
+    before = rows(store)
+    data = bytearray(store.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    store.write_bytes(bytes(data))
+    one_line(nd("info", "--store", store), "damaged", "no previous generation")
+    r = nd("update", tmp_path / "imgs", "--store", store, "--repair")
+    assert r.returncode == 0 and "rebuilt from its 1 segments" in r.stderr, r.stdout + r.stderr
+    assert "embedded" not in r.stdout and "added 0" in r.stdout, r.stdout  # nothing embedded again
+    assert rows(store) == before and StoreFiles(store).damaged.exists()
+    r = nd("info", "--check", "--store", store)
+    assert r.returncode == 0 and "model  phash" in r.stdout, r.stdout

@@ -15,6 +15,7 @@ manifest names it any more, deleted (a reader that has it open keeps reading it)
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -30,10 +31,10 @@ from .files import StoreFiles, new_name
 from .generation import Generation, damaged
 from .h5io import file_digest
 from .lock import writer_lock
-from .manifest import LegacyFile, open_any, write_manifest
-from .repair import open_healthy
-from .meta import SCHEMA_VERSION, Catalog, Manifest, Segment, StoreMeta
-from .segment import Damage, SegmentFile, segment_columns, write_segment
+from .manifest import LegacyFile, is_store, open_any, write_manifest
+from .repair import open_healthy, rebuild
+from .meta import RECORDED, SCHEMA_VERSION, Catalog, Manifest, Segment, StoreMeta
+from .segment import Damage, SegmentFile, plain, segment_columns, write_segment
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,8 @@ class Writer:
         self.dropped: list[tuple[Segment, str, list[str] | None]] = []
         self._lock = None
         self._bytes = 0
+        #: with `repair`: the manifest was damaged and rebuilt from the segments (published by the next publish)
+        self.rebuilt = False
 
     def __enter__(self) -> Writer:
         self._lock = writer_lock(self.files)
@@ -151,7 +154,16 @@ class Writer:
             self.files.remove_temporaries()
             self.files.finish_restore()
             if self.files.store.exists() and self.repair:  # every block read; damaged segments left out
-                self.current, self.dropped = open_healthy(self.files.store, self.files)
+                try:
+                    self.current, self.dropped = open_healthy(self.files.store, self.files)
+                except StoreError as exc:  # the manifest: rebuilt from the segments when none can be restored
+                    if not getattr(exc, "reason", "") or getattr(exc, "segment", "") or is_store(self.files.previous):
+                        raise
+                    self.current, self.dropped = rebuild(self.files.store, self.files, exc.reason)
+                    self.rebuilt = True
+                    log.warning("the manifest of %s is damaged (%s) and no previous generation can be restored: "
+                                "rebuilt from its %d segments (%d rows; nothing embedded again)", self.files.store,
+                                exc.reason, len(self.current.segments), len(self.current))
                 for seg, why, _ in self.dropped:
                     log.warning("segment %s (%d rows) is damaged (%s): left out; its photos are indexed again",
                                 seg.name, seg.rows, why)
@@ -229,7 +241,9 @@ class Writer:
         man, reindexed = self._index(man, cur, written, change.reindex or upgrade)
         man.segments = [s if s.file_sha256 else self._file_digest(s) for s in man.segments]
         # a repair keeps no generation that names a dropped (damaged) segment: it could never be restored
-        rotate = files.store.exists() and not self.dropped
+        rotate = files.store.exists() and not self.dropped and not self.rebuilt
+        if self.rebuilt:  # the damaged manifest is kept aside for inspection (never read), as restore does
+            files.link_as(files.damaged)
         write_manifest(files.store, man, before_replace=files.keep_previous if rotate else None)
         if self.dropped and files.previous.exists():
             try:
@@ -245,7 +259,7 @@ class Writer:
                         "upgraded" if upgrade else "compacted" if full and cur is not None else merged, reindexed)
         if cur is not None:  # later publishes of this writer build on the one just made
             cur.close()
-        self.current, self.dropped = Generation.open(files.store), []
+        self.current, self.dropped, self.rebuilt = Generation.open(files.store), [], False
         return out
 
     def compact(self) -> Published:
@@ -257,7 +271,8 @@ class Writer:
     def _segment(self, n: int, meta: StoreMeta, created: str,
                  pieces: Iterator[dict[str, np.ndarray | list[str]]]) -> Segment:
         path = self.files.segment(new_name())
-        seg = write_segment(path, n, meta.dim, meta.local_features, created, pieces)
+        recorded = json.dumps({k: plain(getattr(meta, k)) for k in RECORDED})  # a lost manifest is rebuilt from it
+        seg = write_segment(path, n, meta.dim, meta.local_features, created, pieces, recorded)
         self._bytes += path.stat().st_size
         return seg
 

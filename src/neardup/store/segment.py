@@ -140,17 +140,19 @@ class _Digester:
 
 
 def write_segment(path: Path, n: int, dim: int, local_features: str, created: str,
-                  pieces: Iterable[dict[str, np.ndarray | list[str]]]) -> Segment:
+                  pieces: Iterable[dict[str, np.ndarray | list[str]]], meta: str = "") -> Segment:
     """Write an immutable segment of n rows atomically from `pieces` (segment_columns of consecutive rows,
     in order: memory is one piece, whatever n), and return its manifest entry. With `local_features` the
-    pieces carry local/* columns."""
+    pieces carry local/* columns. `meta` (JSON) is the store's meta as it was written: with it, a manifest
+    that is lost can be rebuilt from its segments (repair.rebuild)."""
     if n <= 0:
         raise ValueError("a segment holds at least one row")
     k = DEFAULTS.local_keypoints
     large = {"embeddings": ((dim,), np.float32)}
     if local_features:
         large.update({"local/xy": ((k, 2), np.float16), "local/desc": ((k, 32), np.uint8)})
-    attrs = {"format": SEGMENT_FORMAT, "rows": n, "dim": dim, "local_features": local_features, "created": created}
+    attrs = {"format": SEGMENT_FORMAT, "rows": n, "dim": dim, "local_features": local_features, "created": created,
+             **({"meta": meta} if meta else {})}
     # an upper bound of the file's size: the columns (paths at 256 bytes), their digests and HDF5's own
     row = 4 * dim + 256 + 48 + (k * 2 * 2 + k * 32 + 2 if local_features else 0)
     ensure_space(path, n * row * 1.05 + (1 << 20))
@@ -206,7 +208,8 @@ class SegmentFile:
     """A segment opened for reading: its root checked against the manifest's digest, then every block read
     checked against the digest tables held in memory. Raises Damage."""
 
-    def __init__(self, path: Path, sha256: str, file_sha256: str = "", file_bytes: int = 0) -> None:
+    def __init__(self, path: Path, sha256: str | None, file_sha256: str = "", file_bytes: int = 0) -> None:
+        """`sha256` None: no manifest to check the root against (a rebuild: `root` is what it computes)."""
         self.path = path
         if file_sha256:  # the bytes first: HDF5 never parses a damaged file (it has looped forever on one)
             try:
@@ -228,7 +231,8 @@ class SegmentFile:
                 if name in self._f and name not in self.tables:
                     ds, dg = self._f[name], self._f[f"digests/{name}"]
                     self.tables[name] = (ds.dtype.str, tuple(ds.shape), int(dg.attrs["block"]), dg[()])
-            if _root(attrs, self.tables) != sha256:
+            self.attrs, self.root = attrs, _root(attrs, self.tables)
+            if sha256 is not None and self.root != sha256:
                 raise Damage(f"segment {path.name} does not match the digest its manifest recorded", self.path.stem)
             self.rows, self.dim = int(attrs["rows"]), int(attrs["dim"])
             self.local_features = str(attrs.get("local_features", ""))
