@@ -95,6 +95,16 @@ class StoreFiles:
         """The folder of the store's immutable segments and their index files."""
         return self._beside(".segments")
 
+    def renamed_advice(self, path: str | os.PathLike[str], segment: str) -> str:
+        """What to say when the segments folder is missing: where the store's segments are, if a folder
+        beside holds `segment` (the manifest was renamed, or moved, without its folder)."""
+        where = [d for d in self.segments.parent.glob("*.segments") if (d / f"{segment}.h5").is_file()]
+        if where:
+            return (f"the segments folder of {path} was not found at {self.segments}, but {where[0]} holds its "
+                    f"segments: was the store renamed? rename {where[0].name} to {self.segments.name} too")
+        return (f"the segments folder of {path} was not found at {self.segments}: was the store renamed or moved? "
+                f"move its `<old name>.segments` folder beside it as {self.segments.name} too")
+
     def segment(self, name: str) -> Path:
         """Segment `name`'s HDF5 file."""
         return self.store.resolve().parent / self.segments.name / f"{name}.h5"

@@ -54,7 +54,7 @@ def damaged(path: str | os.PathLike[str], reason: str, hint: bool = True, segmen
               f"again")
     files = StoreFiles.of_manifest(path)
     if segment and not files.segments.is_dir():  # not damage: the manifest was renamed without its folder
-        err = StoreError(renamed(path, files, segment))
+        err = StoreError(files.renamed_advice(path, segment))
         err.reason, err.segment = f"segments folder not found at {files.segments}", segment
         return err
     if segment and not files.segment(segment).exists():  # a manifest from elsewhere, or segments deleted
@@ -64,17 +64,6 @@ def damaged(path: str | os.PathLike[str], reason: str, hint: bool = True, segmen
     err = StoreError(f"{path} is damaged or incomplete ({reason})" + (f"; {advice}" if hint else ""))
     err.reason, err.segment = reason, segment
     return err
-
-
-def renamed(path: str | os.PathLike[str], files: StoreFiles, segment: str) -> str:
-    """What to say when a store's segments folder is missing: where its segments are, if a folder beside holds
-    them (the manifest was renamed, or moved, without its folder)."""
-    where = [d for d in files.segments.parent.glob("*.segments") if (d / f"{segment}.h5").is_file()]
-    if files.segments.parent.is_dir() and where:
-        return (f"the segments folder of {path} was not found at {files.segments}, but {where[0]} holds its "
-                f"segments: was the store renamed? rename {where[0].name} to {files.segments.name} too")
-    return (f"the segments folder of {path} was not found at {files.segments}: was the store renamed or moved? "
-            f"move its `<old name>.segments` folder beside it as {files.segments.name} too")
 
 
 class Generation:
@@ -126,7 +115,7 @@ class Generation:
             readers: list[SegmentFile] = []
             try:
                 for seg in source.segments:
-                    readers.append(SegmentFile(files.segment(seg.name), seg.sha256, seg.file_sha256, seg.file_bytes))
+                    readers.append(SegmentFile(files.segment(seg.name), seg.sha256, seg))
                 gen = cls(path, files, source, readers)
             except Damage as exc:
                 for r in readers:

@@ -8,7 +8,8 @@ and closes cleanly; the recorded error is raised after the close, and the writer
 
 Reading: HDF5 parses damaged metadata badly (a flipped byte has made it loop forever, or fail with errors
 of any type), so bytes are checked before HDF5 sees them: a manifest carries the digest of its own bytes in
-its userblock (512 bytes HDF5 skips), and a segment's whole-file digest is recorded in the manifest.
+its userblock (512 bytes HDF5 skips), and the manifest records the digest of a segment's bytes but its
+vectors' and local features' chunk data (HDF5 copies those without parsing; each block has its own digest).
 """
 from __future__ import annotations
 
@@ -193,10 +194,36 @@ def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def check_file(path: Path, sha256: str, size: int) -> None:
-    """Check a segment's whole-file digest and size before HDF5 opens it: once per file per process (the
-    file is immutable; its blocks are checked again on every read). Raises ValueError when it does not
-    match, OSError when it cannot be read."""
+def _gaps(size: int, data: tuple[tuple[int, int], ...]) -> Iterator[tuple[int, int]]:
+    """The byte ranges of a file of `size` bytes outside the sorted, disjoint ranges `data`."""
+    at = 0
+    for a, b in data:
+        if not at <= a <= b <= size:
+            raise ValueError("the manifest's byte ranges for the file are not its own")
+        if at < a:
+            yield at, a
+        at = b
+    if at < size:
+        yield at, size
+
+
+def _skeleton_digest(fd: int, size: int, data: tuple[tuple[int, int], ...]) -> str:
+    h = hashlib.sha256(f"{size}\0".encode())
+    for a, b in _gaps(size, data):
+        while a < b:
+            block = os.pread(fd, min(b - a, 1 << 20), a)
+            if not block:
+                raise ValueError(f"the file ends at byte {a}")
+            h.update(block)
+            a += len(block)
+    return h.hexdigest()
+
+
+def check_file(path: Path, sha256: str, size: int, data: tuple[tuple[int, int], ...]) -> None:
+    """Check a segment's digest before HDF5 opens it: every byte but the large columns' chunk data (`data`:
+    HDF5 copies those without parsing them, and each block of them is checked when it is read), so opening
+    costs a read of its metadata and small columns, not of its vectors. Once per file per process (the file
+    is immutable). Raises ValueError when it does not match, OSError when it cannot be read."""
     with open(path, "rb") as fh:
         ident = _identity(os.fstat(fh.fileno()))
         with _checked_lock:
@@ -205,22 +232,29 @@ def check_file(path: Path, sha256: str, size: int) -> None:
         if ident[2] != size:
             raise ValueError(f"the file is truncated ({ident[2]} of {size} bytes)" if ident[2] < size else
                              f"the file holds {ident[2]} bytes, not {size}")
-        h = hashlib.sha256()
-        while block := fh.read(1 << 20):
-            h.update(block)
-    if h.hexdigest() != sha256:
-        raise ValueError("the file does not match its digest")
+        if _skeleton_digest(fh.fileno(), size, data) != sha256:
+            raise ValueError("the file does not match its digest")
     with _checked_lock:
         _checked[ident] = sha256
 
 
-def file_digest(path: str | os.PathLike[str]) -> tuple[str, int]:
-    """The whole-file digest and size of a segment just written (it is then known checked in this process)."""
+def file_digest(path: str | os.PathLike[str], large: tuple[str, ...]) -> tuple[str, int, tuple[tuple[int, int], ...]]:
+    """The digest, size and chunk-data ranges (of the datasets `large`) of a segment just written (then known
+    checked in this process): what `check_file` checks."""
+    spans: list[tuple[int, int]] = []
+    with h5py.File(path, "r") as f:  # our own file, just written: safe to parse
+        for name in large:
+            if name in f:
+                f[name].id.chunk_iter(lambda c: spans.append((c.byte_offset, c.byte_offset + c.size)))
+    data: list[tuple[int, int]] = []
+    for a, b in sorted(spans):  # coalesced: the chunks of a column lie mostly one after another
+        if data and a <= data[-1][1]:
+            data[-1] = (data[-1][0], max(data[-1][1], b))
+        else:
+            data.append((a, b))
     with open(path, "rb") as fh:
-        h = hashlib.sha256()
-        while block := fh.read(1 << 20):
-            h.update(block)
         ident = _identity(os.fstat(fh.fileno()))
+        digest = _skeleton_digest(fh.fileno(), ident[2], tuple(data))
     with _checked_lock:
-        _checked[ident] = h.hexdigest()
-    return h.hexdigest(), ident[2]
+        _checked[ident] = digest
+    return digest, ident[2], tuple(data)

@@ -18,7 +18,8 @@ from ..indexer.models import make_embedder
 from .files import StoreFiles
 from .generation import Generation
 from .meta import Catalog, StoreMeta
-from .publish import Change, Published, Writer, unnamed
+from .manifest import unnamed
+from .publish import Change, Published, Writer
 from .restore import Restored, restore_previous
 
 

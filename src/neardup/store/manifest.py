@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import fields, replace
 from pathlib import Path
@@ -19,9 +20,13 @@ import numpy as np
 
 from ..errors import StoreError
 from ..fileio import atomic_write, ensure_space
+from .files import StoreFiles
 from .h5io import H5_ERRORS, HDF5_SIGNATURE, USERBLOCK, h5_create, seal, unseal
 from .meta import FORMAT, INDEX_DEFAULTS, LEGACY_SCHEMA, RECORDED, SCHEMA_VERSION, Manifest, Segment, StoreMeta
 from .segment import Damage, attrs_of, blob, canonical, plain, text_of, reason_of
+
+log = logging.getLogger(__name__)
+
 
 def _manifest_digest(attrs: dict[str, object], data: dict[str, np.ndarray]) -> str:
     h = hashlib.sha256(canonical(attrs))
@@ -49,7 +54,7 @@ def write_manifest(path: Path, man: Manifest, before_replace: Callable[[], objec
     """Publish `man` at `path` atomically (`before_replace`: see atomic_write)."""
     attrs = {"format": FORMAT, **{k: plain(getattr(man.meta, k)) for k in RECORDED},
              "schema_version": SCHEMA_VERSION, "parent": man.parent,
-             "segment_files": json.dumps([[s.file_sha256, s.file_bytes] for s in man.segments])}
+             "segment_files": json.dumps([[s.file_sha256, s.file_bytes, s.file_data] for s in man.segments])}
     data = _manifest_data(man)
     attrs["manifest_sha256"] = _manifest_digest(attrs, data)
     ensure_space(path, sum(a.nbytes for a in data.values()) + (256 << 10))
@@ -92,11 +97,12 @@ def _read_manifest(f: h5py.File) -> Manifest:
         raise Damage("the manifest does not match its digest")
     try:
         segments = [Segment(**s) for s in json.loads(text_of(data["segments"]))]
-        files = json.loads(str(attrs.get("segment_files", "[]"))) or [["", 0]] * len(segments)
-        if len(files) != len(segments) or not all(isinstance(x, list) and len(x) == 2 and isinstance(x[0], str)
+        files = json.loads(str(attrs.get("segment_files", "[]"))) or [["", 0, []]] * len(segments)
+        if len(files) != len(segments) or not all(isinstance(x, list) and len(x) == 3 and isinstance(x[0], str)
                                                   and isinstance(x[1], int) for x in files):
             raise ValueError("segment_files does not list the segments")
-        segments = [replace(s, file_sha256=x, file_bytes=n) for s, (x, n) in zip(segments, files)]
+        segments = [replace(s, file_sha256=x, file_bytes=n, file_data=tuple((int(a), int(b)) for a, b in r))
+                    for s, (x, n, r) in zip(segments, files)]
     except (TypeError, ValueError, AttributeError) as exc:  # written by no writer of ours
         raise Damage(f"the manifest's segment table cannot be read ({reason_of(exc)})") from None
     if len({s.name for s in segments}) != len(segments):  # a forged table: rows would be served twice
@@ -245,3 +251,43 @@ def is_store(path: Path) -> bool:
             return f.attrs.get("format") == FORMAT
     except (Damage, *H5_ERRORS):
         return False
+
+
+def named(man: Manifest | LegacyFile) -> tuple[set[str], set[str]]:
+    """(segment and index-part names, whole-index files) a manifest names."""
+    if isinstance(man, LegacyFile):
+        return set(), {man.meta.index_file} - {""}
+    return ({s.name for s in man.segments} | {s.index for s in man.segments if s.index},
+            {man.meta.index_file} - {""})
+
+
+def unnamed(files: StoreFiles, *kept: Manifest | Path) -> list[Path] | None:
+    """The segments and index files that no manifest in `kept` (in memory, or a file) names; None when a
+    manifest file exists but cannot be read (what it names is unknown)."""
+    names: set[str] = set()
+    index_files: set[str] = set()
+    for m in kept:
+        if isinstance(m, Path):
+            if not m.exists():
+                continue
+            try:
+                m = open_any(m)
+            except (StoreError, OSError) as exc:
+                log.warning("not deleting unused segments: %s cannot be read (%s)", m, exc)
+                return None
+            if isinstance(m, LegacyFile):
+                m.close()
+        a, b = named(m)
+        names |= a
+        index_files |= b
+    return files.unnamed(names, index_files)
+
+
+def remove_unnamed(files: StoreFiles, *kept: Manifest | Path) -> None:
+    """Delete the segments and index files that no manifest in `kept` names, under the writer lock. A manifest
+    file that exists but cannot be read stops the clean-up (it is said, and the next writer tries again)."""
+    for f in unnamed(files, *kept) or ():
+        try:
+            f.unlink()
+        except OSError:
+            pass

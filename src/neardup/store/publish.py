@@ -31,10 +31,10 @@ from .files import StoreFiles, new_name
 from .generation import Generation, damaged
 from .h5io import file_digest
 from .lock import writer_lock
-from .manifest import LegacyFile, is_store, open_any, write_manifest
+from .manifest import is_store, named, open_any, remove_unnamed, write_manifest
 from .repair import open_healthy, rebuild
 from .meta import RECORDED, SCHEMA_VERSION, Catalog, Manifest, Segment, StoreMeta
-from .segment import Damage, SegmentFile, plain, segment_columns, write_segment
+from .segment import LARGE, Damage, SegmentFile, plain, segment_columns, write_segment
 
 log = logging.getLogger(__name__)
 
@@ -70,46 +70,6 @@ class Published:
     bytes_written: int  #: bytes of the new segments, index files and manifest that it keeps
     compacted: str  #: "", "merged N segments", "compacted" or "upgraded": what compaction did
     reindexed: bool
-
-
-def named(man: Manifest | LegacyFile) -> tuple[set[str], set[str]]:
-    """(segment and index-part names, whole-index files) a manifest names."""
-    if isinstance(man, LegacyFile):
-        return set(), {man.meta.index_file} - {""}
-    return ({s.name for s in man.segments} | {s.index for s in man.segments if s.index},
-            {man.meta.index_file} - {""})
-
-
-def unnamed(files: StoreFiles, *kept: Manifest | Path) -> list[Path] | None:
-    """The segments and index files that no manifest in `kept` (in memory, or a file) names; None when a
-    manifest file exists but cannot be read (what it names is unknown)."""
-    names: set[str] = set()
-    index_files: set[str] = set()
-    for m in kept:
-        if isinstance(m, Path):
-            if not m.exists():
-                continue
-            try:
-                m = open_any(m)
-            except (StoreError, OSError) as exc:
-                log.warning("not deleting unused segments: %s cannot be read (%s)", m, exc)
-                return None
-            if isinstance(m, LegacyFile):
-                m.close()
-        a, b = named(m)
-        names |= a
-        index_files |= b
-    return files.unnamed(names, index_files)
-
-
-def remove_unnamed(files: StoreFiles, *kept: Manifest | Path) -> None:
-    """Delete the segments and index files that no manifest in `kept` names, under the writer lock. A manifest
-    file that exists but cannot be read stops the clean-up (it is said, and the next writer tries again)."""
-    for f in unnamed(files, *kept) or ():
-        try:
-            f.unlink()
-        except OSError:
-            pass
 
 
 def merge_start(live: list[int], fanout: int = MERGE_FANOUT, limit: int = MAX_SEGMENTS) -> int | None:
@@ -184,7 +144,18 @@ class Writer:
     # ------------------------------------------------------------------------------------------ publish
     def publish(self, change: Change, *, compact: bool | None = None) -> Published:
         """Publish the next generation: `change` applied to the current one. `compact` forces (True) or
-        forbids (False) a full compaction; None decides by the dead share. Returns what was written."""
+        forbids (False) a full compaction; None decides by the dead share. Returns what was written. A
+        publish that fails (a full disk) deletes the files it wrote that no manifest on disk names."""
+        try:
+            return self._publish(change, compact)
+        except BaseException:
+            try:
+                remove_unnamed(self.files, self.files.store, self.files.previous)
+            except Exception:  # noqa: BLE001 - the first error is the one to report; the next writer retries
+                pass
+            raise
+
+    def _publish(self, change: Change, compact: bool | None) -> Published:
         cur, files = self.current, self.files
         files.segments.mkdir(exist_ok=True)
         self._bytes, created = 0, now_iso()
@@ -284,8 +255,8 @@ class Writer:
                 r.verify()
             except Damage as exc:
                 raise damaged(self.files.store, exc.reason, segment=seg.name) from None
-        sha, size = file_digest(self.files.segment(seg.name))
-        return replace(seg, file_sha256=sha, file_bytes=size)
+        sha, size, data = file_digest(self.files.segment(seg.name), LARGE)
+        return replace(seg, file_sha256=sha, file_bytes=size, file_data=data)
 
     def _save(self, index, path: Path) -> str:  # noqa: ANN001
         sha = faiss_index.save_index(index, path)
@@ -422,7 +393,7 @@ class _Pinned(Generation):
         readers = []
         try:
             for s in m.segments:
-                readers.append(SegmentFile(files.segment(s.name), s.sha256, s.file_sha256, s.file_bytes))
+                readers.append(SegmentFile(files.segment(s.name), s.sha256, s))
         except Damage:
             for r in readers:
                 r.close()

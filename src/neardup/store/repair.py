@@ -19,7 +19,7 @@ from .generation import Generation, damaged
 from .h5io import file_digest
 from .manifest import LegacyFile, _meta, open_any
 from .meta import Manifest, Segment
-from .segment import Damage, SegmentFile
+from .segment import LARGE, Damage, SegmentFile
 
 
 def open_healthy(path: Path, files: StoreFiles) -> tuple[Generation, list[tuple[Segment, str, list[str] | None]]]:
@@ -40,7 +40,7 @@ def open_healthy(path: Path, files: StoreFiles) -> tuple[Generation, list[tuple[
     readers, kept, dropped = [], [], []
     for seg in source.segments:
         try:
-            r = SegmentFile(files.segment(seg.name), seg.sha256, seg.file_sha256, seg.file_bytes)
+            r = SegmentFile(files.segment(seg.name), seg.sha256, seg)
         except Damage as exc:
             dropped.append((seg, exc.reason, _paths_of_damaged(files, seg) if seg.file_sha256 else None))
             continue
@@ -116,8 +116,8 @@ def rebuild(path: Path, files: StoreFiles, why: str) -> tuple[Generation, list[t
             if not live.any():
                 r.close()
                 continue
-            sha, size = file_digest(files.segment(name))
-            kept.append((Segment(name, r.rows, r.root, file_sha256=sha, file_bytes=size), r, live))
+            sha, size, data = file_digest(files.segment(name), LARGE)
+            kept.append((Segment(name, r.rows, r.root, file_sha256=sha, file_bytes=size, file_data=data), r, live))
         kept.reverse()
     except BaseException:
         for _, _, r, _ in found:

@@ -198,8 +198,9 @@ def write_segment(path: Path, n: int, dim: int, local_features: str, created: st
                 f[f"digests/{name}"].attrs["block"] = d.block
             for key, v in attrs.items():
                 f.attrs[key] = v
-        sha, size = file_digest(tmp)
-        return Segment(name=path.stem, rows=n, sha256=_root(attrs, tables), file_sha256=sha, file_bytes=size)
+        sha, size, data = file_digest(tmp, LARGE)
+        return Segment(name=path.stem, rows=n, sha256=_root(attrs, tables), file_sha256=sha, file_bytes=size,
+                       file_data=data)
 
     return atomic_write(path, write)
 
@@ -208,12 +209,13 @@ class SegmentFile:
     """A segment opened for reading: its root checked against the manifest's digest, then every block read
     checked against the digest tables held in memory. Raises Damage."""
 
-    def __init__(self, path: Path, sha256: str | None, file_sha256: str = "", file_bytes: int = 0) -> None:
-        """`sha256` None: no manifest to check the root against (a rebuild: `root` is what it computes)."""
+    def __init__(self, path: Path, sha256: str | None, seg: Segment | None = None) -> None:
+        """`sha256` None: no manifest to check the root against (a rebuild: `root` is what it computes).
+        `seg`: its manifest entry, whose file digest is checked first (when it has one)."""
         self.path = path
-        if file_sha256:  # the bytes first: HDF5 never parses a damaged file (it has looped forever on one)
-            try:
-                check_file(path, file_sha256, file_bytes)
+        if seg is not None and seg.file_sha256:  # the bytes first: HDF5 never parses a damaged file (it has
+            try:                                  # looped forever on one)
+                check_file(path, seg.file_sha256, seg.file_bytes, seg.file_data)
             except ValueError as exc:
                 raise Damage(f"segment {path.name}: {exc}", self.path.stem) from None
             except OSError as exc:
