@@ -220,3 +220,27 @@ def test_kill_at_every_step_of_an_update(photos: Path, tmp_path: Path) -> None:
         with Store.open(store) as gen, Store(store).previous() as prev:  # nothing unnamed is left behind
             assert left <= {s.name for s in gen.segments} | {s.name for s in prev.segments}, n
         assert not list(store.parent.rglob("*.neardup-tmp")), n
+
+
+def test_orphans_of_a_killed_merge_are_reported_and_collected_by_the_next_writer(photos: Path, tmp_path: Path) -> None:
+    """A writer killed after a segment (and its index part) was renamed into place but before the manifest that
+    names it: `info --check` reports the orphans (exit 1) and the next writer deletes them, even when it has
+    nothing to publish."""
+    root = tmp_path / "cat"
+    root.mkdir()
+    for i in range(12):
+        os.link(photos / f"img_{i:04d}.png", root / f"img_{i:04d}.png")
+    store = tmp_path / "cat.h5"
+    build_index([root], store, model="phash")
+    files = StoreFiles(store)
+    with Store.open(store) as gen:
+        seg = files.segment(gen.segments[0].name)
+    orphans = [files.segments / "0123456789ab.h5", files.segments / "0123456789ab.faiss"]
+    shutil.copyfile(seg, orphans[0])  # what a merge killed before its publish leaves
+    orphans[1].write_bytes(b"part")
+    r = subprocess.run(_cli("info", "--check", "--store", str(store)), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "2 file(s) that no kept generation names" in r.stdout, r.stdout
+    s = build_index([root], store, model="phash")  # nothing changed: nothing published
+    assert not s.wrote and not any(p.exists() for p in orphans)
+    r = subprocess.run(_cli("info", "--check", "--store", str(store)), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout

@@ -34,7 +34,7 @@ LAYERS: list[list[str]] = [
     ["indexer/index_kinds"],
     ["indexer/faiss_index"],
     ["store/files"],
-    ["store/lock", "store/meta"],
+    ["store/lock", "store/meta", "store/h5io"],
     ["store/segment"],
     ["store/manifest"],
     ["store/generation"],

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
@@ -463,3 +464,26 @@ def _photos_found_in(store: Path, folder: Path) -> int:
     r = nd("query", folder, "--store", store, "--json")
     doc = json.loads(r.stdout)
     return sum(res["matches"][0]["path"] == os.path.relpath(res["query"], store.parent) for res in doc["results"])
+
+
+def test_a_manifest_naming_a_segment_twice_or_an_id_twice_is_refused(tmp_path: Path) -> None:
+    """A forged manifest (its digests made anew) listing one segment twice, or two copies of one segment: each
+    photo would pair with itself. Refused as damaged, by readers and by the full check."""
+    from neardup.store.manifest import write_manifest
+
+    store = tmp_path / "s.h5"
+    write_catalog(store, _catalog(10, 8))
+    with Store.open(store) as gen:
+        man = gen.manifest
+    twice = replace(man, segments=man.segments * 2)
+    twice.meta = replace(man.meta, count=20)
+    write_manifest(store, twice)
+    with pytest.raises(StoreError, match="names a segment more than once"):
+        Store.open(store)
+    copy = replace(man.segments[0], name="0123456789ab")
+    shutil.copyfile(StoreFiles(store).segment(man.segments[0].name), StoreFiles(store).segment(copy.name))
+    write_manifest(store, replace(twice, segments=[man.segments[0], copy]))
+    with pytest.raises(StoreError, match="an id is in more than one row"):
+        Store(store).check()
+    r = nd("duplicates", "--store", store)
+    assert r.returncode == 2 and "an id is in more than one row" in r.stderr and "\n" not in r.stderr.strip()

@@ -240,12 +240,12 @@ def build_index(
         elif gen is not None and compact:
             summary.published = w.publish(Change(replace(gen.meta, **asked_index, **moved_model),
                                                  failures=gen.failures, reindex=True), compact=True)
-        elif gen is not None and (repointed or reindex or gen.manifest is None or dropped or
+        elif gen is not None and (repointed or reindex or gen.manifest is None or dropped or w.rebuilt or
                                   not gen.index_intact(full=repair)):
             # a moved onnx model (its new place), another index asked for, a store written before segments
             # (upgraded: its rows copied, nothing embedded) or an index file lost (or, with --repair, damaged:
             # a publish checks every part it keeps, so any update that changes rows mends a damaged one too)
-            if not (repointed or reindex or gen.manifest is None or dropped):
+            if not (repointed or reindex or gen.manifest is None or dropped or w.rebuilt):
                 log.warning("the index of %s is missing or damaged; writing it anew from the store", store)
             meta = replace(gen.meta, **asked_index, **moved_model)
             summary.published = w.publish(Change(meta, failures=gen.failures, reindex=reindex))

@@ -95,6 +95,16 @@ class StoreFiles:
         """The folder of the store's immutable segments and their index files."""
         return self._beside(".segments")
 
+    def renamed_advice(self, path: str | os.PathLike[str], segment: str) -> str:
+        """What to say when the segments folder is missing: where the store's segments are, if a folder
+        beside holds `segment` (the manifest was renamed, or moved, without its folder)."""
+        where = [d for d in self.segments.parent.glob("*.segments") if (d / f"{segment}.h5").is_file()]
+        if where:
+            return (f"the segments folder of {path} was not found at {self.segments}, but {where[0]} holds its "
+                    f"segments: was the store renamed? rename {where[0].name} to {self.segments.name} too")
+        return (f"the segments folder of {path} was not found at {self.segments}: was the store renamed or moved? "
+                f"move its `<old name>.segments` folder beside it as {self.segments.name} too")
+
     def segment(self, name: str) -> Path:
         """Segment `name`'s HDF5 file."""
         return self.store.resolve().parent / self.segments.name / f"{name}.h5"
@@ -104,26 +114,38 @@ class StoreFiles:
         return self.store.resolve().parent / self.segments.name / f"{name}.faiss"
 
     def index(self, index_file: str) -> Path:
-        """Where a whole-index file named in the manifest lies (beside the store's real file)."""
-        return self.store.resolve().parent / index_file
+        """Where a whole-index file (or the int8 model) named in the manifest lies: beside the store's real
+        file, under the name recorded or, for a store renamed with its files, under the store's new name."""
+        path = self.store.resolve().parent / index_file
+        tail = _tail(index_file)
+        if tail and not path.exists() and (path.parent / (self.store.name + tail)).exists():
+            return path.parent / (self.store.name + tail)
+        return path
 
     def new_index_name(self) -> str:
         """A fresh whole-index file name (published before the manifest that names it)."""
         return f"{self.store.name}.{new_name()}.faiss"
 
-    def remove_unnamed(self, names: Iterable[str], index_files: Iterable[str]) -> None:
-        """Delete this store's segments and index parts (by `names`) and whole-index files that no kept
-        manifest names (call only under the writer lock): what a killed publish or an earlier generation left."""
-        keep_segments, keep_index = set(names), set(index_files)
+    def unnamed(self, names: Iterable[str], index_files: Iterable[str]) -> list[Path]:
+        """This store's segments and index parts (by `names`) and whole-index files that no kept manifest
+        names: what a killed publish or an earlier generation left."""
+        keep_segments, keep_index, out = set(names), set(index_files), []
         if self.segments.is_dir():
             for f in self.segments.iterdir():
                 stem, dot, ext = f.name.partition(".")
                 if _HEX12.fullmatch(stem) and dot and ext in ("h5", "faiss") and stem not in keep_segments:
-                    _unlink(f)
+                    out.append(f)
         pattern = re.compile(rf"{re.escape(self.store.name)}\.[0-9a-f]{{12}}\.faiss")
+        keep_tails = {_tail(k) for k in keep_index}  # a store renamed with its files keeps them
         for f in self.store.parent.iterdir():
-            if pattern.fullmatch(f.name) and f.name not in keep_index:
-                _unlink(f)
+            if pattern.fullmatch(f.name) and f.name not in keep_index and _tail(f.name) not in keep_tails:
+                out.append(f)
+        return sorted(out)
+
+    def remove_unnamed(self, names: Iterable[str], index_files: Iterable[str]) -> None:
+        """Delete what `unnamed` lists (call only under the writer lock)."""
+        for f in self.unnamed(names, index_files):
+            _unlink(f)
 
     def remove_temporaries(self) -> None:
         """Delete temporary files a killed writer left (call only while holding the writer lock)."""
@@ -188,6 +210,13 @@ class StoreFiles:
     def remove_work(self) -> None:
         """Delete the checkpoint folder (its work is in the published store, or is being discarded)."""
         shutil.rmtree(self.work, ignore_errors=True)
+
+
+def _tail(file_name: str) -> str:
+    """The part of a whole-index or int8-model file name after its store's name (".<12 hex>.faiss",
+    ".int8.onnx"); "" for another name."""
+    m = re.fullmatch(r".+?(\.[0-9a-f]{12}\.faiss|\.int8\.onnx)", file_name)
+    return m.group(1) if m else ""
 
 
 def _unlink(path: Path) -> None:

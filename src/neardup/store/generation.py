@@ -53,6 +53,10 @@ def damaged(path: str | os.PathLike[str], reason: str, hint: bool = True, segmen
     repair = (f"`neardup update DIR --store {path} --repair` drops the damaged segments and indexes their photos "
               f"again")
     files = StoreFiles.of_manifest(path)
+    if segment and not files.segments.is_dir():  # not damage: the manifest was renamed without its folder
+        err = StoreError(files.renamed_advice(path, segment))
+        err.reason, err.segment = f"segments folder not found at {files.segments}", segment
+        return err
     if segment and not files.segment(segment).exists():  # a manifest from elsewhere, or segments deleted
         advice = f"segment {segment} is missing: if the manifest was replaced, {recovery_hint(path)}; else {repair}"
     else:
@@ -111,7 +115,7 @@ class Generation:
             readers: list[SegmentFile] = []
             try:
                 for seg in source.segments:
-                    readers.append(SegmentFile(files.segment(seg.name), seg.sha256))
+                    readers.append(SegmentFile(files.segment(seg.name), seg.sha256, seg))
                 gen = cls(path, files, source, readers)
             except Damage as exc:
                 for r in readers:
@@ -197,7 +201,10 @@ class Generation:
                 sha += rs if len(keep) == r.rows else [rs[i] for i in keep]
         n = len(self)
         col = lambda name, dt: self._column(name).astype(dt) if n else np.zeros(0, dt)  # noqa: E731
-        return Catalog(meta=self.meta, ids=col("ids", np.int64), paths=paths, sizes=col("sizes", np.int64),
+        ids = col("ids", np.int64)
+        if len(np.unique(ids)) != len(ids):  # a forged or mixed-up manifest: a photo would pair with itself
+            raise damaged(self.path, "an id is in more than one row of its segments")
+        return Catalog(meta=self.meta, ids=ids, paths=paths, sizes=col("sizes", np.int64),
                        mtimes_ns=col("mtimes_ns", np.int64), sha256=sha, widths=col("widths", np.int32),
                        heights=col("heights", np.int32), xb=None, failures=self.failures)
 
@@ -367,6 +374,7 @@ class Generation:
             for seg, r in zip(self._segments, self._readers):
                 if not seg.sha256 or (seg.name, seg.sha256) not in skip:  # a file before segments: no digest
                     r.verify()
+        self.catalog  # noqa: B018 - its ids are checked unique
         return {(seg.name, seg.sha256) for seg in self._segments if seg.sha256}
 
     def first_damage(self, what: str) -> bool:

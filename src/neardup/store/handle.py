@@ -18,6 +18,7 @@ from ..indexer.models import make_embedder
 from .files import StoreFiles
 from .generation import Generation
 from .meta import Catalog, StoreMeta
+from .manifest import unnamed
 from .publish import Change, Published, Writer
 from .restore import Restored, restore_previous
 
@@ -78,6 +79,11 @@ class Store:
             if gen.manifest is None:
                 problems.append("written before segments (store schema 1); `neardup update` rewrites it as segments, "
                                 "nothing embedded again")
+            left = unnamed(self.files, gen.manifest, self.files.previous) if gen.manifest is not None else []
+            if left:
+                problems.append(f"{len(left)} file(s) that no kept generation names, left by a writer that was "
+                                f"killed or being written now ({', '.join(p.name for p in left[:3])}{', ...' if len(left) > 3 else ''}); "
+                                f"the next `neardup update` removes them")
         try:
             prev = self.previous()
             if prev is not None:

@@ -8,9 +8,11 @@ segment without block digests (`LegacyFile`); the next update upgrades it.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import logging
 from collections.abc import Callable, Iterator
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import h5py
@@ -18,8 +20,13 @@ import numpy as np
 
 from ..errors import StoreError
 from ..fileio import atomic_write, ensure_space
+from .files import StoreFiles
+from .h5io import H5_ERRORS, HDF5_SIGNATURE, USERBLOCK, h5_create, seal, unseal
 from .meta import FORMAT, INDEX_DEFAULTS, LEGACY_SCHEMA, RECORDED, SCHEMA_VERSION, Manifest, Segment, StoreMeta
 from .segment import Damage, attrs_of, blob, canonical, plain, text_of, reason_of
+
+log = logging.getLogger(__name__)
+
 
 def _manifest_digest(attrs: dict[str, object], data: dict[str, np.ndarray]) -> str:
     h = hashlib.sha256(canonical(attrs))
@@ -34,7 +41,10 @@ def _manifest_data(man: Manifest) -> dict[str, np.ndarray]:
     order = {s.name: k for k, s in enumerate(man.segments)}
     seg = [np.full(len(rows), order[name], np.int32) for name, rows in man.dead.items() if len(rows)]
     row = [np.asarray(rows, np.int64) for rows in man.dead.values() if len(rows)]
-    return {"segments": blob(json.dumps([s.__dict__ for s in man.segments])),
+    # the segments' file digests go in an attribute (segment_files), not here: neardup before them reads
+    # this table into Segment(**entry) and would call an unknown key damage
+    return {"segments": blob(json.dumps([{k: v for k, v in s.__dict__.items() if not k.startswith("file_")}
+                                         for s in man.segments])),
             "dead/segment": np.concatenate(seg) if seg else np.zeros(0, np.int32),
             "dead/row": np.concatenate(row) if row else np.zeros(0, np.int64),
             "failures": blob(json.dumps(man.failures))}
@@ -43,17 +53,19 @@ def _manifest_data(man: Manifest) -> dict[str, np.ndarray]:
 def write_manifest(path: Path, man: Manifest, before_replace: Callable[[], object] | None = None) -> None:
     """Publish `man` at `path` atomically (`before_replace`: see atomic_write)."""
     attrs = {"format": FORMAT, **{k: plain(getattr(man.meta, k)) for k in RECORDED},
-             "schema_version": SCHEMA_VERSION, "parent": man.parent}
+             "schema_version": SCHEMA_VERSION, "parent": man.parent,
+             "segment_files": json.dumps([[s.file_sha256, s.file_bytes, s.file_data] for s in man.segments])}
     data = _manifest_data(man)
     attrs["manifest_sha256"] = _manifest_digest(attrs, data)
     ensure_space(path, sum(a.nbytes for a in data.values()) + (256 << 10))
 
     def write(tmp: str) -> None:
-        with h5py.File(tmp, "w", libver=("v110", "latest")) as f:
+        with h5_create(tmp, path, userblock=USERBLOCK) as (f, _):  # a full disk: an OSError (h5io)
             for name, a in data.items():
                 f.create_dataset(name, data=a)
             for k, v in attrs.items():
                 f.attrs[k] = v
+        seal(tmp)  # the digest of its bytes in its userblock: checked before HDF5 parses them
 
     atomic_write(path, write, before_replace)
 
@@ -74,7 +86,7 @@ def _read_manifest(f: h5py.File) -> Manifest:
     try:
         attrs = attrs_of(f)
         data = {name: f[name][()] for name in ("segments", "dead/segment", "dead/row", "failures")}
-    except (KeyError, OSError, ValueError, TypeError) as exc:
+    except H5_ERRORS as exc:
         raise Damage(reason_of(exc)) from None
     want = attrs.pop("manifest_sha256", None)
     try:
@@ -83,7 +95,18 @@ def _read_manifest(f: h5py.File) -> Manifest:
         digest = None
     if want != digest:
         raise Damage("the manifest does not match its digest")
-    segments = [Segment(**s) for s in json.loads(text_of(data["segments"]))]
+    try:
+        segments = [Segment(**s) for s in json.loads(text_of(data["segments"]))]
+        files = json.loads(str(attrs.get("segment_files", "[]"))) or [["", 0, []]] * len(segments)
+        if len(files) != len(segments) or not all(isinstance(x, list) and len(x) == 3 and isinstance(x[0], str)
+                                                  and isinstance(x[1], int) for x in files):
+            raise ValueError("segment_files does not list the segments")
+        segments = [replace(s, file_sha256=x, file_bytes=n, file_data=tuple((int(a), int(b)) for a, b in r))
+                    for s, (x, n, r) in zip(segments, files)]
+    except (TypeError, ValueError, AttributeError) as exc:  # written by no writer of ours
+        raise Damage(f"the manifest's segment table cannot be read ({reason_of(exc)})") from None
+    if len({s.name for s in segments}) != len(segments):  # a forged table: rows would be served twice
+        raise Damage("the manifest names a segment more than once")
     dead: dict[str, np.ndarray] = {}
     if len(data["dead/segment"]) != len(data["dead/row"]) or (len(data["dead/segment"]) and (
             data["dead/segment"].min() < 0 or data["dead/segment"].max() >= len(segments))):
@@ -102,12 +125,27 @@ def _read_manifest(f: h5py.File) -> Manifest:
     return man
 
 
+def _open_checked(path: Path) -> h5py.File:
+    """`path` opened by HDF5 — a sealed manifest from its bytes, read once and checked against the digest in
+    its userblock first (HDF5 parses exactly the bytes checked); a file without one (a manifest or a store
+    written before manifests were sealed) as before. Raises Damage."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(USERBLOCK + 8)
+            if head[:8] == HDF5_SIGNATURE:  # not sealed: HDF5 reads it (a schema-1 store may be large)
+                return h5py.File(path, "r")
+            data = head + fh.read()
+        body = unseal(data)
+        return h5py.File(io.BytesIO(body), "r")
+    except ValueError as exc:  # from unseal: what is wrong with the bytes
+        raise Damage(str(exc)) from None
+    except H5_ERRORS as exc:
+        raise Damage(f"not a readable HDF5 file ({reason_of(exc)})") from None
+
+
 def open_any(path: Path) -> Manifest | LegacyFile:
     """The store at `path`: its manifest, or (schema 1) the whole store file opened. Raises StoreError, Damage."""
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise Damage(f"not a readable HDF5 file ({reason_of(exc)})") from None
+    f = _open_checked(path)
     try:
         if f.attrs.get("format") != FORMAT:
             raise StoreError(f"{path} is an HDF5 file but not a neardup store")
@@ -120,7 +158,7 @@ def open_any(path: Path) -> Manifest | LegacyFile:
             raise StoreError(f"{path} has store schema {schema}; this neardup reads schemas {LEGACY_SCHEMA} and "
                              f"{SCHEMA_VERSION}")
         return _read_manifest(f)
-    except (KeyError, OSError, ValueError, TypeError) as exc:
+    except H5_ERRORS as exc:
         raise Damage(reason_of(exc)) from None
     finally:
         if f is not None:
@@ -143,7 +181,7 @@ class LegacyFile:
                 f"{a.get('updated')}/{self.rows}/{a.get('next_id')}".encode()).hexdigest()[:12]
             self.meta = _meta(a, self.rows, len(self.failures), schema_version=LEGACY_SCHEMA, generation=gen,
                               local_features=self.local_features)
-        except (KeyError, OSError, ValueError, TypeError) as exc:
+        except H5_ERRORS as exc:
             f.close()
             raise Damage(reason_of(exc)) from None
 
@@ -168,13 +206,13 @@ class LegacyFile:
     def column(self, name: str) -> np.ndarray:
         try:
             return self._f[name][()]
-        except (KeyError, OSError, ValueError, TypeError) as exc:
+        except H5_ERRORS as exc:
             raise Damage(f"{name} cannot be read ({reason_of(exc)})") from None
 
     def span(self, name: str, start: int, stop: int) -> np.ndarray:
         try:
             return self._f[name][start:stop]
-        except (KeyError, OSError, ValueError, TypeError) as exc:
+        except H5_ERRORS as exc:
             raise Damage(f"{name} cannot be read ({reason_of(exc)})") from None
 
     def take(self, name: str, rows: np.ndarray) -> np.ndarray:
@@ -184,14 +222,14 @@ class LegacyFile:
         uniq, inverse = np.unique(rows, return_inverse=True)
         try:  # one read a row: h5py's point selection costs ~1 ms a row on /local
             got = [self._f[name][int(r)] for r in uniq]
-        except (KeyError, OSError, ValueError, TypeError) as exc:
+        except H5_ERRORS as exc:
             raise Damage(f"{name} cannot be read ({reason_of(exc)})") from None
         return np.stack(got)[inverse] if got else self.column(name)[:0]
 
     def paths(self) -> list[str]:
         try:
             return self._strings("paths")
-        except (KeyError, OSError, ValueError, TypeError) as exc:
+        except H5_ERRORS as exc:
             raise Damage(reason_of(exc)) from None
 
     def sha256(self) -> list[str]:
@@ -207,9 +245,49 @@ class LegacyFile:
 
 
 def is_store(path: Path) -> bool:
-    """Whether `path` opens as a neardup store (any schema)."""
+    """Whether `path` opens as a neardup store (any schema; a sealed manifest's bytes checked first)."""
     try:
-        with h5py.File(path, "r") as f:
+        with _open_checked(path) as f:
             return f.attrs.get("format") == FORMAT
-    except OSError:
+    except (Damage, *H5_ERRORS):
         return False
+
+
+def named(man: Manifest | LegacyFile) -> tuple[set[str], set[str]]:
+    """(segment and index-part names, whole-index files) a manifest names."""
+    if isinstance(man, LegacyFile):
+        return set(), {man.meta.index_file} - {""}
+    return ({s.name for s in man.segments} | {s.index for s in man.segments if s.index},
+            {man.meta.index_file} - {""})
+
+
+def unnamed(files: StoreFiles, *kept: Manifest | Path) -> list[Path] | None:
+    """The segments and index files that no manifest in `kept` (in memory, or a file) names; None when a
+    manifest file exists but cannot be read (what it names is unknown)."""
+    names: set[str] = set()
+    index_files: set[str] = set()
+    for m in kept:
+        if isinstance(m, Path):
+            if not m.exists():
+                continue
+            try:
+                m = open_any(m)
+            except (StoreError, OSError) as exc:
+                log.warning("not deleting unused segments: %s cannot be read (%s)", m, exc)
+                return None
+            if isinstance(m, LegacyFile):
+                m.close()
+        a, b = named(m)
+        names |= a
+        index_files |= b
+    return files.unnamed(names, index_files)
+
+
+def remove_unnamed(files: StoreFiles, *kept: Manifest | Path) -> None:
+    """Delete the segments and index files that no manifest in `kept` names, under the writer lock. A manifest
+    file that exists but cannot be read stops the clean-up (it is said, and the next writer tries again)."""
+    for f in unnamed(files, *kept) or ():
+        try:
+            f.unlink()
+        except OSError:
+            pass

@@ -92,6 +92,11 @@ class Segment:
     sha256: str  #: root digest: the segment's attributes and the digest of every block of every column
     index: str = ""  #: its part of an approximate index: `<store>.segments/<index>.faiss` ("" for none)
     index_sha256: str = ""  #: that file's digest
+    #: the digest of the segment file's bytes but its large columns' chunk data, checked before HDF5 parses it
+    #: ("": written before segments had one; the next writer adds it)
+    file_sha256: str = ""
+    file_bytes: int = 0  #: the segment file's size
+    file_data: tuple[tuple[int, int], ...] = ()  #: the byte ranges file_sha256 leaves out (chunk data)
 
 
 @dataclass

@@ -15,6 +15,7 @@ manifest names it any more, deleted (a reader that has it open keeps reading it)
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -27,12 +28,13 @@ from ..errors import InputError, StoreError
 from ..fileio import now_iso
 from ..indexer import faiss_index, index_kinds
 from .files import StoreFiles, new_name
-from .generation import Generation
+from .generation import Generation, damaged
+from .h5io import file_digest
 from .lock import writer_lock
-from .manifest import LegacyFile, open_any, write_manifest
-from .repair import open_healthy
-from .meta import SCHEMA_VERSION, Catalog, Manifest, Segment, StoreMeta
-from .segment import Damage, SegmentFile, segment_columns, write_segment
+from .manifest import is_store, named, open_any, remove_unnamed, write_manifest
+from .repair import open_healthy, rebuild
+from .meta import RECORDED, SCHEMA_VERSION, Catalog, Manifest, Segment, StoreMeta
+from .segment import LARGE, Damage, SegmentFile, plain, segment_columns, write_segment
 
 log = logging.getLogger(__name__)
 
@@ -70,37 +72,6 @@ class Published:
     reindexed: bool
 
 
-def named(man: Manifest | LegacyFile) -> tuple[set[str], set[str]]:
-    """(segment and index-part names, whole-index files) a manifest names."""
-    if isinstance(man, LegacyFile):
-        return set(), {man.meta.index_file} - {""}
-    return ({s.name for s in man.segments} | {s.index for s in man.segments if s.index},
-            {man.meta.index_file} - {""})
-
-
-def remove_unnamed(files: StoreFiles, *kept: Manifest | Path) -> None:
-    """Delete the segments and index files that no manifest in `kept` (in memory, or a file) names, under the
-    writer lock. A manifest file that exists but cannot be read stops the clean-up: what it names is unknown,
-    so nothing is deleted (it is said, and the next writer tries again)."""
-    names: set[str] = set()
-    index_files: set[str] = set()
-    for m in kept:
-        if isinstance(m, Path):
-            if not m.exists():
-                continue
-            try:
-                m = open_any(m)
-            except (StoreError, OSError) as exc:
-                log.warning("not deleting unused segments: %s cannot be read (%s)", m, exc)
-                return
-            if isinstance(m, LegacyFile):
-                m.close()
-        a, b = named(m)
-        names |= a
-        index_files |= b
-    files.remove_unnamed(names, index_files)
-
-
 def merge_start(live: list[int], fanout: int = MERGE_FANOUT, limit: int = MAX_SEGMENTS) -> int | None:
     """Where the tail of segments to merge into one starts (None: no merge), given each segment's live rows,
     oldest first. The newest `fanout` segments are merged while their sizes are within a factor `fanout` of
@@ -133,6 +104,8 @@ class Writer:
         self.dropped: list[tuple[Segment, str, list[str] | None]] = []
         self._lock = None
         self._bytes = 0
+        #: with `repair`: the manifest was damaged and rebuilt from the segments (published by the next publish)
+        self.rebuilt = False
 
     def __enter__(self) -> Writer:
         self._lock = writer_lock(self.files)
@@ -141,12 +114,23 @@ class Writer:
             self.files.remove_temporaries()
             self.files.finish_restore()
             if self.files.store.exists() and self.repair:  # every block read; damaged segments left out
-                self.current, self.dropped = open_healthy(self.files.store, self.files)
+                try:
+                    self.current, self.dropped = open_healthy(self.files.store, self.files)
+                except StoreError as exc:  # the manifest: rebuilt from the segments when none can be restored
+                    if not getattr(exc, "reason", "") or getattr(exc, "segment", "") or is_store(self.files.previous):
+                        raise
+                    self.current, self.dropped = rebuild(self.files.store, self.files, exc.reason)
+                    self.rebuilt = True
+                    log.warning("the manifest of %s is damaged (%s) and no previous generation can be restored: "
+                                "rebuilt from its %d segments (%d rows; nothing embedded again)", self.files.store,
+                                exc.reason, len(self.current.segments), len(self.current))
                 for seg, why, _ in self.dropped:
                     log.warning("segment %s (%d rows) is damaged (%s): left out; its photos are indexed again",
                                 seg.name, seg.rows, why)
             elif self.files.store.exists():
                 self.current = Generation.open(self.files.store)
+                if self.current.manifest is not None:  # what a writer killed before its publish left (orphans)
+                    remove_unnamed(self.files, self.current.manifest, self.files.previous)
         except BaseException:
             self._lock.__exit__(None, None, None)
             raise
@@ -160,7 +144,18 @@ class Writer:
     # ------------------------------------------------------------------------------------------ publish
     def publish(self, change: Change, *, compact: bool | None = None) -> Published:
         """Publish the next generation: `change` applied to the current one. `compact` forces (True) or
-        forbids (False) a full compaction; None decides by the dead share. Returns what was written."""
+        forbids (False) a full compaction; None decides by the dead share. Returns what was written. A
+        publish that fails (a full disk) deletes the files it wrote that no manifest on disk names."""
+        try:
+            return self._publish(change, compact)
+        except BaseException:
+            try:
+                remove_unnamed(self.files, self.files.store, self.files.previous)
+            except Exception:  # noqa: BLE001 - the first error is the one to report; the next writer retries
+                pass
+            raise
+
+    def _publish(self, change: Change, compact: bool | None) -> Published:
         cur, files = self.current, self.files
         files.segments.mkdir(exist_ok=True)
         self._bytes, created = 0, now_iso()
@@ -215,8 +210,11 @@ class Writer:
                        segments=segments, dead=dead, failures=sorted(change.failures),
                        parent=cur.id if cur is not None else "")
         man, reindexed = self._index(man, cur, written, change.reindex or upgrade)
+        man.segments = [s if s.file_sha256 else self._file_digest(s) for s in man.segments]
         # a repair keeps no generation that names a dropped (damaged) segment: it could never be restored
-        rotate = files.store.exists() and not self.dropped
+        rotate = files.store.exists() and not self.dropped and not self.rebuilt
+        if self.rebuilt:  # the damaged manifest is kept aside for inspection (never read), as restore does
+            files.link_as(files.damaged)
         write_manifest(files.store, man, before_replace=files.keep_previous if rotate else None)
         if self.dropped and files.previous.exists():
             try:
@@ -232,7 +230,7 @@ class Writer:
                         "upgraded" if upgrade else "compacted" if full and cur is not None else merged, reindexed)
         if cur is not None:  # later publishes of this writer build on the one just made
             cur.close()
-        self.current, self.dropped = Generation.open(files.store), []
+        self.current, self.dropped, self.rebuilt = Generation.open(files.store), [], False
         return out
 
     def compact(self) -> Published:
@@ -244,9 +242,21 @@ class Writer:
     def _segment(self, n: int, meta: StoreMeta, created: str,
                  pieces: Iterator[dict[str, np.ndarray | list[str]]]) -> Segment:
         path = self.files.segment(new_name())
-        seg = write_segment(path, n, meta.dim, meta.local_features, created, pieces)
+        recorded = json.dumps({k: plain(getattr(meta, k)) for k in RECORDED})  # a lost manifest is rebuilt from it
+        seg = write_segment(path, n, meta.dim, meta.local_features, created, pieces, recorded)
         self._bytes += path.stat().st_size
         return seg
+
+    def _file_digest(self, seg: Segment) -> Segment:
+        """`seg` with its whole-file digest: a segment written before segments had one is read whole and every
+        block checked first (once: the manifest keeps the digest, and readers check it before HDF5 parses)."""
+        with SegmentFile(self.files.segment(seg.name), seg.sha256) as r:
+            try:
+                r.verify()
+            except Damage as exc:
+                raise damaged(self.files.store, exc.reason, segment=seg.name) from None
+        sha, size, data = file_digest(self.files.segment(seg.name), LARGE)
+        return replace(seg, file_sha256=sha, file_bytes=size, file_data=data)
 
     def _save(self, index, path: Path) -> str:  # noqa: ANN001
         sha = faiss_index.save_index(index, path)
@@ -383,7 +393,7 @@ class _Pinned(Generation):
         readers = []
         try:
             for s in m.segments:
-                readers.append(SegmentFile(files.segment(s.name), s.sha256))
+                readers.append(SegmentFile(files.segment(s.name), s.sha256, s))
         except Damage:
             for r in readers:
                 r.close()

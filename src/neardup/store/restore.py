@@ -15,7 +15,7 @@ from ..fileio import TMP_SUFFIX, fsync_dir
 from .files import StoreFiles, new_name
 from .generation import Generation
 from .lock import writer_lock
-from .publish import remove_unnamed
+from .manifest import remove_unnamed
 
 log = logging.getLogger(__name__)
 

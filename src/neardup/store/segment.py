@@ -22,6 +22,7 @@ import numpy as np
 from ..config import DEFAULTS
 from ..errors import StoreError
 from ..fileio import atomic_write, ensure_space
+from .h5io import H5_ERRORS, check_file, file_digest, h5_create
 from .meta import SEGMENT_FORMAT, Catalog, Segment
 
 #: Bytes of a block of the large columns (embeddings: 32 rows of 2048-d): a scattered row read costs one
@@ -139,17 +140,19 @@ class _Digester:
 
 
 def write_segment(path: Path, n: int, dim: int, local_features: str, created: str,
-                  pieces: Iterable[dict[str, np.ndarray | list[str]]]) -> Segment:
+                  pieces: Iterable[dict[str, np.ndarray | list[str]]], meta: str = "") -> Segment:
     """Write an immutable segment of n rows atomically from `pieces` (segment_columns of consecutive rows,
     in order: memory is one piece, whatever n), and return its manifest entry. With `local_features` the
-    pieces carry local/* columns."""
+    pieces carry local/* columns. `meta` (JSON) is the store's meta as it was written: with it, a manifest
+    that is lost can be rebuilt from its segments (repair.rebuild)."""
     if n <= 0:
         raise ValueError("a segment holds at least one row")
     k = DEFAULTS.local_keypoints
     large = {"embeddings": ((dim,), np.float32)}
     if local_features:
         large.update({"local/xy": ((k, 2), np.float16), "local/desc": ((k, 32), np.uint8)})
-    attrs = {"format": SEGMENT_FORMAT, "rows": n, "dim": dim, "local_features": local_features, "created": created}
+    attrs = {"format": SEGMENT_FORMAT, "rows": n, "dim": dim, "local_features": local_features, "created": created,
+             **({"meta": meta} if meta else {})}
     # an upper bound of the file's size: the columns (paths at 256 bytes), their digests and HDF5's own
     row = 4 * dim + 256 + 48 + (k * 2 * 2 + k * 32 + 2 if local_features else 0)
     ensure_space(path, n * row * 1.05 + (1 << 20))
@@ -157,7 +160,7 @@ def write_segment(path: Path, n: int, dim: int, local_features: str, created: st
     def write(tmp: str) -> Segment:
         small: dict[str, list] = {}
         digest = {}
-        with h5py.File(tmp, "w", libver=("v110", "latest")) as f:
+        with h5_create(tmp, path) as (f, guard):  # a full disk: an OSError after HDF5 closed the file (h5io)
             for name, (shape, dt) in large.items():
                 rows = block_rows(name, int(np.prod(shape)) * np.dtype(dt).itemsize, n)
                 f.create_dataset(name, shape=(n, *shape), dtype=dt, chunks=(min(rows, n), *shape))
@@ -176,6 +179,7 @@ def write_segment(path: Path, n: int, dim: int, local_features: str, created: st
                     else:
                         small.setdefault(name, []).append(a)
                 at += m
+                guard.check()  # the disk filled: stop now
             if at != n:
                 raise ValueError(f"{at} rows written of the {n} announced")
             cols = {name: (blob("\0".join(p for part in parts for p in part)) if name == "paths"
@@ -194,7 +198,9 @@ def write_segment(path: Path, n: int, dim: int, local_features: str, created: st
                 f[f"digests/{name}"].attrs["block"] = d.block
             for key, v in attrs.items():
                 f.attrs[key] = v
-        return Segment(name=path.stem, rows=n, sha256=_root(attrs, tables))
+        sha, size, data = file_digest(tmp, LARGE)
+        return Segment(name=path.stem, rows=n, sha256=_root(attrs, tables), file_sha256=sha, file_bytes=size,
+                       file_data=data)
 
     return atomic_write(path, write)
 
@@ -203,11 +209,20 @@ class SegmentFile:
     """A segment opened for reading: its root checked against the manifest's digest, then every block read
     checked against the digest tables held in memory. Raises Damage."""
 
-    def __init__(self, path: Path, sha256: str) -> None:
+    def __init__(self, path: Path, sha256: str | None, seg: Segment | None = None) -> None:
+        """`sha256` None: no manifest to check the root against (a rebuild: `root` is what it computes).
+        `seg`: its manifest entry, whose file digest is checked first (when it has one)."""
         self.path = path
+        if seg is not None and seg.file_sha256:  # the bytes first: HDF5 never parses a damaged file (it has
+            try:                                  # looped forever on one)
+                check_file(path, seg.file_sha256, seg.file_bytes, seg.file_data)
+            except ValueError as exc:
+                raise Damage(f"segment {path.name}: {exc}", self.path.stem) from None
+            except OSError as exc:
+                raise Damage(f"segment {path.name} cannot be read ({reason_of(exc)})", self.path.stem) from None
         try:
             self._f = h5py.File(path, "r")
-        except OSError as exc:
+        except H5_ERRORS as exc:
             raise Damage(f"segment {path.name} cannot be read ({reason_of(exc)})", self.path.stem) from None
         try:
             attrs = attrs_of(self._f)
@@ -218,11 +233,12 @@ class SegmentFile:
                 if name in self._f and name not in self.tables:
                     ds, dg = self._f[name], self._f[f"digests/{name}"]
                     self.tables[name] = (ds.dtype.str, tuple(ds.shape), int(dg.attrs["block"]), dg[()])
-            if _root(attrs, self.tables) != sha256:
+            self.attrs, self.root = attrs, _root(attrs, self.tables)
+            if sha256 is not None and self.root != sha256:
                 raise Damage(f"segment {path.name} does not match the digest its manifest recorded", self.path.stem)
             self.rows, self.dim = int(attrs["rows"]), int(attrs["dim"])
             self.local_features = str(attrs.get("local_features", ""))
-        except (KeyError, OSError, ValueError, TypeError) as exc:
+        except H5_ERRORS as exc:
             self._f.close()
             raise Damage(f"segment {path.name} is damaged ({reason_of(exc)})", self.path.stem) from None
         except Damage:
@@ -247,7 +263,7 @@ class SegmentFile:
         _, _, block, table = self.tables[name]
         try:
             a = self._f[name][start_block * block:stop_block * block]
-        except (KeyError, OSError, ValueError) as exc:
+        except H5_ERRORS as exc:
             raise Damage(f"segment {self.path.name}: {name} cannot be read ({reason_of(exc)})",
                          self.path.stem) from None
         for b in range(start_block, stop_block):
