@@ -693,15 +693,27 @@ def duplicates_cmd(
     if len(report.groups) > show:
         typer.echo(f"... {len(report.groups) - show} more groups" + (f" in {groups}" if groups else
                                                                      " (write them all with --groups FILE)"))
-    if report.stale:
-        gone = sum(v == "missing" for v in report.stale.values())
-        first = report.paths[next(iter(report.stale))]
-        typer.echo(f"neardup: {len(report.stale)} listed photos are no longer as indexed ({gone} missing, "
-                   f"{len(report.stale) - gone} changed; e.g. {_show(first)}): marked stale, never a keeper nor "
-                   f"removable; run `neardup update` and list the duplicates again", err=True)
+    _say_stale(report)
     for path in (out, groups):
         if path:
             typer.echo(f"wrote {path}")
+
+
+def _say_stale(report: Any) -> None:
+    """On stderr: the listed files no longer as indexed, and the other names of one file (never a keeper nor
+    removable)."""
+    stale = [r for r, v in report.stale.items() if v != "alias"]
+    if stale:
+        gone = sum(report.stale[r] == "missing" for r in stale)
+        typer.echo(f"neardup: {len(stale)} listed photos are no longer as indexed ({gone} missing, "
+                   f"{len(stale) - gone} changed; e.g. {_show(report.paths[stale[0]])}): marked stale, never a keeper "
+                   f"nor removable; run `neardup update` and list the duplicates again", err=True)
+    if report.aliases:
+        r, n = next(iter(report.aliases)), len(report.aliases)
+        typer.echo(f"neardup: {n} listed {'name is' if n == 1 else 'names are'} another name of a listed file (a "
+                   f"symlink or hard link; e.g. {_show(report.paths[r])} is {_show(report.paths[report.aliases[r]])}):"
+                   f" one photo, never a keeper nor removable; `neardup update` over their folders indexes each "
+                   f"file once", err=True)
 
 
 def _removable(report: Any) -> int:
