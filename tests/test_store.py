@@ -432,6 +432,40 @@ def test_a_store_written_before_segments_answers_as_it_did_then_upgrade(v1_store
     _same(*_answers(v1_store))
 
 
+def _v1_damage(store: Path, how: str) -> None:
+    """Damage of a store written before segments that HDF5 itself cannot see: a chunk zeroed with its Fletcher-32
+    (all-zero data sums to zero), or an attribute changed (schema 1 has no digest over them)."""
+    with h5py.File(store, "r+" if how.startswith("next_id") else "r") as f:
+        if how.startswith("next_id"):
+            f.attrs["next_id"] = int(how.split("=")[1])
+            return
+        chunk = f[how].id.get_chunk_info(0)
+    _zero(store, chunk.byte_offset, chunk.size)
+
+
+@pytest.mark.parametrize("how", ["embeddings", "ids", "sha256", "local/desc", "next_id=3"])
+def test_a_damaged_store_written_before_segments_is_never_served_nor_upgraded(v1_store: Path, how: str) -> None:
+    """Every read says it is damaged (one line, exit 2), never "no match"; an update refuses to upgrade it (and
+    writes nothing), saying what to index again; `info --check` never certifies it."""
+    _v1_damage(v1_store, how)
+    files = lambda: {p.name: p.read_bytes() for p in v1_store.parent.iterdir() if p.suffix != ".lock"}  # noqa: E731
+    before = files()
+    photo = v1_store.parent.parent / "catalog" / "bottles" / "bottle_02.jpg"
+    r = nd("query", photo, "--store", v1_store)
+    if how == "local/desc":  # damaged cached keypoints are never used: verified from the photos themselves
+        assert r.returncode == 0 and "bottle_02.jpg  <- match" in r.stdout.splitlines()[2], r.stdout
+    else:
+        assert r.returncode == 2 and "damaged" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    (v1_store.parent.parent / "catalog" / "apple.jpg").write_bytes(
+        (resources.files("neardup") / "sample" / "catalog").joinpath("boxes", "box_01.jpg").read_bytes())
+    r = nd("update", v1_store.parent.parent / "catalog", "--store", v1_store)
+    assert r.returncode == 2 and "damaged" in r.stderr and "neardup index" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert files() == before  # nothing written
+    r = nd("info", "--store", v1_store, "--check")
+    assert r.returncode == 2 and "damaged" in r.stderr, (r.stdout, r.stderr)
+
+
 def test_a_repair_never_loses_photos_it_would_not_index_again(tmp_path: Path) -> None:
     """Two damaged segments, one shared with the previous generation: the repair needs every folder the store
     indexes (else refused, nothing written), indexes the photos again, and keeps no generation that names a

@@ -147,6 +147,8 @@ class Writer:
                                 seg.name, seg.rows, why)
             elif self.files.store.exists():
                 self.current = Generation.open(self.files.store)
+                if self.current.manifest is None:  # written before segments: every block read before an upgrade
+                    self.current.verify()
         except BaseException:
             self._lock.__exit__(None, None, None)
             raise
