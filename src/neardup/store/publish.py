@@ -143,7 +143,7 @@ class Writer:
             if self.files.store.exists() and self.repair:  # every block read; damaged segments left out
                 self.current, self.dropped = open_healthy(self.files.store, self.files)
                 for seg, why, _ in self.dropped:
-                    log.warning("segment %s (%d rows) is damaged (%s): left out; its photos are indexed again",
+                    log.warning("segment %s (%d rows) is damaged (%s): left out; its photos are to be indexed again",
                                 seg.name, seg.rows, why)
             elif self.files.store.exists():
                 self.current = Generation.open(self.files.store)
