@@ -53,7 +53,7 @@ class Code:
 
     def nd(self, *args: object, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "neardup", *map(str, args)], capture_output=True, text=True,
-                              timeout=300, env=self.env(), cwd=cwd)
+                              check=False, timeout=300, env=self.env(), cwd=cwd)
 
     def py(self, code: str, *args: object) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
