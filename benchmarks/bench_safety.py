@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
@@ -268,6 +269,32 @@ def repair_claims(code: Code, tmp: Path) -> tuple[int, str]:
     return (0 if told else 1), f"exit 0: {line.split(';', 1)[-1].strip()[:160]}"
 
 
+# ------------------------------------------------------------------------------------------------- cost
+
+def duplicates_cost(codes: list[Code], n: int, root: Path, repeats: int) -> list[list[object]]:
+    """Wall time of `duplicates` (CLI, median of `repeats`, the codes alternating) on one pHash store of `n`
+    photos, verified and not: what reading every grouped file again costs."""
+    from common import link_photos, median, sample_photos
+
+    sample = sample_photos(n, root)
+    folder = link_photos(sample.paths, root / "cost" / "photos")
+    store = root / "cost" / "s.h5"
+    codes[-1].nd("index", folder, "--store", store, "--model", "phash").check_returncode()
+    rows = []
+    for flag in ("--no-verify", "--verify"):
+        times: dict[str, list[float]] = {c.name: [] for c in codes}
+        for _ in range(repeats):
+            for c in codes:
+                t0 = time.perf_counter()
+                c.nd("duplicates", "--store", store, flag, "--groups", root / "cost" / "g.json").check_returncode()
+                times[c.name].append(time.perf_counter() - t0)
+        groups = json.loads((root / "cost" / "g.json").read_text())["groups"]
+        rows.append([f"duplicates {flag}, {n} photos ({sum(len(g['members']) for g in groups)} in groups)",
+                     *(f"{median(times[c.name]):.2f} s" for c in codes),
+                     f"{median(times[codes[-1].name]) / median(times[codes[0].name]):.2f}" if len(codes) > 1 else ""])
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 CASES1: list[tuple[str, Callable[[Code, Path], tuple[int, int, int]]]] = [
@@ -283,12 +310,15 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--baseline", metavar="REV", default="",
                    help="also run every case with the code of this git revision (e.g. the one before the fix)")
+    p.add_argument("--cost", type=int, default=0, metavar="N",
+                   help="also time duplicates on a pHash store of N grocery photos (0: not)")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each timing (--cost)")
     output_options(p)
     args = p.parse_args()
     report = Report("bench_safety.py", "Nothing lost, nothing silently wrong (issue 32 items 1, 2, 5)",
                     "Does `duplicates` ever advise deleting the only copy of a photo; does a damaged store "
                     "written before segments, or a repair, ever answer wrongly without saying so?",
-                    params={"baseline": args.baseline or "none"})
+                    params={"baseline": args.baseline or "none", "cost": args.cost})
     with tempfile.TemporaryDirectory(prefix="bench-safety-") as td:
         root = Path(td)
         codes = [Code("this code", REPO_ROOT / "src")]
@@ -326,6 +356,10 @@ def main() -> int:
                      "'ok' checks, repairs that do not say what they did not find)", ["case", *names], rows)
         report.table("Totals", ["", *names], [["advised deletions of an only copy", *(total[n] for n in names)],
                                              ["silently wrong answers", *(wrong[n] for n in names)]])
+        if args.cost:
+            log(f"cost: duplicates on {args.cost} photos")
+            report.table("What it costs: duplicates through the CLI, median wall time (one shared 2-core machine)",
+                         ["", *names, "this code ÷ baseline"], duplicates_cost(codes, args.cost, root, args.repeats))
     report.check("this code: no advised deletion of an only copy", total["this code"] == 0,
                  f"{total['this code']} keepers lost")
     report.check("this code: no silently wrong answer", wrong["this code"] == 0, f"{wrong['this code']}")

@@ -308,6 +308,12 @@ def test_a_link_is_never_keeper_over_its_target(tmp_path: Path) -> None:
     link = next(m for m in group["members"] if m["path"] == "imgs/0_link_to_photo.jpg")
     assert (link["stale"], link["alias_of"]) == ("alias", "imgs/photo.jpg")
     assert "1 listed name is another name of a listed file" in r.stderr, r.stderr
+    from neardup.search.report import write_report
+
+    write_report(store, tmp_path / "r.html", groups=tmp_path / "g.json")  # the page never calls it removable
+    page = (tmp_path / "r.html").read_text()
+    assert f"{len(json.loads((tmp_path / 'g.json').read_text())['groups'])} (0 removable images)" in page
+    assert '"st": "alias"' in page or '"st":"alias"' in page
     _remove_what_is_removable(store, tmp_path / "g.json")
 
 
