@@ -39,6 +39,7 @@ SUITE: list[tuple[str, list[str], list[str]]] = [
       "--resnet-n", "16"]),
     ("bench_models.py", [], ["--originals", "20", "--speed-n", "32", "--models", "phash,efficientnet-lite0",
                              "--no-cost"]),
+    ("bench_safety.py", [], []),
 ]
 
 

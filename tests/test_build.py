@@ -298,3 +298,42 @@ def test_file_and_folder_names_that_are_not_utf8_are_listed(tmp_path: Path, make
     bad = sorted(p for p, why in s.failures if why == "file name is not valid UTF-8")
     assert len(bad) == 2 and any("caf\\xe9/a.jpg" in p for p in bad) and any("\\xff.jpg" in p for p in bad), s.failures
     assert all(p.encode("utf-8") for p in read_catalog(tmp_path / "s.h5").paths)
+
+
+def test_two_names_of_one_file_are_indexed_once(tmp_path: Path, make_images, fake_embedder) -> None:
+    """A symlink to a photo, a hard link, and the same folder given again through a symlinked path: one row a
+    file, under its name with fewest links (a link is never kept over its target), the others listed as
+    skipped with the name kept; a second run is a quiet night."""
+    make_images(4)
+    imgs = tmp_path / "imgs"
+    (imgs / "0_link_to_photo.jpg").symlink_to("img_0002.jpg")
+    os.link(imgs / "img_0003.jpg", imgs / "hard.jpg")
+    (tmp_path / "again").symlink_to(imgs)
+    s = build_index([tmp_path / "again", imgs], tmp_path / "s.h5", embedder=fake_embedder)
+    cat = read_catalog(tmp_path / "s.h5")
+    # two hard links are alike: the first by path is kept
+    assert cat.paths == ["imgs/hard.jpg", *(f"imgs/img_000{i}.jpg" for i in range(3))] and s.total == 4
+    aliases = {p: why for p, why in s.failures}
+    assert aliases["imgs/0_link_to_photo.jpg"].startswith("another name of imgs/img_0002.jpg")
+    assert aliases["imgs/img_0003.jpg"].startswith("another name of imgs/hard.jpg")
+    assert aliases["again/img_0001.jpg"].startswith("another name of imgs/img_0001.jpg")
+    assert len(s.failures) == 4 + 2 + 2  # again/: its 4 photos and its 2 links too
+    again = update_index([tmp_path / "again", imgs], tmp_path / "s.h5", embedder=fake_embedder)
+    assert not again.wrote and again.total == 4
+
+
+def test_a_new_name_of_a_stored_file_outside_the_folders_given_is_no_second_row(tmp_path: Path, make_images,
+                                                                               fake_embedder) -> None:
+    make_images(3)
+    store = tmp_path / "s.h5"
+    build_index([tmp_path / "imgs"], store, embedder=fake_embedder)
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "a.jpg").symlink_to(tmp_path / "imgs" / "img_0001.jpg")
+    make_images(1, folder="links", start=7)
+    s = update_index([tmp_path / "links"], store, embedder=fake_embedder)
+    assert sorted(read_catalog(store).paths) == ["imgs/img_0000.jpg", "imgs/img_0001.jpg", "imgs/img_0002.jpg",
+                                         "links/img_0007.jpg"] and s.added == 1
+    assert s.failures == [("links/a.jpg", "another name of imgs/img_0001.jpg (a symlink or hard link to it): "
+                                          "indexed once, under that name")]
+    s = update_index([tmp_path / "links"], store, embedder=fake_embedder, prune=True)  # imgs/ dropped: a.jpg it is
+    assert sorted(read_catalog(store).paths) == ["links/a.jpg", "links/img_0007.jpg"] and s.failures == []

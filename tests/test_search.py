@@ -241,3 +241,110 @@ def test_duplicates_say_which_listed_files_changed_since_indexing(tmp_path: Path
     rows = list(csv.DictReader(open(tmp_path / "p.csv", encoding="utf-8")))
     flagged = {(row["a_path"], row["a_stale"]) for row in rows} | {(row["b_path"], row["b_stale"]) for row in rows}
     assert ("imgs/a.jpg", "missing") in flagged and ("imgs/c.jpg", "") in flagged
+
+
+# ------------------------------------------------------------- never advise deleting the only copy of a photo
+
+def _remove_what_is_removable(store: Path, groups: Path) -> None:
+    """The oracle of a duplicates listing: delete every file it calls removable, then every keeper must still
+    hold the photo that was indexed (its stored SHA-256), and no file may be left dangling."""
+    from neardup.fileio import file_sha256
+    from neardup.store import read_catalog
+
+    sha = dict(zip(read_catalog(store, vectors=False).paths, read_catalog(store, vectors=False).sha256))
+    doc = json.loads(groups.read_text())
+    for g in doc["groups"]:
+        for p in g["removable"]:
+            (store.parent / p).unlink()
+    for g in doc["groups"]:
+        keeper = store.parent / g["keeper_path"]
+        assert keeper.exists(), f"keeper {g['keeper_path']} was deleted with a removable file"
+        assert file_sha256(keeper) == sha[g["keeper_path"]], f"keeper {g['keeper_path']} is not the photo indexed"
+
+
+def _duplicates(store: Path, groups: Path) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run([sys.executable, "-m", "neardup", "duplicates", "--store", str(store), "--groups", str(groups),
+                        "--no-verify"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+def _with_alias(store: Path, path: str, of: str) -> None:
+    """Add to `store` a row for `path` as a second name of `of` (what a store indexed before names were
+    resolved holds): same content, size, mtime and vector."""
+    from dataclasses import replace as _replace
+
+    from neardup.store import read_catalog
+
+    cat = read_catalog(store, local=True)
+    i = cat.paths.index(of)
+    take = np.r_[np.arange(len(cat)), i]
+    local = cat.local
+    cat = Catalog(meta=_replace(cat.meta, next_id=cat.meta.next_id + 1), ids=np.r_[cat.ids, cat.meta.next_id],
+                  paths=[*cat.paths, path], sizes=cat.sizes[take], mtimes_ns=cat.mtimes_ns[take],
+                  sha256=[cat.sha256[k] for k in take.tolist()], widths=cat.widths[take], heights=cat.heights[take],
+                  xb=cat.xb[take], failures=cat.failures,
+                  local=type(local)(local.count[take], local.xy[take], local.desc[take]) if local is not None else None)
+    write_catalog(store, cat)
+
+
+def test_a_link_is_never_keeper_over_its_target(tmp_path: Path) -> None:
+    """photo.jpg and a symlink 0_link_to_photo.jpg -> photo.jpg, both in the store (indexed before names were
+    resolved): one file, so the link is listed as its alias, never keeper nor removable; the photo is never
+    removable. Indexed today, the link is not even a row."""
+    write_product_photos(tmp_path / "imgs", range(4))
+    (tmp_path / "imgs" / "photo.jpg").write_bytes((tmp_path / "imgs" / "img_0002.jpg").read_bytes())
+    (tmp_path / "imgs" / "img_0002.jpg").unlink()
+    (tmp_path / "imgs" / "0_link_to_photo.jpg").symlink_to("photo.jpg")
+    store = tmp_path / "s.h5"
+    s = build_index([tmp_path / "imgs"], store, model="phash")
+    assert ("imgs/0_link_to_photo.jpg", "another name of imgs/photo.jpg (a symlink or hard link to it): indexed "
+            "once, under that name") in s.failures
+    _with_alias(store, "imgs/0_link_to_photo.jpg", "imgs/photo.jpg")
+    r = _duplicates(store, tmp_path / "g.json")
+    group = next(g for g in json.loads((tmp_path / "g.json").read_text())["groups"]
+                 if "imgs/photo.jpg" in [m["path"] for m in g["members"]])
+    assert group["keeper_path"] == "imgs/photo.jpg" and group["removable"] == []
+    link = next(m for m in group["members"] if m["path"] == "imgs/0_link_to_photo.jpg")
+    assert (link["stale"], link["alias_of"]) == ("alias", "imgs/photo.jpg")
+    assert "1 listed name is another name of a listed file" in r.stderr, r.stderr
+    from neardup.search.report import write_report
+
+    write_report(store, tmp_path / "r.html", groups=tmp_path / "g.json")  # the page never calls it removable
+    page = (tmp_path / "r.html").read_text()
+    assert f"{len(json.loads((tmp_path / 'g.json').read_text())['groups'])} (0 removable images)" in page
+    assert '"st": "alias"' in page or '"st":"alias"' in page
+    _remove_what_is_removable(store, tmp_path / "g.json")
+
+
+def test_a_folder_indexed_twice_through_a_symlink_lists_no_real_file_as_removable(tmp_path: Path) -> None:
+    write_product_photos(tmp_path / "imgs", range(6))
+    (tmp_path / "again").symlink_to(tmp_path / "imgs")
+    store = tmp_path / "s.h5"
+    build_index([tmp_path / "imgs"], store, model="phash")
+    for p in sorted((tmp_path / "imgs").iterdir()):  # the store a run over both folders made before the fix
+        _with_alias(store, f"again/{p.name}", f"imgs/{p.name}")
+    _duplicates(store, tmp_path / "g.json")
+    doc = json.loads((tmp_path / "g.json").read_text())
+    assert all(g["removable"] == [] for g in doc["groups"]) and len(doc["groups"]) >= 6
+    assert all(g["keeper_path"].startswith("imgs/") for g in doc["groups"])
+    _remove_what_is_removable(store, tmp_path / "g.json")
+
+
+def test_a_file_replaced_with_the_same_size_and_mtime_is_never_keeper_nor_removable(tmp_path: Path) -> None:
+    """Size and mtime cannot tell a replaced file: its content is hashed again before it is listed."""
+    write_product_photos(tmp_path / "imgs", range(4))
+    copy = tmp_path / "imgs" / "copy.jpg"
+    copy.write_bytes((tmp_path / "imgs" / "img_0001.jpg").read_bytes())
+    os.utime(copy, ns=(10**18, 10**18))  # older: the keeper
+    store = tmp_path / "s.h5"
+    build_index([tmp_path / "imgs"], store, model="phash")
+    st = copy.stat()
+    copy.write_bytes(os.urandom(st.st_size))  # another file, same size, same mtime
+    os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns))
+    r = _duplicates(store, tmp_path / "g.json")
+    group = next(g for g in json.loads((tmp_path / "g.json").read_text())["groups"]
+                 if "imgs/copy.jpg" in [m["path"] for m in g["members"]])
+    assert group["keeper_path"] == "imgs/img_0001.jpg" and "imgs/copy.jpg" not in group["removable"]
+    assert "imgs/copy.jpg" in group["stale"] and "1 changed" in r.stderr, r.stderr
+    _remove_what_is_removable(store, tmp_path / "g.json")

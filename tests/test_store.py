@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from neardup import build_index, query, update_index
 from neardup.errors import InputError, StoreError
+from neardup.fileio import file_sha256
 from neardup.indexer.embed import l2_normalize
 from neardup.indexer.faiss_index import build_flat_index, search
 from neardup.indexer.local_features import LocalTable
@@ -433,6 +434,40 @@ def test_a_store_written_before_segments_answers_as_it_did_then_upgrade(v1_store
     _same(*_answers(v1_store))
 
 
+def _v1_damage(store: Path, how: str) -> None:
+    """Damage of a store written before segments that HDF5 itself cannot see: a chunk zeroed with its Fletcher-32
+    (all-zero data sums to zero), or an attribute changed (schema 1 has no digest over them)."""
+    with h5py.File(store, "r+" if how.startswith("next_id") else "r") as f:
+        if how.startswith("next_id"):
+            f.attrs["next_id"] = int(how.split("=")[1])
+            return
+        chunk = f[how].id.get_chunk_info(0)
+    _zero(store, chunk.byte_offset, chunk.size)
+
+
+@pytest.mark.parametrize("how", ["embeddings", "ids", "sha256", "local/desc", "next_id=3"])
+def test_a_damaged_store_written_before_segments_is_never_served_nor_upgraded(v1_store: Path, how: str) -> None:
+    """Every read says it is damaged (one line, exit 2), never "no match"; an update refuses to upgrade it (and
+    writes nothing), saying what to index again; `info --check` never certifies it."""
+    _v1_damage(v1_store, how)
+    files = lambda: {p.name: p.read_bytes() for p in v1_store.parent.iterdir() if p.suffix != ".lock"}  # noqa: E731
+    before = files()
+    photo = v1_store.parent.parent / "catalog" / "bottles" / "bottle_02.jpg"
+    r = nd("query", photo, "--store", v1_store)
+    if how == "local/desc":  # damaged cached keypoints are never used: verified from the photos themselves
+        assert r.returncode == 0 and "bottle_02.jpg  <- match" in r.stdout.splitlines()[2], r.stdout
+    else:
+        assert r.returncode == 2 and "damaged" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    (v1_store.parent.parent / "catalog" / "apple.jpg").write_bytes(
+        (resources.files("neardup") / "sample" / "catalog").joinpath("boxes", "box_01.jpg").read_bytes())
+    r = nd("update", v1_store.parent.parent / "catalog", "--store", v1_store)
+    assert r.returncode == 2 and "damaged" in r.stderr and "neardup index" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert files() == before  # nothing written
+    r = nd("info", "--store", v1_store, "--check")
+    assert r.returncode == 2 and "damaged" in r.stderr, (r.stdout, r.stderr)
+
+
 def test_a_repair_never_loses_photos_it_would_not_index_again(tmp_path: Path) -> None:
     """Two damaged segments, one shared with the previous generation: the repair needs every folder the store
     indexes (else refused, nothing written), indexes the photos again, and keeps no generation that names a
@@ -458,6 +493,36 @@ def test_a_repair_never_loses_photos_it_would_not_index_again(tmp_path: Path) ->
     r = nd("info", "--check", "--store", store)
     assert r.returncode == 0 and "none kept yet" in r.stdout, r.stdout  # no unrestorable previous generation
     assert _photos_found_in(store, tmp_path / "a") == 10 and _photos_found_in(store, tmp_path / "b") == 13
+
+
+def test_a_repair_that_cannot_read_a_segments_paths_says_which_photos_it_did_not_find(tmp_path: Path) -> None:
+    """A damaged segment whose own path list is damaged too: the photos are recognised by their content (the
+    segment's hashes, which still read true). Given only some folders, the repair refuses (nothing written),
+    naming the photos it did not find; all folders, or --drop-missing, and it goes on, saying what it did."""
+    write_product_photos(tmp_path / "a", range(10))
+    write_product_photos(tmp_path / "b", range(20, 25))
+    stores = [tmp_path / "s1.h5", tmp_path / "s2.h5"]
+    for store in stores:
+        assert nd("index", tmp_path / "a", tmp_path / "b", "--store", store, "--model", "phash").returncode == 0
+        seg = _segment(store)
+        with h5py.File(seg) as f:
+            chunk = f["paths"].id.get_chunk_info(0) if f["paths"].chunks else None
+            where = (chunk.byte_offset, chunk.size) if chunk else (f["paths"].id.get_offset(), 64)
+        _zero(seg, *where)
+    b_sha = {file_sha256(p) for p in (tmp_path / "b").iterdir()}
+    before = {p.name: p.read_bytes() for p in StoreFiles(stores[0]).segments.iterdir()}
+    r = nd("update", tmp_path / "a", "--store", stores[0], "--repair")
+    assert r.returncode == 2 and "5 of its 15 photos were not found under the folders given" in r.stderr, r.stderr
+    err = r.stderr.strip().splitlines()[-1]  # after the warnings that name the damaged segment
+    assert err.startswith("neardup: error:") and "--drop-missing" in err and "Traceback" not in r.stderr
+    assert sum(sha[:12] in r.stderr for sha in b_sha) == 3  # named by content: the first three
+    assert {p.name: p.read_bytes() for p in StoreFiles(stores[0]).segments.iterdir()} == before
+    r = nd("update", tmp_path / "a", tmp_path / "b", "--store", stores[0], "--repair")
+    assert r.returncode == 0 and "its 15 photos were indexed again" in r.stdout, r.stdout
+    assert _photos_found_in(stores[0], tmp_path / "a") == 10 and _photos_found_in(stores[0], tmp_path / "b") == 5
+    r = nd("update", tmp_path / "a", "--store", stores[1], "--repair", "--drop-missing")
+    assert r.returncode == 0 and "10 of its 15 photos were indexed again; 5 were not found" in r.stdout, r.stdout
+    assert _photos_found_in(stores[1], tmp_path / "a") == 10 and len(read_catalog(stores[1])) == 10
 
 
 def _photos_found_in(store: Path, folder: Path) -> int:

@@ -118,6 +118,9 @@ VerboseOpt = Annotated[int, typer.Option("--verbose", "-v", count=True, help="Mo
 CompactOpt = Annotated[bool, typer.Option(
     "--compact", help="Copy every live row into one segment now and train the index anew (updates compact by "
     "themselves when deleted rows pass a quarter of those written; this also retrains an approximate index).")]
+DropMissingOpt = Annotated[bool, typer.Option(
+    "--drop-missing", help="With --repair: drop the photos of a damaged segment that are not found under DIRS "
+    "(listed) instead of refusing the repair.")]
 RepairOpt = Annotated[bool, typer.Option(
     "--repair", help="Read and check every block of the store first (as `info --check`); drop damaged segments and "
     "index their photos again (they get new ids), and write damaged index files anew. Nothing is lost but the "
@@ -198,8 +201,8 @@ def _print_summary(s: RunSummary, limit: int = 20) -> None:
                    + (f", {same} by identical content (copies, moves, touched files)" if same > 0 else ""))
     if s.calibration:
         typer.echo(f"  {s.calibration}")
-    for name, rows, why in s.repaired:
-        typer.echo(f"  repaired: dropped damaged segment {name} ({rows} rows: {why}); its photos were indexed again")
+    for r in s.repaired:
+        typer.echo(f"  repaired: dropped damaged segment {r.name} ({r.rows} rows: {r.why}); {_came_back(r)}")
     if s.published is not None:
         p = s.published
         typer.echo(f"  published generation {p.generation}: {p.rows_written} rows written, {fmt_bytes(p.bytes_written)}"
@@ -211,10 +214,26 @@ def _print_summary(s: RunSummary, limit: int = 20) -> None:
         typer.echo(f"  ... and {len(s.failures) - limit} more (neardup info --failures)")
 
 
+def _came_back(r: Any) -> str:
+    """What a repair brought back of a damaged segment (build.Repaired), as it is: never more."""
+    if r.found is None:
+        return ("its photos under the folders given were indexed again (neither its paths nor their content can be "
+                "read: which of them were not found cannot be told)")
+    said = (f"its {r.rows} photos were indexed again" if r.found == r.rows else
+            f"{r.found} of its {r.rows} photos were indexed again")
+    if r.gone:
+        said += f"; {r.gone} were deleted from disk since"
+    if r.missing:
+        said += (f"; {len(r.missing)} were not found under the folders given and are dropped (--drop-missing): "
+                 + ", ".join(_show(m) for m in r.missing[:5]) + (", …" if len(r.missing) > 5 else ""))
+    return said
+
+
 def _run_index(update: bool, dirs: list[str], store: Path, model: Optional[str], weights: Optional[str],
                precision: Optional[str], batch_size: int, prune: bool, max_file_mb: int, runtime: str,
                preprocess: Optional[str], ray: Any, index: Optional[str], memory: Optional[str],
-               target_recall: Optional[float], repair: bool = False, compact: bool = False) -> None:
+               target_recall: Optional[float], repair: bool = False, compact: bool = False,
+               drop_missing: bool = False) -> None:
     from .indexer.build import build_index, update_index
 
     bar = _Bar("update" if update else "index")
@@ -224,7 +243,7 @@ def _run_index(update: bool, dirs: list[str], store: Path, model: Optional[str],
                      batch_size=batch_size, prune=prune, max_file_bytes=max_file_mb << 20, runtime=runtime,
                      preprocess=preprocess, progress=bar, ray=ray, index=index,
                      memory=parse_size(memory) if memory else None, target_recall=target_recall, repair=repair,
-                     compact=compact)
+                     compact=compact, drop_missing=drop_missing)
     finally:
         bar.close()
     _print_summary(summary)
@@ -253,11 +272,12 @@ def index_cmd(
     preprocess: PreprocessOpt = None, ray: RayOpt = False, ray_address: RayAddressOpt = None,
     ray_actors: RayActorsOpt = None, ray_cpus: RayCpusOpt = DEFAULTS.ray_cpus, ray_gpus: RayGpusOpt = None,
     index: IndexKindOpt = None, memory: MemoryOpt = None, target_recall: TargetRecallOpt = None,
-    repair: RepairOpt = False, verbose: VerboseOpt = 0,
+    repair: RepairOpt = False, drop_missing: DropMissingOpt = False, verbose: VerboseOpt = 0,
 ) -> None:
     """Index images into a store (creates it, or updates it incrementally with its own model)."""
     _run_index(False, dirs, store, model, weights, precision, batch_size, prune, max_file_mb, runtime, preprocess,
-               _ray_options(ray, ray_address, ray_actors, ray_cpus, ray_gpus), index, memory, target_recall, repair)
+               _ray_options(ray, ray_address, ray_actors, ray_cpus, ray_gpus), index, memory, target_recall, repair,
+               drop_missing=drop_missing)
 
 
 @app.command("update")
@@ -273,14 +293,14 @@ def update_cmd(
     max_file_mb: MaxFileOpt = DEFAULTS.max_file_mb, runtime: RuntimeOpt = DEFAULTS.runtime, ray: RayOpt = False,
     ray_address: RayAddressOpt = None, ray_actors: RayActorsOpt = None, ray_cpus: RayCpusOpt = DEFAULTS.ray_cpus,
     ray_gpus: RayGpusOpt = None, index: IndexKindOpt = None, memory: MemoryOpt = None,
-    target_recall: TargetRecallOpt = None, repair: RepairOpt = False, compact: CompactOpt = False,
-    verbose: VerboseOpt = 0,
+    target_recall: TargetRecallOpt = None, repair: RepairOpt = False, drop_missing: DropMissingOpt = False,
+    compact: CompactOpt = False, verbose: VerboseOpt = 0,
 ) -> None:
     """Update an existing store: embed new and changed images, drop deleted ones (for nightly jobs). Writes what
     changed: a new segment and a new manifest; compacts when deleted rows pile up."""
     _run_index(True, dirs, store, model, weights, precision, batch_size, prune, max_file_mb, runtime, None,
                _ray_options(ray, ray_address, ray_actors, ray_cpus, ray_gpus), index, memory, target_recall, repair,
-               compact)
+               compact, drop_missing)
 
 
 def _index_line(meta: Any) -> str:
@@ -697,15 +717,27 @@ def duplicates_cmd(
     if len(report.groups) > show:
         typer.echo(f"... {len(report.groups) - show} more groups" + (f" in {groups}" if groups else
                                                                      " (write them all with --groups FILE)"))
-    if report.stale:
-        gone = sum(v == "missing" for v in report.stale.values())
-        first = report.paths[next(iter(report.stale))]
-        typer.echo(f"neardup: {len(report.stale)} listed photos are no longer as indexed ({gone} missing, "
-                   f"{len(report.stale) - gone} changed; e.g. {_show(first)}): marked stale, never a keeper nor "
-                   f"removable; run `neardup update` and list the duplicates again", err=True)
+    _say_stale(report)
     for path in (out, groups):
         if path:
             typer.echo(f"wrote {path}")
+
+
+def _say_stale(report: Any) -> None:
+    """On stderr: the listed files no longer as indexed, and the other names of one file (never a keeper nor
+    removable)."""
+    stale = [r for r, v in report.stale.items() if v != "alias"]
+    if stale:
+        gone = sum(report.stale[r] == "missing" for r in stale)
+        typer.echo(f"neardup: {len(stale)} listed photos are no longer as indexed ({gone} missing, "
+                   f"{len(stale) - gone} changed; e.g. {_show(report.paths[stale[0]])}): marked stale, never a keeper "
+                   f"nor removable; run `neardup update` and list the duplicates again", err=True)
+    if report.aliases:
+        r, n = next(iter(report.aliases)), len(report.aliases)
+        typer.echo(f"neardup: {n} listed {'name is' if n == 1 else 'names are'} another name of a listed file (a "
+                   f"symlink or hard link; e.g. {_show(report.paths[r])} is {_show(report.paths[report.aliases[r]])}):"
+                   f" one photo, never a keeper nor removable; `neardup update` over their folders indexes each "
+                   f"file once", err=True)
 
 
 def _removable(report: Any) -> int:

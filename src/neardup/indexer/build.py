@@ -24,8 +24,9 @@ from ..errors import DecodeError, InputError, StoreError, StoreMismatchError
 from ..fileio import check_output_path, file_sha256
 from ..store.files import StoreFiles
 from ..store.handle import store_embedder
-from ..store.meta import Segment, StoreMeta
+from ..store.meta import Catalog, Segment, StoreMeta
 from ..store.publish import Change, Published, Writer
+from ..store.repair import segment_contents
 from ..store.restore import Restored
 from ..store.restore import restore_previous as _restore
 from .checkpoint import Checkpoint
@@ -43,6 +44,18 @@ if TYPE_CHECKING:
     from .ray_job import RayOptions
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Repaired:
+    """A damaged segment a repair dropped: why, and which of its photos were indexed again."""
+
+    name: str
+    rows: int
+    why: str
+    found: int | None = None  #: its photos indexed again (None: cannot be told, neither paths nor hashes read)
+    gone: int = 0  #: photos deleted from disk since (known by their paths)
+    missing: list[str] = field(default_factory=list)  #: photos not found under the folders given, dropped
 
 
 @dataclass
@@ -67,7 +80,7 @@ class RunSummary:
     calibration: str = ""  #: int8 only: the calibration and its measured agreement with float32
     driver_seconds: float = 0.0  #: --ray only: the driver's own time on the rows that came back
     published: Published | None = None  #: what the publish wrote (segments, bytes, compaction), if anything
-    repaired: list[tuple[str, int, str]] = field(default_factory=list)  #: damaged segments dropped: name, rows, why
+    repaired: list[Repaired] = field(default_factory=list)  #: damaged segments dropped, and what came back
 
     @property
     def images_per_second(self) -> float:
@@ -99,6 +112,7 @@ def build_index(
     target_recall: float | None = None,
     repair: bool = False,
     compact: bool = False,
+    drop_missing: bool = False,
 ) -> RunSummary:
     """Index the images under `roots` into the HDF5 store `store` and its FAISS index; return a summary.
 
@@ -115,9 +129,11 @@ def build_index(
     `index` (flat, auto, ivf, hnsw or a FAISS factory string), `memory` (bytes) and `target_recall` choose the
     FAISS index (indexer/index_kinds.py); the store keeps them for its updates (default: auto, no budget, 0.95).
     `repair` reads every block of the store first and drops damaged segments: their photos are indexed again
-    (new ids), so nothing is lost but the embedding time. `compact` copies every live row into one segment and
-    trains the index anew (what every update did before segments; updates compact by themselves when deleted
-    rows pile up).
+    (new ids), so nothing is lost but the embedding time; a photo of theirs not found under `roots` (by its
+    path, or where the segment's paths are damaged too, by its content) refuses the repair before anything is
+    written, unless `drop_missing` (then it is dropped, and listed in the summary). `compact` copies every
+    live row into one segment and trains the index anew (what every update did before segments; updates
+    compact by themselves when deleted rows pile up).
     """
     t0 = time.perf_counter()
     files = _writable(store)
@@ -176,7 +192,7 @@ def build_index(
         found = scan(roots, store.parent)
         summary.failures.extend(found.failures)
         dropped = list(w.dropped)  # a repair's damaged segments: their photos must be among those found
-        _check_repair(dropped, found)
+        summary.repaired = _check_repair(dropped, found, drop_missing)
         old = gen.catalog if gen is not None else None
         pending, summary.unchanged = split_unchanged(old, found.files)
 
@@ -226,6 +242,8 @@ def build_index(
             summary.reused = sum(1 for f in pending if hashes.get(f.rel) in checkpoint.known)
             vectors.prefetch(set(hashes.values()))  # stored content of moved, touched and copied files: one read
 
+        if dropped:  # before anything is written: photos of a damaged segment known only by their content
+            _check_repair_contents(summary.repaired, dropped, files, hashes, old, drop_missing)
         delta = assemble(old, found, hashes, vectors, summary.failures, prune=prune, new_meta=new_meta,
                          unchanged=summary.unchanged)
         if delta is not None:
@@ -250,7 +268,6 @@ def build_index(
             meta = replace(gen.meta, **asked_index, **moved_model)
             summary.published = w.publish(Change(meta, failures=gen.failures, reindex=reindex))
         summary.wrote = summary.published is not None
-        summary.repaired = [(seg.name, seg.rows, why) for seg, why, _ in dropped]
         # also a checkpoint left by a run killed after publishing: its work is in the store now
         files.remove_work()
         summary.total = summary.published.count if summary.published is not None else (
@@ -308,21 +325,57 @@ def _calibrated(files: StoreFiles, pending: list[FileRecord], model: str, weight
     return int8
 
 
-def _check_repair(dropped: list[tuple[Segment, str, list[str] | None]], found: Scan) -> None:
-    """Refuse a repair that would lose photos: those of a damaged segment that are still on disk but not
-    under the folders given (they would not be indexed again). Where the segment's paths cannot be read
-    either, say that only the photos under the folders given come back."""
+def _check_repair(dropped: list[tuple[Segment, str, list[str] | None]], found: Scan,
+                  drop_missing: bool) -> list[Repaired]:
+    """What a repair will bring back of each damaged segment whose paths read true: its photos found under the
+    folders given, those deleted from disk since, and those still on disk elsewhere. The last would be lost:
+    refused (InputError, before anything is read or written) unless `drop_missing`."""
     here = {f.rel for f in found.files}
-    for seg, _, paths in dropped:
-        if paths is None:
-            log.warning("the paths of damaged segment %s cannot be read: of its %d photos, those under the folders "
-                        "given are indexed again", seg.name, seg.rows)
+    out = []
+    for seg, why, paths in dropped:
+        if paths is None:  # known by their content only: checked once the files found are hashed
+            out.append(Repaired(seg.name, seg.rows, why))
             continue
-        outside = [p for p in paths if p not in here and not found.gone(p)]
-        if outside:
+        lost = [p for p in paths if p not in here]
+        gone = sum(found.gone(p) for p in lost)
+        outside = [p for p in lost if not found.gone(p)]
+        if outside and not drop_missing:
             raise InputError(f"damaged segment {seg.name} holds {len(outside)} photos outside the folders given "
                              f"(e.g. {outside[0]}): give every folder the store indexes, so that they are "
-                             f"indexed again")
+                             f"indexed again (or --drop-missing to drop them)")
+        out.append(Repaired(seg.name, seg.rows, why, seg.rows - len(lost), gone, outside))
+    return out
+
+
+def _check_repair_contents(repaired: list[Repaired], dropped: list[tuple[Segment, str, list[str] | None]],
+                           files: StoreFiles, hashes: dict[str, str], old: Catalog | None,
+                           drop_missing: bool) -> None:
+    """For each damaged segment whose paths cannot be read: its photos found again by their content (the files
+    hashed in this run, or rows the store keeps), filled into `repaired`. Photos not found are refused
+    (InputError, nothing written; the embeddings of this run stay in its checkpoint) unless `drop_missing`.
+    Where the content hashes cannot be read either, only a shortfall in the count of new photos can show."""
+    have = set(hashes.values()) | (set(old.sha256) if old is not None else set())
+    by_name = {r.name: r for r in repaired}
+    for seg, _, paths in dropped:
+        if paths is not None:
+            continue
+        rep = by_name[seg.name]
+        contents = segment_contents(files, seg)
+        if contents is None:
+            short = seg.rows - len(set(hashes.values()) - (set(old.sha256) if old is not None else set()))
+            if short > 0 and not drop_missing:
+                raise InputError(f"damaged segment {seg.name} held {seg.rows} photos, and neither its paths nor their "
+                                 f"content can be read: only {seg.rows - short} new photos were found under the "
+                                 f"folders given; give every folder the store indexes (or --drop-missing to drop "
+                                 f"what is not found)")
+            continue
+        lost = [f"id {i} (content sha256 {sha[:12]}…)" for i, sha in contents if sha not in have]
+        if lost and not drop_missing:
+            raise InputError(f"damaged segment {seg.name} cannot say its paths, and {len(lost)} of its {seg.rows} "
+                             f"photos were not found under the folders given (by content; moved, deleted or in a "
+                             f"folder not given): {', '.join(lost[:3])}{', …' if len(lost) > 3 else ''}; nothing "
+                             f"was written: give every folder the store indexes (or --drop-missing to drop them)")
+        rep.found, rep.missing = seg.rows - len(lost), lost
 
 
 def _writable(store: str | os.PathLike[str]) -> StoreFiles:

@@ -9,7 +9,8 @@ nightly update reads and writes what changed, not the store.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, MutableMapping
+import os
+from collections.abc import Iterable, Iterator, MutableMapping
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -19,7 +20,7 @@ from ..store.generation import Generation
 from ..store.meta import Catalog, StoreMeta
 from .local_features import LocalFeatures, LocalTable
 from .pipeline import Embedded
-from .scan import FileRecord, Scan
+from .scan import FileRecord, Scan, alias_reason
 
 
 @dataclass
@@ -153,10 +154,18 @@ def assemble(old: Catalog | None, found: Scan, hashes: dict[str, str], vectors: 
     delete: list[int] = []
     # Rows of the old store whose file is gone: a new path with the same content is that file, moved.
     gone_by_sha: dict[str, list[int]] = {}
-    if old is not None:
-        for i, p in enumerate(old.paths):
-            if p not in current and not found.is_blind(p) and found.gone(p):
+    # New names of files the store keeps under a name outside the folders given (not pruned): listed, never a
+    # second row of one file
+    outside = [i for i, p in enumerate(old.paths) if p not in current] if old is not None else []
+    ours = _identities(f for f in found.files if f.rel not in old_rows) if outside and not prune else {}
+    alias_of: dict[str, str] = {}
+    for i in outside:
+        p = old.paths[i]
+        if not found.is_blind(p):
+            if found.gone(p):
                 gone_by_sha.setdefault(old.sha256[i], []).append(i)
+            elif ours and (name := ours.get(_identity(found.base / p))) is not None:
+                alias_of[name] = p
 
     rows: list[Row] = []
     for f in found.files:
@@ -187,6 +196,9 @@ def assemble(old: Catalog | None, found: Scan, hashes: dict[str, str], vectors: 
             changes.moved += 1
             rows.append(Row(id=int(old.ids[j]), **new))
             continue
+        if f.rel in alias_of:
+            failures.append((f.rel, alias_reason(alias_of[f.rel])))
+            continue
         changes.added += 1
         rows.append(Row(id=next_id, **new))
         next_id += 1
@@ -213,6 +225,20 @@ def assemble(old: Catalog | None, found: Scan, hashes: dict[str, str], vectors: 
         meta = new_meta
     meta = replace(meta, next_id=next_id)
     return Delta(catalog_of(rows, meta), np.array(sorted(delete), np.int64), meta, sorted(failures), changes)
+
+
+def _identity(path: object) -> tuple[int, int] | None:
+    """(device, inode) of the file `path` names (symlinks followed); None when it cannot be stat-ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _identities(files: Iterable[FileRecord]) -> dict[tuple[int, int], str]:
+    """(device, inode) -> name, of `files` (a stat each: only the files new to the store)."""
+    return {k: f.rel for f in files if (k := _identity(f.abs)) is not None}
 
 
 def catalog_of(rows: list[Row], meta: StoreMeta, failures: list[tuple[str, str]] | None = None) -> Catalog:

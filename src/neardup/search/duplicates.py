@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -107,6 +107,46 @@ def stale_rows(gen: Generation, rows: np.ndarray) -> dict[int, str]:
     return out
 
 
+def alias_rows(gen: Generation, rows: np.ndarray) -> dict[int, int]:
+    """The `rows` that name the same file as another of `rows` (a symlink to it, a hard link, its folder reached
+    through a symlink; a store indexed before names were resolved holds such rows): row -> the row of the name
+    kept for that file, the one with the fewest links on the way, then the first by path. Two names of one file
+    are one photo: deleting one as a "duplicate" of the other would delete both (a link dies with its target)."""
+    from ..indexer.scan import link_depth
+
+    by_file: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for r in np.asarray(rows, np.int64).tolist():
+        try:
+            st = os.stat(gen.image_path(r))
+        except OSError:
+            continue  # gone: stale_rows says so
+        by_file[(st.st_dev, st.st_ino)].append(r)
+    out: dict[int, int] = {}
+    for names in by_file.values():
+        if len(names) > 1:
+            names.sort(key=lambda r: (link_depth(str(gen.image_path(r))), gen.catalog.paths[r]))
+            out.update((r, names[0]) for r in names[1:])
+    return out
+
+
+def changed_rows(gen: Generation, rows: np.ndarray, skip: Collection[int] = ()) -> dict[int, str]:
+    """The `rows` (but those in `skip`) whose file no longer holds the content indexed (its SHA-256, read again):
+    a file replaced with one of the same size and modification time is caught here, before it is called a
+    keeper or removable. Unreadable files are "missing"."""
+    from ..fileio import file_sha256
+
+    cat, out = gen.catalog, {}
+    for r in np.unique(np.asarray(rows, np.int64)).tolist():
+        if r in skip:
+            continue
+        try:
+            if file_sha256(gen.image_path(r)) != cat.sha256[r]:
+                out[r] = "changed"
+        except OSError:
+            out[r] = "missing"
+    return out
+
+
 @dataclass(frozen=True)
 class Pair:
     """Two catalogue images that are duplicates: kind "exact" (same bytes) or "near" (score >= threshold)."""
@@ -155,8 +195,10 @@ class DuplicateReport:
     loose_threshold: float = 0.0  #: the candidates' threshold
     verify_seconds: float = 0.0
     method: str = "exact join"  #: how pairs were found: the exact self-join, or the store index's k-NN
-    #: catalog row -> "missing" / "changed": listed files no longer as indexed (stale_rows)
+    #: catalog row -> "missing" / "changed": listed files no longer as indexed (stale_rows, changed_rows), or
+    #: "alias": another name of a listed file (alias_rows); never a keeper nor removable
     stale: dict[int, str] = field(default_factory=dict)
+    aliases: dict[int, int] = field(default_factory=dict)  #: catalog row -> the row of its file's name kept
 
     @property
     def n_pairs(self) -> int:
@@ -281,8 +323,8 @@ def _find(gen: Generation, threshold: float | None, block: int | None, max_group
         linked = report.exact
         link_t = t
     I, J = report.I, report.J
-    report.stale = stale_rows(gen, np.unique(np.concatenate([I, J])))
     comps = connected_components(len(cat), I[linked] if verify else I, J[linked] if verify else J)
+    _check_files(gen, report, np.unique(np.concatenate([I, J])), comps)
     comp_of = np.full(len(cat), -1, np.int64)
     for ci, comp in enumerate(comps):
         comp_of[comp] = ci
@@ -315,7 +357,8 @@ def _find(gen: Generation, threshold: float | None, block: int | None, max_group
                      "height": int(cat.heights[r]), "size": int(cat.sizes[r]),
                      "score_to_keeper": 1.0 if r == keeper else round(float(S[kl, local[r]]), 6),
                      "exact": bool(r != keeper and cat.sha256[r] == cat.sha256[keeper]), "keeper": r == keeper,
-                     "stale": report.stale.get(r)}
+                     "stale": report.stale.get(r),
+                     "alias_of": cat.paths[report.aliases[r]] if r in report.aliases else None}
                 if verify:  # inliers with the keeper (-1: byte-identical or the keeper itself)
                     m["inliers_to_keeper"] = int(inliers[kl, local[r]])
                 members.append(m)
@@ -333,6 +376,17 @@ def _find(gen: Generation, threshold: float | None, block: int | None, max_group
             I[order], J[order], D[order], ex[order], ver[order], inl[order])
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _check_files(gen: Generation, report: DuplicateReport, listed: np.ndarray, comps: list[np.ndarray]) -> None:
+    """Fill report.stale and report.aliases for the `listed` rows: files gone or changed (size, mtime), other
+    names of one file, and — for the rows that groups are made of, the keepers and removable files — files whose
+    content is no longer the one indexed."""
+    report.stale = stale_rows(gen, listed)
+    report.aliases = alias_rows(gen, listed)
+    report.stale.update((r, "alias") for r in report.aliases if r not in report.stale)
+    if comps:
+        report.stale.update(changed_rows(gen, np.concatenate(comps), skip=report.stale))
 
 
 #: Components of verified links up to this size get their missing pairs verified before grouping.

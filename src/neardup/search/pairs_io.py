@@ -16,7 +16,8 @@ from .duplicates import DuplicateReport, Pair
 
 def write_pairs_csv(report: DuplicateReport, path: str | os.PathLike[str]) -> None:
     """Pairs as CSV: a_id, a_path, b_id, b_path, score, kind (exact pairs first, then by score), a_stale and
-    b_stale ("missing" or "changed" for a file no longer as indexed), and when the pairs were verified:
+    b_stale ("missing" or "changed" for a file no longer as indexed, "alias" for another name of a listed file:
+    never to delete as a duplicate of it), and when the pairs were verified:
     verified (true/false), inliers (empty for byte-identical pairs)."""
     path = Path(path)
     check_output_path(path)
@@ -47,7 +48,9 @@ def groups_document(report: DuplicateReport) -> dict:
         "store": report.store, "model": report.model, "threshold": report.threshold, "images": report.n,
         "verified": report.verify,
         "rule": rule + "; keeper = a file still as indexed, then largest resolution, then largest file, then oldest, "
-                       "then path; a file gone or changed since it was indexed is listed as stale, never removable",
+                       "then path; a file gone or changed since it was indexed (size, modification time or "
+                       "content) is listed as stale, and another name of a listed file (a symlink or hard link) as "
+                       "stale \"alias\" with alias_of: never keeper nor removable",
         "stale": len(report.stale),
         "groups": [{"group": k + 1, "size": len(g.members), "keeper": g.keeper,
                     "keeper_path": next(m["path"] for m in g.members if m["keeper"]),

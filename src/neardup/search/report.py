@@ -195,7 +195,8 @@ def _groups_from(doc_groups: list[dict], images: _Images) -> list[dict]:
     for k, g in enumerate(doc_groups, start=1):
         members = [{"i": images(m["path"]), "k": bool(m.get("keeper")), "x": bool(m.get("exact")),
                     "s": round(float(m.get("score_to_keeper", 1.0)), 6),
-                    "v": int(m.get("inliers_to_keeper", -1)) if isinstance(m.get("inliers_to_keeper"), int) else -1}
+                    "v": int(m.get("inliers_to_keeper", -1)) if isinstance(m.get("inliers_to_keeper"), int) else -1,
+                    "st": str(m["stale"]) if m.get("stale") else ""}  # never removable: gone, changed, an alias
                    for m in g["members"]]
         if members and not any(m["k"] for m in members):
             members[0]["k"] = True  # a hand-made file without keeper flags: its first member, as in our files
@@ -309,7 +310,8 @@ def _write_report(gen: Generation, out: str | os.PathLike[str], *, pairs: str | 
         ("images in store", str(len(cat))),
         ("pairs", f"{len(pair_rows)} ({exact} exact, {len(pair_rows) - exact} near)" if pair_list is not None
          else "not given"),
-        ("groups", f"{len(group_rows)} ({sum(len(g['m']) - 1 for g in group_rows)} removable images)"
+        ("groups", f"{len(group_rows)} ({sum(not m['k'] and not m['st'] for g in group_rows for m in g['m'])} "
+                   f"removable images)"
          if group_docs is not None else "not given"),
         ("images shown", f"{len(image_docs)} ({len(missing)} missing or unreadable)"),
         ("images under", str((store.parent / images.common_folder()).resolve())),

@@ -167,10 +167,13 @@ def open_any(path: Path) -> Manifest | LegacyFile:
 
 class LegacyFile:
     """A store written before segments (schema 1), read as one segment: HDF5's Fletcher-32 checks each chunk
-    and a digest attribute each string column (no block digests: the next update rewrites it as segments)."""
+    and a digest attribute each string column (no block digests: the next update rewrites it as segments).
+    What those miss (a chunk zeroed with its checksum, an attribute changed) is caught by checking the values
+    read (_plausible) and the ids when it is opened (_check_ids): a damaged one is never served nor upgraded."""
 
     def __init__(self, path: Path, f: h5py.File) -> None:
         self.path, self._f = path, f
+        self._count: np.ndarray | None = None  # local/count, read once to check the keypoints
         try:
             a = attrs_of(f)
             self.rows, self.dim = int(f["ids"].shape[0]), int(a["dim"])
@@ -181,9 +184,55 @@ class LegacyFile:
                 f"{a.get('updated')}/{self.rows}/{a.get('next_id')}".encode()).hexdigest()[:12]
             self.meta = _meta(a, self.rows, len(self.failures), schema_version=LEGACY_SCHEMA, generation=gen,
                               local_features=self.local_features)
+            self._check_ids()
         except H5_ERRORS as exc:
             f.close()
             raise Damage(reason_of(exc)) from None
+        except Damage:
+            f.close()
+            raise
+
+    def _check_ids(self) -> None:
+        """Ids are unique and below next_id: schema 1 has no digest over its attributes, and an id handed out
+        twice would make a new photo "match" an old one."""
+        ids = self.column("ids").astype(np.int64)
+        if len(ids) and (ids.min() < 0 or ids.max() >= self.meta.next_id):
+            raise Damage(f"its ids run from {ids.min()} to {ids.max()} but its next id is {self.meta.next_id} "
+                         f"(an id would be handed out twice)")
+        if len(np.unique(ids)) != len(ids):
+            raise Damage(f"{len(ids) - len(np.unique(ids))} of its {len(ids)} ids are repeated")
+
+    def _plausible(self, name: str, a: np.ndarray, rows: np.ndarray | slice) -> np.ndarray:
+        """`a`, rows `rows` of column `name`, when every value is one neardup could have written. HDF5's
+        Fletcher-32 misses a chunk zeroed together with its checksum (all-zero data sums to zero), so the
+        values themselves are checked: unit vectors, 64-hex content hashes, sizes of at least one, keypoint
+        descriptors that are not all zero. Raises Damage naming the rows and a photo to index again."""
+        if name == "embeddings":
+            norms = np.linalg.norm(np.asarray(a, np.float64), axis=1) if a.ndim == 2 else np.ones(0)
+            bad = ~(np.abs(norms - 1) <= 1e-3)  # NaN fails too
+            what = "vectors that are not unit vectors (zeroed or overwritten)"
+        elif name == "sha256":
+            c = np.frombuffer(np.ascontiguousarray(a, "S64").tobytes(), np.uint8).reshape(len(a), 64)
+            bad = ~(((c >= 48) & (c <= 57)) | ((c >= 97) & (c <= 102))).all(axis=1)  # 0-9, a-f
+            what = "content hashes that are not SHA-256 digests"
+        elif name in ("sizes", "widths", "heights"):
+            bad, what = a < 1, f"{name} below 1"
+        elif name in ("local/desc", "local/xy") and len(a):
+            if self._count is None:
+                self._count = self.column("local/count")
+            count = self._count[rows]
+            bad = (count >= 8) & ~a.reshape(len(a), -1).any(axis=1)
+            what = "keypoints all zero"
+        else:
+            return a
+        if bad.any():
+            at = np.arange(self.rows)[rows][bad] if isinstance(rows, slice) else np.asarray(rows)[bad]
+            try:
+                photo = f"; e.g. {self.paths()[int(at[0])]}"
+            except Damage:
+                photo = ""
+            raise Damage(f"{int(bad.sum())} rows of {name} hold {what}{photo}")
+        return a
 
     def close(self) -> None:
         self._f.close()
@@ -205,15 +254,17 @@ class LegacyFile:
 
     def column(self, name: str) -> np.ndarray:
         try:
-            return self._f[name][()]
+            a = self._f[name][()]
         except H5_ERRORS as exc:
             raise Damage(f"{name} cannot be read ({reason_of(exc)})") from None
+        return self._plausible(name, a, slice(None))
 
     def span(self, name: str, start: int, stop: int) -> np.ndarray:
         try:
-            return self._f[name][start:stop]
+            a = self._f[name][start:stop]
         except H5_ERRORS as exc:
             raise Damage(f"{name} cannot be read ({reason_of(exc)})") from None
+        return self._plausible(name, a, slice(start, start + len(a)))
 
     def take(self, name: str, rows: np.ndarray) -> np.ndarray:
         rows = np.asarray(rows, np.int64)
@@ -224,7 +275,7 @@ class LegacyFile:
             got = [self._f[name][int(r)] for r in uniq]
         except H5_ERRORS as exc:
             raise Damage(f"{name} cannot be read ({reason_of(exc)})") from None
-        return np.stack(got)[inverse] if got else self.column(name)[:0]
+        return self._plausible(name, np.stack(got), uniq)[inverse] if got else self.column(name)[:0]
 
     def paths(self) -> list[str]:
         try:

@@ -125,12 +125,14 @@ class Writer:
                                 "rebuilt from its %d segments (%d rows; nothing embedded again)", self.files.store,
                                 exc.reason, len(self.current.segments), len(self.current))
                 for seg, why, _ in self.dropped:
-                    log.warning("segment %s (%d rows) is damaged (%s): left out; its photos are indexed again",
+                    log.warning("segment %s (%d rows) is damaged (%s): left out; its photos are to be indexed again",
                                 seg.name, seg.rows, why)
             elif self.files.store.exists():
                 self.current = Generation.open(self.files.store)
                 if self.current.manifest is not None:  # what a writer killed before its publish left (orphans)
                     remove_unnamed(self.files, self.current.manifest, self.files.previous)
+                else:  # written before segments: every block read before an upgrade
+                    self.current.verify()
         except BaseException:
             self._lock.__exit__(None, None, None)
             raise

@@ -142,3 +142,14 @@ def _readable_paths(r: SegmentFile) -> list[str] | None:
         return r.paths()
     except Damage:
         return None
+
+
+def segment_contents(files: StoreFiles, seg: Segment) -> list[tuple[int, str]] | None:
+    """(id, content hash) of each row of damaged segment `seg`, when those two columns still read true (each
+    block checked): a repair whose segment's paths are damaged recognises its photos by their content. None when
+    they cannot be read either."""
+    try:
+        with SegmentFile(files.segment(seg.name), seg.sha256) as r:
+            return list(zip(r.column("ids").astype(int).tolist(), r.sha256()))
+    except Damage:
+        return None

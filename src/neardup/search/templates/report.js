@@ -73,8 +73,9 @@
     card.appendChild(head);
     var sides = el("div", "sides");
     g.m.forEach(function (m) {
-      var badge = m.k ? "\u2605 KEEP" : (m.x ? "exact copy" : "score " + m.s.toFixed(4) +
-                                           (m.v >= 0 ? " \u00b7 " + m.v + " inliers" : ""));
+      var badge = m.k ? "\u2605 KEEP" : m.st ? "not removable: " + (m.st === "alias" ? "another name of the same "
+                                                                  + "file" : m.st + " since indexed") :
+        (m.x ? "exact copy" : "score " + m.s.toFixed(4) + (m.v >= 0 ? " \u00b7 " + m.v + " inliers" : ""));
       sides.appendChild(figure(m.i, badge, m.k));
     });
     card.appendChild(sides);
