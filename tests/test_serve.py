@@ -512,3 +512,139 @@ def test_a_store_rewritten_in_place_while_served_is_never_answered_wrongly(tmp_p
     finally:
         err = stop_server(proc)
     assert "verifying from the photos themselves" in err and "Traceback" not in err, err[-2000:]
+
+
+#: Makes Generation.open hang, holding the GIL as HDF5 does in a damaged file, on a manifest that starts with
+#: b"HANGHANG" (loaded as sitecustomize in the server's processes only). ~70 s of C: bounded, should a
+#: probe outlive a failed test.
+HANG_SITE = '''
+def _install():
+    from neardup.store import generation as g
+    real = g.Generation.open.__func__
+
+    def open_(cls, path, *args, **kwargs):
+        with open(path, "rb") as fh:
+            if fh.read(8) == b"HANGHANG":
+                sum(range(2 * 10**9))  # one C call: the GIL is never released
+        return real(cls, path, *args, **kwargs)
+    g.Generation.open = classmethod(open_)
+
+
+_install()
+'''
+
+
+def test_a_manifest_that_hangs_hdf5_freezes_nothing(tmp_path: Path) -> None:
+    """A damaged manifest that hung HDF5 froze `serve`: /v1/health went unanswered, SIGTERM was ignored, and it
+    stayed frozen after the file was repaired. A new generation is opened in a child process first, with a
+    deadline; health and info say what was found, the last good generation answers, SIGTERM stops it."""
+    write_product_photos(tmp_path / "photos", range(6))
+    store = tmp_path / "catalog.h5"
+    build_index([tmp_path / "photos"], store, model="phash")
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(HANG_SITE)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "neardup", "serve", "--store", str(store), "--port", "0",
+                             "--reload-poll", "0.1", "--open-timeout", "5"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    line = proc.stdout.readline()
+    assert "http://" in line, line + proc.stderr.read()
+    url = line.split(" at ")[-1].strip()
+    first = read_meta(store).generation
+    good = store.read_bytes()
+
+    def replace_with(data: bytes) -> None:  # a new file (new inode), as a restore or a bad copy makes it
+        (tmp_path / "next.h5").write_bytes(data)
+        os.replace(tmp_path / "next.h5", store)
+
+    try:
+        replace_with(b"HANGHANG" + good[8:])
+        health = wait_for(lambda: (doc := call(url, "v1/health", token=None)[1])["reload_error"] and doc, 60)
+        assert health["generation"] == first and "did not open within 5 s" in health["reload_error"], health
+        assert "did not open" in call(url, "v1/info", token=None)[1]["reload_error"]
+        status, doc, _ = call(url, "v1/query?k=1", [("p.jpg", jpeg(product_photo(2)))], token=None)
+        assert status == 200 and doc["generation"] == first and doc["results"][0]["found"]
+        replace_with(good)  # repaired: served again, no restart
+        wait_for(lambda: call(url, "v1/health", token=None)[1]["reload_error"] is None, 60)
+        replace_with(b"HANGHANG" + good[8:])  # and damaged again: SIGTERM still stops it
+        wait_for(lambda: call(url, "v1/health", token=None)[1]["reload_error"], 60)
+    finally:
+        err = stop_server(proc)
+    assert "Traceback" not in err, err[-2000:]
+
+
+def test_thumbnails_of_photos_over_the_upload_pixel_limit(tmp_path: Path) -> None:
+    """A 64-megapixel photo was indexed but its thumbnail refused (422): thumbnails decoded under the uploads'
+    --max-pixels. A thumbnail is made of any photo the indexer took; uploads keep their limit."""
+    write_product_photos(tmp_path / "photos", range(3))
+    big = product_photo(50).resize((1500, 1100))  # 1.65 MP, over --max-pixels 1000000 below
+    (tmp_path / "photos" / "big.jpg").write_bytes(jpeg(big))
+    Image.new("RGB", (1400, 1000), (30, 90, 200)).save(tmp_path / "photos" / "big.png")
+    store = tmp_path / "catalog.h5"
+    build_index([tmp_path / "photos"], store, model="phash")
+    cat = read_catalog(store, vectors=False)
+    proc, url = start_server(store, "--max-pixels", "1000000")
+    try:
+        for name in ("big.jpg", "big.png"):
+            i = int(cat.ids[[p.endswith(name) for p in cat.paths].index(True)])
+            with urllib.request.urlopen(url + f"v1/thumbs/{i}", timeout=30) as r:
+                thumb = Image.open(io.BytesIO(r.read()))
+                assert thumb.format == "JPEG" and max(thumb.size) == 256, (name, thumb.size)
+        status, doc, _ = call(url, "v1/query", [("big.jpg", jpeg(big))], token=None)
+        assert status == 422 and "decompression bomb" in doc["error"]["message"]
+    finally:
+        err = stop_server(proc)
+    assert "Traceback" not in err, err
+
+
+def test_a_run_is_answered_from_one_generation(tmp_path: Path) -> None:
+    """`query --server` over 160 photos was answered from 4 generations, said only by --json. A request may
+    name the generation to answer from (the client pins its first answer's): served while the server holds
+    it, else 409 generation_gone, and the client starts its run again."""
+    write_product_photos(tmp_path / "photos", range(8))
+    store = tmp_path / "catalog.h5"
+    build_index([tmp_path / "photos"], store, model="phash")
+    first = read_meta(store).generation
+    proc, url = start_server(store, "--reload-poll", "0.1")
+    probe = [("p.jpg", jpeg(product_photo(3)))]
+    try:
+        write_product_photos(tmp_path / "photos", range(100, 104))
+        update_index([tmp_path / "photos"], store)
+        second = read_meta(store).generation
+        wait_for(lambda: call(url, "v1/health", token=None)[1]["generation"] == second)
+        status, doc, _ = call(url, f"v1/query?k=3&generation={first}", probe, token=None)
+        assert status == 200 and doc["generation"] == first and doc["count"] == 8, doc
+        assert call(url, "v1/query?k=3", probe, token=None)[1]["generation"] == second
+        status, doc, _ = call(url, "v1/query?k=3&generation=0123456789ab", probe, token=None)
+        assert status == 409 and doc["error"]["code"] == "generation_gone", doc
+    finally:
+        err = stop_server(proc)
+    assert "Traceback" not in err, err
+
+
+def test_the_client_starts_again_when_its_generation_is_gone(tmp_path: Path, monkeypatch) -> None:
+    """query_server pins the generation of its first answer; when the server no longer holds it (409), the
+    run starts again from its first photo, so that every result comes from one generation."""
+    from neardup.serve import client as client_mod
+
+    for i in range(3):
+        (tmp_path / f"{i}.jpg").write_bytes(jpeg(product_photo(i)))
+    asked: list[tuple[str | None, int]] = []
+    gens = iter(["g1", "g2", "g2", "g2"])
+
+    def info(self):  # noqa: ANN001, ANN202
+        return {"model": "phash", "threshold": 0.9, "limits": {"max_images": 1, "max_upload_mb": 20}}
+
+    def query_files(self, files, k, verify, threshold, generation=None):  # noqa: ANN001, ANN202
+        asked.append((generation, len(files)))
+        if generation == "g1" and len(asked) == 2:  # g1 replaced and released after the first answer
+            raise client_mod.GenerationGone("generation g1 is no longer served")
+        g = next(gens)
+        return {"generation": g, "threshold": 0.9, "verified": False,
+                "results": [{"error": None, "matches": []} for _ in files]}
+
+    monkeypatch.setattr(client_mod.Client, "info", info)
+    monkeypatch.setattr(client_mod.Client, "query_files", query_files)
+    got = client_mod.query_server("http://127.0.0.1:9/", [tmp_path])
+    assert got.generations == ["g2"] and len(got.results) == 3
+    assert asked == [(None, 1), ("g1", 1), (None, 1), ("g2", 1), ("g2", 1)], asked
