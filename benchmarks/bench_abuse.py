@@ -128,7 +128,7 @@ def main() -> int:
     if not GROCERY_DIR.is_dir():
         print(f"skipped: needs the Grocery Store Dataset ({GROCERY_DIR})")
         return 0
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))  # 1,200 attacking sockets here
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
@@ -137,7 +137,7 @@ def main() -> int:
     from common import model_spec
     from neardup.indexer.build import build_index
 
-    spec = dict(model="phash") if args.model == "phash" else model_spec("mobilenet")[0]
+    spec = {"model": "phash"} if args.model == "phash" else model_spec("mobilenet")[0]
     report = Report("bench_abuse.py", "Query service under cheap attacks (issue 32)",
                     " ".join(__doc__.split("\n\n")[1].split()),
                     params={"photos": args.photos, "seconds per attack": args.seconds, "model": args.model,
