@@ -202,7 +202,8 @@ class ServeDefaults:
     #: Seconds between checks for a newly published store generation (a stat of the store file).
     reload_poll_s: float = 1.0
     #: Seconds a newly published generation may take to open (in a child process first: a damaged manifest
-    #: can hang HDF5, which holds the GIL); beyond, it is not served and the service keeps the one it has.
+    #: can hang HDF5, and h5py's process-wide lock, often with the GIL, would freeze the service with it);
+    #: beyond, it is not served and the service keeps the one it has.
     open_timeout_s: float = 120.0
     #: Seconds a replaced generation stays open after its last use, for a client that pinned it mid-run.
     keep_generation_s: float = 60.0

@@ -7,9 +7,11 @@ started with to its end (work handed to threads holds it too), so every answer c
 generation and none waits for a reload. A client may pin the generation of its first answer (`use(id)`):
 a replaced generation stays open while in use and for `keep_s` after its last use.
 
-A new manifest is opened in a child process first, with a deadline: HDF5 holds the GIL, so a damaged file
-that makes it hang would freeze every thread of the service (health checks and SIGTERM included). Only a
-manifest that opened in the child, unchanged since, is opened by the service itself.
+A new manifest is opened in a child process first, with a deadline: h5py runs every HDF5 call behind one
+process-wide lock (and holds the GIL through many of them), so a damaged file that makes HDF5 hang would
+freeze every thread that touches the store, and with the GIL the whole service (health checks and SIGTERM
+included); a thread with a timeout cannot help. Only a manifest that opened in the child, unchanged since, is
+opened by the service itself.
 """
 from __future__ import annotations
 

@@ -223,8 +223,8 @@ class QueryService:
 
     def close(self) -> None:
         self.batcher.close()
-        for pool in (self._decode, self._decode_small, self._verify, self.files):
-            pool.close()
+        for pool in (self.files, self._verify, self._decode_small, self._decode):  # last made, first closed:
+            pool.close()  # each restores the BLAS threads it found
         self.live.stop()
 
     def _decode_one(self, gen: Served, up: Upload, local: bool) -> Decoded | str:
