@@ -351,3 +351,22 @@ def test_a_cancelled_query_drops_its_queued_verification(tmp_path: Path, monkeyp
         gate.set()
         service.close()
     assert calls == [], calls
+
+
+def test_a_client_that_goes_away_takes_its_queued_work_with_it(store: Path) -> None:
+    """Work of requests that had been given up kept running, ahead of everyone else's. A query whose client
+    disconnects is cancelled, and its jobs still queued are dropped unrun."""
+    proc, url, port = start(store, "--request-timeout", "120")
+    try:
+        body, ctype = multipart([(f"q{i}.jpg", jpeg(product_photo(i % 12))) for i in range(16)])
+        s = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=("127.0.0.2", 0))
+        s.sendall(f"POST /v1/query?k=12 HTTP/1.1\r\nHost: localhost\r\nContent-Type: {ctype}\r\nContent-Length: "
+                  f"{len(body)}\r\n\r\n".encode() + body)
+        _wait_for(lambda: _info(url)["work"]["verify_queued"] >= 8)  # its verification is queued
+        s.close()  # and the client goes away
+        work = _wait_for(lambda: (w := _info(url)["work"])["dropped"] and w)
+        assert work["dropped"] >= 1, work
+        assert query(url, jpeg(product_photo(2)))[0] == 200
+    finally:
+        err = stop_server(proc)
+    assert "Traceback" not in err, err[-2000:]

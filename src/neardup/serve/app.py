@@ -141,6 +141,7 @@ def create_app(opts: ServeOptions, service: QueryService | None = None) -> FastA
                 "verify": bool(m.local_features), "updated": m.updated, "loaded_at": gen.loaded_at,
                 "reloads": s.live.reloads, "reload_error": s.live.reload_error, "k": DEFAULTS.k,
                 "in_progress": guard.counts() if (guard := request.scope.get("state", {}).get("guard")) else None,
+                "work": s.work(),
                 "batching": {**asdict(s.batcher.stats), "max_batch": opts.max_batch, "wait_ms": opts.batch_wait_ms},
                 "local_cache": gen.searcher.cache_info(),
                 "limits": {"max_upload_mb": opts.max_upload_mb, "max_images": opts.max_images,

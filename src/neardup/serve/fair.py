@@ -32,6 +32,7 @@ class FairPool:
         self._pool = self._stack.enter_context(thread_pool(workers, name, inner=1))
         self._queues: OrderedDict[str, deque[tuple[Future, Callable[[], Any]]]] = OrderedDict()
         self._running = 0
+        self.dropped = 0  #: jobs dropped unrun, their futures cancelled while queued
         self._closed = False
         self._lock = threading.Lock()
 
@@ -65,6 +66,7 @@ class FairPool:
                 del self._queues[client]
             if job[0].set_running_or_notify_cancel():  # False: cancelled while queued, dropped
                 return job
+            self.dropped += 1
         return None
 
     def _dispatch(self) -> None:  # under the lock: hand jobs to free workers, one at a time per worker

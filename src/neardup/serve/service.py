@@ -227,6 +227,13 @@ class QueryService:
             pool.close()  # each restores the BLAS threads it found
         self.live.stop()
 
+    def work(self) -> dict[str, int]:
+        """The worker pools' queues: jobs waiting, and jobs dropped unrun (their requests cancelled)."""
+        pools = {"decode": self._decode, "decode_small": self._decode_small, "verify": self._verify,
+                 "files": self.files}
+        return {**{f"{name}_queued": p.queued() for name, p in pools.items()},
+                "dropped": sum(p.dropped for p in pools.values())}
+
     def _decode_one(self, gen: Served, up: Upload, local: bool) -> Decoded | str:
         try:
             return decode_for(up.data, gen.searcher.embedder, local=local, max_pixels=self.max_pixels)
