@@ -238,7 +238,7 @@ def test_x_forwarded_for_is_trusted_only_when_configured(store: Path) -> None:
                 s.sendall(f"POST /v1/query HTTP/1.1\r\nHost: localhost\r\nX-Forwarded-For: {forged}\r\nContent-Type: "
                           f"multipart/form-data; boundary=b\r\nContent-Length: 400000\r\n\r\n-".encode())
                 held.append(s)
-            got = _wait_for(lambda: (i := _info(url)["in_progress"])["upload_bytes"] == 2 and i)
+            got = _wait_for(lambda url=url: (i := _info(url)["in_progress"])["upload_bytes"] == 2 and i)
         finally:
             for s in held:
                 s.close()
@@ -250,7 +250,7 @@ def test_x_forwarded_for_is_trusted_only_when_configured(store: Path) -> None:
 def test_a_request_verifies_at_most_its_budget_of_pairs(store: Path) -> None:
     """16 photos at k=100 verified 1,600 pairs in one request, and other clients' queries waited 12-18 s. A
     request verifies at most --max-verify-pairs: each photo's best share; the rest are judged by the threshold."""
-    proc, url, port = start(store, "--max-verify-pairs", "8")
+    proc, _, port = start(store, "--max-verify-pairs", "8")
     try:
         body, ctype = multipart([(f"q{i}.jpg", jpeg(product_photo(i))) for i in range(2)])
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
