@@ -310,14 +310,14 @@ def test_reload_publishes_without_a_gap(tmp_path: Path) -> None:
         for t in threads:
             t.start()
         for step in range(2):
-            time.sleep(0.5)
+            before = len(answers)
+            wait_for(lambda before=before: len(answers) >= before + 10)  # queries under way meanwhile
             write_product_photos(photos, range(100 + 10 * step, 110 + 10 * step))
             update_index([photos], store)
             gens[read_meta(store).generation] = read_catalog(store, vectors=False)
-        deadline = time.time() + 15
-        while call(url, "v1/health", token=None)[1]["generation"] != list(gens)[-1] and time.time() < deadline:
-            time.sleep(0.1)
-        time.sleep(0.3)
+        last = list(gens)[-1]
+        wait_for(lambda: call(url, "v1/health", token=None)[1]["generation"] == last, 60)
+        wait_for(lambda: sum(d.get("generation") == last for _, d in answers[-50:]) >= 3)  # and answered from it
     finally:
         stop.set()
         for t in threads:
