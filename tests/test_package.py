@@ -58,7 +58,7 @@ LAYERS: list[list[str]] = [
     ["testing/__init__"],
     ["testing/grocery"],
     ["demo"],
-    ["serve/protocol", "serve/live"],
+    ["serve/protocol", "serve/live", "serve/fair"],
     ["serve/service"],
     ["serve/guard"],
     ["serve/app", "serve/client"],

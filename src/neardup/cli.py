@@ -595,12 +595,20 @@ def serve_cmd(
     local_cache_mb: Annotated[int, typer.Option("--local-cache-mb", min=0, help="Memory for the local features of "
                                                 "recently verified catalogue photos (~20 kB each).")]
     = SERVE.local_cache_mb,
-    max_inflight_mb: Annotated[int, typer.Option("--max-inflight-mb", min=1, help="Upload bytes the queries in "
-                                                 "progress may hold together; more are answered 503.")]
+    max_inflight_mb: Annotated[int, typer.Option("--max-inflight-mb", min=1, help="Upload bytes (MiB, counted as "
+                                                 "they arrive) the requests in progress may hold together; beyond, "
+                                                 "a client over its equal share is answered 503.")]
     = SERVE.max_inflight_mb,
-    max_uploads_per_client: Annotated[int, typer.Option(
-        "--max-uploads-per-client", min=1, help="Uploads one client (address) may have coming at once; a query "
-        "takes a place among --max-pending only once its upload is whole.")] = SERVE.max_uploads_per_client,
+    max_verify_pairs: Annotated[int, typer.Option(
+        "--max-verify-pairs", min=1, help="Candidate pairs verified per request; a request asking more verifies "
+        "each photo's best share, the rest judged by the threshold.")] = SERVE.max_verify_pairs,
+    open_timeout: Annotated[float, typer.Option(
+        "--open-timeout", min=0.1, help="Seconds a newly published generation may take to open (first in a child "
+        "process); beyond, the last good one is served on.")] = SERVE.open_timeout_s,
+    forwarded_allow_ips: Annotated[Optional[str], typer.Option(
+        "--forwarded-allow-ips", show_default=False,
+        help="Comma-separated proxy addresses whose X-Forwarded-For is trusted as the client's address [default: "
+             "none]. Limits are counted per client address.")] = None,
     header_timeout: Annotated[float, typer.Option(
         "--header-timeout", min=0.1, help="Seconds a connection may take to send a request's headers.")]
     = SERVE.header_timeout_s,
@@ -632,7 +640,8 @@ def serve_cmd(
                      max_pending=max_pending, request_timeout_s=request_timeout, max_batch=max_batch,
                      batch_wait_ms=batch_wait_ms, reload_poll_s=reload_poll, local_cache_mb=local_cache_mb,
                      max_inflight_mb=max_inflight_mb, allowed_hosts=tuple(allowed_host or ()),
-                     max_uploads_per_client=max_uploads_per_client, header_timeout_s=header_timeout,
+                     forwarded_allow_ips=forwarded_allow_ips, max_verify_pairs=max_verify_pairs,
+                     open_timeout_s=open_timeout, header_timeout_s=header_timeout,
                      max_connections=max_connections, max_request_pixels=int(max_request_mp * 1e6),
                      max_inflight_pixels=int(max_inflight_mp * 1e6)))
 

@@ -172,17 +172,17 @@ class ServeDefaults:
     #: Largest decoded image (pixels): a 20 MB PNG can hold gigapixels (a decompression bomb); 50 MP is a
     #: large camera's photo. Refused before decoding.
     max_pixels: int = 50_000_000
-    #: Queries admitted at once (uploading, decoding, queued or embedding), and the upload bytes they may hold
-    #: together (by their Content-Length); beyond either, 503 with Retry-After: a burst is turned away instead
-    #: of growing memory or making every client wait.
+    #: Queries admitted at once (their uploads whole: decoding, queued or embedding; beyond, 503 with
+    #: Retry-After), and the upload bytes all requests may hold together, counted as they arrive (a declared
+    #: Content-Length reserves nothing). Beyond that, a client holding more than an equal share of it is
+    #: refused (503) and the others go on; twice that, everyone is.
     max_pending: int = 64
     max_inflight_mb: int = 512
     #: Seconds a request may take from its first byte to its answer (a slow upload included): 408/503 after.
     request_timeout_s: float = 30.0
-    #: A query is admitted to the queries in progress only once its upload has arrived whole; until then it
-    #: counts against its client's uploads, at most this many at once (more: 503), so slow uploads from one
-    #: client cannot hold the places every other client needs.
-    max_uploads_per_client: int = 4
+    #: Candidate pairs one request may have verified (ORB + RANSAC, ~10 ms each): 16 photos x k=10. A request
+    #: asking more verifies an equal share of each photo's best candidates, the rest judged by the threshold.
+    max_verify_pairs: int = 160
     #: Seconds a connection may take to send complete request headers (first request, and between requests):
     #: a client that connects and stays silent is closed after this.
     header_timeout_s: float = 10.0
@@ -201,6 +201,12 @@ class ServeDefaults:
     batch_wait_ms: float = 10.0
     #: Seconds between checks for a newly published store generation (a stat of the store file).
     reload_poll_s: float = 1.0
+    #: Seconds a newly published generation may take to open (in a child process first: a damaged manifest
+    #: can hang HDF5, and h5py's process-wide lock, often with the GIL, would freeze the service with it);
+    #: beyond, it is not served and the service keeps the one it has.
+    open_timeout_s: float = 120.0
+    #: Seconds a replaced generation stays open after its last use, for a client that pinned it mid-run.
+    keep_generation_s: float = 60.0
     #: Memory for the local features of recently verified catalogue photos (~20 kB each; 256 MiB holds ~13k):
     #: reading a query's 10 candidates from the store took ~5 ms of a verification's ~12 ms (grocery photos).
     local_cache_mb: int = 256

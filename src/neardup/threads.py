@@ -105,12 +105,13 @@ def pool_limits(workers: int) -> Iterator[None]:
 
 
 @contextmanager
-def thread_pool(workers: int, name: str) -> Iterator[ThreadPoolExecutor]:
+def thread_pool(workers: int, name: str, *, inner: int | None = None) -> Iterator[ThreadPoolExecutor]:
     """A pool of `workers` threads, each on one thread of every library when there are several (all of
-    `cores()` for a lone worker), with BLAS limited while it runs. Ends its threads on exit."""
-    inner = inner_threads(workers)
-    with pool_limits(workers), ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name,
-                                                  initializer=worker_init, initargs=(inner,)) as pool:
+    `cores()` for a lone worker), with BLAS limited while it runs. Ends its threads on exit. `inner=1` puts a
+    lone worker on one thread too: for a pool that runs beside other pools (the service's)."""
+    inner = inner_threads(workers) if inner is None else max(1, int(inner))
+    with pool_limits(2 if inner == 1 else 1), ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name,
+                                                                 initializer=worker_init, initargs=(inner,)) as pool:
         yield pool
 
 

@@ -26,18 +26,14 @@ def run(opts: ServeOptions) -> None:
     StoreError/WeightsError (the store cannot be served) or InputError (the address cannot be bound)."""
     import uvicorn
 
-    from .app import check_token, create_app, is_loopback
+    from .app import build_service, check_token, create_app, is_loopback
     from .protocol import ACCEPT_BATCH, connection_cap, guarded_protocol
-    from .service import LiveStore, QueryService
 
     check_token(opts.token)
     if not opts.token and not is_loopback(opts.host):
         log.warning("serving on %s without --token: anyone who can reach this port can query the catalogue and "
                     "fetch its photos", opts.host)
-    service = QueryService(LiveStore(opts.store, weights=opts.weights, runtime=opts.runtime,
-                                     poll_s=opts.reload_poll_s, local_cache_mb=opts.local_cache_mb),
-                           max_batch=opts.max_batch, batch_wait_ms=opts.batch_wait_ms, max_pixels=opts.max_pixels,
-                           max_request_pixels=opts.max_request_pixels, max_inflight_pixels=opts.max_inflight_pixels)
+    service = build_service(opts)
     family = socket.AF_INET6 if ":" in opts.host else socket.AF_INET
     # IPPROTO_TCP, not 0: asyncio turns Nagle's algorithm off only for sockets that say they are TCP, and with
     # it on, a keep-alive client waits for the delayed ACK (40 ms) on every response (measured: 44 ms health)
@@ -59,7 +55,11 @@ def run(opts: ServeOptions) -> None:
     # protocol bounds the connections and the time a client may take to send its request's headers
     http = guarded_protocol(opts.header_timeout_s, connection_cap(opts.max_connections))
     config = uvicorn.Config(create_app(opts, service), log_level="warning", timeout_keep_alive=5,
-                            timeout_graceful_shutdown=5, server_header=False, http=http, backlog=ACCEPT_BATCH)
+                            timeout_graceful_shutdown=5, server_header=False, http=http, backlog=ACCEPT_BATCH,
+                            # X-Forwarded-For names the client only from a proxy the operator trusts: uvicorn
+                            # trusts it from 127.0.0.1 by default, and any local client could forge its address
+                            proxy_headers=bool(opts.forwarded_allow_ips),
+                            forwarded_allow_ips=opts.forwarded_allow_ips or "")
 
     class Server(uvicorn.Server):
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:

@@ -15,7 +15,6 @@ import logging
 import mimetypes
 from contextlib import asynccontextmanager
 from dataclasses import asdict
-from functools import partial
 from importlib import resources
 from typing import Annotated, Any, Optional
 
@@ -31,9 +30,16 @@ from ..search.query import QueryResult
 from .guard import (_CODES, OPEN_PATHS, PAGE_CSP, SECURITY_HEADERS, STATIC, ApiError, Guard, ServeOptions,  # noqa: F401
                     check_token, error_response, is_loopback)
 from .protocol import quiet_accept_errors
+from .live import GenerationGone
 from .service import Answer, LiveStore, QueryService, Refused, Upload
 
 log = logging.getLogger(__name__)
+
+def _client(request: Request) -> str:
+    """The address a request's work is counted for (fair.py): the peer's, or the proxy's forwarded one when
+    --forwarded-allow-ips trusts it."""
+    return request.client.host if request.client else "?"
+
 
 def _static(name: str) -> str:
     return resources.files("neardup.serve").joinpath("static", name).read_text(encoding="utf-8")
@@ -54,17 +60,22 @@ def answer_json(a: Answer) -> dict:
 PhotoId = Annotated[int, FastApiPath(ge=0, le=2**63 - 1, description="The photo's id in the store.")]
 
 
+def build_service(opts: ServeOptions) -> QueryService:
+    """The query service `opts` describe (loads the store's current generation and its model)."""
+    return QueryService(LiveStore(opts.store, weights=opts.weights, runtime=opts.runtime, poll_s=opts.reload_poll_s,
+                                  local_cache_mb=opts.local_cache_mb, open_timeout_s=opts.open_timeout_s),
+                        max_batch=opts.max_batch, batch_wait_ms=opts.batch_wait_ms, max_pixels=opts.max_pixels,
+                        max_request_pixels=opts.max_request_pixels, max_inflight_pixels=opts.max_inflight_pixels,
+                        max_verify_pairs=opts.max_verify_pairs)
+
+
 def create_app(opts: ServeOptions, service: QueryService | None = None) -> FastAPI:
     """The ASGI app serving `opts.store` (or an already built `service`). Raises InputError for a bad token."""
     check_token(opts.token)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        svc = service or QueryService(LiveStore(opts.store, weights=opts.weights, runtime=opts.runtime,
-                                                poll_s=opts.reload_poll_s, local_cache_mb=opts.local_cache_mb),
-                                      max_batch=opts.max_batch, batch_wait_ms=opts.batch_wait_ms,
-                                      max_pixels=opts.max_pixels, max_request_pixels=opts.max_request_pixels,
-                                      max_inflight_pixels=opts.max_inflight_pixels)
+        svc = service or build_service(opts)
         quiet_accept_errors(asyncio.get_running_loop())
         svc.live.start()
         app.state.service = svc
@@ -116,7 +127,9 @@ def create_app(opts: ServeOptions, service: QueryService | None = None) -> FastA
 
     @app.get("/v1/health", summary="Liveness and the generation being served")
     async def health(request: Request) -> dict:
-        return {"status": "ok", "generation": svc(request).live.current.id}
+        live = svc(request).live
+        # reload_error: the damage found in a newly published generation (the last good one is served)
+        return {"status": "ok", "generation": live.current.id, "reload_error": live.reload_error}
 
     @app.get("/v1/info", summary="The store, model, threshold, limits and batching")
     async def info(request: Request) -> dict:
@@ -127,11 +140,13 @@ def create_app(opts: ServeOptions, service: QueryService | None = None) -> FastA
                 "model": m.model, "dim": m.dim, "threshold": gen.searcher.gen.threshold(),
                 "verify": bool(m.local_features), "updated": m.updated, "loaded_at": gen.loaded_at,
                 "reloads": s.live.reloads, "reload_error": s.live.reload_error, "k": DEFAULTS.k,
+                "in_progress": guard.counts() if (guard := request.scope.get("state", {}).get("guard")) else None,
+                "work": s.work(),
                 "batching": {**asdict(s.batcher.stats), "max_batch": opts.max_batch, "wait_ms": opts.batch_wait_ms},
                 "local_cache": gen.searcher.cache_info(),
                 "limits": {"max_upload_mb": opts.max_upload_mb, "max_images": opts.max_images,
                            "max_pixels": opts.max_pixels, "max_pending": opts.max_pending,
-                           "max_inflight_mb": opts.max_inflight_mb,
+                           "max_inflight_mb": opts.max_inflight_mb, "max_verify_pairs": opts.max_verify_pairs,
                            "request_timeout_s": opts.request_timeout_s}}
 
     @app.post("/v1/query", summary="Look up photos in the catalogue")
@@ -141,7 +156,10 @@ def create_app(opts: ServeOptions, service: QueryService | None = None) -> FastA
                     verify: Annotated[Optional[bool], Query(description="Verify geometrically [default: when "
                                                             "the store caches local features].")] = None,
                     threshold: Annotated[Optional[float], Query(ge=-1, le=1, description="Cosine threshold "
-                                                                "[default: the model's].")] = None) -> dict:
+                                                                "[default: the model's].")] = None,
+                    generation: Annotated[Optional[str], Query(max_length=200, description=(
+                        "Answer from this store generation (a client's first answer's), while the server holds "
+                        "it; 409 generation_gone when it does not."))] = None) -> dict:
         if not image:
             raise ApiError(422, "no_images", "send at least one photo as multipart field 'image'")
         if len(image) > opts.max_images:
@@ -154,7 +172,10 @@ def create_app(opts: ServeOptions, service: QueryService | None = None) -> FastA
                                f"{opts.max_upload_mb} MiB")
             uploads.append(Upload(f.filename or "upload", await f.read()))
         try:
-            answer = await svc(request).query(uploads, k, verify=verify, threshold=threshold)
+            answer = await svc(request).query(uploads, k, verify=verify, threshold=threshold,
+                                              client=_client(request), generation=generation)
+        except GenerationGone as exc:
+            raise ApiError(409, "generation_gone", str(exc)) from None
         except Refused as exc:
             raise ApiError(exc.status, exc.code, str(exc), {"Retry-After": "1"} if exc.status == 503 else None) \
                 from None
@@ -169,8 +190,7 @@ def create_app(opts: ServeOptions, service: QueryService | None = None) -> FastA
         s = svc(request)
         with s.live.use() as gen:
             try:
-                return await asyncio.get_running_loop().run_in_executor(s.files, partial(s.live.held, gen, fn, gen,
-                                                                                         *args))
+                return await s.files.run(_client(request), s.live.held, gen, fn, gen, *args)
             except LookupError as exc:
                 raise ApiError(404, "not_found", str(exc)) from None
             except FileNotFoundError as exc:

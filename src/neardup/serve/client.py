@@ -24,6 +24,12 @@ from ..search.query import Match, QueryResult
 
 #: Retries of a request the server answered 503 with Retry-After (overloaded), each after the time it asks.
 RETRIES = 5
+#: Runs started again from the first photo when the generation they were pinned to is no longer served.
+RESTARTS = 2
+
+
+class GenerationGone(ServerError):
+    """The generation a run was pinned to is no longer served (409 generation_gone)."""
 
 
 @dataclass
@@ -78,6 +84,8 @@ class Client:
         err = body.get("error", {}) if isinstance(body, dict) else {}
         if err.get("code") == "bad_image" and "images" in err:
             return {"failed": err["images"]}
+        if exc.code == 409 and err.get("code") == "generation_gone":
+            raise GenerationGone(err.get("message", "the generation is no longer served")) from None
         raise ServerError(f"{self.url} answered {exc.code} ({err.get('code', exc.reason)}): "
                           f"{err.get('message', '')}".rstrip(": ")) from None
 
@@ -86,9 +94,9 @@ class Client:
         return self._request("v1/info")
 
     def query_files(self, files: Sequence[tuple[str, bytes]], k: int = DEFAULTS.k,
-                    verify: bool | None = None, threshold: float | None = None) -> dict:
-        """POST /v1/query with (name, bytes) photos; the response's JSON ({"failed": [...]} when none could be
-        read)."""
+                    verify: bool | None = None, threshold: float | None = None, generation: str | None = None) -> dict:
+        """POST /v1/query with (name, bytes) photos, answered from `generation` when given (GenerationGone when
+        the server no longer holds it); the response's JSON ({"failed": [...]} when none could be read)."""
         boundary = uuid.uuid4().hex
         parts = []
         for name, data in files:
@@ -97,7 +105,8 @@ class Client:
                          f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
         body = b"".join(parts) + f"--{boundary}--\r\n".encode()
         params = {"k": k} | ({} if verify is None else {"verify": str(verify).lower()}) | (
-            {} if threshold is None else {"threshold": threshold})
+            {} if threshold is None else {"threshold": threshold}) | (
+            {} if generation is None else {"generation": generation})
         return self._request("v1/query?" + urllib.parse.urlencode(params), body,
                              f"multipart/form-data; boundary={boundary}")
 
@@ -106,15 +115,30 @@ def query_server(url: str, images: Sequence[str | os.PathLike[str]], *, k: int =
                  token: str | None = None, verify: bool | None = None, threshold: float | None = None,
                  max_file_bytes: int = DEFAULTS.max_file_bytes, timeout: float = 60.0) -> ServerAnswer:
     """Query image files (folders are expanded) on a running `neardup serve`, in requests of at most the
-    server's image count; `threshold` (default: the server's) is the server's to apply. Unreadable files and
-    photos the server could not decode come back with an error. Raises ServerError (unreachable, refused) or
+    server's image count, every one answered from the generation of the first answer (pinned: when the server
+    replaced it and no longer holds it, the run starts again, at most RESTARTS times); `threshold` (default:
+    the server's) is the server's to apply. Unreadable files and photos the server could not decode come back
+    with an error. Raises ServerError (unreachable, refused, the generation changed under every try) or
     InputError."""
     client = Client(url, token, timeout)
+    paths = [str(p) for p in discover(images)]
+    for attempt in range(RESTARTS + 1):
+        try:
+            return _run(client, paths, k=k, verify=verify, threshold=threshold, max_file_bytes=max_file_bytes)
+        except GenerationGone as exc:
+            if attempt == RESTARTS:
+                raise ServerError(f"{client.url} published a new store generation during each of {RESTARTS + 1} "
+                                  f"runs, and no longer holds the one they started with ({exc}); run again")
+    raise AssertionError("unreachable")
+
+
+def _run(client: Client, paths: list[str], *, k: int, verify: bool | None, threshold: float | None,
+         max_file_bytes: int) -> ServerAnswer:
+    """One run of query_server over `paths`, pinned to the generation of its first answer."""
     info = client.info()
     limits = info.get("limits", {})
     per_request = max(1, int(limits.get("max_images", 1)))
     cap = min(max_file_bytes, int(limits.get("max_upload_mb", 1 << 20)) << 20)
-    paths = [str(p) for p in discover(images)]
     results: dict[str, QueryResult] = {}
     generations: list[str] = []
     verified = False
@@ -128,7 +152,8 @@ def query_server(url: str, images: Sequence[str | os.PathLike[str]], *, k: int =
                 results[p] = QueryResult(p, error=str(exc), threshold=t)
         if not chunk:
             continue
-        doc = client.query_files([(Path(p).name, data) for p, data in chunk], k, verify, threshold)
+        doc = client.query_files([(Path(p).name, data) for p, data in chunk], k, verify, threshold,
+                                 generations[0] if generations else None)
         if "failed" in doc:
             results.update({p: QueryResult(p, error=f["error"], threshold=t)
                             for (p, _), f in zip(chunk, doc["failed"])})

@@ -1,9 +1,11 @@
 """Serve stage 2a, guard: the service's options and the limits every request meets before a route runs.
 
 `Guard`, a plain ASGI middleware: the Host (DNS rebinding), the bearer token, the declared body size, the
-uploads a client may have coming at once and the upload bytes of all, the request timeout (a slow upload
-included), and only then, its upload whole, the queries admitted at once (503 with Retry-After beyond): slow
-uploads wait outside, never in a query's place. Every error is JSON `{"error": {"code", "message"}}`.
+upload bytes held (counted as they arrive, per client: a declared length reserves nothing, and a client over
+its share of a full budget is refused, not the others), the request timeout (a slow upload included), and
+only then, its upload whole, the queries admitted at once (503 with Retry-After beyond): slow uploads wait
+outside, never in a query's place. A query whose client goes away, or that times out, is cancelled, and with
+it its queued work. Every error is JSON `{"error": {"code", "message"}}`.
 """
 from __future__ import annotations
 
@@ -54,11 +56,15 @@ class ServeOptions:
     local_cache_mb: int = SERVE.local_cache_mb
     max_inflight_mb: int = SERVE.max_inflight_mb
     allowed_hosts: tuple[str, ...] = ()
-    max_uploads_per_client: int = SERVE.max_uploads_per_client
+    #: Addresses whose X-Forwarded-For/-Proto headers are trusted (uvicorn's forwarded_allow_ips): none by
+    #: default, so a client cannot pick the address it is counted as.
+    forwarded_allow_ips: str | None = None
     header_timeout_s: float = SERVE.header_timeout_s
     max_connections: int = SERVE.max_connections
     max_request_pixels: int = SERVE.max_request_pixels
     max_inflight_pixels: int = SERVE.max_inflight_pixels
+    max_verify_pairs: int = SERVE.max_verify_pairs
+    open_timeout_s: float = SERVE.open_timeout_s
 
     @property
     def max_inflight_bytes(self) -> int:
@@ -130,9 +136,14 @@ class Guard:
         self.app, self.opts = app, opts
         self.hosts = allowed_hosts(opts)
         self.pending = 0  #: /v1/query requests in progress, their uploads whole
-        self.pending_bytes = 0  #: declared bodies of the uploads coming or held: the memory they may hold
-        self.uploading: dict[str, int] = {}  #: client address -> its uploads still coming
+        self.received = 0  #: upload bytes received and held by requests in progress: the memory they hold
+        self.held_by: dict[str, int] = {}  #: client address -> its share of `received`
         self.active = 0  #: other requests in progress (thumbnails, images, info)
+
+    def counts(self) -> dict[str, int]:
+        """What the requests in progress hold: queries admitted, upload bytes received, clients holding them."""
+        return {"queries": self.pending, "upload_bytes": self.received, "upload_clients": len(self.held_by),
+                "other_requests": self.active}
 
     async def _reply(self, send: Any, resp: JSONResponse) -> None:
         await resp({"type": "http"}, None, send)
@@ -141,6 +152,7 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         send = _with_headers(send)
+        scope.setdefault("state", {})["guard"] = self  # /v1/info reports its counts
         opts, path, headers = self.opts, scope["path"], dict(scope["headers"])
         if self.hosts is not None and _host_name(headers.get(b"host", b"")) not in self.hosts:
             return await self._reply(send, error_response(
@@ -171,69 +183,74 @@ class Guard:
                 413, "too_large", f"the request is larger than {opts.max_body} bytes ({opts.max_images} images of "
                 f"at most {opts.max_upload_mb} MiB)", {"Connection": "close"}))
         client = (scope.get("client") or ("?", 0))[0]
-        if self.uploading.get(client, 0) >= opts.max_uploads_per_client:
-            return await self._reply(send, error_response(
-                503, "overloaded", f"{opts.max_uploads_per_client} uploads of this client are still coming; send the "
-                f"next when one has arrived", {"Retry-After": "1"}))
-        if self.pending_bytes and self.pending_bytes + size > opts.max_inflight_bytes:
-            return await self._reply(send, _overloaded(self.pending))
-        self.pending_bytes += size
-        self.uploading[client] = self.uploading.get(client, 0) + 1
-        held, admitted, coming = True, False, True
+        taken, admitted = 0, False
+
+        def take(n: int) -> str | None:  # n more bytes of this upload arrived: hold them, or say why not
+            nonlocal taken
+            cap, mine = opts.max_inflight_bytes, self.held_by.get(client, 0)
+            if self.received + n > cap:  # full: a request alone may go on, clients up to an equal share
+                share = cap // (len(self.held_by) + (client not in self.held_by))
+                alone = self.received == taken
+                if (not alone and mine + n > share) or self.received + n > 2 * max(cap, opts.max_body):
+                    return (f"the uploads in progress hold {self.received >> 20} MiB (this client's "
+                            f"{mine >> 20} MiB of them); retry shortly")
+            self.received += n
+            self.held_by[client] = mine + n
+            taken += n
+            return None
 
         def release() -> None:  # once: when the answer's last byte is sent (the client may ask again at once)
-            nonlocal held, admitted
-            if held:
-                held = False
-                self.pending_bytes -= size
+            nonlocal taken, admitted
+            if taken:
+                self.received -= taken
+                left = self.held_by.get(client, 0) - taken
+                if left > 0:
+                    self.held_by[client] = left
+                else:
+                    self.held_by.pop(client, None)
+                taken = 0
             if admitted:
                 admitted = False
                 self.pending -= 1
 
         def arrived() -> bool:  # the upload is whole: admit the query, or say the server is full
-            nonlocal admitted, coming
-            coming = False
-            self._done_uploading(client)
+            nonlocal admitted
             if self.pending >= opts.max_pending:
                 return False
             self.pending, admitted = self.pending + 1, True
             return True
 
         try:
-            await self._timed(scope, receive, send, release, arrived)
+            await self._timed(scope, receive, send, release, arrived, take)
         finally:
-            if coming:  # given up, or timed out, before the upload was whole
-                self._done_uploading(client)
             release()
 
-    def _done_uploading(self, client: str) -> None:
-        """One upload of `client` is no longer coming (arrived, or given up)."""
-        n = self.uploading.get(client, 0) - 1
-        if n > 0:
-            self.uploading[client] = n
-        else:
-            self.uploading.pop(client, None)
-
-    async def _timed(self, scope: dict, receive: Any, send: Any, answered: Any = None, arrived: Any = None) -> None:
+    async def _timed(self, scope: dict, receive: Any, send: Any, answered: Any = None, arrived: Any = None,
+                     take: Any = None) -> None:
         """Run the app with the request timeout: 408 when the upload was still coming, else 503. `answered()`
         is called when the response's last part is about to be sent. With `arrived`, the whole body is read
-        first (within the timeout), then `arrived()` says whether the request is admitted (else 503), and the
-        app reads the body from memory."""
+        first (within the timeout; `take(n)` holds each part's bytes, or says why not: 503), then `arrived()`
+        says whether the request is admitted (else 503), and the app reads the body from memory; if the
+        client goes away before its answer, the app is cancelled (and with it the request's queued work)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.opts.request_timeout_s
+        raw_receive = receive
         if arrived is not None:
             try:
-                body = await asyncio.wait_for(_read_body(receive), self.opts.request_timeout_s)
+                body = await asyncio.wait_for(_read_body(receive, take), self.opts.request_timeout_s)
             except asyncio.TimeoutError:
                 return await self._reply(send, error_response(
                     408, "request_timeout", f"the upload did not finish in {self.opts.request_timeout_s:g} s",
                     {"Connection": "close"}))
+            except _Full as exc:
+                return await self._reply(send, error_response(503, "overloaded", str(exc), {"Retry-After": "1",
+                                                                                         "Connection": "close"}))
             if body is None:  # the client went away
                 return
             if not arrived():
                 return await self._reply(send, _overloaded(self.pending))
             receive = _replay(body, receive)
-        state = {"done": arrived is not None, "started": False}
+        state = {"done": arrived is not None, "started": False, "finished": False}
 
         async def watched_receive() -> dict:
             msg = await receive()
@@ -242,13 +259,31 @@ class Guard:
 
         async def watched_send(msg: dict) -> None:
             state["started"] = True
-            if answered is not None and msg["type"] == "http.response.body" and not msg.get("more_body", False):
-                answered()
+            if msg["type"] == "http.response.body" and not msg.get("more_body", False):
+                state["finished"] = True
+                if answered is not None:
+                    answered()
             await send(msg)
 
+        task = asyncio.ensure_future(self.app(scope, watched_receive, watched_send))
+        gone = False
+
+        async def watch() -> None:  # the body was read whole: the connection's next message is its end
+            nonlocal gone
+            while (await raw_receive())["type"] == "http.request":
+                pass
+            if not state["finished"]:
+                gone = True
+                task.cancel()
+
+        watcher = asyncio.ensure_future(watch()) if arrived is not None else None
         timeout = self.opts.request_timeout_s
         try:
-            await asyncio.wait_for(self.app(scope, watched_receive, watched_send), max(0.001, deadline - loop.time()))
+            await asyncio.wait_for(task, max(0.001, deadline - loop.time()))
+        except asyncio.CancelledError:
+            if gone:  # the client went away: nobody to answer
+                return
+            raise
         except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11; another class in 3.10
             if state["started"]:
                 return
@@ -258,15 +293,26 @@ class Guard:
             else:
                 await self._reply(send, error_response(408, "request_timeout", f"the upload did not finish in "
                                                        f"{timeout:g} s", {"Connection": "close"}))
+        finally:
+            if watcher is not None:
+                watcher.cancel()
 
 
-async def _read_body(receive: Any) -> list[dict] | None:
-    """The request's body messages, read whole (None: the client disconnected first)."""
+class _Full(Exception):
+    """An upload refused part-way: the bytes it would hold are over its client's share of a full budget."""
+
+
+async def _read_body(receive: Any, take: Any) -> list[dict] | None:
+    """The request's body messages, read whole, each part held by `take` (None: the client disconnected
+    first; _Full: refused part-way)."""
     messages = []
     while True:
         msg = await receive()
         if msg["type"] != "http.request":
             return None
+        why = take(len(msg.get("body", b"")))
+        if why is not None:
+            raise _Full(why)
         messages.append(msg)
         if not msg.get("more_body", False):
             return messages

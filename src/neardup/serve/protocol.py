@@ -4,15 +4,18 @@ uvicorn times out an idle keep-alive connection, but not one that never finishes
 it accepts connections until the process runs out of file descriptors (then every accept fails, logging a
 traceback each time). Here every connection must send complete request headers within `header_timeout_s`,
 before its first request and between requests, and at most `max_connections` are open at once: when a new
-one would pass that, the connection idle the longest (no request in progress) is closed to make room, and
-when none is idle, the new one is. One client holding idle connections can then neither exhaust the
-process's descriptors nor keep other clients out.
+one would pass that, a connection of the client (peer address) holding the most is closed to make room: the
+one of its connections idle the longest (no request in progress), else its slowest upload (fewest bytes a
+second). One client holding connections, idle or trickling uploads, can then neither exhaust the process's
+descriptors nor keep other clients out: a newcomer closes one of its own older connections before anyone
+else's only when its own address already holds the most.
 """
 from __future__ import annotations
 
 import asyncio
 import resource
 import time
+from collections import Counter
 from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -41,13 +44,14 @@ def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[H11P
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._opened = time.monotonic()
+            self._received = 0
+            peer = transport.get_extra_info("peername")
+            self._peer = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
             self._timer: asyncio.TimerHandle | None = None
             self._arm()
             open_ = [c for c in self.connections if not c.transport.is_closing()]  # closing: gone a turn later
             if len(open_) > max_connections:
-                idle = [c for c in open_ if c is not self and c._waiting()]
-                victim = min(idle, key=lambda c: c._opened) if idle else self
-                victim.transport.close()
+                _victim([c for c in open_ if c is not self]).transport.close()
 
         def _waiting(self) -> bool:
             """No request in progress: connected and silent, or between requests."""
@@ -68,6 +72,7 @@ def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[H11P
                 self.transport.close()  # its request headers did not come in time
 
         def data_received(self, data: bytes) -> None:
+            self._received += len(data)
             super().data_received(data)
             if not self._waiting():  # a request's headers arrived: its own timeout governs it now
                 self._disarm()
@@ -82,6 +87,19 @@ def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[H11P
             super().connection_lost(exc)
 
     return GuardedH11Protocol
+
+
+def _victim(conns: list[Any]) -> Any:
+    """The connection to close for a newcomer: of the peer holding the most connections, the one idle the
+    longest, else the one that sent the fewest bytes a second."""
+    per_peer = Counter(c._peer for c in conns)
+    most = max(per_peer.values())
+    theirs = [c for c in conns if per_peer[c._peer] == most]
+    idle = [c for c in theirs if c._waiting()]
+    if idle:
+        return min(idle, key=lambda c: c._opened)
+    now = time.monotonic()
+    return min(theirs, key=lambda c: (c._received / max(now - c._opened, 1e-3), c._opened))
 
 
 def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:

@@ -5,7 +5,9 @@
   what has queued in one model call, waiting (at most `batch_wait_ms`) only while other requests are still
   decoding, so a lone request is never delayed. It searches FAISS with the whole batch too.
 - `QueryService` runs a request: decode (threads; a lane of its own for small requests) -> batch -> verify
-  (threads), with the CPU work off the caller's event loop, within a budget of decoded pixels.
+  (threads), with the CPU work off the caller's event loop, within a budget of decoded pixels and of pairs
+  verified. The threads take each client's jobs in turn (fair.py); a cancelled request's queued jobs are
+  dropped.
 """
 from __future__ import annotations
 
@@ -18,10 +20,9 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +32,15 @@ from ..config import DEFAULTS, SERVE
 from ..errors import DecodeError, NeardupError
 from ..indexer.decode import Decoded, open_upright
 from ..indexer.pipeline import decode_for
-from ..search.query import Answer
+from ..indexer.local_features import LocalFeatures
+from ..search.query import Answer, Match, QueryResult
+from ..search.verify import Verified, rerank, resolve_verify, verify_pairs
+from .fair import FairPool
 from .live import LiveStore, Served  # noqa: F401 - LiveStore is the service's, re-exported
-from ..search.verify import resolve_verify
 
 log = logging.getLogger(__name__)
+#: Pairs verified in one job of the verification pool: other clients' jobs run between a request's jobs.
+VERIFY_CHUNK = 8
 
 
 @dataclass
@@ -197,54 +202,69 @@ class QueryService:
                  thumb_side: int = SERVE.thumb_side, thumb_cache: int = SERVE.thumb_cache,
                  max_request_pixels: int = SERVE.max_request_pixels,
                  max_inflight_pixels: int = SERVE.max_inflight_pixels,
-                 small_request_pixels: int = SERVE.small_request_pixels) -> None:
+                 small_request_pixels: int = SERVE.small_request_pixels,
+                 max_verify_pairs: int = SERVE.max_verify_pairs) -> None:
         self.live = live
         self.batcher = Batcher(max_batch, batch_wait_ms)
         self.max_pixels, self.thumb_side, self._thumb_cache_size = max_pixels, thumb_side, thumb_cache
+        self.max_verify_pairs = max_verify_pairs
         self.pixels = PixelBudget(max_request_pixels, max_inflight_pixels, small_request_pixels)
         # Decoding and verification run in their own small pools: CPU-bound work beyond the cores only queues,
         # and a bounded pool bounds the memory of full-size decodes. Small requests (a few ordinary photos)
-        # decode in a lane of their own: a burst of huge uploads cannot hold up a one-photo query.
-        self._decode = ThreadPoolExecutor(DEFAULTS.decode_workers, thread_name_prefix="neardup-decode")
-        self._decode_small = ThreadPoolExecutor(1, thread_name_prefix="neardup-decode-small")
-        self._verify = ThreadPoolExecutor(DEFAULTS.verify_workers, thread_name_prefix="neardup-verify")
-        #: full images and thumbnails (decodes of up to max_pixels: two at a time)
-        self.files = ThreadPoolExecutor(2, thread_name_prefix="neardup-files")
+        # decode in a lane of their own: a burst of huge uploads cannot hold up a one-photo query. Each pool
+        # takes its clients' jobs in turn (fair.py): one photo's decode, a few pairs' verification.
+        self._decode = FairPool(DEFAULTS.decode_workers, "neardup-decode")
+        self._decode_small = FairPool(1, "neardup-decode-small")
+        self._verify = FairPool(DEFAULTS.verify_workers, "neardup-verify")
+        #: full images and thumbnails (decodes of up to the indexer's pixel limit: two at a time)
+        self.files = FairPool(2, "neardup-files")
         self._thumbs: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self._thumbs_lock = threading.Lock()
 
     def close(self) -> None:
         self.batcher.close()
-        self._decode.shutdown(wait=False, cancel_futures=True)
-        self._decode_small.shutdown(wait=False, cancel_futures=True)
-        self._verify.shutdown(wait=False, cancel_futures=True)
-        self.files.shutdown(wait=False, cancel_futures=True)
+        for pool in (self.files, self._verify, self._decode_small, self._decode):  # last made, first closed:
+            pool.close()  # each restores the BLAS threads it found
         self.live.stop()
 
-    def _decode_all(self, gen: Served, uploads: Sequence[Upload], local: bool) -> list[Decoded | str]:
-        emb = gen.searcher.embedder
-        out: list[Decoded | str] = []
-        for up in uploads:
-            try:
-                out.append(decode_for(up.data, emb, local=local, max_pixels=self.max_pixels))
-            except DecodeError as exc:
-                out.append(str(exc))
-        return out
+    def work(self) -> dict[str, int]:
+        """The worker pools' queues: jobs waiting, and jobs dropped unrun (their requests cancelled)."""
+        pools = {"decode": self._decode, "decode_small": self._decode_small, "verify": self._verify,
+                 "files": self.files}
+        return {**{f"{name}_queued": p.queued() for name, p in pools.items()},
+                "dropped": sum(p.dropped for p in pools.values())}
+
+    def _decode_one(self, gen: Served, up: Upload, local: bool) -> Decoded | str:
+        try:
+            return decode_for(up.data, gen.searcher.embedder, local=local, max_pixels=self.max_pixels)
+        except DecodeError as exc:
+            return str(exc)
+
+    def _verify_some(self, gen: Served, feats: LocalFeatures | None, ids: list[int]) -> Verified:
+        s = gen.searcher
+        rows = s.rows_of(ids)
+        return verify_pairs([feats] * len(ids), s._row_features(rows), workers=1)
+
+    def verify_budget(self, photos: int, k: int) -> int:
+        """Candidates verified per photo of a request of `photos` photos: all k, or an equal share of the
+        request's `max_verify_pairs` (at least one). The others are judged by the threshold, as unverified."""
+        return max(1, min(k, self.max_verify_pairs // max(1, photos)))
 
     async def query(self, uploads: Sequence[Upload], k: int = DEFAULTS.k, *, verify: bool | None = None,
-                    threshold: float | None = None) -> Answer:
-        """Look up uploaded images in the current generation (each image's error, if any, in its result): the
-        Searcher's pipeline, with decoding and verification in worker threads and the model call batched."""
-        loop = asyncio.get_running_loop()
+                    threshold: float | None = None, client: str = "", generation: str | None = None) -> Answer:
+        """Look up uploaded images in the current generation (or `generation` while it is held; else Refused
+        409), each image's error, if any, in its result: the Searcher's pipeline, with decoding and verification
+        in worker threads shared fairly between clients (by `client`: the address), the model call batched."""
         pixels = sum(header_pixels(up.data) for up in uploads)
-        with self.live.use() as gen, self.pixels.hold(pixels):
+        with self.live.use(generation) as gen, self.pixels.hold(pixels):
             s = gen.searcher
             verify = resolve_verify(verify, s.meta.local_features)
             t = s.gen.threshold(threshold)
             lane = self._decode_small if pixels <= self.pixels.small else self._decode
+            local = s.decode_local(verify)
             with self.batcher.decoding():
-                decoded = await loop.run_in_executor(lane, partial(
-                    self.live.held, gen, self._decode_all, gen, uploads, s.decode_local(verify)))
+                decoded = await asyncio.gather(*(lane.run(client, self.live.held, gen, self._decode_one, gen, up,
+                                                          local) for up in uploads))
             ok = [d for d in decoded if not isinstance(d, str)]
             D, I = np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
             if ok:
@@ -252,10 +272,34 @@ class QueryService:
                 fut = self.batcher.submit(gen, np.stack([d.pixels for d in ok]), k)
                 fut.add_done_callback(lambda _: self.live.release(gen))
                 D, I = await asyncio.wrap_future(fut)
-            results = await loop.run_in_executor(self._verify, partial(
-                self.live.held, gen, s.results, [up.name for up in uploads], D, I, [d.local for d in ok],
-                verify=verify, threshold=t, errors=[d if isinstance(d, str) else None for d in decoded]))
+            found = s.neighbours(D, I)
+            if verify:
+                budget = self.verify_budget(len(ok), k)
+                found = await asyncio.gather(*(self._verified(client, gen, m, d.local, budget)
+                                               for m, d in zip(found, ok)))
+            results, it = [], iter(found)
+            for up, d in zip(uploads, decoded):
+                results.append(QueryResult(up.name, error=d, threshold=t) if isinstance(d, str) else
+                               QueryResult(up.name, next(it), verified=verify, threshold=t))
             return Answer(s.gen.path.name, gen.id, len(s.cat), s.meta.model, t, verify, results)
+
+    async def _verified(self, client: str, gen: Served, matches: list[Match], feats: LocalFeatures | None,
+                        budget: int) -> list[Match]:
+        """One photo's matches, its first `budget` verified (VERIFY_CHUNK pairs a job, so that other clients'
+        jobs come between) and re-ranked as Searcher.verify does; the others after them, unverified."""
+        head, tail = matches[:budget], matches[budget:]
+        if not head:
+            return matches
+        parts = await asyncio.gather(*(
+            self._verify.run(client, self.live.held, gen, self._verify_some, gen, feats,
+                             [m.id for m in head[at:at + VERIFY_CHUNK]]) for at in range(0, len(head), VERIFY_CHUNK)))
+        v = Verified(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(Verified)))
+        ranked = rerank(np.array([m.score for m in head]), v)
+        # a photo too plain to judge: verified None (the global threshold decides, see QueryResult.found)
+        head = [replace(head[i], rank=r + 1, verified=bool(v.verified[i]) if v.judged[i] else None,
+                        inliers=int(v.inliers[i]) if v.judged[i] else None)
+                for r, i in enumerate(ranked.tolist())]
+        return head + [replace(m, rank=len(head) + j + 1) for j, m in enumerate(tail)]
 
     def image_path(self, gen: Served, id: int) -> Path:
         """The indexed file of catalogue `id`, as it was indexed. Raises LookupError (no such id) or
@@ -286,7 +330,9 @@ class QueryService:
             if key in self._thumbs:
                 self._thumbs.move_to_end(key)
                 return self._thumbs[key]
-        img = open_upright(path, self.thumb_side, max_pixels=self.max_pixels)
+        # any photo the indexer took (Pillow's limit, not the uploads' --max-pixels): a JPEG decodes at a reduced
+        # scale (draft), other formats at their size, two at a time (the files pool)
+        img = open_upright(path, self.thumb_side)
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=85)
         data = buf.getvalue()

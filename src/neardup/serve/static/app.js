@@ -111,7 +111,7 @@
         const badge = li.querySelector(".badge");
         if (m.verified === true) { badge.textContent = "verified, " + m.inliers + " inliers"; badge.classList.add("verified"); }
         else if (m.verified === false) { badge.textContent = "not verified (" + m.inliers + " inliers)"; }
-        else if (verified) { badge.textContent = "too plain to verify"; }
+        else if (verified) { badge.textContent = "unverified (too plain, or past the request's verification budget): judged by the threshold"; }
         li.querySelector(".path").textContent = m.path;
         list.appendChild(li);
       }
