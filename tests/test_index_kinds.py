@@ -177,3 +177,38 @@ def test_query_scores_are_exact_cosines_whatever_the_index_codes(make_images, tm
         assert scores == sorted(scores, reverse=True)
         for m in matches:  # the stored vector's cosine, not the PCA+PQ code's approximation
             assert m.score == pytest.approx(float(q @ cat.xb[list(cat.ids).index(m.id)]), abs=1e-5)
+
+
+def test_recall_counts_a_result_tying_the_kth_exact_score() -> None:
+    gt = np.array([[1, 2, 3]])
+    kth = np.array([0.5])
+    # 9 ties 3's score 0.5: as good an answer as 3; 8 scores below it: a miss
+    assert index_kinds.recall_at(np.array([[1, 2, 9]]), gt, np.array([[0.9, 0.7, 0.5]]), kth) == 1.0
+    assert index_kinds.recall_at(np.array([[1, 2, 8]]), gt, np.array([[0.9, 0.7, 0.4]]), kth) == pytest.approx(2 / 3)
+    assert index_kinds.recall_at(np.array([[1, 2, 9]]), gt) == pytest.approx(2 / 3)  # without scores: ids only
+    assert index_kinds.recall_at(np.array([[1, -1, 9]]), gt, np.array([[0.9, 0.9, 0.5]]), kth) == pytest.approx(2 / 3)
+
+
+def test_a_phash_store_records_the_recall_its_ties_earn(make_images, tmp_path: Path) -> None:
+    """pHash scores take a few dozen values and the 10th and 11th exact neighbours mostly tie: an HNSW index
+    returning another tied neighbour is right, so its recorded recall is 1.0 at the smallest efSearch."""
+    make_images(400)
+    store = tmp_path / "s.h5"
+    build_index([tmp_path / "imgs"], store, model="phash", index="hnsw", local_features=False)
+    meta = read_meta(store)
+    assert meta.index_factory == "HNSW32,Flat" and meta.index_recall_queries == 400
+    with Store.open(store) as gen:
+        xb, ids, index = gen.vectors(), gen.catalog.ids, gen.index
+        S = xb @ xb.T  # the oracle: brute force over all 400 photos, every one a query
+        order = np.argsort(-S, axis=1, kind="stable")
+        kth = np.take_along_axis(S, order[:, 9:11], 1)
+        assert np.mean(kth[:, 0] == kth[:, 1]) > 0.5  # the data has the ties this test is about
+        _, I = index.search(xb, 10)
+        rows = np.array([[list(ids).index(x) for x in r] for r in I])
+        got = np.take_along_axis(S, rows, 1)
+        by_score = np.mean((got >= kth[:, :1] - 1e-6).sum(1) / 10)  # results as good as the 10th: all right
+        by_id = np.mean([len(set(r) & set(o[:10])) / 10 for r, o in zip(rows.tolist(), order.tolist())])
+    assert by_id < 0.95 <= by_score  # counted by ids alone, the ties look like misses
+    assert meta.index_params == "efSearch=16" and meta.index_recall == pytest.approx(by_score, abs=0.02)
+    res = runner.invoke(app, ["info", "--store", str(store)])
+    assert res.exit_code == 0 and f"recall@10 {meta.index_recall:.3f}" in res.output
