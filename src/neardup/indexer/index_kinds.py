@@ -225,12 +225,9 @@ def tune(index: faiss.Index, xb: np.ndarray, ids: np.ndarray, *, target: float =
     rows = np.random.default_rng(seed).choice(n, size=min(n, queries), replace=False)
     xq = np.ascontiguousarray(xb[rows], dtype=np.float32)
     k = min(k, n)
-    exact = faiss.IndexFlatIP(xb.shape[1])
-    for start in range(0, n, 65_536):
-        exact.add(np.ascontiguousarray(xb[start:start + 65_536], np.float32))
-    gt_scores, gt_rows = exact.search(xq, k)
+    # brute force over xb itself: no copy of a million vectors beside the store's
+    gt_scores, gt_rows = faiss.knn(xq, np.ascontiguousarray(xb, np.float32), k, metric=faiss.METRIC_INNER_PRODUCT)
     gt = np.asarray(ids, np.int64)[gt_rows]
-    del exact
     measure = lambda: tie_recall(index, xq, xb, ids, gt, gt_scores, k)  # noqa: E731
     if knob is None:  # a factory string without a knob: measured as it is
         return Measured("", measure(), len(rows), time.perf_counter() - t0)
