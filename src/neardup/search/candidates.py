@@ -4,17 +4,18 @@
 tuned for single queries; at a million 1280-d rows that is 5 GB of vectors and hours of searching. Here, for a
 store with an approximate index (`duplicates` on a large store):
 
-1. a pass over the stored vectors (checked blocks, never all in memory) keeps a seeded sample, and an
-   uncentred PCA to `dims` is fitted on it: x = V z + r with r orthogonal to V, so x·y = z_x·z_y + r_x·r_y;
-2. a second pass keeps each row's z (float32, `dims` wide) and |r| in an IVF-Flat index (k-means on the
-   sample), and every row, list by list, is searched for its `depth` nearest in z at `nprobe` lists, in
-   batches (both cores);
+1. an uncentred PCA to `dims` is fitted on seeded windows of rows (checked blocks, never all in memory):
+   x = V z + r with r orthogonal to V, so x·y = z_x·z_y + r_x·r_y;
+2. a pass over the stored vectors keeps each row's z (float32, `dims` wide) and |r|; an IVF-Flat index
+   (k-means on a sample of the z) takes the z over, and every row, list by list, is searched for its `depth`
+   nearest in z at `nprobe` lists, in batches (both cores);
 3. a pair can reach the threshold only if z_x·z_y + |r_x||r_y| >= threshold (Cauchy-Schwarz on r): the others
    are dropped without reading a vector; the rest are re-scored exactly from the stored vectors, a block of
    rows against the rows after it (a few passes over the store), and each row keeps its k best exact scores.
 
 The result means what knn_pairs' does: pairs (i < j) where j is among i's k nearest (or i among j's), exact
-cosine >= threshold. Memory: the codes (n * (4 dims + 12) bytes), the candidate pairs, one block of vectors.
+cosine >= threshold. Memory: the codes (n * (4 dims + 12) bytes, twice while the index takes them), the
+candidate pairs, then one block of `block_mb` of vectors.
 """
 from __future__ import annotations
 
@@ -30,8 +31,10 @@ from ..store.generation import Generation
 
 log = logging.getLogger(__name__)
 
-#: Pairs scored exactly at once (two gathered rows each: 16k x 2 x 1280 x 4 bytes = 160 MB at most).
-SCORE_CHUNK = 16_384
+#: Pairs scored exactly at once (two gathered rows each: 8k x 2 x 1280 x 4 bytes = 80 MB at most).
+SCORE_CHUNK = 8192
+#: Rows of each window the PCA sample reads (contiguous: one span read each, wherever the windows lie).
+SAMPLE_WINDOW = 512
 #: Rows searched in one FAISS call (the lists' members, taken list by list: neighbours probe the same lists).
 SEARCH_BATCH = 16_384
 
@@ -53,7 +56,7 @@ class SearchStats:
 
 def store_knn_pairs(gen: Generation, k: int, threshold: float, *, dims: int = DEFAULTS.scale_dims,
                     depth: int | None = None, nprobe: int = DEFAULTS.scale_nprobe,
-                    block_mb: int = DEFAULTS.scale_block_mb, sample: int = 65_536, seed: int = 0,
+                    block_mb: int = DEFAULTS.scale_block_mb, sample: int = 32_768, seed: int = 0,
                     stats: SearchStats | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs (i < j) of the store's rows where j is among i's k nearest (or i among j's) with exact inner
     product >= threshold: (I, J, D) sorted by (I, J), as join.knn_pairs returns, without the vectors in memory.
@@ -70,30 +73,32 @@ def store_knn_pairs(gen: Generation, k: int, threshold: float, *, dims: int = DE
     t0 = time.perf_counter()
     nlist = max(1, min(nlist_for(n) * 2, n // 39))  # FAISS warns below 39 training points a list
     rng = np.random.default_rng(seed)
-    keep = min(1.0, max(sample, 40 * nlist) / n)
-    parts = [x[rng.random(len(x)) < keep] for _, x in gen.vector_runs()]
-    train = np.concatenate(parts) if parts else np.zeros((0, d), np.float32)
-    del parts
-    if dims < d:  # uncentred PCA: the top eigenvectors of the second moment
-        w, v = np.linalg.eigh(train.astype(np.float64).T @ train.astype(np.float64))
-        V = np.ascontiguousarray(v[:, ::-1][:, :dims], np.float32)
+    V = None
+    if dims < d:  # uncentred PCA: the top eigenvectors of the second moment of a sample of windows of rows
+        wins = np.unique(rng.integers(0, max(1, n - SAMPLE_WINDOW), max(1, sample // SAMPLE_WINDOW)))
+        M = np.zeros((d, d), np.float64)
+        for w in wins.tolist():
+            x = next(gen.vector_runs(w, SAMPLE_WINDOW))[1]
+            M += x.T @ x  # float32 BLAS, summed in float64
+        V = np.ascontiguousarray(np.linalg.eigh(M)[1][:, ::-1][:, :dims], np.float32)
     else:
-        dims, V = d, None
-    project = (lambda x: x) if V is None else (lambda x: x @ V)  # noqa: E731
-    stats.seconds["sample and PCA"] = time.perf_counter() - t0
+        dims = d
+    z = np.empty((n, dims), np.float32)
+    rnorm = np.empty(n, np.float32)
+    for start, x in gen.vector_runs():
+        zz = z[start:start + len(x)] = x if V is None else x @ V
+        rnorm[start:start + len(x)] = np.sqrt(np.maximum(0.0, np.einsum("ij,ij->i", x, x) - np.einsum(
+            "ij,ij->i", zz, zz)))
+    stats.seconds["PCA and codes"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     quantizer = faiss.IndexFlatIP(dims)
     index = faiss.IndexIVFFlat(quantizer, dims, nlist, faiss.METRIC_INNER_PRODUCT)
     index.cp.seed = seed
-    index.train(np.ascontiguousarray(project(train), np.float32))
-    del train
-    rnorm = np.zeros(n, np.float32)
-    for start, x in gen.vector_runs():
-        z = np.ascontiguousarray(project(x), np.float32)
-        rnorm[start:start + len(x)] = np.sqrt(np.maximum(0.0, np.einsum("ij,ij->i", x, x) - np.einsum(
-            "ij,ij->i", z, z)))
-        index.add_with_ids(z, np.arange(start, start + len(x), dtype=np.int64))
+    index.train(z[np.sort(rng.choice(n, min(n, 40 * nlist), replace=False))])
+    for start in range(0, n, 65_536):
+        index.add_with_ids(z[start:start + 65_536], np.arange(start, min(n, start + 65_536), dtype=np.int64))
+    del z  # the index holds the codes now
     index.nprobe = min(nprobe, nlist)
     stats.dims, stats.nlist, stats.nprobe, stats.depth = dims, nlist, index.nprobe, depth
     stats.code_bytes = n * (4 * dims + 8) + rnorm.nbytes
@@ -105,23 +110,23 @@ def store_knn_pairs(gen: Generation, k: int, threshold: float, *, dims: int = DE
     stats.bound_kept = len(src)
     stats.seconds["approximate search"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    a, b = np.minimum(src, dst), np.maximum(src, dst)
-    key, inverse = np.unique(a * np.int64(n) + b, return_inverse=True)
-    del a, b
-    ua, ub = key // n, key % n
+    t0 = time.perf_counter()  # int32 rows and freed early: at 1M rows the pairs are tens of millions
+    key = np.minimum(src, dst).astype(np.int64) * n + np.maximum(src, dst)
+    key, inverse = np.unique(key, return_inverse=True)
+    ua, ub = (key // n).astype(np.int32), (key % n).astype(np.int32)
     del key
     exact, stats.passes = _exact_scores(gen, ua, ub, max(1, (block_mb << 20) // (4 * d)))
     stats.scored = len(ua)
+    del ua, ub
     score = exact[inverse]
-    del inverse
+    del inverse, exact
     # each row keeps its k best by exact score (as exact k-NN would), then the threshold
     order = np.lexsort((-score, src))
     src, dst, score = src[order], dst[order], score[order]
-    first = np.searchsorted(src, src, side="left")
-    top = (np.arange(len(src)) - first < k) & (score >= threshold)
-    a, b, s = np.minimum(src, dst)[top], np.maximum(src, dst)[top], score[top]
-    key, at = np.unique(a * np.int64(n) + b, return_index=True)
+    del order
+    top = (np.arange(len(src)) - np.searchsorted(src, src, side="left") < k) & (score >= threshold)
+    a, b, s = np.minimum(src, dst)[top].astype(np.int64), np.maximum(src, dst)[top].astype(np.int64), score[top]
+    key, at = np.unique(a * n + b, return_index=True)
     stats.seconds["exact re-scoring"] = time.perf_counter() - t0
     return key // n, key % n, s[at].astype(np.float32)
 
@@ -141,8 +146,8 @@ def _search_lists(index, dims: int, depth: int, threshold: float,  # noqa: ANN00
         D, I = index.search(np.concatenate(codes).reshape(len(q), dims), depth + 1)
         ok = (I >= 0) & (I != q[:, None])
         ok &= D + rnorm[q][:, None] * rnorm[np.maximum(I, 0)] >= threshold - 1e-6
-        out_s.append(np.repeat(q, ok.sum(1)).astype(np.int64))
-        out_d.append(I[ok].astype(np.int64))
+        out_s.append(np.repeat(q, ok.sum(1)).astype(np.int32))
+        out_d.append(I[ok].astype(np.int32))
         rows.clear()
         codes.clear()
 
@@ -159,7 +164,7 @@ def _search_lists(index, dims: int, depth: int, threshold: float,  # noqa: ANN00
     if rows:
         flush()
     if not out_s:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.zeros(0, np.int32), np.zeros(0, np.int32)
     return np.concatenate(out_s), np.concatenate(out_d)
 
 

@@ -263,8 +263,8 @@ def find_duplicates(store: Generation | str | os.PathLike[str], *, threshold: fl
     `loose_threshold` default to the model's candidate_rule) and groups link verified and byte-identical pairs
     only; without it, every pair scoring >= `threshold` (the model's default) is a duplicate. A cluster larger
     than `max_group_search` images means the threshold is far too low: refused with InputError. A store with
-    an approximate index takes each image's `k` nearest in it, re-scored exactly, instead of the n² join;
-    `exact` forces the exact search.
+    an approximate index (a large one) takes each image's `k` nearest by candidates.store_knn_pairs, re-scored
+    exactly, its vectors read in blocks, never all held; `exact` forces the exact search.
     """
     with opened(store) as gen:
         return _find(gen, threshold, block, max_group_search, verify, k, loose_threshold, workers, exact)
