@@ -41,7 +41,7 @@ SEARCH_BATCH = 16_384
 
 @dataclass
 class SearchStats:
-    """What one candidate search did (the benchmark and `duplicates -v` report it)."""
+    """What one candidate search did (logged at info level; benchmarks/bench_million.py reports it)."""
 
     dims: int = 0
     nlist: int = 0
@@ -128,6 +128,7 @@ def store_knn_pairs(gen: Generation, k: int, threshold: float, *, dims: int = DE
     a, b, s = np.minimum(src, dst)[top].astype(np.int64), np.maximum(src, dst)[top].astype(np.int64), score[top]
     key, at = np.unique(a * n + b, return_index=True)
     stats.seconds["exact re-scoring"] = time.perf_counter() - t0
+    log.info("candidate search of %d rows: %s", n, stats)
     return key // n, key % n, s[at].astype(np.float32)
 
 
