@@ -44,7 +44,7 @@ def main() -> int:
     args = p.parse_args()
     from neardup.config import parse_size
     from neardup.indexer.faiss_index import derived_index, search
-    from neardup.indexer.index_kinds import recall_at
+    from neardup.indexer.index_kinds import exact_scores, recall_at
     from neardup.search.join import knn_pairs, self_join
 
     memory = parse_size(args.memory)
@@ -59,7 +59,7 @@ def main() -> int:
     xq = xb[rng.choice(args.n, args.queries, replace=False)]
 
     log("exact baseline: brute force over xb (no copy), ground truth and single-query latency")
-    _, gt = faiss.knn(xq, xb, 10, metric=faiss.METRIC_INNER_PRODUCT)
+    gt_d, gt = faiss.knn(xq, xb, 10, metric=faiss.METRIC_INNER_PRODUCT)
     flat_ms = _latency(lambda _, q, k: faiss.knn(q, xb, k, metric=faiss.METRIC_INNER_PRODUCT), None, xq[:30])
 
     log(f"building the store's index ({args.index}, memory {args.memory})")
@@ -69,7 +69,7 @@ def main() -> int:
     build_s = time.perf_counter() - t0
     served = len(faiss.serialize_index(index))
     _, I = index.search(xq, 10)
-    recall = recall_at(I, gt)
+    recall = recall_at(I, gt, exact_scores(xq, xb, ids, I), gt_d[:, -1])  # ties of the 10th count
     ms = _latency(search, index, xq)
     log(f"{meta.index_factory} at {meta.index_params}: {served} bytes, built in {build_s:.0f} s, recall@10 "
         f"{recall:.3f} (tuning {meta.index_recall:.3f}), p50 {percentile(ms, 50):.2f} ms "

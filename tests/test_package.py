@@ -50,6 +50,7 @@ LAYERS: list[list[str]] = [
     ["search/verify", "search/truth"],
     ["search/query"],
     ["search/join"],
+    ["search/candidates"],
     ["search/duplicates"],
     ["search/pairs_io", "search/metrics", "search/plots"],
     ["search/evaluate", "search/report"],

@@ -130,6 +130,12 @@ class Defaults:
     k: int = 10
     #: Rows of the similarity matrix computed at once by the duplicate self-join (memory = block * n * 4 bytes).
     join_block: int = 1024
+    #: The candidate search of `duplicates` on a store with an approximate index (search/candidates.py): PCA
+    #: dimensions of its in-memory codes, IVF lists probed, and MB of stored vectors held while re-scoring
+    #: (chosen on Lite0-like vectors, benchmarks/bench_million.py).
+    scale_dims: int = 128
+    scale_nprobe: int = 16
+    scale_block_mb: int = 512
     #: Larger files are listed as skipped before a byte is read (a 4 GB file named *.jpg must not be read into
     #: memory). 128 MiB is several times the largest product photo (a 50 MP PNG is ~100 MB).
     max_file_mb: int = 128

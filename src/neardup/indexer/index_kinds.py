@@ -2,7 +2,8 @@
 
 The store's float32 vectors stay the ground truth; the index is derived from them and rebuildable. `flat`
 is exact. An approximate kind (`ivf`, `hnsw`, or any FAISS index-factory string) is built on the store's
-vectors, then measured: recall@10 of its k-NN against exact search, over a held-out sample of the store's
+vectors, then measured: recall@10 of its k-NN against exact search (a result tying the 10th exact score counts:
+which of tied neighbours exact search returns is arbitrary), over a held-out sample of the store's
 own vectors as queries, with its search knob (nprobe, efSearch) raised until that recall reaches the target.
 The knob, the recall and the sample size are recorded in the store, and `neardup info` shows them.
 
@@ -174,16 +175,48 @@ def apply_params(index: faiss.Index, params: str) -> None:
         faiss.ParameterSpace().set_index_parameters(index, params)
 
 
-def recall_at(I: np.ndarray, gt: np.ndarray) -> float:
-    """Mean fraction of each row of gt (exact k-NN ids) found in the same row of I."""
+def recall_at(I: np.ndarray, gt: np.ndarray, scores: np.ndarray | None = None, kth: np.ndarray | None = None,
+              tol: float = 1e-6) -> float:
+    """Mean fraction of each row of gt (exact k-NN ids) found in the same row of I.
+
+    With `scores` (the exact scores of I's results) and `kth` (each query's k-th exact score), a result that
+    ties the k-th exact score counts as found too: which of several tied neighbours exact search returns is
+    arbitrary (pHash scores take a dozen values), so an index returning another of them is not wrong. A row
+    counts at most k results."""
     k = gt.shape[1]
-    return float(np.mean([len(set(a[:k]) & set(b[b >= 0])) / k for a, b in zip(gt, I)])) if len(gt) else 1.0
+    if not len(gt):
+        return 1.0
+    I = np.asarray(I)[:, :k]
+    valid = I >= 0
+    hit = (I[:, :, None] == np.asarray(gt)[:, None, :]).any(2) & valid
+    if scores is not None and kth is not None:
+        hit |= valid & (np.asarray(scores)[:, :k] >= np.asarray(kth, np.float64)[:, None] - tol)
+    return float(np.minimum(hit.sum(1), k).mean() / k)
+
+
+def exact_scores(xq: np.ndarray, xb: np.ndarray, ids: np.ndarray, I: np.ndarray) -> np.ndarray:
+    """Exact inner products of each query with its results I (store ids; -1 gives -inf): for recall_at."""
+    ids = np.asarray(ids, np.int64)
+    order = np.argsort(ids, kind="stable")
+    at = np.clip(np.searchsorted(ids[order], I), 0, max(len(ids) - 1, 0))
+    rows = order[at] if len(ids) else np.zeros_like(I)
+    ok = (I >= 0) & (ids[rows] == I) if len(ids) else np.zeros(I.shape, bool)
+    got = np.einsum("qd,qkd->qk", np.asarray(xq, np.float32), np.asarray(xb[rows.ravel()], np.float32).reshape(
+        *I.shape, -1)) if I.size else np.zeros(I.shape, np.float32)
+    return np.where(ok, got, -np.inf)
+
+
+def tie_recall(index: faiss.Index, xq: np.ndarray, xb: np.ndarray, ids: np.ndarray, gt: np.ndarray,
+               gt_scores: np.ndarray, k: int) -> float:
+    """recall_at of `index`'s k-NN of xq against exact search (gt ids, gt_scores descending), ties counted."""
+    I = index.search(np.ascontiguousarray(xq, np.float32), k)[1]
+    return recall_at(I, gt, exact_scores(xq, xb, ids, I), gt_scores[:, k - 1])
 
 
 def tune(index: faiss.Index, xb: np.ndarray, ids: np.ndarray, *, target: float = TARGET_RECALL,
          k: int = RECALL_K, queries: int = RECALL_QUERIES, seed: int = 1) -> Measured:
-    """Measure recall@k of `index` against exact search, over `queries` store vectors picked with `seed`, and
-    set its knob to the smallest value that reaches `target` (the largest tried when none does)."""
+    """Measure recall@k of `index` against exact search (a result tying the k-th exact score counts: recall_at),
+    over `queries` store vectors picked with `seed`, and set its knob to the smallest value that reaches `target` (the largest tried when none does)."""
     t0 = time.perf_counter()
     knob = _knob(index)
     if index.ntotal == 0:
@@ -192,18 +225,17 @@ def tune(index: faiss.Index, xb: np.ndarray, ids: np.ndarray, *, target: float =
     rows = np.random.default_rng(seed).choice(n, size=min(n, queries), replace=False)
     xq = np.ascontiguousarray(xb[rows], dtype=np.float32)
     k = min(k, n)
-    exact = faiss.IndexFlatIP(xb.shape[1])
-    for start in range(0, n, 65_536):
-        exact.add(np.ascontiguousarray(xb[start:start + 65_536], np.float32))
-    _, gt_rows = exact.search(xq, k)
+    # brute force over xb itself: no copy of a million vectors beside the store's
+    gt_scores, gt_rows = faiss.knn(xq, np.ascontiguousarray(xb, np.float32), k, metric=faiss.METRIC_INNER_PRODUCT)
     gt = np.asarray(ids, np.int64)[gt_rows]
+    measure = lambda: tie_recall(index, xq, xb, ids, gt, gt_scores, k)  # noqa: E731
     if knob is None:  # a factory string without a knob: measured as it is
-        return Measured("", recall_at(index.search(xq, k)[1], gt), len(rows), time.perf_counter() - t0)
+        return Measured("", measure(), len(rows), time.perf_counter() - t0)
     name, values = knob
     best = ("", -1.0)
     for v in values:
         apply_params(index, f"{name}={v}")
-        r = recall_at(index.search(xq, k)[1], gt)
+        r = measure()
         best = (f"{name}={v}", r)
         if r >= target:
             break

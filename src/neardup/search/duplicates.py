@@ -15,7 +15,7 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Collection, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -25,6 +25,7 @@ from ..errors import InputError
 from ..store.generation import Generation
 from ..store.handle import opened
 from ..store.meta import Catalog
+from .candidates import store_knn_pairs
 from .join import candidate_pairs, exact_pairs, knn_pairs, self_join, without_pairs
 from .verify import Verified, resolve_verify, row_features, verify_pairs
 
@@ -225,12 +226,28 @@ class DuplicateReport:
         return list(self.iter_pairs())
 
 
+class StoredVectors:
+    """A generation's vectors read when indexed (`xb[rows]`), for a catalogue too large to hold them all."""
+
+    def __init__(self, gen: Generation) -> None:
+        self.gen = gen
+        self.shape = (len(gen), gen.meta.dim)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        return self.gen.vectors(np.asarray(rows, np.int64))
+
+
 def duplicate_rows(cat: Catalog, threshold: float, block: int | None = None, index=None,  # noqa: ANN001
-                   k: int = DEFAULTS.k) -> tuple[np.ndarray, ...]:
+                   k: int = DEFAULTS.k, *, scale: Generation | None = None) -> tuple[np.ndarray, ...]:
     """Pure core of find_duplicates: (I, J, D, exact) row pairs of a catalog, exact pairs first. All pairs
-    (the exact self-join), or with `index` (the store's approximate index) each row's k nearest, re-scored."""
+    (the exact self-join), or with `index` (the store's approximate index) each row's k nearest, re-scored;
+    with `scale` (the catalogue's generation) each row's k nearest by store_knn_pairs, vectors read in blocks."""
     ei, ej = exact_pairs(cat.sha256)
-    near = self_join(cat.xb, threshold, block) if index is None else knn_pairs(cat.xb, k, threshold, index, cat.ids)
+    near = (store_knn_pairs(scale, k, threshold) if scale is not None else self_join(cat.xb, threshold, block)
+            if index is None else knn_pairs(cat.xb, k, threshold, index, cat.ids))
     ni, nj, nd = without_pairs(near, ei, ej, len(cat))
     order = np.lexsort((nj, ni, -nd))
     I = np.concatenate([ei, ni[order]])
@@ -242,8 +259,8 @@ def duplicate_rows(cat: Catalog, threshold: float, block: int | None = None, ind
 
 def verified_rows(cat: Catalog, gen: Generation, threshold: float, k: int, loose: float, *,
                   workers: int = DEFAULTS.verify_workers, index=None,  # noqa: ANN001
-                  words: int = 0, features: dict[int, LocalFeatures | None] | None = None
-                  ) -> tuple[np.ndarray, ...]:
+                  words: int = 0, features: dict[int, LocalFeatures | None] | None = None,
+                  scale: bool = False) -> tuple[np.ndarray, ...]:
     """Core of find_duplicates(verify=True): (I, J, D, exact, verified, inliers, candidates).
 
     Candidates are candidate_pairs(k, loose, words) (with `words`, each image's photos sharing the most keypoint
@@ -252,12 +269,13 @@ def verified_rows(cat: Catalog, gen: Generation, threshold: float, k: int, loose
     -1), verified candidates, candidates with a photo too plain to judge scoring >= `threshold` (accepted as
     verified, inliers -1), and unverified ones scoring >= `threshold` (listed for review, never grouped).
     Order: exact, verified, unverified; each by score. `features`, when given, receives the local features
-    read (row -> features) for grouping to use again.
+    read (row -> features) for grouping to use again. With `scale`, the k-NN are store_knn_pairs' (the
+    store's vectors read in blocks, for a store too large to hold them), not `index`'s.
     """
     ei, ej = exact_pairs(cat.sha256)
     table = gen.local() if words and gen.meta.local_features == LOCAL_VERSION else None  # one read, two uses
     ci, cj, cd, _ = candidate_pairs(cat.xb, k, loose, index=index, ids=cat.ids if index is not None else None,
-                                    local=table, words=words)
+                                    local=table, words=words, knn=store_knn_pairs(gen, k, loose) if scale else None)
     ci, cj, cd = without_pairs((ci, cj, cd), ei, ej, len(cat))
     rows, inverse = np.unique(np.concatenate([ci, cj]), return_inverse=True)
     feats = row_features(gen, rows, table=table)
@@ -287,8 +305,8 @@ def find_duplicates(store: Generation | str | os.PathLike[str], *, threshold: fl
     `loose_threshold` default to the model's candidate_rule) and groups link verified and byte-identical pairs
     only; without it, every pair scoring >= `threshold` (the model's default) is a duplicate. A cluster larger
     than `max_group_search` images means the threshold is far too low: refused with InputError. A store with
-    an approximate index takes each image's `k` nearest in it, re-scored exactly, instead of the n² join;
-    `exact` forces the exact search.
+    an approximate index (a large one) takes each image's `k` nearest by candidates.store_knn_pairs, re-scored
+    exactly, its vectors read in blocks, never all held; `exact` forces the exact search.
     """
     with opened(store) as gen:
         return _find(gen, threshold, block, max_group_search, verify, k, loose_threshold, workers, exact)
@@ -296,12 +314,14 @@ def find_duplicates(store: Generation | str | os.PathLike[str], *, threshold: fl
 
 def _find(gen: Generation, threshold: float | None, block: int | None, max_group_search: int, verify: bool | None,
           k: int | None, loose_threshold: float | None, workers: int, exact: bool) -> DuplicateReport:
-    t0, cat, t = time.perf_counter(), gen.read(vectors=True), gen.threshold(threshold)
+    t0, t = time.perf_counter(), gen.threshold(threshold)
+    scale = not exact and gen.meta.index_factory != "Flat"  # a large store: its vectors are read in blocks
+    cat = replace(gen.read(vectors=False), xb=StoredVectors(gen)) if scale else gen.read(vectors=True)
     verify = resolve_verify(verify, cat.meta.local_features)
     report = DuplicateReport(str(gen.path), cat.meta.model, t, len(cat), cat.ids, cat.paths, verify=verify)
-    index = None if exact or cat.meta.index_factory == "Flat" else gen.index
-    report.method = (f"k-NN of the store's {cat.meta.index_factory} index ({cat.meta.index_params}, recall@10 "
-                     f"{cat.meta.index_recall:.3f}), candidates re-scored exactly" if index is not None  # large store
+    index = None
+    report.method = (f"k-NN by a PCA{DEFAULTS.scale_dims} IVF search of the stored vectors (the store has a "
+                     f"{cat.meta.index_factory} index), candidates re-scored exactly" if scale
                      else "exact k-NN" if verify else "exact join")
     if verify:
         dk, dt = candidate_rule(cat.meta.model)
@@ -313,13 +333,15 @@ def _find(gen: Generation, threshold: float | None, block: int | None, max_group
         feats: dict[int, LocalFeatures | None] = {}  # read once: candidates, then the groups' missing pairs
         (report.I, report.J, report.D, report.exact, report.verified, report.inliers,
          report.candidates) = verified_rows(cat, gen, t, report.k, report.loose_threshold, workers=workers,
-                                            index=index, words=word_candidates(cat.meta.model), features=feats)
+                                            index=index, words=word_candidates(cat.meta.model), features=feats,
+                                            scale=scale)
         report.verify_seconds = time.perf_counter() - tv
         linked = report.verified  # exact pairs are verified by their bytes
         link_t = np.inf  # groups follow the verified links only
     else:
         report.k = DEFAULTS.k if k is None else int(k)
-        report.I, report.J, report.D, report.exact = duplicate_rows(cat, t, block, index, report.k)
+        report.I, report.J, report.D, report.exact = duplicate_rows(cat, t, block, index, report.k,
+                                                                    scale=gen if scale else None)
         linked = report.exact
         link_t = t
     I, J = report.I, report.J

@@ -171,12 +171,14 @@ def word_pairs(count: np.ndarray, desc: np.ndarray, k: int, *, min_shared: int =
 
 
 def candidate_pairs(xb: np.ndarray, k: int, loose: float, *, index=None, ids: np.ndarray | None = None,  # noqa: ANN001
-                    local: object | None = None, words: int = 0) -> tuple[np.ndarray, ...]:
-    """The pairs verification checks: knn_pairs(k, loose), and with `words` (and a LocalTable `local` of the
-    same rows) each row's `words` photos sharing the most keypoint words, whatever their cosine. Returns
+                    local: object | None = None, words: int = 0,
+                    knn: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, ...]:
+    """The pairs verification checks: knn_pairs(k, loose) (or `knn`, those pairs found already, as
+    candidates.store_knn_pairs finds them at scale), and with `words` (and a LocalTable `local` of the same
+    rows) each row's `words` photos sharing the most keypoint words, whatever their cosine. Returns
     (I, J, D, by_words): D exact cosines; by_words marks the pairs the words found (candidates whatever their
     score)."""
-    I, J, D = knn_pairs(xb, k, loose, index, ids)
+    I, J, D = knn if knn is not None else knn_pairs(xb, k, loose, index, ids)
     by_words = np.zeros(len(I), bool)
     if words and local is not None and len(xb) > 1:
         wi, wj, _ = word_pairs(local.count, local.desc, words)

@@ -227,6 +227,19 @@ class Generation:
         """float32 [len(rows), d] stored vectors of `rows` (default: all)."""
         return self._take("embeddings", rows, (self.meta.dim,), np.float32)
 
+    def vector_runs(self, start: int = 0, rows: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+        """The live rows' stored vectors from row `start` on, in checked runs of ~`rows` rows (0: ~64 MB):
+        (first row, float32 [m, d]), for a pass over a store too large to hold in memory."""
+        step, first = rows or max(1, (64 << 20) // max(1, 4 * self.meta.dim)), 0  # first: the segment's row 0
+        with self._reading("embeddings"):
+            for r, live in zip(self._readers, self._live):
+                pos = np.flatnonzero(live)
+                for at in range(max(0, start - first), len(pos), step):
+                    raw = pos[at:at + step]  # the segment's own rows, ascending
+                    block = r.span("embeddings", int(raw[0]), int(raw[-1]) + 1)
+                    yield first + at, np.ascontiguousarray(block[raw - raw[0]], np.float32)
+                first += len(pos)
+
     def local(self, rows: np.ndarray | None = None) -> LocalTable | None:
         """The cached local features of `rows` (default: all), or None when the store caches none."""
         if not self.meta.local_features or not all(r.has("local/count") for r in self._readers):
