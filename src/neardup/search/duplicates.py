@@ -266,6 +266,9 @@ def _find(gen: Generation, threshold: float | None, block: int | None, max_group
           ray: RayOptions | None = None) -> DuplicateReport:
     t0, cat, t = time.perf_counter(), gen.read(vectors=True), gen.threshold(threshold)
     verify = resolve_verify(verify, cat.meta.local_features)
+    if ray is not None and not verify:
+        raise InputError("--ray verifies the candidates on a cluster: it needs verification (a store with local "
+                         "features, without --no-verify)")
     report = DuplicateReport(str(gen.path), cat.meta.model, t, len(cat), cat.ids, cat.paths, verify=verify)
     index = None if exact or cat.meta.index_factory == "Flat" else gen.index
     report.method = (f"k-NN of the store's {cat.meta.index_factory} index ({cat.meta.index_params}, recall@10 "

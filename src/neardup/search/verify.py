@@ -363,22 +363,23 @@ def verify_pairs(fa: Sequence[LocalFeatures | None], fb: Sequence[LocalFeatures 
 
 def verify_many(t: LocalTable, ia: np.ndarray, ib: np.ndarray, rule: VerifyRule = VERIFY, *, screen: bool = False,
                 processes: int = DEFAULTS.verify_processes, ray: RayOptions | None = None,
-                progress: Callable[[int, int], None] | None = None) -> Verified:
-    """verify_table(t, ia, ib) for a large job (duplicates): its pairs in chunks of DEFAULTS.verify_chunk over
-    `processes` local worker processes (0: one per core), or over a Ray cluster with `ray`; a small job, or one
-    process, runs here. Each chunk travels with the features of its photos as arrays. A worker process that dies
+                progress: Callable[[int, int], None] | None = None, min_pairs: int = DEFAULTS.verify_process_min,
+                chunk: int = DEFAULTS.verify_chunk) -> Verified:
+    """verify_table(t, ia, ib) for a large job (duplicates): its pairs in chunks of `chunk` over `processes` local
+    worker processes (0: one per core), or over a Ray cluster with `ray`; a job of fewer than `min_pairs` pairs,
+    or one process, runs here. Each chunk travels with the features of its photos as arrays. A worker process that dies
     has its unfinished chunks redone in a new pool (Ray retries a lost task itself); when that keeps failing,
     WorkerError: a pair is never dropped. `progress(done, total)` is called as pairs are verified."""
     ia, ib = np.asarray(ia, np.int64), np.asarray(ib, np.int64)
     m = len(ia)
     procs = cores() if processes <= 0 else int(processes)
-    if ray is None and (procs <= 1 or m < DEFAULTS.verify_process_min):
+    if ray is None and (procs <= 1 or m < min_pairs):
         with one_thread():
             out = verify_table(t, ia, ib, rule, screen=screen)
         if progress is not None:
             progress(m, m)
         return out
-    chunks = _chunks(t, ia, ib, DEFAULTS.verify_chunk)
+    chunks = _chunks(t, ia, ib, chunk)
     run = _on_ray if ray is not None else _on_processes
     parts = run([c[1] for c in chunks], rule, screen, ray if ray is not None else procs, progress, m)
     out = Verified.empty(m)
