@@ -485,10 +485,12 @@ def resolve_verify(verify: bool | None, local_features: str) -> bool:
     return (DEFAULTS.verify and bool(local_features)) if verify is None else bool(verify)
 
 
-def rerank(D: np.ndarray, v: Verified, min_inliers: int = VERIFY.min_inliers) -> np.ndarray:
+def rerank(D: np.ndarray, v: Verified, min_inliers: int = 0) -> np.ndarray:
     """The order in which to show one query's candidates (scores `D`, verdicts `v`): verified first, by
-    inliers; then candidates with at least `min_inliers` inliers, by inliers (another shot of the product
-    shares keypoints without passing the copy-strict verdict); then the rest by score."""
+    inliers; then the candidates that fail it, by their inliers when at least `min_inliers` (another shot of
+    the product shares keypoints without passing the copy-strict verdict), then by score (a pair never fitted
+    has 0). Failed candidates by inliers, against the score order or a floor of 10 or 15 inliers: measured on
+    the store -> catalogue set (benchmarks/RESULTS.md, issue 29)."""
     support = np.where(v.inliers >= min_inliers, v.inliers, 0)
     return np.lexsort((-np.asarray(D, np.float64), -support, ~v.verified))
 
