@@ -98,11 +98,20 @@ def main() -> int:
                    "the dataset, e.g. tests/data/shelf_pairs.csv) instead of scanning")
     p.add_argument("--cost-split", default="train,val,test", help="splits in the duplicates-cost store")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-cost", action="store_true", help="skip the cost tables (quality only)")
     p.add_argument("--resnet-n", type=int, default=160, help="photos indexed with ResNet50 for the indexing cost")
+    p.add_argument("--profile", action="store_true", help="only the cost of verification: per stage before and "
+                   "after issue 29, processes, and duplicates' wall time without and with it (pHash, Lite0)")
+    p.add_argument("--stores", type=Path, default=Path(tempfile.gettempdir()) / "neardup-bench-verify",
+                   help="--profile: where the stores of every photo are kept between runs")
+    p.add_argument("--photos", type=int, default=1000, help="--profile: the pairs among the first N photos")
+    p.add_argument("--sample", type=int, default=600, help="--profile: pairs timed one at a time as before")
     args = p.parse_args()
     if not GROCERY_DIR.is_dir():
         print(f"skipped: the Grocery Store Dataset is not at {GROCERY_DIR}")
         return 0
+    if args.profile:
+        return profile(args)
     from neardup import evaluate, find_duplicates
     from neardup.config import CANDIDATES, VERIFY, WORD_CANDIDATES, candidate_rule, default_threshold
     from neardup.search.join import knn_pairs
@@ -190,7 +199,7 @@ def main() -> int:
         # ---- cost: duplicates on the whole dataset, indexing with and without local features
         roots = [GROCERY_DIR / s for s in args.cost_split.split(",")]
         cost_rows, index_rows = [], []
-        for name, spec in found.items():
+        for name, spec in ({} if args.no_cost else found).items():
             store = tmp / f"{name}-all.h5"
             log(f"{name}: indexing every photo for the duplicates cost")
             build(roots, store, spec)
@@ -210,7 +219,8 @@ def main() -> int:
             targets[name + "-cost"] = [median(ver) / median(plain), cli1 / cli0]
         # indexing: the default model (ResNet50; seeded weights show its speed) and the two measured above
         sub = [test / "Packages"]
-        index_specs = {**found, "resnet50 (default; weights none)": {"model": "resnet50", "weights": "none"}}
+        index_specs = {} if args.no_cost else {**found, "resnet50 (default; weights none)": {"model": "resnet50",
+                                                                                             "weights": "none"}}
         for name, spec in index_specs.items():
             log(f"{name}: indexing with and without local features")
             if name.startswith("resnet50"):  # ~17 img/s: a sample of the same photos keeps this bounded
@@ -262,6 +272,185 @@ def main() -> int:
     if args.record:
         append_results("Geometric verification on real grocery photos (issues 13, 24)", "bench_verify.py", report,
                        "One process, both cores; each method's baseline runs in the same process.")
+    return status
+
+
+# ---- --profile: what a pair costs, stage by stage, before and after issue 29; processes; the wall-time ratio
+
+PROFILE_MODELS = {"phash": {"model": "phash"}, "efficientnet-lite0": {"model": "efficientnet-lite0"}}
+
+
+def _per_pair_before(a, b, rule, laps: dict[str, float]):  # noqa: ANN001, ANN202 - the code of a6d18e7, timed
+    """One pair as verification did it before issue 29 (one FAISS call per pair and step, the screen's k-NN
+    redone by the full one, OpenCV's perspectiveTransform and per-pair counts), adding each step's seconds to
+    `laps`; returns (verified, inliers). FAISS runs as it did: on the caller's OpenMP team."""
+    import faiss
+    from neardup.threads import opencv
+
+    cv2 = opencv()
+    t = [time.perf_counter()]
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        laps[name] = laps.get(name, 0.0) + now - t[0]
+        t[0] = now
+
+    def knn2(q, db):  # noqa: ANN001, ANN202
+        return faiss.knn_hamming(np.ascontiguousarray(q), np.ascontiguousarray(db), 2)
+
+    if (len(b), b.desc.tobytes()) < (len(a), a.desc.tobytes()):
+        a, b = b, a
+    if min(len(a), len(b)) < max(rule.min_keypoints, 4):
+        return False, 0
+    if len(a) > rule.screen:
+        dist, _ = knn2(a.desc[:rule.screen], b.desc)
+        lap("screen k-NN")
+        if int(np.count_nonzero(dist[:, 0] < rule.ratio * dist[:, 1])) < rule.screen_matches:
+            return False, 0
+    dist, nn = knn2(a.desc, b.desc)
+    good = np.flatnonzero((dist[:, 0] < rule.ratio * dist[:, 1]) & (nn[:, 0] >= 0))
+    lap("rest k-NN")
+    if len(good):
+        matched, at = np.unique(nn[good, 0], return_inverse=True)
+        _, back = knn2(b.desc[matched], a.desc)
+        good = good[back[at, 0] == good]
+    lap("back k-NN")
+    if len(good) < max(rule.min_inliers, 4) or len(good) < rule.min_inlier_ratio * min(len(a), len(b)):
+        return False, 0
+    pa, pb = a.xy[good], b.xy[nn[good, 0]]
+    H, mask = cv2.findHomography(pa, pb, cv2.USAC_DEFAULT, rule.ransac)
+    lap("homography")
+    if H is None or mask is None or abs(np.linalg.det(H)) < 1e-12:
+        return False, 0
+    keep = mask.ravel().astype(bool)
+    n = int(keep.sum())
+    ratio = n / min(len(a), len(b))
+    if n < rule.min_inliers or ratio < rule.min_inlier_ratio:
+        return False, n
+    ia, ib = pa[keep], pb[keep]
+    lo, hi = 0.25, 0.75
+
+    def central(xy):  # noqa: ANN001, ANN202
+        return np.all((xy >= lo) & (xy <= hi), axis=1)
+
+    def coverage(xy, inl, H, cells=6, textured=3):  # noqa: ANN001, ANN202
+        def cell(p):  # noqa: ANN001, ANN202
+            c = np.clip((p * cells).astype(np.int64), 0, cells - 1)
+            return c[:, 1] * cells + c[:, 0]
+        centres = (np.stack(np.meshgrid(np.arange(cells), np.arange(cells)), -1).reshape(-1, 2) + 0.5) / cells
+        mapped = cv2.perspectiveTransform(centres[None].astype(np.float32), H)[0]
+        seen = np.all((mapped >= 0) & (mapped <= 1), axis=1)
+        expected = (np.bincount(cell(xy), minlength=cells * cells) >= textured) & seen
+        hit = np.bincount(cell(inl), minlength=cells * cells) > 0
+        return float((expected & hit).sum() / max(int(expected.sum()), 1))
+
+    centre = min(central(ia).sum() / max(int(central(a.xy).sum()), 1),
+                 central(ib).sum() / max(int(central(b.xy).sum()), 1))
+    cover = min(coverage(a.xy, ia, H), coverage(b.xy, ib, np.linalg.inv(H)))
+    lap("centre and coverage")
+    return bool((centre + cover) / 2 >= rule.min_support), n
+
+
+def _profile_store(args, name: str, spec: dict) -> Path:
+    store = args.stores / f"{name}-all.h5"
+    if not store.exists():
+        log(f"{name}: indexing {args.cost_split} into {store}")
+        args.stores.mkdir(parents=True, exist_ok=True)
+        build([GROCERY_DIR / s for s in args.cost_split.split(",")], store, spec)
+    return store
+
+
+def _candidates(store: Path):  # noqa: ANN202
+    """(local table, I, J) of the candidate pairs `duplicates` verifies on `store`."""
+    from neardup import Store
+    from neardup.config import candidate_rule, word_candidates
+    from neardup.search.join import candidate_pairs, exact_pairs, without_pairs
+
+    with Store.open(store) as gen:
+        cat, table = gen.read(vectors=True), gen.local()
+    k, loose = candidate_rule(cat.meta.model)
+    words = word_candidates(cat.meta.model)
+    ci, cj, cd, _ = candidate_pairs(cat.xb, k, loose, local=table if words else None, words=words)
+    ci, cj, _ = without_pairs((ci, cj, cd), *exact_pairs(cat.sha256), len(cat))
+    return table, ci, cj
+
+
+def profile(args) -> int:  # noqa: ANN001
+    from neardup.config import DEFAULTS, VERIFY
+    from neardup.search.verify import verify_many, verify_table
+    from neardup.threads import cores, one_thread
+
+    report = Report("bench_verify.py --profile", "Verification cost by stage, in processes, and against the "
+                    "unverified run (issue 29 item 2)",
+                    "What does one candidate pair cost in each stage of verification before and after issue 29 "
+                    "(same pairs, same run), do the verdicts agree, where do worker processes start to pay, and "
+                    "what does verified `duplicates` cost against the unverified one on every grocery photo?",
+                    params={"subset photos": args.photos, "sample pairs (before)": args.sample,
+                            "cores": cores(), "verify rule": str(VERIFY), "chunk": DEFAULTS.verify_chunk,
+                            "process_min": DEFAULTS.verify_process_min})
+    stages_rows, agree_rows, cross_rows, cost_rows, targets = [], [], [], [], {}
+    for name, spec in PROFILE_MODELS.items():
+        store = _profile_store(args, name, spec)
+        table, ci, cj = _candidates(store)
+        sub = np.flatnonzero((ci < args.photos) & (cj < args.photos))
+        rng = np.random.default_rng(0)
+        sample = np.sort(rng.choice(sub, min(args.sample, len(sub)), replace=False))
+        log(f"{name}: {len(ci)} candidates, {len(sub)} among the first {args.photos} photos; "
+            f"{len(sample)} timed one pair at a time as before")
+        feats = {r: table.row(r) for r in np.unique(np.concatenate([ci[sample], cj[sample]])).tolist()}
+        before: dict[str, float] = {}
+        t0 = time.perf_counter()
+        old = [_per_pair_before(feats[a], feats[b], VERIFY, before) for a, b in zip(ci[sample].tolist(),
+                                                                                    cj[sample].tolist())]
+        t_before = time.perf_counter() - t0
+        after: dict[str, float] = {}
+        t0 = time.perf_counter()
+        with one_thread():
+            new = verify_table(table, ci[sample], cj[sample], VERIFY, screen=True, stages=after)
+        t_after = time.perf_counter() - t0
+        for stage in ("order", "screen k-NN", "rest k-NN", "back k-NN", "ratio and counts", "homography",
+                      "centre and coverage"):
+            b_ms, a_ms = before.get(stage, 0.0) / len(sample) * 1e3, after.get(stage, 0.0) / len(sample) * 1e3
+            stages_rows.append([name, stage, b_ms, a_ms])
+        stages_rows.append([name, "total (wall)", t_before / len(sample) * 1e3, t_after / len(sample) * 1e3])
+        ov = np.array([v for v, _ in old])
+        oi = np.array([n for _, n in old])
+        agree_rows.append([name, len(sample), int(ov.sum()), int(new.verified.sum()),
+                           int((ov == new.verified).sum()), int((oi == new.inliers).sum())])
+        targets[name + "-agree"] = bool((ov == new.verified).all())
+        # worker processes against this process, on growing jobs
+        for size in sorted({min(s, len(sub)) for s in (1000, 3000, len(sub))}):
+            part = sub[:size]
+            t_here = timed(lambda: verify_many(table, ci[part], cj[part], screen=True, processes=1))
+            t_procs = timed(lambda: verify_many(table, ci[part], cj[part], screen=True, processes=cores(),
+                                                min_pairs=0))
+            cross_rows.append([name, size, t_here, t_procs, t_here / t_procs])
+        # the whole store, CLI wall time, unverified and verified in turns
+        log(f"{name}: duplicates on every photo, without and with verification")
+        plain, ver = [], []
+        for _ in range(args.repeats):
+            plain.append(_cli(["duplicates", "--store", str(store), "--no-verify", "--out", str(args.stores / "p0.csv")]))
+            ver.append(_cli(["duplicates", "--store", str(store), "--verify", "--out", str(args.stores / "p1.csv")]))
+        cost_rows.append([name, len(ci), median(plain), median(ver), median(ver) / median(plain)])
+        targets[name + "-cost"] = median(ver) / median(plain)
+    report.table("Milliseconds a candidate pair, by stage: before (one pair at a time, as at a6d18e7) and after "
+                 "(stage by stage over the pairs), the same sampled pairs in one run",
+                 ["model", "stage", "before ms/pair", "after ms/pair"], stages_rows)
+    report.table("Verdicts before and after on those pairs", ["model", "pairs", "verified before", "verified after",
+                                                               "same verdict", "same inliers"], agree_rows)
+    report.table("verify_many in this process against worker processes on every core (spawned, chunks of "
+                 f"{DEFAULTS.verify_chunk} pairs)", ["model", "pairs", "here s", "processes s", "speed-up"],
+                 cross_rows)
+    report.table(f"duplicates on every grocery photo, CLI wall time (median of {args.repeats}, turns)",
+                 ["model", "candidates", "unverified s", "verified s", "ratio"], cost_rows)
+    for name in PROFILE_MODELS:
+        report.check(f"{name}: the same verdicts before and after", targets[name + "-agree"])
+        report.target(f"{name}: duplicates CLI wall, verified / unverified", targets[name + "-cost"], "<= 2",
+                      targets[name + "-cost"] <= 2)
+    status = report.finish(args.json)
+    if args.record:
+        append_results("Verification cost by stage (issue 29 item 2)", "bench_verify.py", report,
+                       "One process; before and after, processes and the CLI runs measured in the same run.")
     return status
 
 

@@ -157,3 +157,34 @@ def test_ray_without_ray_installed_says_how_to_get_it(monkeypatch: pytest.Monkey
     assert INSTALL_HINT.startswith("--ray needs Ray Data")
     res = CliRunner().invoke(app, ["index", str(tmp_path), "--store", str(tmp_path / "s.h5"), "--ray-actors", "2"])
     assert res.exit_code != 0 and "go with --ray" in res.output
+
+
+def test_duplicates_verified_on_ray_gives_the_local_pairs(cluster, photos: Path, tmp_path: Path) -> None:
+    from neardup.search.duplicates import find_duplicates
+    from neardup.search.join import knn_pairs
+    from neardup.search.verify import verify_many
+    from neardup.store import Store
+
+    store = tmp_path / "s.h5"
+    build_index([photos], store, **SPEC)
+    here = find_duplicates(store, verify=True, processes=1)
+    there = find_duplicates(store, verify=True, ray=RayOptions())
+    assert here.candidates == there.candidates > 0
+    for f in ("I", "J", "D", "exact", "verified", "inliers"):
+        assert (getattr(here, f) == getattr(there, f)).all(), f
+    # the same through the CLI, and in many chunks (one Ray task each)
+    out = [tmp_path / "here.csv", tmp_path / "ray.csv"]
+    for path, extra in zip(out, ([], ["--ray"])):
+        res = CliRunner().invoke(app, ["duplicates", "--store", str(store), "--out", str(path), *extra])
+        assert res.exit_code == 0, res.output
+    assert out[0].read_text() == out[1].read_text()
+    with Store.open(store) as gen:
+        table, xb = gen.local(), gen.read(vectors=True).xb
+    ia, ib, _ = knn_pairs(xb, 10, -1.0)  # every photo's 10 nearest: ~900 pairs
+    a = verify_many(table, ia, ib, screen=True, processes=1)
+    b = verify_many(table, ia, ib, screen=True, ray=RayOptions(), chunk=64)
+    for f in ("verified", "inliers", "inlier_ratio", "centre", "coverage", "judged"):
+        assert (getattr(a, f) == getattr(b, f)).all(), f
+    assert a.verified.any()
+    res = CliRunner().invoke(app, ["duplicates", "--store", str(store), "--ray-address", "auto"])
+    assert res.exit_code != 0 and "go with --ray" in res.output

@@ -26,13 +26,13 @@ def _features(seed: int, n: int = 64) -> LocalFeatures:
 
 def test_verification_workers_run_one_thread_of_each_library(monkeypatch):
     seen: dict[str, dict[str, int]] = {}
-    real = verify.verify_pair
+    real = verify.verify_table
 
     def spy(*args, **kwargs):
         seen[threading.current_thread().name] = threads.seen()
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(verify, "verify_pair", spy)
+    monkeypatch.setattr(verify, "verify_table", spy)
     fa = [_features(i) for i in range(40)]
     fb = [_features(100 + i) for i in range(40)]
     verify.verify_pairs(fa, fb, workers=2)
@@ -72,3 +72,19 @@ def test_a_worker_process_runs_every_library_on_one_thread():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     got = json.loads(out.stdout)
     assert got == {"faiss": 1, "opencv": 1, "blas": 1, "env": "1"}, got
+
+
+def _seen_in_a_chunk(seed: int) -> dict[str, int]:
+    """In a worker process: verify a chunk of pairs as verify_many does, then report the threads seen."""
+    t = verify.pack([_features(seed + i) for i in range(8)])
+    verify._verify_chunk(t.count, t.xy, t.desc, np.arange(4), np.arange(4, 8), verify.VERIFY, True)
+    return {**threads.seen(), "pid": os.getpid()}
+
+
+def test_verification_worker_processes_run_one_thread_of_each_library():
+    # the pool verify_many uses for duplicates: spawned processes, each started by process_init
+    with threads.process_pool(2) as pool:
+        got = [pool.submit(_seen_in_a_chunk, 10 * i).result() for i in range(4)]
+    assert {g.pop("pid") for g in got} - {os.getpid()}, "no chunk ran in a worker process"
+    for g in got:
+        assert g == {"faiss": 1, "opencv": 1, "blas": 1}, g

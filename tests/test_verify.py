@@ -91,6 +91,10 @@ def test_rerank_verified_then_inliers_then_score() -> None:
     v = Verified(np.array([False, False, True, False]), np.array([3, 40, 120, 20], np.int32),
                  np.zeros(4, np.float32), np.zeros(4, np.float32), np.zeros(4, np.float32))
     assert rerank(D, v).tolist() == [2, 1, 3, 0]
+    # a failed candidate sharing a few inliers comes before a higher-scored one sharing none; a floor keeps it out
+    v.inliers[:] = [0, 0, 120, 5]
+    assert rerank(D, v).tolist() == [2, 3, 0, 1]
+    assert rerank(D, v, min_inliers=15).tolist() == [2, 0, 1, 3]
 
 
 def test_store_keeps_features_and_update_carries_them(copies, tmp_path: Path, fake_embedder) -> None:

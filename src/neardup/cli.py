@@ -689,6 +689,11 @@ def duplicates_cmd(
                                       "[default: per model, see -k].")] = None,
     exact: Annotated[bool, typer.Option("--exact", help="Exact search even on a store with an approximate index "
                                         "(the n² join: hours at a million images).")] = False,
+    ray: Annotated[bool, typer.Option(
+        "--ray", help="Verify the candidates on a Ray cluster (pip install 'neardup[ray]'); the "
+        "search, the groups and the outputs stay here, and the pairs are the ones a local run finds [default: "
+        "worker processes on every local core].")] = False,
+    ray_address: RayAddressOpt = None,
     verbose: VerboseOpt = 0,
 ) -> None:
     """List every near-duplicate pair and group of a store (nothing is ever deleted). With --verify, pairs are
@@ -696,7 +701,8 @@ def duplicates_cmd(
     from .search.duplicates import find_duplicates
     from .search.pairs_io import write_groups_json, write_pairs_csv
 
-    report = find_duplicates(store, threshold=threshold, verify=verify, k=k, loose_threshold=loose, exact=exact)
+    report = find_duplicates(store, threshold=threshold, verify=verify, k=k, loose_threshold=loose, exact=exact,
+                             ray=_ray_options(ray, ray_address, None, DEFAULTS.ray_cpus, None))
     if out:
         write_pairs_csv(report, out)
     if groups:

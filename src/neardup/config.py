@@ -150,6 +150,13 @@ class Defaults:
     #: its OpenCV and FAISS calls (measured on 26,954 candidates of 5,421 grocery photos: 7.6 s with one thread,
     #: 8.8 s with two).
     verify_workers: int = 1
+    #: duplicates: worker processes that verify the candidates (0: one per core). A job of fewer than
+    #: `verify_process_min` pairs is verified in this process, where starting processes costs more than it saves
+    #: (benchmarks/bench_verify.py --profile measures the crossover); pairs go to a worker `verify_chunk` at a
+    #: time, with the features of their photos as arrays.
+    verify_processes: int = 0
+    verify_process_min: int = 3000
+    verify_chunk: int = 1024
     #: Seed for the random initialisation used with weights=none, so that every process builds the same network.
     init_seed: int = 1234
 

@@ -34,3 +34,7 @@ class DecodeError(NeardupError):
 
 class ServerError(NeardupError):
     """A query server (`neardup serve`) could not be reached or refused a request."""
+
+
+class WorkerError(NeardupError):
+    """A worker process or cluster node died, and the work it held could not be redone."""

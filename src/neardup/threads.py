@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
 
 #: Environment variable that caps the threads neardup uses (default: the cores this process may run on).
@@ -112,6 +113,30 @@ def thread_pool(workers: int, name: str, *, inner: int | None = None) -> Iterato
     inner = inner_threads(workers) if inner is None else max(1, int(inner))
     with pool_limits(2 if inner == 1 else 1), ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name,
                                                                  initializer=worker_init, initargs=(inner,)) as pool:
+        yield pool
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """The calling thread's FAISS (OpenMP) on one thread while the block runs, then its setting again: for many
+    small calls (a pair's k-NN), where a team of threads costs more than it does, and on a busy machine a
+    team's idle threads spin against the other processes."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+@contextmanager
+def process_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
+    """A pool of `workers` fresh processes (spawned: no copy of this process's threads), each running every
+    library on one thread (process_init). Ends its processes on exit."""
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=process_init) as pool:
         yield pool
 
 

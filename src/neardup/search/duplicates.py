@@ -14,8 +14,9 @@ import logging
 import os
 import time
 from collections import defaultdict
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,7 +28,10 @@ from ..store.handle import opened
 from ..store.meta import Catalog
 from .candidates import store_knn_pairs
 from .join import candidate_pairs, exact_pairs, knn_pairs, self_join, without_pairs
-from .verify import Verified, resolve_verify, row_features, verify_pairs
+from .verify import pack, resolve_verify, row_features, verify_many, verify_pairs
+
+if TYPE_CHECKING:
+    from ..indexer.ray_job import RayOptions
 
 log = logging.getLogger(__name__)
 
@@ -258,9 +262,10 @@ def duplicate_rows(cat: Catalog, threshold: float, block: int | None = None, ind
 
 
 def verified_rows(cat: Catalog, gen: Generation, threshold: float, k: int, loose: float, *,
-                  workers: int = DEFAULTS.verify_workers, index=None,  # noqa: ANN001
-                  words: int = 0, features: dict[int, LocalFeatures | None] | None = None,
-                  scale: bool = False) -> tuple[np.ndarray, ...]:
+                  index=None, words: int = 0,  # noqa: ANN001
+                  features: dict[int, LocalFeatures | None] | None = None, scale: bool = False,
+                  processes: int = DEFAULTS.verify_processes, ray: RayOptions | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, ...]:
     """Core of find_duplicates(verify=True): (I, J, D, exact, verified, inliers, candidates).
 
     Candidates are candidate_pairs(k, loose, words) (with `words`, each image's photos sharing the most keypoint
@@ -270,7 +275,9 @@ def verified_rows(cat: Catalog, gen: Generation, threshold: float, k: int, loose
     verified, inliers -1), and unverified ones scoring >= `threshold` (listed for review, never grouped).
     Order: exact, verified, unverified; each by score. `features`, when given, receives the local features
     read (row -> features) for grouping to use again. With `scale`, the k-NN are store_knn_pairs' (the
-    store's vectors read in blocks, for a store too large to hold them), not `index`'s.
+    store's vectors read in blocks, for a store too large to hold them), not `index`'s. The pairs are verified
+    by verify_many: over `processes` local processes (0: one per core), or on a Ray cluster with `ray`;
+    `progress(done, total)` as they are.
     """
     ei, ej = exact_pairs(cat.sha256)
     table = gen.local() if words and gen.meta.local_features == LOCAL_VERSION else None  # one read, two uses
@@ -281,9 +288,8 @@ def verified_rows(cat: Catalog, gen: Generation, threshold: float, k: int, loose
     feats = row_features(gen, rows, table=table)
     if features is not None:
         features.update(zip(rows.tolist(), feats))
-    fa = [feats[x] for x in inverse[:len(ci)].tolist()]
-    fb = [feats[x] for x in inverse[len(ci):].tolist()]
-    v = verify_pairs(fa, fb, workers=workers, screen=True) if len(ci) else Verified.of([])
+    v = verify_many(pack(feats), inverse[:len(ci)], inverse[len(ci):], screen=True, processes=processes, ray=ray,
+                    progress=progress)
     ok = v.accepted(cd, threshold)  # verified, or too plain to judge and >= threshold
     keep = ok | (cd >= threshold)
     ci, cj, cd, ver, inl = ci[keep], cj[keep], cd[keep], ok[keep], np.where(v.judged, v.inliers, -1)[keep]
@@ -298,7 +304,8 @@ def verified_rows(cat: Catalog, gen: Generation, threshold: float, k: int, loose
 def find_duplicates(store: Generation | str | os.PathLike[str], *, threshold: float | None = None,
                     block: int | None = None, max_group_search: int = 20_000, verify: bool | None = None,
                     k: int | None = None, loose_threshold: float | None = None,
-                    workers: int = DEFAULTS.verify_workers, exact: bool = False) -> DuplicateReport:
+                    workers: int = DEFAULTS.verify_workers, exact: bool = False,
+                    processes: int = DEFAULTS.verify_processes, ray: RayOptions | None = None) -> DuplicateReport:
     """All duplicate pairs of a store (an open Generation, or a path) and their anti-chaining groups.
 
     With `verify` (None: resolve_verify), pairs are verified candidates (verified_rows; `k` and
@@ -306,18 +313,25 @@ def find_duplicates(store: Generation | str | os.PathLike[str], *, threshold: fl
     only; without it, every pair scoring >= `threshold` (the model's default) is a duplicate. A cluster larger
     than `max_group_search` images means the threshold is far too low: refused with InputError. A store with
     an approximate index (a large one) takes each image's `k` nearest by candidates.store_knn_pairs, re-scored
-    exactly, its vectors read in blocks, never all held; `exact` forces the exact search.
+    exactly, its vectors read in blocks, never all held; `exact` forces the exact search. The candidates are
+    verified over `processes` local processes (0: one per core), or on a Ray cluster with `ray` (the same pairs
+    either way); `workers` threads verify a group's missing pairs.
     """
     with opened(store) as gen:
-        return _find(gen, threshold, block, max_group_search, verify, k, loose_threshold, workers, exact)
+        return _find(gen, threshold, block, max_group_search, verify, k, loose_threshold, workers, exact, processes,
+                     ray)
 
 
 def _find(gen: Generation, threshold: float | None, block: int | None, max_group_search: int, verify: bool | None,
-          k: int | None, loose_threshold: float | None, workers: int, exact: bool) -> DuplicateReport:
+          k: int | None, loose_threshold: float | None, workers: int, exact: bool, processes: int = 0,
+          ray: RayOptions | None = None) -> DuplicateReport:
     t0, t = time.perf_counter(), gen.threshold(threshold)
     scale = not exact and gen.meta.index_factory != "Flat"  # a large store: its vectors are read in blocks
     cat = replace(gen.read(vectors=False), xb=StoredVectors(gen)) if scale else gen.read(vectors=True)
     verify = resolve_verify(verify, cat.meta.local_features)
+    if ray is not None and not verify:
+        raise InputError("--ray verifies the candidates on a cluster: it needs verification (a store with local "
+                         "features, without --no-verify)")
     report = DuplicateReport(str(gen.path), cat.meta.model, t, len(cat), cat.ids, cat.paths, verify=verify)
     index = None
     report.method = (f"k-NN by a PCA{DEFAULTS.scale_dims} IVF search of the stored vectors (the store has a "
@@ -332,9 +346,9 @@ def _find(gen: Generation, threshold: float | None, block: int | None, max_group
         tv = time.perf_counter()
         feats: dict[int, LocalFeatures | None] = {}  # read once: candidates, then the groups' missing pairs
         (report.I, report.J, report.D, report.exact, report.verified, report.inliers,
-         report.candidates) = verified_rows(cat, gen, t, report.k, report.loose_threshold, workers=workers,
-                                            index=index, words=word_candidates(cat.meta.model), features=feats,
-                                            scale=scale)
+         report.candidates) = verified_rows(cat, gen, t, report.k, report.loose_threshold, index=index,
+                                            words=word_candidates(cat.meta.model), features=feats, scale=scale,
+                                            processes=processes, ray=ray)
         report.verify_seconds = time.perf_counter() - tv
         linked = report.verified  # exact pairs are verified by their bytes
         link_t = np.inf  # groups follow the verified links only
