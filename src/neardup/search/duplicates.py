@@ -22,6 +22,7 @@ import numpy as np
 from ..config import DEFAULTS, candidate_rule, word_candidates
 from ..indexer.local_features import LOCAL_VERSION, LocalFeatures
 from ..errors import InputError
+from ..progress import Progress, stage_of
 from ..store.generation import Generation
 from ..store.handle import opened
 from ..store.meta import Catalog
@@ -157,6 +158,7 @@ class DuplicateReport:
     method: str = "exact join"  #: how pairs were found: the exact self-join, or the store index's k-NN
     #: catalog row -> "missing" / "changed": listed files no longer as indexed (stale_rows)
     stale: dict[int, str] = field(default_factory=dict)
+    generation: str = ""  #: the store generation the pairs were found in (Generation.id)
 
     @property
     def n_pairs(self) -> int:
@@ -184,11 +186,14 @@ class DuplicateReport:
 
 
 def duplicate_rows(cat: Catalog, threshold: float, block: int | None = None, index=None,  # noqa: ANN001
-                   k: int = DEFAULTS.k) -> tuple[np.ndarray, ...]:
+                   k: int = DEFAULTS.k, progress: Progress | None = None) -> tuple[np.ndarray, ...]:
     """Pure core of find_duplicates: (I, J, D, exact) row pairs of a catalog, exact pairs first. All pairs
-    (the exact self-join), or with `index` (the store's approximate index) each row's k nearest, re-scored."""
+    (the exact self-join), or with `index` (the store's approximate index) each row's k nearest, re-scored.
+    `progress` gets a stage "pairs" (rows searched)."""
     ei, ej = exact_pairs(cat.sha256)
-    near = self_join(cat.xb, threshold, block) if index is None else knn_pairs(cat.xb, k, threshold, index, cat.ids)
+    with stage_of(progress, "pairs", len(cat), "img") as p:
+        near = (self_join(cat.xb, threshold, block, progress=p) if index is None
+                else knn_pairs(cat.xb, k, threshold, index, cat.ids, progress=p))
     ni, nj, nd = without_pairs(near, ei, ej, len(cat))
     order = np.lexsort((nj, ni, -nd))
     I = np.concatenate([ei, ni[order]])
@@ -200,8 +205,8 @@ def duplicate_rows(cat: Catalog, threshold: float, block: int | None = None, ind
 
 def verified_rows(cat: Catalog, gen: Generation, threshold: float, k: int, loose: float, *,
                   workers: int = DEFAULTS.verify_workers, index=None,  # noqa: ANN001
-                  words: int = 0, features: dict[int, LocalFeatures | None] | None = None
-                  ) -> tuple[np.ndarray, ...]:
+                  words: int = 0, features: dict[int, LocalFeatures | None] | None = None,
+                  progress: Progress | None = None) -> tuple[np.ndarray, ...]:
     """Core of find_duplicates(verify=True): (I, J, D, exact, verified, inliers, candidates).
 
     Candidates are candidate_pairs(k, loose, words) (with `words`, each image's photos sharing the most keypoint
@@ -210,12 +215,14 @@ def verified_rows(cat: Catalog, gen: Generation, threshold: float, k: int, loose
     -1), verified candidates, candidates with a photo too plain to judge scoring >= `threshold` (accepted as
     verified, inliers -1), and unverified ones scoring >= `threshold` (listed for review, never grouped).
     Order: exact, verified, unverified; each by score. `features`, when given, receives the local features
-    read (row -> features) for grouping to use again.
+    read (row -> features) for grouping to use again. `progress` gets the stages "candidates" (rows searched)
+    and "verify" (pairs).
     """
     ei, ej = exact_pairs(cat.sha256)
     table = gen.local() if words and gen.meta.local_features == LOCAL_VERSION else None  # one read, two uses
-    ci, cj, cd, _ = candidate_pairs(cat.xb, k, loose, index=index, ids=cat.ids if index is not None else None,
-                                    local=table, words=words)
+    with stage_of(progress, "candidates", len(cat), "img") as p:
+        ci, cj, cd, _ = candidate_pairs(cat.xb, k, loose, index=index, ids=cat.ids if index is not None else None,
+                                        local=table, words=words, progress=p)
     ci, cj, cd = without_pairs((ci, cj, cd), ei, ej, len(cat))
     rows, inverse = np.unique(np.concatenate([ci, cj]), return_inverse=True)
     feats = row_features(gen, rows, table=table)
@@ -223,7 +230,8 @@ def verified_rows(cat: Catalog, gen: Generation, threshold: float, k: int, loose
         features.update(zip(rows.tolist(), feats))
     fa = [feats[x] for x in inverse[:len(ci)].tolist()]
     fb = [feats[x] for x in inverse[len(ci):].tolist()]
-    v = verify_pairs(fa, fb, workers=workers, screen=True) if len(ci) else Verified.of([])
+    with stage_of(progress, "verify", len(ci), "pairs") as p:
+        v = verify_pairs(fa, fb, workers=workers, screen=True, progress=p) if len(ci) else Verified.of([])
     ok = v.accepted(cd, threshold)  # verified, or too plain to judge and >= threshold
     keep = ok | (cd >= threshold)
     ci, cj, cd, ver, inl = ci[keep], cj[keep], cd[keep], ok[keep], np.where(v.judged, v.inliers, -1)[keep]
@@ -238,7 +246,8 @@ def verified_rows(cat: Catalog, gen: Generation, threshold: float, k: int, loose
 def find_duplicates(store: Generation | str | os.PathLike[str], *, threshold: float | None = None,
                     block: int | None = None, max_group_search: int = 20_000, verify: bool | None = None,
                     k: int | None = None, loose_threshold: float | None = None,
-                    workers: int = DEFAULTS.verify_workers, exact: bool = False) -> DuplicateReport:
+                    workers: int = DEFAULTS.verify_workers, exact: bool = False,
+                    progress: Progress | None = None) -> DuplicateReport:
     """All duplicate pairs of a store (an open Generation, or a path) and their anti-chaining groups.
 
     With `verify` (None: resolve_verify), pairs are verified candidates (verified_rows; `k` and
@@ -246,17 +255,19 @@ def find_duplicates(store: Generation | str | os.PathLike[str], *, threshold: fl
     only; without it, every pair scoring >= `threshold` (the model's default) is a duplicate. A cluster larger
     than `max_group_search` images means the threshold is far too low: refused with InputError. A store with
     an approximate index takes each image's `k` nearest in it, re-scored exactly, instead of the n² join;
-    `exact` forces the exact search.
+    `exact` forces the exact search. `progress` (default: silent) is told of the searches and verification.
     """
     with opened(store) as gen:
-        return _find(gen, threshold, block, max_group_search, verify, k, loose_threshold, workers, exact)
+        return _find(gen, threshold, block, max_group_search, verify, k, loose_threshold, workers, exact, progress)
 
 
 def _find(gen: Generation, threshold: float | None, block: int | None, max_group_search: int, verify: bool | None,
-          k: int | None, loose_threshold: float | None, workers: int, exact: bool) -> DuplicateReport:
+          k: int | None, loose_threshold: float | None, workers: int, exact: bool,
+          progress: Progress | None = None) -> DuplicateReport:
     t0, cat, t = time.perf_counter(), gen.read(vectors=True), gen.threshold(threshold)
     verify = resolve_verify(verify, cat.meta.local_features)
-    report = DuplicateReport(str(gen.path), cat.meta.model, t, len(cat), cat.ids, cat.paths, verify=verify)
+    report = DuplicateReport(str(gen.path), cat.meta.model, t, len(cat), cat.ids, cat.paths, verify=verify,
+                             generation=gen.id)
     index = None if exact or cat.meta.index_factory == "Flat" else gen.index
     report.method = (f"k-NN of the store's {cat.meta.index_factory} index ({cat.meta.index_params}, recall@10 "
                      f"{cat.meta.index_recall:.3f}), candidates re-scored exactly" if index is not None  # large store
@@ -271,13 +282,14 @@ def _find(gen: Generation, threshold: float | None, block: int | None, max_group
         feats: dict[int, LocalFeatures | None] = {}  # read once: candidates, then the groups' missing pairs
         (report.I, report.J, report.D, report.exact, report.verified, report.inliers,
          report.candidates) = verified_rows(cat, gen, t, report.k, report.loose_threshold, workers=workers,
-                                            index=index, words=word_candidates(cat.meta.model), features=feats)
+                                            index=index, words=word_candidates(cat.meta.model), features=feats,
+                                            progress=progress)
         report.verify_seconds = time.perf_counter() - tv
         linked = report.verified  # exact pairs are verified by their bytes
         link_t = np.inf  # groups follow the verified links only
     else:
         report.k = DEFAULTS.k if k is None else int(k)
-        report.I, report.J, report.D, report.exact = duplicate_rows(cat, t, block, index, report.k)
+        report.I, report.J, report.D, report.exact = duplicate_rows(cat, t, block, index, report.k, progress)
         linked = report.exact
         link_t = t
     I, J = report.I, report.J

@@ -13,7 +13,7 @@ and duplicates decide which pairs to verify.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -179,18 +179,38 @@ class Verified:
                    np.array([r.judged for r in results], bool))
 
 
+#: Pairs verified between two progress reports of verify_pairs.
+PROGRESS_CHUNK = 512
+
+
 def verify_pairs(fa: Sequence[LocalFeatures | None], fb: Sequence[LocalFeatures | None],
                  rule: VerifyRule = VERIFY, *, workers: int = DEFAULTS.verify_workers,
-                 screen: bool = False) -> Verified:
-    """verify_pair(fa[k], fb[k], screen=screen) for every k, on `workers` threads (OpenCV releases the GIL)."""
+                 screen: bool = False, progress: Callable[[int, int], None] | None = None) -> Verified:
+    """verify_pair(fa[k], fb[k], screen=screen) for every k, on `workers` threads (OpenCV releases the GIL).
+    `progress` is called with (done, total) after each chunk of pairs."""
     if len(fa) != len(fb):
         raise ValueError("fa and fb must have the same length")
-    if workers <= 1 or len(fa) < 16:
-        return Verified.of([verify_pair(a, b, rule, screen=screen) for a, b in zip(fa, fb)])
+    pairs = list(zip(fa, fb))
+
+    def one(ab: tuple[LocalFeatures | None, LocalFeatures | None]) -> Verification:
+        return verify_pair(ab[0], ab[1], rule, screen=screen)
+
+    out: list[Verification] = []
+    if progress is not None:
+        progress(0, len(pairs))
+    if workers <= 1 or len(pairs) < 16:
+        for s in range(0, len(pairs), PROGRESS_CHUNK):
+            out += map(one, pairs[s:s + PROGRESS_CHUNK])
+            if progress is not None:
+                progress(len(out), len(pairs))
+        return Verified.of(out)
     # the pairs run in parallel, each worker on one thread of every library (threads.py)
     with thread_pool(workers, "neardup-verify") as pool:
-        return Verified.of(list(pool.map(lambda ab: verify_pair(ab[0], ab[1], rule, screen=screen),
-                                         zip(fa, fb), chunksize=64)))
+        for s in range(0, len(pairs), PROGRESS_CHUNK):
+            out += pool.map(one, pairs[s:s + PROGRESS_CHUNK], chunksize=64)
+            if progress is not None:
+                progress(len(out), len(pairs))
+    return Verified.of(out)
 
 
 def resolve_verify(verify: bool | None, local_features: str) -> bool:
