@@ -20,6 +20,7 @@ SRC = REPO / "src" / "neardup"
 LAYERS: list[list[str]] = [
     ["errors", "_lazy"],
     ["config", "fileio", "threads"],
+    ["progress"],
     ["__init__", "indexer/__init__", "search/__init__", "store/__init__"],  # lazy re-exports only
     ["indexer/discover"],
     ["indexer/local_features"],

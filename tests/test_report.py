@@ -230,3 +230,47 @@ def test_report_without_duplicates_and_from_a_result(tmp_path: Path, make_images
     rep = find_duplicates(store, threshold=-1.0, verify=False)  # everything pairs up at -1
     res = write_report(store, tmp_path / "all.html", duplicates=rep)
     assert res.pairs == 3 and res.images == 3 and "-1.0000" in res.out.read_text()
+
+
+def test_report_from_groups_uses_the_pairs_duplicates_recorded(dup_store: Path, tmp_path: Path, make_images,
+                                                               monkeypatch) -> None:
+    """Issue 29 item 6: `duplicates --out --groups` then `report --groups` neither searches nor verifies again,
+    and shows what `report --pairs --groups` shows; a groups file whose pairs no longer hold says why."""
+    import neardup.search.duplicates as dup_mod
+    import neardup.search.verify as verify_mod
+
+    pairs, groups, alone = tmp_path / "pairs.csv", tmp_path / "groups.json", tmp_path / "alone.json"
+    assert run("duplicates", "-s", dup_store, "-o", pairs, "-g", groups).exit_code == 0
+    assert run("duplicates", "-s", dup_store, "-g", alone).exit_code == 0  # no pairs file: the pairs go inside
+    assert run("report", "-s", dup_store, "--pairs", pairs, "--groups", groups, "-o", tmp_path / "ref.html"
+               ).exit_code == 0
+    ref = data_island((tmp_path / "ref.html").read_text())
+    assert ref["pairs"] and ref["groups"]
+
+    def spy(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the pairs were searched or verified again")
+
+    with monkeypatch.context() as m:
+        for mod, name in ((report_mod, "find_duplicates"), (dup_mod, "verify_pairs"), (verify_mod, "verify_pairs")):
+            m.setattr(mod, name, spy)
+        for doc, html in ((groups, "a.html"), (alone, "b.html")):
+            r = run("report", "-s", dup_store, "--groups", doc, "-o", tmp_path / html)
+            assert r.exit_code == 0 and "again" not in r.output, r.output
+            got = data_island((tmp_path / html).read_text())
+            assert {k: got[k] for k in ("pairs", "groups", "images")} == {k: ref[k] for k in ("pairs", "groups",
+                                                                                             "images")}
+        # asked otherwise than the groups file was made: computed again, and said why (here the spy stops it)
+        with pytest.raises(AssertionError, match="searched or verified again"):
+            run("report", "-s", dup_store, "--groups", groups, "--no-verify", "-o", tmp_path / "c.html")
+
+    # the pairs file edited since: computed again, with the reason on stderr
+    pairs.write_bytes(b"".join(pairs.read_bytes().splitlines(keepends=True)[:-1]))  # a pair removed by hand
+    r = run("report", "-s", dup_store, "--groups", groups, "-o", tmp_path / "d.html")
+    assert r.exit_code == 0 and "computing the pairs from the store again" in r.output
+    assert f"its pairs file {pairs} changed since the groups file was written" in r.output
+    assert data_island((tmp_path / "d.html").read_text())["pairs"] == ref["pairs"]
+    # a new generation of the store: the recorded pairs may be out of date
+    make_images(1, folder="more")
+    assert build_index([tmp_path / "more"], dup_store).wrote
+    r = run("report", "-s", dup_store, "--groups", alone, "-o", tmp_path / "e.html")
+    assert r.exit_code == 0 and "the groups file was written for store generation" in r.output, r.output

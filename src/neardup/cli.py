@@ -27,6 +27,7 @@ from .config import (CANDIDATES, DEFAULTS, ENV_ALLOWED_HOSTS, ENV_BATCH_SIZE, EN
                      OFFLINE_MODEL, parse_size, resolve_threshold)
 from .errors import InputError, NeardupError
 from .fileio import check_output_path, fmt_bytes
+from .progress import Progress
 
 if TYPE_CHECKING:
     from .indexer.build import RunSummary
@@ -115,6 +116,10 @@ RayCpusOpt = Annotated[float, typer.Option("--ray-cpus", min=0.1, help="With --r
 RayGpusOpt = Annotated[Optional[float], typer.Option(
     "--ray-gpus", min=0.0, help="With --ray: GPUs per actor [default: 1 when the cluster has GPUs, else 0].")]
 VerboseOpt = Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output (-vv: debug).")]
+QuietOpt = Annotated[bool, typer.Option(
+    "--quiet", "-q", help="No progress: neither the bar shown on a terminal nor, when stderr is not one (cron, a "
+    f"log), the line written at most every {DEFAULTS.progress_interval_s:g} s (NEARDUP_PROGRESS_INTERVAL) with "
+    "done/total, rate and ETA.")]
 CompactOpt = Annotated[bool, typer.Option(
     "--compact", help="Copy every live row into one segment now and train the index anew (updates compact by "
     "themselves when deleted rows pass a quarter of those written; this also retrains an approximate index).")]
@@ -170,23 +175,9 @@ def handled(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-class _Bar:
-    """tqdm progress bar fed by the library's (done, total) callback; silent when stderr is not a terminal."""
-
-    def __init__(self, desc: str) -> None:
-        self.desc, self.bar = desc, None
-
-    def __call__(self, done: int, total: int) -> None:
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=self.desc, unit="img", disable=None, file=sys.stderr,
-                            dynamic_ncols=True)
-        self.bar.update(done - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+def _progress(quiet: bool) -> Progress:
+    """The progress of a long command (see neardup.progress): a bar on a terminal, lines in a log, or none."""
+    return Progress.auto(quiet)
 
 
 def _print_summary(s: RunSummary, limit: int = 20) -> None:
@@ -233,19 +224,16 @@ def _run_index(update: bool, dirs: list[str], store: Path, model: Optional[str],
                precision: Optional[str], batch_size: int, prune: bool, max_file_mb: int, runtime: str,
                preprocess: Optional[str], ray: Any, index: Optional[str], memory: Optional[str],
                target_recall: Optional[float], repair: bool = False, compact: bool = False,
-               drop_missing: bool = False) -> None:
+               drop_missing: bool = False, quiet: bool = False) -> None:
     from .indexer.build import build_index, update_index
 
-    bar = _Bar("update" if update else "index")
-    try:
+    with _progress(quiet).stage("update" if update else "index", unit="img") as bar:
         fn = update_index if update else build_index
         summary = fn(dirs, store, model=model, weights=weights, precision=precision,
                      batch_size=batch_size, prune=prune, max_file_bytes=max_file_mb << 20, runtime=runtime,
                      preprocess=preprocess, progress=bar, ray=ray, index=index,
                      memory=parse_size(memory) if memory else None, target_recall=target_recall, repair=repair,
                      compact=compact, drop_missing=drop_missing)
-    finally:
-        bar.close()
     _print_summary(summary)
     _warn_random_weights(store)
 
@@ -272,12 +260,13 @@ def index_cmd(
     preprocess: PreprocessOpt = None, ray: RayOpt = False, ray_address: RayAddressOpt = None,
     ray_actors: RayActorsOpt = None, ray_cpus: RayCpusOpt = DEFAULTS.ray_cpus, ray_gpus: RayGpusOpt = None,
     index: IndexKindOpt = None, memory: MemoryOpt = None, target_recall: TargetRecallOpt = None,
-    repair: RepairOpt = False, drop_missing: DropMissingOpt = False, verbose: VerboseOpt = 0,
+    repair: RepairOpt = False, drop_missing: DropMissingOpt = False, quiet: QuietOpt = False,
+    verbose: VerboseOpt = 0,
 ) -> None:
     """Index images into a store (creates it, or updates it incrementally with its own model)."""
     _run_index(False, dirs, store, model, weights, precision, batch_size, prune, max_file_mb, runtime, preprocess,
                _ray_options(ray, ray_address, ray_actors, ray_cpus, ray_gpus), index, memory, target_recall, repair,
-               drop_missing=drop_missing)
+               drop_missing=drop_missing, quiet=quiet)
 
 
 @app.command("update")
@@ -294,13 +283,13 @@ def update_cmd(
     ray_address: RayAddressOpt = None, ray_actors: RayActorsOpt = None, ray_cpus: RayCpusOpt = DEFAULTS.ray_cpus,
     ray_gpus: RayGpusOpt = None, index: IndexKindOpt = None, memory: MemoryOpt = None,
     target_recall: TargetRecallOpt = None, repair: RepairOpt = False, drop_missing: DropMissingOpt = False,
-    compact: CompactOpt = False, verbose: VerboseOpt = 0,
+    compact: CompactOpt = False, quiet: QuietOpt = False, verbose: VerboseOpt = 0,
 ) -> None:
     """Update an existing store: embed new and changed images, drop deleted ones (for nightly jobs). Writes what
     changed: a new segment and a new manifest; compacts when deleted rows pile up."""
     _run_index(True, dirs, store, model, weights, precision, batch_size, prune, max_file_mb, runtime, None,
                _ray_options(ray, ray_address, ray_actors, ray_cpus, ray_gpus), index, memory, target_recall, repair,
-               compact, drop_missing)
+               compact, drop_missing, quiet)
 
 
 def _index_line(meta: Any) -> str:
@@ -429,16 +418,13 @@ def demo_cmd(
         f"[default: {DEFAULTS.model} with ImageNet weights, else {OFFLINE_MODEL} when installed, else phash, "
         "saying why].")] = None,
     weights: WeightsOpt = None, show: Annotated[int, typer.Option(help="Groups to print.")] = 8,
-    verbose: VerboseOpt = 0,
+    quiet: QuietOpt = False, verbose: VerboseOpt = 0,
 ) -> None:
     """Index the bundled sample catalogue, list its duplicate groups and score them against the truth."""
     from .demo import run_demo
 
-    bar = _Bar("demo")
-    try:
+    with _progress(quiet).stage("demo", unit="img") as bar:
         res = run_demo(out, sample=sample, weights=weights, model=model, progress=bar)
-    finally:
-        bar.close()
     if res.fallback_reason:
         instead = ("the weight-free phash method" if res.model == "phash" else
                    f"{res.model} (trained ImageNet weights installed from the package registry)")
@@ -512,7 +498,7 @@ def query_cmd(
         "--server", envvar=ENV_SERVER, help="Ask a running `neardup serve` at this URL (e.g. http://127.0.0.1:8000) "
         "instead of loading the model here; --store, --weights, --precision, --runtime and --batch-size are then "
         "the server's.")] = None,
-    token: TokenOpt = None, verbose: VerboseOpt = 0,
+    token: TokenOpt = None, quiet: QuietOpt = False, verbose: VerboseOpt = 0,
 ) -> None:
     """Find the catalogue images nearest to each photo. Exit 0: a match exists (verified with --verify, else
     >= threshold); 1: none; 2: error."""
@@ -529,8 +515,11 @@ def query_cmd(
     else:
         from .search.query import answer
 
+        # a folder's photos are embedded in batches: progress for those, none for a photo or two
+        folder = any(os.path.isdir(p) for p in images)
         got = answer(store, images, k=k, weights=weights, precision=precision, batch_size=batch_size,
-                     max_file_bytes=max_file_mb << 20, runtime=runtime, verify=verify, threshold=threshold)
+                     max_file_bytes=max_file_mb << 20, runtime=runtime, verify=verify, threshold=threshold,
+                     progress=_progress(quiet) if folder else None)
         _warn_random_weights(store, got)
         results, model, where, t = got.results, got.model, str(store), got.threshold
     if as_json:
@@ -676,7 +665,10 @@ def duplicates_cmd(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="CSV of pairs: a_id,a_path,b_id,b_path,score,"
                                                 "kind,a_stale,b_stale (missing or changed since indexing), and "
                                                 "verified,inliers with --verify.")] = None,
-    groups: Annotated[Optional[Path], typer.Option("--groups", "-g", help="JSON of groups with keepers.")] = None,
+    groups: Annotated[Optional[Path], typer.Option(
+        "--groups", "-g", help="JSON of groups with keepers, recording the store generation and the pairs (the --out "
+        "file by name and digest, else the pairs themselves), so that `report --groups` does not search again.")]
+    = None,
     show: Annotated[int, typer.Option("--show", help="Groups to print.")] = 10,
     show_members: Annotated[int, typer.Option("--show-members", help="Members to print per group.")] = 8,
     verify: VerifyOpt = None,
@@ -694,7 +686,7 @@ def duplicates_cmd(
         "search, the groups and the outputs stay here, and the pairs are the ones a local run finds [default: "
         "worker processes on every local core].")] = False,
     ray_address: RayAddressOpt = None,
-    verbose: VerboseOpt = 0,
+    quiet: QuietOpt = False, verbose: VerboseOpt = 0,
 ) -> None:
     """List every near-duplicate pair and group of a store (nothing is ever deleted). With --verify, pairs are
     verified candidates; unverified candidates above the threshold are listed (verified=false), never grouped."""
@@ -702,11 +694,12 @@ def duplicates_cmd(
     from .search.pairs_io import write_groups_json, write_pairs_csv
 
     report = find_duplicates(store, threshold=threshold, verify=verify, k=k, loose_threshold=loose, exact=exact,
-                             ray=_ray_options(ray, ray_address, None, DEFAULTS.ray_cpus, None))
+                             ray=_ray_options(ray, ray_address, None, DEFAULTS.ray_cpus, None),
+                             progress=_progress(quiet))
     if out:
         write_pairs_csv(report, out)
-    if groups:
-        write_groups_json(report, groups)
+    if groups:  # records the pairs (the file just written, else the pairs themselves): `report --groups` uses them
+        write_groups_json(report, groups, pairs_file=out)
     typer.echo(f"pairs from: {report.method}")
     if report.verify:
         nv = int(report.verified.sum()) - report.n_exact
@@ -768,20 +761,23 @@ def report_cmd(
     store: StoreOpt = Path(DEFAULTS.store),
     pairs: Annotated[Optional[Path], typer.Option("--pairs", "-p", help="Pairs CSV of `neardup duplicates "
                                                   "--out` [default: computed from the store].")] = None,
-    groups: Annotated[Optional[Path], typer.Option("--groups", "-g", help="Groups JSON of `neardup duplicates "
-                                                   "--groups` [default: computed from the store].")] = None,
+    groups: Annotated[Optional[Path], typer.Option(
+        "--groups", "-g", help="Groups JSON of `neardup duplicates --groups`; without --pairs, the pairs it records "
+        "are shown when they still hold (same store generation, options and pairs file), else they are computed "
+        "again, with a warning that says why [default: computed from the store].")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="HTML file to write (self-contained, opens "
                                       "offline).")] = Path("report.html"),
     png_dir: Annotated[Optional[Path], typer.Option("--png-dir", help="Also write one side-by-side PNG per "
                                                     "pair into this folder, created if needed "
                                                     "(pair_00001.png, ...).")]
     = None,
-    threshold: ThresholdOpt = None, verify: VerifyOpt = None, verbose: VerboseOpt = 0,
+    threshold: ThresholdOpt = None, verify: VerifyOpt = None, quiet: QuietOpt = False, verbose: VerboseOpt = 0,
 ) -> None:
     """Write an HTML report of duplicate groups and pairs with thumbnails (nothing is ever deleted)."""
     from .search.report import write_report
 
-    res = write_report(store, out, pairs=pairs, groups=groups, threshold=threshold, png_dir=png_dir, verify=verify)
+    res = write_report(store, out, pairs=pairs, groups=groups, threshold=threshold, png_dir=png_dir, verify=verify,
+                       progress=_progress(quiet))
     typer.echo(f"wrote {res.out}: {res.groups} groups, {res.pairs} pairs, {res.images} images "
                f"({len(res.missing)} missing or unreadable), {res.seconds:.1f} s")
     for path in res.missing[:10]:
@@ -841,7 +837,7 @@ def evaluate_cmd(
     k: Annotated[Optional[int], typer.Option("-k", min=1, help="Candidates per image with --verify, and per "
                                              "query photo (role query) always "
                                              f"[default: per model: {_CANDIDATES}].")] = None,
-    runtime: RuntimeOpt = DEFAULTS.runtime, verbose: VerboseOpt = 0,
+    runtime: RuntimeOpt = DEFAULTS.runtime, quiet: QuietOpt = False, verbose: VerboseOpt = 0,
 ) -> None:
     """Score duplicate detection (pair precision/recall/F1 per threshold) and search (recall@k, mAP) vs truth."""
     from .search.evaluate import evaluate as run_evaluation
@@ -856,7 +852,8 @@ def evaluate_cmd(
 
         plot_format(plot)
     sweep = sorted({round(min_threshold, 6)} | {k / 100 for k in range(-100, 101) if k / 100 >= min_threshold})
-    res = run_evaluation(store, truth, thresholds=sweep, threshold=threshold, verify=verify, k=k, runtime=runtime)
+    res = run_evaluation(store, truth, thresholds=sweep, threshold=threshold, verify=verify, k=k, runtime=runtime,
+                         progress=_progress(quiet))
     typer.echo(res.table())
     if out is not None:
         write_eval_json(res, out)

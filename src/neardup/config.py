@@ -102,6 +102,8 @@ ENV_SERVER = "NEARDUP_SERVER"
 ENV_RAY = "NEARDUP_RAY"
 ENV_INDEX = "NEARDUP_INDEX"
 ENV_INDEX_MEMORY = "NEARDUP_INDEX_MEMORY"
+#: Seconds between progress lines when stderr is not a terminal (a test sets a small value).
+ENV_PROGRESS_INTERVAL = "NEARDUP_PROGRESS_INTERVAL"
 #: Set by a Ray actor given a GPU: ONNX Runtime then runs the model on CUDA (onnxruntime-gpu).
 ENV_ORT_DEVICE = "NEARDUP_ORT_DEVICE"
 
@@ -157,6 +159,9 @@ class Defaults:
     verify_processes: int = 0
     verify_process_min: int = 3000
     verify_chunk: int = 1024
+    #: Seconds between progress lines of a long command whose stderr is not a terminal (cron, nightly logs):
+    #: often enough to see a job is alive, rarely enough to keep its log short. A terminal gets a bar instead.
+    progress_interval_s: float = 10.0
     #: Seed for the random initialisation used with weights=none, so that every process builds the same network.
     init_seed: int = 1234
 

@@ -141,7 +141,7 @@ def run_demo(out: str | Path, *, sample: str | Path | None = None, weights: str 
                             summary=summary, duplicates=dups, pairs_csv=out / "pairs.csv",
                             groups_json=out / "groups.json")
         write_pairs_csv(dups, result.pairs_csv)
-        write_groups_json(dups, result.groups_json)
+        write_groups_json(dups, result.groups_json, pairs_file=result.pairs_csv)
         result.report_html = write_report(gen, out / "report.html", duplicates=dups).out
         truth = sample / "truth.csv"
         if truth.is_file():

@@ -118,9 +118,11 @@ class EmbeddedFiles:
 
 def embed_files(paths: Sequence[str | os.PathLike[str]], emb: Embedder, *,
                 batch_size: int = DEFAULTS.batch_size, decode_workers: int = DEFAULTS.decode_workers,
-                max_bytes: int = DEFAULTS.max_file_bytes, local: bool = False) -> EmbeddedFiles:
+                max_bytes: int = DEFAULTS.max_file_bytes, local: bool = False,
+                progress: Callable[[int, int], None] | None = None) -> EmbeddedFiles:
     """Decode and embed image files in batches with overlapped decoding; undecodable files are listed.
-    With `local`, each file's ORB features come back too (from the same decode)."""
+    With `local`, each file's ORB features come back too (from the same decode). `progress` is called with
+    (files done, files) after each batch."""
     ok: list[str] = []
     feats: list[LocalFeatures | None] = []
     chunks: list[np.ndarray] = []
@@ -139,7 +141,11 @@ def embed_files(paths: Sequence[str | os.PathLike[str]], emb: Embedder, *,
             if len(batch) >= batch_size:
                 chunks.append(emb.embed(np.stack(batch)))
                 batch = []
+                if progress is not None:
+                    progress(len(ok) + len(failures), len(paths))
     if batch:
         chunks.append(emb.embed(np.stack(batch)))
+    if progress is not None:
+        progress(len(paths), len(paths))
     xq = np.concatenate(chunks) if chunks else np.zeros((0, emb.dim), np.float32)
     return EmbeddedFiles(ok, xq, failures, feats if local else None)

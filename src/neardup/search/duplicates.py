@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections import defaultdict
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -23,6 +23,7 @@ import numpy as np
 from ..config import DEFAULTS, candidate_rule, word_candidates
 from ..indexer.local_features import LOCAL_VERSION, LocalFeatures
 from ..errors import InputError
+from ..progress import Progress, stage_of
 from ..store.generation import Generation
 from ..store.handle import opened
 from ..store.meta import Catalog
@@ -204,6 +205,7 @@ class DuplicateReport:
     #: "alias": another name of a listed file (alias_rows); never a keeper nor removable
     stale: dict[int, str] = field(default_factory=dict)
     aliases: dict[int, int] = field(default_factory=dict)  #: catalog row -> the row of its file's name kept
+    generation: str = ""  #: the store generation the pairs were found in (Generation.id)
 
     @property
     def n_pairs(self) -> int:
@@ -245,13 +247,17 @@ class StoredVectors:
 
 
 def duplicate_rows(cat: Catalog, threshold: float, block: int | None = None, index=None,  # noqa: ANN001
-                   k: int = DEFAULTS.k, *, scale: Generation | None = None) -> tuple[np.ndarray, ...]:
+                   k: int = DEFAULTS.k, progress: Progress | None = None, *,
+                   scale: Generation | None = None) -> tuple[np.ndarray, ...]:
     """Pure core of find_duplicates: (I, J, D, exact) row pairs of a catalog, exact pairs first. All pairs
     (the exact self-join), or with `index` (the store's approximate index) each row's k nearest, re-scored;
-    with `scale` (the catalogue's generation) each row's k nearest by store_knn_pairs, vectors read in blocks."""
+    with `scale` (the catalogue's generation) each row's k nearest by store_knn_pairs, vectors read in blocks.
+    `progress` gets a stage "pairs" (rows searched)."""
     ei, ej = exact_pairs(cat.sha256)
-    near = (store_knn_pairs(scale, k, threshold) if scale is not None else self_join(cat.xb, threshold, block)
-            if index is None else knn_pairs(cat.xb, k, threshold, index, cat.ids))
+    with stage_of(progress, "pairs", len(cat), "img") as p:
+        near = (store_knn_pairs(scale, k, threshold) if scale is not None
+                else self_join(cat.xb, threshold, block, progress=p) if index is None
+                else knn_pairs(cat.xb, k, threshold, index, cat.ids, progress=p))
     ni, nj, nd = without_pairs(near, ei, ej, len(cat))
     order = np.lexsort((nj, ni, -nd))
     I = np.concatenate([ei, ni[order]])
@@ -265,7 +271,7 @@ def verified_rows(cat: Catalog, gen: Generation, threshold: float, k: int, loose
                   index=None, words: int = 0,  # noqa: ANN001
                   features: dict[int, LocalFeatures | None] | None = None, scale: bool = False,
                   processes: int = DEFAULTS.verify_processes, ray: RayOptions | None = None,
-                  progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, ...]:
+                  progress: Progress | None = None) -> tuple[np.ndarray, ...]:
     """Core of find_duplicates(verify=True): (I, J, D, exact, verified, inliers, candidates).
 
     Candidates are candidate_pairs(k, loose, words) (with `words`, each image's photos sharing the most keypoint
@@ -276,20 +282,23 @@ def verified_rows(cat: Catalog, gen: Generation, threshold: float, k: int, loose
     Order: exact, verified, unverified; each by score. `features`, when given, receives the local features
     read (row -> features) for grouping to use again. With `scale`, the k-NN are store_knn_pairs' (the
     store's vectors read in blocks, for a store too large to hold them), not `index`'s. The pairs are verified
-    by verify_many: over `processes` local processes (0: one per core), or on a Ray cluster with `ray`;
-    `progress(done, total)` as they are.
+    by verify_many: over `processes` local processes (0: one per core), or on a Ray cluster with `ray`.
+    `progress` gets the stages "candidates" (rows searched) and "verify" (pairs).
     """
     ei, ej = exact_pairs(cat.sha256)
     table = gen.local() if words and gen.meta.local_features == LOCAL_VERSION else None  # one read, two uses
-    ci, cj, cd, _ = candidate_pairs(cat.xb, k, loose, index=index, ids=cat.ids if index is not None else None,
-                                    local=table, words=words, knn=store_knn_pairs(gen, k, loose) if scale else None)
+    with stage_of(progress, "candidates", len(cat), "img") as p:
+        ci, cj, cd, _ = candidate_pairs(cat.xb, k, loose, index=index, ids=cat.ids if index is not None else None,
+                                        local=table, words=words, progress=p,
+                                        knn=store_knn_pairs(gen, k, loose) if scale else None)
     ci, cj, cd = without_pairs((ci, cj, cd), ei, ej, len(cat))
     rows, inverse = np.unique(np.concatenate([ci, cj]), return_inverse=True)
     feats = row_features(gen, rows, table=table)
     if features is not None:
         features.update(zip(rows.tolist(), feats))
-    v = verify_many(pack(feats), inverse[:len(ci)], inverse[len(ci):], screen=True, processes=processes, ray=ray,
-                    progress=progress)
+    with stage_of(progress, "verify", len(ci), "pairs") as p:
+        v = verify_many(pack(feats), inverse[:len(ci)], inverse[len(ci):], screen=True, processes=processes,
+                        ray=ray, progress=p)
     ok = v.accepted(cd, threshold)  # verified, or too plain to judge and >= threshold
     keep = ok | (cd >= threshold)
     ci, cj, cd, ver, inl = ci[keep], cj[keep], cd[keep], ok[keep], np.where(v.judged, v.inliers, -1)[keep]
@@ -305,7 +314,8 @@ def find_duplicates(store: Generation | str | os.PathLike[str], *, threshold: fl
                     block: int | None = None, max_group_search: int = 20_000, verify: bool | None = None,
                     k: int | None = None, loose_threshold: float | None = None,
                     workers: int = DEFAULTS.verify_workers, exact: bool = False,
-                    processes: int = DEFAULTS.verify_processes, ray: RayOptions | None = None) -> DuplicateReport:
+                    processes: int = DEFAULTS.verify_processes, ray: RayOptions | None = None,
+                    progress: Progress | None = None) -> DuplicateReport:
     """All duplicate pairs of a store (an open Generation, or a path) and their anti-chaining groups.
 
     With `verify` (None: resolve_verify), pairs are verified candidates (verified_rows; `k` and
@@ -315,16 +325,17 @@ def find_duplicates(store: Generation | str | os.PathLike[str], *, threshold: fl
     an approximate index (a large one) takes each image's `k` nearest by candidates.store_knn_pairs, re-scored
     exactly, its vectors read in blocks, never all held; `exact` forces the exact search. The candidates are
     verified over `processes` local processes (0: one per core), or on a Ray cluster with `ray` (the same pairs
-    either way); `workers` threads verify a group's missing pairs.
+    either way); `workers` threads verify a group's missing pairs. `progress` (default: silent) is told of the
+    searches and verification.
     """
     with opened(store) as gen:
         return _find(gen, threshold, block, max_group_search, verify, k, loose_threshold, workers, exact, processes,
-                     ray)
+                     ray, progress)
 
 
 def _find(gen: Generation, threshold: float | None, block: int | None, max_group_search: int, verify: bool | None,
           k: int | None, loose_threshold: float | None, workers: int, exact: bool, processes: int = 0,
-          ray: RayOptions | None = None) -> DuplicateReport:
+          ray: RayOptions | None = None, progress: Progress | None = None) -> DuplicateReport:
     t0, t = time.perf_counter(), gen.threshold(threshold)
     scale = not exact and gen.meta.index_factory != "Flat"  # a large store: its vectors are read in blocks
     cat = replace(gen.read(vectors=False), xb=StoredVectors(gen)) if scale else gen.read(vectors=True)
@@ -332,7 +343,8 @@ def _find(gen: Generation, threshold: float | None, block: int | None, max_group
     if ray is not None and not verify:
         raise InputError("--ray verifies the candidates on a cluster: it needs verification (a store with local "
                          "features, without --no-verify)")
-    report = DuplicateReport(str(gen.path), cat.meta.model, t, len(cat), cat.ids, cat.paths, verify=verify)
+    report = DuplicateReport(str(gen.path), cat.meta.model, t, len(cat), cat.ids, cat.paths, verify=verify,
+                             generation=gen.id)
     index = None
     report.method = (f"k-NN by a PCA{DEFAULTS.scale_dims} IVF search of the stored vectors (the store has a "
                      f"{cat.meta.index_factory} index), candidates re-scored exactly" if scale
@@ -348,13 +360,13 @@ def _find(gen: Generation, threshold: float | None, block: int | None, max_group
         (report.I, report.J, report.D, report.exact, report.verified, report.inliers,
          report.candidates) = verified_rows(cat, gen, t, report.k, report.loose_threshold, index=index,
                                             words=word_candidates(cat.meta.model), features=feats, scale=scale,
-                                            processes=processes, ray=ray)
+                                            processes=processes, ray=ray, progress=progress)
         report.verify_seconds = time.perf_counter() - tv
         linked = report.verified  # exact pairs are verified by their bytes
         link_t = np.inf  # groups follow the verified links only
     else:
         report.k = DEFAULTS.k if k is None else int(k)
-        report.I, report.J, report.D, report.exact = duplicate_rows(cat, t, block, index, report.k,
+        report.I, report.J, report.D, report.exact = duplicate_rows(cat, t, block, index, report.k, progress,
                                                                     scale=gen if scale else None)
         linked = report.exact
         link_t = t

@@ -61,6 +61,7 @@ from ..indexer.decode import read_file
 from ..indexer.embed import Embedder
 from ..indexer.pipeline import embed_files
 from ..indexer.local_features import LOCAL_VERSION
+from ..progress import Progress, stage_of
 from ..store.generation import Generation
 from ..store.handle import opened, store_embedder
 from .join import candidate_pairs, exact_pairs, self_join, without_pairs
@@ -196,32 +197,33 @@ def evaluate(store: Generation | str | os.PathLike[str], truth: str | os.PathLik
              k: int | None = None, embedder: Embedder | None = None, weights: str | None = None,
              precision: str = DEFAULTS.precision, runtime: str | None = None,
              batch_size: int = DEFAULTS.batch_size, max_file_bytes: int = DEFAULTS.max_file_bytes,
-             workers: int = DEFAULTS.verify_workers) -> EvalResult:
+             workers: int = DEFAULTS.verify_workers, progress: Progress | None = None) -> EvalResult:
     """Score a store against a truth CSV: pair P/R/F1 over a threshold sweep and query recall@k / mAP.
 
-    `thresholds` defaults to 0.50..1.00 by 0.01; `threshold` (default: the model's documented default, or
-    with verification its candidates' loose threshold) is added to the sweep and reported separately. Without verification the duplicate search runs once, by
-    search.duplicates' blocked self-join at the lowest threshold; its memory grows with the number of pairs
-    above that threshold, so raise the sweep's lower end for a large store of a model whose scores run high.
+    `thresholds` defaults to 0.50..1.00 by 0.01; `threshold` (default: the model's documented default, or with
+    verification its candidates' loose threshold) is added to the sweep and reported separately. Without
+    verification the duplicate search runs once, by search.duplicates' blocked self-join at the lowest threshold;
+    its memory grows with the number of pairs above it: raise the sweep's lower end for a large store.
 
     `verify` (None: DEFAULTS.verify for a store that caches local features, off for one made before them)
     scores verified candidates (each image's `k` nearest, default the model's candidate_rule) and re-ranks
     each query's top k (see the module). A truth with rows of role `query` is scored in query mode: those
     photos are embedded with the store's model (`embedder` injects one; `weights`, `precision` and `runtime`
     as for query()) and ranked against the catalogue rows; only query mode is then scored.
-    The `class` column marks ignored pairs. `store` is an open Generation or a store's path. Raises InputError
-    (bad truth file, no truth image in the store, no true pairs, no decodable query photo) and StoreError.
+    The `class` column marks ignored pairs. `store`: an open Generation or a store's path; `progress`: told of each
+    stage. Raises InputError (bad truth, no truth image in the store, no true pairs, no readable query photo).
     """
     with opened(store) as gen:
         return _evaluate(gen, Path(truth), thresholds=thresholds, threshold=threshold, ks=ks, block=block,
                          verify=verify, k=k, embedder=embedder, weights=weights, precision=precision,
-                         runtime=runtime, batch_size=batch_size, max_file_bytes=max_file_bytes, workers=workers)
+                         runtime=runtime, batch_size=batch_size, max_file_bytes=max_file_bytes, workers=workers,
+                         progress=progress)
 
 
 def _evaluate(gen: Generation, truth: Path, *, thresholds: Sequence[float] | None, threshold: float | None,
               ks: Sequence[int], block: int | None, verify: bool | None, k: int | None,
               embedder: Embedder | None, weights: str | None, precision: str, runtime: str | None,
-              batch_size: int, max_file_bytes: int, workers: int) -> EvalResult:
+              batch_size: int, max_file_bytes: int, workers: int, progress: Progress | None = None) -> EvalResult:
     t0 = time.perf_counter()
     rows = read_truth_rows(truth)
     cat = gen.read()
@@ -286,16 +288,15 @@ def _evaluate(gen: Generation, truth: Path, *, thresholds: Sequence[float] | Non
     failed: list[tuple[str, str]] = []
     if mode == "store":
         fe: dict = {}
-        verifier = _Verifier(fe, load_rows, fe, load_rows, workers) if verify else None
+        verifier = _Verifier(fe, load_rows, fe, load_rows, workers, progress) if verify else None
         # Candidates: every pair at or above the lowest threshold (verified: each image's k nearest of those, and
         # as duplicates takes them, its photos sharing the most keypoint words, counted at the default
         # threshold whatever their cosine), once, plus byte-identical files at 1.0.
-        if verify:
-            words = word_candidates(model) if gen.meta.local_features == LOCAL_VERSION else 0
-            I, J, D, by_words = candidate_pairs(xe, k, t_min, local=gen.local(ev) if words else None, words=words)
-            D = np.where(by_words, np.maximum(D, np.float32(t_default)), D).astype(np.float32)
-        else:
-            I, J, D = self_join(xe, t_min)
+        words = word_candidates(model) if verify and gen.meta.local_features == LOCAL_VERSION else 0
+        with stage_of(progress, "candidates", n, "img") as p:
+            I, J, D, by_words = (candidate_pairs(xe, k, t_min, local=gen.local(ev) if words else None, words=words,
+                                                 progress=p) if verify else (*self_join(xe, t_min, progress=p), 0))
+        D = np.where(by_words, np.maximum(D, np.float32(t_default)), D).astype(np.float32)
         ei, ej = exact_pairs([cat.sha256[r] for r in ev.tolist()])
         I, J, D = without_pairs((I, J, D), ei, ej, n)
         I, J, D = np.concatenate([ei, I]), np.concatenate([ej, J]), np.concatenate([np.ones(len(ei), np.float32), D])
@@ -316,8 +317,9 @@ def _evaluate(gen: Generation, truth: Path, *, thresholds: Sequence[float] | Non
                              runtime=runtime)
         by_path = {str(r.full): r for r in query_rows}
         # decoded as the store's photos were (at >= 256 px when it caches features), as query() does
-        got = embed_files(list(by_path), emb, batch_size=batch_size, max_bytes=max_file_bytes,
-                          local=verify or bool(cat.meta.local_features))
+        with stage_of(progress, "embed", len(by_path), "img") as p:
+            got = embed_files(list(by_path), emb, batch_size=batch_size, max_bytes=max_file_bytes,
+                              local=verify or bool(cat.meta.local_features), progress=p)
         failed = [(by_path[p].written, why) for p, why in got.failures]
         if not got.paths:
             raise InputError(f"none of the {len(query_rows)} query photos of {truth} could be read (e.g. "
@@ -329,8 +331,8 @@ def _evaluate(gen: Generation, truth: Path, *, thresholds: Sequence[float] | Non
         qcid = np.array([klass(r) for r in qr], np.int64)
         xq = got.xq
         fe = {}
-        verifier = (_Verifier(dict(enumerate(got.local)), lambda idx: [None] * len(idx), fe, load_rows, workers)
-                    if verify else None)
+        verifier = (_Verifier(dict(enumerate(got.local)), lambda idx: [None] * len(idx), fe, load_rows, workers,
+                              progress) if verify else None)
         # Candidates: each query's top k catalogue images at or above the lowest threshold, plus byte-identical
         # catalogue files at 1.0.
         I, J, D = _query_candidates(xq, xe, k, t_min, block)

@@ -11,6 +11,7 @@ finds byte-identical files by content hash.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 
 import numpy as np
 from scipy import sparse
@@ -19,8 +20,9 @@ from ..config import DEFAULTS
 from ..indexer.faiss_index import id_lookup, rows_for
 
 
-def self_join(xb: np.ndarray, threshold: float, block: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All pairs (i < j) of rows of xb with inner product >= threshold.
+def self_join(xb: np.ndarray, threshold: float, block: int | None = None,
+              progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All pairs (i < j) of rows of xb with inner product >= threshold (`progress`: (rows done, n) per block).
 
     Returns (I, J, D): int64 row indices and float32 scores, sorted by (I, J). Memory beyond xb is about
     block * n * 5 bytes; the default block keeps it near half the bytes of xb, and at least 16 MB.
@@ -41,6 +43,8 @@ def self_join(xb: np.ndarray, threshold: float, block: int | None = None) -> tup
         out_j.append(jj + r)
         out_d.append(sims[ii, jj])
         del sims
+        if progress is not None:
+            progress(min(r + block, n), n)
     if not out_i:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
     return (np.concatenate(out_i).astype(np.int64), np.concatenate(out_j).astype(np.int64),
@@ -48,7 +52,8 @@ def self_join(xb: np.ndarray, threshold: float, block: int | None = None) -> tup
 
 
 def knn_pairs(xb: np.ndarray, k: int, threshold: float, index=None, ids: np.ndarray | None = None,  # noqa: ANN001
-              chunk: int = 1024, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+              chunk: int = 1024, rows: np.ndarray | None = None,
+              progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs (i < j) where j is among i's k nearest rows (or i among j's) with inner product >= threshold.
 
     Returns (I, J, D) sorted by (I, J), each pair once: O(n k) pairs where the self-join's grow with n². The
@@ -56,6 +61,7 @@ def knn_pairs(xb: np.ndarray, k: int, threshold: float, index=None, ids: np.ndar
     IndexFlatIP; either way every candidate is re-scored exactly from xb, so an approximate index can miss a
     pair but never scores one wrongly. Rows are searched `chunk` at a time: memory is bounded by the chunk
     and the pairs kept, never by n². `rows` limits the searched rows (a benchmark's sample; default: all).
+    `progress` is called with (rows searched, rows to search) after each chunk.
     """
     import faiss
 
@@ -82,6 +88,8 @@ def knn_pairs(xb: np.ndarray, k: int, threshold: float, index=None, ids: np.ndar
         keep = (cols >= 0) & (cols != src) & (sims >= threshold)
         a, b = np.minimum(src, cols)[keep], np.maximum(src, cols)[keep]
         found.append((a, b, sims[keep].astype(np.float32)))
+        if progress is not None:
+            progress(start + len(qrows), len(todo))
     a, b, sims = (np.concatenate(x) for x in zip(*found)) if found else (np.zeros(0, np.int64),) * 2 + (
         np.zeros(0, np.float32),)
     key, first = np.unique(a * n + b, return_index=True)
@@ -172,13 +180,14 @@ def word_pairs(count: np.ndarray, desc: np.ndarray, k: int, *, min_shared: int =
 
 def candidate_pairs(xb: np.ndarray, k: int, loose: float, *, index=None, ids: np.ndarray | None = None,  # noqa: ANN001
                     local: object | None = None, words: int = 0,
-                    knn: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, ...]:
+                    knn: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+                    progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, ...]:
     """The pairs verification checks: knn_pairs(k, loose) (or `knn`, those pairs found already, as
     candidates.store_knn_pairs finds them at scale), and with `words` (and a LocalTable `local` of the same
     rows) each row's `words` photos sharing the most keypoint words, whatever their cosine. Returns
     (I, J, D, by_words): D exact cosines; by_words marks the pairs the words found (candidates whatever their
-    score)."""
-    I, J, D = knn if knn is not None else knn_pairs(xb, k, loose, index, ids)
+    score). `progress`: knn_pairs'."""
+    I, J, D = knn if knn is not None else knn_pairs(xb, k, loose, index, ids, progress=progress)
     by_words = np.zeros(len(I), bool)
     if words and local is not None and len(xb) > 1:
         wi, wj, _ = word_pairs(local.count, local.desc, words)

@@ -11,6 +11,7 @@ from dataclasses import fields
 
 import numpy as np
 
+from ..progress import Progress, stage_of
 from .verify import Verified, rerank, verify_pairs
 
 #: The default threshold sweep: 0.50, 0.51, ..., 1.00 (the model's default threshold is added to it).
@@ -218,10 +219,13 @@ def _reranked(D: np.ndarray, v: Verified) -> np.ndarray:
 
 class _Verifier:
     """Verdicts of (query, catalogue) pairs by index, each pair verified once; features are loaded on demand
-    (`load_q`/`load_e`: indices -> features) into `fq`/`fe` (the same dict when queries are catalogue rows)."""
+    (`load_q`/`load_e`: indices -> features) into `fq`/`fe` (the same dict when queries are catalogue rows);
+    each call is a stage "verify" of `progress`."""
 
-    def __init__(self, fq: dict, load_q: Callable, fe: dict, load_e: Callable, workers: int) -> None:
+    def __init__(self, fq: dict, load_q: Callable, fe: dict, load_e: Callable, workers: int,
+                 progress: Progress | None = None) -> None:
         self.fq, self.load_q, self.fe, self.load_e, self.workers = fq, load_q, fe, load_e, workers
+        self.progress = progress
         self.index: dict[tuple[int, int], int] = {}
         self.done = Verified.of([])
 
@@ -237,7 +241,9 @@ class _Verifier:
         if todo:
             self._load(self.fq, self.load_q, {x for x, _ in todo})
             self._load(self.fe, self.load_e, {y for _, y in todo})
-            v = verify_pairs([self.fq[x] for x, _ in todo], [self.fe[y] for _, y in todo], workers=self.workers)
+            with stage_of(self.progress, "verify", len(todo), "pairs") as p:
+                v = verify_pairs([self.fq[x] for x, _ in todo], [self.fe[y] for _, y in todo], workers=self.workers,
+                                 progress=p)
             self.index.update((key, len(self.done) + t) for t, key in enumerate(todo))
             self.done = Verified(*(np.concatenate([getattr(self.done, f.name), getattr(v, f.name)])
                                    for f in fields(Verified)))

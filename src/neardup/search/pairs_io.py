@@ -1,10 +1,14 @@
 """Search stage 2b, pairs files: a duplicates result as a pairs CSV and a groups JSON, and reading them back.
 
-The report reads these files too, so a user can review a hand-edited pairs file.
+The report reads these files too, so a user can review a hand-edited pairs file. A groups JSON records the
+pairs its groups came from (the pairs CSV written beside it, by name and digest, or the pairs themselves) and
+the store generation they were found in, so that `report --groups` shows them without searching and verifying
+again (`recorded_pairs`).
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -36,8 +40,40 @@ def write_pairs_csv(report: DuplicateReport, path: str | os.PathLike[str]) -> No
     atomic_write(path, write)
 
 
-def groups_document(report: DuplicateReport) -> dict:
-    """The JSON-ready description of the groups."""
+#: Columns of the pairs a groups JSON holds when no pairs CSV was written with it.
+PAIR_COLUMNS = ["a_id", "a_path", "b_id", "b_path", "score", "kind", "verified", "inliers", "a_stale", "b_stale"]
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _pairs_record(report: DuplicateReport, groups_path: Path | None, pairs_file: str | os.PathLike[str] | None
+                  ) -> dict:
+    """What a groups JSON says of its pairs: the generation, and the pairs CSV (its name relative to the groups
+    file's folder, and digest) or, without one, the pairs themselves."""
+    rec: dict = {"generation": report.generation, "count": report.n_pairs, "threshold": report.threshold,
+                 "verified": report.verify}
+    if pairs_file is not None:
+        pf = Path(pairs_file)
+        where = os.path.relpath(pf.resolve(), groups_path.resolve().parent) if groups_path is not None else str(pf)
+        rec.update(file=where, sha256=file_sha256(pf))
+    else:
+        rec.update(columns=PAIR_COLUMNS, rows=[[p.a_id, p.a_path, p.b_id, p.b_path, p.score, p.kind, p.verified,
+                                                p.inliers, p.a_stale, p.b_stale] for p in report.iter_pairs()])
+    return rec
+
+
+def groups_document(report: DuplicateReport, *, pairs_file: str | os.PathLike[str] | None = None,
+                    groups_path: str | os.PathLike[str] | None = None, record_pairs: bool = True) -> dict:
+    """The JSON-ready description of the groups, with the record of their pairs unless `record_pairs` is False
+    (`pairs_file`: the pairs CSV written with them, else the pairs are held in the document; `groups_path`:
+    where the document goes)."""
     if report.verify:
         rule = (f"complete linkage: every two members of a group are a verified pair (among each image's "
                 f"{report.k} nearest neighbours scoring >= {report.loose_threshold:.4f}, geometrically verified) "
@@ -51,7 +87,9 @@ def groups_document(report: DuplicateReport) -> dict:
                        "then path; a file gone or changed since it was indexed (size, modification time or "
                        "content) is listed as stale, and another name of a listed file (a symlink or hard link) as "
                        "stale \"alias\" with alias_of: never keeper nor removable",
-        "stale": len(report.stale),
+        "stale": len(report.stale), "generation": report.generation,
+        "pairs": _pairs_record(report, Path(groups_path) if groups_path is not None else None, pairs_file)
+        if record_pairs else None,
         "groups": [{"group": k + 1, "size": len(g.members), "keeper": g.keeper,
                     "keeper_path": next(m["path"] for m in g.members if m["keeper"]),
                     "removable": [m["path"] for m in g.members if not m["keeper"] and not m.get("stale")],
@@ -60,11 +98,13 @@ def groups_document(report: DuplicateReport) -> dict:
     }
 
 
-def write_groups_json(report: DuplicateReport, path: str | os.PathLike[str]) -> None:
-    """Groups as JSON (see groups_document)."""
+def write_groups_json(report: DuplicateReport, path: str | os.PathLike[str], *,
+                      pairs_file: str | os.PathLike[str] | None = None) -> None:
+    """Groups as JSON (see groups_document): `pairs_file` is the pairs CSV just written from the same report
+    (recorded by name and digest); without it, the pairs are written into the document."""
     path = Path(path)
     check_output_path(path)
-    doc = groups_document(report)
+    doc = groups_document(report, pairs_file=pairs_file, groups_path=path)
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=1, ensure_ascii=False),
                                                         encoding="utf-8"))
 
@@ -139,3 +179,40 @@ def read_groups_json(path: str | os.PathLike[str]) -> dict:
             if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
                 raise InputError(f"{path}: group {k} has a member whose score_to_keeper is not a number")
     return doc
+
+
+def recorded_pairs(doc: dict, groups_path: str | os.PathLike[str], generation: str, *,
+                   threshold: float | None = None, verify: bool | None = None) -> tuple[list[Pair] | None, str]:
+    """The pairs a groups JSON (`doc`, read from `groups_path`) records, when they still hold for the store
+    generation `generation` and the options asked (`threshold`, `verify`: None takes the file's): (pairs,
+    where they came from); else (None, why they must be computed again)."""
+    rec = doc.get("pairs")
+    if not isinstance(rec, dict):
+        return None, "the groups file records no pairs (written by hand, or by a neardup before 0.1's pairs record)"
+    if not generation:
+        return None, "the store records no generation (written before segments) to match the groups file with"
+    if rec.get("generation") != generation:
+        return None, (f"the groups file was written for store generation {rec.get('generation') or 'unknown'}, "
+                      f"the store is now at {generation}")
+    if verify is not None and bool(verify) != bool(rec.get("verified")):
+        return None, f"--{'' if verify else 'no-'}verify was asked, the groups file's pairs were " + \
+            ("verified" if rec.get("verified") else "not verified")
+    if threshold is not None and not math.isclose(float(threshold), float(rec.get("threshold", math.nan)),
+                                                  abs_tol=1e-6):
+        return None, f"--threshold {threshold:.4f} was asked, the groups file's pairs are at {rec.get('threshold')}"
+    if "file" in rec:
+        path = Path(groups_path).parent / str(rec["file"])
+        if not path.is_file():
+            return None, f"its pairs file {path} is gone"
+        if file_sha256(path) != rec.get("sha256"):
+            return None, f"its pairs file {path} changed since the groups file was written"
+        return read_pairs_csv(path), f"pairs from {path} (recorded in the groups file, generation {generation})"
+    rows = rec.get("rows")
+    if not isinstance(rows, list) or rec.get("columns") != PAIR_COLUMNS:
+        return None, "the groups file's pairs record is not one neardup writes"
+    try:
+        pairs = [Pair(int(a), str(ap), int(b), str(bp), float(sc), str(kind), v, inl, ast, bst)
+                 for a, ap, b, bp, sc, kind, v, inl, ast, bst in rows]
+    except (TypeError, ValueError):
+        return None, "the groups file's pairs record is damaged"
+    return pairs, f"pairs held in the groups file (generation {generation})"

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..config import DEFAULTS
 from ..errors import InputError
+from ..progress import Progress, stage_of
 from ..indexer.discover import discover
 from ..indexer.embed import Embedder
 from ..indexer.models import make_embedder
@@ -229,17 +230,20 @@ class Searcher:
 
     def answer(self, images: Sequence[str | os.PathLike[str]], k: int = DEFAULTS.k, *,
                batch_size: int = DEFAULTS.batch_size, max_file_bytes: int = DEFAULTS.max_file_bytes,
-               verify: bool | None = None, threshold: float | None = None) -> Answer:
+               verify: bool | None = None, threshold: float | None = None,
+               progress: Progress | None = None) -> Answer:
         """Look up image files (folders are expanded); undecodable, non-regular and too large files come back
         with an error. With `verify` (None: resolve_verify), each photo's top k are geometrically verified and
-        re-ranked; `threshold` (default: the model's) decides the rest."""
+        re-ranked; `threshold` (default: the model's) decides the rest. `progress` gets a stage "query" (the
+        photos decoded and embedded)."""
         if k < 1:
             raise InputError("k must be at least 1")
         verify = resolve_verify(verify, self.meta.local_features)
         t = self.gen.threshold(threshold)
         paths = [str(p) for p in discover(images)]
-        got = embed_files(paths, self.embedder, batch_size=batch_size, max_bytes=max_file_bytes,
-                          local=self.decode_local(verify))
+        with stage_of(progress, "query", len(paths), "img") as p:
+            got = embed_files(paths, self.embedder, batch_size=batch_size, max_bytes=max_file_bytes,
+                              local=self.decode_local(verify), progress=p)
         D, I = self.knn(got.xq, k) if len(got.xq) else (np.zeros((0, k), np.float32), np.zeros((0, k), np.int64))
         failed = dict(got.failures)
         results = self.results(paths, D, I, got.local or [None] * len(got.paths), verify=verify, threshold=t,
@@ -257,12 +261,13 @@ class Searcher:
 def answer(store: str | os.PathLike[str], images: Sequence[str | os.PathLike[str]], *, k: int = DEFAULTS.k,
            weights: str | None = None, precision: str = DEFAULTS.precision, embedder: Embedder | None = None,
            batch_size: int = DEFAULTS.batch_size, max_file_bytes: int = DEFAULTS.max_file_bytes,
-           runtime: str | None = None, verify: bool | None = None, threshold: float | None = None) -> Answer:
+           runtime: str | None = None, verify: bool | None = None, threshold: float | None = None,
+           progress: Progress | None = None) -> Answer:
     """Look up photos in the current generation of `store`, with its own model and weights (`runtime` may be
     either: TensorFlow and ONNX Runtime vectors are interchangeable); see Searcher.answer."""
     with Searcher.open(store, weights=weights, precision=precision, embedder=embedder, runtime=runtime) as s:
         return s.answer(images, k, batch_size=batch_size, max_file_bytes=max_file_bytes, verify=verify,
-                        threshold=threshold)
+                        threshold=threshold, progress=progress)
 
 
 def query(store: str | os.PathLike[str], images: Sequence[str | os.PathLike[str]], *, k: int = DEFAULTS.k,

@@ -30,12 +30,13 @@ import numpy as np
 from ..errors import DecodeError, InputError
 from ..fileio import atomic_write, check_output_path, fmt_bytes, now_iso
 from ..indexer.decode import file_local_features, open_upright
+from ..progress import Callback, Progress, stage_of
 from ..store.generation import Generation
 from ..store.handle import opened
 from ..store.meta import Catalog
 from ..threads import thread_pool
 from .duplicates import DuplicateReport, Pair, find_duplicates
-from .pairs_io import groups_document, read_groups_json, read_pairs_csv
+from .pairs_io import groups_document, read_groups_json, read_pairs_csv, recorded_pairs
 from .plots import plot_pair
 from .verify import Verification, row_features, verify_pair
 
@@ -77,8 +78,9 @@ def thumbnail_uri(path: str | os.PathLike[str], max_side: int = THUMB_SIDE,
 
 
 def make_thumbnails(paths: Iterable[str | os.PathLike[str]], *, workers: int | None = None,
-                    max_side: int = THUMB_SIDE) -> dict[str, str | None]:
+                    max_side: int = THUMB_SIDE, progress: Callback | None = None) -> dict[str, str | None]:
     """Thumbnail every distinct path once, in parallel threads (Pillow releases the GIL while decoding).
+    `progress` is called with (done, total) as thumbnails come.
 
     Returns {str(path): data URI or None}.
     """
@@ -86,8 +88,13 @@ def make_thumbnails(paths: Iterable[str | os.PathLike[str]], *, workers: int | N
     if not unique:
         return {}
     workers = workers or min(8, (os.cpu_count() or 2) + 2)
+    out: dict[str, str | None] = {}
     with thread_pool(workers, "thumb") as pool:
-        return dict(zip(unique, pool.map(lambda p: thumbnail_uri(p, max_side), unique)))
+        for path, uri in zip(unique, pool.map(lambda p: thumbnail_uri(p, max_side), unique)):
+            out[path] = uri
+            if progress is not None:
+                progress(len(out), len(unique))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- the report
@@ -210,27 +217,31 @@ def write_report(store: Generation | str | os.PathLike[str], out: str | os.PathL
                  pairs: str | os.PathLike[str] | None = None, groups: str | os.PathLike[str] | None = None,
                  duplicates: DuplicateReport | None = None, threshold: float | None = None,
                  png_dir: str | os.PathLike[str] | None = None, page_size: int = PAGE_SIZE,
-                 workers: int | None = None, verify: bool | None = None) -> ReportResult:
+                 workers: int | None = None, verify: bool | None = None,
+                 progress: Progress | None = None) -> ReportResult:
     """Write one self-contained HTML report of a store's duplicate groups and pairs to `out`.
 
     The pairs and groups come from `duplicates` (a find_duplicates result), else from the files `pairs`
     (CSV of `neardup duplicates --out`) and/or `groups` (JSON of `--groups`), else from
     find_duplicates(store, threshold=threshold). With files, `threshold` hides pairs scoring below it.
-    Given groups alone, the pairs are computed from the store at the groups file's threshold (or `threshold`),
-    so the page is complete; given pairs alone, the page shows pairs only. `png_dir` (created if needed) gets one
+    Given groups alone, the pairs are those the groups file records (pairs_io.recorded_pairs: written by
+    `duplicates` for the same store generation and options); else (said in a warning, with why) they are computed
+    from the store at the groups file's threshold (or `threshold`), so the page is complete; given pairs alone, the page shows pairs only. `png_dir` (created if needed) gets one
     side-by-side PNG per pair, `pair_00001.png` for the report's pair #1, and so on; a verified pair's PNG
     draws its inlier matches. `verify` is find_duplicates' (when the pairs are computed here). `store` is an
-    open Generation or a store's path. Raises InputError (bad files, missing output folder) and StoreError.
+    open Generation or a store's path. `progress` (default: silent) is told of each stage. Raises InputError
+    (bad files, missing output folder) and StoreError.
     """
     with opened(store) as gen:
         return _write_report(gen, out, pairs=pairs, groups=groups, duplicates=duplicates, threshold=threshold,
-                             png_dir=png_dir, page_size=page_size, workers=workers, verify=verify)
+                             png_dir=png_dir, page_size=page_size, workers=workers, verify=verify,
+                             progress=progress)
 
 
 def _write_report(gen: Generation, out: str | os.PathLike[str], *, pairs: str | os.PathLike[str] | None,
                   groups: str | os.PathLike[str] | None, duplicates: DuplicateReport | None,
                   threshold: float | None, png_dir: str | os.PathLike[str] | None, page_size: int,
-                  workers: int | None, verify: bool | None) -> ReportResult:
+                  workers: int | None, verify: bool | None, progress: Progress | None = None) -> ReportResult:
     t0 = time.perf_counter()
     out = Path(out)
     check_output_path(out)
@@ -248,10 +259,10 @@ def _write_report(gen: Generation, out: str | os.PathLike[str], *, pairs: str | 
     group_docs: list[dict] | None = None
     t_shown: float | None = threshold
     if duplicates is None and pairs is None and groups is None:
-        duplicates = find_duplicates(gen, threshold=threshold, verify=verify)
+        duplicates = find_duplicates(gen, threshold=threshold, verify=verify, progress=progress)
         source.append("computed from the store (neardup duplicates" + (", verified)" if duplicates.verify else ")"))
     if duplicates is not None:
-        pair_list, group_docs, t_shown = duplicates.pairs, groups_document(duplicates)["groups"], duplicates.threshold
+        pair_list, group_docs, t_shown = duplicates.pairs, groups_document(duplicates, record_pairs=False)["groups"], duplicates.threshold
         source = source or ["a find_duplicates result"]
     else:
         if pairs is not None:
@@ -266,10 +277,16 @@ def _write_report(gen: Generation, out: str | os.PathLike[str], *, pairs: str | 
             if t_shown is None and isinstance(gdoc.get("threshold"), (int, float)):
                 t_shown = float(gdoc["threshold"])
             source.append(f"groups from {groups}")
-        if pair_list is None:  # groups alone would show "Pairs (0)": compute the pairs at the groups' threshold
-            computed = find_duplicates(gen, threshold=t_shown, verify=verify)
-            t_shown, pair_list = computed.threshold, computed.pairs
-            source.append(f"pairs computed from the store at {computed.threshold:.4f}")
+        if pair_list is None:  # groups alone would show "Pairs (0)": the pairs they were made from...
+            pair_list, why = recorded_pairs(gdoc, groups, gen.id, threshold=threshold, verify=verify)
+            if pair_list is not None:
+                source.append(why)
+            else:  # ...or, when those no longer hold, the pairs computed again at the groups' threshold
+                log.warning("%s: computing the pairs from the store again (every candidate searched and verified): "
+                            "%s", groups, why)
+                computed = find_duplicates(gen, threshold=t_shown, verify=verify, progress=progress)
+                t_shown, pair_list = computed.threshold, computed.pairs
+                source.append(f"pairs computed from the store at {computed.threshold:.4f} ({why})")
 
     # Sorted by score, highest first; a stable sort keeps the file's order among equal scores.
     ordered = sorted(pair_list or [], key=lambda p: -p.score)
@@ -279,7 +296,8 @@ def _write_report(gen: Generation, out: str | os.PathLike[str], *, pairs: str | 
     group_rows = _groups_from(group_docs or [], images)
 
     t1 = time.perf_counter()
-    thumbs = make_thumbnails([images.absolute(p) for p in images.index], workers=workers)
+    with stage_of(progress, "thumbnails", len(images.index), "img") as bar:
+        thumbs = make_thumbnails([images.absolute(p) for p in images.index], workers=workers, progress=bar)
     image_docs = images.documents(thumbs)
     missing = [d["p"] for d in image_docs if d["t"] is None]
     log.info("%d thumbnails in %.1f s (%d missing)", len(image_docs), time.perf_counter() - t1, len(missing))
@@ -293,14 +311,14 @@ def _write_report(gen: Generation, out: str | os.PathLike[str], *, pairs: str | 
 
     png_files: list[Path] = []
     if png_dir is not None:
-        for k, p in enumerate(ordered, start=1):
-            target = Path(png_dir) / f"pair_{k:05d}.png"
-            plot_pair(images.absolute(p.a_path), images.absolute(p.b_path), p.score, target, strict=False,
-                      verification=_inliers_of(gen, p.a_path, p.b_path, images)
-                      if p.verified is not None and p.kind != "exact" else None)
-            png_files.append(target)
-            if k % 100 == 0:
-                log.info("plotted %d of %d pairs", k, len(ordered))
+        with stage_of(progress, "pair images", len(ordered), "pairs") as bar:
+            for k, p in enumerate(ordered, start=1):
+                target = Path(png_dir) / f"pair_{k:05d}.png"
+                plot_pair(images.absolute(p.a_path), images.absolute(p.b_path), p.score, target, strict=False,
+                          verification=_inliers_of(gen, p.a_path, p.b_path, images)
+                          if p.verified is not None and p.kind != "exact" else None)
+                png_files.append(target)
+                bar(k, len(ordered))
 
     exact = sum(r[3] for r in pair_rows)
     seconds = time.perf_counter() - t0

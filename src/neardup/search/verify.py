@@ -337,10 +337,19 @@ def verify_pair(a: LocalFeatures | None, b: LocalFeatures | None, rule: VerifyRu
 
 def verify_pairs(fa: Sequence[LocalFeatures | None], fb: Sequence[LocalFeatures | None],
                  rule: VerifyRule = VERIFY, *, workers: int = DEFAULTS.verify_workers,
-                 screen: bool = False) -> Verified:
+                 screen: bool = False, progress: Callable[[int, int], None] | None = None) -> Verified:
     """verify_pair(fa[k], fb[k], screen=screen) for every k, stage by stage over the pairs (verify_table); a
     photo given as one object for several pairs is one database of its k-NN. With `workers` > 1 the pairs are
-    split over that many threads (FAISS and OpenCV release the GIL in their calls)."""
+    split over that many threads (FAISS and OpenCV release the GIL in their calls). `progress(done, total)`
+    when they are."""
+    out = _verify_pairs(fa, fb, rule, workers, screen)
+    if progress is not None:
+        progress(len(out), len(out))
+    return out
+
+
+def _verify_pairs(fa: Sequence[LocalFeatures | None], fb: Sequence[LocalFeatures | None], rule: VerifyRule,
+                  workers: int, screen: bool) -> Verified:
     if len(fa) != len(fb):
         raise ValueError("fa and fb must have the same length")
     rows: dict[int, int] = {}
