@@ -52,6 +52,7 @@ LAYERS: list[list[str]] = [
     ["search/query"],
     ["search/join"],
     ["search/candidates"],
+    ["search/grouping"],
     ["search/duplicates"],
     ["search/pairs_io", "search/metrics", "search/plots"],
     ["search/evaluate", "search/report"],

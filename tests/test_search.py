@@ -141,7 +141,7 @@ def test_find_duplicates_matches_oracle_with_exact_pairs_first(tmp_path: Path) -
 
 
 def test_keeper_rule_resolution_then_size_then_age() -> None:
-    from neardup.search.duplicates import keeper_order
+    from neardup.search.grouping import keeper_order
 
     cat = _catalog(l2_normalize(np.ones((4, 4))))
     cat.widths[:] = [100, 200, 200, 200]
