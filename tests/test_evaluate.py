@@ -313,3 +313,32 @@ def test_cli_evaluate_bad_input(hand_store: tuple[Path, Path], tmp_path: Path) -
     assert one_line_error(r) and "no store" in r.output
     r = run("evaluate", "-s", store, "--truth", good, "--out", tmp_path / "no" / "eval.json")
     assert one_line_error(r) and "does not exist" in r.output
+
+
+def test_index_from_truth_indexes_exactly_its_catalogue_photos(tmp_path: Path) -> None:
+    """`index --from-truth` (named in evaluate's help): the store holds the truth's photos, not the role=query
+    ones nor the other photos of their folders; and evaluate then scores it."""
+    from typer.testing import CliRunner
+
+    from neardup.cli import app
+    from neardup.store import read_catalog
+    from neardup.testing import product_photo
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(6):
+        product_photo(i).save(photos / f"p{i}.png")
+    (tmp_path / "truth.csv").write_text("path,group,role\nphotos/p0.png,a,\nphotos/p1.png,a,\nphotos/p2.png,b,\n"
+                                        "photos/p3.png,b,query\n")
+    store = tmp_path / "s.h5"
+    runner = CliRunner()
+    r = runner.invoke(app, ["index", "--from-truth", str(tmp_path / "truth.csv"), "-s", str(store), "-m", "phash"])
+    assert r.exit_code == 0, r.output
+    names = sorted(Path(p).name for p in read_catalog(store).paths)
+    assert names == ["p0.png", "p1.png", "p2.png"], names
+    r = runner.invoke(app, ["evaluate", "--truth", str(tmp_path / "truth.csv"), "-s", str(store)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["index", str(photos), "--from-truth", str(tmp_path / "truth.csv"), "-s", str(store)])
+    assert r.exit_code == 2 and "not both" in r.output, r.output
+    r = runner.invoke(app, ["index", "-s", str(store)])
+    assert r.exit_code == 2 and "--from-truth" in r.output, r.output

@@ -251,8 +251,11 @@ def _warn_random_weights(store: Path, meta: Any = None) -> None:
 @app.command("index")
 @handled
 def index_cmd(
-    dirs: Annotated[list[str], typer.Argument(metavar="DIR", help="Folders (searched recursively) or image "
-                                                                         "files.")],
+    dirs: Annotated[Optional[list[str]], typer.Argument(metavar="DIR", help="Folders (searched recursively) or "
+                                                                                  "image files.")] = None,
+    from_truth: Annotated[Optional[Path], typer.Option(
+        "--from-truth", help="Index exactly the photos of a ground-truth CSV (as `evaluate --truth` reads it: "
+        "every row but role=query), instead of DIRs.")] = None,
     store: StoreOpt = Path(DEFAULTS.store), model: ModelOpt = None, weights: WeightsOpt = None,
     precision: StorePrecisionOpt = None, batch_size: BatchOpt = DEFAULTS.batch_size,
     prune: Annotated[bool, typer.Option(help="Also drop stored images no longer under DIRS.")] = False,
@@ -264,7 +267,13 @@ def index_cmd(
     verbose: VerboseOpt = 0,
 ) -> None:
     """Index images into a store (creates it, or updates it incrementally with its own model)."""
-    _run_index(False, dirs, store, model, weights, precision, batch_size, prune, max_file_mb, runtime, preprocess,
+    if (from_truth is None) == (not dirs):
+        raise InputError("give the folders or image files to index, or --from-truth FILE.csv (not both)")
+    if from_truth is not None:
+        from .search.truth import catalogue_paths
+
+        dirs = [str(p) for p in catalogue_paths(from_truth)]
+    _run_index(False, dirs or [], store, model, weights, precision, batch_size, prune, max_file_mb, runtime, preprocess,
                _ray_options(ray, ray_address, ray_actors, ray_cpus, ray_gpus), index, memory, target_recall, repair,
                drop_missing=drop_missing, quiet=quiet)
 
@@ -824,7 +833,9 @@ def evaluate_cmd(
     truth: Annotated[Path, typer.Option("--truth", help="Ground-truth CSV with the header path,group and "
                                         "optionally class (pairs of one class in different groups are not "
                                         "counted) and role (query: a photo to embed and look up, not in the "
-                                        "store); paths relative to the CSV's folder, or absolute.")],
+                                        "store); paths relative to the CSV's folder, or absolute. `neardup "
+                                        "index --from-truth FILE.csv` makes the store of exactly its photos; "
+                                        "`python -m neardup.testing.grocery OUT` writes such sets.")],
     store: StoreOpt = Path(DEFAULTS.store),
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="JSON file with every number.")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="PNG of the precision-recall curve.")] = None,

@@ -67,3 +67,12 @@ def read_truth_rows(truth: str | os.PathLike[str]) -> list[TruthRow]:
 def read_truth(truth: str | os.PathLike[str]) -> list[tuple[str, Path, str]]:
     """Rows of a truth CSV as (path as written, resolved absolute path, group). Raises InputError."""
     return [(r.written, r.full, r.group) for r in read_truth_rows(truth)]
+
+
+def catalogue_paths(truth: str | os.PathLike[str]) -> list[Path]:
+    """The photos a truth CSV expects in the store (every row but role=query), for `index --from-truth`: a store
+    indexed from them holds exactly the truth's catalogue. Raises InputError."""
+    paths = [r.full for r in read_truth_rows(truth) if r.role != "query"]
+    if not paths:
+        raise InputError(f"{truth} lists no catalogue photo (every row has role=query)")
+    return paths
