@@ -23,7 +23,7 @@ from ..errors import DecodeError, StoreError
 from ..indexer.decode import file_local_features
 from ..indexer.local_features import LOCAL_VERSION, LocalFeatures, LocalTable, _cv2
 from ..store.generation import Generation
-from ..threads import thread_pool
+from ..threads import small_calls, thread_pool
 
 log = logging.getLogger(__name__)
 
@@ -199,10 +199,11 @@ def verify_pairs(fa: Sequence[LocalFeatures | None], fb: Sequence[LocalFeatures 
     if progress is not None:
         progress(0, len(pairs))
     if workers <= 1 or len(pairs) < 16:
-        for s in range(0, len(pairs), PROGRESS_CHUNK):
-            out += map(one, pairs[s:s + PROGRESS_CHUNK])
-            if progress is not None:
-                progress(len(out), len(pairs))
+        with small_calls():  # a pair's FAISS search is too small for a team of threads (threads.py)
+            for s in range(0, len(pairs), PROGRESS_CHUNK):
+                out += map(one, pairs[s:s + PROGRESS_CHUNK])
+                if progress is not None:
+                    progress(len(out), len(pairs))
         return Verified.of(out)
     # the pairs run in parallel, each worker on one thread of every library (threads.py)
     with thread_pool(workers, "neardup-verify") as pool:
