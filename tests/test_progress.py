@@ -178,3 +178,24 @@ def test_a_terminal_sees_a_bar_and_quiet_hides_it(photos: Path, tmp_path: Path) 
     assert "neardup: index: " not in shown  # a bar, not log lines
     code, shown = run_in_pty(["duplicates", "-s", str(store), "--quiet"], {ENV_PROGRESS_INTERVAL: "0.0"})
     assert code == 0 and "%|" not in shown and "groups" in shown
+
+
+def test_evaluate_and_report_report_their_stages(tmp_path: Path) -> None:
+    from neardup.search.evaluate import evaluate
+    from neardup.search.report import write_report
+
+    store = tmp_path / "s.h5"
+    build_index([SAMPLE], store, model="phash")
+    calls: list[tuple[str, int, int]] = []
+
+    class Spy(Progress):
+        def stage(self, name: str, total: int | None = None, unit: str = "it") -> _Recorder:
+            return _Recorder(super().stage(name, total, unit), calls)
+
+    res = evaluate(store, SAMPLE.parent / "truth.csv", progress=Spy("quiet"))
+    stages = {n: (d, t) for n, d, t in calls}  # the last call of each stage
+    assert stages["candidates"] == (res.evaluated, res.evaluated) and stages["verify"][0] == stages["verify"][1] > 0
+    calls.clear()
+    out = write_report(store, tmp_path / "r.html", progress=Spy("quiet"))
+    stages = {n: (d, t) for n, d, t in calls}
+    assert stages["thumbnails"] == (out.images, out.images) and "verify" in stages

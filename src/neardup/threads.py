@@ -11,7 +11,10 @@ oversubscribes the cores, and on a busy machine the teams' idle threads spin aga
   sets its own (`worker_init`, the pools' initializer); BLAS and OpenCV have one process-wide setting, lowered
   while a pool runs (`pool_limits`);
 - a worker process (verification over processes, Ray) starts with every library on one thread
-  (`process_init`, which also sets the environment its own children inherit).
+  (`process_init`, which also sets the environment its own children inherit);
+- a thread that makes many small calls itself (verification without a pool: one FAISS Hamming search of a few
+  hundred descriptors per pair) runs FAISS on one thread while it does (`one_thread`): waking a team costs
+  more than such a call, and on a busy machine the team's threads spin waiting for each other.
 
 `seen()` reports what the calling thread would run with: tests assert it inside the workers.
 """
