@@ -377,7 +377,8 @@ def _candidates(store: Path):  # noqa: ANN202
 
 def profile(args) -> int:  # noqa: ANN001
     from neardup.config import DEFAULTS, VERIFY
-    from neardup.search.verify import verify_many, verify_table
+    from neardup.search.verify import verify_table
+    from neardup.search.verify_jobs import verify_many
     from neardup.threads import cores, one_thread
 
     report = Report("bench_verify.py --profile", "Verification cost by stage, in processes, and against the "

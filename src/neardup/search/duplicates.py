@@ -27,7 +27,8 @@ from ..store.generation import Generation
 from ..store.handle import opened
 from ..store.meta import Catalog
 from .join import candidate_pairs, exact_pairs, knn_pairs, self_join, without_pairs
-from .verify import pack, resolve_verify, row_features, verify_many, verify_pairs
+from .verify import pack, resolve_verify, row_features, verify_pairs
+from .verify_jobs import verify_many
 
 if TYPE_CHECKING:
     from ..indexer.ray_job import RayOptions
