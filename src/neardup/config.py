@@ -146,10 +146,11 @@ class Defaults:
     verify_workers: int = 1
     #: duplicates: worker processes that verify the candidates (0: one per core). A job of fewer than
     #: `verify_process_min` pairs is verified in this process, where starting processes costs more than it saves
-    #: (benchmarks/bench_verify.py --profile measures the crossover); pairs go to a worker `verify_chunk` at a
-    #: time, with the features of their photos as arrays.
+    #: (benchmarks/bench_verify.py --profile: on a loaded 2-core machine, 2 processes took 0.73x the speed of
+    #: one at 2,724 pairs, ~3 s of start; the whole 26,954-pair pHash job was no faster there); pairs go to a
+    #: worker `verify_chunk` at a time, with the features of their photos as arrays.
     verify_processes: int = 0
-    verify_process_min: int = 3000
+    verify_process_min: int = 10_000
     verify_chunk: int = 1024
     #: Seed for the random initialisation used with weights=none, so that every process builds the same network.
     init_seed: int = 1234

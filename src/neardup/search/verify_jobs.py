@@ -33,9 +33,9 @@ def verify_many(t: LocalTable, ia: np.ndarray, ib: np.ndarray, rule: VerifyRule 
                 chunk: int = DEFAULTS.verify_chunk) -> Verified:
     """verify_table(t, ia, ib) for a large job (duplicates): its pairs in chunks of `chunk` over `processes` local
     worker processes (0: one per core), or over a Ray cluster with `ray`; a job of fewer than `min_pairs` pairs,
-    or one process, runs here. Each chunk travels with the features of its photos as arrays. A worker process that dies
-    has its unfinished chunks redone in a new pool (Ray retries a lost task itself); when that keeps failing,
-    WorkerError: a pair is never dropped. `progress(done, total)` is called as pairs are verified."""
+    or one process, runs here. Each chunk travels with the features of its photos as arrays. A worker process
+    that dies has its unfinished chunks redone in a new pool (Ray retries a lost task itself); when that keeps
+    failing, WorkerError: a pair is never dropped. `progress(done, total)` is called as pairs are verified."""
     ia, ib = np.asarray(ia, np.int64), np.asarray(ib, np.int64)
     m = len(ia)
     procs = cores() if processes <= 0 else int(processes)
