@@ -45,25 +45,37 @@ def verify_many(t: LocalTable, ia: np.ndarray, ib: np.ndarray, rule: VerifyRule 
         if progress is not None:
             progress(m, m)
         return out
-    chunks = _chunks(t, ia, ib, chunk)
+    chunks = _chunks(ia, ib, chunk)
     run = _on_ray if ray is not None else _on_processes
-    parts = run([c[1] for c in chunks], rule, screen, ray if ray is not None else procs, progress, m)
+    parts = run(t, chunks, rule, screen, ray if ray is not None else procs, progress, m)
     out = Verified.empty(m)
-    for (pos, _), got in zip(chunks, parts):
+    for c, got in zip(chunks, parts):
         for f, x in zip(_FIELDS, got):
-            getattr(out, f)[pos] = x
+            getattr(out, f)[c.pos] = x
     return out
 
 
-def _chunks(t: LocalTable, ia: np.ndarray, ib: np.ndarray, size: int) -> list[tuple[np.ndarray, tuple]]:
-    """The pairs in chunks of `size`, each (pair positions, (count, xy, desc, ia, ib) of the chunk's photos only).
-    Pairs are taken by their first photo, so that a chunk holds few photos, each in several of its pairs."""
+class _Chunk:
+    """Pairs verified together: their positions in the job, their photos (rows of the job's table), and each
+    pair's photos as indices into those rows."""
+
+    def __init__(self, pos: np.ndarray, rows: np.ndarray, ia: np.ndarray, ib: np.ndarray) -> None:
+        self.pos, self.rows, self.ia, self.ib = pos, rows, ia, ib
+
+    def payload(self, t: LocalTable) -> tuple:
+        """What a worker gets: the features of the chunk's photos only, as arrays, and the pairs."""
+        return t.count[self.rows], t.xy[self.rows], t.desc[self.rows], self.ia, self.ib
+
+
+def _chunks(ia: np.ndarray, ib: np.ndarray, size: int) -> list[_Chunk]:
+    """The pairs in chunks of `size`, taken by their first photo, so that a chunk holds few photos, each in
+    several of its pairs. A chunk's features are copied only when it is sent (at most a few chunks at once)."""
     order = np.lexsort((np.maximum(ia, ib), np.minimum(ia, ib)))
     out = []
     for s in range(0, len(order), size):
         pos = order[s:s + size]
         rows, inv = np.unique(np.concatenate([ia[pos], ib[pos]]), return_inverse=True)
-        out.append((pos, (t.count[rows], t.xy[rows], t.desc[rows], inv[:len(pos)], inv[len(pos):])))
+        out.append(_Chunk(pos, rows, inv[:len(pos)], inv[len(pos):]))
     return out
 
 
@@ -77,35 +89,43 @@ def _verify_chunk(count: np.ndarray, xy: np.ndarray, desc: np.ndarray, ia: np.nd
 
 #: Pools started for one job's chunks before a dying worker process fails the job.
 POOL_TRIES = 3
+#: Chunks sent ahead per worker: the next one waits in its queue while it works; memory stays a few chunks'.
+AHEAD = 2
 
 
-def _on_processes(payloads: list[tuple], rule: VerifyRule, screen: bool, procs: int,
+def _on_processes(t: LocalTable, chunks: list[_Chunk], rule: VerifyRule, screen: bool, procs: int,
                   progress: Callable[[int, int], None] | None, total: int) -> list[tuple[np.ndarray, ...]]:
-    from concurrent.futures import as_completed
+    from concurrent.futures import FIRST_COMPLETED, wait
     from concurrent.futures.process import BrokenProcessPool
 
-    results: list[tuple[np.ndarray, ...] | None] = [None] * len(payloads)
+    results: list[tuple[np.ndarray, ...] | None] = [None] * len(chunks)
     done = 0
     for attempt in range(1, POOL_TRIES + 1):
         todo = [i for i, r in enumerate(results) if r is None]
+        workers = min(procs, len(todo))
         try:
-            with process_pool(min(procs, len(todo))) as pool:
-                futures = {pool.submit(_verify_chunk, *payloads[i], rule, screen): i for i in todo}
-                for f in as_completed(futures):
-                    i = futures[f]
-                    results[i] = f.result()
-                    done += len(payloads[i][3])
-                    if progress is not None:
-                        progress(done, total)
+            with process_pool(workers) as pool:
+                running: dict = {}
+                while todo or running:
+                    while todo and len(running) < AHEAD * workers:
+                        i = todo.pop(0)
+                        running[pool.submit(_verify_chunk, *chunks[i].payload(t), rule, screen)] = i
+                    finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for f in finished:
+                        i = running.pop(f)
+                        results[i] = f.result()
+                        done += len(chunks[i].pos)
+                        if progress is not None:
+                            progress(done, total)
             return results  # type: ignore[return-value]
         except BrokenProcessPool:
             left = sum(r is None for r in results)
             if attempt == POOL_TRIES:
                 raise WorkerError(f"a verification worker process died {POOL_TRIES} times (killed, or out of "
-                                  f"memory?); {left} of {len(payloads)} chunks of pairs were not verified, and no "
+                                  f"memory?); {left} of {len(chunks)} chunks of pairs were not verified, and no "
                                   f"result was written") from None
             log.warning("a verification worker process died; redoing the %d of %d chunks of pairs it left "
-                        "unfinished in new processes", left, len(payloads))
+                        "unfinished in new processes", left, len(chunks))
     raise AssertionError("unreachable")
 
 
@@ -113,7 +133,7 @@ def _on_processes(payloads: list[tuple], rule: VerifyRule, screen: bool, procs: 
 RAY_RETRIES = 3
 
 
-def _on_ray(payloads: list[tuple], rule: VerifyRule, screen: bool, opts: RayOptions,
+def _on_ray(t: LocalTable, chunks: list[_Chunk], rule: VerifyRule, screen: bool, opts: RayOptions,
             progress: Callable[[int, int], None] | None, total: int) -> list[tuple[np.ndarray, ...]]:
     from ..indexer.ray_job import _connect, import_ray
 
@@ -121,14 +141,17 @@ def _on_ray(payloads: list[tuple], rule: VerifyRule, screen: bool, opts: RayOpti
     started = _connect(ray, opts.address)
     try:
         task = ray.remote(num_cpus=1, max_retries=RAY_RETRIES, retry_exceptions=False)(_verify_chunk)
-        refs = {task.remote(*p, rule, screen): i for i, p in enumerate(payloads)}
-        log.info("verifying %d pairs on Ray: %d chunks", total, len(refs))
-        results: list[tuple[np.ndarray, ...] | None] = [None] * len(payloads)
-        pending, done = list(refs), 0
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
+        ahead = AHEAD * max(1, int(ray.cluster_resources().get("CPU", 1)))
+        log.info("verifying %d pairs on Ray: %d chunks", total, len(chunks))
+        results: list[tuple[np.ndarray, ...] | None] = [None] * len(chunks)
+        todo, refs, done = list(range(len(chunks))), {}, 0
+        while todo or refs:
+            while todo and len(refs) < ahead:
+                i = todo.pop(0)
+                refs[task.remote(*chunks[i].payload(t), rule, screen)] = i
+            ready, _ = ray.wait(list(refs), num_returns=1)
             for ref in ready:
-                i = refs[ref]
+                i = refs.pop(ref)
                 try:
                     results[i] = ray.get(ref)
                 except ray.exceptions.RayTaskError as exc:  # raised by the verification itself: as it is
@@ -136,7 +159,7 @@ def _on_ray(payloads: list[tuple], rule: VerifyRule, screen: bool, opts: RayOpti
                 except ray.exceptions.RayError as exc:  # a worker or node lost more often than Ray retries
                     raise WorkerError(f"Ray lost a verification task {RAY_RETRIES + 1} times "
                                       f"({type(exc).__name__}); no result was written") from None
-                done += len(payloads[i][3])
+                done += len(chunks[i].pos)
                 if progress is not None:
                     progress(done, total)
         return results  # type: ignore[return-value]
