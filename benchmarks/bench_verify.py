@@ -106,12 +106,16 @@ def main() -> int:
                    help="--profile: where the stores of every photo are kept between runs")
     p.add_argument("--photos", type=int, default=1000, help="--profile: the pairs among the first N photos")
     p.add_argument("--sample", type=int, default=600, help="--profile: pairs timed one at a time as before")
+    p.add_argument("--rerank", action="store_true", help="only the order of the candidates that fail "
+                   "verification, on the store -> catalogue set (MobileNetV2 1.4, Lite0)")
     args = p.parse_args()
     if not GROCERY_DIR.is_dir():
         print(f"skipped: the Grocery Store Dataset is not at {GROCERY_DIR}")
         return 0
     if args.profile:
         return profile(args)
+    if args.rerank:
+        return rerank_orders(args)
     from neardup import evaluate, find_duplicates
     from neardup.config import CANDIDATES, VERIFY, WORD_CANDIDATES, candidate_rule, default_threshold
     from neardup.search.join import knn_pairs
@@ -377,7 +381,8 @@ def _candidates(store: Path):  # noqa: ANN202
 
 def profile(args) -> int:  # noqa: ANN001
     from neardup.config import DEFAULTS, VERIFY
-    from neardup.search.verify import verify_many, verify_table
+    from neardup.search.verify import verify_table
+    from neardup.search.verify_jobs import verify_many
     from neardup.threads import cores, one_thread
 
     report = Report("bench_verify.py --profile", "Verification cost by stage, in processes, and against the "
@@ -429,7 +434,8 @@ def profile(args) -> int:  # noqa: ANN001
         log(f"{name}: duplicates on every photo, without and with verification")
         plain, ver = [], []
         for _ in range(args.repeats):
-            plain.append(_cli(["duplicates", "--store", str(store), "--no-verify", "--out", str(args.stores / "p0.csv")]))
+            plain.append(_cli(["duplicates", "--store", str(store), "--no-verify", "--out",
+                               str(args.stores / "p0.csv")]))
             ver.append(_cli(["duplicates", "--store", str(store), "--verify", "--out", str(args.stores / "p1.csv")]))
         cost_rows.append([name, len(ci), median(plain), median(ver), median(ver) / median(plain)])
         targets[name + "-cost"] = median(ver) / median(plain)
@@ -451,6 +457,62 @@ def profile(args) -> int:  # noqa: ANN001
     if args.record:
         append_results("Verification cost by stage (issue 29 item 2)", "bench_verify.py", report,
                        "One process; before and after, processes and the CLI runs measured in the same run.")
+    return status
+
+
+# ---- --rerank: how a query's candidates that fail verification are ordered (issue 29)
+
+RERANK_MODELS = {"MobileNetV2 1.4": {"model": f"onnx:{MOBILENET.with_name('mobilenet_v2_140_features.onnx')}",
+                                     "preprocess": "output=features"},
+                 "efficientnet-lite0": {"model": "efficientnet-lite0"}}
+
+
+def rerank_orders(args) -> int:  # noqa: ANN001
+    """Store -> catalogue retrieval with verification, the failed candidates ordered three ways."""
+    from neardup import evaluate
+    from neardup.search import metrics
+    from neardup.search.verify import rerank
+    from neardup.testing.grocery import make_catalogue_set
+
+    orders = {"score (no verification)": None,
+              "failed by score": lambda D, v: rerank(D, v, min_inliers=1 << 30),
+              "failed with >= 15 inliers by inliers (before)": lambda D, v: rerank(D, v, min_inliers=15),
+              "failed by inliers (after)": rerank}
+    report = Report("bench_verify.py --rerank", "Re-ranking the candidates that fail verification (issue 29)",
+                    "Should a candidate that fails verification keep its place in the global score order, or move "
+                    "up by the inliers it shares with the query? Store -> catalogue set: each Packages photo of the "
+                    "test split queries the 81 iconic packshots.", params={"models": ", ".join(RERANK_MODELS)})
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="neardup-bench-rerank-") as tmp:
+        truth = make_catalogue_set(Path(tmp) / "sets")
+        for name, spec in RERANK_MODELS.items():
+            if name.startswith("MobileNetV2") and not MOBILENET.with_name("mobilenet_v2_140_features.onnx").is_file():
+                report.note(f"{name} absent: left out")
+                continue
+            store = args.stores / f"{name.replace(' ', '-')}-icon.h5"
+            if not store.exists():
+                args.stores.mkdir(parents=True, exist_ok=True)
+                build([GROCERY_DIR / "iconic-images-and-descriptions"], store, spec)
+            for label, fn in orders.items():
+                log(f"{name}: {label}")
+                metrics.rerank = fn or rerank
+                try:
+                    r = evaluate(store, truth, verify=fn is not None).retrieval
+                finally:
+                    metrics.rerank = rerank
+                rows.append([name, label, r["recall@1"], r["recall@5"], r["map"]])
+    report.table("Store -> catalogue, by the order of the candidates that fail verification",
+                 ["model", "order", "recall@1", "recall@5", "mAP"], rows)
+    for name in RERANK_MODELS:
+        got = {r[1]: r[2] for r in rows if r[0] == name}
+        if got:
+            report.check(f"{name}: failed candidates by inliers rank at least as well as the score order and the "
+                         "floor of 15", got["failed by inliers (after)"] >= max(
+                             got["failed by score"], got["failed with >= 15 inliers by inliers (before)"]))
+    status = report.finish(args.json)
+    if args.record:
+        append_results("Re-ranking the candidates that fail verification (issue 29)", "bench_verify.py", report,
+                       "One process; every order evaluated on the same stores in one run.")
     return status
 
 

@@ -125,9 +125,10 @@ def test_topk_and_reranked_scores() -> None:
     assert _topk(row, 3).tolist() == [2, 4, 0]  # equal scores: the lower column first
     assert _topk(row, 9).tolist() == [2, 4, 0, 3, 5]  # -inf (the query itself, junk) never
     D = np.array([0.9, 0.8, 0.8 + 2e-7, 0.6], np.float32)
-    s = _reranked(D, _verdicts([False, False, False, True], [3, 5, 0, 40]))
-    # rerank: the verified one first, then by cosine; 2 and 1 differ by 2e-7 (< TIE_TOL) and only their
-    # cosines order them: equal scores, so the ranking breaks their tie pessimistically. All above any cosine.
+    s = _reranked(D, _verdicts([False, False, False, True], [3, 0, 0, 40]))
+    # rerank: the verified one first, then by shared inliers, then by cosine; 2 and 1 differ by 2e-7 (< TIE_TOL)
+    # and only their cosines order them: equal scores, so the ranking breaks their tie pessimistically. All
+    # above any cosine.
     assert s.tolist() == [2.75, 2.5, 2.5, 3.0]
 
 

@@ -49,6 +49,7 @@ LAYERS: list[list[str]] = [
     ["indexer/diff"],
     ["indexer/build"],
     ["search/verify", "search/truth"],
+    ["search/verify_jobs"],
     ["search/query"],
     ["search/join"],
     ["search/candidates"],

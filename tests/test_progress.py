@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-import neardup.search.verify as verify_mod
+import neardup.search.verify_jobs as verify_jobs
 from neardup.config import DEFAULTS, ENV_PROGRESS_INTERVAL
 from neardup.indexer.build import build_index
 from neardup.progress import SILENT, Progress, interval_s
@@ -97,7 +97,8 @@ def test_the_interval_is_a_default_with_an_environment_override(monkeypatch) -> 
 def test_duplicates_reports_candidates_then_verification(photos: Path, tmp_path: Path, monkeypatch) -> None:
     store = tmp_path / "s.h5"
     build_index([photos], store, model="phash")
-    monkeypatch.setattr(verify_mod, "PROGRESS_CHUNK", 4)  # several reports from a few dozen candidates
+    # several reports from a few dozen candidates: chunks of 4 pairs
+    monkeypatch.setitem(verify_jobs.verify_many.__kwdefaults__, "chunk", 4)
     calls: list[tuple[str, int, int]] = []
 
     class Spy(Progress):

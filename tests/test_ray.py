@@ -162,7 +162,7 @@ def test_ray_without_ray_installed_says_how_to_get_it(monkeypatch: pytest.Monkey
 def test_duplicates_verified_on_ray_gives_the_local_pairs(cluster, photos: Path, tmp_path: Path) -> None:
     from neardup.search.duplicates import find_duplicates
     from neardup.search.join import knn_pairs
-    from neardup.search.verify import verify_many
+    from neardup.search.verify_jobs import verify_many
     from neardup.store import Store
 
     store = tmp_path / "s.h5"

@@ -15,7 +15,7 @@ import numpy as np
 
 from neardup import threads
 from neardup.indexer.local_features import DESC_BYTES, LocalFeatures
-from neardup.search import verify
+from neardup.search import verify, verify_jobs
 
 
 def _features(seed: int, n: int = 64) -> LocalFeatures:
@@ -93,7 +93,7 @@ def test_a_worker_process_runs_every_library_on_one_thread():
 def _seen_in_a_chunk(seed: int) -> dict[str, int]:
     """In a worker process: verify a chunk of pairs as verify_many does, then report the threads seen."""
     t = verify.pack([_features(seed + i) for i in range(8)])
-    verify._verify_chunk(t.count, t.xy, t.desc, np.arange(4), np.arange(4, 8), verify.VERIFY, True)
+    verify_jobs._verify_chunk(t.count, t.xy, t.desc, np.arange(4), np.arange(4, 8), verify.VERIFY, True)
     return {**threads.seen(), "pid": os.getpid()}
 
 

@@ -16,7 +16,9 @@ import pytest
 
 from neardup.errors import WorkerError
 from neardup.search import verify
-from neardup.search.verify import Verified, pack, verify_many, verify_pair, verify_pairs
+from neardup.search import verify_jobs
+from neardup.search.verify import Verified, pack, verify_pair, verify_pairs
+from neardup.search.verify_jobs import verify_many
 from neardup.testing import write_product_photos
 
 from .test_verify import edited, features
@@ -86,7 +88,7 @@ def test_a_worker_process_killed_mid_run_loses_no_pair(photos, caplog: pytest.Lo
             killed.append(done)
             _kill_a_worker()
 
-    with caplog.at_level(logging.WARNING, logger="neardup.search.verify"):
+    with caplog.at_level(logging.WARNING, logger="neardup.search.verify_jobs"):
         got = verify_many(t, ia, ib, screen=True, processes=2, min_pairs=0, chunk=20, progress=progress)
     assert killed and killed[0] < len(ia)
     _same(got, here)
@@ -106,7 +108,7 @@ def test_one_process_or_a_small_job_runs_here(photos, monkeypatch) -> None:
     def no_pool(*args, **kwargs):
         raise AssertionError("a process pool was started")
 
-    monkeypatch.setattr(verify, "process_pool", no_pool)
+    monkeypatch.setattr(verify_jobs, "process_pool", no_pool)
     t = pack(photos)
     ia, ib = _all_pairs(len(photos))
     verify_many(t, ia, ib, screen=True, processes=1, min_pairs=0)

@@ -154,10 +154,11 @@ class Defaults:
     verify_workers: int = 1
     #: duplicates: worker processes that verify the candidates (0: one per core). A job of fewer than
     #: `verify_process_min` pairs is verified in this process, where starting processes costs more than it saves
-    #: (benchmarks/bench_verify.py --profile measures the crossover); pairs go to a worker `verify_chunk` at a
-    #: time, with the features of their photos as arrays.
+    #: (benchmarks/bench_verify.py --profile: on a loaded 2-core machine, 2 processes took 0.73x the speed of
+    #: one at 2,724 pairs, ~3 s of start; the whole 26,954-pair pHash job was no faster there); pairs go to a
+    #: worker `verify_chunk` at a time, with the features of their photos as arrays.
     verify_processes: int = 0
-    verify_process_min: int = 3000
+    verify_process_min: int = 10_000
     verify_chunk: int = 1024
     #: Seconds between progress lines of a long command whose stderr is not a terminal (cron, nightly logs):
     #: often enough to see a job is alive, rarely enough to keep its log short. A terminal gets a bar instead.

@@ -135,7 +135,7 @@ def fetch_imagenet_weights(model: str, timeout: float = 30.0) -> Path:
         return cached
     url, md5 = IMAGENET_DOWNLOADS[model]
     url = os.environ.get(ENV_WEIGHTS_URL) or url
-    print(f"Downloading data from {url}", file=sys.stderr, flush=True)  # as Keras says it
+    log.info("downloading %s", url)
     tmp = cached.with_name(f".{cached.name}.{os.getpid()}.part")
     try:
         import urllib.request
@@ -155,7 +155,8 @@ def fetch_imagenet_weights(model: str, timeout: float = 30.0) -> Path:
         tmp.unlink(missing_ok=True)
         reason = getattr(exc, "reason", None) or exc
         raise WeightsError(
-            f"ImageNet weights for {model} are not cached at {cached} and could not be downloaded ({reason}); "
+            f"ImageNet weights for {model} are not cached at {cached} and could not be downloaded from {url} "
+            f"({reason}); "
             f"copy the file there, or pass --weights PATH (or NEARDUP_WEIGHTS=PATH), or use a model that works "
             f"offline: --model efficientnet-lite0 (trained{_lite_install_hint()}) or the weight-free --model phash"
         ) from None

@@ -31,7 +31,8 @@ from .candidates import store_knn_pairs
 from .grouping import (alias_rows, changed_rows, complete_linkage, connected_components, keeper_order,
                        stale_rows)
 from .join import candidate_pairs, exact_pairs, knn_pairs, self_join, without_pairs
-from .verify import pack, resolve_verify, row_features, verify_many, verify_pairs
+from .verify import pack, resolve_verify, row_features, verify_pairs
+from .verify_jobs import verify_many
 
 if TYPE_CHECKING:
     from ..indexer.ray_job import RayOptions

@@ -16,19 +16,15 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..config import DEFAULTS, VERIFY, VerifyRule
-from ..errors import DecodeError, StoreError, WorkerError
+from ..errors import DecodeError, StoreError
 from ..indexer.decode import file_local_features
 from ..indexer.local_features import DESC_BYTES, LOCAL_VERSION, LocalFeatures, LocalTable, _cv2
 from ..store.generation import Generation
-
-if TYPE_CHECKING:
-    from ..indexer.ray_job import RayOptions
-from ..threads import cores, one_thread, process_init, process_pool, thread_pool
+from ..threads import one_thread, thread_pool
 
 log = logging.getLogger(__name__)
 
@@ -368,124 +364,6 @@ def _verify_pairs(fa: Sequence[LocalFeatures | None], fb: Sequence[LocalFeatures
     # each worker thread runs every library on one thread (threads.py)
     with thread_pool(workers, "neardup-verify") as pool:
         return Verified.concat(list(pool.map(lambda p: verify_table(t, ia[p], ib[p], rule, screen=screen), parts)))
-
-
-def verify_many(t: LocalTable, ia: np.ndarray, ib: np.ndarray, rule: VerifyRule = VERIFY, *, screen: bool = False,
-                processes: int = DEFAULTS.verify_processes, ray: RayOptions | None = None,
-                progress: Callable[[int, int], None] | None = None, min_pairs: int = DEFAULTS.verify_process_min,
-                chunk: int = DEFAULTS.verify_chunk) -> Verified:
-    """verify_table(t, ia, ib) for a large job (duplicates): its pairs in chunks of `chunk` over `processes` local
-    worker processes (0: one per core), or over a Ray cluster with `ray`; a job of fewer than `min_pairs` pairs,
-    or one process, runs here. Each chunk travels with the features of its photos as arrays. A worker process that dies
-    has its unfinished chunks redone in a new pool (Ray retries a lost task itself); when that keeps failing,
-    WorkerError: a pair is never dropped. `progress(done, total)` is called as pairs are verified."""
-    ia, ib = np.asarray(ia, np.int64), np.asarray(ib, np.int64)
-    m = len(ia)
-    procs = cores() if processes <= 0 else int(processes)
-    if ray is None and (procs <= 1 or m < min_pairs):
-        with one_thread():
-            out = verify_table(t, ia, ib, rule, screen=screen)
-        if progress is not None:
-            progress(m, m)
-        return out
-    chunks = _chunks(t, ia, ib, chunk)
-    run = _on_ray if ray is not None else _on_processes
-    parts = run([c[1] for c in chunks], rule, screen, ray if ray is not None else procs, progress, m)
-    out = Verified.empty(m)
-    for (pos, _), got in zip(chunks, parts):
-        for f, x in zip(_FIELDS, got):
-            getattr(out, f)[pos] = x
-    return out
-
-
-def _chunks(t: LocalTable, ia: np.ndarray, ib: np.ndarray, size: int) -> list[tuple[np.ndarray, tuple]]:
-    """The pairs in chunks of `size`, each (pair positions, (count, xy, desc, ia, ib) of the chunk's photos only).
-    Pairs are taken by their first photo, so that a chunk holds few photos, each in several of its pairs."""
-    order = np.lexsort((np.maximum(ia, ib), np.minimum(ia, ib)))
-    out = []
-    for s in range(0, len(order), size):
-        pos = order[s:s + size]
-        rows, inv = np.unique(np.concatenate([ia[pos], ib[pos]]), return_inverse=True)
-        out.append((pos, (t.count[rows], t.xy[rows], t.desc[rows], inv[:len(pos)], inv[len(pos):])))
-    return out
-
-
-def _verify_chunk(count: np.ndarray, xy: np.ndarray, desc: np.ndarray, ia: np.ndarray, ib: np.ndarray,
-                  rule: VerifyRule, screen: bool) -> tuple[np.ndarray, ...]:
-    """One chunk's verdicts, as arrays (in a worker process or a Ray task: every library on one thread)."""
-    process_init()
-    v = verify_table(LocalTable(count, xy, desc), ia, ib, rule, screen=screen)
-    return tuple(getattr(v, f) for f in _FIELDS)
-
-
-#: Pools started for one job's chunks before a dying worker process fails the job.
-POOL_TRIES = 3
-
-
-def _on_processes(payloads: list[tuple], rule: VerifyRule, screen: bool, procs: int,
-                  progress: Callable[[int, int], None] | None, total: int) -> list[tuple[np.ndarray, ...]]:
-    from concurrent.futures import as_completed
-    from concurrent.futures.process import BrokenProcessPool
-
-    results: list[tuple[np.ndarray, ...] | None] = [None] * len(payloads)
-    done = 0
-    for attempt in range(1, POOL_TRIES + 1):
-        todo = [i for i, r in enumerate(results) if r is None]
-        try:
-            with process_pool(min(procs, len(todo))) as pool:
-                futures = {pool.submit(_verify_chunk, *payloads[i], rule, screen): i for i in todo}
-                for f in as_completed(futures):
-                    i = futures[f]
-                    results[i] = f.result()
-                    done += len(payloads[i][3])
-                    if progress is not None:
-                        progress(done, total)
-            return results  # type: ignore[return-value]
-        except BrokenProcessPool:
-            left = sum(r is None for r in results)
-            if attempt == POOL_TRIES:
-                raise WorkerError(f"a verification worker process died {POOL_TRIES} times (killed, or out of "
-                                  f"memory?); {left} of {len(payloads)} chunks of pairs were not verified, and no "
-                                  f"result was written") from None
-            log.warning("a verification worker process died; redoing the %d of %d chunks of pairs it left "
-                        "unfinished in new processes", left, len(payloads))
-    raise AssertionError("unreachable")
-
-
-#: Times Ray runs a chunk again whose worker or node was lost, before the job fails.
-RAY_RETRIES = 3
-
-
-def _on_ray(payloads: list[tuple], rule: VerifyRule, screen: bool, opts: RayOptions,
-            progress: Callable[[int, int], None] | None, total: int) -> list[tuple[np.ndarray, ...]]:
-    from ..indexer.ray_job import _connect, import_ray
-
-    ray = import_ray()
-    started = _connect(ray, opts.address)
-    try:
-        task = ray.remote(num_cpus=1, max_retries=RAY_RETRIES, retry_exceptions=False)(_verify_chunk)
-        refs = {task.remote(*p, rule, screen): i for i, p in enumerate(payloads)}
-        log.info("verifying %d pairs on Ray: %d chunks", total, len(refs))
-        results: list[tuple[np.ndarray, ...] | None] = [None] * len(payloads)
-        pending, done = list(refs), 0
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            for ref in ready:
-                i = refs[ref]
-                try:
-                    results[i] = ray.get(ref)
-                except ray.exceptions.RayTaskError as exc:  # raised by the verification itself: as it is
-                    raise exc.as_instanceof_cause() from None
-                except ray.exceptions.RayError as exc:  # a worker or node lost more often than Ray retries
-                    raise WorkerError(f"Ray lost a verification task {RAY_RETRIES + 1} times "
-                                      f"({type(exc).__name__}); no result was written") from None
-                done += len(payloads[i][3])
-                if progress is not None:
-                    progress(done, total)
-        return results  # type: ignore[return-value]
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def resolve_verify(verify: bool | None, local_features: str) -> bool:
