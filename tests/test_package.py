@@ -38,6 +38,7 @@ LAYERS: list[list[str]] = [
     ["store/lock", "store/meta", "store/h5io"],
     ["store/segment"],
     ["store/manifest"],
+    ["store/damage"],
     ["store/generation"],
     ["store/repair"],
     ["store/publish"],

@@ -28,7 +28,8 @@ from ..errors import InputError, StoreError
 from ..fileio import now_iso
 from ..indexer import faiss_index, index_kinds
 from .files import StoreFiles, new_name
-from .generation import Generation, damaged
+from .damage import damaged
+from .generation import Generation
 from .h5io import file_digest
 from .lock import writer_lock
 from .manifest import is_store, named, open_any, remove_unnamed, write_manifest
