@@ -552,3 +552,15 @@ def test_a_manifest_naming_a_segment_twice_or_an_id_twice_is_refused(tmp_path: P
         Store(store).check()
     r = nd("duplicates", "--store", store)
     assert r.returncode == 2 and "an id is in more than one row" in r.stderr and "\n" not in r.stderr.strip()
+
+
+def test_a_large_file_that_is_not_a_store_is_refused_unread(tmp_path: Path) -> None:
+    """A 2 GB sparse file given as the store: refused from its first bytes, never read whole into memory."""
+    big = tmp_path / "video.h5"
+    with open(big, "wb") as fh:
+        fh.truncate(2 << 30)
+    code = ("import resource, sys\nfrom neardup.store import read_meta\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
+            "try:\n    read_meta(sys.argv[1])\nexcept Exception as exc:\n    print(type(exc).__name__, exc)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(big)], capture_output=True, text=True, timeout=120)
+    assert r.stdout.startswith("StoreError") and "not a readable HDF5" in r.stdout, r.stdout + r.stderr

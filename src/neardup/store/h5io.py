@@ -166,10 +166,10 @@ def seal(path: str | os.PathLike[str]) -> None:
         fh.write(header.ljust(USERBLOCK, b"\0"))
 
 
-def unseal(data: bytes) -> bytes | None:
-    """The HDF5 bytes of a manifest read whole, its digest checked: `data` itself for a file written before
-    manifests carried one (no userblock: as before). Raises ValueError (what is wrong) when the digest or the
-    header does not match."""
+def unseal(data: bytes, header_only: bool = False) -> bytes | None:
+    """The HDF5 bytes of a manifest read whole, its digest checked: None for a file written before manifests
+    carried one (no userblock: read as before). With `header_only`, `data` is the file's first bytes and only
+    the header is checked. Raises ValueError (what is wrong) when the digest or the header does not match."""
     if data[:8] == HDF5_SIGNATURE:
         return None  # no userblock: a manifest (or a store) written before manifests were sealed
     if not (data.startswith(b"neardup-manifest") or data[USERBLOCK:USERBLOCK + 8] == HDF5_SIGNATURE):
@@ -177,6 +177,8 @@ def unseal(data: bytes) -> bytes | None:
     m = _HEADER.fullmatch(data[:USERBLOCK])
     if m is None:
         raise ValueError("the manifest's header is damaged")
+    if header_only:
+        return None
     body = memoryview(data)[USERBLOCK:]
     if int(m.group(2)) != len(body):
         raise ValueError(f"the manifest holds {len(body)} bytes, not the {int(m.group(2))} it recorded")

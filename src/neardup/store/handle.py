@@ -64,7 +64,8 @@ class Store:
 
         Raises StoreError, with how to recover, when the store itself is damaged. Returns the problems that
         leave the data intact (an index file missing or damaged: readers search the vectors exactly meanwhile,
-        `neardup update` writes it anew); an empty list means healthy."""
+        `neardup update` writes it anew; files no kept generation names, which the next writer deletes); an
+        empty list means healthy."""
         problems = []
         with self.current() as gen:
             checked = gen.verify()

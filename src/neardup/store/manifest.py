@@ -134,6 +134,7 @@ def _open_checked(path: Path) -> h5py.File:
             head = fh.read(USERBLOCK + 8)
             if head[:8] == HDF5_SIGNATURE:  # not sealed: HDF5 reads it (a schema-1 store may be large)
                 return h5py.File(path, "r")
+            unseal(head, header_only=True)  # anything else is refused before it is read whole
             data = head + fh.read()
         body = unseal(data)
         return h5py.File(io.BytesIO(body), "r")
