@@ -134,7 +134,7 @@ class Defaults:
     join_block: int = 1024
     #: The candidate search of `duplicates` on a store with an approximate index (search/candidates.py): PCA
     #: dimensions of its in-memory codes, IVF lists probed, and MB of stored vectors held while re-scoring
-    #: (chosen on Lite0-like vectors, benchmarks/bench_million.py).
+    #: (set, not swept; measured at 200k and 1M Lite0-like vectors by benchmarks/bench_million.py).
     scale_dims: int = 128
     scale_nprobe: int = 16
     scale_block_mb: int = 512

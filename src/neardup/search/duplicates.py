@@ -233,8 +233,8 @@ def _find(gen: Generation, threshold: float | None, block: int | None, max_group
     report = DuplicateReport(str(gen.path), cat.meta.model, t, len(cat), cat.ids, cat.paths, verify=verify,
                              generation=gen.id)
     index = None
-    report.method = (f"k-NN by a PCA{DEFAULTS.scale_dims} IVF search of the stored vectors (the store has a "
-                     f"{cat.meta.index_factory} index), candidates re-scored exactly" if scale
+    report.method = (f"k-NN by a PCA{DEFAULTS.scale_dims} IVF search of the stored vectors, not the store's "
+                     f"{cat.meta.index_factory} index; candidates re-scored exactly" if scale
                      else "exact k-NN" if verify else "exact join")
     if verify:
         dk, dt = candidate_rule(cat.meta.model)
