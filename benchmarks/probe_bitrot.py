@@ -140,7 +140,7 @@ def probe(src: str, work: Path, photos: Path, thin: int = 1) -> dict[str, dict[s
             path = targets[key]
             pristine = path.read_bytes()
             every = step * thin
-            name = f"{label} ({len(pristine):,} B), every {'' if every == 1 else f'{every:,}th '}byte ^0x{mask:02X}"
+            name = f"{label} ({len(pristine):,} B), {'every byte' if every == 1 else f'one byte in {every:,}'} ^0x{mask:02X}"
             row = table.setdefault(name, {})
             for off in range(0, len(pristine), step * thin):
                 data = bytearray(pristine)
