@@ -128,7 +128,8 @@ def test_a_killed_worker_is_retried_and_nothing_is_lost(cluster, photos: Path, t
     thread.join()
     pid, at = killed[0]
     assert pid and ended - at > 1.0  # an actor was killed while work remained; Ray restarted it and redid its block
-    assert s.total == 97 and [Path(p).name for p, _ in s.failures] == ["broken.jpg"]
+    # again.jpg is another name of p000.jpg: indexed once, listed as skipped with broken.jpg
+    assert s.total == 96 and sorted(Path(p).name for p, _ in s.failures) == ["again.jpg", "broken.jpg"]
     _same_store(reference, tmp_path / "ray.h5", local=False)
 
 
