@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..fileio import atomic_write, ensure_space
+from ..threads import one_thread
 from . import index_kinds
 
 log = logging.getLogger(__name__)
@@ -114,17 +113,6 @@ def search(index: faiss.Index, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.n
         return index.search(xq, k)
     with one_thread():
         return index.search(xq, k)
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """FAISS on one OpenMP thread inside the block (the process's setting restored after it)."""
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(threads)
 
 
 def id_lookup(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
