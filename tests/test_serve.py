@@ -366,8 +366,9 @@ def test_query_cli_through_the_server(server: str, catalogue: Path) -> None:
     # then stalls until its 3 s timeout) is retried as its 503 asks
     head = (f"POST /v1/query HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: "
             f"multipart/form-data; boundary=b\r\nContent-Length: 1048500\r\n\r\n").encode()
-    slow = [raw_request(server, head, b"--b\r\n" + b"x" * 1_040_000)]
-    wait_for(lambda: held(server)["upload_bytes"] == 1_040_005)
+    # (it leaves less of the 1 MiB budget than the query's upload: the query must wait for it)
+    slow = [raw_request(server, head, b"--b\r\n" + b"x" * 1_048_300)]
+    wait_for(lambda: held(server)["upload_bytes"] == 1_048_305)
     t0 = time.time()
     busy = subprocess.run([*cmd, str(catalogue / "q" / "copy.jpg"), "--server", server], capture_output=True,
                           text=True, env=env)
