@@ -33,8 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import (Report, base_parser, log, peak_rss_bytes, reset_peak_rss, rss_bytes, synthetic_catalog,
-                    unit_rows)
+from common import Report, base_parser, log, peak_rss_bytes, reset_peak_rss, rss_bytes, synthetic_catalog, unit_rows
 
 D = 2048
 MIB = 1 << 20

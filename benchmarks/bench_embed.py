@@ -16,7 +16,7 @@ Targets: b/a >= 0.90 and b/c >= 4. Where the time of (b) goes: decode-only throu
 with 1 and 2 threads, and the time to write the HDF5 store and the FAISS index of these N rows.
 
 Correctness (exit status 1 when violated): every photo is in the store, and each stored embedding equals
-(cosine >= 0.9999) the model-only embedding of the same photo decoded by `indexer.decode.read_and_decode`,
+(cosine >= 0.9999) the model-only embedding of the same photo decoded by `embed.decode.read_and_decode`,
 and is closer to it than to any other photo's (random-weight ResNet50 features of different photos already
 agree at cosine ~0.97-0.998, so the nearest-row identity is what proves the right image was embedded).
 """
@@ -36,7 +36,7 @@ from common import Report, base_parser, cosine_rows, log, median, sample_photos
 
 def decode_all(paths: list[Path], workers: int) -> list[np.ndarray]:
     """neardup's decoder (read_and_decode, 224x224 RGB bilinear) over `paths` with `workers` threads."""
-    from neardup.indexer.decode import read_and_decode
+    from neardup.embed.decode import read_and_decode
 
     def one(p: Path) -> np.ndarray:
         return read_and_decode(str(p), 224)[1].pixels
@@ -82,8 +82,8 @@ def store_rows(store: Path, paths: list[Path]) -> tuple[np.ndarray, list[int]]:
 
 def write_seconds(store: Path, workdir: Path, repeats: int) -> tuple[float, float]:
     """Median seconds to write this store's rows as a new HDF5 store, and to build + save its FAISS index."""
-    from neardup.indexer.faiss_index import build_flat_index, save_index
     from neardup.store import read_catalog, write_catalog
+    from neardup.store.faiss_index import build_flat_index, save_index
 
     cat = read_catalog(store)
     h5, fx = [], []
@@ -165,7 +165,7 @@ def main() -> int:
         t0 = time.perf_counter()
         import tensorflow as tf
 
-        from neardup.indexer.embed import KerasEmbedder
+        from neardup.embed.embedders import KerasEmbedder
 
         import_s = time.perf_counter() - t0
         t0 = time.perf_counter()

@@ -201,10 +201,10 @@ def main() -> int:
         return 0
     import faiss
 
-    from neardup.indexer.faiss_index import search
-    from neardup.indexer.index_kinds import exact_scores, recall_at
     from neardup.search.join import knn_pairs
     from neardup.store import Catalog, Store, StoreMeta, write_catalog
+    from neardup.store.faiss_index import search
+    from neardup.store.index_kinds import exact_scores, recall_at
 
     for need in (args.real, args.copies, args.copies_csv):
         if not Path(need).exists():

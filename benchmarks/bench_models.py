@@ -36,8 +36,8 @@ LITE = ("efficientnet-lite0", "efficientnet-lite2")
 
 def models() -> dict[str, dict]:
     """The methods compared, by table name: each a build_index spec."""
+    from neardup.embed.efficientnet_lite import lite_weights_file
     from neardup.errors import WeightsError
-    from neardup.indexer.efficientnet_lite import lite_weights_file
 
     out: dict[str, dict] = {"phash": {"model": "phash"}}
     for width in ("100", "140"):
@@ -67,7 +67,7 @@ def speed(spec: dict, photos: list[Path], repeats: int = 3) -> float:
     """Photos per second of the model alone, on decoded photos, in batches of 32."""
     from PIL import Image
 
-    from neardup.indexer.models import make_embedder
+    from neardup.embed.models import make_embedder
 
     emb = make_embedder(spec["model"], spec.get("weights"), preprocess=spec.get("preprocess"))
     s = emb.input_size

@@ -17,8 +17,17 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from common import GROCERY_DIR, Report, all_photos, append_results, link_photos, log, missing_inputs, model_spec, \
-    output_options
+from common import (
+    GROCERY_DIR,
+    Report,
+    all_photos,
+    append_results,
+    link_photos,
+    log,
+    missing_inputs,
+    model_spec,
+    output_options,
+)
 
 
 def main() -> int:

@@ -70,8 +70,8 @@ def main() -> int:
         photos = sample_photos(args.n, Path(tmp), args.photos)
         report.params["photos"] = photos.source
         log(f"photos: {photos.source}")
-        from neardup.indexer.decode import read_and_decode
-        from neardup.indexer.embed import KerasEmbedder
+        from neardup.embed.decode import read_and_decode
+        from neardup.embed.embedders import KerasEmbedder
 
         x = np.stack([read_and_decode(str(p), 224)[1].pixels for p in photos.paths])
     t0 = time.perf_counter()

@@ -79,9 +79,9 @@ def main() -> int:
         store, xb, write_s = make_store(work, args.n, args.seed)
 
         t0 = time.perf_counter()
-        from neardup.indexer.decode import read_and_decode
-        from neardup.indexer.faiss_index import search as faiss_search
+        from neardup.embed.decode import read_and_decode
         from neardup.search.query import Searcher, neighbours
+        from neardup.store.faiss_index import search as faiss_search
 
         searcher = Searcher.open(store)
         open_s = time.perf_counter() - t0

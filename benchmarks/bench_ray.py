@@ -20,6 +20,7 @@ import numpy as np
 
 from common import GROCERY_DIR, Report, all_photos, append_results, link_photos, log, parse_real_photo_args
 
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--photos", type=int, default=5000, help="photos indexed by each path")

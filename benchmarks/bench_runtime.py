@@ -95,10 +95,10 @@ def main() -> int:
     p.add_argument("--agreement-n", type=int, default=256, help="grocery photos for the MobileNetV2 int8 check")
     args = p.parse_args()
 
-    from neardup.indexer.decode import read_and_decode
-    from neardup.indexer.models import make_embedder
-    from neardup.indexer.onnx_export import agreement, onnx_cache_dir, quantize_int8
-    from neardup.indexer.onnx_runtime import OnnxEmbedder, OnnxPreprocess
+    from neardup.embed.decode import read_and_decode
+    from neardup.embed.models import make_embedder
+    from neardup.embed.onnx_export import agreement, onnx_cache_dir, quantize_int8
+    from neardup.embed.onnx_runtime import OnnxEmbedder, OnnxPreprocess
 
     report = Report("bench_runtime.py", "ONNX Runtime vs TensorFlow (ResNet50), int8, one-photo query",
                     __doc__.split("\n\n")[1].replace("\n", " "),

@@ -43,9 +43,9 @@ def main() -> int:
     output_options(p)
     args = p.parse_args()
     from neardup.config import parse_size
-    from neardup.indexer.faiss_index import derived_index, search
-    from neardup.indexer.index_kinds import exact_scores, recall_at
     from neardup.search.join import knn_pairs, self_join
+    from neardup.store.faiss_index import derived_index, search
+    from neardup.store.index_kinds import exact_scores, recall_at
 
     memory = parse_size(args.memory)
     report = Report("bench_scale.py", f"Scale (issue 15): {args.n:,} x {args.d}-d", " ".join(

@@ -64,10 +64,10 @@ def main() -> int:
     args = p.parse_args()
 
     from neardup.indexer.build import update_index
-    from neardup.indexer.faiss_index import search
-    from neardup.indexer.index_kinds import exact_scores, recall_at
     from neardup.indexer.scan import scan
     from neardup.store import Catalog, Store, StoreMeta, write_catalog
+    from neardup.store.faiss_index import search
+    from neardup.store.index_kinds import exact_scores, recall_at
     from neardup.testing import FakeEmbedder
 
     class Wide(FakeEmbedder):

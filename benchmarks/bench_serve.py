@@ -30,9 +30,17 @@ from typing import Any
 
 import numpy as np
 
-from common import (GROCERY_DIR, Report, all_photos, append_results, link_photos, log, median, parse_real_photo_args,
-                    percentile)
-
+from common import (
+    GROCERY_DIR,
+    Report,
+    all_photos,
+    append_results,
+    link_photos,
+    log,
+    median,
+    parse_real_photo_args,
+    percentile,
+)
 
 
 def multipart(name: str, data: bytes) -> tuple[bytes, str]:
@@ -288,7 +296,7 @@ def main() -> int:
 
 
 def _decoded(s: Any, paths: list[Path]) -> list[np.ndarray]:
-    from neardup.indexer.pipeline import decode_for
+    from neardup.embed.pipeline import decode_for
 
     return [decode_for(p.read_bytes(), s.embedder).pixels for p in paths]
 

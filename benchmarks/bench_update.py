@@ -33,8 +33,8 @@ def main() -> int:
 
     from PIL import Image
 
+    from neardup.embed.models import make_embedder
     from neardup.indexer.build import build_index, update_index
-    from neardup.indexer.models import make_embedder
     from neardup.store import read_catalog
 
     rep = Report("bench_update.py", "Nightly re-index: first index, no-change update, 1% change update",

@@ -289,6 +289,7 @@ def _per_pair_before(a, b, rule, laps: dict[str, float]):  # noqa: ANN001, ANN20
     redone by the full one, OpenCV's perspectiveTransform and per-pair counts), adding each step's seconds to
     `laps`; returns (verified, inliers). FAISS runs as it did: on the caller's OpenMP team."""
     import faiss
+
     from neardup.threads import opencv
 
     cv2 = opencv()

@@ -11,11 +11,10 @@ from PIL import Image
 
 from neardup.errors import InputError, StoreError, StoreLockedError, StoreMismatchError
 from neardup.indexer.build import build_index, update_index
-from neardup.indexer.faiss_index import search
-from neardup.store import Store
+from neardup.store import Store, read_catalog
+from neardup.store.faiss_index import search
 from neardup.store.files import StoreFiles
 from neardup.store.lock import writer_lock
-from neardup.store import read_catalog
 
 
 def _store_map(store: Path) -> dict[str, tuple[int, np.ndarray]]:

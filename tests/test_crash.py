@@ -16,8 +16,8 @@ import pytest
 
 from neardup.indexer.build import build_index
 from neardup.indexer.checkpoint import Checkpoint
-from neardup.store.files import StoreFiles
 from neardup.store import Store, read_catalog
+from neardup.store.files import StoreFiles
 from neardup.testing import product_photo
 
 N_IMAGES = 240

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from neardup.embed.decode import decode_image, read_and_decode
+from neardup.embed.discover import discover
 from neardup.errors import DecodeError, InputError
-from neardup.indexer.decode import decode_image, read_and_decode
-from neardup.indexer.discover import discover
 
 
 def _jpeg(img: Image.Image, **kw) -> bytes:

@@ -24,10 +24,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from neardup.cli import app
+from neardup.embed.efficientnet_lite import LITE, lite_graph, lite_weights_file
+from neardup.embed.models import make_embedder
+from neardup.embed.torch_pickle import read_state_dict
 from neardup.errors import InputError, WeightsError
-from neardup.indexer.efficientnet_lite import LITE, lite_graph, lite_weights_file
-from neardup.indexer.models import make_embedder
-from neardup.indexer.torch_pickle import read_state_dict
 
 from .conftest import GROCERY, SKIP_GROCERY
 
@@ -187,7 +187,7 @@ def test_a_hostile_weights_file_is_one_line_never_a_wild_read_or_a_flood_of_memo
         with pytest.raises(WeightsError, match="odd.pth"):
             read_state_dict(tmp_path / "odd.pth")
     # a zip that unpacks to more than the cap is refused before it is unpacked
-    import neardup.indexer.torch_pickle as torch_pickle
+    import neardup.embed.torch_pickle as torch_pickle
 
     monkeypatch.setattr(torch_pickle, "MAX_BYTES", 1 << 20)
     with zipfile.ZipFile(tmp_path / "bomb.pth", "w", zipfile.ZIP_DEFLATED) as z:
@@ -335,14 +335,14 @@ def test_conversion_is_cached_by_digest_and_a_damaged_cache_is_made_again(tmp_pa
     def no_conversion(*_: object, **__: object) -> None:
         raise AssertionError("converted again although the cache holds the model")
 
-    from neardup.indexer import onnx_export
+    from neardup.embed import onnx_export
 
     original = made.read_bytes()
     monkeypatch.setattr(onnx_export, "lite_graph", no_conversion)
     np.testing.assert_allclose(make_embedder("efficientnet-lite0").embed(x), y0, atol=1e-6)
     # a later process loads the cached file alone: no conversion code, no onnx, no torch
-    code = ("import sys; from neardup.indexer.models import make_embedder; make_embedder('efficientnet-lite0'); "
-            "loaded = [m for m in ('onnx', 'torch', 'neardup.indexer.torch_pickle') if m in sys.modules]; "
+    code = ("import sys; from neardup.embed.models import make_embedder; make_embedder('efficientnet-lite0'); "
+            "loaded = [m for m in ('onnx', 'torch', 'neardup.embed.torch_pickle') if m in sys.modules]; "
             "assert not loaded, loaded")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
     monkeypatch.undo()

@@ -12,16 +12,16 @@ import pytest
 from PIL import Image, ImageEnhance
 
 from neardup.config import DEFAULTS, THRESHOLDS
-from neardup.errors import InputError, WeightsError
-from neardup.indexer.decode import decode_image
-from neardup.indexer.embed import (
+from neardup.embed.decode import decode_image
+from neardup.embed.embedders import (
     PHashEmbedder,
     cosine_to_hamming,
     hamming_to_cosine,
     keras_cache_dir,
     l2_normalize,
 )
-from neardup.indexer.models import make_embedder
+from neardup.embed.models import make_embedder
+from neardup.errors import InputError, WeightsError
 from neardup.testing import product_photo
 
 
@@ -122,7 +122,7 @@ def test_resnet50_weights_none_is_identical_across_processes(resnet, tmp_path: P
     # A store built in one process must be queryable from another: the random init is seeded.
     x = _photos(2)
     np.save(tmp_path / "x.npy", x)
-    code = ("import numpy as np, sys; from neardup.indexer.models import make_embedder; "
+    code = ("import numpy as np, sys; from neardup.embed.models import make_embedder; "
             f"x = np.load({str(tmp_path / 'x.npy')!r}); "
             f"np.save({str(tmp_path / 'y.npy')!r}, make_embedder('resnet50', 'none', runtime='tf').embed(x))")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=300)

@@ -12,10 +12,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from neardup.cli import app
+from neardup.embed.embedders import l2_normalize
 from neardup.errors import InputError
 from neardup.indexer.build import build_index
-from neardup.indexer.embed import l2_normalize
-from neardup.store import Catalog, StoreMeta, write_catalog
 from neardup.search.evaluate import (
     TIE_TOL,
     best_index,
@@ -27,6 +26,7 @@ from neardup.search.evaluate import (
     write_eval_json,
 )
 from neardup.search.plots import plot_pr_curve
+from neardup.store import Catalog, StoreMeta, write_catalog
 
 runner = CliRunner()
 

@@ -13,12 +13,12 @@ from PIL import Image
 from neardup import build_index
 from neardup.config import candidate_rule
 from neardup.errors import InputError
-from neardup.store import Catalog, StoreMeta, read_catalog, write_catalog
-from neardup.search.join import exact_pairs, self_join
 from neardup.search.evaluate import evaluate
+from neardup.search.join import exact_pairs, self_join
 from neardup.search.metrics import DEFAULT_SWEEP, _reranked, _topk, pair_metrics, retrieval_metrics_blocked
 from neardup.search.truth import read_truth, read_truth_rows
 from neardup.search.verify import Verified
+from neardup.store import Catalog, StoreMeta, read_catalog, write_catalog
 from neardup.testing import FakeEmbedder, write_product_photos
 
 

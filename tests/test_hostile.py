@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from neardup.store.files import StoreFiles
 from neardup.store import Store, read_catalog
+from neardup.store.files import StoreFiles
 
 TIMEOUT = 120  # seconds; every case here finishes in a few, so this only catches a hang
 ENV = {**os.environ, "COLUMNS": "100"}

@@ -12,11 +12,9 @@ from typer.testing import CliRunner
 
 from neardup.cli import app
 from neardup.errors import InputError
-from neardup.indexer import index_kinds
 from neardup.indexer.build import build_index, update_index
-from neardup.indexer.faiss_index import search
-from neardup.store import Store
-from neardup.store import read_meta
+from neardup.store import Store, index_kinds, read_meta
+from neardup.store.faiss_index import search
 from neardup.testing import FakeEmbedder
 
 runner = CliRunner()
@@ -162,8 +160,8 @@ def test_a_store_too_small_to_train_its_index_stays_exact_until_it_grows(make_im
 
 
 def test_query_scores_are_exact_cosines_whatever_the_index_codes(make_images, tmp_path: Path) -> None:
-    from neardup.store import read_catalog
     from neardup.search.query import Searcher
+    from neardup.store import read_catalog
 
     make_images(300)
     store = tmp_path / "s.h5"

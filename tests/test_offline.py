@@ -12,8 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from neardup.cli import app
+from neardup.embed.embedders import ENV_WEIGHTS_URL, fetch_imagenet_weights
 from neardup.errors import WeightsError
-from neardup.indexer.embed import ENV_WEIGHTS_URL, fetch_imagenet_weights
 
 #: A loopback port nothing listens on: the download is refused at once, and nothing leaves the machine.
 UNREACHABLE = "http://127.0.0.1:9/resnet50.h5"
@@ -21,7 +21,7 @@ UNREACHABLE = "http://127.0.0.1:9/resnet50.h5"
 PROBE = r"""
 import sys
 from neardup.errors import WeightsError
-from neardup.indexer.models import make_embedder
+from neardup.embed.models import make_embedder
 try:
     make_embedder(sys.argv[1])
 except WeightsError as exc:

@@ -9,8 +9,8 @@ import csv
 import importlib.util
 import io
 import json
-import shutil
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,13 +21,13 @@ from PIL import Image, ImageEnhance
 from typer.testing import CliRunner
 
 from neardup.cli import app
+from neardup.embed.decode import decode_image
+from neardup.embed.models import make_embedder
+from neardup.embed.onnx_runtime import OnnxEmbedder, OnnxPreprocess
 from neardup.errors import InputError, StoreMismatchError
 from neardup.indexer.build import build_index
-from neardup.indexer.decode import decode_image
-from neardup.indexer.models import make_embedder
-from neardup.indexer.onnx_runtime import OnnxEmbedder, OnnxPreprocess
-from neardup.store import read_meta
 from neardup.search.query import query
+from neardup.store import read_meta
 
 from .conftest import GROCERY, SKIP_GROCERY
 
@@ -146,14 +146,14 @@ def test_resnet50_on_onnx_runtime_equals_tensorflow_and_needs_no_tensorflow_late
     assert cos.min() >= 0.99999, cos
     assert ort_emb.weights_fingerprint == tf_emb.weights_fingerprint == "none" and ort_emb.dim == 2048
     np.save(tmp_path / "x.npy", x)
-    code = ("import sys, numpy as np; from neardup.indexer.models import make_embedder; "
+    code = ("import sys, numpy as np; from neardup.embed.models import make_embedder; "
             f"y = make_embedder('resnet50', 'none').embed(np.load({str(tmp_path / 'x.npy')!r})); "
             f"np.save({str(tmp_path / 'y.npy')!r}, y); print('tensorflow' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.stdout.strip() == "False", r.stdout + r.stderr  # the cached export: no TensorFlow import
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), ort_emb.embed(x), atol=1e-5)
     # a damaged cache file is never used: its digest fails, and it is made again from the export
-    from neardup.indexer.onnx_export import onnx_cache_dir
+    from neardup.embed.onnx_export import onnx_cache_dir
 
     (opt,) = onnx_cache_dir().glob("resnet50-*.opt-*.onnx")
     data = bytearray(opt.read_bytes())

@@ -20,20 +20,22 @@ SRC = REPO / "src" / "neardup"
 LAYERS: list[list[str]] = [
     ["errors", "_lazy"],
     ["config", "fileio", "threads"],
-    ["progress"],
-    ["__init__", "indexer/__init__", "search/__init__", "store/__init__"],  # lazy re-exports only
-    ["indexer/discover"],
-    ["indexer/local_features"],
-    ["indexer/decode"],
-    ["indexer/embed"],
-    ["indexer/onnx_runtime"],
-    ["indexer/torch_pickle"],
-    ["indexer/efficientnet_lite"],
-    ["indexer/onnx_export"],
-    ["indexer/models"],
-    ["indexer/pipeline"],
-    ["indexer/index_kinds"],
-    ["indexer/faiss_index"],
+    ["features", "progress"],
+    ["__init__", "embed/__init__", "indexer/__init__", "search/__init__", "store/__init__"],  # lazy re-exports only
+    # embed/: photos to vectors; it imports nothing from store/ (nor store/ from it)
+    ["embed/discover"],
+    ["embed/local_features"],
+    ["embed/decode"],
+    ["embed/embedders"],
+    ["embed/onnx_runtime"],
+    ["embed/torch_pickle"],
+    ["embed/efficientnet_lite"],
+    ["embed/onnx_export"],
+    ["embed/models"],
+    ["embed/pipeline"],
+    # store/: the HDF5 store and its FAISS index; it knows no model
+    ["store/index_kinds"],
+    ["store/faiss_index"],
     ["store/files"],
     ["store/lock", "store/meta", "store/h5io"],
     ["store/segment"],
@@ -44,6 +46,7 @@ LAYERS: list[list[str]] = [
     ["store/publish"],
     ["store/restore"],
     ["store/handle"],
+    ["store_embedder"],  # the glue above both: the embedder a store was made with
     ["indexer/checkpoint", "indexer/scan"],
     ["indexer/embed_job"],
     ["indexer/ray_job"],
@@ -122,6 +125,20 @@ def test_every_module_has_a_place_and_imports_no_later_stage() -> None:
         me = _module_name(path)
         for dep in _runtime_imports(path):
             if RANK[dep] >= RANK[me] and dep != me:
+                wrong.append(f"{me} imports {dep}")
+    assert not wrong, wrong
+
+
+def test_the_store_knows_no_model_and_the_models_know_no_store() -> None:
+    """store/ imports nothing from embed/ or the indexing job, embed/ nothing from store/: the glue that makes
+    a store's embedder (store_embedder) sits above both."""
+    wrong = []
+    for path in sorted(SRC.rglob("*.py")):
+        me = _module_name(path)
+        for dep in _runtime_imports(path):
+            if me.startswith("store/") and dep.split("/")[0] in ("embed", "indexer", "store_embedder"):
+                wrong.append(f"{me} imports {dep}")
+            if me.startswith("embed/") and dep.split("/")[0] in ("store", "indexer", "store_embedder"):
                 wrong.append(f"{me} imports {dep}")
     assert not wrong, wrong
 

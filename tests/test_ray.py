@@ -19,9 +19,9 @@ from typer.testing import CliRunner
 from neardup.cli import app
 from neardup.errors import InputError
 from neardup.indexer.build import build_index, update_index
-from neardup.store.files import StoreFiles
 from neardup.indexer.ray_job import INSTALL_HINT, RayOptions
 from neardup.store import read_catalog
+from neardup.store.files import StoreFiles
 from neardup.testing import FakeEmbedder
 
 from .conftest import GROCERY, SKIP_GROCERY

@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 
 from neardup.cli import app
 from neardup.indexer.build import build_index
-from neardup.store import read_catalog
 from neardup.search.duplicates import find_duplicates
 from neardup.search.query import query
+from neardup.store import read_catalog
 
 
 @pytest.mark.slow

@@ -15,15 +15,15 @@ import pytest
 from PIL import Image
 
 from neardup.config import resolve_threshold
+from neardup.embed.embedders import l2_normalize
 from neardup.errors import InputError, StoreMismatchError
 from neardup.indexer.build import build_index
-from neardup.testing import write_product_photos
-from neardup.indexer.embed import l2_normalize
-from neardup.store import Catalog, StoreMeta, write_catalog
 from neardup.search.duplicates import complete_linkage, connected_components, duplicate_rows, find_duplicates
 from neardup.search.join import exact_pairs, self_join
 from neardup.search.pairs_io import groups_document, write_groups_json, write_pairs_csv
 from neardup.search.query import Searcher, has_match, query
+from neardup.store import Catalog, StoreMeta, write_catalog
+from neardup.testing import write_product_photos
 
 
 def planted(n: int, d: int, seed: int = 0, dups: int = 30) -> tuple[np.ndarray, set[tuple[int, int]]]:
@@ -204,8 +204,8 @@ def test_threshold_validation() -> None:
 
 
 def test_neighbours_maps_sparse_ids_to_paths() -> None:
-    from neardup.indexer.faiss_index import id_lookup, rows_for
     from neardup.search.query import neighbours
+    from neardup.store.faiss_index import id_lookup, rows_for
 
     cat = _catalog(l2_normalize(np.eye(4, dtype=np.float32)))
     cat.ids = np.array([40, 7, 99, 12], np.int64)

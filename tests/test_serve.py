@@ -24,9 +24,9 @@ import pytest
 from PIL import Image
 
 from neardup.indexer.build import build_index, update_index
-from neardup.store import Store, StoreFiles, read_catalog, read_meta
 from neardup.search.query import Searcher
 from neardup.serve.service import LiveStore, QueryService, Upload
+from neardup.store import Store, StoreFiles, read_catalog, read_meta
 from neardup.testing import FakeEmbedder, product_photo, write_product_photos
 
 TOKEN = "s3cret-token"

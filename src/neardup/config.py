@@ -125,7 +125,7 @@ class Defaults:
     decode_workers: int = 2
     #: Batches between durable checkpoints of a run (crash resume granularity).
     checkpoint_every: int = 4
-    #: The FAISS index of a new store: auto is exact up to 100k vectors, then IVF (indexer/index_kinds.py).
+    #: The FAISS index of a new store: auto is exact up to 100k vectors, then IVF (store/index_kinds.py).
     index: str = "auto"
     #: --ray: CPUs reserved per embedding actor (its model threads and decoding threads; a 2-core node runs one).
     ray_cpus: float = 2.0
@@ -142,7 +142,7 @@ class Defaults:
     #: memory). 128 MiB is several times the largest product photo (a 50 MP PNG is ~100 MB).
     max_file_mb: int = 128
     #: Local features (ORB) per photo cached in the store for verification, and the longest side they are
-    #: found at (see indexer/local_features.py for the measurement that chose them).
+    #: found at (see embed/local_features.py for the measurement that chose them).
     local_keypoints: int = 500
     local_side: int = 256
     #: Geometric verification of candidates (search/verify.py) in duplicates, query and evaluate: measured to

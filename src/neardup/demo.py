@@ -16,18 +16,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import DEFAULTS, OFFLINE_MODEL
+from .embed.embedders import Embedder
+from .embed.models import make_embedder
 from .errors import InputError, StoreError, WeightsError
 from .fileio import check_output_path
 from .indexer.build import Progress, RunSummary, build_index
-from .indexer.embed import Embedder
-from .indexer.models import make_embedder
+from .search.duplicates import DuplicateReport, find_duplicates
+from .search.evaluate import EvalResult, evaluate, write_eval_json
+from .search.pairs_io import write_groups_json, write_pairs_csv
+from .search.report import write_report
 from .store.files import StoreFiles
 from .store.generation import Generation
 from .store.handle import read_meta
-from .search.duplicates import DuplicateReport, find_duplicates
-from .search.pairs_io import write_groups_json, write_pairs_csv
-from .search.evaluate import EvalResult, evaluate, write_eval_json
-from .search.report import write_report
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable

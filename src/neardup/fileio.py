@@ -12,8 +12,8 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from typing import TypeVar
 from pathlib import Path
+from typing import TypeVar
 
 from .errors import InputError
 

@@ -20,9 +20,9 @@ oversubscribes the cores, and on a busy machine the teams' idle threads spin aga
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 from collections.abc import Iterator
-import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
 

@@ -20,24 +20,24 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..config import DEFAULTS, PRECISIONS
+from ..embed.embedders import Embedder, resolve_weights
+from ..embed.models import make_embedder, split_model
+from ..embed.onnx_export import agreement, quantize_int8
+from ..embed.pipeline import prepare
 from ..errors import DecodeError, InputError, StoreError, StoreMismatchError
+from ..features import LOCAL_VERSION
 from ..fileio import check_output_path, file_sha256
 from ..store.files import StoreFiles
-from ..store.handle import store_embedder
+from ..store.index_kinds import plan as plan_index
 from ..store.meta import Catalog, Segment, StoreMeta
 from ..store.publish import Change, Published, Writer
 from ..store.repair import segment_contents
 from ..store.restore import Restored
 from ..store.restore import restore_previous as _restore
+from ..store_embedder import store_embedder
 from .checkpoint import Checkpoint
 from .diff import KnownContent, assemble, split_unchanged
-from .embed import Embedder, resolve_weights
-from .models import make_embedder, split_model
-from .index_kinds import plan as plan_index
-from .local_features import LOCAL_VERSION
 from .embed_job import EmbedPhase, JobOptions, Progress, embed_pending
-from .onnx_export import agreement, quantize_int8
-from .pipeline import prepare
 from .scan import FileRecord, Scan, scan
 
 if TYPE_CHECKING:
@@ -127,7 +127,7 @@ def build_index(
     A new store caches local features for verification unless `local_features` is False (then never).
     With `ray`, the decode+embed phase runs on a Ray cluster (indexer/ray_job.py); the store is the same.
     `index` (flat, auto, ivf, hnsw or a FAISS factory string), `memory` (bytes) and `target_recall` choose the
-    FAISS index (indexer/index_kinds.py); the store keeps them for its updates (default: auto, no budget, 0.95).
+    FAISS index (store/index_kinds.py); the store keeps them for its updates (default: auto, no budget, 0.95).
     `repair` reads every block of the store first and drops damaged segments: their photos are indexed again
     (new ids), so nothing is lost but the embedding time; a photo of theirs not found under `roots` (by its
     path, or where the segment's paths are damaged too, by its content) refuses the repair before anything is
@@ -288,7 +288,7 @@ def _itself(emb: Embedder) -> Embedder:
 
 def _same_preprocess(asked: str, stored: str) -> bool:
     """True when the --preprocess asked for is the store's (unnamed input/output taking the store's names)."""
-    from .onnx_runtime import OnnxPreprocess
+    from ..embed.onnx_runtime import OnnxPreprocess
 
     a, s = OnnxPreprocess.parse(asked), OnnxPreprocess.parse(stored)
     return replace(a, input=a.input or s.input, output=a.output or s.output) == s

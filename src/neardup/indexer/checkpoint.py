@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..embed.pipeline import Embedded
+from ..features import LocalTable
 from ..fileio import atomic_write
-from .local_features import LocalTable
-from .pipeline import Embedded
 
 log = logging.getLogger(__name__)
 

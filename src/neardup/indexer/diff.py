@@ -15,11 +15,11 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from ..embed.pipeline import Embedded
 from ..errors import InputError
+from ..features import LocalFeatures, LocalTable
 from ..store.generation import Generation
 from ..store.meta import Catalog, StoreMeta
-from .local_features import LocalFeatures, LocalTable
-from .pipeline import Embedded
 from .scan import FileRecord, Scan, alias_reason
 
 

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import DEFAULTS
+from ..embed.embedders import Embedder
+from ..embed.pipeline import Embedded, prepare_all
+from ..features import LocalFeatures
 from .checkpoint import Checkpoint
-from .embed import Embedder
-from .local_features import LocalFeatures
-from .pipeline import Embedded, prepare_all
 from .scan import FileRecord
 
 Progress = Callable[[int, int], None]  # (done, total)

@@ -25,12 +25,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import DEFAULTS, ENV_ORT_DEVICE
+from ..embed.embedders import Embedder
+from ..embed.pipeline import Embedded, Outcome, prepare_all
 from ..errors import InputError, WeightsError
+from ..features import LocalFeatures
 from .checkpoint import Checkpoint
-from .embed import Embedder
 from .embed_job import EmbedPhase, JobOptions, Progress
-from .local_features import LocalFeatures
-from .pipeline import Embedded, Outcome, prepare_all
 from .scan import FileRecord
 
 log = logging.getLogger(__name__)

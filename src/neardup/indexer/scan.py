@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .discover import walk_images
+from ..embed.discover import walk_images
 
 
 class FileRecord(NamedTuple):

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..config import DEFAULTS
-from ..indexer.index_kinds import nlist_for
 from ..store.generation import Generation
+from ..store.index_kinds import nlist_for
 
 log = logging.getLogger(__name__)
 

@@ -21,15 +21,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..config import DEFAULTS, candidate_rule, word_candidates
-from ..indexer.local_features import LOCAL_VERSION, LocalFeatures
 from ..errors import InputError
+from ..features import LOCAL_VERSION, LocalFeatures
 from ..progress import Progress, stage_of
 from ..store.generation import Generation
 from ..store.handle import opened
 from ..store.meta import Catalog
 from .candidates import store_knn_pairs
-from .grouping import (alias_rows, changed_rows, complete_linkage, connected_components, keeper_order,
-                       stale_rows)
+from .grouping import alias_rows, changed_rows, complete_linkage, connected_components, keeper_order, stale_rows
 from .join import candidate_pairs, exact_pairs, knn_pairs, self_join, without_pairs
 from .verify import pack, resolve_verify, row_features, verify_pairs
 from .verify_jobs import verify_many

@@ -20,26 +20,8 @@ With verification (the default for a store that caches local features), scoring 
 when geometrically verified (search/verify.py); a query's top k are re-ranked by rerank() above the cosine
 order of the rest.
 
-Definitions (also written into the JSON output):
-
-* Pair level. A predicted pair is two evaluated images with cosine >= t (compared in float32, exactly as
-  `neardup duplicates` does) or with identical content hashes (score 1.0). With verification, only
-  candidates can be predicted: pairs (i < j) where j is among i's k nearest evaluated images or i among
-  j's, scoring at least the lowest threshold of the sweep; a candidate is predicted at t when it scores
-  >= t AND is verified (byte-identical files always are). In query mode the candidates are each query's
-  top k catalogue images (and byte-identical ones). A true pair is two evaluated images of the same truth
-  group (in query mode: a query and a catalogue image of its group). precision = TP / predicted (1.0 when
-  nothing is predicted), recall = TP / true pairs, F1 = their harmonic mean (0 when both are 0).
-* Query level. Every evaluated image with at least one other evaluated member of its group is a query
-  (query mode: every decoded query photo with a catalogue image of its group). All other evaluated images
-  (query mode: all catalogue images), class junk excluded, are ranked by cosine (exactly, by blocked matrix
-  products); ties are broken pessimistically (a true match tied with a false one ranks below it), so no
-  number depends on row order. Scores within TIE_TOL (1e-6) of each other count as tied: float32 products
-  computed in another order (a row at a time, another CPU's BLAS kernel) differ by ~1e-7, and must not
-  reorder equal scores. With verification the top k come first, in rerank() order (candidates that only
-  their near-equal cosines order stay tied). recall@k = fraction of queries with at least one true match
-  among their top k. mAP = mean over queries of the average precision over the full ranking of all their
-  group-mates (exact, not truncated).
+The pair- and query-level definitions (predicted and true pairs, ties, recall@k, mAP) are
+`metrics.DEFINITIONS`, which the JSON output also carries.
 """
 from __future__ import annotations
 
@@ -55,19 +37,33 @@ from pathlib import Path
 import numpy as np
 
 from ..config import DEFAULTS, candidate_rule, resolve_threshold, word_candidates
+from ..embed.decode import read_file
+from ..embed.embedders import Embedder
+from ..embed.pipeline import embed_files
 from ..errors import DecodeError, InputError
+from ..features import LOCAL_VERSION
 from ..fileio import atomic_write, check_output_path
-from ..indexer.decode import read_file
-from ..indexer.embed import Embedder
-from ..indexer.pipeline import embed_files
-from ..indexer.local_features import LOCAL_VERSION
 from ..progress import Progress, stage_of
 from ..store.generation import Generation
-from ..store.handle import opened, store_embedder
+from ..store.handle import opened
+from ..store_embedder import store_embedder
 from .join import candidate_pairs, exact_pairs, self_join, without_pairs
-from .metrics import (DEFAULT_KS, DEFAULT_SWEEP, DEFINITIONS, TIE_TOL, _junk, _mates,  # noqa: F401 - TIE_TOL
-                      _pairs_in, _query_candidates, _retrieval, _Verifier, best_index, pair_metrics,
-                      retrieval_metrics, retrieval_metrics_blocked)
+from .metrics import (  # noqa: F401 - TIE_TOL
+    DEFAULT_KS,
+    DEFAULT_SWEEP,
+    DEFINITIONS,
+    TIE_TOL,
+    _junk,
+    _mates,
+    _pairs_in,
+    _query_candidates,
+    _retrieval,
+    _Verifier,
+    best_index,
+    pair_metrics,
+    retrieval_metrics,
+    retrieval_metrics_blocked,
+)
 from .truth import TruthRow, read_truth, read_truth_rows  # noqa: F401 - read_truth: re-exported
 from .verify import resolve_verify, row_features
 

@@ -17,7 +17,7 @@ import numpy as np
 from scipy import sparse
 
 from ..config import DEFAULTS
-from ..indexer.faiss_index import id_lookup, rows_for
+from ..store.faiss_index import id_lookup, rows_for
 
 
 def self_join(xb: np.ndarray, threshold: float, block: int | None = None,

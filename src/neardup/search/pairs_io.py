@@ -18,6 +18,7 @@ from ..errors import InputError
 from ..fileio import atomic_write, check_output_path
 from .duplicates import DuplicateReport, Pair
 
+
 def write_pairs_csv(report: DuplicateReport, path: str | os.PathLike[str]) -> None:
     """Pairs as CSV: a_id, a_path, b_id, b_path, score, kind (exact pairs first, then by score), a_stale and
     b_stale ("missing" or "changed" for a file no longer as indexed, "alias" for another name of a listed file:

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..embed.decode import open_upright
 from ..errors import InputError
 from ..fileio import atomic_write, check_output_path
-from ..indexer.decode import open_upright
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -11,16 +11,16 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from ..config import DEFAULTS
+from ..embed.discover import discover
+from ..embed.embedders import Embedder
+from ..embed.models import make_embedder
+from ..embed.pipeline import embed_files
 from ..errors import InputError
+from ..features import LocalFeatures
 from ..progress import Progress, stage_of
-from ..indexer.discover import discover
-from ..indexer.embed import Embedder
-from ..indexer.models import make_embedder
-from ..indexer.faiss_index import search
-from ..indexer.pipeline import embed_files
-from ..indexer.local_features import LocalFeatures
+from ..store.faiss_index import search
 from ..store.generation import Generation
-from ..store.handle import store_embedder
+from ..store_embedder import store_embedder
 from .verify import rerank, resolve_verify, row_features, verify_pairs
 
 log = logging.getLogger(__name__)

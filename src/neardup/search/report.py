@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..embed.decode import file_local_features, open_upright
 from ..errors import DecodeError, InputError
 from ..fileio import atomic_write, check_output_path, fmt_bytes, now_iso
-from ..indexer.decode import file_local_features, open_upright
 from ..progress import Callback, Progress, stage_of
 from ..store.generation import Generation
 from ..store.handle import opened

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..errors import InputError
 
+
 @dataclass(frozen=True)
 class TruthRow:
     """One row of a truth CSV: the path as written and resolved, its group, class and role ("" or "query")."""

@@ -20,11 +20,12 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..config import DEFAULTS, VERIFY, VerifyRule
+from ..embed.decode import file_local_features
 from ..errors import DecodeError, StoreError
-from ..indexer.decode import file_local_features
-from ..indexer.local_features import DESC_BYTES, LOCAL_VERSION, LocalFeatures, LocalTable, _cv2
+from ..features import DESC_BYTES, LOCAL_VERSION, LocalFeatures, LocalTable
 from ..store.generation import Generation
 from ..threads import one_thread, thread_pool
+from ..threads import opencv as _cv2
 
 log = logging.getLogger(__name__)
 

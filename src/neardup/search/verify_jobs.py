@@ -17,7 +17,7 @@ import numpy as np
 
 from ..config import DEFAULTS, VERIFY, VerifyRule
 from ..errors import WorkerError
-from ..indexer.local_features import LocalTable
+from ..features import LocalTable
 from ..threads import cores, one_thread, process_init, process_pool
 from .verify import _FIELDS, Verified, verify_table
 

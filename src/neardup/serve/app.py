@@ -16,7 +16,7 @@ import mimetypes
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from importlib import resources
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi import Path as FastApiPath
@@ -27,10 +27,21 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..config import DEFAULTS, VERSION
 from ..errors import DecodeError, StoreError
 from ..search.query import QueryResult
-from .guard import (_CODES, OPEN_PATHS, PAGE_CSP, SECURITY_HEADERS, STATIC, ApiError, Guard, ServeOptions,  # noqa: F401
-                    check_token, error_response, is_loopback)
-from .protocol import quiet_accept_errors
+from .guard import (  # noqa: F401
+    _CODES,
+    OPEN_PATHS,
+    PAGE_CSP,
+    SECURITY_HEADERS,
+    STATIC,
+    ApiError,
+    Guard,
+    ServeOptions,
+    check_token,
+    error_response,
+    is_loopback,
+)
 from .live import GenerationGone
+from .protocol import quiet_accept_errors
 from .service import Answer, LiveStore, QueryService, Refused, Upload
 
 log = logging.getLogger(__name__)
@@ -153,11 +164,11 @@ def create_app(opts: ServeOptions, service: QueryService | None = None) -> FastA
     async def query(request: Request,
                     image: Annotated[list[UploadFile], File(description="One or more photos.")],
                     k: Annotated[int, Query(ge=1, le=100, description="Neighbours per photo.")] = DEFAULTS.k,
-                    verify: Annotated[Optional[bool], Query(description="Verify geometrically [default: when "
+                    verify: Annotated[bool | None, Query(description="Verify geometrically [default: when "
                                                             "the store caches local features].")] = None,
-                    threshold: Annotated[Optional[float], Query(ge=-1, le=1, description="Cosine threshold "
+                    threshold: Annotated[float | None, Query(ge=-1, le=1, description="Cosine threshold "
                                                                 "[default: the model's].")] = None,
-                    generation: Annotated[Optional[str], Query(max_length=200, description=(
+                    generation: Annotated[str | None, Query(max_length=200, description=(
                         "Answer from this store generation (a client's first answer's), while the server holds "
                         "it; 409 generation_gone when it does not."))] = None) -> dict:
         if not image:

@@ -8,18 +8,18 @@ from __future__ import annotations
 import json
 import os
 import time
-import uuid
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import DEFAULTS
+from ..embed.decode import read_bytes
+from ..embed.discover import discover
 from ..errors import DecodeError, InputError, ServerError
-from ..indexer.decode import read_bytes
-from ..indexer.discover import discover
 from ..search.query import Match, QueryResult
 
 #: Retries of a request the server answered 503 with Retry-After (overloaded), each after the time it asks.

@@ -20,7 +20,6 @@ from fastapi.responses import JSONResponse
 from ..config import DEFAULTS, SERVE
 from ..errors import InputError
 
-
 #: The page's own files (package data in static/), the only files served besides indexed images.
 STATIC = {"app.js": "text/javascript", "app.css": "text/css", "favicon.svg": "image/svg+xml"}
 #: Paths answered without the token: the health check, and the page and its files, which hold no data (every

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import TypeVar
 
 from ..config import DEFAULTS, SERVE
+from ..embed.embedders import Embedder
 from ..errors import NeardupError, StoreError
 from ..fileio import file_sha256
-from ..indexer.embed import Embedder
 from ..search.query import Searcher
 from ..store.generation import Generation
 from ..store.meta import StoreMeta

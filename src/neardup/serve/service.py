@@ -29,10 +29,10 @@ import numpy as np
 from PIL import Image
 
 from ..config import DEFAULTS, SERVE
+from ..embed.decode import Decoded, open_upright
+from ..embed.pipeline import decode_for
 from ..errors import DecodeError, NeardupError
-from ..indexer.decode import Decoded, open_upright
-from ..indexer.pipeline import decode_for
-from ..indexer.local_features import LocalFeatures
+from ..features import LocalFeatures
 from ..search.query import Answer, Match, QueryResult
 from ..search.verify import Verified, rerank, resolve_verify, verify_pairs
 from .fair import FairPool

@@ -13,11 +13,12 @@ from .._lazy import lazy_exports
 _EXPORTS = {
     **dict.fromkeys(["Store"], ".handle"),
     **dict.fromkeys(["Generation"], ".generation"),
-    **dict.fromkeys(["read_catalog", "read_meta", "store_embedder", "opened", "write_catalog"], ".handle"),
+    **dict.fromkeys(["read_catalog", "read_meta", "opened", "write_catalog"], ".handle"),
     **dict.fromkeys(["Catalog", "StoreMeta", "Manifest", "Segment"], ".meta"),
     **dict.fromkeys(["Change", "Published", "Writer"], ".publish"),
     **dict.fromkeys(["Restored"], ".restore"),
     **dict.fromkeys(["StoreFiles"], ".files"),
+    **dict.fromkeys(["build_flat_index", "save_index", "search"], ".faiss_index"),
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)

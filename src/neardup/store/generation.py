@@ -23,14 +23,14 @@ import numpy as np
 
 from ..config import DEFAULTS, resolve_threshold
 from ..errors import StoreError
+from ..features import LocalTable
 from ..fileio import file_sha256
-from ..indexer import faiss_index, index_kinds
-from ..indexer.local_features import LocalTable
+from . import faiss_index, index_kinds
 from .damage import damaged
 from .files import StoreFiles
 from .manifest import LegacyFile, open_any
-from .segment import Damage, SegmentFile
 from .meta import Catalog, Manifest, Segment, StoreMeta
+from .segment import Damage, SegmentFile
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """Store, handle: `Store`, the store by its path — its current and previous generations, its writer, its checks —
-and the conveniences over it: read_meta, read_catalog, `opened`, and the embedder a store was made with."""
+and the conveniences over it: read_meta, read_catalog, `opened`."""
 from __future__ import annotations
 
 import os
@@ -10,15 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import DEFAULTS
-from ..errors import StoreError, StoreMismatchError
+from ..errors import StoreError
 from ..fileio import check_output_path, file_sha256
-from ..indexer.embed import Embedder
-from ..indexer.models import make_embedder
 from .files import StoreFiles
 from .generation import Generation
-from .meta import Catalog, StoreMeta
 from .manifest import unnamed
+from .meta import Catalog, StoreMeta
 from .publish import Change, Published, Writer
 from .restore import Restored, restore_previous
 
@@ -94,42 +91,6 @@ class Store:
             problems.append(f"the previous generation {self.files.previous} is damaged "
                             f"({getattr(exc, 'reason', exc)}); it cannot be restored (the next update replaces it)")
         return problems
-
-
-def check_embedder(meta: StoreMeta, emb: Embedder, store: str | os.PathLike[str]) -> None:
-    """Refuse an embedder whose vectors cannot be compared with the store's: another model, dimension or
-    weights fingerprint. The one place this rule lives (indexing and querying both call it)."""
-    if meta.model == "onnx" and emb.preprocessing != meta.preprocessing:  # a user's model: its preprocessing
-        raise StoreMismatchError(f"{store} was made with the preprocessing {meta.preprocessing}; the model given "
-                                 f"uses {emb.preprocessing}")
-    if emb.name != meta.model or emb.dim != meta.dim or emb.weights_fingerprint != meta.weights_fingerprint:
-        raise StoreMismatchError(
-            f"{store} was made with {meta.model} (dim {meta.dim}, weights {meta.weights_fingerprint}); "
-            f"the model given is {emb.name} (dim {emb.dim}, weights {emb.weights_fingerprint})")
-
-
-def store_embedder(meta: StoreMeta, store: str | os.PathLike[str], *, weights: str | None = None,
-                   precision: str = DEFAULTS.precision, embedder: Embedder | None = None,
-                   runtime: str | None = None) -> Embedder:
-    """The embedder a store was built with (its model, its weights unless others are given, its onnx
-    preprocessing, its int8 model, beside `store`, checked against its digest), checked against the store's
-    `meta`; an injected `embedder` is checked the same way. `runtime` may differ from the store's: TensorFlow
-    and ONNX Runtime vectors are interchangeable."""
-    if meta.precision == "int8":
-        precision = "int8"  # the store's calibrated model, whatever the default
-    quantized = StoreFiles.of_manifest(store).index(meta.quantized_file) if meta.quantized_file else None
-    if quantized is not None and embedder is None:
-        if not quantized.is_file():
-            raise StoreError(f"the int8 model of {store} is missing ({quantized}); it was calibrated on this "
-                             f"store's images, so rebuild the store with `neardup index DIR --precision int8`")
-        if meta.quantized_sha256 and file_sha256(quantized) != meta.quantized_sha256:
-            raise StoreError(f"the int8 model of {store} ({quantized}) does not match the digest its store recorded "
-                             f"(damaged); rebuild the store with `neardup index DIR --precision int8`")
-    emb = embedder or make_embedder(meta.model, weights or meta.weights, precision, runtime=runtime,
-                                    preprocess=meta.preprocessing if meta.model == "onnx" else None,
-                                    quantized=quantized)
-    check_embedder(meta, emb, store)
-    return emb
 
 
 @contextmanager

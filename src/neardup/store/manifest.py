@@ -23,7 +23,7 @@ from ..fileio import atomic_write, ensure_space
 from .files import StoreFiles
 from .h5io import H5_ERRORS, HDF5_SIGNATURE, USERBLOCK, h5_create, seal, unseal
 from .meta import FORMAT, INDEX_DEFAULTS, LEGACY_SCHEMA, RECORDED, SCHEMA_VERSION, Manifest, Segment, StoreMeta
-from .segment import Damage, attrs_of, blob, canonical, plain, text_of, reason_of
+from .segment import Damage, attrs_of, blob, canonical, plain, reason_of, text_of
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-from ..indexer.local_features import LocalTable
+from ..features import LocalTable
 
 FORMAT = "neardup-store"
 SEGMENT_FORMAT = "neardup-segment"
@@ -44,7 +44,7 @@ class StoreMeta:
     quantized_sha256: str = ""  #: its digest, checked before it embeds anything
     calibration: str = ""  #: the int8 calibration and its measured agreement with float32
     local_features: str = ""  #: version of the cached local features (local_features.LOCAL_VERSION); "" = none
-    # The FAISS index (indexer/index_kinds.py): what was asked for, what was built, and its measured recall.
+    # The FAISS index (store/index_kinds.py): what was asked for, what was built, and its measured recall.
     index_kind: str = "flat"  #: flat, auto, ivf, hnsw or a FAISS index-factory string
     index_memory: int = 0  #: the memory budget (bytes) auto chose under; 0: none
     index_target: float = 0.95  #: the recall@10 an approximate index is tuned to

@@ -26,15 +26,15 @@ import numpy as np
 from ..config import VERSION
 from ..errors import InputError, StoreError
 from ..fileio import now_iso
-from ..indexer import faiss_index, index_kinds
-from .files import StoreFiles, new_name
+from . import faiss_index, index_kinds
 from .damage import damaged
+from .files import StoreFiles, new_name
 from .generation import Generation
 from .h5io import file_digest
 from .lock import writer_lock
 from .manifest import is_store, named, open_any, remove_unnamed, write_manifest
-from .repair import open_healthy, rebuild
 from .meta import RECORDED, SCHEMA_VERSION, Catalog, Manifest, Segment, StoreMeta
+from .repair import open_healthy, rebuild
 from .segment import LARGE, Damage, SegmentFile, plain, segment_columns, write_segment
 
 log = logging.getLogger(__name__)

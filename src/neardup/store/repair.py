@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import StoreFiles
 from .damage import damaged
+from .files import StoreFiles
 from .generation import Generation
 from .h5io import file_digest
 from .manifest import LegacyFile, _meta, open_any

@@ -9,14 +9,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
-from pathlib import Path
-
 import time
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from ..indexer.embed import l2_normalize
+from ..embed.embedders import l2_normalize
 from .products import CATEGORIES, random_spec
 from .render import render
 

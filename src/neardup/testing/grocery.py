@@ -240,7 +240,7 @@ def shelf_pairs(root: str | Path | None = None, *, split: str = "test", top: int
     (a, b, raw inliers), most first. Scans every such pair of the split (~50k in the test split, ~1 min).
     """
     from ..config import VerifyRule
-    from ..indexer.decode import file_local_features
+    from ..embed.decode import file_local_features
     from ..search.verify import verify_pairs
 
     pool = photos(root, split, ("Packages",))

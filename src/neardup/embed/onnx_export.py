@@ -16,10 +16,10 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -27,7 +27,7 @@ from ..config import DEFAULTS
 from ..errors import InputError, WeightsError
 from ..fileio import atomic_write, file_sha256
 from .efficientnet_lite import LITE, is_lite, lite_graph, lite_preprocessing, lite_weights_file
-from .embed import KerasEmbedder, keras_cache_dir, keras_weights_file
+from .embedders import KerasEmbedder, keras_cache_dir, keras_weights_file
 from .onnx_runtime import OnnxEmbedder, OnnxPreprocess
 
 log = logging.getLogger(__name__)

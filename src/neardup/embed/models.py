@@ -13,7 +13,7 @@ import os
 from ..config import DEFAULTS, MODELS, PRECISIONS, RUNTIMES
 from ..errors import InputError
 from .efficientnet_lite import is_lite
-from .embed import Embedder, KerasEmbedder, PHashEmbedder, resolve_weights
+from .embedders import Embedder, KerasEmbedder, PHashEmbedder, resolve_weights
 
 
 def split_model(model: str, weights: str | None = None) -> tuple[str, str | None]:

@@ -7,41 +7,20 @@ re-ranking a trained CNN's top-10 by its RANSAC inliers lifts recall@1 about as 
 and a fixed size keeps a resized copy comparable with its original, also one resized by different factors in
 width and height (version 2; version 1 kept the aspect ratio, and lost such copies).
 
-A store keeps every row's features as fixed-size arrays (`LocalTable`): `count` keypoints (-1: not
-extracted), `xy` as fractions of the photo's width and height (so the feature survives any resize), and the
-32-byte ORB descriptors. cv2 is imported lazily: only indexing and verification need it.
+The records (`LocalFeatures`, the store's `LocalTable`) live in `neardup.features`. cv2 is imported lazily:
+only indexing and verification need it.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
 from ..config import DEFAULTS
+from ..features import EMPTY, LocalFeatures
 
-#: Recorded in the store; features of another version are not compared with these.
-LOCAL_VERSION = f"orb-v2-square/{DEFAULTS.local_keypoints}/{DEFAULTS.local_side}"
-#: Bytes of one ORB descriptor.
-DESC_BYTES = 32
 #: Shortest side (px, after scaling to `side`) below which a photo gets no keypoints: ORB's 31 px patches
 #: and 8-level pyramid need room (a 12 x 3000 banner made OpenCV raise).
 MIN_SIDE = 32
-
-
-@dataclass(frozen=True)
-class LocalFeatures:
-    """Keypoints of one photo, strongest first: `xy` float32 [m, 2] as fractions of (width, height), `desc`
-    uint8 [m, 32]."""
-
-    xy: np.ndarray
-    desc: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.xy)
-
-
-EMPTY = LocalFeatures(np.zeros((0, 2), np.float32), np.zeros((0, DESC_BYTES), np.uint8))
 
 
 def _cv2():  # noqa: ANN202 - the cv2 module
@@ -74,40 +53,3 @@ def extract_local(img: Image.Image, *, side: int = DEFAULTS.local_side,
     order = np.argsort([-k.response for k in kps], kind="stable")[:keypoints]
     xy = np.array([k.pt for k in kps], np.float32)[order] / np.array([gw, gh], np.float32)
     return LocalFeatures(xy, np.ascontiguousarray(desc[order], np.uint8))
-
-
-@dataclass
-class LocalTable:
-    """Local features of many rows as fixed-size arrays (the store's layout)."""
-
-    count: np.ndarray  #: int16 [n]; -1 = not extracted
-    xy: np.ndarray  #: float16 [n, K, 2]
-    desc: np.ndarray  #: uint8 [n, K, 32]
-
-    def __len__(self) -> int:
-        return len(self.count)
-
-    def row(self, i: int) -> LocalFeatures | None:
-        """Row i's features (None when not extracted)."""
-        c = int(self.count[i])
-        if c < 0:
-            return None
-        return LocalFeatures(self.xy[i, :c].astype(np.float32), self.desc[i, :c])
-
-    @classmethod
-    def empty(cls, n: int, k: int = DEFAULTS.local_keypoints) -> LocalTable:
-        """n rows, none extracted."""
-        return cls(np.full(n, -1, np.int16), np.zeros((n, k, 2), np.float16), np.zeros((n, k, DESC_BYTES), np.uint8))
-
-    @classmethod
-    def of(cls, rows: list[LocalFeatures | None], k: int = DEFAULTS.local_keypoints) -> LocalTable:
-        """Pack per-row features (None: not extracted)."""
-        t = cls.empty(len(rows), k)
-        for i, f in enumerate(rows):
-            if f is None:
-                continue
-            m = min(len(f), k)
-            t.count[i] = m
-            t.xy[i, :m] = f.xy[:m]
-            t.desc[i, :m] = f.desc[:m]
-        return t

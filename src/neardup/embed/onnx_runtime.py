@@ -18,7 +18,7 @@ from ..config import ENV_ORT_DEVICE
 from ..errors import InputError, WeightsError
 from ..fileio import file_sha256
 from ..threads import cores
-from .embed import l2_normalize
+from .embedders import l2_normalize
 
 log = logging.getLogger(__name__)
 

@@ -10,16 +10,25 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+
 # The plugins of IMAGE_FORMATS, registered now: Image.open(formats=...) fails (KeyError) on a named format whose
 # plugin Pillow has not loaded yet (WebP and TIFF load lazily).
-from PIL import BmpImagePlugin, GifImagePlugin, JpegImagePlugin, PngImagePlugin, TiffImagePlugin  # noqa: F401
-from PIL import WebPImagePlugin  # noqa: F401
+from PIL import (  # noqa: F401
+    BmpImagePlugin,
+    GifImagePlugin,
+    Image,
+    ImageOps,
+    JpegImagePlugin,
+    PngImagePlugin,
+    TiffImagePlugin,
+    WebPImagePlugin,  # noqa: F401
+)
 
 from ..config import DEFAULTS, IMAGE_FORMATS
 from ..errors import DecodeError
+from ..features import LocalFeatures
 from ..fileio import fmt_bytes
-from .local_features import LocalFeatures, extract_local
+from .local_features import extract_local
 
 # load_upright refuses bombs itself, with a reason per file. Pillow's warning for images between one and two
 # times its pixel limit would otherwise leak to stderr with a source line. Set once at import: warnings

@@ -17,10 +17,10 @@ import numpy as np
 
 from ..config import DEFAULTS
 from ..errors import DecodeError
+from ..features import LocalFeatures
 from ..threads import thread_pool
 from .decode import Decoded, decode_image, read_file
-from .embed import Embedder
-from .local_features import LocalFeatures
+from .embedders import Embedder
 
 
 @dataclass(frozen=True)
