@@ -71,11 +71,15 @@ LAYERS: list[list[str]] = [
     ["serve/guard"],
     ["serve/app", "serve/client"],
     ["serve/__init__"],
-    ["cli"],
+    ["cli/base", "cli/options"],
+    ["cli/render"],
+    ["cli/indexing"],
+    ["cli/searching", "cli/serving"],
+    ["cli/__init__"],
     ["__main__"],
 ]
 #: Modules allowed past ~400 lines because one concern needs it.
-LONG_ONE_CONCERN = {"cli": "the command line: each command's options, help text and output"}
+LONG_ONE_CONCERN: dict[str, str] = {}
 RANK = {name: k for k, row in enumerate(LAYERS) for name in row}
 
 
