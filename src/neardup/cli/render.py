@@ -12,6 +12,7 @@ from .base import _show
 if TYPE_CHECKING:
     from ..indexer.build import RunSummary
     from ..search.query import QueryResult
+    from ..store.handle import StoreInfo
 
 
 def _print_summary(s: RunSummary, limit: int = 20) -> None:
@@ -57,11 +58,44 @@ def _came_back(r: Any) -> str:
 def _warn_random_weights(store: Path, meta: Any = None) -> None:
     """Seeded random CNN weights give every photo a score near 1: say so wherever such a store is used."""
     from ..store.handle import read_meta
+    from ..store_embedder import random_weights
 
     meta = meta or read_meta(store)
-    if meta.weights == "none" and meta.model in ("resnet50", "vgg16"):
+    if random_weights(meta.model, meta.weights):
         typer.echo(f"neardup: note: {store} uses random weights (--weights none): its scores show the plumbing, "
                    f"not which photos are alike", err=True)
+
+
+def _print_info(about: StoreInfo) -> None:
+    """`neardup info` as a table (store.handle.StoreInfo; `info --json` writes its to_json)."""
+    meta, size, segs, dead, previous = about.meta, about.sizes, about.segments, about.dead_rows, about.previous
+    layout = (f"{len(segs)} in {about.segments_dir} ({fmt_bytes(size['segments'])}"
+              + (f"; {dead} deleted rows until compaction" if dead else "") + ")") if meta.schema_version > 1 else \
+        "none: written before segments (schema 1; `neardup update` rewrites it as segments)"
+    rows = [("store", f"{about.store} (manifest {fmt_bytes(size['manifest'])}, {fmt_bytes(about.total_bytes)} in all)"),
+            ("generation", meta.generation or "not recorded"), ("segments", layout),
+            ("images", str(meta.count)), ("failed", str(meta.failures)), ("model", meta.model),
+            ("weights", f"{meta.weights} (fingerprint {meta.weights_fingerprint})"), ("dim", str(meta.dim)),
+            ("input", f"{meta.input_size}x{meta.input_size}"), ("preprocessing", meta.preprocessing),
+            ("runtime", f"{meta.runtime or 'not recorded'}, {meta.precision}"
+             + (f" ({meta.quantized_file}; {meta.calibration})" if meta.quantized_file else "")),
+            ("local features", f"{meta.local_features} (cached for --verify)" if meta.local_features else
+             "none: --verify extracts them from the files (a store made before they were cached)"),
+            ("faiss index", _index_line(meta) + (f", {fmt_bytes(size['index'])} on disk" if size["index"] else
+                                                 ", searched from the stored vectors (no file)")),
+            ("normalization", meta.normalization), ("created", meta.created), ("updated", meta.updated),
+            ("neardup", f"{meta.neardup_version} (schema {meta.schema_version})"),
+            ("previous", "none kept yet" if not previous else
+             f"{previous.path}: damaged ({previous.damaged}), cannot be restored" if previous.damaged is not None else
+             f"{previous.path} ({previous.count} images, written {previous.updated}; "
+             f"`neardup restore` makes it current)")]
+    if about.problems is not None:
+        rows.append(("check", "; ".join(about.problems) if about.problems else
+                     "ok: every block of every segment and every index file match their digests"))
+    for k, v in rows:
+        typer.echo(f"{k:>14}  {_show(v)}")
+    for p, r in about.failures:
+        typer.echo(f"  skipped {_show(p)}: {r}")
 
 
 def _index_line(meta: Any) -> str:

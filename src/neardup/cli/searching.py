@@ -7,7 +7,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -19,7 +19,6 @@ from ..config import (
 from ..errors import InputError
 from ..fileio import check_output_path
 from .base import _progress, _show, app, handled
-from .indexing import _ray_options
 from .options import (
     _CANDIDATES,
     BatchOpt,
@@ -39,22 +38,6 @@ from .options import (
     WeightsOpt,
 )
 from .render import _match_rows, _query_rows, _removable, _say_stale, _warn_random_weights
-
-
-def _loose_embedder(store: Path | None, model: str | None, weights: str | None, precision: str,
-                    runtime: str, preprocess: str | None) -> Any:
-    """The embedder of commands that embed loose files (compare, plot): a store's, or --model's."""
-    from ..embed.models import make_embedder, split_model
-    from ..errors import StoreMismatchError
-    from ..store.handle import read_meta
-    from ..store_embedder import store_embedder
-
-    if store is None:
-        return make_embedder(model or DEFAULTS.model, weights, precision, runtime=runtime, preprocess=preprocess)
-    meta = read_meta(store)
-    if model is not None and split_model(model, weights)[0] != meta.model:
-        raise StoreMismatchError(f"{store} was made with {meta.model}; --model {model} cannot follow it")
-    return store_embedder(meta, store, weights=weights, precision=precision, runtime=runtime)
 
 
 @app.command("query")
@@ -141,11 +124,12 @@ def compare_cmd(
 ) -> None:
     """Cosine similarity of two images. Exit 0: duplicate (>= threshold); 1: not; 2: error."""
     from ..search.query import compare
+    from ..store_embedder import loose_embedder
 
     for p in (a, b):
         if not p.is_file():
             raise InputError(f"no such image file: {_show(p)}")
-    emb = _loose_embedder(store, model, weights, precision, runtime, preprocess)
+    emb = loose_embedder(store, model, weights, precision, runtime, preprocess)
     t = resolve_threshold(threshold, emb.name)
     score = compare(a, b, embedder=emb)
     verdict = "duplicate" if score >= t else "not a duplicate"
@@ -185,11 +169,12 @@ def duplicates_cmd(
 ) -> None:
     """List every near-duplicate pair and group of a store (nothing is ever deleted). With --verify, pairs are
     verified candidates; unverified candidates above the threshold are listed (verified=false), never grouped."""
+    from ..indexer.ray_job import RayOptions
     from ..search.duplicates import find_duplicates
     from ..search.pairs_io import write_groups_json, write_pairs_csv
 
     report = find_duplicates(store, threshold=threshold, verify=verify, k=k, loose_threshold=loose, exact=exact,
-                             ray=_ray_options(ray, ray_address, None, DEFAULTS.ray_cpus, None),
+                             ray=RayOptions.asked(ray, ray_address),
                              progress=_progress(quiet))
     if out:
         write_pairs_csv(report, out)
@@ -277,6 +262,7 @@ def plot_cmd(
     """Draw two images side by side, "Original" and "Duplicate (Score: ...)", into an image file."""
     from ..search.plots import plot_format, plot_pair
     from ..search.query import compare
+    from ..store_embedder import loose_embedder
 
     for p in (a, b):
         if not p.is_file():
@@ -286,7 +272,7 @@ def plot_cmd(
     if score is not None and not math.isfinite(score):
         raise InputError(f"--score must be a number, got {score}")
     if score is None:
-        score = compare(a, b, embedder=_loose_embedder(store, model, weights, precision, runtime, preprocess))
+        score = compare(a, b, embedder=loose_embedder(store, model, weights, precision, runtime, preprocess))
     plot_pair(a, b, score, out)
     typer.echo(f"wrote {out} (score {score:.4f})")
 
