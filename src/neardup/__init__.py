@@ -29,6 +29,7 @@ _EXPORTS = {
     **dict.fromkeys(["read_catalog", "read_meta"], ".store.handle"),
     **dict.fromkeys(["Catalog", "StoreMeta"], ".store.meta"),
     **dict.fromkeys(["RunSummary", "build_index", "update_index"], ".indexer.build"),
+    **dict.fromkeys(["IndexOptions"], ".indexer.options"),
     **dict.fromkeys(["QueryResult", "Match", "Answer", "Searcher", "answer", "query", "compare"], ".search.query"),
     **dict.fromkeys(["DuplicateReport", "find_duplicates"], ".search.duplicates"),
     **dict.fromkeys(["EvalResult", "evaluate"], ".search.evaluate"),

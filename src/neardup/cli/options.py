@@ -28,7 +28,7 @@ from ..config import (
 )
 
 if TYPE_CHECKING:
-    from ..indexer.build import IndexOptions
+    from ..indexer.options import IndexOptions
 
 StoreOpt = Annotated[Path, typer.Option("--store", "-s", envvar=ENV_STORE, help="HDF5 store file.")]
 ModelOpt = Annotated[str | None, typer.Option(
@@ -123,7 +123,7 @@ def index_options(*, max_file_mb: int, memory: str | None, ray: bool, ray_addres
                   ray_actors: int | None, ray_cpus: float, ray_gpus: float | None, **fields: Any) -> IndexOptions:
     """The IndexOptions of `index` and `update` from their options (the one place both build them): sizes in
     bytes, --ray and its settings as RayOptions, the other fields as given."""
-    from ..indexer.build import IndexOptions
+    from ..indexer.options import IndexOptions
     from ..indexer.ray_job import RayOptions
 
     return IndexOptions(max_file_bytes=max_file_mb << 20, memory=parse_size(memory) if memory else None,

@@ -8,7 +8,6 @@ the old or the new generation, never a mix, and an update writes what changed, n
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -16,7 +15,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -37,10 +35,8 @@ from ..store_embedder import store_embedder
 from .checkpoint import Checkpoint
 from .diff import KnownContent, assemble, split_unchanged
 from .embed_job import EmbedPhase, JobOptions, Progress, embed_pending
+from .options import IndexOptions, options_of
 from .scan import FileRecord, Scan, scan
-
-if TYPE_CHECKING:
-    from .ray_job import RayOptions
 
 log = logging.getLogger(__name__)
 
@@ -87,48 +83,6 @@ class RunSummary:
         return self.embedded / self.embed_seconds if self.embed_seconds > 0 else 0.0
 
 
-@dataclass(frozen=True)
-class IndexOptions:
-    """How an index/update run works: the model, the job's sizes, the FAISS index, repair and compaction.
-
-    One record for the library and the CLI (which builds it once from its options); defaults are
-    config.DEFAULTS'. `build_index(roots, store, **fields)` builds one from keywords, so an unknown name is a
-    TypeError that names it."""
-
-    model: str | None = None
-    weights: str | None = None
-    precision: str | None = None
-    batch_size: int = DEFAULTS.batch_size
-    prune: bool = False
-    decode_workers: int = DEFAULTS.decode_workers
-    checkpoint_every: int = DEFAULTS.checkpoint_every
-    max_file_bytes: int = DEFAULTS.max_file_bytes
-    runtime: str | None = None
-    preprocess: str | None = None
-    require_existing: bool = False  #: refuse a store that does not exist yet (update_index)
-    local_features: bool = True  #: a new store caches local features for verification
-    ray: RayOptions | None = None
-    index: str | None = None
-    memory: int | None = None  #: bytes
-    target_recall: float | None = None
-    repair: bool = False
-    compact: bool = False
-    drop_missing: bool = False
-
-
-def _options(options: IndexOptions | None, fields: dict[str, object]) -> IndexOptions:
-    """`options`, or one made of keyword `fields` (not both)."""
-    if options is not None and fields:
-        raise TypeError(f"give IndexOptions or keyword fields, not both (got {', '.join(sorted(fields))})")
-    if options is not None:
-        return options
-    try:
-        return IndexOptions(**fields)  # type: ignore[arg-type]
-    except TypeError as exc:
-        known = ", ".join(f.name for f in dataclasses.fields(IndexOptions))
-        raise TypeError(f"build_index: {exc}; IndexOptions fields are {known}") from None
-
-
 def build_index(
     roots: Sequence[str | os.PathLike[str]],
     store: str | os.PathLike[str],
@@ -161,7 +115,7 @@ def build_index(
     live row into one segment and trains the index anew (what every update did before segments; updates
     compact by themselves when deleted rows pile up).
     """
-    o = _options(options, fields)
+    o = options_of(options, fields)
     model, weights, precision, batch_size, prune = o.model, o.weights, o.precision, o.batch_size, o.prune
     decode_workers, checkpoint_every, max_file_bytes = o.decode_workers, o.checkpoint_every, o.max_file_bytes
     runtime, preprocess, require_existing, local_features, ray = (o.runtime, o.preprocess, o.require_existing,
@@ -313,7 +267,7 @@ def update_index(roots: Sequence[str | os.PathLike[str]], store: str | os.PathLi
                  options: IndexOptions | None = None, *, progress: Progress | None = None,
                  embedder: Embedder | None = None, **fields: object) -> RunSummary:
     """Incrementally update an existing store (see build_index); refuses when the store does not exist."""
-    return build_index(roots, store, replace(_options(options, fields), require_existing=True), progress=progress,
+    return build_index(roots, store, replace(options_of(options, fields), require_existing=True), progress=progress,
                        embedder=embedder)
 
 
