@@ -51,7 +51,7 @@ def test_query_exit_codes_and_formats(indexed: Path, tmp_path: Path, make_images
     doc = json.loads(run("query", q, "--store", indexed, "-k", "3", "--json").output)
     assert doc["results"][0]["matches"][0]["score"] == pytest.approx(1.0) and len(doc["results"][0]["matches"]) == 3
     rows = list(csv.DictReader(io.StringIO(run("query", q, "-s", indexed, "-k", "2", "--csv").output)))
-    assert len(rows) == 2 and rows[0]["path"] == "imgs/img_0003.jpg" and rows[0]["match"] == "True"
+    assert len(rows) == 2 and rows[0]["path"] == "imgs/img_0003.jpg" and rows[0]["match"] == "true"
     # an unrelated photo: no match above the threshold -> exit 1
     other = make_images(1, folder="other", start=999)[0]
     assert run("query", other, "-s", indexed, "-t", "0.99").exit_code == 1

@@ -25,7 +25,8 @@ from PIL import Image
 
 from neardup.indexer.build import build_index, update_index
 from neardup.search.query import Searcher
-from neardup.serve.service import LiveStore, QueryService, Upload
+from neardup.serve.app import ServeOptions, make_service
+from neardup.serve.service import LiveStore, Upload
 from neardup.store import Store, StoreFiles, read_catalog, read_meta
 from neardup.testing import FakeEmbedder, product_photo, write_product_photos
 
@@ -115,7 +116,7 @@ def test_query_answers_as_the_in_process_searcher(server: str, catalogue: Path) 
     for name, data in (("copy.jpg", copy), ("new.jpg", new)):
         (catalogue / name).write_bytes(data)
     with Searcher.open(store) as s:
-        oracle = s.query([catalogue / "copy.jpg", catalogue / "new.jpg"], k=5)
+        oracle = s.answer([catalogue / "copy.jpg", catalogue / "new.jpg"], k=5).results
     for got, want in zip(doc["results"], oracle):
         assert [m["id"] for m in got["matches"]] == [m.id for m in want.matches]
         assert [m["verified"] for m in got["matches"]] == [m.verified for m in want.matches]
@@ -399,7 +400,7 @@ def test_micro_batching_embeds_concurrent_requests_together(tmp_path: Path) -> N
     store = tmp_path / "catalog.h5"
     build_index([tmp_path / "photos"], store, embedder=FakeEmbedder())
     slow = SlowFake()
-    service = QueryService(LiveStore(store, embedder=slow), batch_wait_ms=10)
+    service = make_service(ServeOptions(store=str(store), batch_wait_ms=10), embedder=slow)
     ups = [Upload(p.name, p.read_bytes()) for p in paths]
 
     async def run() -> list:
@@ -411,7 +412,7 @@ def test_micro_batching_embeds_concurrent_requests_together(tmp_path: Path) -> N
         service.close()
     assert sum(slow.sizes) == 12 and len(slow.sizes) < 12 and max(slow.sizes) > 1  # batched
     with Searcher.open(store, embedder=FakeEmbedder()) as s:
-        oracle = s.query(paths, k=3)
+        oracle = s.answer(paths, k=3).results
     for a, want in zip(answers, oracle):
         got = a.results[0]
         assert [m.id for m in got.matches] == [m.id for m in want.matches]
@@ -641,11 +642,12 @@ def test_the_client_starts_again_when_its_generation_is_gone(tmp_path: Path, mon
         if generation == "g1" and len(asked) == 2:  # g1 replaced and released after the first answer
             raise client_mod.GenerationGone("generation g1 is no longer served")
         g = next(gens)
-        return {"generation": g, "threshold": 0.9, "verified": False,
-                "results": [{"error": None, "matches": []} for _ in files]}
+        return {"generation": g, "count": 3, "model": "phash", "threshold": 0.9, "verified": False,
+                "results": [{"name": name, "error": None, "found": False, "matches": []} for name, _ in files]}
 
     monkeypatch.setattr(client_mod.Client, "info", info)
     monkeypatch.setattr(client_mod.Client, "query_files", query_files)
     got = client_mod.query_server("http://127.0.0.1:9/", [tmp_path])
-    assert got.generations == ["g2"] and len(got.results) == 3
+    assert got.generations == ["g2"] and got.generation == "g2" and len(got.results) == 3
+    assert [r.query for r in got.results] == [str(tmp_path / f"{i}.jpg") for i in range(3)]
     assert asked == [(None, 1), ("g1", 1), (None, 1), ("g2", 1), ("g2", 1)], asked

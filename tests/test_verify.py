@@ -158,7 +158,8 @@ def test_query_verifies_and_reranks(copies, tmp_path: Path, fake_embedder) -> No
     for c in made:
         c.rename(tmp_path / c.name)  # the copies are the queries, not in the catalogue
     build_index([folder], store, embedder=fake_embedder)
-    res = Searcher.open(store, embedder=fake_embedder).query([tmp_path / c.name for c in made], k=5, verify=True)
+    res = Searcher.open(store, embedder=fake_embedder).answer([tmp_path / c.name for c in made], k=5,
+                                                              verify=True).results
     for r, p in zip(res, photos):
         assert r.verified and r.matches[0].path == f"cat/{p.name}" and r.matches[0].verified
         assert [m.rank for m in r.matches] == list(range(1, len(r.matches) + 1))

@@ -1,8 +1,6 @@
 """Commands that search a store: query, compare, duplicates, report, plot, evaluate."""
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
@@ -37,7 +35,7 @@ from .options import (
     VerifyOpt,
     WeightsOpt,
 )
-from .render import _match_rows, _query_rows, _removable, _say_stale, _warn_random_weights
+from .render import _print_answer, _query_csv, _removable, _say_stale, _warn_random_weights
 
 
 @app.command("query")
@@ -64,12 +62,12 @@ def query_cmd(
 
     if as_json and as_csv:
         raise InputError("choose one of --json and --csv")
+    base = None
     if server:
         from ..serve.client import query_server
 
         got = query_server(server, images, k=k, token=token, verify=verify, threshold=threshold,
                            max_file_bytes=max_file_mb << 20)
-        results, model, where, t = got.results, got.model, server, got.threshold
     else:
         from ..search.query import answer
 
@@ -79,38 +77,19 @@ def query_cmd(
                      max_file_bytes=max_file_mb << 20, runtime=runtime, verify=verify, threshold=threshold,
                      progress=_progress(quiet) if folder else None)
         _warn_random_weights(store, got)
-        results, model, where, t = got.results, got.model, str(store), got.threshold
+        base = Path(got.store).parent
     if as_json:
-        typer.echo(json.dumps({("server" if server else "store"): where, "model": model, "threshold": t,
-                               "verified": any(r.verified for r in results),
-                               **({"generations": got.generations} if server else {}),
-                               "results": [
-            {"query": r.query, "error": r.error, "matches": _match_rows(r, t)} for r in results]}, indent=1))
+        typer.echo(json.dumps(got.to_json(), indent=1))
     elif as_csv:
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=["query", "rank", "score", "id", "path", "match", "verified", "inliers",
-                                            "error"])
-        w.writeheader()
-        w.writerows(_query_rows(results, t))
-        w.writerows({"query": r.query, "error": r.error} for r in results if r.error)
-        typer.echo(buf.getvalue(), nl=False)
+        typer.echo(_query_csv(got), nl=False)
     else:
-        for r in results:
-            typer.echo(_show(r.query))
-            if r.error:
-                typer.echo(f"  skipped: {r.error}")
-                continue
-            typer.echo(f"  {'rank':>4}  {'score':>7}  {'id':>7}  " + ("inliers  " if r.verified else "") + "path")
-            for m in r.matches:
-                mark = "  <- match" if r.is_match(m, t) else ""
-                inl = f"{'-' if m.inliers is None else m.inliers:>7}  " if r.verified else ""
-                typer.echo(f"  {m.rank:>4}  {m.score:7.4f}  {m.id:>7}  {inl}{_show(m.path)}{mark}")
-    for r in results:
+        _print_answer(got, base)
+    for r in got.results:
         if r.error:
             typer.echo(f"neardup: skipped {_show(r.query)}: {r.error}", err=True)
-    if all(r.error for r in results):
+    if all(r.error for r in got.results):
         raise typer.Exit(2)
-    raise typer.Exit(0 if has_match(results, t) else 1)
+    raise typer.Exit(0 if has_match(got.results, got.threshold) else 1)
 
 
 @app.command("compare")
