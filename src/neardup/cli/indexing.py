@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -39,7 +38,7 @@ from .options import (
     WeightsOpt,
     index_options,
 )
-from .render import _print_info, _print_summary, _warn_random_weights
+from .render import _place, _print_info, _print_summary, _store_folder, _warn_random_weights
 
 
 def _run_index(update: bool, dirs: list[str], store: Path, options: Any, quiet: bool) -> None:
@@ -171,10 +170,9 @@ def demo_cmd(
     d = res.duplicates
     typer.echo(f"\n{len(d.groups)} duplicate groups ({d.n_pairs} pairs, {d.n_exact} byte-identical) among "
                f"{d.n} images, model {d.model}, threshold {d.threshold:.4f}:")
-    catalog = res.sample / "catalog"
+    folder = _store_folder(res.store)
     for k, g in enumerate(d.groups[:show]):
-        names = [os.path.relpath(res.store.parent / m["path"], catalog) + (" (keep)" if m["keeper"] else "")
-                 for m in g.members]
+        names = [_place(m["path"], folder) + (" (keep)" if m["keeper"] else "") for m in g.members]
         typer.echo(f"  group {k + 1}: " + ", ".join(names))
     if len(d.groups) > show:
         typer.echo(f"  ... {len(d.groups) - show} more in {res.groups_json}")

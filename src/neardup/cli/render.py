@@ -124,6 +124,13 @@ def _place(path: str | os.PathLike[str], base: Path | None = None) -> str:
         return _show(p)
 
 
+def _store_folder(store: str | os.PathLike[str]) -> Path:
+    """The folder a store's paths are relative to: its real file's (through symlinks)."""
+    from ..store.files import StoreFiles
+
+    return StoreFiles.resolved(store).store.parent
+
+
 def _csv_value(v: object) -> object:
     """A CSV cell as neardup writes them: booleans true/false (lower case, in every CSV), None empty."""
     return ("true" if v else "false") if isinstance(v, bool) else v

@@ -35,7 +35,7 @@ from .options import (
     VerifyOpt,
     WeightsOpt,
 )
-from .render import _print_answer, _query_csv, _removable, _say_stale, _warn_random_weights
+from .render import _place, _print_answer, _query_csv, _removable, _say_stale, _store_folder, _warn_random_weights
 
 
 @app.command("query")
@@ -77,7 +77,7 @@ def query_cmd(
                      max_file_bytes=max_file_mb << 20, runtime=runtime, verify=verify, threshold=threshold,
                      progress=_progress(quiet) if folder else None)
         _warn_random_weights(store, got)
-        base = Path(got.store).parent
+        base = _store_folder(store)
     if as_json:
         typer.echo(json.dumps(got.to_json(), indent=1))
     elif as_csv:
@@ -159,6 +159,7 @@ def duplicates_cmd(
         write_pairs_csv(report, out)
     if groups:  # records the pairs (the file just written, else the pairs themselves): `report --groups` uses them
         write_groups_json(report, groups, pairs_file=out)
+    folder = _store_folder(store)  # listed paths are shown from the current folder
     typer.echo(f"pairs from: {report.method}")
     if report.verify:
         nv = int(report.verified.sum()) - report.n_exact
@@ -177,7 +178,7 @@ def duplicates_cmd(
             tag = "keep" if m["keeper"] else ("exact" if m["exact"] else f"{m['score_to_keeper']:.4f}")
             if m.get("inliers_to_keeper", -1) >= 0:
                 tag += f" {m['inliers_to_keeper']:>4} inl"
-            typer.echo(f"  {tag:>6}  {_show(m['path'])}  ({m['width']}x{m['height']})"
+            typer.echo(f"  {tag:>6}  {_place(m['path'], folder)}  ({m['width']}x{m['height']})"
                        + (f"  STALE: {m['stale']} since indexed" if m.get("stale") else ""))
         if len(g.members) > show_members:
             typer.echo(f"          ... and {len(g.members) - show_members} more")
@@ -218,7 +219,7 @@ def report_cmd(
     typer.echo(f"wrote {res.out}: {res.groups} groups, {res.pairs} pairs, {res.images} images "
                f"({len(res.missing)} missing or unreadable), {res.seconds:.1f} s")
     for path in res.missing[:10]:
-        typer.echo(f"  missing {_show(path)}")
+        typer.echo(f"  missing {_place(path, _store_folder(store))}")
     if len(res.missing) > 10:
         typer.echo(f"  ... and {len(res.missing) - 10} more")
     if png_dir is not None:
