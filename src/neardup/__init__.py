@@ -2,9 +2,9 @@
 
 The public API, importable from here (each name loads its module on first use, so `import neardup` is cheap):
 
-    from neardup import build_index, query, find_duplicates
-    summary = build_index(["photos/"], "catalog.h5", model="phash")
-    results = query("catalog.h5", ["new.jpg"], k=5)
+    from neardup import IndexOptions, answer, build_index, find_duplicates
+    summary = build_index(["photos/"], "catalog.h5", IndexOptions(model="phash"))
+    found = answer("catalog.h5", ["new.jpg"], k=5)  # an Answer: .results, .to_json()
     report = find_duplicates("catalog.h5", threshold=0.9)
 
 Layers, bottom up: `errors`, `config`, `fileio`, `threads`, `features` → `embed` (discover → decode → embedders
