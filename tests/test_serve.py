@@ -643,7 +643,7 @@ def test_the_client_starts_again_when_its_generation_is_gone(tmp_path: Path, mon
             raise client_mod.GenerationGone("generation g1 is no longer served")
         g = next(gens)
         return {"generation": g, "count": 3, "model": "phash", "threshold": 0.9, "verified": False,
-                "results": [{"name": name, "error": None, "found": False, "matches": []} for name, _ in files]}
+                "results": [{"query": name, "error": None, "found": False, "matches": []} for name, _ in files]}
 
     monkeypatch.setattr(client_mod.Client, "info", info)
     monkeypatch.setattr(client_mod.Client, "query_files", query_files)

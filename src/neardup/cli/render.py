@@ -172,9 +172,8 @@ def _print_answer(answer: Answer, base: Path | None) -> None:
             typer.echo(f"  skipped: {r.error}")
             continue
         typer.echo(f"  {_verdict(r, t, base)}")
-        if r.verified:
-            typer.echo("  verified: re-ranked by inliers, verified matches first")
-        typer.echo(f"  {'rank':>4}  {'score':>7}  {'id':>7}  " + ("verified  inliers  " if r.verified else "") + "path")
+        typer.echo(f"  {'rank':>4}  {'score':>7}  {'id':>7}  " + ("verified  inliers  " if r.verified else "") + "path"
+                   + ("  (re-ranked by verification: verified first, then by inliers)" if r.verified else ""))
         for m in r.matches:
             mark = "  <- match" if r.is_match(m, t) else ""
             said = f"{'-' if m.verified is None else 'yes' if m.verified else 'no':>8}  " \

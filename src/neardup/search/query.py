@@ -72,8 +72,9 @@ class QueryResult:
         return next((m for m in self.matches if self.is_match(m, threshold)), None)
 
     def to_json(self, threshold: float) -> dict:
-        """One photo of Answer.to_json: its name, error, verdict ("found") and matches, each with its own."""
-        return {"name": self.query, "error": self.error, "found": None if self.error else self.found(threshold),
+        """One photo of Answer.to_json: its name ("query"), error, verdict ("found") and matches, each with its
+        own verdict ("match")."""
+        return {"query": self.query, "error": self.error, "found": None if self.error else self.found(threshold),
                 "matches": [{"rank": m.rank, "id": m.id, "path": m.path, "score": round(m.score, 6),
                              "verified": m.verified, "inliers": m.inliers, "match": self.is_match(m, threshold)}
                             for m in self.matches]}
@@ -83,7 +84,7 @@ class QueryResult:
         """The result `to_json` wrote (the verdicts are recomputed from the matches, not read)."""
         matches = [Match(rank=int(m["rank"]), score=float(m["score"]), id=int(m["id"]), path=str(m["path"]),
                          verified=m["verified"], inliers=m["inliers"]) for m in doc.get("matches", [])]
-        return cls(str(doc["name"]), matches, error=doc.get("error"), verified=verified and not doc.get("error"),
+        return cls(str(doc["query"]), matches, error=doc.get("error"), verified=verified and not doc.get("error"),
                    threshold=threshold)
 
 
