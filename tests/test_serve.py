@@ -651,3 +651,22 @@ def test_the_client_starts_again_when_its_generation_is_gone(tmp_path: Path, mon
     assert got.generations == ["g2"] and got.generation == "g2" and len(got.results) == 3
     assert [r.query for r in got.results] == [str(tmp_path / f"{i}.jpg") for i in range(3)]
     assert asked == [(None, 1), ("g1", 1), (None, 1), ("g2", 1), ("g2", 1)], asked
+
+
+def test_answer_has_one_json_form_that_reads_back() -> None:
+    """Answer.to_json is what /v1/query sends and `query --json` prints; from_json (the client) reads it back
+    to the same answer, verdicts included."""
+    from neardup.search.query import Answer, Match, QueryResult
+
+    near = [Match(1, 0.97, 4, "imgs/x.jpg", True, 41), Match(2, 0.95, 7, "imgs/y.jpg", False, 3)]
+    results = [QueryResult("a.jpg", near, verified=True, threshold=0.9),
+               QueryResult("b.jpg", error="not a recognised image format", threshold=0.9)]
+    a = Answer("catalog.h5", "g1", 20, "phash", 0.9, True, results, "none")
+    doc = json.loads(json.dumps(a.to_json()))
+    assert list(doc) == ["store", "generation", "count", "model", "weights", "threshold", "verified", "results"]
+    assert doc["results"][0] == {"query": "a.jpg", "error": None, "found": True, "matches": [
+        {"rank": 1, "id": 4, "path": "imgs/x.jpg", "score": 0.97, "verified": True, "inliers": 41, "match": True},
+        {"rank": 2, "id": 7, "path": "imgs/y.jpg", "score": 0.95, "verified": False, "inliers": 3, "match": False}]}
+    assert doc["results"][1]["found"] is None and doc["results"][1]["error"]
+    back = Answer.from_json(doc)
+    assert back == a
