@@ -58,11 +58,12 @@ def query_cmd(
 ) -> None:
     """Find the catalogue images nearest to each photo. Exit 0: a match exists (verified with --verify, else
     >= threshold); 1: none; 2: error."""
-    from ..search.query import has_match
+    from ..search.query import Answer, has_match
 
     if as_json and as_csv:
         raise InputError("choose one of --json and --csv")
     base = None
+    got: Answer
     if server:
         from ..serve.client import query_server
 
