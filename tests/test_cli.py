@@ -147,6 +147,11 @@ def test_query_says_its_verdict_with_paths_from_the_current_folder(indexed: Path
     other = make_images(1, folder="other", start=999)[0]
     r = run("query", other, "-s", indexed, "-t", "0.999", "--no-verify")
     assert r.exit_code == 1 and "  new: no match at or above 0.9990" in r.output, r.output
+    r = run("query", q, other, "-s", indexed, "-k", "2", "--verify")  # verified: the verdict says so, and the rows
+    assert r.exit_code == 0 and "  match: imgs/img_0003.jpg (verified, " in r.output, r.output
+    assert "(re-ranked by verification: verified first, then by inliers)" in r.output
+    assert any(line.split()[3:4] == ["yes"] and "imgs/img_0003.jpg  <- match" in line for line in r.output.splitlines())
+    assert "other/img_0999.jpg\n  new: no verified match\n" in r.output, r.output
     monkeypatch.chdir(tmp_path / "other")  # the store's photos are not under it: absolute paths
     r = run("query", q, "--store", indexed, "-k", "1", "--no-verify")
     assert f"  match: {tmp_path / 'imgs' / 'img_0003.jpg'} (score" in r.output, r.output
