@@ -183,8 +183,8 @@ def test_cli_query_and_duplicates_verify_flags(copies, tmp_path: Path) -> None:
     q = run("query", str(made[0]), "--store", str(store), "--verify", "--csv")
     assert q.returncode == 0, q.stderr
     got = list(csv.DictReader(io.StringIO(q.stdout)))
-    assert got[0]["path"] == f"cat/{made[0].name}" and got[0]["verified"] == "True" and got[0]["match"] == "True"
-    assert got[1]["path"] == f"cat/{photos[0].name}" and got[1]["verified"] == "True"  # its original, second
+    assert got[0]["path"] == f"cat/{made[0].name}" and got[0]["verified"] == "true" and got[0]["match"] == "true"
+    assert got[1]["path"] == f"cat/{photos[0].name}" and got[1]["verified"] == "true"  # its original, second
     assert "--verify / --no-verify" in run("query", "--help").stdout
 
 
