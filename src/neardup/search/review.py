@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import InputError
 from ..fileio import atomic_write, check_output_path
 from ..store.decisions import DECISIONS, UNDECIDED, Decision, Journal, JournalState, pair_key
@@ -116,6 +118,25 @@ class Decided:
             return None
         a, b = self.sha256[i], self.sha256[j]
         return None if a == b else self.state.current.get(pair_key(a, b))
+
+    def row_pairs(self, word: str) -> np.ndarray:
+        """int64 [m, 2] the pairs of catalogue rows (i < j) whose current decision is `word`: every row of one
+        content with every row of the other (byte-identical copies share their content's decisions)."""
+        rows: dict[str, list[int]] = {}
+        for r, d in enumerate(self.sha256):
+            rows.setdefault(d, []).append(r)
+        out = [(min(i, j), max(i, j)) for d in self.state.current.values() if d.decision == word
+               for i in rows.get(d.a, ()) for j in rows.get(d.b, ())]
+        return np.array(out, np.int64).reshape(-1, 2)
+
+    def keepers(self) -> dict[str, list[Decision]]:
+        """Digest -> the current duplicate decisions with a keeper that involve it."""
+        out: dict[str, list[Decision]] = {}
+        for d in self.state.current.values():
+            if d.decision == "duplicate" and d.keeper is not None:
+                out.setdefault(d.a, []).append(d)
+                out.setdefault(d.b, []).append(d)
+        return out
 
     def keeper_row(self, d: Decision, i: int, j: int) -> int | None:
         """Which of rows i, j the decision `d` keeps (None: no keeper chosen)."""
