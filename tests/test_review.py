@@ -349,3 +349,55 @@ def test_groups_never_hold_a_distinct_pair_and_confirmed_keepers_are_kept(tmp_pa
     for g in new.groups:  # a group listed holds an undecided pair
         rows = _rows(new, g)
         assert any(a in rows and b in rows for a, b in set(pairs) - distinct - set(confirmed))
+
+
+# --------------------------------------------------------------------------------------------- the CLI
+
+def test_cli_import_lists_bad_rows_and_records_nothing_then_export(store: Path, tmp_path: Path) -> None:
+    p = _paths(store)
+    rows = [[p[0], p[1], "distinct", ""]] + [[f"imgs/gone{k}.jpg", p[1], "distinct", ""] for k in range(30)]
+    r = nd("review", "import", _csv(tmp_path / "bad.csv", rows), "--store", store)
+    assert r.returncode == 2 and r.stdout == ""
+    err = r.stderr.splitlines()
+    assert "30 bad row(s); nothing was recorded" in err[0]
+    assert err[1] == "  line 3: a: 'imgs/gone0.jpg' is not a photo of the store" and len(err) == 1 + 20 + 1
+    assert err[-1] == "  ... and 10 more bad row(s)"
+    assert not Journal.of(store).exists()
+    r = nd("review", "import", _csv(tmp_path / "cols.csv", [[p[0], p[1], "x", "y"]], "a,b,decision,why"),
+           "--store", store)
+    assert r.returncode == 2 and "unknown: why" in r.stderr and len(r.stderr.splitlines()) == 1
+    r = nd("review", "import", _csv(tmp_path / "good.csv", rows[:1] + [[p[2], p[3], "duplicate", p[3]]]),
+           "--store", store)
+    assert r.returncode == 0 and "2 decision(s) recorded" in r.stdout, r.stderr
+    r = nd("review", "export", "--store", store, "--out", tmp_path / "out.csv")
+    assert r.returncode == 0 and "wrote 2 decision(s)" in r.stdout, r.stderr
+    got = {(frozenset((row["a"], row["b"])), row["decision"], row["keeper"])
+           for row in csv.DictReader(open(tmp_path / "out.csv"))}
+    assert got == {(frozenset(p[:2]), "distinct", ""), (frozenset(p[2:4]), "duplicate", p[3])}
+    r = nd("info", "--store", store)
+    assert r.returncode == 0 and "2 pair(s) decided (2 decision(s) recorded)" in r.stdout
+    with open(Journal.of(store).path, "ab") as fh:
+        fh.write(b'0123 {"decisions": [')  # a torn last record
+    r = nd("info", "--store", store, "--check")
+    assert r.returncode == 1 and "torn last record (20 bytes)" in r.stdout
+    r = nd("review", "export", "--store", store, "--out", tmp_path / "out.csv")
+    assert r.returncode == 0 and "torn last record" in r.stderr
+
+
+def test_cli_duplicates_new_only_lists_the_undecided_pairs(tmp_path: Path) -> None:
+    angle = np.radians([0, 5, 40, 45, 80, 85])  # three pairs at cos 5° = 0.996
+    store = _vector_store(tmp_path, np.array([[np.cos(x), np.sin(x)] for x in angle]))
+    record_decision(store, "p000.jpg", "p001.jpg", "distinct", source="test")
+    record_decision(store, "p002.jpg", "p003.jpg", "duplicate", keeper="p002.jpg", source="test")
+    r = nd("duplicates", "--store", store, "--threshold", "0.99", "--out", tmp_path / "all.csv")
+    assert r.returncode == 0, r.stderr
+    assert "1 confirmed pair(s) marked, 1 pair(s) decided distinct not listed" in r.stdout
+    got = [(row["a_path"], row["b_path"], row["decision"]) for row in csv.DictReader(open(tmp_path / "all.csv"))]
+    assert sorted(got) == [("p002.jpg", "p003.jpg", "duplicate"), ("p004.jpg", "p005.jpg", "")]
+    r = nd("duplicates", "--store", store, "--threshold", "0.99", "--new-only", "--out", tmp_path / "new.csv",
+           "--groups", tmp_path / "new.json")
+    assert r.returncode == 0, r.stderr
+    got = [(row["a_path"], row["b_path"]) for row in csv.DictReader(open(tmp_path / "new.csv"))]
+    assert got == [("p004.jpg", "p005.jpg")]
+    doc = json.loads((tmp_path / "new.json").read_text())
+    assert [[m["path"] for m in g["members"]] for g in doc["groups"]] == [["p005.jpg", "p004.jpg"]]
