@@ -160,7 +160,7 @@ def duplicates_cmd(
     store: StoreOpt = Path(DEFAULTS.store), threshold: ThresholdOpt = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="CSV of pairs: a_id,a_path,b_id,b_path,score,"
                                                 "kind,a_stale,b_stale (missing or changed since indexing), and "
-                                                "verified,inliers with --verify; decision (see `neardup review`).")] = None,
+                                                "verified,inliers with --verify; decision (`neardup review`).")] = None,
     groups: Annotated[Path | None, typer.Option(
         "--groups", "-g", help="JSON of groups with keepers, recording the store generation and the pairs (the --out "
         "file by name and digest, else the pairs themselves), so that `report --groups` does not search again.")]
