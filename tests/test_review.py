@@ -401,3 +401,38 @@ def test_cli_duplicates_new_only_lists_the_undecided_pairs(tmp_path: Path) -> No
     assert got == [("p004.jpg", "p005.jpg")]
     doc = json.loads((tmp_path / "new.json").read_text())
     assert [[m["path"] for m in g["members"]] for g in doc["groups"]] == [["p005.jpg", "p004.jpg"]]
+
+
+def test_query_and_the_service_say_which_matches_were_reviewed(tmp_path: Path) -> None:
+    from neardup import answer
+    from tests.test_serve import call, start_server, stop_server
+
+    root = tmp_path / "photos"
+    photos = write_product_photos(root, range(8))
+    store = tmp_path / "catalog.h5"
+    build_index([root], store, model="phash")
+    q = photos[3]  # a photo of the catalogue, looked up again: its decisions with the others apply
+    name = lambda k: f"photos/{photos[k].name}"  # noqa: E731
+    proc, url = start_server(store)
+    try:
+        status, doc, _ = call(url, "v1/query?k=8", [("q.jpg", q.read_bytes())], token=None)
+        assert status == 200 and all(m["decision"] is None for m in doc["results"][0]["matches"]), doc
+        record_decision(store, name(3), name(5), "distinct", source="test")
+        record_decision(store, name(6), name(3), "duplicate", keeper=name(6), source="test")
+        record_decision(store, name(1), name(2), "duplicate", source="test")  # not about the query photo
+        want = {name(5): ("distinct", None), name(6): ("duplicate", True)}
+        status, doc, _ = call(url, "v1/query?k=8", [("q.jpg", q.read_bytes())], token=None)
+        assert status == 200, doc
+        got = {m["path"]: (m["decision"], m["keeper"]) for m in doc["results"][0]["matches"]}
+        assert len(got) == 8 and got == {p: want.get(p, (None, None)) for p in got}
+    finally:
+        assert "Traceback" not in stop_server(proc)
+    a = answer(store, [q], k=8)
+    assert {m.path: (m.decision, m.keeper) for m in a.results[0].matches} == got
+    record_decision(store, name(3), name(6), "duplicate", keeper=name(3), source="test")  # the query photo kept
+    a = answer(store, [q], k=8)
+    assert next(m for m in a.results[0].matches if m.path == name(6)).keeper is False
+    r = nd("query", q, "--store", store, "-k", "8", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)["results"][0]["matches"]
+    assert {m["path"]: m["decision"] for m in rows if m["decision"]} == {name(5): "distinct", name(6): "duplicate"}
