@@ -436,3 +436,28 @@ def test_query_and_the_service_say_which_matches_were_reviewed(tmp_path: Path) -
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)["results"][0]["matches"]
     assert {m["path"]: m["decision"] for m in rows if m["decision"]} == {name(5): "distinct", name(6): "duplicate"}
+
+
+def test_the_report_shows_the_decisions(tmp_path: Path) -> None:
+    from neardup import write_report
+    from tests.test_report import data_island
+
+    angle = np.radians([0, 5, 40, 45, 80, 85])  # three pairs at cos 5° = 0.996
+    store = _vector_store(tmp_path, np.array([[np.cos(x), np.sin(x)] for x in angle]))
+    record_decision(store, "p002.jpg", "p003.jpg", "duplicate", keeper="p002.jpg", source="test")
+    write_pairs_csv(find_duplicates(store, threshold=0.99), tmp_path / "pairs.csv")  # all three, before:
+    record_decision(store, "p000.jpg", "p001.jpg", "distinct", source="test")
+    write_report(store, tmp_path / "r.html", threshold=0.99)
+    data = data_island((tmp_path / "r.html").read_text())
+    paths = [im["p"] for im in data["images"]]
+    pairs = {(paths[p[0]], paths[p[1]]): p[6] for p in data["pairs"]}
+    assert pairs == {("p002.jpg", "p003.jpg"): 1, ("p004.jpg", "p005.jpg"): 0}  # the distinct pair: not listed
+    groups = {tuple(paths[m["i"]] for m in g["m"]): (g["d"], [m["dc"] for m in g["m"]]) for g in data["groups"]}
+    assert groups == {("p002.jpg", "p003.jpg"): (1, [0, 1]), ("p005.jpg", "p004.jpg"): (0, [0, 0])}
+    assert "1 pair(s) shown confirmed duplicate, 0 decided distinct, 1 group keeper(s) chosen" in \
+        (tmp_path / "r.html").read_text()
+    write_report(store, tmp_path / "f.html", pairs=tmp_path / "pairs.csv")  # a file from before the decision
+    data = data_island((tmp_path / "f.html").read_text())
+    paths = [im["p"] for im in data["images"]]
+    assert {(paths[p[0]], paths[p[1]]): p[6] for p in data["pairs"]} == {
+        ("p000.jpg", "p001.jpg"): 2, ("p002.jpg", "p003.jpg"): 1, ("p004.jpg", "p005.jpg"): 0}
