@@ -8,6 +8,7 @@ import multiprocessing as mp
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -461,3 +462,74 @@ def test_the_report_shows_the_decisions(tmp_path: Path) -> None:
     paths = [im["p"] for im in data["images"]]
     assert {(paths[p[0]], paths[p[1]]): p[6] for p in data["pairs"]} == {
         ("p000.jpg", "p001.jpg"): 2, ("p002.jpg", "p003.jpg"): 1, ("p004.jpg", "p005.jpg"): 0}
+
+
+class GateEmbedder(FakeEmbedder):
+    """A FakeEmbedder that embeds nothing until the file `gate` exists: an update held open for as long as a
+    test needs (it waits for the event, never for a time)."""
+
+    def __init__(self, gate: str) -> None:
+        super().__init__()
+        self.gate = gate
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        deadline = time.monotonic() + 240
+        while not os.path.exists(self.gate) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return super().embed(batch)
+
+
+def _update(root: str, store: str, gate: str) -> None:
+    update_index([root], store, embedder=GateEmbedder(gate))
+
+
+def _record(store: str, pairs: list[tuple[str, str]]) -> None:
+    for a, b in pairs:  # one decision at a time, as the review page saves them
+        record_decision(store, a, b, "distinct", source="page")
+
+
+def test_concurrent_decisions_during_an_update_are_all_kept(store: Path, tmp_path: Path) -> None:
+    from itertools import combinations
+
+    from neardup.errors import StoreLockedError
+    from neardup.store.lock import writer_lock
+
+    p, root, gate = _paths(store), tmp_path / "imgs", tmp_path / "gate"
+    write_product_photos(root, range(100, 104), size=(96, 96))  # something for the update to embed
+    ctx = mp.get_context("spawn")
+    upd = ctx.Process(target=_update, args=(str(root), str(store), str(gate)))
+    upd.start()
+    deadline = time.monotonic() + 240
+    while True:  # wait for the event: the update holds the store's writer lock
+        try:
+            with writer_lock(StoreFiles.resolved(store)):
+                pass
+        except StoreLockedError:
+            break
+        assert upd.is_alive() and time.monotonic() < deadline, "the update never took the writer lock"
+        time.sleep(0.05)
+    pairs = list(combinations(p, 2))[:20]
+    files = [_csv(tmp_path / f"in{k}.csv", [[a, b, "duplicate", a] for a, b in pairs[4 * k:4 * k + 4]])
+             for k in range(3)]
+    imports = [subprocess.Popen([sys.executable, "-m", "neardup", "review", "import", f, "--store", store],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV) for f in files]
+    pages = [ctx.Process(target=_record, args=(str(store), pairs[12 + 4 * k:16 + 4 * k])) for k in range(2)]
+    for q in pages:
+        q.start()
+    for q in pages:
+        q.join(timeout=240)
+        assert q.exitcode == 0
+    for proc in imports:
+        out, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0 and "4 decision(s) recorded" in out, err
+    assert upd.is_alive()  # every decision was recorded while the update held the store
+    gate.touch()
+    upd.join(timeout=240)
+    assert upd.exitcode == 0
+    state = decisions_for(store)
+    assert state.problems == [] and len(state.history) == 20
+    with Store.open(store) as gen:
+        sha = dict(zip(gen.catalog.paths, gen.catalog.sha256))
+        assert len(gen) == 9 + 4  # the update published
+    assert {k: d.decision for k, d in state.current.items()} == {
+        pair_key(sha[a], sha[b]): "duplicate" if k < 12 else "distinct" for k, (a, b) in enumerate(pairs)}
