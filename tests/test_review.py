@@ -533,3 +533,22 @@ def test_concurrent_decisions_during_an_update_are_all_kept(store: Path, tmp_pat
         assert len(gen) == 9 + 4  # the update published
     assert {k: d.decision for k, d in state.current.items()} == {
         pair_key(sha[a], sha[b]): "duplicate" if k < 12 else "distinct" for k, (a, b) in enumerate(pairs)}
+
+
+def test_verified_groups_never_join_through_a_distinct_pair(tmp_path: Path) -> None:
+    from tests.test_verify import edited
+
+    photos = write_product_photos(tmp_path / "cat", range(6), size=(400, 400))
+    edited(photos[0], tmp_path / "cat" / "copy_a.jpg")
+    edited(photos[0], tmp_path / "cat" / "copy_b.jpg", crop=0.03, scale=0.8, quality=80)
+    store = tmp_path / "s.h5"
+    build_index([tmp_path / "cat"], store, embedder=FakeEmbedder())
+    three = {f"cat/{photos[0].name}", "cat/copy_a.jpg", "cat/copy_b.jpg"}
+    plain = find_duplicates(store, verify=True, k=5, loose_threshold=0.0)
+    assert [{m["path"] for m in g.members} for g in plain.groups] == [three]
+    record_decision(store, "cat/copy_a.jpg", "cat/copy_b.jpg", "distinct", source="test")
+    r = find_duplicates(store, verify=True, k=5, loose_threshold=0.0)
+    assert {frozenset((p.a_path, p.b_path)) for p in r.pairs if p.verified} == {
+        frozenset((f"cat/{photos[0].name}", "cat/copy_a.jpg")), frozenset((f"cat/{photos[0].name}", "cat/copy_b.jpg"))}
+    grouped = [{m["path"] for m in g.members} for g in r.groups]
+    assert len(grouped) == 1 and len(grouped[0]) == 2 and grouped[0] < three  # one copy is left out
