@@ -261,8 +261,8 @@ class Journal:
             payload = _parse(line)
             if n == 1:
                 if payload != _HEADER:
-                    raise StoreError(f"{self.path} is not a decisions journal of this neardup "
-                                     f"(its first line is not a {FORMAT} {VERSION} header)")
+                    raise StoreError(f"{self.path} is not a decisions journal of this neardup (its first line is "
+                                     f"not a {FORMAT} {VERSION} header); move it aside to go on without decisions")
                 continue
             try:
                 if payload is None or not isinstance(payload.get("decisions"), list):
