@@ -375,8 +375,14 @@ def test_cli_import_lists_bad_rows_and_records_nothing_then_export(store: Path, 
     got = {(frozenset((row["a"], row["b"])), row["decision"], row["keeper"])
            for row in csv.DictReader(open(tmp_path / "out.csv"))}
     assert got == {(frozenset(p[:2]), "distinct", ""), (frozenset(p[2:4]), "duplicate", p[3])}
+    assert "bad row" in nd("review", "import", _csv(tmp_path / "k.csv", [[p[4], p[5], "duplicate", p[6]]]),
+                           "--store", store).stderr
     r = nd("info", "--store", store)
     assert r.returncode == 0 and "2 pair(s) decided (2 decision(s) recorded)" in r.stdout
+    r = nd("review", "import", _csv(tmp_path / "undo.csv", [[p[1], p[0], "undecided", ""]]), "--store", store)
+    assert r.returncode == 0 and "1 decision(s) recorded" in r.stdout, r.stderr
+    doc = json.loads(nd("info", "--store", store, "--json").stdout)
+    assert (doc["decisions"]["pairs"], doc["decisions"]["records"], doc["decisions"]["problems"]) == (1, 3, [])
     with open(Journal.of(store).path, "ab") as fh:
         fh.write(b'0123 {"decisions": [')  # a torn last record
     r = nd("info", "--store", store, "--check")
