@@ -443,6 +443,11 @@ def test_query_and_the_service_say_which_matches_were_reviewed(tmp_path: Path) -
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)["results"][0]["matches"]
     assert {m["path"]: m["decision"] for m in rows if m["decision"]} == {name(5): "distinct", name(6): "duplicate"}
+    r = nd("query", q, "--store", store, "-k", "8")
+    lines = {next(w for w in ln.split() if w.startswith("photos/")): ln for ln in r.stdout.splitlines()
+             if ln.strip()[:1].isdigit()}  # the match rows: rank, score, id, [inliers,] path, marks
+    assert lines[name(5)].endswith("[reviewed: distinct]") and lines[name(6)].endswith("[reviewed: duplicate]")
+    assert sum("[reviewed" in ln for ln in lines.values()) == 2
 
 
 def test_the_report_shows_the_decisions(tmp_path: Path) -> None:

@@ -120,7 +120,8 @@ def query_cmd(
                 continue
             typer.echo(f"  {'rank':>4}  {'score':>7}  {'id':>7}  " + ("inliers  " if r.verified else "") + "path")
             for m in r.matches:
-                mark = "  <- match" if r.is_match(m, t) else ""
+                mark = ("  <- match" if r.is_match(m, t) else "") + (
+                    f"  [reviewed: {m.decision}{', keep this one' if m.keeper else ''}]" if m.decision else "")
                 inl = f"{'-' if m.inliers is None else m.inliers:>7}  " if r.verified else ""
                 typer.echo(f"  {m.rank:>4}  {m.score:7.4f}  {m.id:>7}  {inl}{_show(m.path)}{mark}")
     for r in results:
