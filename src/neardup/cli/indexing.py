@@ -39,6 +39,7 @@ from .options import (
     index_options,
 )
 from .render import _place, _print_info, _print_summary, _store_folder, _warn_random_weights
+from .review import decisions_info, decisions_line
 
 
 def _run_index(update: bool, dirs: list[str], store: Path, options: Any, quiet: bool) -> None:
@@ -122,9 +123,9 @@ def info_cmd(
 
     about = Store(store).describe(failures=failures or as_json, check=check)
     if as_json:
-        typer.echo(json.dumps(about.to_json(), indent=1))
+        typer.echo(json.dumps({**about.to_json(), "decisions": decisions_info(store)}, indent=1))
     else:
-        _print_info(about)
+        _print_info(about, [("decisions", decisions_line(decisions_info(store)))])
     raise typer.Exit(1 if about.problems else 0)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -69,8 +70,9 @@ def _warn_random_weights(store: Path, meta: Any = None) -> None:
                    f"not which photos are alike", err=True)
 
 
-def _print_info(about: StoreInfo) -> None:
-    """`neardup info` as a table (store.handle.StoreInfo; `info --json` writes its to_json)."""
+def _print_info(about: StoreInfo, extra: Sequence[tuple[str, str]] = ()) -> None:
+    """`neardup info` as a table (store.handle.StoreInfo; `info --json` writes its to_json), with `extra` rows
+    (the decisions journal, the applied settings) before the check."""
     meta, size, segs, dead, previous = about.meta, about.sizes, about.segments, about.dead_rows, about.previous
     layout = (f"{len(segs)} in {about.segments_dir} ({fmt_bytes(size['segments'])}"
               + (f"; {dead} deleted rows until compaction" if dead else "") + ")") if meta.schema_version > 1 else \
@@ -91,7 +93,7 @@ def _print_info(about: StoreInfo) -> None:
             ("previous", "none kept yet" if not previous else
              f"{previous.path}: damaged ({previous.damaged}), cannot be restored" if previous.damaged is not None else
              f"{previous.path} ({previous.count} images, written {previous.updated}; "
-             f"`neardup restore` makes it current)")]
+             f"`neardup restore` makes it current)"), *extra]
     if about.problems is not None:
         rows.append(("check", "; ".join(about.problems) if about.problems else
                      "ok: every block of every segment and every index file match their digests"))
@@ -140,7 +142,7 @@ def _query_csv(answer: Answer) -> str:
     """`query --csv`: one row per match (the fields of Answer.to_json), then one per photo that failed."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=["query", "rank", "score", "id", "path", "match", "verified", "inliers",
-                                        "error"])
+                                        "decision", "keeper", "error"])
     w.writeheader()
     doc = answer.to_json()
     for r, res in zip(answer.results, doc["results"]):
@@ -175,7 +177,8 @@ def _print_answer(answer: Answer, base: Path | None) -> None:
         typer.echo(f"  {'rank':>4}  {'score':>7}  {'id':>7}  " + ("verified  inliers  " if r.verified else "") + "path"
                    + ("  (re-ranked by verification: verified first, then by inliers)" if r.verified else ""))
         for m in r.matches:
-            mark = "  <- match" if r.is_match(m, t) else ""
+            mark = ("  <- match" if r.is_match(m, t) else "") + (
+                f"  [reviewed: {m.decision}{', keep this one' if m.keeper else ''}]" if m.decision else "")
             said = f"{'-' if m.verified is None else 'yes' if m.verified else 'no':>8}  " \
                    f"{'-' if m.inliers is None else m.inliers:>7}  " if r.verified else ""
             where = _place(m.path, base) if base is not None else _show(m.path)
