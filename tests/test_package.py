@@ -37,6 +37,7 @@ LAYERS: list[list[str]] = [
     ["store/index_kinds"],
     ["store/faiss_index"],
     ["store/files"],
+    ["store/settings"],
     ["store/lock", "store/meta", "store/h5io"],
     ["store/segment"],
     ["store/manifest"],
