@@ -145,12 +145,13 @@ def info_cmd(
     with handle.current() as gen:
         meta, size, segs, dead = gen.meta, gen.disk_bytes(), gen.segments, gen.manifest.dead_rows if gen.manifest else 0
         failed = gen.failures if (failures or as_json) else []
+        applied = _applied(gen)
     if as_json:
         doc = {k: getattr(meta, k) for k in meta.__dataclass_fields__}
         doc.update(store=str(store), store_bytes=sum(size.values()), index_bytes=size["index"],
                    segments=[{"name": s.name, "rows": s.rows, "index": s.index or None} for s in segs],
                    dead_rows=dead, failure_list=[{"path": p, "reason": r} for p, r in failed], previous=previous,
-                   check=({"problems": problems} if check else None))
+                   check=({"problems": problems} if check else None), settings=applied)
         typer.echo(json.dumps(doc, indent=1))
         raise typer.Exit(1 if problems else 0)
     layout = (f"{len(segs)} in {handle.files.segments} ({fmt_bytes(size['segments'])}"
@@ -173,6 +174,9 @@ def info_cmd(
              f"{previous['path']}: damaged ({previous['damaged']}), cannot be restored" if "damaged" in previous else
              f"{previous['path']} ({previous['count']} images, written {previous['updated']}; "
              f"`neardup restore` makes it current)")]
+    rows.append(("thresholds", "the model's defaults (none applied)" if not applied else applied["error"]
+                 if "error" in applied else f"{applied['flags']} applied {applied['at']} by {applied['source']} "
+                 f"({handle.files.settings}; a flag on the command line still wins)"))
     if check:
         rows.append(("check", "; ".join(problems) if problems else
                      "ok: every block of every segment and every index file match their digests"))
@@ -181,6 +185,19 @@ def info_cmd(
     for p, r in failed:
         typer.echo(f"  skipped {_show(p)}: {r}")
     raise typer.Exit(1 if problems else 0)
+
+
+def _applied(gen: Any) -> dict:
+    """The thresholds applied to the store (evaluate --fit --apply): {} when none, {"error": ...} when its
+    settings file is damaged (info still describes the rest)."""
+    from ..errors import StoreError
+
+    try:
+        s = gen.settings
+    except StoreError as exc:
+        return {"error": str(exc)}
+    return {} if s.empty else {"threshold": s.threshold, "candidate_threshold": s.candidate_threshold,
+                               "flags": s.flags(), "source": s.source, "at": s.at}
 
 
 def _previous(handle: Any) -> dict | None:
@@ -237,8 +254,11 @@ def demo_cmd(
                    f"Why: {res.fallback_reason}\n")
     _print_summary(res.summary)
     d = res.duplicates
-    typer.echo(f"\n{len(d.groups)} duplicate groups ({d.n_pairs} pairs, {d.n_exact} byte-identical) among "
-               f"{d.n} images, model {d.model}, threshold {d.threshold:.4f}:")
+    decides = (f"verified candidates: each image's {d.k} nearest at cosine >= {d.loose_threshold:.4f} "
+               f"(--candidate-threshold)" if d.verify else f"cosine >= {d.threshold:.4f} (--threshold)")
+    listed = int(d.verified.sum()) if d.verify else d.n_pairs  # unverified ones are only listed for review
+    typer.echo(f"\n{len(d.groups)} duplicate groups ({listed} pairs, {d.n_exact} byte-identical) among "
+               f"{d.n} images, model {d.model}; pairs: {decides}:")
     catalog = res.sample / "catalog"
     for k, g in enumerate(d.groups[:show]):
         names = [os.path.relpath(res.store.parent / m["path"], catalog) + (" (keep)" if m["keeper"] else "")
@@ -248,10 +268,11 @@ def demo_cmd(
         typer.echo(f"  ... {len(d.groups) - show} more in {res.groups_json}")
     if res.evaluation is not None:
         ev = res.evaluation
-        typer.echo(f"\nagainst the sample's ground truth ({ev.true_pairs} true pairs): at threshold "
-                   f"{ev.default_threshold:.4f} precision {ev.at_default['precision']:.3f}, recall "
+        typer.echo(f"\nagainst the sample's ground truth ({ev.true_pairs} true pairs): these pairs, at "
+                   f"{ev.default_flag} {ev.default_threshold:.4f}: precision {ev.at_default['precision']:.3f}, recall "
                    f"{ev.at_default['recall']:.3f}, F1 {ev.at_default['f1']:.3f}; best F1 {ev.best['f1']:.3f} at "
-                   f"{ev.best['threshold']:.2f}; query recall@1 {ev.retrieval.get('recall@1', float('nan')):.3f}")
+                   f"{ev.default_flag} {ev.best['threshold']:.2f}; query recall@1 "
+                   f"{ev.retrieval.get('recall@1', float('nan')):.3f}")
     typer.echo(f"\nstore {res.store}\npairs {res.pairs_csv}\ngroups {res.groups_json}"
                + (f"\nevaluation {res.out / 'evaluation.json'}" if res.evaluation is not None else ""))
     if res.report_html:

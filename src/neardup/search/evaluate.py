@@ -20,11 +20,8 @@ With verification (the default for a store that caches local features), scoring 
 when geometrically verified (search/verify.py); a query's top k are re-ranked by rerank() above the cosine
 order of the rest.
 
-In store mode the default row is what `neardup duplicates` lists on that store: the threshold that decides its
-pairs (with verification the candidates' loose threshold, `--candidate-threshold`; without, `--threshold`),
-resolved as duplicates resolves it (the flag, else the store's applied settings, else the model's default);
-`at_default` is then scored on the very pairs find_duplicates lists (a group's missing pairs that it verifies
-included, and its unverified pairs excluded), `listed` says which settings those were.
+The default row is the threshold that decides what `neardup duplicates` lists on the store, resolved as it
+resolves it; in store mode `at_default` scores find_duplicates' own pairs (search/listed.py).
 
 The pair- and query-level definitions (predicted and true pairs, ties, recall@k, mAP) are
 `metrics.DEFINITIONS`, which the JSON output also carries.
@@ -53,8 +50,8 @@ from ..progress import Progress, stage_of
 from ..store.generation import Generation
 from ..store.handle import opened
 from ..store_embedder import store_embedder
-from .duplicates import DuplicateReport, find_duplicates
 from .join import candidate_pairs, exact_pairs, self_join, without_pairs
+from .listed import default_line, score_listed
 from .metrics import (  # noqa: F401 - TIE_TOL
     DEFAULT_KS,
     DEFAULT_SWEEP,
@@ -115,11 +112,8 @@ class EvalResult:
     queries_without_mate: int = 0  #: decoded query photos with no catalogue image of their group
     queries_failed: list[tuple[str, str]] = field(default_factory=list)  #: (path as written, reason), all of them
     definitions: dict[str, str] = field(default_factory=lambda: dict(DEFINITIONS))
-    #: the flag of `neardup duplicates` (and of evaluate) that moves the default row
-    default_flag: str = "--threshold"
-    #: store mode: the settings of `neardup duplicates` scored as at_default (threshold, candidate_threshold,
-    #: k, verify) and its own pair counts among the evaluated images (predicted, tp, fp, fn)
-    listed: dict = field(default_factory=dict)
+    default_flag: str = "--threshold"  #: the flag of `duplicates` (and evaluate) that moves the default row
+    listed: dict = field(default_factory=dict)  #: store mode: what duplicates lists, scored (listed.score_listed)
 
     def to_dict(self) -> dict:
         """JSON-ready dict of every number."""
@@ -136,18 +130,6 @@ class EvalResult:
                 f"(P {self.best['precision']:.3f}, R {self.best['recall']:.3f}); at the default "
                 f"t={self.default_threshold:.4f}: P {self.at_default['precision']:.3f}, "
                 f"R {self.at_default['recall']:.3f}, F1 {self.at_default['f1']:.3f}{ret}{fail}")
-
-    def _default_line(self) -> str:
-        """What the default row means: with `listed`, the pairs `neardup duplicates` lists, scored."""
-        at = (f"precision {self.at_default['precision']:.4f}, recall {self.at_default['recall']:.4f}, "
-              f"F1 {self.at_default['f1']:.4f}")
-        li = self.listed
-        if not li:
-            return f"default threshold {self.default_threshold:.4f} ({self.default_flag}): {at}"
-        flags = listed_flags(li)
-        return (f"what `neardup duplicates {flags}` lists ({li['source']}): {li['predicted']} pairs among the "
-                f"evaluated images, TP {li['tp']}, FP {li['fp']}, FN {li['fn']}: {at}; {self.default_flag} "
-                f"{self.default_threshold:.4f} decides them")
 
     def table(self, every: float = 0.05) -> str:
         """A readable report: counts, P/R/F1 every `every` plus the default and best thresholds, retrieval."""
@@ -194,7 +176,7 @@ class EvalResult:
                          f"{sw['f1'][k]:>8.4f}{mark}")
         lines += ["", f"best F1 {self.best['f1']:.4f} at threshold {bt:.4f} "
                       f"(precision {self.best['precision']:.4f}, recall {self.best['recall']:.4f})",
-                  self._default_line()]
+                  default_line(self.at_default, self.listed, self.default_flag, dt)]
         r = self.retrieval
         among = "the catalogue images" if self.mode == "query" else "the evaluated images"
         rer = f"; top {self.k} re-ranked by verification" if self.verify else ""
@@ -220,10 +202,9 @@ def evaluate(store: Generation | str | os.PathLike[str], truth: str | os.PathLik
              loose_threshold: float | None = None) -> EvalResult:
     """Score a store against a truth CSV: pair P/R/F1 over a threshold sweep and query recall@k / mAP.
 
-    `thresholds` defaults to 0.50..1.00 by 0.01. `threshold` and `loose_threshold` are duplicates' --threshold
-    and --candidate-threshold (default: the store's applied settings, else the model's); the one that decides
-    duplicates' pairs (verified: `loose_threshold`) is added to the sweep as the default row, and in store mode
-    at_default scores the pairs find_duplicates lists at those settings. Without
+    `thresholds` defaults to 0.50..1.00 by 0.01. `threshold`, `loose_threshold`: duplicates' --threshold and
+    --candidate-threshold (default: the store's settings, else the model's); the one deciding duplicates' pairs
+    is added to the sweep as the default row (in store mode scored on find_duplicates' own pairs). Without
     verification the duplicate search runs once, by search.duplicates' blocked self-join at the lowest threshold;
     its memory grows with the number of pairs above it: raise the sweep's lower end for a large store.
 
@@ -252,10 +233,8 @@ def _evaluate(gen: Generation, truth: Path, *, thresholds: Sequence[float] | Non
     cat = gen.read()
     model = cat.meta.model
     verify = resolve_verify(verify, cat.meta.local_features)
-    # the default operating point is the threshold that decides duplicates' pairs, resolved as duplicates does:
-    # verified, the candidates' loose threshold; else the strict one
-    t_strict = gen.threshold(threshold)
-    t_default = gen.candidate_threshold(loose_threshold) if verify else t_strict
+    # the default row: the threshold deciding duplicates' pairs, resolved as it does (verified: the loose one)
+    t_default = gen.candidate_threshold(loose_threshold) if verify else gen.threshold(threshold)
     sweep = np.unique(np.round(np.array(list(thresholds or DEFAULT_SWEEP) + [t_default], np.float64), 6))
     if not np.all((sweep >= -1) & (sweep <= 1)):
         raise InputError("thresholds must be cosines between -1 and 1")
@@ -416,10 +395,8 @@ def _evaluate(gen: Generation, truth: Path, *, thresholds: Sequence[float] | Non
 
     at_default, listed = point(d), {}
     if mode == "store":  # the default row, scored on exactly the pairs `neardup duplicates` lists
-        dup = find_duplicates(gen, threshold=threshold, verify=verify, k=k, loose_threshold=loose_threshold,
-                              workers=workers, progress=progress)
-        listed = listed_counts(dup, ev, labels, cid if class_of else None, n_true)
-        listed["source"] = threshold_source(gen, threshold, loose_threshold, verify)
+        listed = score_listed(gen, ev, labels, cid if class_of else None, n_true, threshold=threshold, verify=verify,
+                              k=k, loose_threshold=loose_threshold, workers=workers, progress=progress)
         at_default = {"threshold": float(sweep[d]), **{x: listed[x] for x in ("precision", "recall", "f1")}}
 
     def mask(S: np.ndarray, q: np.ndarray) -> None:
@@ -443,59 +420,6 @@ def _evaluate(gen: Generation, truth: Path, *, thresholds: Sequence[float] | Non
         seconds=time.perf_counter() - t0, mode=mode, verify=verify, k=k, ignored_pairs=int(ignored),
         ignored_candidates=int(junk.sum()), verified_candidates=verified, query_images=len(query_rows),
         queries_without_mate=len(xq) - len(queries) if mode == "query" else 0, queries_failed=failed)
-
-
-def listed_pairs(report: DuplicateReport) -> tuple[np.ndarray, np.ndarray]:
-    """The (row, row) pairs a duplicates report calls duplicates: verified or byte-identical ones when it
-    verified (its unverified pairs are listed for review only), else all of them; each pair once, low row first."""
-    keep = report.verified if report.verify else np.ones(report.n_pairs, bool)
-    a, b = report.I[keep], report.J[keep]
-    pairs = np.unique(np.stack([np.minimum(a, b), np.maximum(a, b)], 1).reshape(-1, 2), axis=0)
-    return pairs[:, 0], pairs[:, 1]
-
-
-def listed_counts(report: DuplicateReport, ev: np.ndarray, labels: np.ndarray, cid: np.ndarray | None,
-                  n_true: int) -> dict:
-    """Score the pairs `report` lists against truth labels of the evaluated rows `ev` (catalog rows): pairs
-    with a row outside `ev` are not counted, nor pairs of different groups and one class (`cid`, None: no
-    class column). Returns the settings of the report with predicted, tp, fp, fn, precision, recall, f1."""
-    pos = np.full(report.n, -1, np.int64)
-    pos[ev] = np.arange(len(ev))
-    a, b = listed_pairs(report)
-    a, b = pos[a], pos[b]
-    inside = (a >= 0) & (b >= 0)
-    a, b = a[inside], b[inside]
-    if cid is not None:
-        junk = _junk(labels[a], cid[a], labels[b], cid[b])
-        a, b = a[~junk], b[~junk]
-    tp = int((labels[a] == labels[b]).sum())
-    fp, fn = len(a) - tp, n_true - tp
-    p = tp / len(a) if len(a) else 1.0
-    r = tp / n_true if n_true else 0.0
-    return {"threshold": float(report.threshold), "verify": bool(report.verify),
-            "candidate_threshold": float(report.loose_threshold) if report.verify else None,
-            "k": int(report.k) if report.verify else None, "predicted": len(a), "tp": tp, "fp": fp, "fn": fn,
-            "precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0}
-
-
-def listed_flags(listed: dict) -> str:
-    """The flags of `neardup duplicates` that reproduce the settings of `listed` (listed_counts)."""
-    if not listed["verify"]:
-        return f"--no-verify --threshold {listed['threshold']:.4g}"
-    return (f"--threshold {listed['threshold']:.4g} --candidate-threshold {listed['candidate_threshold']:.4g} "
-            f"-k {listed['k']}")
-
-
-def threshold_source(gen: Generation, threshold: float | None, loose: float | None, verify: bool) -> str:
-    """Where the thresholds in use came from: the command line, the store's settings (evaluate --fit --apply),
-    or the model's defaults (`loose` counts only with `verify`)."""
-    s = gen.settings
-    given = threshold is not None or (verify and loose is not None)
-    applied = ((threshold is None and s.threshold is not None)
-               or (verify and loose is None and s.candidate_threshold is not None))
-    what = [w for w, on in (("the command line", given),
-                            (f"the store's settings ({s.source or 'evaluate --fit --apply'})", applied)) if on]
-    return " and ".join(what) if what else f"the defaults of model {gen.meta.model}"
 
 
 def write_eval_json(result: EvalResult, path: str | os.PathLike[str]) -> None:
