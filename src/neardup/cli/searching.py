@@ -146,6 +146,10 @@ def compare_cmd(
         if not p.is_file():
             raise InputError(f"no such image file: {_show(p)}")
     emb = _loose_embedder(store, model, weights, precision, runtime, preprocess)
+    if threshold is None and store is not None:  # the thresholds applied to the store (evaluate --fit --apply)
+        from ..store.settings import read_settings
+
+        threshold = read_settings(store).threshold
     t = resolve_threshold(threshold, emb.name)
     score = compare(a, b, embedder=emb)
     verdict = "duplicate" if score >= t else "not a duplicate"

@@ -156,7 +156,7 @@ class Fit:
     threshold: float
     candidate_threshold: float | None  #: None without verification
     proposed: dict[str, float]  #: tp, fp, fn, precision, recall, f1 at the proposal
-    current: dict[str, float]  #: the same at the thresholds in use (threshold, candidate_threshold too)
+    current: dict[str, float | None]  #: the same at the thresholds in use (threshold, candidate_threshold too)
 
     def flags(self) -> str:
         """The exact flags that give the proposal."""
@@ -234,10 +234,11 @@ def fit_thresholds(store: Generation | str | os.PathLike[str], *, rule: str = DE
         verify = resolve_verify(verify, gen.meta.local_features)
         t_now = gen.threshold(threshold)
         c_now = gen.candidate_threshold(loose_threshold) if verify else None
+        c_ref = 0.0 if c_now is None else c_now  # only read when verifying
         d, ver, judged = _pair_features(gen, pairs.a, pairs.b, verify, workers)
         pos = pairs.positive
         grid_t = np.unique(np.concatenate([GRID, [round(t_now, 6)]]))
-        grid_c = np.unique(np.concatenate([GRID, [round(c_now, 6)]])) if verify else np.array([np.nan])
+        grid_c = np.unique(np.concatenate([GRID, [round(c_ref, 6)]])) if verify else np.array([np.nan])
         ts, cs, tps, fps, fns = [], [], [], [], []
         for c in grid_c.tolist():
             if verify:
@@ -268,9 +269,9 @@ def fit_thresholds(store: Generation | str | os.PathLike[str], *, rule: str = DE
                                  f"{n} decisions (best F1 {f1.max():.3f}); lower --min-precision or use "
                                  f"--fit-rule f1")
         # ties: the thresholds nearest those in use (a plateau of the decisions says nothing about moving)
-        dist = np.abs(t_all - t_now) + (np.abs(c_all - c_now) if verify else 0.0)
+        dist = np.abs(t_all - t_now) + (np.abs(c_all - c_ref) if verify else 0.0)
         best = int(np.lexsort((-t_all, dist, -score))[0])
-        now = int(np.flatnonzero(np.isclose(t_all, t_now) & (np.isclose(c_all, c_now) if verify else True))[0])
+        now = int(np.flatnonzero(np.isclose(t_all, t_now) & (np.isclose(c_all, c_ref) if verify else True))[0])
 
         def point(i: int) -> dict[str, float]:
             return {"tp": int(tp_all[i]), "fp": int(fp_all[i]), "fn": int(fn_all[i]),
