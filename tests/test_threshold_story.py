@@ -72,6 +72,34 @@ def test_evaluate_recall_is_the_recall_of_duplicates_own_pairs_on_real_photos(tm
     assert res.default_threshold == pytest.approx(candidate_rule("onnx")[1]) and res.default_flag == \
         "--candidate-threshold"
 
+    # the same truth as decisions: every true pair decided duplicate, ten pairs of different groups distinct
+    from neardup.search.decided import evaluate_decisions, fit_thresholds
+    from neardup.store.decisions import Decision, Journal
+    from neardup.store.generation import Generation
+
+    with Generation.open(store) as gen:
+        sha = {(store.parent / p).resolve(): h for p, h in zip(gen.catalog.paths, gen.catalog.sha256)}
+    by_group: dict[str, list[Path]] = {}
+    for path, (g, _) in rows.items():
+        if g:
+            by_group.setdefault(g, []).append(path)
+    dup = [tuple(ps) for ps in by_group.values()]
+    originals = [ps[0] for ps in by_group.values()]
+    dis = [(originals[i], originals[i + 1]) for i in range(10)]
+    Journal.of(store).append([Decision.make(sha[a], sha[b], "duplicate" if (a, b) in dup else "distinct",
+                                            source="test") for a, b in dup + dis])
+    listed = set()
+    for row in csv.DictReader(open(pairs_csv, encoding="utf-8")):
+        if row["verified"] == "true":
+            listed.add(frozenset((store.parent / row[k]).resolve() for k in ("a_path", "b_path")))
+    ev = evaluate_decisions(store)
+    assert (ev.evaluated, ev.positives, ev.negatives, ev.not_evaluated) == (40, 30, 10, 0)
+    assert ev.tp == sum(frozenset(p) in listed for p in dup) == tp
+    assert ev.fp == sum(frozenset(p) in listed for p in dis)
+    fit = fit_thresholds(store)  # the real verdicts of the real photos
+    assert fit.verify and fit.candidate_threshold is not None and fit.proposed["f1"] >= fit.current["f1"]
+    assert fit.current["candidate_threshold"] == pytest.approx(candidate_rule("onnx")[1])
+
 
 # ------------------------------------------------------------------------- a hand store: settings and flags
 
