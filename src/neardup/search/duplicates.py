@@ -24,14 +24,14 @@ from ..config import DEFAULTS, candidate_rule, word_candidates
 from ..errors import InputError
 from ..features import LOCAL_VERSION, LocalFeatures
 from ..progress import Progress, stage_of
-from ..store.decisions import Decision, JournalState
+from ..store.decisions import JournalState
 from ..store.generation import Generation
 from ..store.handle import opened
 from ..store.meta import Catalog
 from .candidates import store_knn_pairs
 from .grouping import alias_rows, changed_rows, complete_linkage, connected_components, keeper_order, stale_rows
 from .join import candidate_pairs, exact_pairs, knn_pairs, self_join, without_pairs
-from .review import Decided, decisions_for
+from .review import Decided, decided
 from .verify import pack, resolve_verify, row_features, verify_pairs
 from .verify_jobs import verify_many
 
@@ -96,13 +96,17 @@ class DuplicateReport:
     stale: dict[int, str] = field(default_factory=dict)
     aliases: dict[int, int] = field(default_factory=dict)  #: catalog row -> the row of its file's name kept
     generation: str = ""  #: the store generation the pairs were found in (Generation.id)
-    #: pair index in I/J -> a person's decision on it ("duplicate"; a "distinct" pair is never listed): only
-    #: decided pairs (search/review.py)
-    decisions: dict[int, str] = field(default_factory=dict)
+    decisions: dict[int, str] = field(default_factory=dict)  #: pair index -> its decision (decided pairs only)
     hidden_distinct: int = 0  #: pairs found but not listed: a person decided they are distinct
     hidden_decided: int = 0  #: with new_only, decided duplicate pairs not listed
     new_only: bool = False  #: only pairs nobody decided are listed, and the groups holding one
     decision_problems: list[str] = field(default_factory=list)  #: what was wrong with the decisions journal
+
+    def keep_pairs(self, keep: np.ndarray) -> None:
+        """Keep only the pairs where the bool array `keep` is True (in every pair array)."""
+        self.I, self.J, self.D, self.exact = self.I[keep], self.J[keep], self.D[keep], self.exact[keep]
+        if self.verify:
+            self.verified, self.inliers = self.verified[keep], self.inliers[keep]
 
     @property
     def n_pairs(self) -> int:
@@ -229,10 +233,9 @@ def find_duplicates(store: Generation | str | os.PathLike[str], *, threshold: fl
 
     With `decisions` (the default), the decisions people recorded (search/review.py) are applied: a pair
     decided distinct is never listed and never links a group; a pair confirmed duplicate is marked
-    (report.decisions) and links its group even unverified, and its keeper is the group's keeper. Pairs are
-    still found by the search alone: a decision adds no pair the search did not find. `new_only` lists only the
-    pairs nobody decided, and the groups holding one (the nightly delta). `decisions=False` gives what the
-    search alone finds (evaluate measures that).
+    (report.decisions), links its group even unverified, and its keeper is kept. A decision adds no pair the
+    search did not find. `new_only` lists only the pairs nobody decided, and the groups holding one (the
+    nightly delta). `decisions=False` gives what the search alone finds.
     """
     if new_only and not decisions:
         raise InputError("new_only needs the decisions: it lists the pairs nobody decided")
@@ -254,13 +257,8 @@ def _find(gen: Generation, threshold: float | None, block: int | None, max_group
                          "features, without --no-verify)")
     report = DuplicateReport(str(gen.path), cat.meta.model, t, len(cat), cat.ids, cat.paths, verify=verify,
                              generation=gen.id, new_only=new_only)
-    dec = Decided(JournalState(), cat.sha256)
-    if decisions:
-        dec = Decided(decisions_for(gen), cat.sha256)
-        report.decision_problems = dec.state.problems
-        for problem in dec.state.problems:
-            log.warning("decisions: %s", problem)
-    distinct, confirmed = (_keys(dec.row_pairs(w), len(cat)) for w in ("distinct", "duplicate"))
+    dec = decided(gen) if decisions else Decided(JournalState(), cat.sha256)
+    report.decision_problems = dec.state.problems
     index = None
     report.method = (f"k-NN by a PCA{DEFAULTS.scale_dims} IVF search of the stored vectors, not the store's "
                      f"{cat.meta.index_factory} index; candidates re-scored exactly" if scale
@@ -278,15 +276,15 @@ def _find(gen: Generation, threshold: float | None, block: int | None, max_group
                                             words=word_candidates(cat.meta.model), features=feats, scale=scale,
                                             processes=processes, ray=ray, progress=progress)
         report.verify_seconds = time.perf_counter() - tv
-        _drop_distinct(report, distinct)
-        linked = report.verified | _pair_in(report, confirmed)  # exact pairs are verified by their bytes
+        _drop_distinct(report, dec)
+        linked = report.verified | dec.pair_mask(report.I, report.J, "duplicate")  # exact: verified by their bytes
         link_t = np.inf  # groups follow the verified (or confirmed) links only
     else:
         report.k = DEFAULTS.k if k is None else int(k)
         report.I, report.J, report.D, report.exact = duplicate_rows(cat, t, block, index, report.k, progress,
                                                                     scale=gen if scale else None)
-        _drop_distinct(report, distinct)
-        linked = report.exact | _pair_in(report, confirmed)
+        _drop_distinct(report, dec)
+        linked = report.exact | dec.pair_mask(report.I, report.J, "duplicate")
         link_t = t
     I, J = report.I, report.J
     comps = connected_components(len(cat), I[linked] if verify else I, J[linked] if verify else J)
@@ -299,8 +297,7 @@ def _find(gen: Generation, threshold: float | None, block: int | None, max_group
     for a, b, n in zip(I[linked].tolist(), J[linked].tolist(), inl[linked].tolist()):
         forced_in[int(comp_of[a])].append((a, b, n))
     extra: list[tuple[int, int, float, int]] = []  # pairs verified while grouping
-    keepers, confirmed_keys = dec.keepers(), set(confirmed.tolist())
-    never = set(map(tuple, dec.row_pairs("distinct").tolist())) if len(distinct) else set()
+    never, confirmed = dec.row_pair_set("distinct"), dec.row_pair_set("duplicate")  # never linked; always
     group_rows: list[np.ndarray] = []
     for ci, comp in enumerate(comps):
         if len(comp) > max_group_search:
@@ -316,15 +313,9 @@ def _find(gen: Generation, threshold: float | None, block: int | None, max_group
         for a, b, n in forced_in[ci]:
             forced[local[a], local[b]] = forced[local[b], local[a]] = True
             inliers[local[a], local[b]] = inliers[local[b], local[a]] = n
-        forbidden = None
-        if never:  # a pair decided distinct never shares a group, whatever its score
-            forbidden = np.zeros_like(S, bool)
-            for a, b in never:
-                if a in local and b in local:
-                    forbidden[local[a], local[b]] = forbidden[local[b], local[a]] = True
-        for g in complete_linkage(S, link_t, forced, forbidden):
+        for g in complete_linkage(S, link_t, forced, dec.forbidden(local)):
             rows = keeper_order(cat, comp[g], report.stale)
-            chosen = _decided_keeper(dec, keepers, rows, report.stale)
+            chosen = dec.keeper_among(rows, report.stale)
             if chosen is not None:
                 rows = np.concatenate([[chosen], rows[rows != chosen]])
             keeper = int(rows[0])
@@ -337,7 +328,7 @@ def _find(gen: Generation, threshold: float | None, block: int | None, max_group
                      "exact": bool(r != keeper and cat.sha256[r] == cat.sha256[keeper]), "keeper": r == keeper,
                      "stale": report.stale.get(r),
                      "alias_of": cat.paths[report.aliases[r]] if r in report.aliases else None,
-                     "decision": "duplicate" if r != keeper and _key(r, keeper, len(cat)) in confirmed_keys else None}
+                     "decision": "duplicate" if (min(r, keeper), max(r, keeper)) in confirmed else None}
                 if verify:  # inliers with the keeper (-1: byte-identical or the keeper itself)
                     m["inliers_to_keeper"] = int(inliers[kl, local[r]])
                 members.append(m)
@@ -357,7 +348,7 @@ def _find(gen: Generation, threshold: float | None, block: int | None, max_group
         order = np.lexsort((J, I, -D, ~ver, ~ex))
         report.I, report.J, report.D, report.exact, report.verified, report.inliers = (
             I[order], J[order], D[order], ex[order], ver[order], inl[order])
-    decided_pairs = _pair_in(report, confirmed)
+    decided_pairs = dec.pair_mask(report.I, report.J, "duplicate")
     report.decisions = dict.fromkeys(np.flatnonzero(decided_pairs).tolist(), "duplicate")
     if new_only:
         _only_new(report, decided_pairs, group_rows)
@@ -378,6 +369,14 @@ def _check_files(gen: Generation, report: DuplicateReport, listed: np.ndarray, c
 
 #: Components of verified links up to this size get their missing pairs verified before grouping.
 COMPLETE_UP_TO = 200
+
+
+def _drop_distinct(report: DuplicateReport, dec: Decided) -> None:
+    """Remove the pairs a person decided distinct from the report (never listed, never linked)."""
+    drop = dec.pair_mask(report.I, report.J, "distinct")
+    report.hidden_distinct = int(drop.sum())
+    if report.hidden_distinct:
+        report.keep_pairs(~drop)
 
 
 def _complete(cat: Catalog, gen: Generation, comp: np.ndarray, links: list[tuple[int, int, int]],
@@ -406,70 +405,15 @@ def _complete(cat: Catalog, gen: Generation, comp: np.ndarray, links: list[tuple
     return out
 
 
-def _key(i: int, j: int, n: int) -> int:
-    """One int64 for the unordered pair of rows i, j of an n-row catalogue."""
-    return min(i, j) * n + max(i, j)
-
-
-def _keys(pairs: np.ndarray, n: int) -> np.ndarray:
-    """Sorted unique pair keys (see _key) of int64 [m, 2] row pairs."""
-    if not len(pairs):
-        return np.zeros(0, np.int64)
-    return np.unique(pairs.min(1) * n + pairs.max(1))
-
-
-def _pair_in(report: DuplicateReport, keys: np.ndarray) -> np.ndarray:
-    """Bool [pairs]: which of the report's pairs have their key in `keys`."""
-    if not len(keys):
-        return np.zeros(len(report.I), bool)
-    I, J = np.asarray(report.I, np.int64), np.asarray(report.J, np.int64)
-    return np.isin(np.minimum(I, J) * report.n + np.maximum(I, J), keys)
-
-
-def _drop_distinct(report: DuplicateReport, distinct: np.ndarray) -> None:
-    """Remove the pairs a person decided distinct from the report's pair arrays (never listed, never linked)."""
-    drop = _pair_in(report, distinct)
-    if not drop.any():
-        return
-    keep = ~drop
-    report.hidden_distinct = int(drop.sum())
-    report.I, report.J, report.D, report.exact = report.I[keep], report.J[keep], report.D[keep], report.exact[keep]
-    if report.verify:
-        report.verified, report.inliers = report.verified[keep], report.inliers[keep]
-
-
-def _decided_keeper(dec: Decided, keepers: dict[str, list[Decision]], rows: np.ndarray,
-                    stale: dict[int, str]) -> int | None:
-    """The row a person chose to keep among a group's `rows` (in keeper order): the keeper of the latest
-    duplicate decision on two of them whose keeper no decision among them turned down; None without one (or
-    when it is stale: a file gone or changed is never a keeper)."""
-    if not keepers:
-        return None
-    digests = {dec.sha256[r] for r in rows.tolist()}
-    among = {d for g in digests for d in keepers.get(g, ()) if d.a in digests and d.b in digests}
-    if not among:
-        return None
-    lost = {d.b if d.keeper == d.a else d.a for d in among}
-    for d in sorted(among, key=lambda d: d.at, reverse=True):
-        if d.keeper in lost:
-            continue
-        for r in rows.tolist():  # byte-identical copies of the keeper: the best of them
-            if dec.sha256[r] == d.keeper and r not in stale:
-                return int(r)
-    return None
-
 
 def _only_new(report: DuplicateReport, decided_pairs: np.ndarray, group_rows: list[np.ndarray]) -> None:
     """Keep only the pairs nobody decided, and the groups holding one of them (new_only)."""
-    keep = ~decided_pairs
     group_of = np.full(report.n, -1, np.int64)
     for g, rows in enumerate(group_rows):
         group_of[rows] = g
-    gi, gj = group_of[report.I[keep]], group_of[report.J[keep]]
+    gi, gj = group_of[report.I[~decided_pairs]], group_of[report.J[~decided_pairs]]
     fresh = set(gi[(gi >= 0) & (gi == gj)].tolist())
     report.groups = [g for x, g in enumerate(report.groups) if x in fresh]
     report.hidden_decided = int(decided_pairs.sum())
-    report.I, report.J, report.D, report.exact = report.I[keep], report.J[keep], report.D[keep], report.exact[keep]
-    if report.verify:
-        report.verified, report.inliers = report.verified[keep], report.inliers[keep]
+    report.keep_pairs(~decided_pairs)
     report.decisions = {}
