@@ -296,7 +296,12 @@ def test_cli_evaluate(hand_store: tuple[Path, Path], tmp_path: Path) -> None:
     assert doc["best"]["f1"] == pytest.approx(5 / 6) and doc["sweep"]["thresholds"][0] == 0.6
     assert len(doc["sweep"]["thresholds"]) == 41 and Image.open(png).size == (700, 600)
     r = run("evaluate", "-s", store, "--truth", truth, "-t", "0.95", "--min-threshold", "0.6")
-    assert r.exit_code == 0 and "default threshold 0.9500: precision 1.0000, recall 0.4000" in r.output
+    # the default row is what `duplicates -t 0.95` lists, scored on its own pairs, and says which flag moves it
+    assert r.exit_code == 0 and ("what `neardup duplicates --no-verify --threshold 0.95` lists (the command line): "
+                                 "2 pairs among the evaluated images, TP 2, FP 0, FN 3: precision 1.0000, recall "
+                                 "0.4000, F1 0.5714; --threshold 0.9500 decides them") in r.output
+    assert "0.9500          2        2        0        3     1.0000   0.4000   0.5714  <- default (--threshold of " \
+           "duplicates)" in r.output
 
 
 def test_cli_evaluate_bad_input(hand_store: tuple[Path, Path], tmp_path: Path) -> None:

@@ -37,6 +37,7 @@ LAYERS: list[list[str]] = [
     ["store/index_kinds"],
     ["store/faiss_index"],
     ["store/files"],
+    ["store/settings"],
     ["store/lock", "store/meta", "store/h5io"],
     ["store/segment"],
     ["store/manifest"],
@@ -61,7 +62,9 @@ LAYERS: list[list[str]] = [
     ["search/grouping"],
     ["search/duplicates"],
     ["search/pairs_io", "search/metrics", "search/plots"],
+    ["search/listed"],
     ["search/evaluate", "search/report"],
+    ["search/decided"],
     ["testing/products"],
     ["testing/render"],
     ["testing/__init__"],
@@ -80,7 +83,10 @@ LAYERS: list[list[str]] = [
     ["__main__"],
 ]
 #: Modules allowed past ~400 lines because one concern needs it.
-LONG_ONE_CONCERN: dict[str, str] = {}
+LONG_ONE_CONCERN: dict[str, str] = {
+    "search/evaluate": "store and query modes of one evaluation (430 lines while its evaluate/_evaluate twins "
+                       "are being merged into one function)",
+}
 RANK = {name: k for k, row in enumerate(LAYERS) for name in row}
 
 

@@ -84,6 +84,10 @@ def word_candidates(model: str) -> int:
     return WORD_CANDIDATES.get(model, 0)
 
 
+#: Rules of `evaluate --fit` (Defaults.fit_rule).
+FIT_RULES = ("f1", "recall")
+
+
 #: Environment variables that jobs (cron, CI) can use instead of options.
 ENV_STORE = "NEARDUP_STORE"
 ENV_MODEL = "NEARDUP_MODEL"
@@ -165,6 +169,14 @@ class Defaults:
     progress_interval_s: float = 10.0
     #: Seed for the random initialisation used with weights=none, so that every process builds the same network.
     init_seed: int = 1234
+    #: `evaluate --fit`: the rule that picks thresholds from a store's reviewed pairs: "f1" (the highest F1) or
+    #: "recall" (the highest recall at precision >= fit_min_precision).
+    fit_rule: str = "f1"
+    fit_min_precision: float = 0.95
+    #: ...refused below this many decided pairs of photos still in the store, or this many of either kind
+    #: (duplicate, distinct): a precision over four negatives moves by a quarter with one decision.
+    fit_min_pairs: int = 20
+    fit_min_each: int = 5
 
 
     @property

@@ -264,9 +264,9 @@ def _find(gen: Generation, threshold: float | None, block: int | None, max_group
                      f"{cat.meta.index_factory} index; candidates re-scored exactly" if scale
                      else "exact k-NN" if verify else "exact join")
     if verify:
-        dk, dt = candidate_rule(cat.meta.model)
+        dk = candidate_rule(cat.meta.model)[0]
         report.k = dk if k is None else int(k)
-        report.loose_threshold = gen.threshold(dt if loose_threshold is None else loose_threshold)
+        report.loose_threshold = gen.candidate_threshold(loose_threshold)
         if report.k < 1:
             raise InputError("k must be at least 1")
         tv = time.perf_counter()

@@ -20,6 +20,9 @@ With verification (the default for a store that caches local features), scoring 
 when geometrically verified (search/verify.py); a query's top k are re-ranked by rerank() above the cosine
 order of the rest.
 
+The default row is the threshold that decides what `neardup duplicates` lists on the store, resolved as it
+resolves it; in store mode `at_default` scores find_duplicates' own pairs (search/listed.py).
+
 The pair- and query-level definitions (predicted and true pairs, ties, recall@k, mAP) are
 `metrics.DEFINITIONS`, which the JSON output also carries.
 """
@@ -36,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import DEFAULTS, candidate_rule, resolve_threshold, word_candidates
+from ..config import DEFAULTS, candidate_rule, word_candidates
 from ..embed.decode import read_file
 from ..embed.embedders import Embedder
 from ..embed.pipeline import embed_files
@@ -48,6 +51,7 @@ from ..store.generation import Generation
 from ..store.handle import opened
 from ..store_embedder import store_embedder
 from .join import candidate_pairs, exact_pairs, self_join, without_pairs
+from .listed import default_line, score_listed
 from .metrics import (  # noqa: F401 - TIE_TOL
     DEFAULT_KS,
     DEFAULT_SWEEP,
@@ -108,6 +112,8 @@ class EvalResult:
     queries_without_mate: int = 0  #: decoded query photos with no catalogue image of their group
     queries_failed: list[tuple[str, str]] = field(default_factory=list)  #: (path as written, reason), all of them
     definitions: dict[str, str] = field(default_factory=lambda: dict(DEFINITIONS))
+    default_flag: str = "--threshold"  #: the flag of `duplicates` (and evaluate) that moves the default row
+    listed: dict = field(default_factory=dict)  #: store mode: what duplicates lists, scored (listed.score_listed)
 
     def to_dict(self) -> dict:
         """JSON-ready dict of every number."""
@@ -164,14 +170,13 @@ class EvalResult:
             if not (on_grid or t == bt or t == dt):
                 continue
             mark = "  <- best F1" if t == bt else ""
-            mark += "  <- default" if t == dt else ""
+            mark += f"  <- default ({self.default_flag} of duplicates)" if t == dt else ""
             lines.append(f"{t:>10.4f} {sw['predicted'][k]:>10} {sw['tp'][k]:>8} {sw['fp'][k]:>8} "
                          f"{sw['fn'][k]:>8} {sw['precision'][k]:>10.4f} {sw['recall'][k]:>8.4f} "
                          f"{sw['f1'][k]:>8.4f}{mark}")
         lines += ["", f"best F1 {self.best['f1']:.4f} at threshold {bt:.4f} "
                       f"(precision {self.best['precision']:.4f}, recall {self.best['recall']:.4f})",
-                  f"default threshold {dt:.4f}: precision {self.at_default['precision']:.4f}, "
-                  f"recall {self.at_default['recall']:.4f}, F1 {self.at_default['f1']:.4f}"]
+                  default_line(self.at_default, self.listed, self.default_flag, dt)]
         r = self.retrieval
         among = "the catalogue images" if self.mode == "query" else "the evaluated images"
         rer = f"; top {self.k} re-ranked by verification" if self.verify else ""
@@ -193,11 +198,13 @@ def evaluate(store: Generation | str | os.PathLike[str], truth: str | os.PathLik
              k: int | None = None, embedder: Embedder | None = None, weights: str | None = None,
              precision: str = DEFAULTS.precision, runtime: str | None = None,
              batch_size: int = DEFAULTS.batch_size, max_file_bytes: int = DEFAULTS.max_file_bytes,
-             workers: int = DEFAULTS.verify_workers, progress: Progress | None = None) -> EvalResult:
+             workers: int = DEFAULTS.verify_workers, progress: Progress | None = None,
+             loose_threshold: float | None = None) -> EvalResult:
     """Score a store against a truth CSV: pair P/R/F1 over a threshold sweep and query recall@k / mAP.
 
-    `thresholds` defaults to 0.50..1.00 by 0.01; `threshold` (default: the model's documented default, or with
-    verification its candidates' loose threshold) is added to the sweep and reported separately. Without
+    `thresholds` defaults to 0.50..1.00 by 0.01. `threshold`, `loose_threshold`: duplicates' --threshold and
+    --candidate-threshold (default: the store's settings, else the model's); the one deciding duplicates' pairs
+    is added to the sweep as the default row (in store mode scored on find_duplicates' own pairs). Without
     verification the duplicate search runs once, by search.duplicates' blocked self-join at the lowest threshold;
     its memory grows with the number of pairs above it: raise the sweep's lower end for a large store.
 
@@ -213,21 +220,21 @@ def evaluate(store: Generation | str | os.PathLike[str], truth: str | os.PathLik
         return _evaluate(gen, Path(truth), thresholds=thresholds, threshold=threshold, ks=ks, block=block,
                          verify=verify, k=k, embedder=embedder, weights=weights, precision=precision,
                          runtime=runtime, batch_size=batch_size, max_file_bytes=max_file_bytes, workers=workers,
-                         progress=progress)
+                         progress=progress, loose_threshold=loose_threshold)
 
 
 def _evaluate(gen: Generation, truth: Path, *, thresholds: Sequence[float] | None, threshold: float | None,
               ks: Sequence[int], block: int | None, verify: bool | None, k: int | None,
               embedder: Embedder | None, weights: str | None, precision: str, runtime: str | None,
-              batch_size: int, max_file_bytes: int, workers: int, progress: Progress | None = None) -> EvalResult:
+              batch_size: int, max_file_bytes: int, workers: int, progress: Progress | None = None,
+              loose_threshold: float | None = None) -> EvalResult:
     t0 = time.perf_counter()
     rows = read_truth_rows(truth)
     cat = gen.read()
     model = cat.meta.model
     verify = resolve_verify(verify, cat.meta.local_features)
-    # verified, the default operating point is the candidates' loose threshold (what duplicates uses)
-    t_default = resolve_threshold(threshold if threshold is not None or not verify else candidate_rule(model)[1],
-                                  model)
+    # the default row: the threshold deciding duplicates' pairs, resolved as it does (verified: the loose one)
+    t_default = gen.candidate_threshold(loose_threshold) if verify else gen.threshold(threshold)
     sweep = np.unique(np.round(np.array(list(thresholds or DEFAULT_SWEEP) + [t_default], np.float64), 6))
     if not np.all((sweep >= -1) & (sweep <= 1)):
         raise InputError("thresholds must be cosines between -1 and 1")
@@ -386,6 +393,12 @@ def _evaluate(gen: Generation, truth: Path, *, thresholds: Sequence[float] | Non
         return {"threshold": float(sweep[k]), "precision": float(m["precision"][k]),
                 "recall": float(m["recall"][k]), "f1": float(m["f1"][k])}
 
+    at_default, listed = point(d), {}
+    if mode == "store":  # the default row, scored on exactly the pairs `neardup duplicates` lists
+        listed = score_listed(gen, ev, labels, cid if class_of else None, n_true, threshold=threshold, verify=verify,
+                              k=k, loose_threshold=loose_threshold, workers=workers, progress=progress)
+        at_default = {"threshold": float(sweep[d]), **{x: listed[x] for x in ("precision", "recall", "f1")}}
+
     def mask(S: np.ndarray, q: np.ndarray) -> None:
         if mode == "store":
             S[np.arange(len(q)), q] = -np.inf
@@ -400,8 +413,9 @@ def _evaluate(gen: Generation, truth: Path, *, thresholds: Sequence[float] | Non
         store=str(gen.path), truth=str(truth), model=model, images_in_store=len(cat),
         images_in_truth=len(rows), evaluated=n, truth_missing_from_store=len(missing),
         store_missing_from_truth=len(unlabelled), true_pairs=n_true, candidate_pairs=int(len(D)),
-        default_threshold=float(sweep[d]),
-        sweep={k: v.tolist() for k, v in m.items()}, best=point(b), at_default=point(d), retrieval=retrieval,
+        default_threshold=float(sweep[d]), default_flag="--candidate-threshold" if verify else "--threshold",
+        listed=listed,
+        sweep={k: v.tolist() for k, v in m.items()}, best=point(b), at_default=at_default, retrieval=retrieval,
         missing_examples=missing[:EXAMPLES], unlabelled_examples=unlabelled[:EXAMPLES],
         seconds=time.perf_counter() - t0, mode=mode, verify=verify, k=k, ignored_pairs=int(ignored),
         ignored_candidates=int(junk.sum()), verified_candidates=verified, query_images=len(query_rows),

@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from ..config import DEFAULTS, resolve_threshold
+from ..config import DEFAULTS, candidate_rule, resolve_threshold
 from ..errors import StoreError
 from ..features import LocalTable
 from ..fileio import file_sha256
@@ -31,6 +31,7 @@ from .files import StoreFiles
 from .manifest import LegacyFile, open_any
 from .meta import Catalog, Manifest, Segment, StoreMeta
 from .segment import Damage, SegmentFile
+from .settings import SettingsFile, StoreSettings
 
 log = logging.getLogger(__name__)
 
@@ -245,8 +246,28 @@ class Generation:
         return self.folder / self.catalog.paths[row]
 
     def threshold(self, threshold: float | None = None) -> float:
-        """The match threshold: `threshold` when given, else this store's model's default (the one rule)."""
+        """The match threshold: `threshold` when given, else the one applied to the store (its settings file,
+        `neardup evaluate --fit --apply`), else this store's model's default (the one rule)."""
+        if threshold is None:
+            threshold = self.settings.threshold
         return resolve_threshold(threshold, self.meta.model)
+
+    def candidate_threshold(self, loose: float | None = None) -> float:
+        """The loose cosine of verification's candidates: `loose` when given, else the one applied to the store,
+        else the model's candidate_rule."""
+        if loose is None:
+            loose = self.settings.candidate_threshold
+        return resolve_threshold(candidate_rule(self.meta.model)[1] if loose is None else loose, self.meta.model)
+
+    @cached_property
+    def settings_file(self) -> SettingsFile:
+        """The store's settings file, read again when it changes (a running service follows `--apply`)."""
+        return SettingsFile(self.files.store)
+
+    @property
+    def settings(self) -> StoreSettings:
+        """The thresholds applied to the store. Raises StoreError when its settings file is damaged."""
+        return self.settings_file.current()
 
     # ------------------------------------------------------------------------------------------- index
     @property
