@@ -69,6 +69,7 @@ LAYERS: list[list[str]] = [
     ["serve/protocol", "serve/live", "serve/fair"],
     ["serve/service"],
     ["serve/guard"],
+    ["serve/review"],  # the review page's queue and routes: the decisions journal and duplicates, below the app
     ["serve/app", "serve/client"],
     ["serve/__init__"],
     ["cli/base", "cli/options"],
