@@ -44,6 +44,7 @@ LAYERS: list[list[str]] = [
     ["store/generation"],
     ["store/repair"],
     ["store/publish"],
+    ["store/decisions"],
     ["store/restore"],
     ["store/handle"],
     ["store_embedder"],  # the glue above both: the embedder a store was made with
@@ -52,7 +53,7 @@ LAYERS: list[list[str]] = [
     ["indexer/ray_job"],
     ["indexer/diff"],
     ["indexer/build"],
-    ["search/verify", "search/truth"],
+    ["search/verify", "search/truth", "search/review"],
     ["search/verify_jobs"],
     ["search/query"],
     ["search/join"],

@@ -33,6 +33,9 @@ _EXPORTS = {
     **dict.fromkeys(["DuplicateReport", "find_duplicates"], ".search.duplicates"),
     **dict.fromkeys(["EvalResult", "evaluate"], ".search.evaluate"),
     **dict.fromkeys(["ReportResult", "write_report"], ".search.report"),
+    **dict.fromkeys(["Decision", "Journal", "JournalState", "pair_key"], ".store.decisions"),
+    **dict.fromkeys(["ImportResult", "decisions_for", "record_decision", "import_decisions", "export_decisions"],
+                    ".search.review"),
 }
 __all__ = ["__version__", *sorted(_EXPORTS)]
 __getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)
