@@ -54,6 +54,7 @@ LAYERS: list[list[str]] = [
     ["indexer/diff"],
     ["indexer/build"],
     ["search/verify", "search/truth", "search/review"],
+    ["search/inliers"],  # the inlier correspondences of a pair, for drawing (review page, plot)
     ["search/verify_jobs"],
     ["search/query"],
     ["search/join"],

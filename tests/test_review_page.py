@@ -1,6 +1,6 @@
 """The review page of `neardup serve` (/review) and its JSON API, against a real server: the token, bad input
 (400, nothing recorded), the queue less decided pairs, undo as a new record, the inlier lines against
-verify.pair_points (the oracle); and in a real headless Chromium, decisions made with key presses that
+inliers.pair_points (the oracle); and in a real headless Chromium, decisions made with key presses that
 `review export` then lists, through a service restart and an `update`."""
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from neardup.indexer.build import build_index, update_index
+from neardup.search.inliers import pair_points
 from neardup.search.review import decisions_for, export_decisions
-from neardup.search.verify import pair_points
 from neardup.store import read_catalog
 from neardup.store.generation import Generation
 from neardup.testing import product_photo, write_product_photos

@@ -13,7 +13,6 @@ and duplicates decide which pairs to verify.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -366,27 +365,6 @@ def _verify_pairs(fa: Sequence[LocalFeatures | None], fb: Sequence[LocalFeatures
     # each worker thread runs every library on one thread (threads.py)
     with thread_pool(workers, "neardup-verify") as pool:
         return Verified.concat(list(pool.map(lambda p: verify_table(t, ia[p], ib[p], rule, screen=screen), parts)))
-
-
-def pair_points(gen: Generation, row_a: int, row_b: int, rule: VerifyRule = VERIFY) -> Verification:
-    """The verdict on catalogue rows `row_a` and `row_b` of a generation with its inlier correspondences:
-    `xy_a[i]` in row_a's photo matches `xy_b[i]` in row_b's (fractions of width and height; None when no
-    homography was fitted). Judged from the cached features (else the files) and screened as `duplicates`
-    screens, so a drawing of these points shows what the listed verdict counted."""
-    fa, fb = row_features(gen, np.array([row_a, row_b], np.int64))
-    return verify_pair(fa, fb, rule, points=True, screen=True)
-
-
-def file_points(a: str | os.PathLike[str], b: str | os.PathLike[str], *, mode: str = "RGB",
-                rule: VerifyRule = VERIFY) -> Verification | None:
-    """pair_points for two image files, decoded as a store of input `mode` decodes them (None when either
-    cannot be read: then there is no verdict to draw)."""
-    try:
-        fa, fb = (file_local_features(p, mode=mode) for p in (a, b))
-    except DecodeError as exc:
-        log.info("no verification: %s", exc)
-        return None
-    return verify_pair(fa, fb, rule, points=True, screen=True)
 
 
 def resolve_verify(verify: bool | None, local_features: str) -> bool:

@@ -4,7 +4,7 @@
   of its own, never per request: a big store makes the queue say "finding", not the page hang) less the pairs
   someone has decided (the store's decision journal, read at each request: a decision recorded meanwhile by
   `neardup review import` or another page drops its pair too), a page of pairs at a time.
-- A pair's inlier lines: the ORB inlier correspondences of its verification (verify.pair_points), computed on
+- A pair's inlier lines: the ORB inlier correspondences of its verification (inliers.pair_points), computed on
   demand in the service's files pool.
 - Decisions: POST /v1/review/decisions records one (journal record, source "page"); POST /v1/review/undo
   records the pair's decision before its last one again (or "undecided" when it had none: the pair is back in
@@ -28,8 +28,8 @@ from fastapi.responses import Response
 
 from ..errors import InputError, NeardupError
 from ..search.duplicates import find_duplicates
+from ..search.inliers import pair_points
 from ..search.review import decisions_for, record_decision
-from ..search.verify import pair_points
 from ..store.decisions import DECISIONS, UNDECIDED, Decision, pair_key
 from .guard import PAGE_CSP, SECURITY_HEADERS, ApiError
 from .live import LiveStore, Served
