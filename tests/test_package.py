@@ -75,7 +75,7 @@ LAYERS: list[list[str]] = [
     ["serve/app", "serve/client"],
     ["serve/__init__"],
     ["cli/base", "cli/options"],
-    ["cli/render"],
+    ["cli/render", "cli/review"],
     ["cli/indexing"],
     ["cli/searching", "cli/serving"],
     ["cli/__init__"],

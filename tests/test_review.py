@@ -3,18 +3,23 @@ imported and exported as CSV, and applied by duplicates, query and the report.""
 from __future__ import annotations
 
 import csv
+import json
 import multiprocessing as mp
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from neardup import build_index, update_index
+from neardup import build_index, find_duplicates, update_index
+from neardup.embed.embedders import l2_normalize
 from neardup.errors import InputError, StoreError
+from neardup.fileio import file_sha256
+from neardup.search.pairs_io import read_pairs_csv, write_groups_json, write_pairs_csv
 from neardup.search.review import BadRowsError, decisions_for, export_decisions, import_decisions, record_decision
-from neardup.store import Store, StoreFiles
+from neardup.store import Catalog, Store, StoreFiles, StoreMeta, write_catalog
 from neardup.store.decisions import Decision, Journal, pair_key
 from neardup.testing import FakeEmbedder, write_product_photos
 
@@ -244,3 +249,155 @@ def test_decisions_survive_renames_update_compaction_restore_and_repair(store: P
     (root / Path(p[3]).name).unlink()  # a decided photo gone: its decision stays, not exported
     update_index([root], store, embedder=emb)
     assert names(exported()) == {(frozenset(p[:2]), "duplicate", p[1])} and len(decisions_for(store).current) == 2
+
+
+# --------------------------------------------------------------------------------------------- applied
+
+def _vector_store(tmp_path: Path, xb: np.ndarray) -> Path:
+    """A store of the vectors `xb` (rows p000.jpg...), each row's file written beside it with its real size,
+    time and digest (so no photo is stale: a stale file is never a keeper)."""
+    n, d = xb.shape
+    files = []
+    for i in range(n):
+        f = tmp_path / f"p{i:03d}.jpg"
+        f.write_bytes(f"photo {i} ".encode() * (10 + i))
+        files.append(f)
+    meta = StoreMeta(model="fake", weights="none", weights_fingerprint="none", dim=d, input_size=16,
+                     preprocessing="p", next_id=n)
+    cat = Catalog(meta=meta, ids=np.arange(n, dtype=np.int64) + 100, paths=[f.name for f in files],
+                  sizes=np.array([f.stat().st_size for f in files], np.int64),
+                  mtimes_ns=np.array([f.stat().st_mtime_ns for f in files], np.int64),
+                  sha256=[file_sha256(f) for f in files], widths=np.full(n, 100, np.int32),
+                  heights=np.full(n, 100, np.int32), xb=l2_normalize(xb.astype(np.float32)))
+    write_catalog(tmp_path / "v.h5", cat)
+    return tmp_path / "v.h5"
+
+
+def _rows(report, group) -> set[int]:  # noqa: ANN001
+    return {m["id"] - 100 for m in group.members}
+
+
+def test_a_chain_never_joins_through_a_distinct_pair(tmp_path: Path) -> None:
+    # a ~ b ~ c, a !~ c: without decisions {a, b} is a group; a-b decided distinct: only {b, c}
+    angle = np.radians([0, 10, 20])  # cos 10° = 0.985, cos 20° = 0.940
+    xb = np.array([[np.cos(x), np.sin(x), 0] for x in angle] + [[0, 0, 1]])
+    store = _vector_store(tmp_path, xb)
+    t = 0.97
+    plain = find_duplicates(store, threshold=t)
+    assert {(p.a_path, p.b_path) for p in plain.pairs} == {("p000.jpg", "p001.jpg"), ("p001.jpg", "p002.jpg")}
+    record_decision(store, "p000.jpg", "p001.jpg", "distinct", source="test")
+    r = find_duplicates(store, threshold=t)
+    assert {(p.a_path, p.b_path) for p in r.pairs} == {("p001.jpg", "p002.jpg")} and r.hidden_distinct == 1
+    assert [_rows(r, g) for g in r.groups] == [{1, 2}]
+    assert find_duplicates(store, threshold=t, decisions=False).n_pairs == 2  # what the search alone finds
+    assert r.groups[0].keeper == 102 and not r.groups[0].keeper_decided  # the larger file, by the rule
+    record_decision(store, "p002.jpg", "p001.jpg", "duplicate", keeper="p001.jpg", source="test")
+    r = find_duplicates(store, threshold=t)
+    assert r.groups[0].keeper == 101 and r.groups[0].keeper_decided and r.decisions == {0: "duplicate"}
+    assert [(m["id"], m["keeper"], m["decision"]) for m in r.groups[0].members] == [
+        (101, True, None), (102, False, "duplicate")]
+    write_pairs_csv(r, tmp_path / "pairs.csv")
+    write_groups_json(r, tmp_path / "groups.json")
+    assert [(row["a_path"], row["decision"]) for row in csv.DictReader(open(tmp_path / "pairs.csv"))] == [
+        ("p001.jpg", "duplicate")]
+    assert [p.decision for p in read_pairs_csv(tmp_path / "pairs.csv")] == ["duplicate"]
+    doc = json.loads((tmp_path / "groups.json").read_text())
+    assert doc["groups"][0]["keeper_decided"] and doc["decisions"]["distinct_hidden"] == 1
+    assert [m["decision"] for m in doc["groups"][0]["members"]] == [None, "duplicate"]
+    assert find_duplicates(store, threshold=t, new_only=True).pairs == []
+
+
+def test_groups_never_hold_a_distinct_pair_and_confirmed_keepers_are_kept(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    centres = rng.standard_normal((12, 16))
+    xb = np.repeat(centres, 5, axis=0) + 0.18 * rng.standard_normal((60, 16))  # 12 clusters of 5
+    xb = l2_normalize(xb.astype(np.float32))
+    store, t = _vector_store(tmp_path, xb), 0.9
+    plain = find_duplicates(store, threshold=t)
+    pairs = sorted((p.a_id - 100, p.b_id - 100) for p in plain.pairs)
+    assert len(pairs) > 40
+    picks = rng.choice(len(pairs), 16, replace=False).tolist()
+    distinct = {pairs[k] for k in picks[:10]}
+    confirmed = {pairs[k]: pairs[k][1] for k in picks[10:]}  # keep the second of each
+    _csv(tmp_path / "d.csv", [[f"p{a:03d}.jpg", f"p{b:03d}.jpg", "distinct", ""] for a, b in distinct]
+         + [[f"p{a:03d}.jpg", f"p{b:03d}.jpg", "duplicate", f"p{k:03d}.jpg"] for (a, b), k in confirmed.items()])
+    import_decisions(store, tmp_path / "d.csv")
+    r = find_duplicates(store, threshold=t)
+    listed = {(p.a_id - 100, p.b_id - 100) for p in r.pairs}
+    assert listed == set(pairs) - distinct  # the oracle: the search's pairs but the distinct ones
+    assert {(p.a_id - 100, p.b_id - 100) for p in r.pairs if p.decision == "duplicate"} == set(confirmed)
+    assert all(r.decisions[x] == "duplicate" for x in r.decisions) and len(r.decisions) == len(confirmed)
+    S, kept = xb @ xb.T, 0
+    for g in r.groups:
+        rows = sorted(_rows(r, g))
+        for x, a in enumerate(rows):
+            for b in rows[x + 1:]:
+                assert (a, b) not in distinct  # never grouped through a distinct pair
+                assert S[a, b] >= t - 1e-6 or (a, b) in confirmed
+        named = {kk for (c, d), kk in confirmed.items() if {c, d} <= set(rows)}
+        lost = {x for (c, d), kk in confirmed.items() if {c, d} <= set(rows) for x in (c, d) if x != kk}
+        if named - lost:  # a keeper a person chose, that no decision in the group turned down, is kept
+            assert g.keeper - 100 in named - lost and g.keeper_decided
+            kept += 1
+        for m in g.members:
+            pair = tuple(sorted((m["id"] - 100, g.keeper - 100)))
+            assert m["decision"] == ("duplicate" if pair in confirmed else None)
+    assert kept >= 2
+    new = find_duplicates(store, threshold=t, new_only=True)
+    assert {(p.a_id - 100, p.b_id - 100) for p in new.pairs} == set(pairs) - distinct - set(confirmed)
+    assert new.hidden_decided == len(confirmed) and new.decisions == {}
+    for g in new.groups:  # a group listed holds an undecided pair
+        rows = _rows(new, g)
+        assert any(a in rows and b in rows for a, b in set(pairs) - distinct - set(confirmed))
+
+
+# --------------------------------------------------------------------------------------------- the CLI
+
+def test_cli_import_lists_bad_rows_and_records_nothing_then_export(store: Path, tmp_path: Path) -> None:
+    p = _paths(store)
+    rows = [[p[0], p[1], "distinct", ""]] + [[f"imgs/gone{k}.jpg", p[1], "distinct", ""] for k in range(30)]
+    r = nd("review", "import", _csv(tmp_path / "bad.csv", rows), "--store", store)
+    assert r.returncode == 2 and r.stdout == ""
+    err = r.stderr.splitlines()
+    assert "30 bad row(s); nothing was recorded" in err[0]
+    assert err[1] == "  line 3: a: 'imgs/gone0.jpg' is not a photo of the store" and len(err) == 1 + 20 + 1
+    assert err[-1] == "  ... and 10 more bad row(s)"
+    assert not Journal.of(store).exists()
+    r = nd("review", "import", _csv(tmp_path / "cols.csv", [[p[0], p[1], "x", "y"]], "a,b,decision,why"),
+           "--store", store)
+    assert r.returncode == 2 and "unknown: why" in r.stderr and len(r.stderr.splitlines()) == 1
+    r = nd("review", "import", _csv(tmp_path / "good.csv", rows[:1] + [[p[2], p[3], "duplicate", p[3]]]),
+           "--store", store)
+    assert r.returncode == 0 and "2 decision(s) recorded" in r.stdout, r.stderr
+    r = nd("review", "export", "--store", store, "--out", tmp_path / "out.csv")
+    assert r.returncode == 0 and "wrote 2 decision(s)" in r.stdout, r.stderr
+    got = {(frozenset((row["a"], row["b"])), row["decision"], row["keeper"])
+           for row in csv.DictReader(open(tmp_path / "out.csv"))}
+    assert got == {(frozenset(p[:2]), "distinct", ""), (frozenset(p[2:4]), "duplicate", p[3])}
+    r = nd("info", "--store", store)
+    assert r.returncode == 0 and "2 pair(s) decided (2 decision(s) recorded)" in r.stdout
+    with open(Journal.of(store).path, "ab") as fh:
+        fh.write(b'0123 {"decisions": [')  # a torn last record
+    r = nd("info", "--store", store, "--check")
+    assert r.returncode == 1 and "torn last record (20 bytes)" in r.stdout
+    r = nd("review", "export", "--store", store, "--out", tmp_path / "out.csv")
+    assert r.returncode == 0 and "torn last record" in r.stderr
+
+
+def test_cli_duplicates_new_only_lists_the_undecided_pairs(tmp_path: Path) -> None:
+    angle = np.radians([0, 5, 40, 45, 80, 85])  # three pairs at cos 5° = 0.996
+    store = _vector_store(tmp_path, np.array([[np.cos(x), np.sin(x)] for x in angle]))
+    record_decision(store, "p000.jpg", "p001.jpg", "distinct", source="test")
+    record_decision(store, "p002.jpg", "p003.jpg", "duplicate", keeper="p002.jpg", source="test")
+    r = nd("duplicates", "--store", store, "--threshold", "0.99", "--out", tmp_path / "all.csv")
+    assert r.returncode == 0, r.stderr
+    assert "1 confirmed pair(s) marked, 1 pair(s) decided distinct not listed" in r.stdout
+    got = [(row["a_path"], row["b_path"], row["decision"]) for row in csv.DictReader(open(tmp_path / "all.csv"))]
+    assert sorted(got) == [("p002.jpg", "p003.jpg", "duplicate"), ("p004.jpg", "p005.jpg", "")]
+    r = nd("duplicates", "--store", store, "--threshold", "0.99", "--new-only", "--out", tmp_path / "new.csv",
+           "--groups", tmp_path / "new.json")
+    assert r.returncode == 0, r.stderr
+    got = [(row["a_path"], row["b_path"]) for row in csv.DictReader(open(tmp_path / "new.csv"))]
+    assert got == [("p004.jpg", "p005.jpg")]
+    doc = json.loads((tmp_path / "new.json").read_text())
+    assert [[m["path"] for m in g["members"]] for g in doc["groups"]] == [["p005.jpg", "p004.jpg"]]

@@ -143,13 +143,13 @@ def test_duplicates_verified_pairs_groups_and_csv(copies, tmp_path: Path, fake_e
     out = tmp_path / "pairs.csv"
     write_pairs_csv(rep, out)
     head = out.read_text().splitlines()[0]
-    assert head == "a_id,a_path,b_id,b_path,score,kind,a_stale,b_stale,verified,inliers"
+    assert head == "a_id,a_path,b_id,b_path,score,kind,a_stale,b_stale,verified,inliers,decision"
     back = read_pairs_csv(out)
     assert [(p.verified, p.inliers) for p in back] == [(p.verified, p.inliers) for p in rep.pairs]
     plain = find_duplicates(store, verify=False)
     assert all(p.verified is None and p.inliers is None for p in plain.pairs)
     write_pairs_csv(plain, out)
-    assert out.read_text().splitlines()[0] == "a_id,a_path,b_id,b_path,score,kind,a_stale,b_stale"
+    assert out.read_text().splitlines()[0] == "a_id,a_path,b_id,b_path,score,kind,a_stale,b_stale,decision"
 
 
 def test_query_verifies_and_reranks(copies, tmp_path: Path, fake_embedder) -> None:

@@ -41,6 +41,7 @@ from .options import (
     WeightsOpt,
 )
 from .render import _index_line, _print_summary, _warn_random_weights
+from .review import decisions_info, decisions_line
 
 
 def _run_index(update: bool, dirs: list[str], store: Path, model: str | None, weights: str | None,
@@ -150,7 +151,7 @@ def info_cmd(
         doc.update(store=str(store), store_bytes=sum(size.values()), index_bytes=size["index"],
                    segments=[{"name": s.name, "rows": s.rows, "index": s.index or None} for s in segs],
                    dead_rows=dead, failure_list=[{"path": p, "reason": r} for p, r in failed], previous=previous,
-                   check=({"problems": problems} if check else None))
+                   check=({"problems": problems} if check else None), decisions=decisions_info(store))
         typer.echo(json.dumps(doc, indent=1))
         raise typer.Exit(1 if problems else 0)
     layout = (f"{len(segs)} in {handle.files.segments} ({fmt_bytes(size['segments'])}"
@@ -172,7 +173,7 @@ def info_cmd(
             ("previous", "none kept yet" if not previous else
              f"{previous['path']}: damaged ({previous['damaged']}), cannot be restored" if "damaged" in previous else
              f"{previous['path']} ({previous['count']} images, written {previous['updated']}; "
-             f"`neardup restore` makes it current)")]
+             f"`neardup restore` makes it current)"), ("decisions", decisions_line(decisions_info(store)))]
     if check:
         rows.append(("check", "; ".join(problems) if problems else
                      "ok: every block of every segment and every index file match their digests"))

@@ -39,6 +39,7 @@ from .options import (
     WeightsOpt,
 )
 from .render import _match_rows, _query_rows, _removable, _say_stale, _warn_random_weights
+from .review import NewOnlyOpt, say_decisions
 
 
 def _loose_embedder(store: Path | None, model: str | None, weights: str | None, precision: str,
@@ -159,7 +160,7 @@ def duplicates_cmd(
     store: StoreOpt = Path(DEFAULTS.store), threshold: ThresholdOpt = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="CSV of pairs: a_id,a_path,b_id,b_path,score,"
                                                 "kind,a_stale,b_stale (missing or changed since indexing), and "
-                                                "verified,inliers with --verify.")] = None,
+                                                "verified,inliers with --verify; decision (`neardup review`).")] = None,
     groups: Annotated[Path | None, typer.Option(
         "--groups", "-g", help="JSON of groups with keepers, recording the store generation and the pairs (the --out "
         "file by name and digest, else the pairs themselves), so that `report --groups` does not search again.")]
@@ -180,7 +181,7 @@ def duplicates_cmd(
         "--ray", help="Verify the candidates on a Ray cluster (pip install 'neardup[ray]'); the "
         "search, the groups and the outputs stay here, and the pairs are the ones a local run finds [default: "
         "worker processes on every local core].")] = False,
-    ray_address: RayAddressOpt = None,
+    ray_address: RayAddressOpt = None, new_only: NewOnlyOpt = False,
     quiet: QuietOpt = False, verbose: VerboseOpt = 0,
 ) -> None:
     """List every near-duplicate pair and group of a store (nothing is ever deleted). With --verify, pairs are
@@ -190,7 +191,7 @@ def duplicates_cmd(
 
     report = find_duplicates(store, threshold=threshold, verify=verify, k=k, loose_threshold=loose, exact=exact,
                              ray=_ray_options(ray, ray_address, None, DEFAULTS.ray_cpus, None),
-                             progress=_progress(quiet))
+                             progress=_progress(quiet), new_only=new_only)
     if out:
         write_pairs_csv(report, out)
     if groups:  # records the pairs (the file just written, else the pairs themselves): `report --groups` uses them
@@ -221,6 +222,7 @@ def duplicates_cmd(
         typer.echo(f"... {len(report.groups) - show} more groups" + (f" in {groups}" if groups else
                                                                      " (write them all with --groups FILE)"))
     _say_stale(report)
+    say_decisions(report)
     for path in (out, groups):
         if path:
             typer.echo(f"wrote {path}")

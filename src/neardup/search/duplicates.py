@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -24,12 +24,14 @@ from ..config import DEFAULTS, candidate_rule, word_candidates
 from ..errors import InputError
 from ..features import LOCAL_VERSION, LocalFeatures
 from ..progress import Progress, stage_of
+from ..store.decisions import JournalState
 from ..store.generation import Generation
 from ..store.handle import opened
 from ..store.meta import Catalog
 from .candidates import store_knn_pairs
 from .grouping import alias_rows, changed_rows, complete_linkage, connected_components, keeper_order, stale_rows
 from .join import candidate_pairs, exact_pairs, knn_pairs, self_join, without_pairs
+from .review import Decided, decided
 from .verify import pack, resolve_verify, row_features, verify_pairs
 from .verify_jobs import verify_many
 
@@ -53,6 +55,7 @@ class Pair:
     inliers: int | None = None  #: RANSAC inliers of the verification
     a_stale: str | None = None  #: "missing" or "changed" when a's file is no longer the one indexed
     b_stale: str | None = None
+    decision: str | None = None  #: a person's decision on the pair ("duplicate"; None: undecided)
 
 
 @dataclass
@@ -60,7 +63,8 @@ class Group:
     """Images that all pairwise match; `keeper` is suggested to keep, the others are removable."""
 
     keeper: int  #: id
-    members: list[dict]  #: id, path, width, height, size, score_to_keeper, keeper
+    members: list[dict]  #: id, path, width, height, size, score_to_keeper, keeper, decision
+    keeper_decided: bool = False  #: the keeper is the one a person chose (a duplicate decision's keeper)
 
 
 @dataclass
@@ -92,6 +96,17 @@ class DuplicateReport:
     stale: dict[int, str] = field(default_factory=dict)
     aliases: dict[int, int] = field(default_factory=dict)  #: catalog row -> the row of its file's name kept
     generation: str = ""  #: the store generation the pairs were found in (Generation.id)
+    decisions: dict[int, str] = field(default_factory=dict)  #: pair index -> its decision (decided pairs only)
+    hidden_distinct: int = 0  #: pairs found but not listed: a person decided they are distinct
+    hidden_decided: int = 0  #: with new_only, decided duplicate pairs not listed
+    new_only: bool = False  #: only pairs nobody decided are listed, and the groups holding one
+    decision_problems: list[str] = field(default_factory=list)  #: what was wrong with the decisions journal
+
+    def keep_pairs(self, keep: np.ndarray) -> None:
+        """Keep only the pairs where the bool array `keep` is True (in every pair array)."""
+        self.I, self.J, self.D, self.exact = self.I[keep], self.J[keep], self.D[keep], self.exact[keep]
+        if self.verify:
+            self.verified, self.inliers = self.verified[keep], self.inliers[keep]
 
     @property
     def n_pairs(self) -> int:
@@ -107,10 +122,11 @@ class DuplicateReport:
         """Pairs as objects: exact pairs first, then (verified ones first, when verified) by descending score."""
         ver = self.verified[start:stop].tolist() if self.verify else [None] * len(self.I[start:stop])
         inl = self.inliers[start:stop].tolist() if self.verify else [None] * len(self.I[start:stop])
-        for a, b, s, e, v, n in zip(self.I[start:stop].tolist(), self.J[start:stop].tolist(),
-                                    self.D[start:stop].tolist(), self.exact[start:stop].tolist(), ver, inl):
+        for x, (a, b, s, e, v, n) in enumerate(zip(self.I[start:stop].tolist(), self.J[start:stop].tolist(),
+                                                   self.D[start:stop].tolist(), self.exact[start:stop].tolist(),
+                                                   ver, inl), start):
             yield Pair(int(self.ids[a]), self.paths[a], int(self.ids[b]), self.paths[b], round(s, 6),
-                       "exact" if e else "near", v, n, self.stale.get(a), self.stale.get(b))
+                       "exact" if e else "near", v, n, self.stale.get(a), self.stale.get(b), self.decisions.get(x))
 
     @property
     def pairs(self) -> list[Pair]:
@@ -201,7 +217,8 @@ def find_duplicates(store: Generation | str | os.PathLike[str], *, threshold: fl
                     k: int | None = None, loose_threshold: float | None = None,
                     workers: int = DEFAULTS.verify_workers, exact: bool = False,
                     processes: int = DEFAULTS.verify_processes, ray: RayOptions | None = None,
-                    progress: Progress | None = None) -> DuplicateReport:
+                    progress: Progress | None = None, new_only: bool = False,
+                    decisions: bool = True) -> DuplicateReport:
     """All duplicate pairs of a store (an open Generation, or a path) and their anti-chaining groups.
 
     With `verify` (None: resolve_verify), pairs are verified candidates (verified_rows; `k` and
@@ -213,15 +230,24 @@ def find_duplicates(store: Generation | str | os.PathLike[str], *, threshold: fl
     verified over `processes` local processes (0: one per core), or on a Ray cluster with `ray` (the same pairs
     either way); `workers` threads verify a group's missing pairs. `progress` (default: silent) is told of the
     searches and verification.
+
+    With `decisions` (the default), the decisions people recorded (search/review.py) are applied: a pair
+    decided distinct is never listed and never links a group; a pair confirmed duplicate is marked
+    (report.decisions), links its group even unverified, and its keeper is kept. A decision adds no pair the
+    search did not find. `new_only` lists only the pairs nobody decided, and the groups holding one (the
+    nightly delta). `decisions=False` gives what the search alone finds.
     """
+    if new_only and not decisions:
+        raise InputError("new_only needs the decisions: it lists the pairs nobody decided")
     with opened(store) as gen:
         return _find(gen, threshold, block, max_group_search, verify, k, loose_threshold, workers, exact, processes,
-                     ray, progress)
+                     ray, progress, new_only, decisions)
 
 
 def _find(gen: Generation, threshold: float | None, block: int | None, max_group_search: int, verify: bool | None,
           k: int | None, loose_threshold: float | None, workers: int, exact: bool, processes: int = 0,
-          ray: RayOptions | None = None, progress: Progress | None = None) -> DuplicateReport:
+          ray: RayOptions | None = None, progress: Progress | None = None, new_only: bool = False,
+          decisions: bool = True) -> DuplicateReport:
     t0, t = time.perf_counter(), gen.threshold(threshold)
     scale = not exact and gen.meta.index_factory != "Flat"  # a large store: its vectors are read in blocks
     cat = replace(gen.read(vectors=False), xb=StoredVectors(gen)) if scale else gen.read(vectors=True)
@@ -230,7 +256,9 @@ def _find(gen: Generation, threshold: float | None, block: int | None, max_group
         raise InputError("--ray verifies the candidates on a cluster: it needs verification (a store with local "
                          "features, without --no-verify)")
     report = DuplicateReport(str(gen.path), cat.meta.model, t, len(cat), cat.ids, cat.paths, verify=verify,
-                             generation=gen.id)
+                             generation=gen.id, new_only=new_only)
+    dec = decided(gen) if decisions else Decided(JournalState(), cat.sha256)
+    report.decision_problems = dec.state.problems
     index = None
     report.method = (f"k-NN by a PCA{DEFAULTS.scale_dims} IVF search of the stored vectors, not the store's "
                      f"{cat.meta.index_factory} index; candidates re-scored exactly" if scale
@@ -248,13 +276,15 @@ def _find(gen: Generation, threshold: float | None, block: int | None, max_group
                                             words=word_candidates(cat.meta.model), features=feats, scale=scale,
                                             processes=processes, ray=ray, progress=progress)
         report.verify_seconds = time.perf_counter() - tv
-        linked = report.verified  # exact pairs are verified by their bytes
-        link_t = np.inf  # groups follow the verified links only
+        _drop_distinct(report, dec)
+        linked = report.verified | dec.pair_mask(report.I, report.J, "duplicate")  # exact: verified by their bytes
+        link_t = np.inf  # groups follow the verified (or confirmed) links only
     else:
         report.k = DEFAULTS.k if k is None else int(k)
         report.I, report.J, report.D, report.exact = duplicate_rows(cat, t, block, index, report.k, progress,
                                                                     scale=gen if scale else None)
-        linked = report.exact
+        _drop_distinct(report, dec)
+        linked = report.exact | dec.pair_mask(report.I, report.J, "duplicate")
         link_t = t
     I, J = report.I, report.J
     comps = connected_components(len(cat), I[linked] if verify else I, J[linked] if verify else J)
@@ -267,13 +297,15 @@ def _find(gen: Generation, threshold: float | None, block: int | None, max_group
     for a, b, n in zip(I[linked].tolist(), J[linked].tolist(), inl[linked].tolist()):
         forced_in[int(comp_of[a])].append((a, b, n))
     extra: list[tuple[int, int, float, int]] = []  # pairs verified while grouping
+    never, confirmed = dec.row_pair_set("distinct"), dec.row_pair_set("duplicate")  # never linked; always
+    group_rows: list[np.ndarray] = []
     for ci, comp in enumerate(comps):
         if len(comp) > max_group_search:
             raise InputError(
                 f"threshold {t:.4f} links {len(comp)} images into one cluster, too many to be duplicates; "
                 f"raise --threshold (with {cat.meta.model}, {report.n_pairs} pairs score above it)")
         if verify and 2 < len(comp) <= COMPLETE_UP_TO:
-            extra += _complete(cat, gen, comp, forced_in[ci], t, workers, feats)
+            extra += _complete(cat, gen, comp, forced_in[ci], t, workers, feats, never)
         S = cat.xb[comp] @ cat.xb[comp].T
         forced = np.zeros_like(S, bool)
         inliers = np.full(S.shape, -1, np.int32)
@@ -281,8 +313,11 @@ def _find(gen: Generation, threshold: float | None, block: int | None, max_group
         for a, b, n in forced_in[ci]:
             forced[local[a], local[b]] = forced[local[b], local[a]] = True
             inliers[local[a], local[b]] = inliers[local[b], local[a]] = n
-        for g in complete_linkage(S, link_t, forced):
+        for g in complete_linkage(S, link_t, forced, dec.forbidden(local)):
             rows = keeper_order(cat, comp[g], report.stale)
+            chosen = dec.keeper_among(rows, report.stale)
+            if chosen is not None:
+                rows = np.concatenate([[chosen], rows[rows != chosen]])
             keeper = int(rows[0])
             kl = local[keeper]
             members = []
@@ -292,12 +327,17 @@ def _find(gen: Generation, threshold: float | None, block: int | None, max_group
                      "score_to_keeper": 1.0 if r == keeper else round(float(S[kl, local[r]]), 6),
                      "exact": bool(r != keeper and cat.sha256[r] == cat.sha256[keeper]), "keeper": r == keeper,
                      "stale": report.stale.get(r),
-                     "alias_of": cat.paths[report.aliases[r]] if r in report.aliases else None}
+                     "alias_of": cat.paths[report.aliases[r]] if r in report.aliases else None,
+                     "decision": "duplicate" if (min(r, keeper), max(r, keeper)) in confirmed else None}
                 if verify:  # inliers with the keeper (-1: byte-identical or the keeper itself)
                     m["inliers_to_keeper"] = int(inliers[kl, local[r]])
                 members.append(m)
-            report.groups.append(Group(keeper=int(cat.ids[keeper]), members=members))
-    report.groups.sort(key=lambda g: (-len(g.members), -min(m["score_to_keeper"] for m in g.members)))
+            report.groups.append(Group(keeper=int(cat.ids[keeper]), members=members,
+                                       keeper_decided=chosen is not None))
+            group_rows.append(rows)
+    ranked = sorted(zip(report.groups, group_rows), key=lambda gr: (
+        -len(gr[0].members), -min(m["score_to_keeper"] for m in gr[0].members)))
+    report.groups, group_rows = [g for g, _ in ranked], [r for _, r in ranked]
     if extra:  # the pairs list shows every pair a group rests on
         ei, ej, ed, en = (np.array(x) for x in zip(*extra))
         I, J = np.concatenate([report.I, ei]), np.concatenate([report.J, ej])
@@ -308,6 +348,10 @@ def _find(gen: Generation, threshold: float | None, block: int | None, max_group
         order = np.lexsort((J, I, -D, ~ver, ~ex))
         report.I, report.J, report.D, report.exact, report.verified, report.inliers = (
             I[order], J[order], D[order], ex[order], ver[order], inl[order])
+    decided_pairs = dec.pair_mask(report.I, report.J, "duplicate")
+    report.decisions = dict.fromkeys(np.flatnonzero(decided_pairs).tolist(), "duplicate")
+    if new_only:
+        _only_new(report, decided_pairs, group_rows)
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -327,15 +371,25 @@ def _check_files(gen: Generation, report: DuplicateReport, listed: np.ndarray, c
 COMPLETE_UP_TO = 200
 
 
+def _drop_distinct(report: DuplicateReport, dec: Decided) -> None:
+    """Remove the pairs a person decided distinct from the report (never listed, never linked)."""
+    drop = dec.pair_mask(report.I, report.J, "distinct")
+    report.hidden_distinct = int(drop.sum())
+    if report.hidden_distinct:
+        report.keep_pairs(~drop)
+
+
 def _complete(cat: Catalog, gen: Generation, comp: np.ndarray, links: list[tuple[int, int, int]],
-              threshold: float, workers: int, feats: dict[int, LocalFeatures | None]
-              ) -> list[tuple[int, int, float, int]]:
+              threshold: float, workers: int, feats: dict[int, LocalFeatures | None],
+              never: Collection[tuple[int, int]] = ()) -> list[tuple[int, int, float, int]]:
     """Verify the pairs of a component that were not candidates (a photo with more copies than k has
     neighbours): complete linkage needs every pair's verdict. Adds the accepted ones to `links`; returns
-    them as (i, j, score, inliers). `feats`: the features read so far (row -> features), completed here."""
+    them as (i, j, score, inliers). `feats`: the features read so far (row -> features), completed here.
+    `never`: row pairs (i < j) a person decided distinct: not verified, never linked."""
     have = {(a, b) for a, b, _ in links}
     members = comp.tolist()
-    missing = [(a, b) for x, a in enumerate(members) for b in members[x + 1:] if (a, b) not in have]
+    missing = [(a, b) for x, a in enumerate(members) for b in members[x + 1:]
+               if (a, b) not in have and (min(a, b), max(a, b)) not in never]
     if not missing:
         return []
     ma, mb = (np.array(c, np.int64) for c in zip(*missing))
@@ -349,3 +403,17 @@ def _complete(cat: Catalog, gen: Generation, comp: np.ndarray, links: list[tuple
            for a, b, s, n, j in zip(ma[ok], mb[ok], d[ok], v.inliers[ok], v.judged[ok])]
     links.extend((a, b, n) for a, b, _, n in out)
     return out
+
+
+
+def _only_new(report: DuplicateReport, decided_pairs: np.ndarray, group_rows: list[np.ndarray]) -> None:
+    """Keep only the pairs nobody decided, and the groups holding one of them (new_only)."""
+    group_of = np.full(report.n, -1, np.int64)
+    for g, rows in enumerate(group_rows):
+        group_of[rows] = g
+    gi, gj = group_of[report.I[~decided_pairs]], group_of[report.J[~decided_pairs]]
+    fresh = set(gi[(gi >= 0) & (gi == gj)].tolist())
+    report.groups = [g for x, g in enumerate(report.groups) if x in fresh]
+    report.hidden_decided = int(decided_pairs.sum())
+    report.keep_pairs(~decided_pairs)
+    report.decisions = {}

@@ -9,17 +9,22 @@ report use to apply them to catalogue rows.
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import InputError
 from ..fileio import atomic_write, check_output_path
 from ..store.decisions import DECISIONS, UNDECIDED, Decision, Journal, JournalState, pair_key
 from ..store.generation import Generation
 from ..store.handle import opened
+
+log = logging.getLogger(__name__)
 
 #: The columns `review import` reads: a, b and decision are required, keeper is optional.
 IMPORT_COLUMNS = ("a", "b", "decision", "keeper")
@@ -106,6 +111,8 @@ class Decided:
 
     def __init__(self, state: JournalState, sha256: list[str]) -> None:
         self.state, self.sha256 = state, sha256
+        self._pairs: dict[str, set[tuple[int, int]]] = {}
+        self._keepers: dict[str, list[Decision]] | None = None
 
     def __bool__(self) -> bool:
         return bool(self.state.current)
@@ -116,6 +123,62 @@ class Decided:
             return None
         a, b = self.sha256[i], self.sha256[j]
         return None if a == b else self.state.current.get(pair_key(a, b))
+
+    def row_pair_set(self, word: str) -> set[tuple[int, int]]:
+        """The pairs of catalogue rows (i < j) whose current decision is `word`: every row of one content with
+        every row of the other (byte-identical copies share their content's decisions)."""
+        if word not in self._pairs:
+            rows: dict[str, list[int]] = {}
+            if self.state.current:
+                for r, d in enumerate(self.sha256):
+                    rows.setdefault(d, []).append(r)
+            self._pairs[word] = {(min(i, j), max(i, j)) for d in self.state.current.values() if d.decision == word
+                                 for i in rows.get(d.a, ()) for j in rows.get(d.b, ())}
+        return self._pairs[word]
+
+    def pair_mask(self, I: np.ndarray, J: np.ndarray, word: str) -> np.ndarray:  # noqa: E741, N803
+        """Bool [len(I)]: which row pairs (I[k], J[k]) are currently decided `word`."""
+        pairs = self.row_pair_set(word)
+        if not pairs:
+            return np.zeros(len(I), bool)
+        n = max(len(self.sha256), 1)
+        keys = np.array(sorted(a * n + b for a, b in pairs), np.int64)
+        I, J = np.asarray(I, np.int64), np.asarray(J, np.int64)  # noqa: E741
+        return np.isin(np.minimum(I, J) * n + np.maximum(I, J), keys)
+
+    def forbidden(self, local: dict[int, int]) -> np.ndarray | None:
+        """Bool [m, m] over a component's rows (`local`: row -> index): the pairs decided distinct, which never
+        share a group whatever their score; None when there is none."""
+        pairs = [(local[a], local[b]) for a, b in self.row_pair_set("distinct") if a in local and b in local]
+        if not pairs:
+            return None
+        out = np.zeros((len(local), len(local)), bool)
+        for x, y in pairs:
+            out[x, y] = out[y, x] = True
+        return out
+
+    def keeper_among(self, rows: np.ndarray, stale: Collection[int] = ()) -> int | None:
+        """The row a person chose to keep among a group's `rows` (in keeper order): the keeper of the latest
+        duplicate decision on two of them whose keeper no decision among them turned down; None without one
+        (or when it is `stale`: a file gone or changed is never a keeper)."""
+        if self._keepers is None:
+            self._keepers = {}
+            for d in self.state.current.values():
+                if d.decision == "duplicate" and d.keeper is not None:
+                    self._keepers.setdefault(d.a, []).append(d)
+                    self._keepers.setdefault(d.b, []).append(d)
+        if not self._keepers:
+            return None
+        digests = {self.sha256[r] for r in rows.tolist()}
+        among = {d for g in digests for d in self._keepers.get(g, ()) if d.a in digests and d.b in digests}
+        lost = {d.b if d.keeper == d.a else d.a for d in among}
+        for d in sorted(among, key=lambda d: d.at, reverse=True):
+            if d.keeper in lost:
+                continue
+            for r in rows.tolist():  # byte-identical copies of the keeper: the best of them
+                if self.sha256[r] == d.keeper and r not in stale:
+                    return int(r)
+        return None
 
     def keeper_row(self, d: Decision, i: int, j: int) -> int | None:
         """Which of rows i, j the decision `d` keeps (None: no keeper chosen)."""
@@ -131,8 +194,11 @@ def decisions_for(store: Generation | str | os.PathLike[str]) -> JournalState:
 
 
 def decided(gen: Generation) -> Decided:
-    """The decisions of `gen`'s store, ready to apply to its catalogue rows."""
-    return Decided(decisions_for(gen), list(gen.catalog.sha256) if len(gen) else [])
+    """The decisions of `gen`'s store, ready to apply to its catalogue rows (the journal's problems logged)."""
+    state = decisions_for(gen)
+    for problem in state.problems:
+        log.warning("decisions: %s", problem)
+    return Decided(state, list(gen.catalog.sha256) if len(gen) else [])
 
 
 @contextmanager

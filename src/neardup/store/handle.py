@@ -12,6 +12,7 @@ import numpy as np
 
 from ..errors import StoreError
 from ..fileio import check_output_path, file_sha256
+from .decisions import Journal
 from .files import StoreFiles
 from .generation import Generation
 from .manifest import unnamed
@@ -77,6 +78,7 @@ class Store:
             if gen.manifest is None:
                 problems.append("written before segments (store schema 1); `neardup update` rewrites it as segments, "
                                 "nothing embedded again")
+            problems += [f"decisions journal: {p}" for p in Journal(self.files.decisions).read().problems]
             left = unnamed(self.files, gen.manifest, self.files.previous) if gen.manifest is not None else []
             if left:
                 problems.append(f"{len(left)} file(s) that no kept generation names, left by a writer that was "
