@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -17,7 +19,7 @@ import pytest
 
 from neardup.indexer.build import build_index, update_index
 from neardup.search.inliers import pair_points
-from neardup.search.review import decisions_for, export_decisions
+from neardup.search.review import decisions_for
 from neardup.store import read_catalog
 from neardup.store.generation import Generation
 from neardup.testing import product_photo, write_product_photos
@@ -161,7 +163,10 @@ def test_inlier_lines_are_the_verification_s(served) -> None:
 
 
 def _export(store: Path, out: Path) -> list[dict[str, str]]:
-    export_decisions(store, out)
+    """The rows `neardup review export` writes (the CLI, as a user runs it)."""
+    r = subprocess.run([sys.executable, "-m", "neardup", "review", "export", "--store", str(store), "--out", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
     with open(out, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
 

@@ -88,8 +88,10 @@ class ReviewQueue:
 
     def _find(self, gen: Served) -> None:
         try:
-            # one process, the verification pool's threads: the service's queries keep the other cores
-            report = find_duplicates(gen.searcher.gen, processes=1)
+            # one process, the verification pool's threads: the service's queries keep the other cores; the
+            # search alone (decisions=False): the journal is applied per request, so a decision taken back by an
+            # undo brings its pair back, distinct ones included
+            report = find_duplicates(gen.searcher.gen, processes=1, decisions=False)
             sha = gen.searcher.cat.sha256
             keep = [p for p in range(report.n_pairs) if sha[report.I[p]] != sha[report.J[p]]]  # same bytes: one
             rows = np.stack([report.I[keep], report.J[keep]], 1) if keep else np.zeros((0, 2), np.int64)  # photo
