@@ -257,3 +257,40 @@ def test_keys_record_decisions_that_survive_restart_and_update(browser, tmp_path
         page.close()
     finally:
         stop_server(proc)
+
+
+def test_page_and_import_decisions_during_an_update_none_lost(tmp_path: Path) -> None:
+    """Decisions posted to the service (as the page posts them) while `review import` records others and
+    `update` publishes a generation: every one is in the journal afterwards, as made."""
+    store = make_store(tmp_path)
+    cat = read_catalog(store, vectors=False)
+    ids, paths = [int(i) for i in cat.ids], list(cat.paths)
+    pairs = [(i, j) for i in range(len(ids)) for j in range(i + 1, len(ids))]
+    posted, imported = pairs[0::2][:20], pairs[1::2][:20]
+    with open(tmp_path / "d.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["a", "b", "decision"])
+        w.writerows([paths[i], paths[j], "distinct"] for i, j in imported)
+    for s in range(30, 36):  # enough new photos that the update runs while the others record
+        product_photo(s).save(tmp_path / "photos" / f"new_{s}.jpg", "JPEG", quality=90)
+    proc, url = start_server(store, "--token", TOKEN)
+    try:
+        cmd = [sys.executable, "-m", "neardup"]
+        update = subprocess.Popen([*cmd, "update", str(tmp_path / "photos"), "--store", str(store), "-q"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        imp = subprocess.Popen([*cmd, "review", "import", str(tmp_path / "d.csv"), "--store", str(store)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i, j in posted:
+            status, got = api(url, "v1/review/decisions", {"a": ids[i], "b": ids[j], "decision": "duplicate"})
+            assert status == 200, got
+        for p in (imp, update):
+            out, err = p.communicate(timeout=300)
+            assert p.returncode == 0, out + err
+    finally:
+        stop_server(proc)
+    state = decisions_for(store)
+    sha = list(cat.sha256)
+    want = {**{tuple(sorted((sha[i], sha[j]))): "duplicate" for i, j in posted},
+            **{tuple(sorted((sha[i], sha[j]))): "distinct" for i, j in imported}}
+    assert {k: d.decision for k, d in state.current.items()} == want
+    assert len(state.history) == len(want) and not state.problems
