@@ -130,9 +130,10 @@ def plot_pair(a: str | os.PathLike[str], b: str | os.PathLike[str], score: float
     size1 = _plot_panel(ax1, Path(a), "Original", strict)
     size2 = _plot_panel(ax2, Path(b), title, strict)
     fig.subplots_adjust(left=0.02, right=0.98, bottom=0.03, top=0.90, wspace=0.05)
-    if verification is not None and verification.xy_a is not None and size1 and size2 and verification.inliers:
-        _draw_matches(fig, ax1, ax2, size1, size2, verification.xy_a, verification.xy_b,
-                      "#1a7f37" if verification.verified else "#d4760a")
+    v = verification
+    if v is not None and v.xy_a is not None and v.xy_b is not None and size1 and size2 and v.inliers:
+        _draw_matches(fig, ax1, ax2, size1, size2, v.xy_a, v.xy_b,
+                      "#1a7f37" if v.verified else "#d4760a")
     if out is not None:
         _save(fig, out, PLOT_DPI)  # no bbox_inches="tight": the image's size would depend on the photos
     return fig
