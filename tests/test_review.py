@@ -8,6 +8,7 @@ import multiprocessing as mp
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -401,3 +402,153 @@ def test_cli_duplicates_new_only_lists_the_undecided_pairs(tmp_path: Path) -> No
     assert got == [("p004.jpg", "p005.jpg")]
     doc = json.loads((tmp_path / "new.json").read_text())
     assert [[m["path"] for m in g["members"]] for g in doc["groups"]] == [["p005.jpg", "p004.jpg"]]
+
+
+def test_query_and_the_service_say_which_matches_were_reviewed(tmp_path: Path) -> None:
+    from neardup import answer
+    from tests.test_serve import call, start_server, stop_server
+
+    root = tmp_path / "photos"
+    photos = write_product_photos(root, range(8))
+    store = tmp_path / "catalog.h5"
+    build_index([root], store, model="phash")
+    q = photos[3]  # a photo of the catalogue, looked up again: its decisions with the others apply
+    name = lambda k: f"photos/{photos[k].name}"  # noqa: E731
+    proc, url = start_server(store)
+    try:
+        status, doc, _ = call(url, "v1/query?k=8", [("q.jpg", q.read_bytes())], token=None)
+        assert status == 200 and all(m["decision"] is None for m in doc["results"][0]["matches"]), doc
+        record_decision(store, name(3), name(5), "distinct", source="test")
+        record_decision(store, name(6), name(3), "duplicate", keeper=name(6), source="test")
+        record_decision(store, name(1), name(2), "duplicate", source="test")  # not about the query photo
+        want = {name(5): ("distinct", None), name(6): ("duplicate", True)}
+        status, doc, _ = call(url, "v1/query?k=8", [("q.jpg", q.read_bytes())], token=None)
+        assert status == 200, doc
+        got = {m["path"]: (m["decision"], m["keeper"]) for m in doc["results"][0]["matches"]}
+        assert len(got) == 8 and got == {p: want.get(p, (None, None)) for p in got}
+    finally:
+        assert "Traceback" not in stop_server(proc)
+    a = answer(store, [q], k=8)
+    assert {m.path: (m.decision, m.keeper) for m in a.results[0].matches} == got
+    record_decision(store, name(3), name(6), "duplicate", keeper=name(3), source="test")  # the query photo kept
+    a = answer(store, [q], k=8)
+    assert next(m for m in a.results[0].matches if m.path == name(6)).keeper is False
+    r = nd("query", q, "--store", store, "-k", "8", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)["results"][0]["matches"]
+    assert {m["path"]: m["decision"] for m in rows if m["decision"]} == {name(5): "distinct", name(6): "duplicate"}
+
+
+def test_the_report_shows_the_decisions(tmp_path: Path) -> None:
+    from neardup import write_report
+    from tests.test_report import data_island
+
+    angle = np.radians([0, 5, 40, 45, 80, 85])  # three pairs at cos 5° = 0.996
+    store = _vector_store(tmp_path, np.array([[np.cos(x), np.sin(x)] for x in angle]))
+    record_decision(store, "p002.jpg", "p003.jpg", "duplicate", keeper="p002.jpg", source="test")
+    write_pairs_csv(find_duplicates(store, threshold=0.99), tmp_path / "pairs.csv")  # all three, before:
+    record_decision(store, "p000.jpg", "p001.jpg", "distinct", source="test")
+    write_report(store, tmp_path / "r.html", threshold=0.99)
+    data = data_island((tmp_path / "r.html").read_text())
+    paths = [im["p"] for im in data["images"]]
+    pairs = {(paths[p[0]], paths[p[1]]): p[6] for p in data["pairs"]}
+    assert pairs == {("p002.jpg", "p003.jpg"): 1, ("p004.jpg", "p005.jpg"): 0}  # the distinct pair: not listed
+    groups = {tuple(paths[m["i"]] for m in g["m"]): (g["d"], [m["dc"] for m in g["m"]]) for g in data["groups"]}
+    assert groups == {("p002.jpg", "p003.jpg"): (1, [0, 1]), ("p005.jpg", "p004.jpg"): (0, [0, 0])}
+    assert "1 pair(s) shown confirmed duplicate, 0 decided distinct, 1 group keeper(s) chosen" in \
+        (tmp_path / "r.html").read_text()
+    write_report(store, tmp_path / "f.html", pairs=tmp_path / "pairs.csv")  # a file from before the decision
+    data = data_island((tmp_path / "f.html").read_text())
+    paths = [im["p"] for im in data["images"]]
+    assert {(paths[p[0]], paths[p[1]]): p[6] for p in data["pairs"]} == {
+        ("p000.jpg", "p001.jpg"): 2, ("p002.jpg", "p003.jpg"): 1, ("p004.jpg", "p005.jpg"): 0}
+
+
+class GateEmbedder(FakeEmbedder):
+    """A FakeEmbedder that embeds nothing until the file `gate` exists: an update held open for as long as a
+    test needs (it waits for the event, never for a time)."""
+
+    def __init__(self, gate: str) -> None:
+        super().__init__()
+        self.gate = gate
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        deadline = time.monotonic() + 240
+        while not os.path.exists(self.gate) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return super().embed(batch)
+
+
+def _update(root: str, store: str, gate: str) -> None:
+    update_index([root], store, embedder=GateEmbedder(gate))
+
+
+def _record(store: str, pairs: list[tuple[str, str]]) -> None:
+    for a, b in pairs:  # one decision at a time, as the review page saves them
+        record_decision(store, a, b, "distinct", source="page")
+
+
+def test_concurrent_decisions_during_an_update_are_all_kept(store: Path, tmp_path: Path) -> None:
+    from itertools import combinations
+
+    from neardup.errors import StoreLockedError
+    from neardup.store.lock import writer_lock
+
+    p, root, gate = _paths(store), tmp_path / "imgs", tmp_path / "gate"
+    write_product_photos(root, range(100, 104), size=(96, 96))  # something for the update to embed
+    ctx = mp.get_context("spawn")
+    upd = ctx.Process(target=_update, args=(str(root), str(store), str(gate)))
+    upd.start()
+    deadline = time.monotonic() + 240
+    while True:  # wait for the event: the update holds the store's writer lock
+        try:
+            with writer_lock(StoreFiles.resolved(store)):
+                pass
+        except StoreLockedError:
+            break
+        assert upd.is_alive() and time.monotonic() < deadline, "the update never took the writer lock"
+        time.sleep(0.05)
+    pairs = list(combinations(p, 2))[:20]
+    files = [_csv(tmp_path / f"in{k}.csv", [[a, b, "duplicate", a] for a, b in pairs[4 * k:4 * k + 4]])
+             for k in range(3)]
+    imports = [subprocess.Popen([sys.executable, "-m", "neardup", "review", "import", f, "--store", store],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV) for f in files]
+    pages = [ctx.Process(target=_record, args=(str(store), pairs[12 + 4 * k:16 + 4 * k])) for k in range(2)]
+    for q in pages:
+        q.start()
+    for q in pages:
+        q.join(timeout=240)
+        assert q.exitcode == 0
+    for proc in imports:
+        out, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0 and "4 decision(s) recorded" in out, err
+    assert upd.is_alive()  # every decision was recorded while the update held the store
+    gate.touch()
+    upd.join(timeout=240)
+    assert upd.exitcode == 0
+    state = decisions_for(store)
+    assert state.problems == [] and len(state.history) == 20
+    with Store.open(store) as gen:
+        sha = dict(zip(gen.catalog.paths, gen.catalog.sha256))
+        assert len(gen) == 9 + 4  # the update published
+    assert {k: d.decision for k, d in state.current.items()} == {
+        pair_key(sha[a], sha[b]): "duplicate" if k < 12 else "distinct" for k, (a, b) in enumerate(pairs)}
+
+
+def test_verified_groups_never_join_through_a_distinct_pair(tmp_path: Path) -> None:
+    from tests.test_verify import edited
+
+    photos = write_product_photos(tmp_path / "cat", range(6), size=(400, 400))
+    edited(photos[0], tmp_path / "cat" / "copy_a.jpg")
+    edited(photos[0], tmp_path / "cat" / "copy_b.jpg", crop=0.03, scale=0.8, quality=80)
+    store = tmp_path / "s.h5"
+    build_index([tmp_path / "cat"], store, embedder=FakeEmbedder())
+    three = {f"cat/{photos[0].name}", "cat/copy_a.jpg", "cat/copy_b.jpg"}
+    plain = find_duplicates(store, verify=True, k=5, loose_threshold=0.0)
+    assert [{m["path"] for m in g.members} for g in plain.groups] == [three]
+    record_decision(store, "cat/copy_a.jpg", "cat/copy_b.jpg", "distinct", source="test")
+    r = find_duplicates(store, verify=True, k=5, loose_threshold=0.0)
+    assert {frozenset((p.a_path, p.b_path)) for p in r.pairs if p.verified} == {
+        frozenset((f"cat/{photos[0].name}", "cat/copy_a.jpg")), frozenset((f"cat/{photos[0].name}", "cat/copy_b.jpg"))}
+    grouped = [{m["path"] for m in g.members} for g in r.groups]
+    assert len(grouped) == 1 and len(grouped[0]) == 2 and grouped[0] < three  # one copy is left out

@@ -76,7 +76,8 @@ def _index_line(meta: Any) -> str:
 
 def _match_rows(r: QueryResult, threshold: float) -> list[dict]:
     return [{"rank": m.rank, "score": round(m.score, 6), "id": m.id, "path": m.path,
-             "match": r.is_match(m, threshold), "verified": m.verified, "inliers": m.inliers}
+             "match": r.is_match(m, threshold), "verified": m.verified, "inliers": m.inliers, "decision": m.decision,
+             "keeper": m.keeper}
             for m in r.matches]
 
 

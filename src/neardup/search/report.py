@@ -31,6 +31,7 @@ from ..embed.decode import file_local_features, open_upright
 from ..errors import DecodeError, InputError
 from ..fileio import atomic_write, check_output_path, fmt_bytes, now_iso
 from ..progress import Callback, Progress, stage_of
+from ..store.decisions import JournalState
 from ..store.generation import Generation
 from ..store.handle import opened
 from ..store.meta import Catalog
@@ -38,6 +39,7 @@ from ..threads import thread_pool
 from .duplicates import DuplicateReport, Pair, find_duplicates
 from .pairs_io import groups_document, read_groups_json, read_pairs_csv, recorded_pairs
 from .plots import plot_pair
+from .review import decisions_for
 from .verify import Verification, row_features, verify_pair
 
 log = logging.getLogger(__name__)
@@ -197,19 +199,52 @@ def _inliers_of(gen: Generation, a: str, b: str, images: _Images) -> Verificatio
     return verify_pair(feats[0], feats[1], points=True, screen=True)
 
 
-def _groups_from(doc_groups: list[dict], images: _Images) -> list[dict]:
+class _Reviewed:
+    """The decisions recorded on the report's pairs (by the photos' content now): the page's badges."""
+
+    def __init__(self, state: JournalState, cat: Catalog) -> None:
+        self.state, self.sha = state, dict(zip(cat.paths, cat.sha256))
+
+    def code(self, a: str, b: str) -> int:
+        """0 undecided (or a path not in the store), 1 confirmed duplicate, 2 decided distinct."""
+        da, db = self.sha.get(a), self.sha.get(b)
+        d = self.state.get(da, db) if da and db and da != db and self.state.current else None
+        return 0 if d is None else 1 if d.decision == "duplicate" else 2
+
+    def keeper_chosen(self, keeper: str, others: list[str]) -> bool:
+        """Whether a person chose `keeper` over one of `others` (a duplicate decision naming it)."""
+        dk = self.sha.get(keeper)
+        return any((d := self.state.get(dk, self.sha[o])) is not None and d.keeper == dk
+                   for o in others if dk and o in self.sha and self.sha[o] != dk)
+
+    def summary(self, pair_rows: list[list], group_rows: list[dict]) -> str:
+        """The summary row: how many pairs and groups shown carry a decision."""
+        dup, dis = sum(r[6] == 1 for r in pair_rows), sum(r[6] == 2 for r in pair_rows)
+        chosen = sum(bool(g["d"]) for g in group_rows)
+        where = f"{len(self.state.current)} pair(s) decided in the store's journal"
+        return (f"{dup} pair(s) shown confirmed duplicate, {dis} decided distinct, {chosen} group keeper(s) chosen "
+                f"by a person ({where})" + "".join(f"; {p}" for p in self.state.problems))
+
+
+def _groups_from(doc_groups: list[dict], images: _Images, decided: _Reviewed) -> list[dict]:
     out = []
     for k, g in enumerate(doc_groups, start=1):
         members = [{"i": images(m["path"]), "k": bool(m.get("keeper")), "x": bool(m.get("exact")),
                     "s": round(float(m.get("score_to_keeper", 1.0)), 6),
                     "v": int(m.get("inliers_to_keeper", -1)) if isinstance(m.get("inliers_to_keeper"), int) else -1,
-                    "st": str(m["stale"]) if m.get("stale") else ""}  # never removable: gone, changed, an alias
+                    "st": str(m["stale"]) if m.get("stale") else "",  # never removable: gone, changed, an alias
+                    "p": m["path"]}
                    for m in g["members"]]
         if members and not any(m["k"] for m in members):
             members[0]["k"] = True  # a hand-made file without keeper flags: its first member, as in our files
         members.sort(key=lambda m: not m["k"])  # keeper first, the rest in the file's order
+        keeper = members[0]["p"] if members else ""
+        for m in members:  # 1: confirmed a duplicate of the keeper, 2: decided distinct from it (a hand-made file)
+            path = m.pop("p")
+            m["dc"] = 0 if m["k"] else decided.code(keeper, path)
         others = [m["s"] for m in members if not m["k"]]
-        out.append({"n": k, "lo": min(others) if others else 1.0, "m": members})
+        chosen = decided.keeper_chosen(keeper, [m["path"] for m in g["members"] if m["path"] != keeper])
+        out.append({"n": k, "lo": min(others) if others else 1.0, "m": members, "d": int(chosen)})
     return out
 
 
@@ -290,10 +325,12 @@ def _write_report(gen: Generation, out: str | os.PathLike[str], *, pairs: str | 
 
     # Sorted by score, highest first; a stable sort keeps the file's order among equal scores.
     ordered = sorted(pair_list or [], key=lambda p: -p.score)
+    # the decisions recorded now (by content: whatever file the pairs came from); 1 duplicate, 2 distinct
+    decided = _Reviewed(decisions_for(gen), cat)
     pair_rows = [[images(p.a_path), images(p.b_path), round(float(p.score), 6), 1 if p.kind == "exact" else 0,
-                  -1 if p.verified is None else int(p.verified), -1 if p.inliers is None else int(p.inliers)]
-                 for p in ordered]
-    group_rows = _groups_from(group_docs or [], images)
+                  -1 if p.verified is None else int(p.verified), -1 if p.inliers is None else int(p.inliers),
+                  decided.code(p.a_path, p.b_path)] for p in ordered]
+    group_rows = _groups_from(group_docs or [], images, decided)
 
     t1 = time.perf_counter()
     with stage_of(progress, "thumbnails", len(images.index), "img") as bar:
@@ -333,6 +370,7 @@ def _write_report(gen: Generation, out: str | os.PathLike[str], *, pairs: str | 
          if group_docs is not None else "not given"),
         ("images shown", f"{len(image_docs)} ({len(missing)} missing or unreadable)"),
         ("images under", str((store.parent / images.common_folder()).resolve())),
+        ("decisions", decided.summary(pair_rows, group_rows)),
         ("source", "; ".join(source)),
         ("generated", f"{now_iso()} in {seconds:.1f} s"),
     ]

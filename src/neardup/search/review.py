@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import threading
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, StoreError
 from ..fileio import atomic_write, check_output_path
 from ..store.decisions import DECISIONS, UNDECIDED, Decision, Journal, JournalState, pair_key
 from ..store.generation import Generation
@@ -185,6 +186,35 @@ class Decided:
         if d.keeper is None:
             return None
         return i if self.sha256[i] == d.keeper else j if self.sha256[j] == d.keeper else None
+
+
+class DecisionCache:
+    """A store's decisions, read again only when its journal changed: a warm Searcher (the service) marks
+    every answer's matches without parsing the journal each time. A journal that cannot be read marks
+    nothing (logged), never fails a query."""
+
+    def __init__(self, store: str | os.PathLike[str]) -> None:
+        self.journal = Journal.of(store)
+        self._stamp: tuple[int, int, int] | None = None
+        self._state = JournalState()
+        self._lock = threading.Lock()
+
+    def state(self) -> JournalState:
+        """The journal's state now."""
+        try:
+            st = os.stat(self.journal.path)
+        except OSError:
+            return JournalState()
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        with self._lock:
+            if stamp != self._stamp:
+                try:
+                    self._state = self.journal.read()
+                except (StoreError, OSError) as exc:
+                    log.warning("decisions not applied: %s", exc)
+                    self._state = JournalState(problems=[str(exc)])
+                self._stamp = stamp
+            return self._state
 
 
 def decisions_for(store: Generation | str | os.PathLike[str]) -> JournalState:

@@ -61,7 +61,8 @@ def answer_json(a: Answer) -> dict:
     """The JSON of /v1/query (and of `neardup query --json`'s rows): each match with its verdict."""
     def match(r: QueryResult, m: Any) -> dict:
         return {"rank": m.rank, "id": m.id, "path": m.path, "score": round(m.score, 6), "verified": m.verified,
-                "inliers": m.inliers, "match": r.is_match(m, a.threshold)}
+                "inliers": m.inliers, "match": r.is_match(m, a.threshold), "decision": m.decision,
+                "keeper": m.keeper}
     return {"generation": a.generation, "count": a.count, "model": a.model, "threshold": a.threshold,
             "verified": a.verified,
             "results": [{"name": r.query, "error": r.error, "found": None if r.error else r.found(a.threshold),

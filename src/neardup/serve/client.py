@@ -164,7 +164,8 @@ def _run(client: Client, paths: list[str], *, k: int, verify: bool | None, thres
         verified = verified or doc["verified"]
         for (p, _), r in zip(chunk, doc["results"]):
             matches = [Match(rank=m["rank"], score=m["score"], id=m["id"], path=m["path"], verified=m["verified"],
-                             inliers=m["inliers"]) for m in r["matches"]]
+                             inliers=m["inliers"], decision=m.get("decision"), keeper=m.get("keeper"))
+                       for m in r["matches"]]
             results[p] = QueryResult(p, matches, error=r["error"], verified=doc["verified"] and not r["error"],
                                      threshold=t)
     return ServerAnswer([results[p] for p in paths], info["model"], t, generations, verified)
