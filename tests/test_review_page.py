@@ -141,6 +141,15 @@ def test_review_api_token_bad_input_and_undo(served) -> None:
     assert [len(s) for s in seen] == [1, 1, 0]
     assert len({(s[0]["a"]["id"], s[0]["b"]["id"]) for s in seen[:2]}) == 2
     assert api(url, "v1/review/queue?limit=100000")[0] == 422
+    # a decision recorded elsewhere (`review import`) drops its pair from the served queue too
+    left = seen[0][0]
+    csv_path = store.parent / "elsewhere.csv"
+    csv_path.write_text(f"a,b,decision\n{left['a']['path']},{left['b']['path']},distinct\n", encoding="utf-8")
+    r = subprocess.run([sys.executable, "-m", "neardup", "review", "import", str(csv_path), "--store", str(store)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    q = ready_queue(url)
+    assert q["total"] == 1 and q["decided"] == 2 and q["pairs"][0] == seen[1][0] and not q["problems"]
 
 
 def test_inlier_lines_are_the_verification_s(served) -> None:

@@ -2,8 +2,8 @@
 
 - The queue: the duplicate pairs of the served generation (find_duplicates, run once per generation in a thread
   of its own, never per request: a big store makes the queue say "finding", not the page hang) less the pairs
-  someone has decided (the store's decision journal, read at each request: a decision recorded meanwhile by
-  `neardup review import` or another page drops its pair too), a page of pairs at a time.
+  someone has decided (the store's decision journal, read again whenever it changed: a decision recorded
+  meanwhile by `neardup review import` or another page drops its pair too), a page of pairs at a time.
 - A pair's inlier lines: the ORB inlier correspondences of its verification (inliers.pair_points), computed on
   demand in the service's files pool.
 - Decisions: POST /v1/review/decisions records one (journal record, source "page"); POST /v1/review/undo
@@ -29,7 +29,7 @@ from fastapi.responses import Response
 from ..errors import InputError, NeardupError
 from ..search.duplicates import find_duplicates
 from ..search.inliers import pair_points
-from ..search.review import decisions_for, record_decision
+from ..search.review import DecisionCache, decisions_for, record_decision
 from ..store.decisions import DECISIONS, UNDECIDED, Decision, pair_key
 from .guard import PAGE_CSP, SECURITY_HEADERS, ApiError
 from .live import LiveStore, Served
@@ -67,6 +67,7 @@ class ReviewQueue:
 
     def __init__(self, live: LiveStore) -> None:
         self.live = live
+        self.decisions = DecisionCache(live.path)  # the journal, read again only when it changed
         self._lock = threading.Lock()
         self._found: _Found | None = None
         self._finding: str | None = None  #: the generation whose pairs are being found
@@ -119,10 +120,11 @@ class ReviewQueue:
     def page(self, offset: int, limit: int) -> dict[str, Any]:
         """One page of the undecided pairs, and the counts (runs in a worker thread: it reads the journal)."""
         found, finding = self.found()
-        state = decisions_for(self.live.path)
+        state = self.decisions.state()
         if found is None:
             return {"status": "error" if self.error and not finding else "finding", "error": self.error,
-                    "generation": None, "total": 0, "decided": len(state.current), "offset": offset, "pairs": []}
+                    "generation": None, "total": 0, "decided": len(state.current), "offset": offset, "pairs": [],
+                    "problems": state.problems}
         with self._lock:  # the undecided pairs, filtered again only when the journal or the pairs changed
             cached = self._filtered
         if cached is not None and cached[:2] == (len(state.history), found.generation):
@@ -138,7 +140,8 @@ class ReviewQueue:
                           "score": round(float(found.score[p]), 6), "kind": "exact" if found.exact[p] else "near",
                           "verified": found.verified[p], "inliers": found.inliers[p]})
         return {"status": "refreshing" if finding else "ready", "error": self.error, "generation": found.generation,
-                "total": len(undecided), "decided": len(state.current), "offset": offset, "pairs": pairs}
+                "total": len(undecided), "decided": len(state.current), "offset": offset, "pairs": pairs,
+                "problems": state.problems}
 
     @staticmethod
     def _photo(found: _Found, row: int) -> dict[str, Any]:

@@ -83,7 +83,9 @@
           state.items.push(...fresh);
           state.total = q.total + state.items.filter(isDecided).length;
           if (q.offset + q.pairs.length >= q.total || !fresh.length) state.done = true;
-          status(q.total + " pairs to review" + (q.decided ? ", " + q.decided + " decided" : "") + ".");
+          status(q.total + " pairs to review" + (q.decided ? ", " + q.decided + " decided" : "") + "." +
+            (q.problems && q.problems.length ? " The decisions journal: " + q.problems.join("; ") : ""),
+            !!(q.problems && q.problems.length));
           return;
         }
       } catch (err) {
