@@ -465,14 +465,15 @@ def test_the_report_shows_the_decisions(tmp_path: Path) -> None:
 
 
 class GateEmbedder(FakeEmbedder):
-    """A FakeEmbedder that embeds nothing until the file `gate` exists: an update held open for as long as a
-    test needs (it waits for the event, never for a time)."""
+    """A FakeEmbedder that says it started (the file `gate` + ".started") and embeds nothing until the file
+    `gate` exists: an update held open for as long as a test needs (it waits for the event, never for a time)."""
 
     def __init__(self, gate: str) -> None:
         super().__init__()
         self.gate = gate
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
+        Path(self.gate + ".started").touch()
         deadline = time.monotonic() + 240
         while not os.path.exists(self.gate) and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -500,14 +501,12 @@ def test_concurrent_decisions_during_an_update_are_all_kept(store: Path, tmp_pat
     upd = ctx.Process(target=_update, args=(str(root), str(store), str(gate)))
     upd.start()
     deadline = time.monotonic() + 240
-    while True:  # wait for the event: the update holds the store's writer lock
-        try:
-            with writer_lock(StoreFiles.resolved(store)):
-                pass
-        except StoreLockedError:
-            break
-        assert upd.is_alive() and time.monotonic() < deadline, "the update never took the writer lock"
+    while not Path(str(gate) + ".started").exists():  # wait for the event: the update is embedding
+        assert upd.is_alive() and time.monotonic() < deadline, "the update never started embedding"
         time.sleep(0.05)
+    with pytest.raises(StoreLockedError):  # and it holds the store's writer lock (probed only now: a probe
+        with writer_lock(StoreFiles.resolved(store)):  # before it took the lock could have refused it)
+            pass
     pairs = list(combinations(p, 2))[:20]
     files = [_csv(tmp_path / f"in{k}.csv", [[a, b, "duplicate", a] for a, b in pairs[4 * k:4 * k + 4]])
              for k in range(3)]

@@ -107,7 +107,7 @@ def query_cmd(
     elif as_csv:
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=["query", "rank", "score", "id", "path", "match", "verified", "inliers",
-                                            "error"])
+                                            "decision", "keeper", "error"])
         w.writeheader()
         w.writerows(_query_rows(results, t))
         w.writerows({"query": r.query, "error": r.error} for r in results if r.error)
