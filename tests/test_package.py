@@ -55,6 +55,7 @@ LAYERS: list[list[str]] = [
     ["indexer/diff"],
     ["indexer/build"],
     ["search/verify", "search/truth", "search/review"],
+    ["search/inliers"],  # the inlier correspondences of a pair, for drawing (review page, plot)
     ["search/verify_jobs"],
     ["search/query"],
     ["search/join"],
@@ -73,6 +74,7 @@ LAYERS: list[list[str]] = [
     ["serve/protocol", "serve/live", "serve/fair"],
     ["serve/service"],
     ["serve/guard"],
+    ["serve/review"],  # the review page's queue and routes: the decisions journal and duplicates, below the app
     ["serve/app", "serve/client"],
     ["serve/__init__"],
     ["cli/base", "cli/options"],

@@ -246,11 +246,14 @@ def plot_cmd(
                                                    "`neardup compare` does, with --store or --model].")] = None,
     store: LooseStoreOpt = None, model: ModelOpt = None, weights: WeightsOpt = None,
     precision: PrecisionOpt = DEFAULTS.precision, runtime: RuntimeOpt = DEFAULTS.runtime,
-    preprocess: PreprocessOpt = None, verbose: VerboseOpt = 0,
+    preprocess: PreprocessOpt = None, threshold: ThresholdOpt = None, verbose: VerboseOpt = 0,
 ) -> None:
-    """Draw two images side by side, "Original" and "Duplicate (Score: ...)", into an image file."""
-    from ..search.plots import plot_format, plot_pair
+    """Draw two images side by side into an image file, titled with the pair's verdict (verified by their
+    keypoints, else the score against the threshold) and with the inlier lines of the verification."""
+    from ..search.inliers import file_points
+    from ..search.plots import pair_verdict, plot_format, plot_pair
     from ..search.query import compare
+    from ..store.handle import read_meta
     from ..store_embedder import loose_embedder
 
     for p in (a, b):
@@ -260,10 +263,14 @@ def plot_cmd(
     plot_format(out)  # refused before a model is built, not after
     if score is not None and not math.isfinite(score):
         raise InputError(f"--score must be a number, got {score}")
+    name = read_meta(store).model if store is not None else model or DEFAULTS.model
     if score is None:
-        score = compare(a, b, embedder=loose_embedder(store, model, weights, precision, runtime, preprocess))
-    plot_pair(a, b, score, out)
-    typer.echo(f"wrote {out} (score {score:.4f})")
+        emb = loose_embedder(store, model, weights, precision, runtime, preprocess)
+        score, name = compare(a, b, embedder=emb), emb.name
+    t = resolve_threshold(threshold, name)
+    v = file_points(a, b, mode="L" if name == "phash" else "RGB")  # decoded as the model's store decodes
+    plot_pair(a, b, score, out, verification=v, threshold=t)
+    typer.echo(f"wrote {out}: {pair_verdict(score, t, v)}".replace("\n", "; "))
 
 
 @app.command("evaluate")

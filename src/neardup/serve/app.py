@@ -42,6 +42,7 @@ from .guard import (  # noqa: F401
 )
 from .live import GenerationGone
 from .protocol import quiet_accept_errors
+from .review import add_review_routes
 from .service import LiveStore, QueryService, Refused, Upload
 
 log = logging.getLogger(__name__)
@@ -212,5 +213,6 @@ def create_app(opts: ServeOptions, service: QueryService | None = None) -> FastA
         data = await _in_thread(request, svc(request).thumbnail, id)
         return Response(data, media_type="image/jpeg", headers={**SECURITY_HEADERS, "Cache-Control": "max-age=300"})
 
+    add_review_routes(app)  # /review and /v1/review/...: review.py
     return app
 
