@@ -18,7 +18,8 @@ from ._lazy import lazy_exports
 from .config import VERSION as __version__
 
 _EXPORTS = {
-    **dict.fromkeys(["DEFAULTS", "MODELS", "THRESHOLDS", "default_threshold", "resolve_threshold"], ".config"),
+    **dict.fromkeys(["DEFAULTS", "MODELS", "MODEL_TABLE", "ModelSpec", "model_spec", "default_threshold",
+                     "resolve_threshold"], ".config"),
     **dict.fromkeys(["NeardupError", "InputError", "StoreError", "StoreMismatchError", "StoreLockedError",
                      "WeightsError", "DecodeError"], ".errors"),
     **dict.fromkeys(["Embedder"], ".embed.embedders"),

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..config import DEFAULTS, candidate_rule, word_candidates
+from ..config import DEFAULTS, stored_model_spec
 from ..errors import InputError
 from ..features import LOCAL_VERSION, LocalFeatures
 from ..progress import Progress, stage_of
@@ -236,16 +236,16 @@ def _find(gen: Generation, threshold: float | None, block: int | None, max_group
                      f"{cat.meta.index_factory} index; candidates re-scored exactly" if scale
                      else "exact k-NN" if verify else "exact join")
     if verify:
-        dk, dt = candidate_rule(cat.meta.model)
-        report.k = dk if k is None else int(k)
-        report.loose_threshold = gen.threshold(dt if loose_threshold is None else loose_threshold)
+        spec = stored_model_spec(cat.meta.model)
+        report.k = spec.candidates if k is None else int(k)
+        report.loose_threshold = gen.threshold(spec.loose_threshold if loose_threshold is None else loose_threshold)
         if report.k < 1:
             raise InputError("k must be at least 1")
         tv = time.perf_counter()
         feats: dict[int, LocalFeatures | None] = {}  # read once: candidates, then the groups' missing pairs
         (report.I, report.J, report.D, report.exact, report.verified, report.inliers,
          report.candidates) = verified_rows(cat, gen, t, report.k, report.loose_threshold, index=index,
-                                            words=word_candidates(cat.meta.model), features=feats, scale=scale,
+                                            words=spec.word_candidates, features=feats, scale=scale,
                                             processes=processes, ray=ray, progress=progress)
         report.verify_seconds = time.perf_counter() - tv
         linked = report.verified  # exact pairs are verified by their bytes

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import DEFAULTS, candidate_rule, resolve_threshold, word_candidates
+from ..config import DEFAULTS, resolve_threshold, stored_model_spec
 from ..embed.decode import read_file
 from ..embed.embedders import Embedder
 from ..embed.pipeline import embed_files
@@ -224,15 +224,16 @@ def _evaluate(gen: Generation, truth: Path, *, thresholds: Sequence[float] | Non
     rows = read_truth_rows(truth)
     cat = gen.read()
     model = cat.meta.model
+    spec = stored_model_spec(model)
     verify = resolve_verify(verify, cat.meta.local_features)
     # verified, the default operating point is the candidates' loose threshold (what duplicates uses)
-    t_default = resolve_threshold(threshold if threshold is not None or not verify else candidate_rule(model)[1],
+    t_default = resolve_threshold(threshold if threshold is not None or not verify else spec.loose_threshold,
                                   model)
     sweep = np.unique(np.round(np.array(list(thresholds or DEFAULT_SWEEP) + [t_default], np.float64), 6))
     if not np.all((sweep >= -1) & (sweep <= 1)):
         raise InputError("thresholds must be cosines between -1 and 1")
     t_min = float(sweep.min())
-    k = candidate_rule(model)[0] if k is None else int(k)
+    k = spec.candidates if k is None else int(k)
     if k < 1:
         raise InputError("k must be at least 1")
     base = gen.folder
@@ -288,7 +289,7 @@ def _evaluate(gen: Generation, truth: Path, *, thresholds: Sequence[float] | Non
         # Candidates: every pair at or above the lowest threshold (verified: each image's k nearest of those, and
         # as duplicates takes them, its photos sharing the most keypoint words, counted at the default
         # threshold whatever their cosine), once, plus byte-identical files at 1.0.
-        words = word_candidates(model) if verify and gen.meta.local_features == LOCAL_VERSION else 0
+        words = spec.word_candidates if verify and gen.meta.local_features == LOCAL_VERSION else 0
         with stage_of(progress, "candidates", n, "img") as p:
             I, J, D, by_words = (candidate_pairs(xe, k, t_min, local=gen.local(ev) if words else None, words=words,
                                                  progress=p) if verify else (*self_join(xe, t_min, progress=p), 0))
