@@ -123,10 +123,10 @@ def test_find_duplicates_matches_oracle_with_exact_pairs_first(tmp_path: Path) -
     # every group is a clique above threshold and has one keeper
     by_id = {i + 100: i for i in range(400)}
     for g in report.groups:
-        rows = [by_id[m["id"]] for m in g.members]
+        rows = [by_id[m.id] for m in g.members]
         assert (xb[rows] @ xb[rows].T >= 0.8 - 1e-6).all()
-        assert sum(m["keeper"] for m in g.members) == 1
-    exact_group = next(g for g in report.groups if 105 in [m["id"] for m in g.members])
+        assert sum(m.keeper for m in g.members) == 1
+    exact_group = next(g for g in report.groups if 105 in [m.id for m in g.members])
     assert exact_group.keeper == 499
     # outputs are complete and parseable
     write_pairs_csv(report, tmp_path / "pairs.csv")

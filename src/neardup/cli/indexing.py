@@ -241,7 +241,7 @@ def demo_cmd(
                f"{d.n} images, model {d.model}, threshold {d.threshold:.4f}:")
     catalog = res.sample / "catalog"
     for k, g in enumerate(d.groups[:show]):
-        names = [os.path.relpath(res.store.parent / m["path"], catalog) + (" (keep)" if m["keeper"] else "")
+        names = [os.path.relpath(res.store.parent / m.path, catalog) + (" (keep)" if m.keeper else "")
                  for m in g.members]
         typer.echo(f"  group {k + 1}: " + ", ".join(names))
     if len(d.groups) > show:

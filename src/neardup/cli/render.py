@@ -103,4 +103,4 @@ def _say_stale(report: Any) -> None:
 
 def _removable(report: Any) -> int:
     """Group members that may be removed: not the keeper, and still the file that was indexed."""
-    return sum(1 for g in report.groups for m in g.members if not m["keeper"] and not m.get("stale"))
+    return sum(1 for g in report.groups for m in g.members if m.removable)

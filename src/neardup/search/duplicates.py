@@ -15,7 +15,7 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -55,12 +55,42 @@ class Pair:
     b_stale: str | None = None
 
 
+@dataclass(frozen=True)
+class Member:
+    """One image of a Group, as indexed."""
+
+    id: int
+    path: str
+    width: int
+    height: int
+    size: int  #: bytes
+    score_to_keeper: float  #: cosine with the keeper (1.0 for the keeper itself)
+    exact: bool  #: byte-identical to the keeper (never the keeper itself)
+    keeper: bool
+    stale: str | None = None  #: "missing", "changed" or "alias": never keeper nor removable
+    alias_of: str | None = None  #: the path kept for the file this one is another name of
+    #: RANSAC inliers with the keeper, verified groups only (-1: byte-identical or the keeper itself)
+    inliers_to_keeper: int | None = None
+
+    @property
+    def removable(self) -> bool:
+        """Not the keeper, and still the file that was indexed."""
+        return not self.keeper and not self.stale
+
+    def as_json(self) -> dict:
+        """The member as the groups JSON holds it (no inliers_to_keeper key when not verified)."""
+        doc = asdict(self)
+        if self.inliers_to_keeper is None:
+            del doc["inliers_to_keeper"]
+        return doc
+
+
 @dataclass
 class Group:
     """Images that all pairwise match; `keeper` is suggested to keep, the others are removable."""
 
     keeper: int  #: id
-    members: list[dict]  #: id, path, width, height, size, score_to_keeper, keeper
+    members: list[Member]  #: the keeper first
 
 
 @dataclass
@@ -153,12 +183,25 @@ def duplicate_rows(cat: Catalog, threshold: float, block: int | None = None, ind
     return I, J, D, exact
 
 
+@dataclass(frozen=True)
+class VerifiedRows:
+    """The pairs verified_rows keeps, as catalog rows: exact pairs first, then verified, then unverified."""
+
+    I: np.ndarray  # noqa: E741 - FAISS vocabulary
+    J: np.ndarray
+    D: np.ndarray  #: cosine scores (1.0 for byte-identical pairs)
+    exact: np.ndarray  #: byte-identical
+    verified: np.ndarray  #: verified, by their bytes or geometrically (or too plain to judge, >= threshold)
+    inliers: np.ndarray  #: RANSAC inliers (-1: byte-identical, or too plain to judge)
+    candidates: int  #: candidate pairs verified
+
+
 def verified_rows(cat: Catalog, gen: Generation, threshold: float, k: int, loose: float, *,
                   index=None, words: int = 0,  # noqa: ANN001
                   features: dict[int, LocalFeatures | None] | None = None, scale: bool = False,
                   processes: int = DEFAULTS.verify_processes, ray: RayOptions | None = None,
-                  progress: Progress | None = None) -> tuple[np.ndarray, ...]:
-    """Core of find_duplicates(verify=True): (I, J, D, exact, verified, inliers, candidates).
+                  progress: Progress | None = None) -> VerifiedRows:
+    """Core of find_duplicates(verify=True): the candidates that pass, with their verdicts.
 
     Candidates are candidate_pairs(k, loose, words) (with `words`, each image's photos sharing the most keypoint
     words too); each is verified with the rows' cached local features (screened: a
@@ -189,11 +232,11 @@ def verified_rows(cat: Catalog, gen: Generation, threshold: float, k: int, loose
     keep = ok | (cd >= threshold)
     ci, cj, cd, ver, inl = ci[keep], cj[keep], cd[keep], ok[keep], np.where(v.judged, v.inliers, -1)[keep]
     order = np.lexsort((cj, ci, -cd, ~ver))
-    return (np.concatenate([ei, ci[order]]), np.concatenate([ej, cj[order]]),
-            np.concatenate([np.ones(len(ei), np.float32), cd[order]]),
-            np.concatenate([np.ones(len(ei), bool), np.zeros(len(ci), bool)]),
-            np.concatenate([np.ones(len(ei), bool), ver[order]]),
-            np.concatenate([np.full(len(ei), -1, np.int32), inl[order]]), len(v))
+    return VerifiedRows(I=np.concatenate([ei, ci[order]]), J=np.concatenate([ej, cj[order]]),
+                        D=np.concatenate([np.ones(len(ei), np.float32), cd[order]]),
+                        exact=np.concatenate([np.ones(len(ei), bool), np.zeros(len(ci), bool)]),
+                        verified=np.concatenate([np.ones(len(ei), bool), ver[order]]),
+                        inliers=np.concatenate([np.full(len(ei), -1, np.int32), inl[order]]), candidates=len(v))
 
 
 def find_duplicates(store: Generation | str | os.PathLike[str], *, threshold: float | None = None,
@@ -205,7 +248,7 @@ def find_duplicates(store: Generation | str | os.PathLike[str], *, threshold: fl
     """All duplicate pairs of a store (an open Generation, or a path) and their anti-chaining groups.
 
     With `verify` (None: resolve_verify), pairs are verified candidates (verified_rows; `k` and
-    `loose_threshold` default to the model's candidate_rule) and groups link verified and byte-identical pairs
+    `loose_threshold` default to the model's, config.MODEL_TABLE) and groups link verified and byte-identical pairs
     only; without it, every pair scoring >= `threshold` (the model's default) is a duplicate. A cluster larger
     than `max_group_search` images means the threshold is far too low: refused with InputError. A store with
     an approximate index (a large one) takes each image's `k` nearest by candidates.store_knn_pairs, re-scored
@@ -215,101 +258,92 @@ def find_duplicates(store: Generation | str | os.PathLike[str], *, threshold: fl
     searches and verification.
     """
     with opened(store) as gen:
-        return _find(gen, threshold, block, max_group_search, verify, k, loose_threshold, workers, exact, processes,
-                     ray, progress)
-
-
-def _find(gen: Generation, threshold: float | None, block: int | None, max_group_search: int, verify: bool | None,
-          k: int | None, loose_threshold: float | None, workers: int, exact: bool, processes: int = 0,
-          ray: RayOptions | None = None, progress: Progress | None = None) -> DuplicateReport:
-    t0, t = time.perf_counter(), gen.threshold(threshold)
-    scale = not exact and gen.meta.index_factory != "Flat"  # a large store: its vectors are read in blocks
-    cat = replace(gen.read(vectors=False), xb=StoredVectors(gen)) if scale else gen.read(vectors=True)
-    verify = resolve_verify(verify, cat.meta.local_features)
-    if ray is not None and not verify:
-        raise InputError("--ray verifies the candidates on a cluster: it needs verification (a store with local "
-                         "features, without --no-verify)")
-    report = DuplicateReport(str(gen.path), cat.meta.model, t, len(cat), cat.ids, cat.paths, verify=verify,
-                             generation=gen.id)
-    index = None
-    report.method = (f"k-NN by a PCA{DEFAULTS.scale_dims} IVF search of the stored vectors, not the store's "
-                     f"{cat.meta.index_factory} index; candidates re-scored exactly" if scale
-                     else "exact k-NN" if verify else "exact join")
-    if verify:
-        spec = stored_model_spec(cat.meta.model)
-        report.k = spec.candidates if k is None else int(k)
-        report.loose_threshold = gen.threshold(spec.loose_threshold if loose_threshold is None else loose_threshold)
-        if report.k < 1:
-            raise InputError("k must be at least 1")
-        tv = time.perf_counter()
-        feats: dict[int, LocalFeatures | None] = {}  # read once: candidates, then the groups' missing pairs
-        (report.I, report.J, report.D, report.exact, report.verified, report.inliers,
-         report.candidates) = verified_rows(cat, gen, t, report.k, report.loose_threshold, index=index,
-                                            words=spec.word_candidates, features=feats, scale=scale,
-                                            processes=processes, ray=ray, progress=progress)
-        report.verify_seconds = time.perf_counter() - tv
-        linked = report.verified  # exact pairs are verified by their bytes
-        link_t = np.inf  # groups follow the verified links only
-    else:
-        report.k = DEFAULTS.k if k is None else int(k)
-        report.I, report.J, report.D, report.exact = duplicate_rows(cat, t, block, index, report.k, progress,
-                                                                    scale=gen if scale else None)
-        linked = report.exact
-        link_t = t
-    I, J = report.I, report.J
-    comps = connected_components(len(cat), I[linked] if verify else I, J[linked] if verify else J)
-    _check_files(gen, report, np.unique(np.concatenate([I, J])), comps)
-    comp_of = np.full(len(cat), -1, np.int64)
-    for ci, comp in enumerate(comps):
-        comp_of[comp] = ci
-    forced_in: dict[int, list[tuple[int, int, int]]] = defaultdict(list)  # always-linked pairs, by component
-    inl = report.inliers if verify else np.full(len(I), -1, np.int32)
-    for a, b, n in zip(I[linked].tolist(), J[linked].tolist(), inl[linked].tolist()):
-        forced_in[int(comp_of[a])].append((a, b, n))
-    extra: list[tuple[int, int, float, int]] = []  # pairs verified while grouping
-    for ci, comp in enumerate(comps):
-        if len(comp) > max_group_search:
-            raise InputError(
-                f"threshold {t:.4f} links {len(comp)} images into one cluster, too many to be duplicates; "
-                f"raise --threshold (with {cat.meta.model}, {report.n_pairs} pairs score above it)")
-        if verify and 2 < len(comp) <= COMPLETE_UP_TO:
-            extra += _complete(cat, gen, comp, forced_in[ci], t, workers, feats)
-        S = cat.xb[comp] @ cat.xb[comp].T
-        forced = np.zeros_like(S, bool)
-        inliers = np.full(S.shape, -1, np.int32)
-        local = {r: k for k, r in enumerate(comp.tolist())}
-        for a, b, n in forced_in[ci]:
-            forced[local[a], local[b]] = forced[local[b], local[a]] = True
-            inliers[local[a], local[b]] = inliers[local[b], local[a]] = n
-        for g in complete_linkage(S, link_t, forced):
-            rows = keeper_order(cat, comp[g], report.stale)
-            keeper = int(rows[0])
-            kl = local[keeper]
-            members = []
-            for r in rows.tolist():
-                m = {"id": int(cat.ids[r]), "path": cat.paths[r], "width": int(cat.widths[r]),
-                     "height": int(cat.heights[r]), "size": int(cat.sizes[r]),
-                     "score_to_keeper": 1.0 if r == keeper else round(float(S[kl, local[r]]), 6),
-                     "exact": bool(r != keeper and cat.sha256[r] == cat.sha256[keeper]), "keeper": r == keeper,
-                     "stale": report.stale.get(r),
-                     "alias_of": cat.paths[report.aliases[r]] if r in report.aliases else None}
-                if verify:  # inliers with the keeper (-1: byte-identical or the keeper itself)
-                    m["inliers_to_keeper"] = int(inliers[kl, local[r]])
-                members.append(m)
-            report.groups.append(Group(keeper=int(cat.ids[keeper]), members=members))
-    report.groups.sort(key=lambda g: (-len(g.members), -min(m["score_to_keeper"] for m in g.members)))
-    if extra:  # the pairs list shows every pair a group rests on
-        ei, ej, ed, en = (np.array(x) for x in zip(*extra))
-        I, J = np.concatenate([report.I, ei]), np.concatenate([report.J, ej])
-        D = np.concatenate([report.D, ed.astype(np.float32)])
-        ex = np.concatenate([report.exact, np.zeros(len(ei), bool)])
-        ver = np.concatenate([report.verified, np.ones(len(ei), bool)])
-        inl = np.concatenate([report.inliers, en.astype(np.int32)])
-        order = np.lexsort((J, I, -D, ~ver, ~ex))
-        report.I, report.J, report.D, report.exact, report.verified, report.inliers = (
-            I[order], J[order], D[order], ex[order], ver[order], inl[order])
-    report.seconds = time.perf_counter() - t0
-    return report
+        t0, t = time.perf_counter(), gen.threshold(threshold)
+        scale = not exact and gen.meta.index_factory != "Flat"  # a large store: its vectors are read in blocks
+        cat = replace(gen.read(vectors=False), xb=StoredVectors(gen)) if scale else gen.read(vectors=True)
+        verify = resolve_verify(verify, cat.meta.local_features)
+        if ray is not None and not verify:
+            raise InputError("--ray verifies the candidates on a cluster: it needs verification (a store with local "
+                             "features, without --no-verify)")
+        report = DuplicateReport(str(gen.path), cat.meta.model, t, len(cat), cat.ids, cat.paths, verify=verify,
+                                 generation=gen.id)
+        index = None
+        report.method = (f"k-NN by a PCA{DEFAULTS.scale_dims} IVF search of the stored vectors, not the store's "
+                         f"{cat.meta.index_factory} index; candidates re-scored exactly" if scale
+                         else "exact k-NN" if verify else "exact join")
+        if verify:
+            spec = stored_model_spec(cat.meta.model)
+            report.k = spec.candidates if k is None else int(k)
+            report.loose_threshold = gen.threshold(spec.loose_threshold if loose_threshold is None else loose_threshold)
+            if report.k < 1:
+                raise InputError("k must be at least 1")
+            tv = time.perf_counter()
+            feats: dict[int, LocalFeatures | None] = {}  # read once: candidates, then the groups' missing pairs
+            vr = verified_rows(cat, gen, t, report.k, report.loose_threshold, index=index,
+                               words=spec.word_candidates, features=feats, scale=scale, processes=processes, ray=ray,
+                               progress=progress)
+            report.I, report.J, report.D, report.exact = vr.I, vr.J, vr.D, vr.exact
+            report.verified, report.inliers, report.candidates = vr.verified, vr.inliers, vr.candidates
+            report.verify_seconds = time.perf_counter() - tv
+            linked = report.verified  # exact pairs are verified by their bytes
+            link_t = np.inf  # groups follow the verified links only
+        else:
+            report.k = DEFAULTS.k if k is None else int(k)
+            report.I, report.J, report.D, report.exact = duplicate_rows(cat, t, block, index, report.k, progress,
+                                                                        scale=gen if scale else None)
+            linked = report.exact
+            link_t = t
+        I, J = report.I, report.J
+        comps = connected_components(len(cat), I[linked] if verify else I, J[linked] if verify else J)
+        _check_files(gen, report, np.unique(np.concatenate([I, J])), comps)
+        comp_of = np.full(len(cat), -1, np.int64)
+        for ci, comp in enumerate(comps):
+            comp_of[comp] = ci
+        forced_in: dict[int, list[tuple[int, int, int]]] = defaultdict(list)  # always-linked pairs, by component
+        inl = report.inliers if verify else np.full(len(I), -1, np.int32)
+        for a, b, n in zip(I[linked].tolist(), J[linked].tolist(), inl[linked].tolist()):
+            forced_in[int(comp_of[a])].append((a, b, n))
+        extra: list[tuple[int, int, float, int]] = []  # pairs verified while grouping
+        for ci, comp in enumerate(comps):
+            if len(comp) > max_group_search:
+                raise InputError(
+                    f"threshold {t:.4f} links {len(comp)} images into one cluster, too many to be duplicates; "
+                    f"raise --threshold (with {cat.meta.model}, {report.n_pairs} pairs score above it)")
+            if verify and 2 < len(comp) <= COMPLETE_UP_TO:
+                extra += _complete(cat, gen, comp, forced_in[ci], t, workers, feats)
+            S = cat.xb[comp] @ cat.xb[comp].T
+            forced = np.zeros_like(S, bool)
+            inliers = np.full(S.shape, -1, np.int32)
+            local = {r: k for k, r in enumerate(comp.tolist())}
+            for a, b, n in forced_in[ci]:
+                forced[local[a], local[b]] = forced[local[b], local[a]] = True
+                inliers[local[a], local[b]] = inliers[local[b], local[a]] = n
+            for g in complete_linkage(S, link_t, forced):
+                rows = keeper_order(cat, comp[g], report.stale)
+                keeper = int(rows[0])
+                kl = local[keeper]
+                members = [Member(id=int(cat.ids[r]), path=cat.paths[r], width=int(cat.widths[r]),
+                                  height=int(cat.heights[r]), size=int(cat.sizes[r]),
+                                  score_to_keeper=1.0 if r == keeper else round(float(S[kl, local[r]]), 6),
+                                  exact=bool(r != keeper and cat.sha256[r] == cat.sha256[keeper]), keeper=r == keeper,
+                                  stale=report.stale.get(r),
+                                  alias_of=cat.paths[report.aliases[r]] if r in report.aliases else None,
+                                  inliers_to_keeper=int(inliers[kl, local[r]]) if verify else None)
+                           for r in rows.tolist()]
+                report.groups.append(Group(keeper=int(cat.ids[keeper]), members=members))
+        report.groups.sort(key=lambda g: (-len(g.members), -min(m.score_to_keeper for m in g.members)))
+        if extra:  # the pairs list shows every pair a group rests on
+            ei, ej, ed, en = (np.array(x) for x in zip(*extra))
+            I, J = np.concatenate([report.I, ei]), np.concatenate([report.J, ej])
+            D = np.concatenate([report.D, ed.astype(np.float32)])
+            ex = np.concatenate([report.exact, np.zeros(len(ei), bool)])
+            ver = np.concatenate([report.verified, np.ones(len(ei), bool)])
+            inl = np.concatenate([report.inliers, en.astype(np.int32)])
+            order = np.lexsort((J, I, -D, ~ver, ~ex))
+            report.I, report.J, report.D, report.exact, report.verified, report.inliers = (
+                I[order], J[order], D[order], ex[order], ver[order], inl[order])
+        report.seconds = time.perf_counter() - t0
+        return report
 
 
 def _check_files(gen: Generation, report: DuplicateReport, listed: np.ndarray, comps: list[np.ndarray]) -> None:

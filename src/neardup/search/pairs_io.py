@@ -92,9 +92,9 @@ def groups_document(report: DuplicateReport, *, pairs_file: str | os.PathLike[st
         "pairs": _pairs_record(report, Path(groups_path) if groups_path is not None else None, pairs_file)
         if record_pairs else None,
         "groups": [{"group": k + 1, "size": len(g.members), "keeper": g.keeper,
-                    "keeper_path": next(m["path"] for m in g.members if m["keeper"]),
-                    "removable": [m["path"] for m in g.members if not m["keeper"] and not m.get("stale")],
-                    "stale": [m["path"] for m in g.members if m.get("stale")], "members": g.members}
+                    "keeper_path": next(m.path for m in g.members if m.keeper),
+                    "removable": [m.path for m in g.members if m.removable],
+                    "stale": [m.path for m in g.members if m.stale], "members": [m.as_json() for m in g.members]}
                    for k, g in enumerate(report.groups)],
     }
 
