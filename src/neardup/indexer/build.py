@@ -29,9 +29,9 @@ from ..features import LOCAL_VERSION
 from ..fileio import check_output_path, file_sha256
 from ..store.files import StoreFiles
 from ..store.index_kinds import plan as plan_index
-from ..store.meta import Catalog, Segment, StoreMeta
+from ..store.meta import Catalog, StoreMeta
 from ..store.publish import Change, Published, Writer
-from ..store.repair import segment_contents
+from ..store.repair import DroppedSegment, segment_contents
 from ..store.restore import Restored
 from ..store.restore import restore_previous as _restore
 from ..store_embedder import store_embedder
@@ -325,14 +325,15 @@ def _calibrated(files: StoreFiles, pending: list[FileRecord], model: str, weight
     return int8
 
 
-def _check_repair(dropped: list[tuple[Segment, str, list[str] | None]], found: Scan,
+def _check_repair(dropped: list[DroppedSegment], found: Scan,
                   drop_missing: bool) -> list[Repaired]:
     """What a repair will bring back of each damaged segment whose paths read true: its photos found under the
     folders given, those deleted from disk since, and those still on disk elsewhere. The last would be lost:
     refused (InputError, before anything is read or written) unless `drop_missing`."""
     here = {f.rel for f in found.files}
     out = []
-    for seg, why, paths in dropped:
+    for d in dropped:
+        seg, why, paths = d.segment, d.why, d.paths
         if paths is None:  # known by their content only: checked once the files found are hashed
             out.append(Repaired(seg.name, seg.rows, why))
             continue
@@ -347,7 +348,7 @@ def _check_repair(dropped: list[tuple[Segment, str, list[str] | None]], found: S
     return out
 
 
-def _check_repair_contents(repaired: list[Repaired], dropped: list[tuple[Segment, str, list[str] | None]],
+def _check_repair_contents(repaired: list[Repaired], dropped: list[DroppedSegment],
                            files: StoreFiles, hashes: dict[str, str], old: Catalog | None,
                            drop_missing: bool) -> None:
     """For each damaged segment whose paths cannot be read: its photos found again by their content (the files
@@ -356,8 +357,9 @@ def _check_repair_contents(repaired: list[Repaired], dropped: list[tuple[Segment
     Where the content hashes cannot be read either, only a shortfall in the count of new photos can show."""
     have = set(hashes.values()) | (set(old.sha256) if old is not None else set())
     by_name = {r.name: r for r in repaired}
-    for seg, _, paths in dropped:
-        if paths is not None:
+    for d in dropped:
+        seg = d.segment
+        if d.paths is not None:
             continue
         rep = by_name[seg.name]
         contents = segment_contents(files, seg)

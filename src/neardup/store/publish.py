@@ -34,7 +34,7 @@ from .h5io import file_digest
 from .lock import writer_lock
 from .manifest import is_store, named, open_any, remove_unnamed, write_manifest
 from .meta import RECORDED, SCHEMA_VERSION, Catalog, Manifest, Segment, StoreMeta
-from .repair import open_healthy, rebuild
+from .repair import DroppedSegment, open_healthy, rebuild
 from .segment import LARGE, Damage, SegmentFile, plain, segment_columns, write_segment
 
 log = logging.getLogger(__name__)
@@ -100,9 +100,8 @@ class Writer:
     def __init__(self, files: StoreFiles, *, repair: bool = False) -> None:
         self.files, self.repair = files, repair
         self.current: Generation | None = None
-        #: with `repair`: the damaged segments left out of the current generation, why, and their paths when
-        #: those could still be read (None: unknown)
-        self.dropped: list[tuple[Segment, str, list[str] | None]] = []
+        #: with `repair`: the damaged segments left out of the current generation
+        self.dropped: list[DroppedSegment] = []
         self._lock = None
         self._bytes = 0
         #: with `repair`: the manifest was damaged and rebuilt from the segments (published by the next publish)
@@ -125,9 +124,9 @@ class Writer:
                     log.warning("the manifest of %s is damaged (%s) and no previous generation can be restored: "
                                 "rebuilt from its %d segments (%d rows; nothing embedded again)", self.files.store,
                                 exc.reason, len(self.current.segments), len(self.current))
-                for seg, why, _ in self.dropped:
+                for d in self.dropped:
                     log.warning("segment %s (%d rows) is damaged (%s): left out; its photos are to be indexed again",
-                                seg.name, seg.rows, why)
+                                d.segment.name, d.segment.rows, d.why)
             elif self.files.store.exists():
                 self.current = Generation.open(self.files.store)
                 if self.current.manifest is not None:  # what a writer killed before its publish left (orphans)
@@ -222,7 +221,7 @@ class Writer:
         if self.dropped and files.previous.exists():
             try:
                 prev = open_any(files.previous)
-                stale = bool(named(prev)[0] & {s.name for s, _, _ in self.dropped})
+                stale = bool(named(prev)[0] & {d.segment.name for d in self.dropped})
             except (StoreError, OSError):
                 stale = True  # unreadable: it cannot be restored either
             if stale:
