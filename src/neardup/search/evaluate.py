@@ -31,8 +31,9 @@ import os
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -187,14 +188,32 @@ class EvalResult:
         return "\n".join(lines)
 
 
-def evaluate(store: Generation | str | os.PathLike[str], truth: str | os.PathLike[str], *,
-             thresholds: Sequence[float] | None = None, threshold: float | None = None,
-             ks: Sequence[int] = DEFAULT_KS, block: int | None = None, verify: bool | None = None,
-             k: int | None = None, embedder: Embedder | None = None, weights: str | None = None,
-             precision: str = DEFAULTS.precision, runtime: str | None = None,
-             batch_size: int = DEFAULTS.batch_size, max_file_bytes: int = DEFAULTS.max_file_bytes,
-             workers: int = DEFAULTS.verify_workers, progress: Progress | None = None) -> EvalResult:
+@dataclass(frozen=True)
+class EvalOptions:
+    """How evaluate() scores a store: the sweep, verification and, in query mode, the query photos' embedding."""
+
+    thresholds: Sequence[float] | None = None  #: the sweep (default: 0.50..1.00 by 0.01)
+    threshold: float | None = None  #: the default operating point, added to the sweep
+    ks: Sequence[int] = DEFAULT_KS  #: recall@k of retrieval
+    block: int | None = None  #: rows of a similarity block
+    verify: bool | None = None  #: geometric verification (None: resolve_verify)
+    k: int | None = None  #: candidates per image when verified (default: the model's)
+    #: query mode: how the query photos are embedded (as for query())
+    embedder: Embedder | None = None
+    weights: str | None = None
+    precision: str = DEFAULTS.precision
+    runtime: str | None = None
+    batch_size: int = DEFAULTS.batch_size
+    max_file_bytes: int = DEFAULTS.max_file_bytes
+    workers: int = DEFAULTS.verify_workers  #: threads that verify pairs
+
+
+def evaluate(store: Generation | str | os.PathLike[str], truth: str | os.PathLike[str],
+             options: EvalOptions | None = None, *, progress: Progress | None = None,
+             **fields: Any) -> EvalResult:
     """Score a store against a truth CSV: pair P/R/F1 over a threshold sweep and query recall@k / mAP.
+
+    `options` (EvalOptions), with any of its fields given as keywords instead or on top (`verify=False`).
 
     `thresholds` defaults to 0.50..1.00 by 0.01; `threshold` (default: the model's documented default, or with
     verification its candidates' loose threshold) is added to the sweep and reported separately. Without
@@ -202,211 +221,205 @@ def evaluate(store: Generation | str | os.PathLike[str], truth: str | os.PathLik
     its memory grows with the number of pairs above it: raise the sweep's lower end for a large store.
 
     `verify` (None: DEFAULTS.verify for a store that caches local features, off for one made before them)
-    scores verified candidates (each image's `k` nearest, default the model's candidate_rule) and re-ranks
+    scores verified candidates (each image's `k` nearest, default the model's candidates) and re-ranks
     each query's top k (see the module). A truth with rows of role `query` is scored in query mode: those
     photos are embedded with the store's model (`embedder` injects one; `weights`, `precision` and `runtime`
     as for query()) and ranked against the catalogue rows; only query mode is then scored.
     The `class` column marks ignored pairs. `store`: an open Generation or a store's path; `progress`: told of each
     stage. Raises InputError (bad truth, no truth image in the store, no true pairs, no readable query photo).
     """
+    o = replace(options or EvalOptions(), **fields)
+    truth = Path(truth)
     with opened(store) as gen:
-        return _evaluate(gen, Path(truth), thresholds=thresholds, threshold=threshold, ks=ks, block=block,
-                         verify=verify, k=k, embedder=embedder, weights=weights, precision=precision,
-                         runtime=runtime, batch_size=batch_size, max_file_bytes=max_file_bytes, workers=workers,
-                         progress=progress)
+        t0 = time.perf_counter()
+        rows = read_truth_rows(truth)
+        cat = gen.read()
+        model = cat.meta.model
+        spec = stored_model_spec(model)
+        verify = resolve_verify(o.verify, cat.meta.local_features)
+        # verified, the default operating point is the candidates' loose threshold (what duplicates uses)
+        t_default = resolve_threshold(o.threshold if o.threshold is not None or not verify else spec.loose_threshold,
+                                      model)
+        sweep = np.unique(np.round(np.array(list(o.thresholds or DEFAULT_SWEEP) + [t_default], np.float64), 6))
+        if not np.all((sweep >= -1) & (sweep <= 1)):
+            raise InputError("thresholds must be cosines between -1 and 1")
+        t_min = float(sweep.min())
+        k = spec.candidates if o.k is None else int(o.k)
+        if k < 1:
+            raise InputError("k must be at least 1")
+        base = gen.folder
+        row_of: dict[Path, int] = {}
+        for r, p in enumerate(cat.paths):
+            row_of.setdefault(Path(os.path.normpath(base / p)).resolve(), r)
+        query_rows = [r for r in rows if r.role == "query"]
+        mode = "query" if query_rows else "store"
 
+        # Labels: one integer per truth group; an empty group is a label of its own ("no duplicate"). Classes: one
+        # integer per non-empty class, -1 for none.
+        label_of: dict[str, int] = {}
+        class_of: dict[str, int] = {}
 
-def _evaluate(gen: Generation, truth: Path, *, thresholds: Sequence[float] | None, threshold: float | None,
-              ks: Sequence[int], block: int | None, verify: bool | None, k: int | None,
-              embedder: Embedder | None, weights: str | None, precision: str, runtime: str | None,
-              batch_size: int, max_file_bytes: int, workers: int, progress: Progress | None = None) -> EvalResult:
-    t0 = time.perf_counter()
-    rows = read_truth_rows(truth)
-    cat = gen.read()
-    model = cat.meta.model
-    spec = stored_model_spec(model)
-    verify = resolve_verify(verify, cat.meta.local_features)
-    # verified, the default operating point is the candidates' loose threshold (what duplicates uses)
-    t_default = resolve_threshold(threshold if threshold is not None or not verify else spec.loose_threshold,
-                                  model)
-    sweep = np.unique(np.round(np.array(list(thresholds or DEFAULT_SWEEP) + [t_default], np.float64), 6))
-    if not np.all((sweep >= -1) & (sweep <= 1)):
-        raise InputError("thresholds must be cosines between -1 and 1")
-    t_min = float(sweep.min())
-    k = spec.candidates if k is None else int(k)
-    if k < 1:
-        raise InputError("k must be at least 1")
-    base = gen.folder
-    row_of: dict[Path, int] = {}
-    for r, p in enumerate(cat.paths):
-        row_of.setdefault(Path(os.path.normpath(base / p)).resolve(), r)
-    query_rows = [r for r in rows if r.role == "query"]
-    mode = "query" if query_rows else "store"
+        def label(row: TruthRow) -> int:
+            return label_of.setdefault(row.group if row.group else f"\0single:{row.written}", len(label_of))
 
-    # Labels: one integer per truth group; an empty group is a label of its own ("no duplicate"). Classes: one
-    # integer per non-empty class, -1 for none.
-    label_of: dict[str, int] = {}
-    class_of: dict[str, int] = {}
+        def klass(row: TruthRow) -> int:
+            return class_of.setdefault(row.cls, len(class_of)) if row.cls else -1
 
-    def label(row: TruthRow) -> int:
-        return label_of.setdefault(row.group if row.group else f"\0single:{row.written}", len(label_of))
-
-    def klass(row: TruthRow) -> int:
-        return class_of.setdefault(row.cls, len(class_of)) if row.cls else -1
-
-    ev_rows, ev_labels, ev_cls, missing = [], [], [], []
-    for row in rows:
-        if row.role == "query":
-            continue
-        r = row_of.get(row.full)
-        if r is None:
-            missing.append(row.written)
-            continue
-        ev_rows.append(r)
-        ev_labels.append(label(row))
-        ev_cls.append(klass(row))
-    if not ev_rows:
-        what = f"{len(rows) - len(query_rows)} catalogue images" if query_rows else f"{len(rows)} images"
-        raise InputError(f"none of the {what} in {truth} is in the store {gen.path} (truth paths are "
-                         f"relative to the truth file's folder, store paths to the store's folder)")
-    ev = np.array(ev_rows, np.int64)
-    labels = np.array(ev_labels, np.int64)
-    cid = np.array(ev_cls, np.int64)
-    in_truth = set(ev_rows)
-    unlabelled = [p for r, p in enumerate(cat.paths) if r not in in_truth]
-    if missing:  # counted in the result and its table; not an error (files may have failed to decode)
-        log.info("%d truth rows are not in the store (e.g. %s)", len(missing), missing[0])
-    xe = cat.xb[ev]
-    n = len(ev)
-
-    def load_rows(idx: np.ndarray) -> list:
-        return row_features(gen, ev[idx])
-
-    failed: list[tuple[str, str]] = []
-    if mode == "store":
-        fe: dict = {}
-        verifier = _Verifier(fe, load_rows, fe, load_rows, workers, progress) if verify else None
-        # Candidates: every pair at or above the lowest threshold (verified: each image's k nearest of those, and
-        # as duplicates takes them, its photos sharing the most keypoint words, counted at the default
-        # threshold whatever their cosine), once, plus byte-identical files at 1.0.
-        words = spec.word_candidates if verify and gen.meta.local_features == LOCAL_VERSION else 0
-        with stage_of(progress, "candidates", n, "img") as p:
-            I, J, D, by_words = (candidate_pairs(xe, k, t_min, local=gen.local(ev) if words else None, words=words,
-                                                 progress=p) if verify else (*self_join(xe, t_min, progress=p), 0))
-        D = np.where(by_words, np.maximum(D, np.float32(t_default)), D).astype(np.float32)
-        ei, ej = exact_pairs([cat.sha256[r] for r in ev.tolist()])
-        I, J, D = without_pairs((I, J, D), ei, ej, n)
-        I, J, D = np.concatenate([ei, I]), np.concatenate([ej, J]), np.concatenate([np.ones(len(ei), np.float32), D])
-        exact = np.arange(len(D)) < len(ei)
-        qlab, qcid = labels, cid
-        is_true = labels[I] == labels[J]
-        n_true = _pairs_in(Counter(labels.tolist()))
-        ignored = (_pairs_in(Counter(cid[cid >= 0].tolist()))
-                   - _pairs_in(Counter(zip(cid[cid >= 0].tolist(), labels[cid >= 0].tolist()))))
-        queries, members = _mates(labels)
-        xq = xe
-
-        def positives(q: int) -> np.ndarray:
-            m = members[int(labels[q])]
-            return m[m != q]
-    else:
-        emb = store_embedder(gen.meta, gen.files.store, weights=weights, precision=precision, embedder=embedder,
-                             runtime=runtime)
-        by_path = {str(r.full): r for r in query_rows}
-        # decoded as the store's photos were (at >= 256 px when it caches features), as query() does
-        with stage_of(progress, "embed", len(by_path), "img") as p:
-            got = embed_files(list(by_path), emb, batch_size=batch_size, max_bytes=max_file_bytes,
-                              local=verify or bool(cat.meta.local_features), progress=p)
-        failed = [(by_path[p].written, why) for p, why in got.failures]
-        if not got.paths:
-            raise InputError(f"none of the {len(query_rows)} query photos of {truth} could be read (e.g. "
-                             f"{failed[0][0]}: {failed[0][1]})")
-        if failed:
-            log.info("%d query photos failed (e.g. %s: %s)", len(failed), *failed[0])
-        qr = [by_path[p] for p in got.paths]
-        qlab = np.array([label(r) for r in qr], np.int64)
-        qcid = np.array([klass(r) for r in qr], np.int64)
-        xq = got.xq
-        fe = {}
-        verifier = (_Verifier(dict(enumerate(got.local)), lambda idx: [None] * len(idx), fe, load_rows, workers,
-                              progress) if verify else None)
-        # Candidates: each query's top k catalogue images at or above the lowest threshold, plus byte-identical
-        # catalogue files at 1.0.
-        I, J, D = _query_candidates(xq, xe, k, t_min, block)
-        by_sha: dict[str, list[int]] = {}
-        for c, r in enumerate(ev.tolist()):
-            by_sha.setdefault(cat.sha256[r], []).append(c)
-        ei, ej = [], []
-        for q, p in enumerate(got.paths):
-            try:
-                sha = read_file(p, max_file_bytes)[1]
-            except DecodeError:
+        ev_rows, ev_labels, ev_cls, missing = [], [], [], []
+        for row in rows:
+            if row.role == "query":
                 continue
-            for c in by_sha.get(sha, []):
-                ei.append(q)
-                ej.append(c)
-        ei, ej = np.array(ei, np.int64), np.array(ej, np.int64)
-        I, J, D = without_pairs((I, J, D), ei, ej, n)
-        I, J, D = np.concatenate([ei, I]), np.concatenate([ej, J]), np.concatenate([np.ones(len(ei), np.float32), D])
-        exact = np.arange(len(D)) < len(ei)
-        is_true = qlab[I] == labels[J]
-        cat_count = Counter(labels.tolist())
-        n_true = sum(cat_count.get(lab, 0) for lab in qlab.tolist())
-        cls_count = Counter(cid[cid >= 0].tolist())
-        cls_lab = Counter(zip(cid[cid >= 0].tolist(), labels[cid >= 0].tolist()))
-        ignored = sum(cls_count.get(c, 0) - cls_lab.get((c, lab), 0)
-                      for c, lab in zip(qcid.tolist(), qlab.tolist()) if c >= 0)
-        members = {lab: np.flatnonzero(labels == lab) for lab in set(qlab.tolist()) & set(cat_count)}
-        queries = np.array([q for q in range(len(qr)) if int(qlab[q]) in members], np.int64)
+            r = row_of.get(row.full)
+            if r is None:
+                missing.append(row.written)
+                continue
+            ev_rows.append(r)
+            ev_labels.append(label(row))
+            ev_cls.append(klass(row))
+        if not ev_rows:
+            what = f"{len(rows) - len(query_rows)} catalogue images" if query_rows else f"{len(rows)} images"
+            raise InputError(f"none of the {what} in {truth} is in the store {gen.path} (truth paths are "
+                             f"relative to the truth file's folder, store paths to the store's folder)")
+        ev = np.array(ev_rows, np.int64)
+        labels = np.array(ev_labels, np.int64)
+        cid = np.array(ev_cls, np.int64)
+        in_truth = set(ev_rows)
+        unlabelled = [p for r, p in enumerate(cat.paths) if r not in in_truth]
+        if missing:  # counted in the result and its table; not an error (files may have failed to decode)
+            log.info("%d truth rows are not in the store (e.g. %s)", len(missing), missing[0])
+        xe = cat.xb[ev]
+        n = len(ev)
 
-        def positives(q: int) -> np.ndarray:
-            return members[int(qlab[q])]
+        def load_rows(idx: np.ndarray) -> list:
+            return row_features(gen, ev[idx])
 
-    # Ignored pairs: different groups, one class: neither right nor wrong, never candidates.
-    junk = _junk(qlab[I], qcid[I], labels[J], cid[J]) if class_of else np.zeros(len(I), bool)
-    I, J, D, exact, is_true = I[~junk], J[~junk], D[~junk], exact[~junk], is_true[~junk]
-    if n_true == 0:
-        raise InputError(f"{truth} has no true pairs among the {n} images in the store (no group holds two of "
-                         f"them), so precision, recall and F1 are undefined; give a truth with duplicate groups"
-                         if mode == "store" else
-                         f"no query photo of {truth} has a catalogue image of its group in the store, so "
-                         f"precision, recall and F1 are undefined")
-    verified = 0
-    if verifier is not None:  # predicted only when verified (byte-identical files always are)
-        ok = exact.copy()
-        ok[~exact] = verifier(I[~exact], J[~exact]).verified
-        verified = int(ok.sum() - exact.sum())
-        D = np.where(ok, D, np.float32(-np.inf)).astype(np.float32)
-    log.info("%d evaluated images, %d candidate pairs, %d true pairs", n, len(D), n_true)
-
-    m = pair_metrics(D, is_true, n_true, sweep)
-    b = best_index(m["f1"], sweep)
-    d = int(np.flatnonzero(np.isclose(sweep, round(t_default, 6)))[0])
-
-    def point(k: int) -> dict[str, float]:
-        return {"threshold": float(sweep[k]), "precision": float(m["precision"][k]),
-                "recall": float(m["recall"][k]), "f1": float(m["f1"][k])}
-
-    def mask(S: np.ndarray, q: np.ndarray) -> None:
+        failed: list[tuple[str, str]] = []
         if mode == "store":
-            S[np.arange(len(q)), q] = -np.inf
-        if class_of:
-            S[_junk(qlab[q][:, None], qcid[q][:, None], labels[None, :], cid[None, :])] = -np.inf
+            fe: dict = {}
+            verifier = _Verifier(fe, load_rows, fe, load_rows, o.workers, progress) if verify else None
+            # Candidates: every pair at or above the lowest threshold (verified: each image's k nearest of those, and
+            # as duplicates takes them, its photos sharing the most keypoint words, counted at the default
+            # threshold whatever their cosine), once, plus byte-identical files at 1.0.
+            words = spec.word_candidates if verify and gen.meta.local_features == LOCAL_VERSION else 0
+            with stage_of(progress, "candidates", n, "img") as p:
+                I, J, D, by_words = (candidate_pairs(xe, k, t_min, local=gen.local(ev) if words else None, words=words,
+                                                     progress=p) if verify else (*self_join(xe, t_min, progress=p), 0))
+            D = np.where(by_words, np.maximum(D, np.float32(t_default)), D).astype(np.float32)
+            ei, ej = exact_pairs([cat.sha256[r] for r in ev.tolist()])
+            I, J, D = without_pairs((I, J, D), ei, ej, n)
+            I, J = np.concatenate([ei, I]), np.concatenate([ej, J])
+            D = np.concatenate([np.ones(len(ei), np.float32), D])
+            exact = np.arange(len(D)) < len(ei)
+            qlab, qcid = labels, cid
+            is_true = labels[I] == labels[J]
+            n_true = _pairs_in(Counter(labels.tolist()))
+            ignored = (_pairs_in(Counter(cid[cid >= 0].tolist()))
+                       - _pairs_in(Counter(zip(cid[cid >= 0].tolist(), labels[cid >= 0].tolist()))))
+            queries, members = _mates(labels)
+            xq = xe
 
-    if mode == "store" and verifier is None and not class_of:
-        retrieval = retrieval_metrics_blocked(xe, labels, ks, block)  # the plain case, as it always was
-    else:
-        retrieval = _retrieval(xq, xe, queries, positives, mask, ks, block, k, verifier)
-    return EvalResult(
-        store=str(gen.path), truth=str(truth), model=model, images_in_store=len(cat),
-        images_in_truth=len(rows), evaluated=n, truth_missing_from_store=len(missing),
-        store_missing_from_truth=len(unlabelled), true_pairs=n_true, candidate_pairs=int(len(D)),
-        default_threshold=float(sweep[d]),
-        sweep={k: v.tolist() for k, v in m.items()}, best=point(b), at_default=point(d), retrieval=retrieval,
-        missing_examples=missing[:EXAMPLES], unlabelled_examples=unlabelled[:EXAMPLES],
-        seconds=time.perf_counter() - t0, mode=mode, verify=verify, k=k, ignored_pairs=int(ignored),
-        ignored_candidates=int(junk.sum()), verified_candidates=verified, query_images=len(query_rows),
-        queries_without_mate=len(xq) - len(queries) if mode == "query" else 0, queries_failed=failed)
+            def positives(q: int) -> np.ndarray:
+                m = members[int(labels[q])]
+                return m[m != q]
+        else:
+            emb = store_embedder(gen.meta, gen.files.store, weights=o.weights, precision=o.precision,
+                                 embedder=o.embedder, runtime=o.runtime)
+            by_path = {str(r.full): r for r in query_rows}
+            # decoded as the store's photos were (at >= 256 px when it caches features), as query() does
+            with stage_of(progress, "embed", len(by_path), "img") as p:
+                got = embed_files(list(by_path), emb, batch_size=o.batch_size, max_bytes=o.max_file_bytes,
+                                  local=verify or bool(cat.meta.local_features), progress=p)
+            failed = [(by_path[p].written, why) for p, why in got.failures]
+            if not got.paths:
+                raise InputError(f"none of the {len(query_rows)} query photos of {truth} could be read (e.g. "
+                                 f"{failed[0][0]}: {failed[0][1]})")
+            if failed:
+                log.info("%d query photos failed (e.g. %s: %s)", len(failed), *failed[0])
+            qr = [by_path[p] for p in got.paths]
+            qlab = np.array([label(r) for r in qr], np.int64)
+            qcid = np.array([klass(r) for r in qr], np.int64)
+            xq = got.xq
+            fe = {}
+            verifier = (_Verifier(dict(enumerate(got.local)), lambda idx: [None] * len(idx), fe, load_rows, o.workers,
+                                  progress) if verify else None)
+            # Candidates: each query's top k catalogue images at or above the lowest threshold, plus byte-identical
+            # catalogue files at 1.0.
+            I, J, D = _query_candidates(xq, xe, k, t_min, o.block)
+            by_sha: dict[str, list[int]] = {}
+            for c, r in enumerate(ev.tolist()):
+                by_sha.setdefault(cat.sha256[r], []).append(c)
+            ei, ej = [], []
+            for q, p in enumerate(got.paths):
+                try:
+                    sha = read_file(p, o.max_file_bytes)[1]
+                except DecodeError:
+                    continue
+                for c in by_sha.get(sha, []):
+                    ei.append(q)
+                    ej.append(c)
+            ei, ej = np.array(ei, np.int64), np.array(ej, np.int64)
+            I, J, D = without_pairs((I, J, D), ei, ej, n)
+            I, J = np.concatenate([ei, I]), np.concatenate([ej, J])
+            D = np.concatenate([np.ones(len(ei), np.float32), D])
+            exact = np.arange(len(D)) < len(ei)
+            is_true = qlab[I] == labels[J]
+            cat_count = Counter(labels.tolist())
+            n_true = sum(cat_count.get(lab, 0) for lab in qlab.tolist())
+            cls_count = Counter(cid[cid >= 0].tolist())
+            cls_lab = Counter(zip(cid[cid >= 0].tolist(), labels[cid >= 0].tolist()))
+            ignored = sum(cls_count.get(c, 0) - cls_lab.get((c, lab), 0)
+                          for c, lab in zip(qcid.tolist(), qlab.tolist()) if c >= 0)
+            members = {lab: np.flatnonzero(labels == lab) for lab in set(qlab.tolist()) & set(cat_count)}
+            queries = np.array([q for q in range(len(qr)) if int(qlab[q]) in members], np.int64)
+
+            def positives(q: int) -> np.ndarray:
+                return members[int(qlab[q])]
+
+        # Ignored pairs: different groups, one class: neither right nor wrong, never candidates.
+        junk = _junk(qlab[I], qcid[I], labels[J], cid[J]) if class_of else np.zeros(len(I), bool)
+        I, J, D, exact, is_true = I[~junk], J[~junk], D[~junk], exact[~junk], is_true[~junk]
+        if n_true == 0:
+            raise InputError(f"{truth} has no true pairs among the {n} images in the store (no group holds two of "
+                             f"them), so precision, recall and F1 are undefined; give a truth with duplicate groups"
+                             if mode == "store" else
+                             f"no query photo of {truth} has a catalogue image of its group in the store, so "
+                             f"precision, recall and F1 are undefined")
+        verified = 0
+        if verifier is not None:  # predicted only when verified (byte-identical files always are)
+            ok = exact.copy()
+            ok[~exact] = verifier(I[~exact], J[~exact]).verified
+            verified = int(ok.sum() - exact.sum())
+            D = np.where(ok, D, np.float32(-np.inf)).astype(np.float32)
+        log.info("%d evaluated images, %d candidate pairs, %d true pairs", n, len(D), n_true)
+
+        m = pair_metrics(D, is_true, n_true, sweep)
+        b = best_index(m["f1"], sweep)
+        d = int(np.flatnonzero(np.isclose(sweep, round(t_default, 6)))[0])
+
+        def point(k: int) -> dict[str, float]:
+            return {"threshold": float(sweep[k]), "precision": float(m["precision"][k]),
+                    "recall": float(m["recall"][k]), "f1": float(m["f1"][k])}
+
+        def mask(S: np.ndarray, q: np.ndarray) -> None:
+            if mode == "store":
+                S[np.arange(len(q)), q] = -np.inf
+            if class_of:
+                S[_junk(qlab[q][:, None], qcid[q][:, None], labels[None, :], cid[None, :])] = -np.inf
+
+        if mode == "store" and verifier is None and not class_of:
+            retrieval = retrieval_metrics_blocked(xe, labels, o.ks, o.block)  # the plain case, as it always was
+        else:
+            retrieval = _retrieval(xq, xe, queries, positives, mask, o.ks, o.block, k, verifier)
+        return EvalResult(
+            store=str(gen.path), truth=str(truth), model=model, images_in_store=len(cat),
+            images_in_truth=len(rows), evaluated=n, truth_missing_from_store=len(missing),
+            store_missing_from_truth=len(unlabelled), true_pairs=n_true, candidate_pairs=int(len(D)),
+            default_threshold=float(sweep[d]),
+            sweep={k: v.tolist() for k, v in m.items()}, best=point(b), at_default=point(d), retrieval=retrieval,
+            missing_examples=missing[:EXAMPLES], unlabelled_examples=unlabelled[:EXAMPLES],
+            seconds=time.perf_counter() - t0, mode=mode, verify=verify, k=k, ignored_pairs=int(ignored),
+            ignored_candidates=int(junk.sum()), verified_candidates=verified, query_images=len(query_rows),
+            queries_without_mate=len(xq) - len(queries) if mode == "query" else 0, queries_failed=failed)
 
 
 def write_eval_json(result: EvalResult, path: str | os.PathLike[str]) -> None:
