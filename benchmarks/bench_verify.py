@@ -84,9 +84,9 @@ def shelf_false_matches(store: Path, shelf: Path, verify: bool, threshold: float
     a, b = np.array(pairs).T
     s = np.einsum("ij,ij->i", cat.xb[a], cat.xb[b])
     if not verify:
-        t = default_threshold(cat.meta.model) if threshold is None else threshold
+        t = default_threshold(cat.meta.model.name) if threshold is None else threshold
         return int((s >= t).sum()), len(pairs)
-    k, loose = rule or _rule(cat.meta.model)
+    k, loose = rule or _rule(cat.meta.model.name)
     S = cat.xb @ cat.xb.T
     np.fill_diagonal(S, -np.inf)
     kth = -np.sort(-S, axis=1)[:, k - 1]
@@ -383,8 +383,8 @@ def _candidates(store: Path):  # noqa: ANN202
 
     with Store.open(store) as gen:
         cat, table = gen.read(vectors=True), gen.local()
-    k, loose = _rule(cat.meta.model)
-    words = stored_model_spec(cat.meta.model).word_candidates
+    k, loose = _rule(cat.meta.model.name)
+    words = stored_model_spec(cat.meta.model.name).word_candidates
     ci, cj, cd, _ = candidate_pairs(cat.xb, k, loose, local=table if words else None, words=words)
     ci, cj, _ = without_pairs((ci, cj, cd), *exact_pairs(cat.sha256), len(cat))
     return table, ci, cj

@@ -18,7 +18,7 @@ from neardup.search.join import exact_pairs, self_join
 from neardup.search.metrics import DEFAULT_SWEEP, _reranked, _topk, pair_metrics, retrieval_metrics_blocked
 from neardup.search.truth import read_truth, read_truth_rows
 from neardup.search.verify import Verified
-from neardup.store import Catalog, StoreMeta, read_catalog, write_catalog
+from neardup.store import Catalog, ModelInfo, StoreMeta, read_catalog, write_catalog
 from neardup.testing import FakeEmbedder, write_product_photos
 
 
@@ -51,8 +51,7 @@ def hand(tmp_path: Path) -> tuple[Path, Path, Path]:
     paths = list(HAND)
     n = len(paths)
     xb = np.stack([v for v, _, _ in HAND.values()]).astype(np.float32)
-    meta = StoreMeta(model="fake", weights="none", weights_fingerprint="none", dim=8, input_size=16,
-                     preprocessing="hand-made", next_id=n)
+    meta = StoreMeta(ModelInfo("fake", "none", "none", dim=8, input_size=16, preprocessing="hand-made"), next_id=n)
     store = tmp_path / "cat.h5"
     write_catalog(store, Catalog(meta, np.arange(n), paths, np.full(n, 1000), np.zeros(n, np.int64),
                                  [f"{k:064x}" for k in range(n)], np.full(n, 64, np.int32),

@@ -28,7 +28,7 @@ _EXPORTS = {
     **dict.fromkeys(["Store"], ".store.handle"),
     **dict.fromkeys(["Generation"], ".store.generation"),
     **dict.fromkeys(["read_catalog", "read_meta"], ".store.handle"),
-    **dict.fromkeys(["Catalog", "StoreMeta"], ".store.meta"),
+    **dict.fromkeys(["Catalog", "StoreMeta", "ModelInfo", "IndexInfo"], ".store.meta"),
     **dict.fromkeys(["RunSummary", "build_index", "update_index"], ".indexer.build"),
     **dict.fromkeys(["QueryResult", "Match", "Answer", "Searcher", "answer", "query", "compare"], ".search.query"),
     **dict.fromkeys(["DuplicateReport", "find_duplicates"], ".search.duplicates"),

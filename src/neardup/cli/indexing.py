@@ -146,7 +146,7 @@ def info_cmd(
         meta, size, segs, dead = gen.meta, gen.disk_bytes(), gen.segments, gen.manifest.dead_rows if gen.manifest else 0
         failed = gen.failures if (failures or as_json) else []
     if as_json:
-        doc = {k: getattr(meta, k) for k in meta.__dataclass_fields__}
+        doc = meta.flat()
         doc.update(store=str(store), store_bytes=sum(size.values()), index_bytes=size["index"],
                    segments=[{"name": s.name, "rows": s.rows, "index": s.index or None} for s in segs],
                    dead_rows=dead, failure_list=[{"path": p, "reason": r} for p, r in failed], previous=previous,
@@ -158,16 +158,17 @@ def info_cmd(
         "none: written before segments (schema 1; `neardup update` rewrites it as segments)"
     rows = [("store", f"{store} (manifest {fmt_bytes(size['manifest'])}, {fmt_bytes(sum(size.values()))} in all)"),
             ("generation", meta.generation or "not recorded"), ("segments", layout),
-            ("images", str(meta.count)), ("failed", str(meta.failures)), ("model", meta.model),
-            ("weights", f"{meta.weights} (fingerprint {meta.weights_fingerprint})"), ("dim", str(meta.dim)),
-            ("input", f"{meta.input_size}x{meta.input_size}"), ("preprocessing", meta.preprocessing),
-            ("runtime", f"{meta.runtime or 'not recorded'}, {meta.precision}"
-             + (f" ({meta.quantized_file}; {meta.calibration})" if meta.quantized_file else "")),
+            ("images", str(meta.count)), ("failed", str(meta.failures)), ("model", meta.model.name),
+            ("weights", f"{meta.model.weights} (fingerprint {meta.model.weights_fingerprint})"),
+            ("dim", str(meta.model.dim)),
+            ("input", f"{meta.model.input_size}x{meta.model.input_size}"), ("preprocessing", meta.model.preprocessing),
+            ("runtime", f"{meta.model.runtime or 'not recorded'}, {meta.model.precision}"
+             + (f" ({meta.model.quantized_file}; {meta.model.calibration})" if meta.model.quantized_file else "")),
             ("local features", f"{meta.local_features} (cached for --verify)" if meta.local_features else
              "none: --verify extracts them from the files (a store made before they were cached)"),
             ("faiss index", _index_line(meta) + (f", {fmt_bytes(size['index'])} on disk" if size["index"] else
                                                  ", searched from the stored vectors (no file)")),
-            ("normalization", meta.normalization), ("created", meta.created), ("updated", meta.updated),
+            ("normalization", meta.model.normalization), ("created", meta.created), ("updated", meta.updated),
             ("neardup", f"{meta.neardup_version} (schema {meta.schema_version})"),
             ("previous", "none kept yet" if not previous else
              f"{previous['path']}: damaged ({previous['damaged']}), cannot be restored" if "damaged" in previous else

@@ -58,19 +58,23 @@ def _warn_random_weights(store: Path, meta: Any = None) -> None:
     """Seeded random CNN weights give every photo a score near 1: say so wherever such a store is used."""
     from ..store.handle import read_meta
 
-    meta = meta or read_meta(store)
-    if meta.weights == "none" and meta.model in ("resnet50", "vgg16"):
+    if meta is None:
+        m = read_meta(store).model
+        model, weights = m.name, m.weights
+    else:  # a query's Answer: its model's name and weights
+        model, weights = meta.model, meta.weights
+    if weights == "none" and model in ("resnet50", "vgg16"):
         typer.echo(f"neardup: note: {store} uses random weights (--weights none): its scores show the plumbing, "
                    f"not which photos are alike", err=True)
 
 
 def _index_line(meta: Any) -> str:
     """The store's FAISS index as `info` shows it: what was built, why, and its measured recall."""
-    asked = f"asked {meta.index_kind}" + (f", memory {fmt_bytes(meta.index_memory)}" if meta.index_memory else "")
-    if meta.index_factory == "Flat":
+    asked = f"asked {meta.index.kind}" + (f", memory {fmt_bytes(meta.index.memory)}" if meta.index.memory else "")
+    if meta.index.factory == "Flat":
         return f"Flat (exact; {asked})"
-    return (f"{meta.index_factory} at {meta.index_params or 'its defaults'}: recall@10 {meta.index_recall:.3f} "
-            f"against exact search on {meta.index_recall_queries} store vectors (target {meta.index_target:.2f}; "
+    return (f"{meta.index.factory} at {meta.index.params or 'its defaults'}: recall@10 {meta.index.recall:.3f} "
+            f"against exact search on {meta.index.recall_queries} store vectors (target {meta.index.target:.2f}; "
             f"{asked})")
 
 

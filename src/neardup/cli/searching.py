@@ -52,8 +52,8 @@ def _loose_embedder(store: Path | None, model: str | None, weights: str | None, 
     if store is None:
         return make_embedder(model or DEFAULTS.model, weights, precision, runtime=runtime, preprocess=preprocess)
     meta = read_meta(store)
-    if model is not None and split_model(model, weights)[0] != meta.model:
-        raise StoreMismatchError(f"{store} was made with {meta.model}; --model {model} cannot follow it")
+    if model is not None and split_model(model, weights)[0] != meta.model.name:
+        raise StoreMismatchError(f"{store} was made with {meta.model.name}; --model {model} cannot follow it")
     return store_embedder(meta, store, weights=weights, precision=precision, runtime=runtime)
 
 

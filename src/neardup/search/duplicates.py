@@ -153,7 +153,7 @@ class StoredVectors:
 
     def __init__(self, gen: Generation) -> None:
         self.gen = gen
-        self.shape = (len(gen), gen.meta.dim)
+        self.shape = (len(gen), gen.meta.model.dim)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -259,20 +259,20 @@ def find_duplicates(store: Generation | str | os.PathLike[str], *, threshold: fl
     """
     with opened(store) as gen:
         t0, t = time.perf_counter(), gen.threshold(threshold)
-        scale = not exact and gen.meta.index_factory != "Flat"  # a large store: its vectors are read in blocks
+        scale = not exact and gen.meta.index.factory != "Flat"  # a large store: its vectors are read in blocks
         cat = replace(gen.read(vectors=False), xb=StoredVectors(gen)) if scale else gen.read(vectors=True)
         verify = resolve_verify(verify, cat.meta.local_features)
         if ray is not None and not verify:
             raise InputError("--ray verifies the candidates on a cluster: it needs verification (a store with local "
                              "features, without --no-verify)")
-        report = DuplicateReport(str(gen.path), cat.meta.model, t, len(cat), cat.ids, cat.paths, verify=verify,
+        report = DuplicateReport(str(gen.path), cat.meta.model.name, t, len(cat), cat.ids, cat.paths, verify=verify,
                                  generation=gen.id)
         index = None
         report.method = (f"k-NN by a PCA{DEFAULTS.scale_dims} IVF search of the stored vectors, not the store's "
-                         f"{cat.meta.index_factory} index; candidates re-scored exactly" if scale
+                         f"{cat.meta.index.factory} index; candidates re-scored exactly" if scale
                          else "exact k-NN" if verify else "exact join")
         if verify:
-            spec = stored_model_spec(cat.meta.model)
+            spec = stored_model_spec(cat.meta.model.name)
             report.k = spec.candidates if k is None else int(k)
             report.loose_threshold = gen.threshold(spec.loose_threshold if loose_threshold is None else loose_threshold)
             if report.k < 1:
@@ -308,7 +308,7 @@ def find_duplicates(store: Generation | str | os.PathLike[str], *, threshold: fl
             if len(comp) > max_group_search:
                 raise InputError(
                     f"threshold {t:.4f} links {len(comp)} images into one cluster, too many to be duplicates; "
-                    f"raise --threshold (with {cat.meta.model}, {report.n_pairs} pairs score above it)")
+                    f"raise --threshold (with {cat.meta.model.name}, {report.n_pairs} pairs score above it)")
             if verify and 2 < len(comp) <= COMPLETE_UP_TO:
                 extra += _complete(cat, gen, comp, forced_in[ci], t, workers, feats)
             S = cat.xb[comp] @ cat.xb[comp].T

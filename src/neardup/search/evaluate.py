@@ -190,51 +190,41 @@ class EvalResult:
 
 @dataclass(frozen=True)
 class EvalOptions:
-    """How evaluate() scores a store: the sweep, verification and, in query mode, the query photos' embedding."""
+    """How evaluate() scores: `thresholds` (default 0.50..1.00 by 0.01) plus `threshold` (default: the model's, or
+    with verification its candidates' loose threshold), reported separately; recall@`ks`; `verify` (None:
+    DEFAULTS.verify for a store that caches local features) with each image's `k` nearest as candidates (default:
+    the model's), verified by `workers` threads; in query mode, the query photos embedded as query() does."""
 
-    thresholds: Sequence[float] | None = None  #: the sweep (default: 0.50..1.00 by 0.01)
-    threshold: float | None = None  #: the default operating point, added to the sweep
-    ks: Sequence[int] = DEFAULT_KS  #: recall@k of retrieval
+    thresholds: Sequence[float] | None = None
+    threshold: float | None = None
+    ks: Sequence[int] = DEFAULT_KS
     block: int | None = None  #: rows of a similarity block
-    verify: bool | None = None  #: geometric verification (None: resolve_verify)
-    k: int | None = None  #: candidates per image when verified (default: the model's)
-    #: query mode: how the query photos are embedded (as for query())
+    verify: bool | None = None
+    k: int | None = None
     embedder: Embedder | None = None
     weights: str | None = None
     precision: str = DEFAULTS.precision
     runtime: str | None = None
     batch_size: int = DEFAULTS.batch_size
     max_file_bytes: int = DEFAULTS.max_file_bytes
-    workers: int = DEFAULTS.verify_workers  #: threads that verify pairs
+    workers: int = DEFAULTS.verify_workers
 
 
 def evaluate(store: Generation | str | os.PathLike[str], truth: str | os.PathLike[str],
              options: EvalOptions | None = None, *, progress: Progress | None = None,
              **fields: Any) -> EvalResult:
-    """Score a store against a truth CSV: pair P/R/F1 over a threshold sweep and query recall@k / mAP.
-
-    `options` (EvalOptions), with any of its fields given as keywords instead or on top (`verify=False`).
-
-    `thresholds` defaults to 0.50..1.00 by 0.01; `threshold` (default: the model's documented default, or with
-    verification its candidates' loose threshold) is added to the sweep and reported separately. Without
-    verification the duplicate search runs once, by search.duplicates' blocked self-join at the lowest threshold;
-    its memory grows with the number of pairs above it: raise the sweep's lower end for a large store.
-
-    `verify` (None: DEFAULTS.verify for a store that caches local features, off for one made before them)
-    scores verified candidates (each image's `k` nearest, default the model's candidates) and re-ranks
-    each query's top k (see the module). A truth with rows of role `query` is scored in query mode: those
-    photos are embedded with the store's model (`embedder` injects one; `weights`, `precision` and `runtime`
-    as for query()) and ranked against the catalogue rows; only query mode is then scored.
-    The `class` column marks ignored pairs. `store`: an open Generation or a store's path; `progress`: told of each
-    stage. Raises InputError (bad truth, no truth image in the store, no true pairs, no readable query photo).
-    """
-    o = replace(options or EvalOptions(), **fields)
-    truth = Path(truth)
+    """Score a store (an open Generation or a path) against a truth CSV (see the module): pair P/R/F1 over a
+    threshold sweep and query recall@k / mAP. `options`, with any of its fields given as keywords instead or on top
+    (`verify=False`). Without verification the duplicate search runs once, by the blocked self-join at the lowest
+    threshold; its memory grows with the pairs above it: raise the sweep's lower end for a large store. `progress`
+    is told of each stage. Raises InputError (bad truth, no truth image in the store, no true pairs, no readable
+    query photo)."""
+    o, truth = replace(options or EvalOptions(), **fields), Path(truth)
     with opened(store) as gen:
         t0 = time.perf_counter()
         rows = read_truth_rows(truth)
         cat = gen.read()
-        model = cat.meta.model
+        model = cat.meta.model.name
         spec = stored_model_spec(model)
         verify = resolve_verify(o.verify, cat.meta.local_features)
         # verified, the default operating point is the candidates' loose threshold (what duplicates uses)

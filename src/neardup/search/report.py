@@ -183,7 +183,7 @@ def _inliers_of(gen: Generation, a: str, b: str, images: _Images) -> Verificatio
     """The verification of a pair (stored paths) with its inlier points, for drawing: from the store's cached
     features, screened as duplicates screens, so the drawing shows what the verdict counted. A path not in
     the store is decoded as the store's model decodes (None when unreadable)."""
-    mode = "L" if gen.meta.model == "phash" else "RGB"
+    mode = "L" if gen.meta.model.name == "phash" else "RGB"
     feats = []
     for p in (a, b):
         if p in images.row:
@@ -315,7 +315,7 @@ def write_report(store: Generation | str | os.PathLike[str], out: str | os.PathL
         exact = sum(r[3] for r in pair_rows)
         seconds = time.perf_counter() - t0
         summary = [
-            ("store", str(store)), ("model", f"{cat.meta.model} (weights {cat.meta.weights})"),
+            ("store", str(store)), ("model", f"{cat.meta.model.name} (weights {cat.meta.model.weights})"),
             ("threshold", f"{t_shown:.4f}" if t_shown is not None else "as in the pairs file"),
             ("images in store", str(len(cat))),
             ("pairs", f"{len(pair_rows)} ({exact} exact, {len(pair_rows) - exact} near)" if pair_list is not None

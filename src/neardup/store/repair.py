@@ -144,7 +144,7 @@ def rebuild(path: Path, files: StoreFiles, why: str) -> tuple[Generation, list[D
     man = Manifest(meta=_meta(newest, 0, 0), segments=[s for s, _, _ in kept],
                    dead={s.name: np.flatnonzero(~live).astype(np.int64) for s, _, live in kept if not live.all()})
     top = max(max(seen_ids) + 1, int(newest.get("next_id", 0)))
-    man.meta = replace(man.meta, count=man.count, next_id=top, index_file="", index_sha256="",
+    man.meta = replace(man.meta, count=man.count, next_id=top, index=replace(man.meta.index, file="", sha256=""),
                        generation=found[-1][1])
     return Generation(path, files, man, [r for _, r, _ in kept]), dropped
 
