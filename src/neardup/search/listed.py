@@ -8,7 +8,8 @@ import numpy as np
 
 from ..progress import Progress
 from ..store.generation import Generation
-from .duplicates import DuplicateReport, find_duplicates
+from .dup_records import DuplicateReport
+from .duplicates import find_duplicates
 from .metrics import _junk
 
 
@@ -62,7 +63,7 @@ def threshold_source(gen: Generation, threshold: float | None, loose: float | No
                or (verify and loose is None and s.candidate_threshold is not None))
     what = [w for w, on in (("the command line", given),
                             (f"the store's settings ({s.source or 'evaluate --fit --apply'})", applied)) if on]
-    return " and ".join(what) if what else f"the defaults of model {gen.meta.model}"
+    return " and ".join(what) if what else f"the defaults of model {gen.meta.model.name}"
 
 
 def score_listed(gen: Generation, ev: np.ndarray, labels: np.ndarray, cid: np.ndarray | None, n_true: int, *,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..fileio import atomic_write, check_output_path
-from .duplicates import DuplicateReport, Pair
+from .dup_records import DuplicateReport, Pair
 
 
 def write_pairs_csv(report: DuplicateReport, path: str | os.PathLike[str]) -> None:
@@ -99,9 +99,9 @@ def groups_document(report: DuplicateReport, *, pairs_file: str | os.PathLike[st
                       "new_only": report.new_only, "decided_hidden": report.hidden_decided},
         "groups": [{"group": k + 1, "size": len(g.members), "keeper": g.keeper,
                     "keeper_decided": g.keeper_decided,
-                    "keeper_path": next(m["path"] for m in g.members if m["keeper"]),
-                    "removable": [m["path"] for m in g.members if not m["keeper"] and not m.get("stale")],
-                    "stale": [m["path"] for m in g.members if m.get("stale")], "members": g.members}
+                    "keeper_path": next(m.path for m in g.members if m.keeper),
+                    "removable": [m.path for m in g.members if m.removable],
+                    "stale": [m.path for m in g.members if m.stale], "members": [m.as_json() for m in g.members]}
                    for k, g in enumerate(report.groups)],
     }
 

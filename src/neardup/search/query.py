@@ -220,7 +220,7 @@ class Searcher:
         """FAISS (D, I) of xq in this store's index; on an approximate index (SQ, PQ, PCA codes) the scores are
         re-computed exactly from the stored vectors."""
         D, I = search(self.index, xq, k)
-        return self._rescored(xq, I) if self.meta.index_factory != "Flat" else (D, I)
+        return self._rescored(xq, I) if self.meta.index.factory != "Flat" else (D, I)
 
     def _rescored(self, xq: np.ndarray, I: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Exact cosines of the found ids from the stored vectors, each row re-sorted by them (so a threshold
@@ -307,8 +307,8 @@ class Searcher:
         failed = dict(got.failures)
         results = self.results(paths, D, I, got.local or [None] * len(got.paths), verify=verify, threshold=t,
                                errors=[failed.get(p) for p in paths], digests=got.sha256)
-        return Answer(str(self.gen.path), self.generation, len(self.cat), self.meta.model, t, verify, results,
-                      self.meta.weights)
+        return Answer(str(self.gen.path), self.generation, len(self.cat), self.meta.model.name, t, verify, results,
+                      self.meta.model.weights)
 
 
 def answer(store: str | os.PathLike[str], images: Sequence[str | os.PathLike[str]], *, k: int = DEFAULTS.k,

@@ -36,7 +36,8 @@ from ..store.generation import Generation
 from ..store.handle import opened
 from ..store.meta import Catalog
 from ..threads import thread_pool
-from .duplicates import DuplicateReport, Pair, find_duplicates
+from .dup_records import DuplicateReport, Pair
+from .duplicates import find_duplicates
 from .pairs_io import groups_document, read_groups_json, read_pairs_csv, recorded_pairs
 from .plots import plot_pair
 from .review import decisions_for
@@ -185,7 +186,7 @@ def _inliers_of(gen: Generation, a: str, b: str, images: _Images) -> Verificatio
     """The verification of a pair (stored paths) with its inlier points, for drawing: from the store's cached
     features, screened as duplicates screens, so the drawing shows what the verdict counted. A path not in
     the store is decoded as the store's model decodes (None when unreadable)."""
-    mode = "L" if gen.meta.model == "phash" else "RGB"
+    mode = "L" if gen.meta.model.name == "phash" else "RGB"
     feats = []
     for p in (a, b):
         if p in images.row:
@@ -268,114 +269,106 @@ def write_report(store: Generation | str | os.PathLike[str], out: str | os.PathL
     (bad files, missing output folder) and StoreError.
     """
     with opened(store) as gen:
-        return _write_report(gen, out, pairs=pairs, groups=groups, duplicates=duplicates, threshold=threshold,
-                             png_dir=png_dir, page_size=page_size, workers=workers, verify=verify,
-                             progress=progress)
+        t0 = time.perf_counter()
+        out = Path(out)
+        check_output_path(out)
+        if png_dir is not None:
+            if Path(png_dir).exists() and not Path(png_dir).is_dir():
+                raise InputError(f"--png-dir {png_dir} is a file, not a folder")
+            Path(png_dir).mkdir(parents=True, exist_ok=True)
+        if page_size < 1:
+            raise InputError("page size must be at least 1")
+        store, cat = gen.path, gen.catalog
+        images = _Images(cat, gen.folder)
 
+        source: list[str] = []
+        pair_list: list[Pair] | None = None
+        group_docs: list[dict] | None = None
+        t_shown: float | None = threshold
+        if duplicates is None and pairs is None and groups is None:
+            duplicates = find_duplicates(gen, threshold=threshold, verify=verify, progress=progress)
+            source.append("computed from the store (neardup duplicates" + (", verified)" if duplicates.verify else ")"))
+        if duplicates is not None:
+            pair_list, t_shown = duplicates.pairs, duplicates.threshold
+            group_docs = groups_document(duplicates, record_pairs=False)["groups"]
+            source = source or ["a find_duplicates result"]
+        else:
+            if pairs is not None:
+                pair_list = read_pairs_csv(pairs)
+                if threshold is not None:
+                    # pairs.csv holds scores rounded to 6 decimals: allow that rounding below the threshold.
+                    pair_list = [p for p in pair_list if p.score >= threshold - 1e-6]
+                source.append(f"pairs from {pairs}")
+            if groups is not None:
+                gdoc = read_groups_json(groups)
+                group_docs = gdoc["groups"]
+                if t_shown is None and isinstance(gdoc.get("threshold"), (int, float)):
+                    t_shown = float(gdoc["threshold"])
+                source.append(f"groups from {groups}")
+            if pair_list is None:  # groups alone would show "Pairs (0)": the pairs they were made from...
+                pair_list, why = recorded_pairs(gdoc, groups, gen.id, threshold=threshold, verify=verify)
+                if pair_list is not None:
+                    source.append(why)
+                else:  # ...or, when those no longer hold, the pairs computed again at the groups' threshold
+                    log.warning("%s: computing the pairs from the store again (every candidate searched and verified): "
+                                "%s", groups, why)
+                    computed = find_duplicates(gen, threshold=t_shown, verify=verify, progress=progress)
+                    t_shown, pair_list = computed.threshold, computed.pairs
+                    source.append(f"pairs computed from the store at {computed.threshold:.4f} ({why})")
 
-def _write_report(gen: Generation, out: str | os.PathLike[str], *, pairs: str | os.PathLike[str] | None,
-                  groups: str | os.PathLike[str] | None, duplicates: DuplicateReport | None,
-                  threshold: float | None, png_dir: str | os.PathLike[str] | None, page_size: int,
-                  workers: int | None, verify: bool | None, progress: Progress | None = None) -> ReportResult:
-    t0 = time.perf_counter()
-    out = Path(out)
-    check_output_path(out)
-    if png_dir is not None:
-        if Path(png_dir).exists() and not Path(png_dir).is_dir():
-            raise InputError(f"--png-dir {png_dir} is a file, not a folder")
-        Path(png_dir).mkdir(parents=True, exist_ok=True)
-    if page_size < 1:
-        raise InputError("page size must be at least 1")
-    store, cat = gen.path, gen.catalog
-    images = _Images(cat, gen.folder)
+        # Sorted by score, highest first; a stable sort keeps the file's order among equal scores.
+        ordered = sorted(pair_list or [], key=lambda p: -p.score)
+        # the decisions recorded now (by content: whatever file the pairs came from); 1 duplicate, 2 distinct
+        decided = _Reviewed(decisions_for(gen), cat)
+        pair_rows = [[images(p.a_path), images(p.b_path), round(float(p.score), 6), 1 if p.kind == "exact" else 0,
+                      -1 if p.verified is None else int(p.verified), -1 if p.inliers is None else int(p.inliers),
+                      decided.code(p.a_path, p.b_path)] for p in ordered]
+        group_rows = _groups_from(group_docs or [], images, decided)
 
-    source: list[str] = []
-    pair_list: list[Pair] | None = None
-    group_docs: list[dict] | None = None
-    t_shown: float | None = threshold
-    if duplicates is None and pairs is None and groups is None:
-        duplicates = find_duplicates(gen, threshold=threshold, verify=verify, progress=progress)
-        source.append("computed from the store (neardup duplicates" + (", verified)" if duplicates.verify else ")"))
-    if duplicates is not None:
-        pair_list, group_docs, t_shown = duplicates.pairs, groups_document(duplicates, record_pairs=False)["groups"], duplicates.threshold
-        source = source or ["a find_duplicates result"]
-    else:
-        if pairs is not None:
-            pair_list = read_pairs_csv(pairs)
-            if threshold is not None:
-                # pairs.csv holds scores rounded to 6 decimals: allow that rounding below the threshold.
-                pair_list = [p for p in pair_list if p.score >= threshold - 1e-6]
-            source.append(f"pairs from {pairs}")
-        if groups is not None:
-            gdoc = read_groups_json(groups)
-            group_docs = gdoc["groups"]
-            if t_shown is None and isinstance(gdoc.get("threshold"), (int, float)):
-                t_shown = float(gdoc["threshold"])
-            source.append(f"groups from {groups}")
-        if pair_list is None:  # groups alone would show "Pairs (0)": the pairs they were made from...
-            pair_list, why = recorded_pairs(gdoc, groups, gen.id, threshold=threshold, verify=verify)
-            if pair_list is not None:
-                source.append(why)
-            else:  # ...or, when those no longer hold, the pairs computed again at the groups' threshold
-                log.warning("%s: computing the pairs from the store again (every candidate searched and verified): "
-                            "%s", groups, why)
-                computed = find_duplicates(gen, threshold=t_shown, verify=verify, progress=progress)
-                t_shown, pair_list = computed.threshold, computed.pairs
-                source.append(f"pairs computed from the store at {computed.threshold:.4f} ({why})")
+        t1 = time.perf_counter()
+        with stage_of(progress, "thumbnails", len(images.index), "img") as bar:
+            thumbs = make_thumbnails([images.absolute(p) for p in images.index], workers=workers, progress=bar)
+        image_docs = images.documents(thumbs)
+        missing = [d["p"] for d in image_docs if d["t"] is None]
+        log.info("%d thumbnails in %.1f s (%d missing)", len(image_docs), time.perf_counter() - t1, len(missing))
 
-    # Sorted by score, highest first; a stable sort keeps the file's order among equal scores.
-    ordered = sorted(pair_list or [], key=lambda p: -p.score)
-    # the decisions recorded now (by content: whatever file the pairs came from); 1 duplicate, 2 distinct
-    decided = _Reviewed(decisions_for(gen), cat)
-    pair_rows = [[images(p.a_path), images(p.b_path), round(float(p.score), 6), 1 if p.kind == "exact" else 0,
-                  -1 if p.verified is None else int(p.verified), -1 if p.inliers is None else int(p.inliers),
-                  decided.code(p.a_path, p.b_path)] for p in ordered]
-    group_rows = _groups_from(group_docs or [], images, decided)
+        scores = [r[2] for r in pair_rows] + [m["s"] for g in group_rows for m in g["m"] if not m["k"]]
+        lo = float(np.floor(min(scores) * 100) / 100) if scores else 0.0
+        hi = max(1.0, float(np.ceil(max(scores) * 1e6) / 1e6)) if scores else 1.0
+        data = {"page_size": int(page_size), "placeholder": placeholder_uri(), "images": image_docs,
+                "pairs": pair_rows, "groups": group_rows, "has_pairs": pair_list is not None,
+                "has_groups": group_docs is not None, "lo": lo, "hi": hi}
 
-    t1 = time.perf_counter()
-    with stage_of(progress, "thumbnails", len(images.index), "img") as bar:
-        thumbs = make_thumbnails([images.absolute(p) for p in images.index], workers=workers, progress=bar)
-    image_docs = images.documents(thumbs)
-    missing = [d["p"] for d in image_docs if d["t"] is None]
-    log.info("%d thumbnails in %.1f s (%d missing)", len(image_docs), time.perf_counter() - t1, len(missing))
+        png_files: list[Path] = []
+        if png_dir is not None:
+            with stage_of(progress, "pair images", len(ordered), "pairs") as bar:
+                for k, p in enumerate(ordered, start=1):
+                    target = Path(png_dir) / f"pair_{k:05d}.png"
+                    plot_pair(images.absolute(p.a_path), images.absolute(p.b_path), p.score, target, strict=False,
+                              verification=_inliers_of(gen, p.a_path, p.b_path, images)
+                              if p.verified is not None and p.kind != "exact" else None)
+                    png_files.append(target)
+                    bar(k, len(ordered))
 
-    scores = [r[2] for r in pair_rows] + [m["s"] for g in group_rows for m in g["m"] if not m["k"]]
-    lo = float(np.floor(min(scores) * 100) / 100) if scores else 0.0
-    hi = max(1.0, float(np.ceil(max(scores) * 1e6) / 1e6)) if scores else 1.0
-    data = {"page_size": int(page_size), "placeholder": placeholder_uri(), "images": image_docs,
-            "pairs": pair_rows, "groups": group_rows, "has_pairs": pair_list is not None,
-            "has_groups": group_docs is not None, "lo": lo, "hi": hi}
-
-    png_files: list[Path] = []
-    if png_dir is not None:
-        with stage_of(progress, "pair images", len(ordered), "pairs") as bar:
-            for k, p in enumerate(ordered, start=1):
-                target = Path(png_dir) / f"pair_{k:05d}.png"
-                plot_pair(images.absolute(p.a_path), images.absolute(p.b_path), p.score, target, strict=False,
-                          verification=_inliers_of(gen, p.a_path, p.b_path, images)
-                          if p.verified is not None and p.kind != "exact" else None)
-                png_files.append(target)
-                bar(k, len(ordered))
-
-    exact = sum(r[3] for r in pair_rows)
-    seconds = time.perf_counter() - t0
-    summary = [
-        ("store", str(store)), ("model", f"{cat.meta.model} (weights {cat.meta.weights})"),
-        ("threshold", f"{t_shown:.4f}" if t_shown is not None else "as in the pairs file"),
-        ("images in store", str(len(cat))),
-        ("pairs", f"{len(pair_rows)} ({exact} exact, {len(pair_rows) - exact} near)" if pair_list is not None
-         else "not given"),
-        ("groups", f"{len(group_rows)} ({sum(not m['k'] and not m['st'] for g in group_rows for m in g['m'])} "
-                   f"removable images)"
-         if group_docs is not None else "not given"),
-        ("images shown", f"{len(image_docs)} ({len(missing)} missing or unreadable)"),
-        ("images under", str((store.parent / images.common_folder()).resolve())),
-        ("decisions", decided.summary(pair_rows, group_rows)),
-        ("source", "; ".join(source)),
-        ("generated", f"{now_iso()} in {seconds:.1f} s"),
-    ]
-    page = render_html(data, summary, f"neardup report: {store.name}")
-    atomic_write(out, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
-    log.info("wrote %s (%d bytes)", out, len(page))
-    return ReportResult(out=out, pairs=len(pair_rows), groups=len(group_rows), images=len(image_docs),
-                        missing=missing, png_files=png_files, seconds=time.perf_counter() - t0)
+        exact = sum(r[3] for r in pair_rows)
+        seconds = time.perf_counter() - t0
+        summary = [
+            ("store", str(store)), ("model", f"{cat.meta.model.name} (weights {cat.meta.model.weights})"),
+            ("threshold", f"{t_shown:.4f}" if t_shown is not None else "as in the pairs file"),
+            ("images in store", str(len(cat))),
+            ("pairs", f"{len(pair_rows)} ({exact} exact, {len(pair_rows) - exact} near)" if pair_list is not None
+             else "not given"),
+            ("groups", f"{len(group_rows)} ({sum(not m['k'] and not m['st'] for g in group_rows for m in g['m'])} "
+                       f"removable images)"
+             if group_docs is not None else "not given"),
+            ("images shown", f"{len(image_docs)} ({len(missing)} missing or unreadable)"),
+            ("images under", str((store.parent / images.common_folder()).resolve())),
+            ("decisions", decided.summary(pair_rows, group_rows)),
+            ("source", "; ".join(source)),
+            ("generated", f"{now_iso()} in {seconds:.1f} s"),
+        ]
+        page = render_html(data, summary, f"neardup report: {store.name}")
+        atomic_write(out, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
+        log.info("wrote %s (%d bytes)", out, len(page))
+        return ReportResult(out=out, pairs=len(pair_rows), groups=len(group_rows), images=len(image_docs),
+                            missing=missing, png_files=png_files, seconds=time.perf_counter() - t0)

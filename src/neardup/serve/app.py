@@ -140,7 +140,7 @@ def create_app(opts: ServeOptions, service: QueryService | None = None) -> FastA
         gen = s.live.current
         m = gen.searcher.meta
         return {"version": VERSION, "store": s.live.path.name, "generation": gen.id, "count": len(gen.searcher.cat),
-                "model": m.model, "dim": m.dim, "threshold": gen.searcher.gen.threshold(),
+                "model": m.model.name, "dim": m.model.dim, "threshold": gen.searcher.gen.threshold(),
                 "verify": bool(m.local_features), "updated": m.updated, "loaded_at": gen.loaded_at,
                 "reloads": s.live.reloads, "reload_error": s.live.reload_error, "k": DEFAULTS.k,
                 "in_progress": guard.counts() if (guard := request.scope.get("state", {}).get("guard")) else None,

@@ -283,7 +283,7 @@ class QueryService:
                 digest = hashlib.sha256(up.data).hexdigest() if reviewed and not isinstance(d, str) else None
                 results.append(QueryResult(up.name, error=d, threshold=t) if isinstance(d, str) else
                                QueryResult(up.name, s.reviewed(next(it), digest), verified=verify, threshold=t))
-            return Answer(s.gen.path.name, gen.id, len(s.cat), s.meta.model, t, verify, results, s.meta.weights)
+            return Answer(s.gen.path.name, gen.id, len(s.cat), s.meta.model.name, t, verify, results, s.meta.model.weights)
 
     async def _verified(self, client: str, gen: Served, matches: list[Match], feats: LocalFeatures | None,
                         budget: int) -> list[Match]:
