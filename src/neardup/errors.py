@@ -15,6 +15,11 @@ class InputError(NeardupError):
 class StoreError(NeardupError):
     """The store file is missing, unreadable, or not a neardup store."""
 
+    #: for damage (`neardup.store.damage.damaged`): what was found, without advice, and the damaged segment's
+    #: name ("" for the manifest), so that a caller with its own remedy can tell the cases apart
+    reason: str = ""
+    segment: str = ""
+
 
 class StoreMismatchError(StoreError):
     """The store was made with another model, weights or dimension than the one asked for."""

@@ -97,6 +97,8 @@ def merged(parts: list[tuple[faiss.Index, np.ndarray]]) -> faiss.Index:
             base = index
         else:
             base.merge_from(index, 0)
+    if base is None:
+        raise ValueError("an index is merged from one part at least")
     return base
 
 
@@ -122,7 +124,7 @@ def id_lookup(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ids[order], order
 
 
-def rows_for(lookup: tuple[np.ndarray, np.ndarray], ids: np.ndarray) -> np.ndarray:
+def rows_for(lookup: tuple[np.ndarray, np.ndarray], ids: np.ndarray | list[int]) -> np.ndarray:
     """Rows of `ids` (any shape; FAISS's I) through an id_lookup; -1 for an id not there (and for -1)."""
     ids = np.asarray(ids, np.int64)
     sorted_ids, order = lookup
@@ -137,6 +139,7 @@ def index_ids(index: faiss.Index) -> np.ndarray:
     if hasattr(index, "id_map"):
         return faiss.vector_to_array(index.id_map).astype(np.int64)
     inv = faiss.extract_index_ivf(index).invlists
+    assert inv is not None  # an IVF index owns its lists
     parts = [faiss.rev_swig_ptr(inv.get_ids(k), inv.list_size(k)).copy() for k in range(inv.nlist)
              if inv.list_size(k)]
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)

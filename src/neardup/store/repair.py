@@ -80,7 +80,8 @@ def rebuild(path: Path, files: StoreFiles, why: str) -> tuple[Generation, list[t
     of rows sharing an id or a path, the newest (the tombstones were in the manifest: the update that follows
     removes rows whose photos are gone). Its index is built anew. Raises StoreError (damaged) when there are
     no segments, or they were written before segments recorded the meta."""
-    found, dropped = [], []
+    found = []
+    dropped: list[tuple[Segment, str, list[str] | None]] = []
     names = sorted(f.stem for f in files.segments.glob("*.h5") if re.fullmatch(r"[0-9a-f]{12}", f.stem)) \
         if files.segments.is_dir() else []
     try:
