@@ -145,6 +145,7 @@ def export_lite(model: str, weights: str, key: str | None = None) -> Path:
 
     source = lite_weights_file(model, weights)
     key = key or weights_key(model, weights)
+    assert key is not None  # a lite model's key is its weights file's digest, never None
     path = _cache_path(model, key)
     if (found := _cached(model, key)) is not None:
         return found
@@ -222,7 +223,7 @@ def _load(path: Path, model: str, optimized: Path | None = None) -> OnnxEmbedder
     size = LITE[model].size if is_lite(model) else 224
     emb = OnnxEmbedder(path, OnnxPreprocess(size=size, dtype="uint8", scale=1.0, input="pixels"), name=model,
                        optimized=optimized)
-    if made and optimized.is_file():
+    if made and optimized is not None and optimized.is_file():
         try:
             _record_digest(optimized)
         except OSError:  # a read-only cache: the copy is unusable without its digest
@@ -241,7 +242,7 @@ def builtin_embedder(model: str, weights: str) -> OnnxEmbedder:
     key = weights_key(model, weights)
     path = _cache_path(model, key) if key is not None else None
     optimized = path.with_name(f"{path.stem}.opt-{_machine_key()}.onnx") if path is not None else None
-    if optimized is None or not path.is_file() or not _digest_ok(optimized):
+    if path is None or optimized is None or not path.is_file() or not _digest_ok(optimized):
         if optimized is not None:
             _drop(optimized)
         path = export_builtin(model, weights)  # verified, or exported again

@@ -11,6 +11,7 @@ import logging
 import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -64,7 +65,7 @@ class OnnxPreprocess:
     def parse(cls, text: str | None) -> OnnxPreprocess:
         """Read `key=value,...` (keys as the fields; mean/std as a:b:c; scale may be a fraction such as 1/255);
         missing keys keep their defaults. InputError names a bad key or value."""
-        values: dict[str, object] = {}
+        values: dict[str, Any] = {}
         known = {f.name for f in fields(cls)}
         for item in filter(None, (p.strip() for p in (text or "").split(","))):
             key, sep, raw = item.partition("=")
@@ -234,7 +235,7 @@ class OnnxEmbedder:
                 sess = session(self.path)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise WeightsError(f"cannot load ONNX model {self.path}: {_one_line(exc)}") from None
-        if tmp is not None and tmp.is_file():
+        if tmp is not None and optimized is not None and tmp.is_file():
             try:
                 os.replace(tmp, optimized)  # complete: a concurrent run sees the old name or this file
             except OSError:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import closing
 from dataclasses import dataclass
@@ -71,7 +71,7 @@ def decode_for(data: bytes, emb: Embedder, *, local: bool = False, max_pixels: i
 
 def prepare_all(paths: Sequence[str], emb: Embedder, *, known: Callable[[str], bool] | None = None,
                 batch_size: int = DEFAULTS.batch_size, decode_workers: int = DEFAULTS.decode_workers,
-                max_bytes: int = DEFAULTS.max_file_bytes, local: bool = False) -> Iterator[Outcome]:
+                max_bytes: int = DEFAULTS.max_file_bytes, local: bool = False) -> Generator[Outcome, None, None]:
     """`prepare` every path in decoding threads; yields one Outcome per path, in input order.
 
     At most about two batches of decoded images are held at once. A codec bug on one file becomes that
@@ -136,8 +136,10 @@ def embed_files(paths: Sequence[str | os.PathLike[str]], emb: Embedder, *,
                 failures.append((out.path, out.error))
                 continue
             ok.append(out.path)
-            feats.append(out.prepared.decoded.local)
-            batch.append(out.prepared.decoded.pixels)
+            decoded = out.prepared.decoded if out.prepared is not None else None
+            assert decoded is not None  # no error, and no `known`: every file is decoded
+            feats.append(decoded.local)
+            batch.append(decoded.pixels)
             if len(batch) >= batch_size:
                 chunks.append(emb.embed(np.stack(batch)))
                 batch = []

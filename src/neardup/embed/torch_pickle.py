@@ -15,7 +15,7 @@ import pickle
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 
@@ -88,9 +88,9 @@ class _StateDictUnpickler(pickle.Unpickler):
         raise WeightsError(f"the file names {module}.{name}, which a plain state_dict does not: refused (only "
                            f"tensors are read from weights files)")
 
-    def persistent_load(self, pid: object) -> _Storage:
+    def persistent_load(self, pid: Any) -> _Storage:  # Any: whatever the file holds, checked here
         try:
-            kind, storage_type, key, _location, size = pid[:5]  # type: ignore[index]
+            kind, storage_type, key, _location, size = pid[:5]
         except (TypeError, ValueError):
             raise WeightsError("the file's storage records are not PyTorch's") from None
         if kind != "storage" or storage_type not in _STORAGES or (len(pid) > 5 and pid[5] is not None):

@@ -70,6 +70,7 @@ def embed_pending(pending: list[FileRecord], emb: Embedder, phase: EmbedPhase, c
             if out.error is not None:
                 phase.failures.append((f.rel, out.error))
             else:
+                assert out.prepared is not None  # an outcome without an error holds what was prepared
                 sha, decoded = out.prepared.sha256, out.prepared.decoded
                 phase.hashes[f.rel] = sha
                 if decoded is not None and sha not in vectors and sha not in batch:

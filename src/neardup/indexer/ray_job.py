@@ -114,6 +114,7 @@ class EmbedActor:
             if out.error is not None:
                 error[r] = out.error
                 continue
+            assert out.prepared is not None  # an outcome without an error holds what was prepared
             sha[r] = out.prepared.sha256
             decoded = out.prepared.decoded
             if decoded is None or sha[r] in seen:  # known, or embedded in an earlier row of this block
