@@ -63,4 +63,4 @@ def make_embedder(model: str = DEFAULTS.model, weights: str | None = DEFAULTS.we
 
     emb = OnnxEmbedder(weights, OnnxPreprocess.parse(preprocess)) if model == "onnx" else builtin_embedder(
         model, weights)
-    return int8_embedder(emb, quantized) if precision == "int8" else emb
+    return int8_embedder(emb, quantized) if precision == "int8" and quantized is not None else emb

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -29,6 +30,9 @@ from ..fileio import atomic_write, file_sha256
 from .efficientnet_lite import LITE, is_lite, lite_graph, lite_preprocessing, lite_weights_file
 from .embedders import KerasEmbedder, keras_cache_dir, keras_weights_file
 from .onnx_runtime import OnnxEmbedder, OnnxPreprocess
+
+if TYPE_CHECKING:
+    import onnx
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +123,7 @@ def _cache_folder(path: Path) -> None:
     _sweep(path.parent)
 
 
-def _set_metadata(proto, values: dict[str, str]) -> None:  # noqa: ANN001 - an onnx.ModelProto
+def _set_metadata(proto: onnx.ModelProto, values: dict[str, str]) -> None:
     for k, v in values.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, v
@@ -155,7 +159,7 @@ def export_lite(model: str, weights: str, key: str | None = None) -> Path:
         proto = lite_graph(read_state_dict(source), spec.size, mean=spec.mean, std=spec.std)
     except WeightsError as exc:
         raise WeightsError(f"{source}: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - arrays of unexpected shapes fail in numpy or onnx: one line
+    except Exception as exc:  # arrays of unexpected shapes fail in numpy or onnx: one line
         raise WeightsError(f"{source} is not an EfficientNet-Lite state_dict: {' '.join(str(exc).split())[:200]}"
                            ) from None
     _set_metadata(proto, {"neardup_model": model, "neardup_weights_fingerprint": "sha256:" + key[5:21],
@@ -320,7 +324,7 @@ def quantize_int8(fp32: OnnxEmbedder, calibration: np.ndarray, out: str | os.Pat
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=False)
         try:
             atomic_write(out, write)
-        except Exception as exc:  # noqa: BLE001 - the quantiser raises many types; one line, not a traceback
+        except Exception as exc:  # the quantiser raises many types; one line, not a traceback
             raise InputError(f"int8 quantisation of {fp32.path.name} failed: {' '.join(str(exc).split())[:300]}; "
                              f"index in float32 instead") from None
     return int8_embedder(fp32, out)

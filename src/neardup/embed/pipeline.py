@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Future
 from contextlib import closing
 from dataclasses import dataclass
@@ -98,7 +98,7 @@ def prepare_all(paths: Sequence[str], emb: Embedder, *, known: Callable[[str], b
                     out = Outcome(path, fut.result(), None)
                 except DecodeError as exc:
                     out = Outcome(path, None, str(exc))
-                except Exception as exc:  # noqa: BLE001 - see the docstring
+                except Exception as exc:  # see the docstring
                     out = Outcome(path, None, f"{type(exc).__name__}: {exc}")
                 yield out
         finally:  # the consumer stopped early (an error, Ctrl-C, close()): drop the queued files

@@ -171,5 +171,5 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         return _read_legacy(io.BytesIO(path.read_bytes()))
     except WeightsError as exc:
         raise WeightsError(f"cannot read {path}: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - a hostile pickle raises anything; one line, not a traceback
+    except Exception as exc:  # a hostile pickle raises anything; one line, not a traceback
         raise WeightsError(f"cannot read {path} as PyTorch weights: {_one_line(exc)}") from None

@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 
@@ -57,7 +59,7 @@ class RayOptions:
     gpus_per_actor: float | None = None  #: None: 1 when the cluster has GPUs, else 0
 
 
-def import_ray():  # noqa: ANN201 - the ray module
+def import_ray() -> ModuleType:
     """The ray module with Ray Data, or InputError saying how to install it."""
     try:
         import ray
@@ -175,7 +177,7 @@ def embed_pending_ray(pending: list[FileRecord], emb: Embedder, factory: Callabl
             ray.shutdown()
 
 
-def _connect(ray, address: str | None) -> bool:  # noqa: ANN001
+def _connect(ray: ModuleType, address: str | None) -> bool:
     """Connect to (or start) a cluster unless this process already is connected; True when we connected."""
     if ray.is_initialized():  # the caller's own connection (a notebook, a test): used, and left open
         return False
@@ -184,8 +186,8 @@ def _connect(ray, address: str | None) -> bool:  # noqa: ANN001
     return True
 
 
-def _dataset(ray, pending: list[FileRecord], emb: Embedder, factory: Callable[[], Embedder], phase: EmbedPhase,
-             opts: JobOptions, ray_opts: RayOptions, local: bool):  # noqa: ANN001, ANN202 - ray modules
+def _dataset(ray: ModuleType, pending: list[FileRecord], emb: Embedder, factory: Callable[[], Embedder],
+             phase: EmbedPhase, opts: JobOptions, ray_opts: RayOptions, local: bool) -> Any:  # a ray.data.Dataset
     """The lazy Ray Data pipeline: pending rows -> EmbedActor pool -> embedding rows."""
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the CLI draws its own bar from the driver's progress callback

@@ -196,7 +196,7 @@ def _topk(row: np.ndarray, k: int) -> np.ndarray:
     return ok[np.lexsort((ok, -row[ok]))]
 
 
-def _take(v: Verified, idx: np.ndarray | slice) -> Verified:
+def _take(v: Verified, idx: np.ndarray | slice | list[int]) -> Verified:
     return Verified(*(getattr(v, f.name)[idx] for f in fields(Verified)))
 
 

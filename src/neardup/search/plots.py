@@ -45,7 +45,7 @@ def plot_format(out: str | os.PathLike[str]) -> str:
 def _save(fig: Figure, out: Path, dpi: int) -> None:
     fmt = plot_format(out)
     # zlib level 1: photos barely compress, and level 6 spends ~3x the time (70% of a plot) for ~10% less.
-    kwargs = {"pil_kwargs": {"compress_level": 1}} if fmt == "png" else {}
+    kwargs: dict[str, Any] = {"pil_kwargs": {"compress_level": 1}} if fmt == "png" else {}
     atomic_write(out, lambda tmp: fig.savefig(tmp, format=fmt, dpi=dpi, **kwargs))
 
 
@@ -56,7 +56,7 @@ def _plot_panel(ax: Any, path: Path, title: str, strict: bool) -> tuple[int, int
         pixels = np.asarray(open_upright(path, PLOT_MAX_SIDE))
         ax.imshow(pixels)
         shown = (pixels.shape[1], pixels.shape[0])
-    except Exception as exc:  # noqa: BLE001 - Pillow raises many types; any failure means "missing"
+    except Exception as exc:  # Pillow raises many types; any failure means "missing"
         if strict:
             raise InputError(f"cannot read image {path}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
         log.info("plot: %s is missing or unreadable (%s)", path, exc)
@@ -115,7 +115,8 @@ def plot_pair(a: str | os.PathLike[str], b: str | os.PathLike[str], score: float
     size1 = _plot_panel(ax1, Path(a), "Original", strict)
     size2 = _plot_panel(ax2, Path(b), title, strict)
     fig.subplots_adjust(left=0.02, right=0.98, bottom=0.03, top=0.90, wspace=0.05)
-    if verification is not None and verification.xy_a is not None and size1 and size2 and verification.inliers:
+    if verification is not None and verification.xy_a is not None and verification.xy_b is not None and size1 \
+            and size2 and verification.inliers:
         _draw_matches(fig, ax1, ax2, size1, size2, verification.xy_a, verification.xy_b,
                       "#1a7f37" if verification.verified else "#d4760a")
     if out is not None:

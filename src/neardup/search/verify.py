@@ -67,7 +67,8 @@ class Verified:
     inlier_ratio: np.ndarray  #: float32 [m]
     centre: np.ndarray  #: float32 [m]
     coverage: np.ndarray  #: float32 [m]
-    judged: np.ndarray | None = None  #: bool [m]; None: all judged
+    #: bool [m]; None when made: all judged
+    judged: np.ndarray = None  # type: ignore[assignment]  # __post_init__ makes it an array: readers see one
 
     def __post_init__(self) -> None:
         if self.judged is None:
@@ -289,6 +290,7 @@ def verify_table(t: LocalTable, ia: np.ndarray, ib: np.ndarray, rule: VerifyRule
         out.inliers[p], out.inlier_ratio[p] = n, ratio
         if screen and (n < rule.min_inliers or ratio < rule.min_inlier_ratio):  # the verdict is known: no
             continue                                                            # centre and coverage needed
+        assert grid is not None  # made whenever a pair is fitted
         inl_a, inl_b = pa[keep], pb[keep]
         centre = min(_central(inl_a).sum() / max(int(grid.central[grid.at[int(a[p])]]), 1),
                      _central(inl_b).sum() / max(int(grid.central[grid.at[int(b[p])]]), 1))

@@ -80,7 +80,7 @@ class FairPool:
     def _work(self, fut: Future, fn: Callable[[], Any]) -> None:
         try:
             result = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the request, which answers with it
+        except BaseException as exc:  # handed to the request, which answers with it
             fut.set_exception(exc)
         else:
             fut.set_result(result)

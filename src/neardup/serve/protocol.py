@@ -41,6 +41,7 @@ def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[H11P
     """An H11Protocol class with these limits (uvicorn.Config(http=...) takes a class)."""
 
     class GuardedH11Protocol(H11Protocol):
+        # (ignore: asyncio declares a BaseTransport; uvicorn's H11Protocol, and so this, takes a Transport)
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._opened = time.monotonic()
@@ -62,8 +63,9 @@ def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[H11P
             self._timer = self.loop.call_later(header_timeout_s, self._expire)
 
         def _disarm(self) -> None:
-            if getattr(self, "_timer", None) is not None:
-                self._timer.cancel()
+            timer = getattr(self, "_timer", None)  # (none yet when connection_made first disarms)
+            if timer is not None:
+                timer.cancel()
                 self._timer = None
 
         def _expire(self) -> None:
