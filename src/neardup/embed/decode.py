@@ -1,4 +1,4 @@
-"""Indexing stage 2, decode: read image files and decode them into fixed-size pixel arrays."""
+"""Embed, decode: read image files and decode them into fixed-size pixel arrays."""
 from __future__ import annotations
 
 import hashlib

@@ -1,4 +1,4 @@
-"""Indexing stage 3, embed: turn decoded pixel batches into L2-normalized float32 embeddings.
+"""Embed, embedders: turn decoded pixel batches into L2-normalized float32 embeddings.
 
 Everything model-specific sits behind the small `Embedder` seam; TensorFlow is imported only when a Keras
 model is actually built, so the perceptual-hash method and the search side never pay for it.

@@ -34,8 +34,8 @@ def extract_local(img: Image.Image, *, side: int = DEFAULTS.local_side,
                   keypoints: int = DEFAULTS.local_keypoints) -> LocalFeatures:
     """ORB keypoints and descriptors of a decoded upright photo (any mode), found on the photo resized to
     `side` x `side`: its aspect ratio is normalised away, so a copy resized by different factors in width and
-    height (a careless thumbnailer) keeps its descriptors (measured: 240 of 240 such copies verified, against
-    174 with the aspect kept; benchmarks/bench_verify.py)."""
+    height (a careless thumbnailer) keeps its descriptors (benchmarks/RESULTS.md: more such copies verify than
+    with the aspect kept)."""
     cv2 = _cv2()
     gray = np.asarray(img if img.mode == "L" else img.convert("L"), dtype=np.uint8)
     h, w = gray.shape

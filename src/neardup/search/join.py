@@ -1,4 +1,4 @@
-"""Search stage 2a, join: the pair searches of a catalogue — pure, ndarray in, (I, J, D) rows out.
+"""Search, join: the pair searches of a catalogue — pure, ndarray in, (I, J, D) rows out.
 
 `self_join` is the exact all-pairs search: block after block of rows is multiplied (BLAS sgemm) against the
 rows after it only, so each pair is computed once (half the work of xb @ xb.T or a FAISS range search) and

@@ -1,4 +1,4 @@
-"""Search stage 3b, metrics: the pure core of evaluate: pair precision/recall over thresholds, exact rankings.
+"""Search, metrics: the pure core of evaluate: pair precision/recall over thresholds, exact rankings.
 
 Everything here is ndarray in, numbers out (see search/evaluate.py for the definitions); with verification,
 a query's top k are re-ranked by verify.rerank above the cosine order of the rest.

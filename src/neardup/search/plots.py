@@ -1,7 +1,7 @@
-"""Search stage 3, plots: the side-by-side pair plot and the PR curve (matplotlib, loaded when one is drawn).
+"""Search, plots: the side-by-side pair plot and the PR curve (matplotlib, loaded when one is drawn).
 
 Both draw on a plain Agg canvas (no window, no pyplot global state, safe in scripts and threads) and are saved
-atomically. matplotlib costs ~0.3 s to import, so nothing imports it until a figure is asked for.
+atomically. matplotlib is slow to import, so nothing imports it until a figure is asked for.
 """
 from __future__ import annotations
 

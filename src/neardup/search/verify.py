@@ -1,10 +1,10 @@
-"""Search stage 0, verify: geometric verification of candidate pairs with the local features of both photos.
+"""Search, verify: geometric verification of candidate pairs with the local features of both photos.
 
 A global vector says two photos look alike; it cannot say they show the same thing. Verification matches
 the photos' ORB keypoints (Hamming distance, Lowe's ratio test), fits one homography with RANSAC and
 judges the fit (config.VerifyRule): enough inliers, a large enough share of the photos' keypoints, and
 inliers on the product, not only around it. The last test guards the known trap of a grocery catalogue:
-two different products held up in front of one shelf share the whole background (up to ~100 inliers) but
+two different products held up in front of one shelf share the whole background (many inliers) but
 not the packaging in the middle of the photo.
 
 Everything here but row_features (which reads the store's cache) is pure: features in, numbers out; query
@@ -379,8 +379,8 @@ def rerank(D: np.ndarray, v: Verified, min_inliers: int = 0) -> np.ndarray:
     """The order in which to show one query's candidates (scores `D`, verdicts `v`): verified first, by
     inliers; then the candidates that fail it, by their inliers when at least `min_inliers` (another shot of
     the product shares keypoints without passing the copy-strict verdict), then by score (a pair never fitted
-    has 0). Failed candidates by inliers, against the score order or a floor of 10 or 15 inliers: measured on
-    the store -> catalogue set (benchmarks/RESULTS.md, issue 29)."""
+    has 0). Failed candidates are ordered by inliers rather than by score or with a higher floor of inliers,
+    as measured on the store -> catalogue set (benchmarks/RESULTS.md, issue 29)."""
     support = np.where(v.inliers >= min_inliers, v.inliers, 0)
     return np.lexsort((-np.asarray(D, np.float64), -support, ~v.verified))
 

@@ -1,4 +1,4 @@
-"""Search stage 0, verify jobs: many candidate pairs verified over local worker processes or a Ray cluster.
+"""Search, verify jobs: many candidate pairs verified over local worker processes or a Ray cluster.
 
 `duplicates` verifies ~k pairs a photo, every night, over every photo of a catalogue. verify_many splits the
 pairs into chunks, sends each with the local features of its photos as arrays (never per-pair objects) to a

@@ -1,4 +1,4 @@
-"""Serve stage 1a, fair: worker threads that share their time fairly between clients, not first come first served.
+"""Serve, fair: worker threads that share their time fairly between clients, not first come first served.
 
 A client that queues 16 photos at k=100 (1,600 verifications) ahead of a one-photo query made that query
 wait for all of them. A `FairPool` keeps one queue per client and its workers take the next job from each

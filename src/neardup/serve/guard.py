@@ -1,4 +1,4 @@
-"""Serve stage 2a, guard: the service's options and the limits every request meets before a route runs.
+"""Serve, guard: the service's options and the limits every request meets before a route runs.
 
 `Guard`, a plain ASGI middleware: the Host (DNS rebinding), the bearer token, the declared body size, the
 upload bytes held (counted as they arrive, per client: a declared length reserves nothing, and a client over

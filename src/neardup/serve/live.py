@@ -1,4 +1,4 @@
-"""Serve stage 1, live: the served store — its current generation, and each one `neardup update` publishes.
+"""Serve, live: the served store — its current generation, and each one `neardup update` publishes.
 
 `LiveStore` holds the current generation (a Searcher over one open Generation: rows, index and local features
 of one published manifest) and a thread that watches the manifest. When the nightly job publishes a new

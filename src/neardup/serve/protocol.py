@@ -1,4 +1,4 @@
-"""Serve stage 1b, protocol: uvicorn's HTTP/1.1 protocol with what a public port needs against idle clients.
+"""Serve, protocol: uvicorn's HTTP/1.1 protocol with what a public port needs against idle clients.
 
 uvicorn times out an idle keep-alive connection, but not one that never finishes its request headers, and
 it accepts connections until the process runs out of file descriptors (then every accept fails, logging a

@@ -1,4 +1,4 @@
-"""Indexing stage 7, faiss_index: the FAISS inner-product index over L2-normalized vectors (so scores are cosines).
+"""Store, faiss_index: the FAISS inner-product index over L2-normalized vectors (so scores are cosines).
 
 Pure: vectors and ids in, an index out (and its bytes). The store keeps an exact index as nothing at all
 (it is the stored vectors, searched in memory); an IVF index as one part per segment, merged when loaded
