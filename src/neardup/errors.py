@@ -15,10 +15,10 @@ class InputError(NeardupError):
 class StoreError(NeardupError):
     """The store file is missing, unreadable, or not a neardup store."""
 
-    #: for damage (`neardup.store.damage.damaged`): what was found, without advice, and the damaged segment's
-    #: name ("" for the manifest), so that a caller with its own remedy can tell the cases apart
-    reason: str = ""
-    segment: str = ""
+    #: set on damage only (`neardup.store.damage.damaged`; absent otherwise: read them with getattr): what was
+    #: found, without advice, and the damaged segment's name ("" for the manifest)
+    reason: str
+    segment: str
 
 
 class StoreMismatchError(StoreError):

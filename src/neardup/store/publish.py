@@ -124,13 +124,14 @@ class Writer:
                 try:
                     self.current, self.dropped = open_healthy(self.files.store, self.files)
                 except StoreError as exc:  # the manifest: rebuilt from the segments when none can be restored
-                    if not exc.reason or exc.segment or is_store(self.files.previous):
+                    reason, segment = getattr(exc, "reason", ""), getattr(exc, "segment", "")
+                    if not reason or segment or is_store(self.files.previous):
                         raise
-                    self.current, self.dropped = rebuild(self.files.store, self.files, exc.reason)
+                    self.current, self.dropped = rebuild(self.files.store, self.files, reason)
                     self.rebuilt = True
                     log.warning("the manifest of %s is damaged (%s) and no previous generation can be restored: "
                                 "rebuilt from its %d segments (%d rows; nothing embedded again)", self.files.store,
-                                exc.reason, len(self.current.segments), len(self.current))
+                                reason, len(self.current.segments), len(self.current))
                 for seg, why, _ in self.dropped:
                     log.warning("segment %s (%d rows) is damaged (%s): left out; its photos are to be indexed again",
                                 seg.name, seg.rows, why)
