@@ -100,7 +100,7 @@ def pool_limits(workers: int) -> Iterator[None]:
         return
     # loaded first: threadpoolctl limits only the BLAS libraries already loaded, and FAISS and OpenCV each bring
     # an OpenBLAS of their own
-    import faiss  # noqa: F401
+    import faiss  # noqa: F401 - imported for its OpenBLAS, which the limits then reach
     from threadpoolctl import threadpool_limits
 
     opencv()

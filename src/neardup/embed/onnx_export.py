@@ -319,9 +319,11 @@ def quantize_int8(fp32: OnnxEmbedder, calibration: np.ndarray, out: str | os.Pat
         quant_pre_process(str(fp32.path), str(prepared), skip_symbolic_shape=True)
         # reduce_range (7-bit weights, against saturation on CPUs without VNNI) was measured on the trained
         # MobileNetV2 and 200 grocery photos: cosine to float32 min 0.58 with it, 0.93 without; so off.
-        write = lambda tmp: quantize_static(  # noqa: E731
-            str(prepared), tmp, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=False)
+
+        def write(tmp: str) -> None:
+            quantize_static(str(prepared), tmp, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=False)
+
         try:
             atomic_write(out, write)
         except Exception as exc:  # the quantiser raises many types; one line, not a traceback

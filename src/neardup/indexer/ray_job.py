@@ -63,7 +63,7 @@ def import_ray() -> ModuleType:
     """The ray module with Ray Data, or InputError saying how to install it."""
     try:
         import ray
-        import ray.data  # noqa: F401 - Ray Data is the part the job needs (pip extra "data")
+        import ray.data  # Ray Data is the part the job needs (pip extra "data")
     except ImportError:
         raise InputError(INSTALL_HINT) from None
     return ray

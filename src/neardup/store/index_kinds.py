@@ -232,7 +232,10 @@ def tune(index: faiss.Index, xb: np.ndarray, ids: np.ndarray, *, target: float =
     # brute force over xb itself: no copy of a million vectors beside the store's
     gt_scores, gt_rows = faiss.knn(xq, np.ascontiguousarray(xb, np.float32), k, metric=faiss.METRIC_INNER_PRODUCT)
     gt = np.asarray(ids, np.int64)[gt_rows]
-    measure = lambda: tie_recall(index, xq, xb, ids, gt, gt_scores, k)  # noqa: E731
+
+    def measure() -> float:
+        return tie_recall(index, xq, xb, ids, gt, gt_scores, k)
+
     if knob is None:  # a factory string without a knob: measured as it is
         return Measured("", measure(), len(rows), time.perf_counter() - t0)
     name, values = knob
