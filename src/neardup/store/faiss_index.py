@@ -103,7 +103,7 @@ def merged(parts: list[tuple[faiss.Index, np.ndarray]]) -> faiss.Index:
 
 
 #: Below this many queries FAISS scans the flat index without BLAS; that scan is memory-bound, and more
-#: OpenMP threads only contend for the bandwidth (measured at 50k x 2048: 15 ms with 1 thread, 24 ms with 2).
+#: OpenMP threads only contend for the bandwidth (measured slower with 2 threads than with 1: RESULTS.md).
 SMALL_BATCH = 20
 
 

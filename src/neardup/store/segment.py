@@ -27,7 +27,7 @@ from .h5io import H5_ERRORS, check_file, file_digest, h5_create
 from .meta import SEGMENT_FORMAT, Catalog, Segment
 
 #: Bytes of a block of the large columns (embeddings: 32 rows of 2048-d): a scattered row read costs one
-#: block read and digest (~0.2 ms), a whole read runs at the disk's and SHA-256's speed.
+#: block read and digest, a whole read runs at the disk's and SHA-256's speed.
 BLOCK_BYTES = 256 << 10
 #: Rows of a local-features block: a query verifies ~10 rows scattered over the store (4 rows: 64 kB a read).
 LOCAL_BLOCK_ROWS = 4
