@@ -73,7 +73,7 @@ class DuplicateReport:
     n: int
     ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  #: catalog row -> id
     paths: list[str] = field(default_factory=list)  #: catalog row -> stored path
-    I: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # noqa: E741 - FAISS vocabulary
+    I: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # FAISS vocabulary
     J: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     D: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     exact: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
@@ -132,7 +132,7 @@ class StoredVectors:
         return self.gen.vectors(np.asarray(rows, np.int64))
 
 
-def duplicate_rows(cat: Catalog, threshold: float, block: int | None = None, index=None,  # noqa: ANN001
+def duplicate_rows(cat: Catalog, threshold: float, block: int | None = None, index=None,
                    k: int = DEFAULTS.k, progress: Progress | None = None, *,
                    scale: Generation | None = None) -> tuple[np.ndarray, ...]:
     """Pure core of find_duplicates: (I, J, D, exact) row pairs of a catalog, exact pairs first. All pairs
@@ -154,7 +154,7 @@ def duplicate_rows(cat: Catalog, threshold: float, block: int | None = None, ind
 
 
 def verified_rows(cat: Catalog, gen: Generation, threshold: float, k: int, loose: float, *,
-                  index=None, words: int = 0,  # noqa: ANN001
+                  index=None, words: int = 0,
                   features: dict[int, LocalFeatures | None] | None = None, scale: bool = False,
                   processes: int = DEFAULTS.verify_processes, ray: RayOptions | None = None,
                   progress: Progress | None = None) -> tuple[np.ndarray, ...]:

@@ -70,7 +70,7 @@ def thumbnail_uri(path: str | os.PathLike[str], max_side: int = THUMB_SIDE,
         thumb = open_upright(path, max_side)
         buf = io.BytesIO()
         thumb.save(buf, "JPEG", quality=quality, optimize=True)
-    except Exception as exc:  # noqa: BLE001 - Pillow raises many types; any failure means "show the placeholder"
+    except Exception as exc:  # Pillow raises many types; any failure means "show the placeholder"
         # info, not warning: write_report returns (and the CLI prints) the list of missing images
         log.info("no thumbnail for %s: %s", path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         return None
@@ -226,7 +226,8 @@ def write_report(store: Generation | str | os.PathLike[str], out: str | os.PathL
     find_duplicates(store, threshold=threshold). With files, `threshold` hides pairs scoring below it.
     Given groups alone, the pairs are those the groups file records (pairs_io.recorded_pairs: written by
     `duplicates` for the same store generation and options); else (said in a warning, with why) they are computed
-    from the store at the groups file's threshold (or `threshold`), so the page is complete; given pairs alone, the page shows pairs only. `png_dir` (created if needed) gets one
+    from the store at the groups file's threshold (or `threshold`), so the page is complete; given pairs alone,
+    the page shows pairs only. `png_dir` (created if needed) gets one
     side-by-side PNG per pair, `pair_00001.png` for the report's pair #1, and so on; a verified pair's PNG
     draws its inlier matches. `verify` is find_duplicates' (when the pairs are computed here). `store` is an
     open Generation or a store's path. `progress` (default: silent) is told of each stage. Raises InputError
@@ -262,7 +263,8 @@ def _write_report(gen: Generation, out: str | os.PathLike[str], *, pairs: str | 
         duplicates = find_duplicates(gen, threshold=threshold, verify=verify, progress=progress)
         source.append("computed from the store (neardup duplicates" + (", verified)" if duplicates.verify else ")"))
     if duplicates is not None:
-        pair_list, group_docs, t_shown = duplicates.pairs, groups_document(duplicates, record_pairs=False)["groups"], duplicates.threshold
+        pair_list, t_shown = duplicates.pairs, duplicates.threshold
+        group_docs = groups_document(duplicates, record_pairs=False)["groups"]
         source = source or ["a find_duplicates result"]
     else:
         if pairs is not None:

@@ -128,7 +128,7 @@ def query_server(url: str, images: Sequence[str | os.PathLike[str]], *, k: int =
         except GenerationGone as exc:
             if attempt == RESTARTS:
                 raise ServerError(f"{client.url} published a new store generation during each of {RESTARTS + 1} "
-                                  f"runs, and no longer holds the one they started with ({exc}); run again")
+                                  f"runs, and no longer holds the one they started with ({exc}); run again") from None
     raise AssertionError("unreachable")
 
 

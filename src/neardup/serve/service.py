@@ -36,7 +36,7 @@ from ..features import LocalFeatures
 from ..search.query import Answer, Match, QueryResult
 from ..search.verify import Verified, rerank, resolve_verify, verify_pairs
 from .fair import FairPool
-from .live import LiveStore, Served  # noqa: F401 - LiveStore is the service's, re-exported
+from .live import LiveStore, Served  # LiveStore is the service's, re-exported
 
 log = logging.getLogger(__name__)
 #: Pairs verified in one job of the verification pool: other clients' jobs run between a request's jobs.
@@ -124,7 +124,7 @@ class Batcher:
                 group = [j for j in jobs if j.gen is gen]
                 try:
                     self._embed_search(gen, group)
-                except Exception as exc:  # noqa: BLE001 - handed to the requests, which answer with it
+                except Exception as exc:  # handed to the requests, which answer with it
                     for j in group:
                         j.future.set_exception(exc)
 
@@ -162,7 +162,7 @@ def header_pixels(data: bytes) -> int:
     try:
         with Image.open(io.BytesIO(data)) as im:
             w, h = im.size
-    except Exception:  # noqa: BLE001 - any unreadable header: the decode reports it per photo
+    except Exception:  # any unreadable header: the decode reports it per photo
         return 0
     return int(w) * int(h)
 
