@@ -141,9 +141,10 @@ def read_pairs_csv(path: str | os.PathLike[str]) -> list[Pair]:
                 kind = row.get("kind") or "near"
                 if kind not in ("exact", "near"):
                     raise InputError(f"{path}, line {line}: kind must be exact or near, not {kind!r}")
-                ver = {"true": True, "false": False, "": None}.get((row.get("verified") or "").lower(), "bad")
-                if ver == "bad":
+                verdicts: dict[str, bool | None] = {"true": True, "false": False, "": None}
+                if (row.get("verified") or "").lower() not in verdicts:
                     raise InputError(f"{path}, line {line}: verified must be true or false, not {row['verified']!r}")
+                ver = verdicts[(row.get("verified") or "").lower()]
                 try:
                     inl = int(row["inliers"]) if row.get("inliers") else None
                 except ValueError:

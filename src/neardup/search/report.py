@@ -24,6 +24,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -53,7 +54,7 @@ PAGE_SIZE = 100
 @functools.cache
 def template(name: str) -> str:
     """A file of the report's templates (package data: report.html, report.css, report.js, missing.svg)."""
-    return resources.files(__package__).joinpath("templates", name).read_text(encoding="utf-8")
+    return resources.files(__package__).joinpath("templates").joinpath(name).read_text(encoding="utf-8")
 
 
 def placeholder_uri() -> str:
@@ -200,7 +201,7 @@ def _inliers_of(gen: Generation, a: str, b: str, images: _Images) -> Verificatio
 def _groups_from(doc_groups: list[dict], images: _Images) -> list[dict]:
     out = []
     for k, g in enumerate(doc_groups, start=1):
-        members = [{"i": images(m["path"]), "k": bool(m.get("keeper")), "x": bool(m.get("exact")),
+        members: list[dict[str, Any]] = [{"i": images(m["path"]), "k": bool(m.get("keeper")), "x": bool(m.get("exact")),
                     "s": round(float(m.get("score_to_keeper", 1.0)), 6),
                     "v": int(m.get("inliers_to_keeper", -1)) if isinstance(m.get("inliers_to_keeper"), int) else -1,
                     "st": str(m["stale"]) if m.get("stale") else ""}  # never removable: gone, changed, an alias
@@ -279,7 +280,7 @@ def _write_report(gen: Generation, out: str | os.PathLike[str], *, pairs: str | 
             if t_shown is None and isinstance(gdoc.get("threshold"), (int, float)):
                 t_shown = float(gdoc["threshold"])
             source.append(f"groups from {groups}")
-        if pair_list is None:  # groups alone would show "Pairs (0)": the pairs they were made from...
+        if pair_list is None and groups is not None:  # groups alone show "Pairs (0)": the pairs they came from...
             pair_list, why = recorded_pairs(gdoc, groups, gen.id, threshold=threshold, verify=verify)
             if pair_list is not None:
                 source.append(why)

@@ -53,7 +53,7 @@ def _client(request: Request) -> str:
 
 
 def _static(name: str) -> str:
-    return resources.files("neardup.serve").joinpath("static", name).read_text(encoding="utf-8")
+    return resources.files("neardup.serve").joinpath("static").joinpath(name).read_text(encoding="utf-8")
 
 
 def answer_json(a: Answer) -> dict:
