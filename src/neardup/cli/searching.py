@@ -92,11 +92,11 @@ def query_cmd(
 
         # a folder's photos are embedded in batches: progress for those, none for a photo or two
         folder = any(os.path.isdir(p) for p in images)
-        got = answer(store, images, k=k, weights=weights, precision=precision, batch_size=batch_size,
+        ans = answer(store, images, k=k, weights=weights, precision=precision, batch_size=batch_size,
                      max_file_bytes=max_file_mb << 20, runtime=runtime, verify=verify, threshold=threshold,
                      progress=_progress(quiet) if folder else None)
-        _warn_random_weights(store, got)
-        results, model, where, t = got.results, got.model, str(store), got.threshold
+        _warn_random_weights(store, ans)
+        results, model, where, t = ans.results, ans.model, str(store), ans.threshold
     if as_json:
         typer.echo(json.dumps({("server" if server else "store"): where, "model": model, "threshold": t,
                                "verified": any(r.verified for r in results),

@@ -7,6 +7,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
@@ -117,7 +118,7 @@ class Searcher:
             raise
 
     @classmethod
-    def open(cls, store: str | os.PathLike[str], **kwargs: object) -> Searcher:
+    def open(cls, store: str | os.PathLike[str], **kwargs: Any) -> Searcher:
         """A Searcher over the current generation of `store`, which it closes with itself."""
         return cls(Generation.open(store), owns=True, **kwargs)
 
@@ -146,7 +147,7 @@ class Searcher:
         if missing:
             got.update(zip(missing, row_features(self.gen, np.array(missing))))
             with self._cache_lock:
-                self._local_cache.update((r, got[r]) for r in missing if got[r] is not None)
+                self._local_cache.update((r, f) for r in missing if (f := got[r]) is not None)
                 while len(self._local_cache) > self.local_cache_rows:
                     self._local_cache.popitem(last=False)
         return [got[r] for r in rows.tolist()]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,7 +125,7 @@ def id_lookup(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ids[order], order
 
 
-def rows_for(lookup: tuple[np.ndarray, np.ndarray], ids: np.ndarray | list[int]) -> np.ndarray:
+def rows_for(lookup: tuple[np.ndarray, np.ndarray], ids: np.ndarray | Sequence[int]) -> np.ndarray:
     """Rows of `ids` (any shape; FAISS's I) through an id_lookup; -1 for an id not there (and for -1)."""
     ids = np.asarray(ids, np.int64)
     sorted_ids, order = lookup

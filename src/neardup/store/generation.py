@@ -239,7 +239,7 @@ class Generation:
     def _lookup(self) -> tuple[np.ndarray, np.ndarray]:
         return faiss_index.id_lookup(self.catalog.ids)
 
-    def rows_of(self, ids: np.ndarray | list[int]) -> np.ndarray:
+    def rows_of(self, ids: np.ndarray | Sequence[int]) -> np.ndarray:
         """Rows of catalogue `ids` (any shape); -1 for an id not in this generation (and for -1)."""
         return faiss_index.rows_for(self._lookup, ids)
 
