@@ -16,7 +16,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -132,6 +132,13 @@ class StoredVectors:
         return self.gen.vectors(np.asarray(rows, np.int64))
 
 
+def _vectors(cat: Catalog) -> np.ndarray:
+    """The catalogue's vectors (an array, or StoredVectors: read when indexed); it was read with them."""
+    if cat.xb is None:
+        raise ValueError("the catalogue was read without its vectors")
+    return cat.xb
+
+
 def duplicate_rows(cat: Catalog, threshold: float, block: int | None = None, index=None,
                    k: int = DEFAULTS.k, progress: Progress | None = None, *,
                    scale: Generation | None = None) -> tuple[np.ndarray, ...]:
@@ -142,8 +149,8 @@ def duplicate_rows(cat: Catalog, threshold: float, block: int | None = None, ind
     ei, ej = exact_pairs(cat.sha256)
     with stage_of(progress, "pairs", len(cat), "img") as p:
         near = (store_knn_pairs(scale, k, threshold) if scale is not None
-                else self_join(cat.xb, threshold, block, progress=p) if index is None
-                else knn_pairs(cat.xb, k, threshold, index, cat.ids, progress=p))
+                else self_join(_vectors(cat), threshold, block, progress=p) if index is None
+                else knn_pairs(_vectors(cat), k, threshold, index, cat.ids, progress=p))
     ni, nj, nd = without_pairs(near, ei, ej, len(cat))
     order = np.lexsort((nj, ni, -nd))
     I = np.concatenate([ei, ni[order]])
@@ -157,7 +164,7 @@ def verified_rows(cat: Catalog, gen: Generation, threshold: float, k: int, loose
                   index=None, words: int = 0,
                   features: dict[int, LocalFeatures | None] | None = None, scale: bool = False,
                   processes: int = DEFAULTS.verify_processes, ray: RayOptions | None = None,
-                  progress: Progress | None = None) -> tuple[np.ndarray, ...]:
+                  progress: Progress | None = None) -> tuple[Any, ...]:
     """Core of find_duplicates(verify=True): (I, J, D, exact, verified, inliers, candidates).
 
     Candidates are candidate_pairs(k, loose, words) (with `words`, each image's photos sharing the most keypoint
@@ -174,7 +181,8 @@ def verified_rows(cat: Catalog, gen: Generation, threshold: float, k: int, loose
     ei, ej = exact_pairs(cat.sha256)
     table = gen.local() if words and gen.meta.local_features == LOCAL_VERSION else None  # one read, two uses
     with stage_of(progress, "candidates", len(cat), "img") as p:
-        ci, cj, cd, _ = candidate_pairs(cat.xb, k, loose, index=index, ids=cat.ids if index is not None else None,
+        ci, cj, cd, _ = candidate_pairs(_vectors(cat), k, loose, index=index,
+                                        ids=cat.ids if index is not None else None,
                                         local=table, words=words, progress=p,
                                         knn=store_knn_pairs(gen, k, loose) if scale else None)
     ci, cj, cd = without_pairs((ci, cj, cd), ei, ej, len(cat))
@@ -224,7 +232,8 @@ def _find(gen: Generation, threshold: float | None, block: int | None, max_group
           ray: RayOptions | None = None, progress: Progress | None = None) -> DuplicateReport:
     t0, t = time.perf_counter(), gen.threshold(threshold)
     scale = not exact and gen.meta.index_factory != "Flat"  # a large store: its vectors are read in blocks
-    cat = replace(gen.read(vectors=False), xb=StoredVectors(gen)) if scale else gen.read(vectors=True)
+    # (ignore: StoredVectors is read as the array would be, xb[rows])
+    cat = replace(gen.read(vectors=False), xb=StoredVectors(gen)) if scale else gen.read(vectors=True)  # type: ignore[arg-type]
     verify = resolve_verify(verify, cat.meta.local_features)
     if ray is not None and not verify:
         raise InputError("--ray verifies the candidates on a cluster: it needs verification (a store with local "
@@ -274,7 +283,7 @@ def _find(gen: Generation, threshold: float | None, block: int | None, max_group
                 f"raise --threshold (with {cat.meta.model}, {report.n_pairs} pairs score above it)")
         if verify and 2 < len(comp) <= COMPLETE_UP_TO:
             extra += _complete(cat, gen, comp, forced_in[ci], t, workers, feats)
-        S = cat.xb[comp] @ cat.xb[comp].T
+        S = _vectors(cat)[comp] @ _vectors(cat)[comp].T
         forced = np.zeros_like(S, bool)
         inliers = np.full(S.shape, -1, np.int32)
         local = {r: k for k, r in enumerate(comp.tolist())}
@@ -343,7 +352,7 @@ def _complete(cat: Catalog, gen: Generation, comp: np.ndarray, links: list[tuple
     if need:
         feats.update(zip(need, row_features(gen, np.array(need, np.int64))))
     v = verify_pairs([feats[a] for a in ma.tolist()], [feats[b] for b in mb.tolist()], workers=workers, screen=True)
-    d = np.einsum("ij,ij->i", cat.xb[ma], cat.xb[mb])
+    d = np.einsum("ij,ij->i", _vectors(cat)[ma], _vectors(cat)[mb])
     ok = v.accepted(d, threshold)
     out = [(int(a), int(b), float(s), int(n) if j else -1)
            for a, b, s, n, j in zip(ma[ok], mb[ok], d[ok], v.inliers[ok], v.judged[ok])]
