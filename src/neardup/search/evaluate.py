@@ -117,8 +117,8 @@ class EvalResult:
         r = self.retrieval
         ret = (f"; recall@1 {r['recall@1']:.3f}, mAP {r['map']:.3f} over {r['queries']} queries"
                if r.get("queries") and "recall@1" in r else "")
-        how = [w for w, on in (("verified", self.verify), ("query mode", self.mode == "query")) if on]
-        how = f" ({', '.join(how)})" if how else ""
+        ways = [w for w, on in (("verified", self.verify), ("query mode", self.mode == "query")) if on]
+        how = f" ({', '.join(ways)})" if ways else ""
         fail = f"; {len(self.queries_failed)} query photos failed" if self.queries_failed else ""
         return (f"best F1 {self.best['f1']:.3f} at t={self.best['threshold']:.4f}{how} "
                 f"(P {self.best['precision']:.3f}, R {self.best['recall']:.3f}); at the default "
@@ -237,8 +237,8 @@ def _evaluate(gen: Generation, truth: Path, *, thresholds: Sequence[float] | Non
         raise InputError("k must be at least 1")
     base = gen.folder
     row_of: dict[Path, int] = {}
-    for r, p in enumerate(cat.paths):
-        row_of.setdefault(Path(os.path.normpath(base / p)).resolve(), r)
+    for at, p in enumerate(cat.paths):
+        row_of.setdefault(Path(os.path.normpath(base / p)).resolve(), at)
     query_rows = [r for r in rows if r.role == "query"]
     mode = "query" if query_rows else "store"
 
@@ -253,7 +253,8 @@ def _evaluate(gen: Generation, truth: Path, *, thresholds: Sequence[float] | Non
     def klass(row: TruthRow) -> int:
         return class_of.setdefault(row.cls, len(class_of)) if row.cls else -1
 
-    ev_rows, ev_labels, ev_cls, missing = [], [], [], []
+    ev_rows, ev_labels, ev_cls = [], [], []
+    missing: list[str] = []
     for row in rows:
         if row.role == "query":
             continue
@@ -275,6 +276,7 @@ def _evaluate(gen: Generation, truth: Path, *, thresholds: Sequence[float] | Non
     unlabelled = [p for r, p in enumerate(cat.paths) if r not in in_truth]
     if missing:  # counted in the result and its table; not an error (files may have failed to decode)
         log.info("%d truth rows are not in the store (e.g. %s)", len(missing), missing[0])
+    assert cat.xb is not None  # read with its vectors
     xe = cat.xb[ev]
     n = len(ev)
 
@@ -289,9 +291,9 @@ def _evaluate(gen: Generation, truth: Path, *, thresholds: Sequence[float] | Non
         # as duplicates takes them, its photos sharing the most keypoint words, counted at the default
         # threshold whatever their cosine), once, plus byte-identical files at 1.0.
         words = word_candidates(model) if verify and gen.meta.local_features == LOCAL_VERSION else 0
-        with stage_of(progress, "candidates", n, "img") as p:
+        with stage_of(progress, "candidates", n, "img") as st:
             I, J, D, by_words = (candidate_pairs(xe, k, t_min, local=gen.local(ev) if words else None, words=words,
-                                                 progress=p) if verify else (*self_join(xe, t_min, progress=p), 0))
+                                                 progress=st) if verify else (*self_join(xe, t_min, progress=st), 0))
         D = np.where(by_words, np.maximum(D, np.float32(t_default)), D).astype(np.float32)
         ei, ej = exact_pairs([cat.sha256[r] for r in ev.tolist()])
         I, J, D = without_pairs((I, J, D), ei, ej, n)
@@ -313,9 +315,9 @@ def _evaluate(gen: Generation, truth: Path, *, thresholds: Sequence[float] | Non
                              runtime=runtime)
         by_path = {str(r.full): r for r in query_rows}
         # decoded as the store's photos were (at >= 256 px when it caches features), as query() does
-        with stage_of(progress, "embed", len(by_path), "img") as p:
+        with stage_of(progress, "embed", len(by_path), "img") as st:
             got = embed_files(list(by_path), emb, batch_size=batch_size, max_bytes=max_file_bytes,
-                              local=verify or bool(cat.meta.local_features), progress=p)
+                              local=verify or bool(cat.meta.local_features), progress=st)
         failed = [(by_path[p].written, why) for p, why in got.failures]
         if not got.paths:
             raise InputError(f"none of the {len(query_rows)} query photos of {truth} could be read (e.g. "
@@ -327,7 +329,7 @@ def _evaluate(gen: Generation, truth: Path, *, thresholds: Sequence[float] | Non
         qcid = np.array([klass(r) for r in qr], np.int64)
         xq = got.xq
         fe = {}
-        verifier = (_Verifier(dict(enumerate(got.local)), lambda idx: [None] * len(idx), fe, load_rows, workers,
+        verifier = (_Verifier(dict(enumerate(got.local or [])), lambda idx: [None] * len(idx), fe, load_rows, workers,
                               progress) if verify else None)
         # Candidates: each query's top k catalogue images at or above the lowest threshold, plus byte-identical
         # catalogue files at 1.0.
@@ -335,16 +337,17 @@ def _evaluate(gen: Generation, truth: Path, *, thresholds: Sequence[float] | Non
         by_sha: dict[str, list[int]] = {}
         for c, r in enumerate(ev.tolist()):
             by_sha.setdefault(cat.sha256[r], []).append(c)
-        ei, ej = [], []
+        li: list[int] = []
+        lj: list[int] = []
         for q, p in enumerate(got.paths):
             try:
                 sha = read_file(p, max_file_bytes)[1]
             except DecodeError:
                 continue
             for c in by_sha.get(sha, []):
-                ei.append(q)
-                ej.append(c)
-        ei, ej = np.array(ei, np.int64), np.array(ej, np.int64)
+                li.append(q)
+                lj.append(c)
+        ei, ej = np.array(li, np.int64), np.array(lj, np.int64)
         I, J, D = without_pairs((I, J, D), ei, ej, n)
         I, J, D = np.concatenate([ei, I]), np.concatenate([ej, J]), np.concatenate([np.ones(len(ei), np.float32), D])
         exact = np.arange(len(D)) < len(ei)

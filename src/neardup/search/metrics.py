@@ -60,7 +60,7 @@ DEFINITIONS = {
 # ----------------------------------------------------------------------------------------- pure core functions
 
 def pair_metrics(scores: np.ndarray, is_true: np.ndarray, n_true: int,
-                 thresholds: Sequence[float]) -> dict[str, np.ndarray]:
+                 thresholds: Sequence[float] | np.ndarray) -> dict[str, np.ndarray]:
     """Pair-level precision, recall and F1 at every threshold, from the candidate pairs' scores.
 
     `scores[i]` is the score of candidate pair i (every pair that could be predicted at the lowest
