@@ -1,4 +1,4 @@
-"""Search stage 2, duplicates: every pair at or above a cosine threshold, and anti-chaining groups with a keeper.
+"""Search, duplicates: every pair at or above a cosine threshold, and anti-chaining groups with a keeper.
 
 With verification (the default), the pairs are instead each image's k nearest neighbours (FAISS) above the
 model's loose candidate threshold that pass geometric verification (search/verify.py); candidates that fail

@@ -1,4 +1,4 @@
-"""Search stage 4, evaluate: score a store's duplicate detection and retrieval against a hand-made ground truth.
+"""Search, evaluate: score a store's duplicate detection and retrieval against a hand-made ground truth.
 
 Ground truth is a CSV with the header `path,group` and two optional columns, `class` and `role`: every listed
 image belongs to one group, and two images of the same group are duplicates of each other (an empty group

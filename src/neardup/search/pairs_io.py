@@ -1,4 +1,4 @@
-"""Search stage 2b, pairs files: a duplicates result as a pairs CSV and a groups JSON, and reading them back.
+"""Search, pairs files: a duplicates result as a pairs CSV and a groups JSON, and reading them back.
 
 The report reads these files too, so a user can review a hand-edited pairs file. A groups JSON records the
 pairs its groups came from (the pairs CSV written beside it, by name and digest, or the pairs themselves) and

@@ -1,4 +1,4 @@
-"""Search stage 1, query: find the catalogue images nearest to new photos, with the store's own model."""
+"""Search, query: find the catalogue images nearest to new photos, with the store's own model."""
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,4 @@
-"""Search stage 4, report: one self-contained HTML page of a store's duplicate groups and pairs.
+"""Search, report: one self-contained HTML page of a store's duplicate groups and pairs.
 
 The page opens offline: thumbnails are embedded as data: URIs, the data sits in a JSON island and a small
 inline script renders one page of it at a time, so a report of thousands of pairs stays responsive. Every

@@ -1,4 +1,4 @@
-"""Serve stage 3, client: `neardup query --server URL` asks a running `neardup serve` instead of loading a model.
+"""Serve, client: `neardup query --server URL` asks a running `neardup serve` instead of loading a model.
 
 Only the standard library speaks HTTP here (urllib, a multipart body built by hand): the client starts in a
 fraction of a second, which is the point of asking a warm server.

@@ -1,4 +1,4 @@
-"""Serve stage 1a, service: the warm query engine behind `neardup serve`, without HTTP.
+"""Serve, service: the warm query engine behind `neardup serve`, without HTTP.
 
 - `LiveStore` (live.py) holds the current store generation and reloads each one `neardup update` publishes.
 - `Batcher` is the micro-batcher: the decoded images of concurrent requests queue up, and one thread embeds
