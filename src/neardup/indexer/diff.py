@@ -104,8 +104,8 @@ class KnownContent(MutableMapping):
             self.prefetch({sha})
         return self.new[sha]
 
-    # never reads the store: same content, same vector (ignore: always given a value, so no None overload)
-    def setdefault(self, sha: str, e: Embedded) -> Embedded:  # type: ignore[override]
+    # never reads the store: same content, same vector
+    def setdefault(self, sha: str, e: Embedded) -> Embedded:  # type: ignore[override]  # always given a value
         return self.new.setdefault(sha, e)
 
     def __setitem__(self, sha: str, e: Embedded) -> None:

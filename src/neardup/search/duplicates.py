@@ -232,8 +232,7 @@ def _find(gen: Generation, threshold: float | None, block: int | None, max_group
           ray: RayOptions | None = None, progress: Progress | None = None) -> DuplicateReport:
     t0, t = time.perf_counter(), gen.threshold(threshold)
     scale = not exact and gen.meta.index_factory != "Flat"  # a large store: its vectors are read in blocks
-    # (ignore: StoredVectors is read as the array would be, xb[rows])
-    cat = replace(gen.read(vectors=False), xb=StoredVectors(gen)) if scale else gen.read(vectors=True)  # type: ignore[arg-type]
+    cat = replace(gen.read(vectors=False), xb=StoredVectors(gen)) if scale else gen.read(vectors=True)  # type: ignore[arg-type]  # read as xb[rows]
     verify = resolve_verify(verify, cat.meta.local_features)
     if ray is not None and not verify:
         raise InputError("--ray verifies the candidates on a cluster: it needs verification (a store with local "

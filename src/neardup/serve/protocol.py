@@ -41,8 +41,7 @@ def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[H11P
     """An H11Protocol class with these limits (uvicorn.Config(http=...) takes a class)."""
 
     class GuardedH11Protocol(H11Protocol):
-        # (ignore: asyncio declares a BaseTransport; uvicorn's H11Protocol, and so this, takes a Transport)
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # as uvicorn's
             super().connection_made(transport)
             self._opened = time.monotonic()
             self._received = 0

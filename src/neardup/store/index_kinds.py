@@ -174,8 +174,7 @@ def _knob(index: faiss.Index) -> tuple[str, list[int]] | None:
 def apply_params(index: faiss.Index, params: str) -> None:
     """Set the recorded search knob ("nprobe=16") on a loaded index ("" leaves it alone)."""
     if params:
-        # (faiss's stub declares the str form of set_index_parameters after the int one, without @overload)
-        faiss.ParameterSpace().set_index_parameters(index, params)  # type: ignore[arg-type]
+        faiss.ParameterSpace().set_index_parameters(index, params)  # type: ignore[arg-type]  # faiss's stub lacks the str overload
 
 
 def recall_at(I: np.ndarray, gt: np.ndarray, scores: np.ndarray | None = None, kth: np.ndarray | None = None,
