@@ -41,7 +41,7 @@ def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[H11P
     """An H11Protocol class with these limits (uvicorn.Config(http=...) takes a class)."""
 
     class GuardedH11Protocol(H11Protocol):
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # as uvicorn's
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # uvicorn's H11Protocol takes a Transport
             super().connection_made(transport)
             self._opened = time.monotonic()
             self._received = 0
