@@ -114,7 +114,8 @@ def hog(port: int, body: bytes, ctype: str, source: str, stop: threading.Event, 
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--photos", type=int, default=300, help="catalogue photos (grocery dataset)")
     p.add_argument("--seconds", type=float, default=40.0, help="length of each attack")
     p.add_argument("--model", choices=("phash", "mobilenet"), default="phash",
@@ -173,7 +174,8 @@ def main() -> int:
         attacks = {
             "none": ("the bystander alone (baseline)", []),
             "declared": ("2 uploads declaring 320 + 192 MiB, a byte a second, from another address",
-                         [Trickler(port, ["127.0.0.2"], 320 << 20, 1.0), Trickler(port, ["127.0.0.2"], 192 << 20, 1.0)]),
+                         [Trickler(port, ["127.0.0.2"], 320 << 20, 1.0),
+                          Trickler(port, ["127.0.0.2"], 192 << 20, 1.0)]),
             "own": ("8 uploads trickling from the bystander's own address",
                     [Trickler(port, [BYSTANDER] * 8, 400_000, 1.0)]),
             "many": ("1,200 busy uploads from 300 addresses (4 each), a byte every 2 s",

@@ -47,14 +47,14 @@ def decode_all(paths: list[Path], workers: int) -> list[np.ndarray]:
         return list(pool.map(one, paths))
 
 
-def model_only(emb, x: np.ndarray, batch: int) -> tuple[float, np.ndarray]:  # noqa: ANN001 - KerasEmbedder
+def model_only(emb, x: np.ndarray, batch: int) -> tuple[float, np.ndarray]:  # KerasEmbedder
     """(seconds, embeddings) of the embedder over x in batches."""
     t0 = time.perf_counter()
     out = [emb.embed(x[i:i + batch]) for i in range(0, len(x), batch)]
     return time.perf_counter() - t0, np.concatenate(out)
 
 
-def neardup_build(paths: list[Path], store: Path, emb, batch: int, workers: int):  # noqa: ANN001, ANN201
+def neardup_build(paths: list[Path], store: Path, emb, batch: int, workers: int):
     """(seconds, RunSummary) of build_index into a fresh store with the injected embedder."""
     from neardup.indexer.build import build_index
 
@@ -120,7 +120,7 @@ def seed_loop(paths: list[Path], warmup: Path) -> tuple[float, float]:
     return time.perf_counter() - t0, built
 
 
-def tfdata_pipeline(paths: list[Path], batch: int, emb=None) -> tuple[float, np.ndarray | None]:  # noqa: ANN001
+def tfdata_pipeline(paths: list[Path], batch: int, emb=None) -> tuple[float, np.ndarray | None]:
     """(seconds, embeddings) of a tf.data decode pipeline feeding `emb` (decode only when emb is None)."""
     import tensorflow as tf
 

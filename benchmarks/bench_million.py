@@ -223,7 +223,10 @@ def main() -> int:
     real = prm.pop("real")
     syn, _, _ = generate(prm, len(real), args.seed + 99)
     rows = np.random.default_rng(1).choice(len(real), 1000, replace=False)
-    var = lambda x, q: float(np.linalg.eigvalsh(x.T @ x)[::-1][:q].sum() / np.einsum("ij,ij->", x, x))  # noqa: E731
+
+    def var(x: np.ndarray, q: int) -> float:
+        return float(np.linalg.eigvalsh(x.T @ x)[::-1][:q].sum() / np.einsum("ij,ij->", x, x))
+
     report.table("The generator against the real Lite0 vectors (same size)", [
         "vectors", "n", "median NN1 cosine", "median NN10 cosine", "median random-pair cosine",
         "share of x·x in 128 PCA dims (uncentred)"], [

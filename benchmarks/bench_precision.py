@@ -27,7 +27,7 @@ import numpy as np
 from common import Report, base_parser, cosine_rows, log, median, sample_photos
 
 
-def embed_all(emb, x: np.ndarray, batch: int) -> tuple[float, np.ndarray]:  # noqa: ANN001 - KerasEmbedder
+def embed_all(emb, x: np.ndarray, batch: int) -> tuple[float, np.ndarray]:  # KerasEmbedder
     """(seconds, embeddings) of `emb` over x in batches."""
     t0 = time.perf_counter()
     out = [emb.embed(x[i:i + batch]) for i in range(0, len(x), batch)]
@@ -44,7 +44,7 @@ def nn_agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(sa.argmax(1) == sb.argmax(1)))
 
 
-def same_weights(e1, e2) -> bool | None:  # noqa: ANN001
+def same_weights(e1, e2) -> bool | None:
     """True when both embedders' Keras models hold identical weights (None when that cannot be read)."""
     m1, m2 = getattr(e1, "_model", None), getattr(e2, "_model", None)
     if m1 is None or m2 is None:

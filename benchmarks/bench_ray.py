@@ -58,7 +58,10 @@ def main() -> int:
             for mode in ("local", "ray"):
                 store = tmp / f"{mode}-{r}.h5"
                 start, seen = time.perf_counter(), []
-                progress = (lambda done, total, seen=seen: seen.append((time.perf_counter(), done)))
+
+                def progress(done: int, total: int, seen: list = seen) -> None:
+                    seen.append((time.perf_counter(), done))
+
                 log(f"{mode} run {r + 1}/{args.repeats}: {len(picked)} photos")
                 s = build_index([folder], store, batch_size=args.batch_size, progress=progress,
                                 ray=RayOptions() if mode == "ray" else None, **spec)

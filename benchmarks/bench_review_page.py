@@ -24,11 +24,11 @@ from common import GROCERY_DIR, Report, all_photos, append_results, base_parser,
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.test_serve's server helpers
 
-from tests.test_serve import start_server, stop_server  # noqa: E402
+from tests.test_serve import start_server, stop_server
 
-from neardup.indexer.build import build_index  # noqa: E402
-from neardup.search.duplicates import find_duplicates  # noqa: E402
-from neardup.search.review import decisions_for  # noqa: E402
+from neardup.indexer.build import build_index
+from neardup.search.duplicates import find_duplicates
+from neardup.search.review import decisions_for
 
 
 def main() -> int:

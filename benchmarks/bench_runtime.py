@@ -34,7 +34,7 @@ from common import GROCERY_DIR, REPO_ROOT, Report, base_parser, cosine_rows, log
 MOBILENET = REPO_ROOT.parent / "shared" / "models" / "nsfwjs-mobilenet-v2" / "mobilenet_v2_140_features.onnx"
 
 
-def throughput(emb, x: np.ndarray, batch: int, repeats: int) -> float:  # noqa: ANN001 - an Embedder
+def throughput(emb, x: np.ndarray, batch: int, repeats: int) -> float:  # an Embedder
     """Median images per second of emb.embed over x in batches (one warm-up batch first)."""
     emb.embed(x[:batch])
     runs = []
@@ -46,7 +46,7 @@ def throughput(emb, x: np.ndarray, batch: int, repeats: int) -> float:  # noqa: 
     return median(runs)
 
 
-def latency_ms(emb, x1: np.ndarray, repeats: int) -> float:  # noqa: ANN001 - an Embedder
+def latency_ms(emb, x1: np.ndarray, repeats: int) -> float:  # an Embedder
     """Median warm latency of one photo, in ms."""
     emb.embed(x1)
     runs = []
@@ -57,7 +57,7 @@ def latency_ms(emb, x1: np.ndarray, repeats: int) -> float:  # noqa: ANN001 - an
     return median(runs)
 
 
-def build_seconds(paths: list[Path], store: Path, emb, batch: int) -> float:  # noqa: ANN001 - an Embedder
+def build_seconds(paths: list[Path], store: Path, emb, batch: int) -> float:  # an Embedder
     """Wall seconds of build_index into a fresh store with the injected embedder."""
     from neardup.indexer.build import build_index
 
@@ -68,7 +68,8 @@ def build_seconds(paths: list[Path], store: Path, emb, batch: int) -> float:  # 
 
 
 _CLI = ("import sys, time\nt0 = time.perf_counter()\nfrom neardup.cli import app\ntry:\n    app(sys.argv[1:])\n"
-        "except SystemExit as e:\n    code = e.code\nprint('RESULT', code, 'tensorflow' in sys.modules, file=sys.stderr)\n")
+        "except SystemExit as e:\n    code = e.code\n"
+        "print('RESULT', code, 'tensorflow' in sys.modules, file=sys.stderr)\n")
 
 
 def cli_query(photo: Path, store: Path, runtime: str, runs: int) -> tuple[float, bool]:

@@ -123,7 +123,7 @@ def main() -> int:
     return status
 
 
-def _latency(search, index: faiss.Index | None, xq: np.ndarray) -> list[float]:  # noqa: ANN001
+def _latency(search, index: faiss.Index | None, xq: np.ndarray) -> list[float]:
     """Milliseconds of each single-query search (after one warm-up)."""
     search(index, xq[:1], 10)
     out = []

@@ -63,7 +63,8 @@ def main() -> int:
                 row[4].append(float(subprocess.run([sys.executable, "-c", OPEN, str(row[3])], env=row[2], check=True,
                                                    capture_output=True, text=True).stdout))
         rows = [(label, size, statistics.median(times)) for label, size, _, _, times in rows]
-    print(f"| code | store ({args.n:,} x {args.d}) | first open in a process, median of {args.repeats} |\n|---|---|---|")
+    print(f"| code | store ({args.n:,} x {args.d}) | first open in a process, median of {args.repeats} |")
+    print("|---|---|---|")
     for label, size, t in rows:
         print(f"| {label} | {size / 2**20:.0f} MiB | {t * 1000:.0f} ms |")
     print(f"\nratio this code / baseline: {rows[0][2] / rows[1][2]:.2f}")

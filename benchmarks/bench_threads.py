@@ -68,8 +68,8 @@ def _run(src: Path, store: Path, out: Path, pinned: bool, cap: float) -> tuple[f
     t0 = time.perf_counter()
     try:
         got = subprocess.run([sys.executable, "-m", "neardup", "duplicates", "--store", str(store), "--out",
-                              str(out)], env=_env(src, pinned), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, timeout=cap)
+                              str(out)], env=_env(src, pinned), capture_output=True, text=True,
+                             timeout=cap)
     except subprocess.TimeoutExpired:  # subprocess.run kills the child
         return cap, None
     seconds = time.perf_counter() - t0

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,7 @@ from common import GROCERY_DIR, REPO_ROOT, Report, append_results, log, median, 
 
 MOBILENET = REPO_ROOT.parent / "shared" / "models" / "nsfwjs-mobilenet-v2" / "mobilenet_v2_100_features.onnx"
 #: The largest pHash Hamming distance whose cosine (1 - h/32 under the +-1/8 mapping) reaches t.
-PHASH_HAMMING = lambda t: int(np.floor((1 - t) * 32 + 1e-9))  # noqa: E731
+PHASH_HAMMING = lambda t: int(np.floor((1 - t) * 32 + 1e-9))  # noqa: E731 - a table of the module, as a constant
 #: The threshold sweep of the curves: low enough for pHash's loose candidates.
 SWEEP = sorted({round(0.3 + 0.025 * i, 3) for i in range(29)} | {0.3125, 0.4375, 0.5625})
 
@@ -195,9 +196,10 @@ def main() -> int:
                 if abs(t * 20 - round(t * 20)) > 1e-6 and abs(t - loose) > 1e-6 and t not in (0.3125, 0.4375, 0.5625):
                     continue
                 j = a0.sweep["thresholds"].index(t) if t in a0.sweep["thresholds"] else None
-                curves.append([name, t, PHASH_HAMMING(t) if name == "phash" else "",
-                               a0.sweep["precision"][j] if j is not None else "", a0.sweep["recall"][j] if j is not None else "",
-                               a1.sweep["precision"][i], a1.sweep["recall"][i], "<- default" if abs(t - loose) < 1e-6 else ""])
+                before = [a0.sweep["precision"][j], a0.sweep["recall"][j]] if j is not None else ["", ""]
+                curves.append([name, t, PHASH_HAMMING(t) if name == "phash" else "", *before,
+                               a1.sweep["precision"][i], a1.sweep["recall"][i],
+                               "<- default" if abs(t - loose) < 1e-6 else ""])
             targets[name] = r
 
         report.table("What each method finds, at its default settings (a: copies P/R/F1; a': copies resized "
@@ -217,8 +219,8 @@ def main() -> int:
             store = tmp / f"{name}-all.h5"
             log(f"{name}: indexing every photo for the duplicates cost")
             build(roots, store, spec)
-            plain = [timed(lambda: find_duplicates(store, verify=False)) for _ in range(args.repeats)]
-            ver = [timed(lambda: find_duplicates(store, verify=True)) for _ in range(args.repeats)]
+            plain = [timed(partial(find_duplicates, store, verify=False)) for _ in range(args.repeats)]
+            ver = [timed(partial(find_duplicates, store, verify=True)) for _ in range(args.repeats)]
             rep = find_duplicates(store, verify=True)
             cli0 = median([_cli(["duplicates", "--store", str(store), "--no-verify", "--out", str(tmp / "p0.csv")])
                            for _ in range(args.repeats)])
@@ -294,7 +296,7 @@ def main() -> int:
 PROFILE_MODELS = {"phash": {"model": "phash"}, "efficientnet-lite0": {"model": "efficientnet-lite0"}}
 
 
-def _per_pair_before(a, b, rule, laps: dict[str, float]):  # noqa: ANN001, ANN202 - the code of a6d18e7, timed
+def _per_pair_before(a, b, rule, laps: dict[str, float]):  # the code of a6d18e7, timed
     """One pair as verification did it before issue 29 (one FAISS call per pair and step, the screen's k-NN
     redone by the full one, OpenCV's perspectiveTransform and per-pair counts), adding each step's seconds to
     `laps`; returns (verified, inliers). FAISS runs as it did: on the caller's OpenMP team."""
@@ -310,7 +312,7 @@ def _per_pair_before(a, b, rule, laps: dict[str, float]):  # noqa: ANN001, ANN20
         laps[name] = laps.get(name, 0.0) + now - t[0]
         t[0] = now
 
-    def knn2(q, db):  # noqa: ANN001, ANN202
+    def knn2(q, db):
         return faiss.knn_hamming(np.ascontiguousarray(q), np.ascontiguousarray(db), 2)
 
     if (len(b), b.desc.tobytes()) < (len(a), a.desc.tobytes()):
@@ -345,11 +347,11 @@ def _per_pair_before(a, b, rule, laps: dict[str, float]):  # noqa: ANN001, ANN20
     ia, ib = pa[keep], pb[keep]
     lo, hi = 0.25, 0.75
 
-    def central(xy):  # noqa: ANN001, ANN202
+    def central(xy):
         return np.all((xy >= lo) & (xy <= hi), axis=1)
 
-    def coverage(xy, inl, H, cells=6, textured=3):  # noqa: ANN001, ANN202
-        def cell(p):  # noqa: ANN001, ANN202
+    def coverage(xy, inl, H, cells=6, textured=3):
+        def cell(p):
             c = np.clip((p * cells).astype(np.int64), 0, cells - 1)
             return c[:, 1] * cells + c[:, 0]
         centres = (np.stack(np.meshgrid(np.arange(cells), np.arange(cells)), -1).reshape(-1, 2) + 0.5) / cells
@@ -375,7 +377,7 @@ def _profile_store(args, name: str, spec: dict) -> Path:
     return store
 
 
-def _candidates(store: Path):  # noqa: ANN202
+def _candidates(store: Path):
     """(local table, I, J) of the candidate pairs `duplicates` verifies on `store`."""
     from neardup import Store
     from neardup.config import stored_model_spec
@@ -390,7 +392,7 @@ def _candidates(store: Path):  # noqa: ANN202
     return table, ci, cj
 
 
-def profile(args) -> int:  # noqa: ANN001
+def profile(args) -> int:
     from neardup.config import DEFAULTS, VERIFY
     from neardup.search.verify import verify_table
     from neardup.search.verify_jobs import verify_many
@@ -437,9 +439,9 @@ def profile(args) -> int:  # noqa: ANN001
         # worker processes against this process, on growing jobs
         for size in sorted({min(s, len(sub)) for s in (1000, 3000, len(sub))}):
             part = sub[:size]
-            t_here = timed(lambda: verify_many(table, ci[part], cj[part], screen=True, processes=1))
-            t_procs = timed(lambda: verify_many(table, ci[part], cj[part], screen=True, processes=cores(),
-                                                min_pairs=0))
+            t_here = timed(partial(verify_many, table, ci[part], cj[part], screen=True, processes=1))
+            t_procs = timed(partial(verify_many, table, ci[part], cj[part], screen=True, processes=cores(),
+                                    min_pairs=0))
             cross_rows.append([name, size, t_here, t_procs, t_here / t_procs])
         # the whole store, CLI wall time, unverified and verified in turns
         log(f"{name}: duplicates on every photo, without and with verification")
@@ -478,7 +480,7 @@ RERANK_MODELS = {"MobileNetV2 1.4": {"model": f"onnx:{MOBILENET.with_name('mobil
                  "efficientnet-lite0": {"model": "efficientnet-lite0"}}
 
 
-def rerank_orders(args) -> int:  # noqa: ANN001
+def rerank_orders(args) -> int:
     """Store -> catalogue retrieval with verification, the failed candidates ordered three ways."""
     from neardup import evaluate
     from neardup.search import metrics

@@ -86,7 +86,7 @@ def _numpy_blas() -> str:
         cfg = np.show_config(mode="dicts")  # numpy >= 2
         blas = cfg["Build Dependencies"]["blas"]
         return f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
-    except Exception:  # noqa: BLE001 - purely informative
+    except Exception:  # purely informative
         return "unknown"
 
 
@@ -468,7 +468,7 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-300)
 
 
-def synthetic_catalog(xb: np.ndarray, *, model: str = "resnet50"):  # noqa: ANN201 - a neardup Catalog
+def synthetic_catalog(xb: np.ndarray, *, model: str = "resnet50"):  # a neardup Catalog
     """A neardup Catalog over the given unit vectors, with a `weights none` meta a Searcher can load.
 
     Ids are row numbers; paths, sizes, times and content hashes are made up but distinct.

@@ -6,13 +6,13 @@ the store's one-line damaged-store error — never a wrong answer, a traceback (
 store's StoreError) or a hang?
 
 A store of 120 synthetic product photos (phash, as issue 29's probe) is indexed and then updated with 12 more,
-so it has a 2.2 MB segment, a small one, a manifest and a previous generation. A read is what `query
---verify` and `duplicates` read: the generation, its catalogue, every vector and local feature, an index search. Sweeps, each flip on a fresh copy
-of the store (the file rewritten under a new inode, as a disk would hand back a rotted block): the manifest,
-every byte, three times (XOR 0xFF, 0x01, 0x80); the small segment, every 97th byte; the large one, every
-2,003rd byte. Each flip is read in a worker process with a 4 s deadline (past it: a hang, the worker is killed
-and another started). The baseline is the code before this change (`--baseline-src`, a checkout's `src`),
-measured in the same run on a store it wrote itself.
+so it has a 2.2 MB segment, a small one, a manifest and a previous generation. A read is what `query --verify`
+and `duplicates` read: the generation, its catalogue, every vector and local feature, an index search. Sweeps,
+each flip on a fresh copy of the store (the file rewritten under a new inode, as a disk would hand back a rotted
+block): the manifest, every byte, three times (XOR 0xFF, 0x01, 0x80); the small segment, every 97th byte; the
+large one, every 2,003rd byte. Each flip is read in a worker process with a 4 s deadline (past it: a hang, the
+worker is killed and another started). The baseline is the code before this change (`--baseline-src`, a
+checkout's `src`), measured in the same run on a store it wrote itself.
 
 Correctness (exit status 1): the code under test has no wrong answer, traceback or hang.
 """
@@ -71,7 +71,7 @@ def _worker(src: str, store: str, jobs: mp.Queue, results: mp.Queue) -> None:
             results.put(("detected", "") if "\n" not in msg else ("not one line", msg[:200]))
         except OSError as exc:  # the CLI says these in one line too
             results.put(("detected", "") if "\n" not in str(exc) else ("not one line", str(exc)[:200]))
-        except BaseException as exc:  # noqa: BLE001 - what the probe counts as a traceback
+        except BaseException as exc:  # what the probe counts as a traceback
             results.put(("traceback", f"{type(exc).__name__}: {str(exc)[:160]}"))
 
 
@@ -94,7 +94,7 @@ class Reader:
         self.jobs.put((str(path), data))
         try:
             out = self.results.get(timeout=HANG_S)
-        except Exception:  # noqa: BLE001 - queue.Empty: a hang
+        except Exception:  # queue.Empty: a hang
             out = ("hang", "")
             self.proc.kill()
             self.proc.join()
@@ -117,8 +117,11 @@ def make_store(src: str, root: Path) -> Path:
     """Index 120 photos, then update with 12 more (a large and a small segment, a previous generation)."""
     env = {**os.environ, "PYTHONPATH": src}
     store = root / "s.h5"
-    run = lambda *a: subprocess.run([sys.executable, "-m", "neardup", *map(str, a)], env=env, check=True,  # noqa: E731
-                                    capture_output=True, timeout=600)
+
+    def run(*a: object) -> None:
+        subprocess.run([sys.executable, "-m", "neardup", *map(str, a)], env=env, check=True, capture_output=True,
+                       timeout=600)
+
     run("index", root / "a", "--store", store, "--model", "phash")
     run("update", root / "a", root / "b", "--store", store)
     return store
@@ -140,7 +143,8 @@ def probe(src: str, work: Path, photos: Path, thin: int = 1) -> dict[str, dict[s
             path = targets[key]
             pristine = path.read_bytes()
             every = step * thin
-            name = f"{label} ({len(pristine):,} B), {'every byte' if every == 1 else f'one byte in {every:,}'} ^0x{mask:02X}"
+            which = "every byte" if every == 1 else f"one byte in {every:,}"
+            name = f"{label} ({len(pristine):,} B), {which} ^0x{mask:02X}"
             row = table.setdefault(name, {})
             for off in range(0, len(pristine), step * thin):
                 data = bytearray(pristine)

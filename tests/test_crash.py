@@ -111,7 +111,7 @@ log.write("DONE\n")
 """
 
 
-def _wait_for(what: str, check, timeout: float = 180.0) -> None:  # noqa: ANN001
+def _wait_for(what: str, check, timeout: float = 180.0) -> None:
     """Wait for `check()` to hold (a busy machine may take long; the event, not a time window, decides)."""
     deadline = time.monotonic() + timeout
     while not check():
@@ -130,7 +130,7 @@ def test_readers_never_fail_during_updates(photos: Path, tmp_path: Path) -> None
     build_index([root], store, model="phash")
     log, stop = tmp_path / "reader.log", tmp_path / "stop"
     reader = subprocess.Popen([sys.executable, "-c", READER, str(store), str(stop), str(log)])
-    saw = lambda n: lambda: log.is_file() and f"SAW {n}" in log.read_text().splitlines()  # noqa: E731
+    saw = lambda n: lambda: log.is_file() and f"SAW {n}" in log.read_text().splitlines()  # noqa: E731 - a check maker
     try:
         _wait_for("the reader's first read", saw(40))
         for step in range(8):  # grow and shrink the catalogue while the reader loops

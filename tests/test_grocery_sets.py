@@ -45,7 +45,8 @@ def test_copies_set_rows_and_files(root: Path, copies: tuple[Path, list[dict[str
     assert len(groups) == 6 and set(groups.values()) == {2}
     assert sum(not r["group"] for r in rows) == 6
     for g in groups:
-        orig, copy = sorted((Path(r["path"]) for r in rows if r["group"] == g), key=lambda p: p.parent == out / "copies")
+        orig, copy = sorted((Path(r["path"]) for r in rows if r["group"] == g),
+                            key=lambda p: p.parent == out / "copies")
         assert copy.parent == out / "copies" and copy.name == f"{orig.stem}_copy.jpg"  # its own original's copy
         assert orig.is_absolute() and orig.is_relative_to(root) and orig.is_file()
         assert len({r["class"] for r in rows if r["group"] == g}) == 1

@@ -189,8 +189,8 @@ def test_users_search_and_indexer_modules_do_not_shadow_neardup(tmp_path: Path) 
 
 
 def test_import_and_help_load_no_heavy_library(tmp_path: Path) -> None:
-    heavy = ["numpy", "h5py", "faiss", "tensorflow", "matplotlib", "scipy", "PIL", "neardup.store.handle", "neardup.store.generation",
-             "neardup.search.report", "neardup.search.evaluate"]
+    heavy = ["numpy", "h5py", "faiss", "tensorflow", "matplotlib", "scipy", "PIL", "neardup.store.handle",
+             "neardup.store.generation", "neardup.search.report", "neardup.search.evaluate"]
     code = ("import sys\n"
             "import neardup\n"
             "from neardup.cli import app\n"
@@ -208,7 +208,7 @@ def test_public_api_is_importable_from_neardup() -> None:
                  "Embedder", "__version__"):
         assert name in neardup.__all__ and getattr(neardup, name) is not None
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
-        neardup.nope  # noqa: B018
+        neardup.nope  # noqa: B018 - the attribute look-up is what must fail
 
 
 def test_reexports_are_the_objects_not_modules_whatever_was_imported_first() -> None:

@@ -102,7 +102,8 @@ def _actor_pids() -> list[int]:
     """Processes of embedding actors (Ray names them in their process title)."""
     import psutil
 
-    return [p.info["pid"] for p in psutil.process_iter(["pid", "cmdline"]) if ACTOR in " ".join(p.info["cmdline"] or [])]
+    return [p.info["pid"] for p in psutil.process_iter(["pid", "cmdline"])
+            if ACTOR in " ".join(p.info["cmdline"] or [])]
 
 
 def test_a_killed_worker_is_retried_and_nothing_is_lost(cluster, photos: Path, tmp_path: Path) -> None:

@@ -68,7 +68,7 @@ def test_journal_appends_reads_and_a_later_decision_supersedes(tmp_path: Path) -
     lambda: Decision(digest(1), digest(2), "duplicate", digest(3), "t", "x"),  # keeper not of the pair
     lambda: Decision(digest(1), digest(2), "distinct", digest(1), "t", "x"),  # keeper of a distinct pair
 ])
-def test_a_bad_decision_is_refused(bad) -> None:  # noqa: ANN001
+def test_a_bad_decision_is_refused(bad) -> None:
     with pytest.raises(InputError):
         bad()
 
@@ -273,7 +273,7 @@ def _vector_store(tmp_path: Path, xb: np.ndarray) -> Path:
     return tmp_path / "v.h5"
 
 
-def _rows(report, group) -> set[int]:  # noqa: ANN001
+def _rows(report, group) -> set[int]:
     return {m.id - 100 for m in group.members}
 
 

@@ -163,7 +163,8 @@ def test_errors_are_json_with_stable_codes_never_500(server: str) -> None:
     assert "decompression bomb" in cases["bomb"][1]["error"]["message"]
     # one bad photo among good ones is that photo's error, and the others are answered
     status, doc, _ = call(server, "v1/query", [("ok.jpg", good), ("bad.jpg", b"\xff\xd8\xff junk")])
-    assert status == 200 and doc["results"][0]["matches"] and doc["results"][1]["error"] == "not a recognised image format"
+    assert status == 200 and doc["results"][0]["matches"]
+    assert doc["results"][1]["error"] == "not a recognised image format"
 
 
 def raw_request(url: str, head: bytes, body: bytes = b"", source: str = "127.0.0.1") -> socket.socket:
@@ -634,10 +635,10 @@ def test_the_client_starts_again_when_its_generation_is_gone(tmp_path: Path, mon
     asked: list[tuple[str | None, int]] = []
     gens = iter(["g1", "g2", "g2", "g2"])
 
-    def info(self):  # noqa: ANN001, ANN202
+    def info(self):
         return {"model": "phash", "threshold": 0.9, "limits": {"max_images": 1, "max_upload_mb": 20}}
 
-    def query_files(self, files, k, verify, threshold, generation=None):  # noqa: ANN001, ANN202
+    def query_files(self, files, k, verify, threshold, generation=None):
         asked.append((generation, len(files)))
         if generation == "g1" and len(asked) == 2:  # g1 replaced and released after the first answer
             raise client_mod.GenerationGone("generation g1 is no longer served")

@@ -196,7 +196,7 @@ def _info(url: str) -> dict:
         return json.loads(r.read())
 
 
-def _wait_for(what, deadline_s: float = 30.0):  # noqa: ANN001, ANN202 - poll until truthy, else fail
+def _wait_for(what, deadline_s: float = 30.0):  # poll until truthy, else fail
     end = time.monotonic() + deadline_s
     while not (got := what()):
         assert time.monotonic() < end, "the awaited event did not come"
@@ -299,7 +299,7 @@ def test_service_verification_workers_run_one_thread_of_each_library(tmp_path: P
     seen: dict[str, dict[str, int]] = {}
     real = QueryService._verify_some
 
-    def spy(self, *args):  # noqa: ANN001, ANN202
+    def spy(self, *args):
         seen[threading.current_thread().name] = threads.seen()
         return real(self, *args)
 
@@ -324,7 +324,7 @@ def test_a_cancelled_query_drops_its_queued_verification(tmp_path: Path, monkeyp
     calls: list[str] = []
     real = QueryService._verify_some
 
-    def spy(self, *args):  # noqa: ANN001, ANN202
+    def spy(self, *args):
         calls.append(threading.current_thread().name)
         return real(self, *args)
 

@@ -449,7 +449,7 @@ def test_a_damaged_store_written_before_segments_is_never_served_nor_upgraded(v1
     """Every read says it is damaged (one line, exit 2), never "no match"; an update refuses to upgrade it (and
     writes nothing), saying what to index again; `info --check` never certifies it."""
     _v1_damage(v1_store, how)
-    files = lambda: {p.name: p.read_bytes() for p in v1_store.parent.iterdir() if p.suffix != ".lock"}  # noqa: E731
+    files = lambda: {p.name: p.read_bytes() for p in v1_store.parent.iterdir() if p.suffix != ".lock"}  # noqa: E731 - read twice
     before = files()
     photo = v1_store.parent.parent / "catalog" / "bottles" / "bottle_02.jpg"
     r = nd("query", photo, "--store", v1_store)

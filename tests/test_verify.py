@@ -79,7 +79,7 @@ def test_knn_pairs_equals_brute_force() -> None:
     # FAISS and numpy may round a score differently (~1e-7, per CPU): a pair within `eps` of the threshold or
     # of either row's k-th score may go either way; every other pair must be decided as brute force does
     eps = 1e-5
-    sure = lambda i, j: abs(S[i, j] - t) > eps and abs(S[i, j] - kth[i]) > eps and abs(S[i, j] - kth[j]) > eps  # noqa: E731
+    sure = lambda i, j: abs(S[i, j] - t) > eps and abs(S[i, j] - kth[i]) > eps and abs(S[i, j] - kth[j]) > eps  # noqa: E731 - a predicate
     want = {(i, j) for i in range(300) for j in range(i + 1, 300)
             if S[i, j] >= t and (S[i, j] >= kth[i] or S[i, j] >= kth[j])}
     got = set(zip(I.tolist(), J.tolist()))
@@ -172,7 +172,7 @@ def test_query_verifies_and_reranks(copies, tmp_path: Path, fake_embedder) -> No
 def test_cli_query_and_duplicates_verify_flags(copies, tmp_path: Path) -> None:
     folder, photos, made = copies
     store = tmp_path / "p.h5"
-    run = lambda *a: subprocess.run([sys.executable, "-m", "neardup", *a], capture_output=True, text=True,  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, "-m", "neardup", *a], capture_output=True, text=True,  # noqa: E731 - the CLI
                                     timeout=120)
     assert run("index", str(folder), "--store", str(store), "--model", "phash").returncode == 0
     dup = run("duplicates", "--store", str(store), "--verify", "--out", str(tmp_path / "p.csv"))

@@ -15,6 +15,11 @@ class InputError(NeardupError):
 class StoreError(NeardupError):
     """The store file is missing, unreadable, or not a neardup store."""
 
+    #: set on damage only (`neardup.store.damage.damaged`; absent otherwise: read them with getattr): what was
+    #: found, without advice, and the damaged segment's name ("" for the manifest)
+    reason: str
+    segment: str
+
 
 class StoreMismatchError(StoreError):
     """The store was made with another model, weights or dimension than the one asked for."""

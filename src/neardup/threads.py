@@ -25,6 +25,7 @@ import os
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
+from types import ModuleType
 
 #: Environment variable that caps the threads neardup uses (default: the cores this process may run on).
 THREADS_ENV = "NEARDUP_THREADS"
@@ -63,7 +64,7 @@ def _set_opencv(n: int) -> None:
     cv2.setNumThreads(int(n))
 
 
-def opencv():  # noqa: ANN201 - the cv2 module (imported lazily: ~0.2 s, only indexing and verification need it)
+def opencv() -> ModuleType:  # cv2, imported lazily: only indexing and verification need it
     """OpenCV, on one thread: neardup runs it per photo and parallelises over photos."""
     import cv2
 
@@ -99,7 +100,7 @@ def pool_limits(workers: int) -> Iterator[None]:
         return
     # loaded first: threadpoolctl limits only the BLAS libraries already loaded, and FAISS and OpenCV each bring
     # an OpenBLAS of their own
-    import faiss  # noqa: F401
+    import faiss  # noqa: F401 - imported for its OpenBLAS, which the limits then reach
     from threadpoolctl import threadpool_limits
 
     opencv()

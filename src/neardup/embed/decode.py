@@ -1,4 +1,4 @@
-"""Indexing stage 2, decode: read image files and decode them into fixed-size pixel arrays."""
+"""Embed, decode: read image files and decode them into fixed-size pixel arrays."""
 from __future__ import annotations
 
 import hashlib
@@ -13,7 +13,7 @@ import numpy as np
 
 # The plugins of IMAGE_FORMATS, registered now: Image.open(formats=...) fails (KeyError) on a named format whose
 # plugin Pillow has not loaded yet (WebP and TIFF load lazily).
-from PIL import (  # noqa: F401
+from PIL import (  # noqa: F401 - the plugins are imported to register them (above)
     BmpImagePlugin,
     GifImagePlugin,
     Image,
@@ -21,7 +21,7 @@ from PIL import (  # noqa: F401
     JpegImagePlugin,
     PngImagePlugin,
     TiffImagePlugin,
-    WebPImagePlugin,  # noqa: F401
+    WebPImagePlugin,
 )
 
 from ..config import DEFAULTS, IMAGE_FORMATS

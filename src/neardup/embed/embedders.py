@@ -1,4 +1,4 @@
-"""Indexing stage 3, embed: turn decoded pixel batches into L2-normalized float32 embeddings.
+"""Embed, embedders: turn decoded pixel batches into L2-normalized float32 embeddings.
 
 Everything model-specific sits behind the small `Embedder` seam; TensorFlow is imported only when a Keras
 model is actually built, so the perceptual-hash method and the search side never pay for it.
@@ -12,7 +12,8 @@ import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from types import ModuleType
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -192,7 +193,7 @@ def weights_fingerprint(arrays: list[np.ndarray]) -> str:
     return "sha256:" + h.hexdigest()[:16]
 
 
-def _import_tensorflow():  # noqa: ANN202 - (keras, tensorflow) modules
+def _import_tensorflow() -> tuple[ModuleType, ModuleType]:  # (keras, tensorflow)
     """Import Keras and TensorFlow lazily (seconds, and not needed by phash or by search-only work).
 
     TensorFlow's C++ start-up lines (absl, oneDNN notices) go straight to file descriptor 2 before any
@@ -254,7 +255,7 @@ class KerasEmbedder:
         model = self._model
 
         @tf.function(input_signature=[tf.TensorSpec([None, 224, 224, 3], tf.uint8)], reduce_retracing=True)
-        def forward(x: tf.Tensor) -> tf.Tensor:
+        def forward(x: Any) -> Any:  # tf.Tensor (TensorFlow, imported lazily, has no type information)
             y = model(module.preprocess_input(tf.cast(x, tf.float32)), training=False)
             return tf.cast(y, tf.float32)
 
@@ -271,7 +272,7 @@ class KerasEmbedder:
             raise WeightsError(f"weights file not found: {path}")
         return str(path)
 
-    def _build(self, keras):  # noqa: ANN001 - the keras module
+    def _build(self, keras: ModuleType) -> Any:  # a keras.Model
         weights = self._weights_arg()
         policy = keras.mixed_precision.global_policy()
         if self.precision == "bf16":

@@ -1,9 +1,8 @@
-"""Indexing stage 2a, local features (used by decode): ORB keypoints of each photo, cached in the store for geometric verification.
+"""Embed, local features (used by decode): ORB keypoints of each photo, cached for geometric verification.
 
-ORB was chosen over SIFT by measurement on the grocery photos (benchmarks/RESULTS.md): at 256 px it costs
-~3 ms a photo against SIFT's ~40 ms (indexing with features stays within 1.5x of indexing without), and
-re-ranking a trained CNN's top-10 by its RANSAC inliers lifts recall@1 about as much (0.695 -> 0.863, SIFT
-0.883). Keypoints are found on the photo scaled to LOCAL_SIDE x LOCAL_SIDE px: enough for product packaging,
+ORB was chosen over SIFT by measurement on the grocery photos (benchmarks/RESULTS.md): it costs a fraction of
+SIFT's time a photo, and re-ranking a trained CNN's top-10 by its RANSAC inliers lifts recall@1 about as
+much. Keypoints are found on the photo scaled to LOCAL_SIDE x LOCAL_SIDE px: enough for product packaging,
 and a fixed size keeps a resized copy comparable with its original, also one resized by different factors in
 width and height (version 2; version 1 kept the aspect ratio, and lost such copies).
 
@@ -11,6 +10,8 @@ The records (`LocalFeatures`, the store's `LocalTable`) live in `neardup.feature
 only indexing and verification need it.
 """
 from __future__ import annotations
+
+from types import ModuleType
 
 import numpy as np
 from PIL import Image
@@ -23,7 +24,7 @@ from ..features import EMPTY, LocalFeatures
 MIN_SIDE = 32
 
 
-def _cv2():  # noqa: ANN202 - the cv2 module
+def _cv2() -> ModuleType:
     from ..threads import opencv  # the thread owner sets its threads
 
     return opencv()
@@ -33,8 +34,8 @@ def extract_local(img: Image.Image, *, side: int = DEFAULTS.local_side,
                   keypoints: int = DEFAULTS.local_keypoints) -> LocalFeatures:
     """ORB keypoints and descriptors of a decoded upright photo (any mode), found on the photo resized to
     `side` x `side`: its aspect ratio is normalised away, so a copy resized by different factors in width and
-    height (a careless thumbnailer) keeps its descriptors (measured: 240 of 240 such copies verified, against
-    174 with the aspect kept; benchmarks/bench_verify.py)."""
+    height (a careless thumbnailer) keeps its descriptors (benchmarks/RESULTS.md: more such copies verify than
+    with the aspect kept)."""
     cv2 = _cv2()
     gray = np.asarray(img if img.mode == "L" else img.convert("L"), dtype=np.uint8)
     h, w = gray.shape

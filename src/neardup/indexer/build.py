@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -141,7 +142,7 @@ def build_index(
     if preprocess and model not in (None, "onnx"):
         raise InputError("--preprocess describes an ONNX model of one's own (--model onnx:PATH); "
                          f"{model} has its own preprocessing")
-    asked_index = {k: v for k, v in (("index_kind", index), ("index_memory", memory),
+    asked_index: dict[str, Any] = {k: v for k, v in (("index_kind", index), ("index_memory", memory),
                                       ("index_target", target_recall)) if v is not None}
     if target_recall is not None and not 0 < target_recall <= 1:
         raise InputError("--target-recall is a fraction in (0, 1]")
@@ -305,11 +306,13 @@ def _calibrated(files: StoreFiles, pending: list[FileRecord], model: str, weight
     pixels = []
     for f in dict.fromkeys(picks):  # without repeats
         try:
-            pixels.append(prepare(f.abs, fp32, max_bytes=opts.max_file_bytes).decoded.pixels)
+            decoded = prepare(f.abs, fp32, max_bytes=opts.max_file_bytes).decoded
+            assert decoded is not None  # no `known`: every file is decoded
+            pixels.append(decoded.pixels)
         except DecodeError:
             continue  # listed when the file comes up for embedding
     sample = np.stack(pixels) if pixels else np.zeros((0, fp32.input_size, fp32.input_size, 3), np.uint8)
-    int8 = quantize_int8(fp32, sample, files.quantized)
+    int8 = quantize_int8(fp32, sample, files.quantized)  # type: ignore[arg-type]  # runtime="onnx": an OnnxEmbedder
     agree = agreement(fp32.embed(sample), int8.embed(sample))
     summary.calibration = f"int8 calibrated on {agree.line()}"
     log.info("%s", summary.calibration)

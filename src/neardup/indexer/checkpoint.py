@@ -6,6 +6,7 @@ import logging
 import shutil
 import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -49,7 +50,7 @@ class Checkpoint:
                     for k, (sha, vec, w, h) in enumerate(zip(z["sha256"], z["xb"], z["widths"], z["heights"])):
                         self.known[sha.decode()] = Embedded(vec, int(w), int(h), local.row(k) if local else None)
                 self._chunks += 1
-            except Exception:  # noqa: BLE001 - a damaged chunk (zip, npy, key errors) only costs re-embedding
+            except Exception:  # a damaged chunk (zip, npy, key errors) only costs re-embedding
                 log.warning("ignoring unreadable checkpoint chunk %s", chunk)
         log.info("resuming: %d embeddings from %d checkpoint chunks", len(self.known), self._chunks)
 
@@ -66,12 +67,12 @@ class Checkpoint:
         local = LocalTable.of([e.local for _, e in items]) if has_local else None
 
         def write(tmp: str) -> None:
+            lf: dict[str, Any] = {"lf_count": local.count, "lf_xy": local.xy, "lf_desc": local.desc} if local else {}
             with open(tmp, "wb") as fh:
                 np.savez(fh, sha256=np.array([sha for sha, _ in items], dtype="S64"),
                          xb=np.stack([e.vector for _, e in items]).astype(np.float32),
                          widths=np.array([e.width for _, e in items], np.int32),
-                         heights=np.array([e.height for _, e in items], np.int32),
-                         **({"lf_count": local.count, "lf_xy": local.xy, "lf_desc": local.desc} if local else {}))
+                         heights=np.array([e.height for _, e in items], np.int32), **lf)
 
         self._chunks += 1
         atomic_write(self.dir / f"chunk-{self._chunks:06d}-{uuid.uuid4().hex[:8]}.npz", write)

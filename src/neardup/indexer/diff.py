@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator, MutableMapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
@@ -103,7 +104,8 @@ class KnownContent(MutableMapping):
             self.prefetch({sha})
         return self.new[sha]
 
-    def setdefault(self, sha: str, e: Embedded) -> Embedded:  # never reads the store: same content, same vector
+    # never reads the store: same content, same vector
+    def setdefault(self, sha: str, e: Embedded) -> Embedded:  # type: ignore[override]  # always given a value
         return self.new.setdefault(sha, e)
 
     def __setitem__(self, sha: str, e: Embedded) -> None:
@@ -159,27 +161,29 @@ def assemble(old: Catalog | None, found: Scan, hashes: dict[str, str], vectors: 
     outside = [i for i, p in enumerate(old.paths) if p not in current] if old is not None else []
     ours = _identities(f for f in found.files if f.rel not in old_rows) if outside and not prune else {}
     alias_of: dict[str, str] = {}
-    for i in outside:
-        p = old.paths[i]
+    for o in outside:
+        assert old is not None  # outside is empty without an old store
+        p = old.paths[o]
         if not found.is_blind(p):
             if found.gone(p):
-                gone_by_sha.setdefault(old.sha256[i], []).append(i)
-            elif ours and (name := ours.get(_identity(found.base / p))) is not None:
+                gone_by_sha.setdefault(old.sha256[o], []).append(o)
+            elif ours and (ident := _identity(found.base / p)) is not None and (name := ours.get(ident)) is not None:
                 alias_of[name] = p
 
     rows: list[Row] = []
     for f in found.files:
         i = old_rows.get(f.rel)
-        if i is not None and f.rel not in hashes and old.sizes[i] == f.size and old.mtimes_ns[i] == f.mtime_ns:
+        if i is not None and old is not None and f.rel not in hashes and old.sizes[i] == f.size and \
+                old.mtimes_ns[i] == f.mtime_ns:
             claimed.add(i)  # unchanged: its row stays as it is
             continue
         sha = hashes.get(f.rel)
         if sha is None or sha not in vectors:  # unreadable or undecodable: listed in failures
             continue
         e = vectors[sha]
-        new = dict(path=f.rel, size=f.size, mtime_ns=f.mtime_ns, sha256=sha, vector=e.vector, width=e.width,
-                   height=e.height, local=e.local)
-        if i is not None:
+        new: dict[str, Any] = dict(path=f.rel, size=f.size, mtime_ns=f.mtime_ns, sha256=sha, vector=e.vector,
+                                   width=e.width, height=e.height, local=e.local)
+        if i is not None and old is not None:
             claimed.add(i)
             delete.append(i)
             if old.sha256[i] == sha:
@@ -189,7 +193,7 @@ def assemble(old: Catalog | None, found: Scan, hashes: dict[str, str], vectors: 
             rows.append(Row(id=int(old.ids[i]), **new))
             continue
         moved_from = gone_by_sha.get(sha)
-        if moved_from:
+        if moved_from and old is not None:
             j = moved_from.pop(0)
             claimed.add(j)
             delete.append(j)
@@ -227,7 +231,7 @@ def assemble(old: Catalog | None, found: Scan, hashes: dict[str, str], vectors: 
     return Delta(catalog_of(rows, meta), np.array(sorted(delete), np.int64), meta, sorted(failures), changes)
 
 
-def _identity(path: object) -> tuple[int, int] | None:
+def _identity(path: str | os.PathLike[str]) -> tuple[int, int] | None:
     """(device, inode) of the file `path` names (symlinks followed); None when it cannot be stat-ed."""
     try:
         st = os.stat(path)

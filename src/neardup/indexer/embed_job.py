@@ -5,7 +5,7 @@ the same phase on a Ray cluster and fills the same tables, so the build publishe
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from contextlib import closing
 from dataclasses import dataclass
 
@@ -35,7 +35,8 @@ class JobOptions:
 class EmbedPhase:
     """The tables the embed phase fills; the build assembles the new store from them."""
 
-    vectors: dict[str, Embedded]  #: content hash -> embedding (the old store's, the checkpoint's, and new ones)
+    #: content hash -> embedding (the old store's, the checkpoint's, and new ones)
+    vectors: MutableMapping[str, Embedded]
     hashes: dict[str, str]  #: rel path -> content hash, for every pending file that could be read
     failures: list[tuple[str, str]]  #: (rel path, reason) of files that could not be read or decoded
     embedded: int = 0  #: images run through the model in this phase
@@ -70,6 +71,7 @@ def embed_pending(pending: list[FileRecord], emb: Embedder, phase: EmbedPhase, c
             if out.error is not None:
                 phase.failures.append((f.rel, out.error))
             else:
+                assert out.prepared is not None  # an outcome without an error holds what was prepared
                 sha, decoded = out.prepared.sha256, out.prepared.decoded
                 phase.hashes[f.rel] = sha
                 if decoded is not None and sha not in vectors and sha not in batch:

@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 
@@ -69,11 +71,11 @@ class RayOptions:
         return cls(address=address, actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor)
 
 
-def import_ray():  # noqa: ANN201 - the ray module
+def import_ray() -> ModuleType:
     """The ray module with Ray Data, or InputError saying how to install it."""
     try:
         import ray
-        import ray.data  # noqa: F401 - Ray Data is the part the job needs (pip extra "data")
+        import ray.data  # Ray Data is the part the job needs (pip extra "data")
     except ImportError:
         raise InputError(INSTALL_HINT) from None
     return ray
@@ -126,6 +128,7 @@ class EmbedActor:
             if out.error is not None:
                 error[r] = out.error
                 continue
+            assert out.prepared is not None  # an outcome without an error holds what was prepared
             sha[r] = out.prepared.sha256
             decoded = out.prepared.decoded
             if decoded is None or sha[r] in seen:  # known, or embedded in an earlier row of this block
@@ -186,7 +189,7 @@ def embed_pending_ray(pending: list[FileRecord], emb: Embedder, factory: Callabl
             ray.shutdown()
 
 
-def _connect(ray, address: str | None) -> bool:  # noqa: ANN001
+def _connect(ray: ModuleType, address: str | None) -> bool:
     """Connect to (or start) a cluster unless this process already is connected; True when we connected."""
     if ray.is_initialized():  # the caller's own connection (a notebook, a test): used, and left open
         return False
@@ -195,8 +198,8 @@ def _connect(ray, address: str | None) -> bool:  # noqa: ANN001
     return True
 
 
-def _dataset(ray, pending: list[FileRecord], emb: Embedder, factory: Callable[[], Embedder], phase: EmbedPhase,
-             opts: JobOptions, ray_opts: RayOptions, local: bool):  # noqa: ANN001, ANN202 - ray modules
+def _dataset(ray: ModuleType, pending: list[FileRecord], emb: Embedder, factory: Callable[[], Embedder],
+             phase: EmbedPhase, opts: JobOptions, ray_opts: RayOptions, local: bool) -> Any:  # a ray.data.Dataset
     """The lazy Ray Data pipeline: pending rows -> EmbedActor pool -> embedding rows."""
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the CLI draws its own bar from the driver's progress callback

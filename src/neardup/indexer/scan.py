@@ -77,6 +77,7 @@ def scan(roots: Sequence[str | os.PathLike[str]], base: Path) -> Scan:
             except UnicodeEncodeError:
                 failures.append((os.fsencode(p).decode("utf-8", "backslashreplace"), "file name is not valid UTF-8"))
                 continue
+        st: os.stat_result | OSError
         try:  # an entry's stat follows a symlink, as os.stat does
             st = entry.stat() if entry is not None else os.stat(p)
         except OSError as exc:

@@ -1,4 +1,4 @@
-"""Search stage 2b, candidates at scale: each row's k nearest of a store too large to hold its vectors in memory.
+"""Search, candidates at scale: each row's k nearest of a store too large to hold its vectors in memory.
 
 `knn_pairs` (join.py) holds every stored vector and searches the store's index one row at a time at the knob
 tuned for single queries; at a million 1280-d rows that is 5 GB of vectors and hours of searching. Here, for a
@@ -22,12 +22,16 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..config import DEFAULTS
 from ..store.generation import Generation
 from ..store.index_kinds import nlist_for
+
+if TYPE_CHECKING:
+    import faiss
 
 log = logging.getLogger(__name__)
 
@@ -132,15 +136,18 @@ def store_knn_pairs(gen: Generation, k: int, threshold: float, *, dims: int = DE
     return key // n, key % n, s[at].astype(np.float32)
 
 
-def _search_lists(index, dims: int, depth: int, threshold: float,  # noqa: ANN001 - faiss.IndexIVFFlat
+def _search_lists(index: faiss.IndexIVFFlat, dims: int, depth: int, threshold: float,
                   rnorm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Every row of the IVF index searched for its depth nearest (itself excluded), list by list: the
     (row, neighbour) pairs whose score could reach `threshold` (approximate score + |r_row| |r_neighbour|)."""
     import faiss
 
     inv = index.invlists
+    assert inv is not None  # an IVF index owns its lists
     out_s, out_d = [], []
-    rows, codes, held = [], [], 0
+    rows: list[np.ndarray] = []
+    codes: list[np.ndarray] = []
+    held = 0
 
     def flush() -> None:
         q = np.concatenate(rows)

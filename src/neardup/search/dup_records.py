@@ -79,7 +79,7 @@ class DuplicateReport:
     n: int
     ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  #: catalog row -> id
     paths: list[str] = field(default_factory=list)  #: catalog row -> stored path
-    I: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # noqa: E741 - FAISS vocabulary
+    I: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     J: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     D: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     exact: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))

@@ -1,4 +1,4 @@
-"""Search stage 2, duplicates: every pair at or above a cosine threshold, and anti-chaining groups with a keeper.
+"""Search, duplicates: every pair at or above a cosine threshold, and anti-chaining groups with a keeper.
 
 With verification (the default), the pairs are instead each image's k nearest neighbours (FAISS) above the
 model's loose candidate threshold that pass geometric verification (search/verify.py); candidates that fail
@@ -56,7 +56,14 @@ class StoredVectors:
         return self.gen.vectors(np.asarray(rows, np.int64))
 
 
-def duplicate_rows(cat: Catalog, threshold: float, block: int | None = None, index=None,  # noqa: ANN001
+def _vectors(cat: Catalog) -> np.ndarray:
+    """The catalogue's vectors (an array, or StoredVectors: read when indexed); it was read with them."""
+    if cat.xb is None:
+        raise ValueError("the catalogue was read without its vectors")
+    return cat.xb
+
+
+def duplicate_rows(cat: Catalog, threshold: float, block: int | None = None, index=None,
                    k: int = DEFAULTS.k, progress: Progress | None = None, *,
                    scale: Generation | None = None) -> tuple[np.ndarray, ...]:
     """Pure core of find_duplicates: (I, J, D, exact) row pairs of a catalog, exact pairs first. All pairs
@@ -66,8 +73,8 @@ def duplicate_rows(cat: Catalog, threshold: float, block: int | None = None, ind
     ei, ej = exact_pairs(cat.sha256)
     with stage_of(progress, "pairs", len(cat), "img") as p:
         near = (store_knn_pairs(scale, k, threshold) if scale is not None
-                else self_join(cat.xb, threshold, block, progress=p) if index is None
-                else knn_pairs(cat.xb, k, threshold, index, cat.ids, progress=p))
+                else self_join(_vectors(cat), threshold, block, progress=p) if index is None
+                else knn_pairs(_vectors(cat), k, threshold, index, cat.ids, progress=p))
     ni, nj, nd = without_pairs(near, ei, ej, len(cat))
     order = np.lexsort((nj, ni, -nd))
     I = np.concatenate([ei, ni[order]])
@@ -81,7 +88,7 @@ def duplicate_rows(cat: Catalog, threshold: float, block: int | None = None, ind
 class VerifiedRows:
     """The pairs verified_rows keeps, as catalog rows: exact pairs first, then verified, then unverified."""
 
-    I: np.ndarray  # noqa: E741 - FAISS vocabulary
+    I: np.ndarray
     J: np.ndarray
     D: np.ndarray  #: cosine scores (1.0 for byte-identical pairs)
     exact: np.ndarray  #: byte-identical
@@ -91,7 +98,7 @@ class VerifiedRows:
 
 
 def verified_rows(cat: Catalog, gen: Generation, threshold: float, k: int, loose: float, *,
-                  index=None, words: int = 0,  # noqa: ANN001
+                  index=None, words: int = 0,
                   features: dict[int, LocalFeatures | None] | None = None, scale: bool = False,
                   processes: int = DEFAULTS.verify_processes, ray: RayOptions | None = None,
                   progress: Progress | None = None) -> VerifiedRows:
@@ -111,7 +118,8 @@ def verified_rows(cat: Catalog, gen: Generation, threshold: float, k: int, loose
     ei, ej = exact_pairs(cat.sha256)
     table = gen.local() if words and gen.meta.local_features == LOCAL_VERSION else None  # one read, two uses
     with stage_of(progress, "candidates", len(cat), "img") as p:
-        ci, cj, cd, _ = candidate_pairs(cat.xb, k, loose, index=index, ids=cat.ids if index is not None else None,
+        ci, cj, cd, _ = candidate_pairs(_vectors(cat), k, loose, index=index,
+                                        ids=cat.ids if index is not None else None,
                                         local=table, words=words, progress=p,
                                         knn=store_knn_pairs(gen, k, loose) if scale else None)
     ci, cj, cd = without_pairs((ci, cj, cd), ei, ej, len(cat))
@@ -182,7 +190,8 @@ def find_duplicates(store: Generation | str | os.PathLike[str], options: Duplica
     with opened(store) as gen:
         t0, t = time.perf_counter(), gen.threshold(threshold)
         scale = not exact and gen.meta.index.factory != "Flat"  # a large store: its vectors are read in blocks
-        cat = replace(gen.read(vectors=False), xb=StoredVectors(gen)) if scale else gen.read(vectors=True)
+        cat = (replace(gen.read(vectors=False), xb=StoredVectors(gen))  # type: ignore[arg-type]  # read as xb[rows]
+               if scale else gen.read(vectors=True))
         verify = resolve_verify(verify, cat.meta.local_features)
         if ray is not None and not verify:
             raise InputError("--ray verifies the candidates on a cluster: it needs verification (a store with local "
@@ -239,7 +248,7 @@ def find_duplicates(store: Generation | str | os.PathLike[str], options: Duplica
                     f"raise --threshold (with {cat.meta.model.name}, {report.n_pairs} pairs score above it)")
             if verify and 2 < len(comp) <= COMPLETE_UP_TO:
                 extra += _complete(cat, gen, comp, forced_in[ci], t, workers, feats, never)
-            S = cat.xb[comp] @ cat.xb[comp].T
+            S = _vectors(cat)[comp] @ _vectors(cat)[comp].T
             forced = np.zeros_like(S, bool)
             inliers = np.full(S.shape, -1, np.int32)
             local = {r: k for k, r in enumerate(comp.tolist())}
@@ -327,7 +336,7 @@ def _complete(cat: Catalog, gen: Generation, comp: np.ndarray, links: list[tuple
     if need:
         feats.update(zip(need, row_features(gen, np.array(need, np.int64))))
     v = verify_pairs([feats[a] for a in ma.tolist()], [feats[b] for b in mb.tolist()], workers=workers, screen=True)
-    d = np.einsum("ij,ij->i", cat.xb[ma], cat.xb[mb])
+    d = np.einsum("ij,ij->i", _vectors(cat)[ma], _vectors(cat)[mb])
     ok = v.accepted(d, threshold)
     out = [(int(a), int(b), float(s), int(n) if j else -1)
            for a, b, s, n, j in zip(ma[ok], mb[ok], d[ok], v.inliers[ok], v.judged[ok])]

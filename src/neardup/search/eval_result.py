@@ -52,8 +52,8 @@ class EvalResult:
         r = self.retrieval
         ret = (f"; recall@1 {r['recall@1']:.3f}, mAP {r['map']:.3f} over {r['queries']} queries"
                if r.get("queries") and "recall@1" in r else "")
-        how = [w for w, on in (("verified", self.verify), ("query mode", self.mode == "query")) if on]
-        how = f" ({', '.join(how)})" if how else ""
+        hows = [w for w, on in (("verified", self.verify), ("query mode", self.mode == "query")) if on]
+        how = f" ({', '.join(hows)})" if hows else ""
         fail = f"; {len(self.queries_failed)} query photos failed" if self.queries_failed else ""
         return (f"best F1 {self.best['f1']:.3f} at t={self.best['threshold']:.4f}{how} "
                 f"(P {self.best['precision']:.3f}, R {self.best['recall']:.3f}); at the default "

@@ -1,4 +1,4 @@
-"""Search stage 4, evaluate: score a store's duplicate detection and retrieval against a hand-made ground truth.
+"""Search, evaluate: score a store's duplicate detection and retrieval against a hand-made ground truth.
 
 Ground truth is a CSV with the header `path,group` and two optional columns, `class` and `role`: every listed
 image belongs to one group, and two images of the same group are duplicates of each other (an empty group
@@ -130,9 +130,9 @@ def evaluate(store: Generation | str | os.PathLike[str], truth: str | os.PathLik
             raise InputError("k must be at least 1")
         base = gen.folder
         row_of: dict[Path, int] = {}
-        for r, p in enumerate(cat.paths):
-            row_of.setdefault(Path(os.path.normpath(base / p)).resolve(), r)
-        query_rows = [r for r in rows if r.role == "query"]
+        for r0, p0 in enumerate(cat.paths):
+            row_of.setdefault(Path(os.path.normpath(base / p0)).resolve(), r0)
+        query_rows = [qr for qr in rows if qr.role == "query"]
         mode = "query" if query_rows else "store"
 
         # Labels: one integer per truth group; an empty group is a label of its own ("no duplicate"). Classes: one
@@ -146,15 +146,18 @@ def evaluate(store: Generation | str | os.PathLike[str], truth: str | os.PathLik
         def klass(row: TruthRow) -> int:
             return class_of.setdefault(row.cls, len(class_of)) if row.cls else -1
 
-        ev_rows, ev_labels, ev_cls, missing = [], [], [], []
+        ev_rows: list[int] = []
+        ev_labels: list[int] = []
+        ev_cls: list[int] = []
+        missing: list[str] = []
         for row in rows:
             if row.role == "query":
                 continue
-            r = row_of.get(row.full)
-            if r is None:
+            found = row_of.get(row.full)
+            if found is None:
                 missing.append(row.written)
                 continue
-            ev_rows.append(r)
+            ev_rows.append(found)
             ev_labels.append(label(row))
             ev_cls.append(klass(row))
         if not ev_rows:
@@ -165,9 +168,10 @@ def evaluate(store: Generation | str | os.PathLike[str], truth: str | os.PathLik
         labels = np.array(ev_labels, np.int64)
         cid = np.array(ev_cls, np.int64)
         in_truth = set(ev_rows)
-        unlabelled = [p for r, p in enumerate(cat.paths) if r not in in_truth]
+        unlabelled = [p1 for r1, p1 in enumerate(cat.paths) if r1 not in in_truth]
         if missing:  # counted in the result and its table; not an error (files may have failed to decode)
             log.info("%d truth rows are not in the store (e.g. %s)", len(missing), missing[0])
+        assert cat.xb is not None  # read with its vectors
         xe = cat.xb[ev]
         n = len(ev)
 
@@ -182,9 +186,10 @@ def evaluate(store: Generation | str | os.PathLike[str], truth: str | os.PathLik
             # as duplicates takes them, its photos sharing the most keypoint words, counted at the default
             # threshold whatever their cosine), once, plus byte-identical files at 1.0.
             words = spec.word_candidates if verify and gen.meta.local_features == LOCAL_VERSION else 0
-            with stage_of(progress, "candidates", n, "img") as p:
+            with stage_of(progress, "candidates", n, "img") as stage:
                 I, J, D, by_words = (candidate_pairs(xe, k, t_min, local=gen.local(ev) if words else None, words=words,
-                                                     progress=p) if verify else (*self_join(xe, t_min, progress=p), 0))
+                                                     progress=stage) if verify
+                                     else (*self_join(xe, t_min, progress=stage), 0))
             D = np.where(by_words, np.maximum(D, np.float32(t_default)), D).astype(np.float32)
             ei, ej = exact_pairs([cat.sha256[r] for r in ev.tolist()])
             I, J, D = without_pairs((I, J, D), ei, ej, n)
@@ -207,9 +212,9 @@ def evaluate(store: Generation | str | os.PathLike[str], truth: str | os.PathLik
                                  embedder=o.embedder, runtime=o.runtime)
             by_path = {str(r.full): r for r in query_rows}
             # decoded as the store's photos were (at >= 256 px when it caches features), as query() does
-            with stage_of(progress, "embed", len(by_path), "img") as p:
+            with stage_of(progress, "embed", len(by_path), "img") as stage:
                 got = embed_files(list(by_path), emb, batch_size=o.batch_size, max_bytes=o.max_file_bytes,
-                                  local=verify or bool(cat.meta.local_features), progress=p)
+                                  local=verify or bool(cat.meta.local_features), progress=stage)
             failed = [(by_path[p].written, why) for p, why in got.failures]
             if not got.paths:
                 raise InputError(f"none of the {len(query_rows)} query photos of {truth} could be read (e.g. "
@@ -221,24 +226,25 @@ def evaluate(store: Generation | str | os.PathLike[str], truth: str | os.PathLik
             qcid = np.array([klass(r) for r in qr], np.int64)
             xq = got.xq
             fe = {}
-            verifier = (_Verifier(dict(enumerate(got.local)), lambda idx: [None] * len(idx), fe, load_rows, o.workers,
-                                  progress) if verify else None)
+            verifier = (_Verifier(dict(enumerate(got.local or [])), lambda idx: [None] * len(idx), fe, load_rows,
+                                  o.workers, progress) if verify else None)
             # Candidates: each query's top k catalogue images at or above the lowest threshold, plus byte-identical
             # catalogue files at 1.0.
             I, J, D = _query_candidates(xq, xe, k, t_min, o.block)
             by_sha: dict[str, list[int]] = {}
             for c, r in enumerate(ev.tolist()):
                 by_sha.setdefault(cat.sha256[r], []).append(c)
-            ei, ej = [], []
-            for q, p in enumerate(got.paths):
+            li: list[int] = []
+            lj: list[int] = []
+            for q, path in enumerate(got.paths):
                 try:
-                    sha = read_file(p, o.max_file_bytes)[1]
+                    sha = read_file(path, o.max_file_bytes)[1]
                 except DecodeError:
                     continue
                 for c in by_sha.get(sha, []):
-                    ei.append(q)
-                    ej.append(c)
-            ei, ej = np.array(ei, np.int64), np.array(ej, np.int64)
+                    li.append(q)
+                    lj.append(c)
+            ei, ej = np.array(li, np.int64), np.array(lj, np.int64)
             I, J, D = without_pairs((I, J, D), ei, ej, n)
             I, J = np.concatenate([ei, I]), np.concatenate([ej, J])
             D = np.concatenate([np.ones(len(ei), np.float32), D])

@@ -1,4 +1,4 @@
-"""Search stage 2a, grouping: duplicate pairs into groups that cannot chain unrelated products, the keeper of
+"""Search, grouping: duplicate pairs into groups that cannot chain unrelated products, the keeper of
 each group, and the files that may never be called removable (gone, changed, or another name of a listed file).
 """
 from __future__ import annotations

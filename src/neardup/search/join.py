@@ -1,4 +1,4 @@
-"""Search stage 2a, join: the pair searches of a catalogue — pure, ndarray in, (I, J, D) rows out.
+"""Search, join: the pair searches of a catalogue — pure, ndarray in, (I, J, D) rows out.
 
 `self_join` is the exact all-pairs search: block after block of rows is multiplied (BLAS sgemm) against the
 rows after it only, so each pair is computed once (half the work of xb @ xb.T or a FAISS range search) and
@@ -12,12 +12,18 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import sparse
 
 from ..config import DEFAULTS
 from ..store.faiss_index import id_lookup, rows_for
+
+if TYPE_CHECKING:
+    import faiss
+
+    from ..features import LocalTable
 
 
 def self_join(xb: np.ndarray, threshold: float, block: int | None = None,
@@ -51,8 +57,8 @@ def self_join(xb: np.ndarray, threshold: float, block: int | None = None,
             np.concatenate(out_d).astype(np.float32))
 
 
-def knn_pairs(xb: np.ndarray, k: int, threshold: float, index=None, ids: np.ndarray | None = None,  # noqa: ANN001
-              chunk: int = 1024, rows: np.ndarray | None = None,
+def knn_pairs(xb: np.ndarray, k: int, threshold: float, index: faiss.Index | None = None,
+              ids: np.ndarray | None = None, chunk: int = 1024, rows: np.ndarray | None = None,
               progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs (i < j) where j is among i's k nearest rows (or i among j's) with inner product >= threshold.
 
@@ -178,8 +184,8 @@ def word_pairs(count: np.ndarray, desc: np.ndarray, k: int, *, min_shared: int =
     return key // n, key % n, sh[first]
 
 
-def candidate_pairs(xb: np.ndarray, k: int, loose: float, *, index=None, ids: np.ndarray | None = None,  # noqa: ANN001
-                    local: object | None = None, words: int = 0,
+def candidate_pairs(xb: np.ndarray, k: int, loose: float, *, index: faiss.Index | None = None,
+                    ids: np.ndarray | None = None, local: LocalTable | None = None, words: int = 0,
                     knn: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
                     progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, ...]:
     """The pairs verification checks: knn_pairs(k, loose) (or `knn`, those pairs found already, as

@@ -1,4 +1,4 @@
-"""Search stage 3b, metrics: the pure core of evaluate: pair precision/recall over thresholds, exact rankings.
+"""Search, metrics: the pure core of evaluate: pair precision/recall over thresholds, exact rankings.
 
 Everything here is ndarray in, numbers out (see search/evaluate.py for the definitions); with verification,
 a query's top k are re-ranked by verify.rerank above the cosine order of the rest.
@@ -60,7 +60,7 @@ DEFINITIONS = {
 # ----------------------------------------------------------------------------------------- pure core functions
 
 def pair_metrics(scores: np.ndarray, is_true: np.ndarray, n_true: int,
-                 thresholds: Sequence[float]) -> dict[str, np.ndarray]:
+                 thresholds: Sequence[float] | np.ndarray) -> dict[str, np.ndarray]:
     """Pair-level precision, recall and F1 at every threshold, from the candidate pairs' scores.
 
     `scores[i]` is the score of candidate pair i (every pair that could be predicted at the lowest
@@ -196,7 +196,7 @@ def _topk(row: np.ndarray, k: int) -> np.ndarray:
     return ok[np.lexsort((ok, -row[ok]))]
 
 
-def _take(v: Verified, idx: np.ndarray | slice) -> Verified:
+def _take(v: Verified, idx: np.ndarray | slice | list[int]) -> Verified:
     return Verified(*(getattr(v, f.name)[idx] for f in fields(Verified)))
 
 

@@ -1,4 +1,4 @@
-"""Search stage 2b, pairs files: a duplicates result as a pairs CSV and a groups JSON, and reading them back.
+"""Search, pairs files: a duplicates result as a pairs CSV and a groups JSON, and reading them back.
 
 The report reads these files too, so a user can review a hand-edited pairs file. A groups JSON records the
 pairs its groups came from (the pairs CSV written beside it, by name and digest, or the pairs themselves) and
@@ -148,9 +148,10 @@ def read_pairs_csv(path: str | os.PathLike[str]) -> list[Pair]:
                 kind = row.get("kind") or "near"
                 if kind not in ("exact", "near"):
                     raise InputError(f"{path}, line {line}: kind must be exact or near, not {kind!r}")
-                ver = {"true": True, "false": False, "": None}.get((row.get("verified") or "").lower(), "bad")
-                if ver == "bad":
+                verdicts: dict[str, bool | None] = {"true": True, "false": False, "": None}
+                if (row.get("verified") or "").lower() not in verdicts:
                     raise InputError(f"{path}, line {line}: verified must be true or false, not {row['verified']!r}")
+                ver = verdicts[(row.get("verified") or "").lower()]
                 try:
                     inl = int(row["inliers"]) if row.get("inliers") else None
                 except ValueError:

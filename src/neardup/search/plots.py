@@ -1,7 +1,7 @@
-"""Search stage 3, plots: the side-by-side pair plot and the PR curve (matplotlib, loaded when one is drawn).
+"""Search, plots: the side-by-side pair plot and the PR curve (matplotlib, loaded when one is drawn).
 
 Both draw on a plain Agg canvas (no window, no pyplot global state, safe in scripts and threads) and are saved
-atomically. matplotlib costs ~0.3 s to import, so nothing imports it until a figure is asked for.
+atomically. matplotlib is slow to import, so nothing imports it until a figure is asked for.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def plot_format(out: str | os.PathLike[str]) -> str:
 def _save(fig: Figure, out: Path, dpi: int) -> None:
     fmt = plot_format(out)
     # zlib level 1: photos barely compress, and level 6 spends ~3x the time (70% of a plot) for ~10% less.
-    kwargs = {"pil_kwargs": {"compress_level": 1}} if fmt == "png" else {}
+    kwargs: dict[str, Any] = {"pil_kwargs": {"compress_level": 1}} if fmt == "png" else {}
     atomic_write(out, lambda tmp: fig.savefig(tmp, format=fmt, dpi=dpi, **kwargs))
 
 
@@ -56,7 +56,7 @@ def _plot_panel(ax: Any, path: Path, title: str, strict: bool) -> tuple[int, int
         pixels = np.asarray(open_upright(path, PLOT_MAX_SIDE))
         ax.imshow(pixels)
         shown = (pixels.shape[1], pixels.shape[0])
-    except Exception as exc:  # noqa: BLE001 - Pillow raises many types; any failure means "missing"
+    except Exception as exc:  # Pillow raises many types; any failure means "missing"
         if strict:
             raise InputError(f"cannot read image {path}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
         log.info("plot: %s is missing or unreadable (%s)", path, exc)

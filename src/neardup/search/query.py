@@ -1,4 +1,4 @@
-"""Search stage 1, query: find the catalogue images nearest to new photos, with the store's own model."""
+"""Search, query: find the catalogue images nearest to new photos, with the store's own model."""
 from __future__ import annotations
 
 import logging
@@ -159,7 +159,7 @@ class Searcher:
             raise
 
     @classmethod
-    def open(cls, store: str | os.PathLike[str], **kwargs: object) -> Searcher:
+    def open(cls, store: str | os.PathLike[str], **kwargs: Any) -> Searcher:
         """A Searcher over the current generation of `store`, which it closes with itself."""
         return cls(Generation.open(store), owns=True, **kwargs)
 
@@ -188,7 +188,7 @@ class Searcher:
         if missing:
             got.update(zip(missing, row_features(self.gen, np.array(missing))))
             with self._cache_lock:
-                self._local_cache.update((r, got[r]) for r in missing if got[r] is not None)
+                self._local_cache.update((r, f) for r in missing if (f := got[r]) is not None)
                 while len(self._local_cache) > self.local_cache_rows:
                     self._local_cache.popitem(last=False)
         return [got[r] for r in rows.tolist()]

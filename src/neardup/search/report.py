@@ -1,4 +1,4 @@
-"""Search stage 4, report: one self-contained HTML page of a store's duplicate groups and pairs.
+"""Search, report: one self-contained HTML page of a store's duplicate groups and pairs.
 
 The page opens offline: thumbnails are embedded as data: URIs, the data sits in a JSON island and a small
 inline script renders one page of it at a time, so a report of thousands of pairs stays responsive. Every
@@ -24,6 +24,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -56,7 +57,7 @@ PAGE_SIZE = 100
 @functools.cache
 def template(name: str) -> str:
     """A file of the report's templates (package data: report.html, report.css, report.js, missing.svg)."""
-    return resources.files(__package__).joinpath("templates", name).read_text(encoding="utf-8")
+    return resources.files(__package__).joinpath("templates").joinpath(name).read_text(encoding="utf-8")
 
 
 def placeholder_uri() -> str:
@@ -73,7 +74,7 @@ def thumbnail_uri(path: str | os.PathLike[str], max_side: int = THUMB_SIDE,
         thumb = open_upright(path, max_side)
         buf = io.BytesIO()
         thumb.save(buf, "JPEG", quality=quality, optimize=True)
-    except Exception as exc:  # noqa: BLE001 - Pillow raises many types; any failure means "show the placeholder"
+    except Exception as exc:  # Pillow raises many types; any failure means "show the placeholder"
         # info, not warning: write_report returns (and the CLI prints) the list of missing images
         log.info("no thumbnail for %s: %s", path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         return None
@@ -230,7 +231,7 @@ class _Reviewed:
 def _groups_from(doc_groups: list[dict], images: _Images, decided: _Reviewed) -> list[dict]:
     out = []
     for k, g in enumerate(doc_groups, start=1):
-        members = [{"i": images(m["path"]), "k": bool(m.get("keeper")), "x": bool(m.get("exact")),
+        members: list[dict[str, Any]] = [{"i": images(m["path"]), "k": bool(m.get("keeper")), "x": bool(m.get("exact")),
                     "s": round(float(m.get("score_to_keeper", 1.0)), 6),
                     "v": int(m.get("inliers_to_keeper", -1)) if isinstance(m.get("inliers_to_keeper"), int) else -1,
                     "st": str(m["stale"]) if m.get("stale") else "",  # never removable: gone, changed, an alias
@@ -262,7 +263,8 @@ def write_report(store: Generation | str | os.PathLike[str], out: str | os.PathL
     find_duplicates(store, threshold=threshold). With files, `threshold` hides pairs scoring below it.
     Given groups alone, the pairs are those the groups file records (pairs_io.recorded_pairs: written by
     `duplicates` for the same store generation and options); else (said in a warning, with why) they are computed
-    from the store at the groups file's threshold (or `threshold`), so the page is complete; given pairs alone, the page shows pairs only. `png_dir` (created if needed) gets one
+    from the store at the groups file's threshold (or `threshold`), so the page is complete; given pairs alone,
+    the page shows pairs only. `png_dir` (created if needed) gets one
     side-by-side PNG per pair, `pair_00001.png` for the report's pair #1, and so on; a verified pair's PNG
     draws its inlier matches. `verify` is find_duplicates' (when the pairs are computed here). `store` is an
     open Generation or a store's path. `progress` (default: silent) is told of each stage. Raises InputError
@@ -306,6 +308,7 @@ def write_report(store: Generation | str | os.PathLike[str], out: str | os.PathL
                     t_shown = float(gdoc["threshold"])
                 source.append(f"groups from {groups}")
             if pair_list is None:  # groups alone would show "Pairs (0)": the pairs they were made from...
+                assert groups is not None  # given files, and no pairs file: a groups file
                 pair_list, why = recorded_pairs(gdoc, groups, gen.id, threshold=threshold, verify=verify)
                 if pair_list is not None:
                     source.append(why)

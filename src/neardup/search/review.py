@@ -137,14 +137,14 @@ class Decided:
                                  for i in rows.get(d.a, ()) for j in rows.get(d.b, ())}
         return self._pairs[word]
 
-    def pair_mask(self, I: np.ndarray, J: np.ndarray, word: str) -> np.ndarray:  # noqa: E741, N803
+    def pair_mask(self, I: np.ndarray, J: np.ndarray, word: str) -> np.ndarray:
         """Bool [len(I)]: which row pairs (I[k], J[k]) are currently decided `word`."""
         pairs = self.row_pair_set(word)
         if not pairs:
             return np.zeros(len(I), bool)
         n = max(len(self.sha256), 1)
         keys = np.array(sorted(a * n + b for a, b in pairs), np.int64)
-        I, J = np.asarray(I, np.int64), np.asarray(J, np.int64)  # noqa: E741
+        I, J = np.asarray(I, np.int64), np.asarray(J, np.int64)
         return np.isin(np.minimum(I, J) * n + np.maximum(I, J), keys)
 
     def forbidden(self, local: dict[int, int]) -> np.ndarray | None:

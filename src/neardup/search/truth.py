@@ -1,4 +1,4 @@
-"""Search stage 3c, truth: read a ground-truth CSV (path, group, and optionally class and role).
+"""Search, truth: read a ground-truth CSV (path, group, and optionally class and role).
 
 See search/evaluate.py for what the columns mean.
 """

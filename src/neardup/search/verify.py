@@ -1,10 +1,10 @@
-"""Search stage 0, verify: geometric verification of candidate pairs with the local features of both photos.
+"""Search, verify: geometric verification of candidate pairs with the local features of both photos.
 
 A global vector says two photos look alike; it cannot say they show the same thing. Verification matches
 the photos' ORB keypoints (Hamming distance, Lowe's ratio test), fits one homography with RANSAC and
 judges the fit (config.VerifyRule): enough inliers, a large enough share of the photos' keypoints, and
 inliers on the product, not only around it. The last test guards the known trap of a grocery catalogue:
-two different products held up in front of one shelf share the whole background (up to ~100 inliers) but
+two different products held up in front of one shelf share the whole background (many inliers) but
 not the packaging in the middle of the photo.
 
 Everything here but row_features (which reads the store's cache) is pure: features in, numbers out; query
@@ -67,7 +67,8 @@ class Verified:
     inlier_ratio: np.ndarray  #: float32 [m]
     centre: np.ndarray  #: float32 [m]
     coverage: np.ndarray  #: float32 [m]
-    judged: np.ndarray | None = None  #: bool [m]; None: all judged
+    #: bool [m]; None when made: all judged
+    judged: np.ndarray = None  # type: ignore[assignment]  # __post_init__ makes it an array: readers see one
 
     def __post_init__(self) -> None:
         if self.judged is None:
@@ -289,6 +290,7 @@ def verify_table(t: LocalTable, ia: np.ndarray, ib: np.ndarray, rule: VerifyRule
         out.inliers[p], out.inlier_ratio[p] = n, ratio
         if screen and (n < rule.min_inliers or ratio < rule.min_inlier_ratio):  # the verdict is known: no
             continue                                                            # centre and coverage needed
+        assert grid is not None  # made whenever a pair is fitted
         inl_a, inl_b = pa[keep], pb[keep]
         centre = min(_central(inl_a).sum() / max(int(grid.central[grid.at[int(a[p])]]), 1),
                      _central(inl_b).sum() / max(int(grid.central[grid.at[int(b[p])]]), 1))
@@ -377,8 +379,8 @@ def rerank(D: np.ndarray, v: Verified, min_inliers: int = 0) -> np.ndarray:
     """The order in which to show one query's candidates (scores `D`, verdicts `v`): verified first, by
     inliers; then the candidates that fail it, by their inliers when at least `min_inliers` (another shot of
     the product shares keypoints without passing the copy-strict verdict), then by score (a pair never fitted
-    has 0). Failed candidates by inliers, against the score order or a floor of 10 or 15 inliers: measured on
-    the store -> catalogue set (benchmarks/RESULTS.md, issue 29)."""
+    has 0). Failed candidates are ordered by inliers rather than by score or with a higher floor of inliers,
+    as measured on the store -> catalogue set (benchmarks/RESULTS.md, issue 29)."""
     support = np.where(v.inliers >= min_inliers, v.inliers, 0)
     return np.lexsort((-np.asarray(D, np.float64), -support, ~v.verified))
 

@@ -1,4 +1,4 @@
-"""Search stage 0, verify jobs: many candidate pairs verified over local worker processes or a Ray cluster.
+"""Search, verify jobs: many candidate pairs verified over local worker processes or a Ray cluster.
 
 `duplicates` verifies ~k pairs a photo, every night, over every photo of a catalogue. verify_many splits the
 pairs into chunks, sends each with the local features of its photos as arrays (never per-pair objects) to a
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -55,11 +55,11 @@ def verify_many(t: LocalTable, ia: np.ndarray, ib: np.ndarray, rule: VerifyRule 
                 progress(done, m)
         return out
     chunks = _chunks(ia, ib, chunk)
-    run = _on_ray if ray is not None else _on_processes
-    parts = run(t, chunks, rule, screen, ray if ray is not None else procs, progress, m)
+    parts = _on_ray(t, chunks, rule, screen, ray, progress, m) if ray is not None else \
+        _on_processes(t, chunks, rule, screen, procs, progress, m)
     out = Verified.empty(m)
-    for c, got in zip(chunks, parts):
-        for f, x in zip(_FIELDS, got):
+    for c, cols in zip(chunks, parts):
+        for f, x in zip(_FIELDS, cols):
             getattr(out, f)[c.pos] = x
     return out
 
@@ -71,7 +71,7 @@ class _Chunk:
     def __init__(self, pos: np.ndarray, rows: np.ndarray, ia: np.ndarray, ib: np.ndarray) -> None:
         self.pos, self.rows, self.ia, self.ib = pos, rows, ia, ib
 
-    def payload(self, t: LocalTable) -> tuple:
+    def payload(self, t: LocalTable) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """What a worker gets: the features of the chunk's photos only, as arrays, and the pairs."""
         return t.count[self.rows], t.xy[self.rows], t.desc[self.rows], self.ia, self.ib
 
@@ -126,7 +126,7 @@ def _on_processes(t: LocalTable, chunks: list[_Chunk], rule: VerifyRule, screen:
                         done += len(chunks[i].pos)
                         if progress is not None:
                             progress(done, total)
-            return results  # type: ignore[return-value]
+            return results  # type: ignore[return-value]  # every slot is filled once no chunk is left
         except BrokenProcessPool:
             left = sum(r is None for r in results)
             if attempt == POOL_TRIES:
@@ -153,7 +153,8 @@ def _on_ray(t: LocalTable, chunks: list[_Chunk], rule: VerifyRule, screen: bool,
         ahead = AHEAD * max(1, int(ray.cluster_resources().get("CPU", 1)))
         log.info("verifying %d pairs on Ray: %d chunks", total, len(chunks))
         results: list[tuple[np.ndarray, ...] | None] = [None] * len(chunks)
-        todo, refs, done = list(range(len(chunks))), {}, 0
+        todo, done = list(range(len(chunks))), 0
+        refs: dict[Any, int] = {}  # a Ray ObjectRef -> its chunk
         while todo or refs:
             while todo and len(refs) < ahead:
                 i = todo.pop(0)
@@ -171,7 +172,7 @@ def _on_ray(t: LocalTable, chunks: list[_Chunk], rule: VerifyRule, screen: bool,
                 done += len(chunks[i].pos)
                 if progress is not None:
                     progress(done, total)
-        return results  # type: ignore[return-value]
+        return results  # type: ignore[return-value]  # every slot is filled once no chunk is left
     finally:
         if started:
             ray.shutdown()

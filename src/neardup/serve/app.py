@@ -1,9 +1,8 @@
-"""Serve stage 2, app: the HTTP API and the web page of `neardup serve` (FastAPI on uvicorn).
+"""Serve, app: the HTTP API and the web page of `neardup serve` (FastAPI on uvicorn).
 
-FastAPI was measured against Litestar (benchmarks/bench_asgi.py, RESULTS.md): on an upload endpoint that does
-no work, Litestar answered 1.23x the requests (1,188 against 970 a second: ~0.2 ms less a request), while a
-verified query costs ~37 ms; FastAPI's typed routes give the OpenAPI schema and its validation errors for free,
-and it is the framework most users already run.
+FastAPI was measured against Litestar (benchmarks/bench_asgi.py, RESULTS.md): Litestar's lead on an upload
+endpoint that does no work is small beside what a verified query costs; FastAPI's typed routes give the
+OpenAPI schema and its validation errors for free, and it is the framework most users already run.
 
 Every error is JSON `{"error": {"code": ..., "message": ...}}` with a stable code and a status that means
 what it says. guard.py's `Guard` enforces the limits before a route runs.
@@ -54,7 +53,7 @@ def _client(request: Request) -> str:
 
 
 def _static(name: str) -> str:
-    return resources.files("neardup.serve").joinpath("static", name).read_text(encoding="utf-8")
+    return resources.files("neardup.serve").joinpath("static").joinpath(name).read_text(encoding="utf-8")
 
 
 #: A catalogue id as the store keeps it (int64, never negative).

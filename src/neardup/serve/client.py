@@ -1,4 +1,4 @@
-"""Serve stage 3, client: `neardup query --server URL` asks a running `neardup serve` instead of loading a model.
+"""Serve, client: `neardup query --server URL` asks a running `neardup serve` instead of loading a model.
 
 Only the standard library speaks HTTP here (urllib, a multipart body built by hand): the client starts in a
 fraction of a second, which is the point of asking a warm server.
@@ -129,7 +129,7 @@ def query_server(url: str, images: Sequence[str | os.PathLike[str]], *, k: int =
         except GenerationGone as exc:
             if attempt == RESTARTS:
                 raise ServerError(f"{client.url} published a new store generation during each of {RESTARTS + 1} "
-                                  f"runs, and no longer holds the one they started with ({exc}); run again")
+                                  f"runs, and no longer holds the one they started with ({exc}); run again") from None
     raise AssertionError("unreachable")
 
 

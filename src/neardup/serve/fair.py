@@ -1,4 +1,4 @@
-"""Serve stage 1a, fair: worker threads that share their time fairly between clients, not first come first served.
+"""Serve, fair: worker threads that share their time fairly between clients, not first come first served.
 
 A client that queues 16 photos at k=100 (1,600 verifications) ahead of a one-photo query made that query
 wait for all of them. A `FairPool` keeps one queue per client and its workers take the next job from each
@@ -80,7 +80,7 @@ class FairPool:
     def _work(self, fut: Future, fn: Callable[[], Any]) -> None:
         try:
             result = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the request, which answers with it
+        except BaseException as exc:  # handed to the request, which answers with it
             fut.set_exception(exc)
         else:
             fut.set_result(result)

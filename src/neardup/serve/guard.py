@@ -1,4 +1,4 @@
-"""Serve stage 2a, guard: the service's options and the limits every request meets before a route runs.
+"""Serve, guard: the service's options and the limits every request meets before a route runs.
 
 `Guard`, a plain ASGI middleware: the Host (DNS rebinding), the bearer token, the declared body size, the
 upload bytes held (counted as they arrive, per client: a declared length reserves nothing, and a client over
@@ -146,7 +146,7 @@ class Guard:
                 "other_requests": self.active}
 
     async def _reply(self, send: Any, resp: JSONResponse) -> None:
-        await resp({"type": "http"}, None, send)
+        await resp({"type": "http"}, None, send)  # type: ignore[arg-type]  # a response never calls receive
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":

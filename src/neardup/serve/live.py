@@ -1,4 +1,4 @@
-"""Serve stage 1, live: the served store — its current generation, and each one `neardup update` publishes.
+"""Serve, live: the served store — its current generation, and each one `neardup update` publishes.
 
 `LiveStore` holds the current generation (a Searcher over one open Generation: rows, index and local features
 of one published manifest) and a thread that watches the manifest. When the nightly job publishes a new
@@ -128,9 +128,10 @@ class LiveStore:
         with self._lock:
             gen = self._current
             if generation is not None and generation != gen.id:
-                gen = self._kept.get(generation)
-                if gen is None:
+                kept = self._kept.get(generation)
+                if kept is None:
                     raise GenerationGone(f"generation {generation} is no longer served (now {self._current.id})")
+                gen = kept
             gen.users += 1
             gen.last_used = time.monotonic()
         try:
@@ -246,7 +247,7 @@ class LiveStore:
             try:
                 self.check()
                 self._reap()
-            except Exception:  # noqa: BLE001 - the watcher must outlive any one failed reload
+            except Exception:  # the watcher must outlive any one failed reload
                 log.exception("reload check failed")
 
     def start(self) -> None:

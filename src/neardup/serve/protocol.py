@@ -1,4 +1,4 @@
-"""Serve stage 1b, protocol: uvicorn's HTTP/1.1 protocol with what a public port needs against idle clients.
+"""Serve, protocol: uvicorn's HTTP/1.1 protocol with what a public port needs against idle clients.
 
 uvicorn times out an idle keep-alive connection, but not one that never finishes its request headers, and
 it accepts connections until the process runs out of file descriptors (then every accept fails, logging a
@@ -41,7 +41,7 @@ def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[H11P
     """An H11Protocol class with these limits (uvicorn.Config(http=...) takes a class)."""
 
     class GuardedH11Protocol(H11Protocol):
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # uvicorn's H11Protocol takes a Transport
             super().connection_made(transport)
             self._opened = time.monotonic()
             self._received = 0
@@ -62,8 +62,9 @@ def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[H11P
             self._timer = self.loop.call_later(header_timeout_s, self._expire)
 
         def _disarm(self) -> None:
-            if getattr(self, "_timer", None) is not None:
-                self._timer.cancel()
+            timer = getattr(self, "_timer", None)  # (none yet when connection_made first disarms)
+            if timer is not None:
+                timer.cancel()
                 self._timer = None
 
         def _expire(self) -> None:

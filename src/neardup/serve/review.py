@@ -108,7 +108,7 @@ class ReviewQueue:
             log.error("review: the duplicates of generation %s could not be found: %s", gen.id, exc)
             with self._lock:
                 self.error, self._failed = str(exc), gen.id
-        except Exception as exc:  # noqa: BLE001 - said in the queue's answer and the log, never a dead thread
+        except Exception as exc:
             log.exception("review: finding the duplicates of generation %s failed", gen.id)
             with self._lock:
                 self.error, self._failed = f"{type(exc).__name__}: {exc}", gen.id
@@ -223,7 +223,7 @@ def add_review_routes(app: FastAPI) -> None:
 
     @app.get("/review", include_in_schema=False)
     async def review_page() -> Response:
-        page = resources.files("neardup.serve").joinpath("static", "review.html").read_text(encoding="utf-8")
+        page = resources.files("neardup.serve").joinpath("static").joinpath("review.html").read_text(encoding="utf-8")
         return Response(page, media_type="text/html; charset=utf-8",
                         headers={**SECURITY_HEADERS, "Content-Security-Policy": PAGE_CSP})
 

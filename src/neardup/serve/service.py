@@ -1,4 +1,4 @@
-"""Serve stage 1a, service: the warm query engine behind `neardup serve`, without HTTP.
+"""Serve, service: the warm query engine behind `neardup serve`, without HTTP.
 
 - `LiveStore` (live.py) holds the current store generation and reloads each one `neardup update` publishes.
 - `Batcher` is the micro-batcher: the decoded images of concurrent requests queue up, and one thread embeds
@@ -37,7 +37,7 @@ from ..features import LocalFeatures
 from ..search.query import Answer, Match, QueryResult
 from ..search.verify import Verified, rerank, resolve_verify, verify_pairs
 from .fair import FairPool
-from .live import LiveStore, Served  # noqa: F401 - LiveStore is the service's, re-exported
+from .live import LiveStore, Served  # LiveStore is the service's, re-exported
 
 log = logging.getLogger(__name__)
 #: Pairs verified in one job of the verification pool: other clients' jobs run between a request's jobs.
@@ -125,7 +125,7 @@ class Batcher:
                 group = [j for j in jobs if j.gen is gen]
                 try:
                     self._embed_search(gen, group)
-                except Exception as exc:  # noqa: BLE001 - handed to the requests, which answer with it
+                except Exception as exc:  # handed to the requests, which answer with it
                     for j in group:
                         j.future.set_exception(exc)
 
@@ -163,7 +163,7 @@ def header_pixels(data: bytes) -> int:
     try:
         with Image.open(io.BytesIO(data)) as im:
             w, h = im.size
-    except Exception:  # noqa: BLE001 - any unreadable header: the decode reports it per photo
+    except Exception:  # any unreadable header: the decode reports it per photo
         return 0
     return int(w) * int(h)
 
@@ -283,7 +283,8 @@ class QueryService:
                 digest = hashlib.sha256(up.data).hexdigest() if reviewed and not isinstance(d, str) else None
                 results.append(QueryResult(up.name, error=d, threshold=t) if isinstance(d, str) else
                                QueryResult(up.name, s.reviewed(next(it), digest), verified=verify, threshold=t))
-            return Answer(s.gen.path.name, gen.id, len(s.cat), s.meta.model.name, t, verify, results, s.meta.model.weights)
+            return Answer(s.gen.path.name, gen.id, len(s.cat), s.meta.model.name, t, verify, results,
+                          s.meta.model.weights)
 
     async def _verified(self, client: str, gen: Served, matches: list[Match], feats: LocalFeatures | None,
                         budget: int) -> list[Match]:

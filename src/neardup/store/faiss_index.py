@@ -1,4 +1,4 @@
-"""Indexing stage 7, faiss_index: the FAISS inner-product index over L2-normalized vectors (so scores are cosines).
+"""Store, faiss_index: the FAISS inner-product index over L2-normalized vectors (so scores are cosines).
 
 Pure: vectors and ids in, an index out (and its bytes). The store keeps an exact index as nothing at all
 (it is the stored vectors, searched in memory); an IVF index as one part per segment, merged when loaded
@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,11 +98,13 @@ def merged(parts: list[tuple[faiss.Index, np.ndarray]]) -> faiss.Index:
             base = index
         else:
             base.merge_from(index, 0)
+    if base is None:
+        raise ValueError("an index is merged from one part at least")
     return base
 
 
 #: Below this many queries FAISS scans the flat index without BLAS; that scan is memory-bound, and more
-#: OpenMP threads only contend for the bandwidth (measured at 50k x 2048: 15 ms with 1 thread, 24 ms with 2).
+#: OpenMP threads only contend for the bandwidth (measured slower with 2 threads than with 1: RESULTS.md).
 SMALL_BATCH = 20
 
 
@@ -122,7 +125,7 @@ def id_lookup(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ids[order], order
 
 
-def rows_for(lookup: tuple[np.ndarray, np.ndarray], ids: np.ndarray) -> np.ndarray:
+def rows_for(lookup: tuple[np.ndarray, np.ndarray], ids: np.ndarray | Sequence[int]) -> np.ndarray:
     """Rows of `ids` (any shape; FAISS's I) through an id_lookup; -1 for an id not there (and for -1)."""
     ids = np.asarray(ids, np.int64)
     sorted_ids, order = lookup
@@ -137,6 +140,7 @@ def index_ids(index: faiss.Index) -> np.ndarray:
     if hasattr(index, "id_map"):
         return faiss.vector_to_array(index.id_map).astype(np.int64)
     inv = faiss.extract_index_ivf(index).invlists
+    assert inv is not None  # an IVF index owns its lists
     parts = [faiss.rev_swig_ptr(inv.get_ids(k), inv.list_size(k)).copy() for k in range(inv.nlist)
              if inv.list_size(k)]
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)

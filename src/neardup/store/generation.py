@@ -13,11 +13,11 @@ import hashlib
 import logging
 import os
 import threading
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
@@ -33,6 +33,9 @@ from .meta import Catalog, Manifest, Segment, StoreMeta
 from .segment import Damage, SegmentFile
 from .settings import SettingsFile, StoreSettings
 
+if TYPE_CHECKING:
+    import faiss  # imported by faiss_index when an index is first needed
+
 log = logging.getLogger(__name__)
 
 
@@ -40,21 +43,22 @@ class Generation:
     """One generation of a store, open for reading; use it as a context manager or `close()` it."""
 
     def __init__(self, path: Path, files: StoreFiles, source: Manifest | LegacyFile,
-                 readers: list[SegmentFile | LegacyFile]) -> None:
-        self.path, self.files, self._readers = path, files, readers
+                 readers: Sequence[SegmentFile | LegacyFile]) -> None:
+        self.path, self.files = path, files
+        self._readers: Sequence[SegmentFile | LegacyFile] = readers
         self.manifest = source if isinstance(source, Manifest) else None
         self.meta: StoreMeta = source.meta
         self.failures: list[tuple[str, str]] = list(source.failures)
-        if self.manifest is None:
+        if isinstance(source, LegacyFile):
             self._segments = [Segment("legacy", source.rows, "")]
             self._live = [np.ones(source.rows, bool)]
         else:
-            self._segments = list(self.manifest.segments)
+            self._segments = list(source.segments)
             for seg, r in zip(self._segments, readers):  # the manifest and its segments must agree
                 if r.rows != seg.rows or r.dim != self.meta.model.dim:
                     raise Damage(f"segment {seg.name} holds {r.rows} rows of dim {r.dim}; its manifest says "
                                  f"{seg.rows} of dim {self.meta.model.dim}", seg.name)
-            self._live = [self.manifest.live(s) for s in self._segments]
+            self._live = [source.live(s) for s in self._segments]
         counts = [int(m.sum()) for m in self._live]
         self._seg = np.repeat(np.arange(len(counts), dtype=np.int32), counts)  # row -> segment
         self._row = np.concatenate([np.flatnonzero(m) for m in self._live]) if counts else np.zeros(0, np.int64)
@@ -161,7 +165,8 @@ class Generation:
     def catalog(self) -> Catalog:
         """The live rows' columns (without vectors or local features; read once, checked)."""
         with self._reading("catalogue"):
-            paths, sha = [], []
+            paths: list[str] = []
+            sha: list[str] = []
             for r, live in zip(self._readers, self._live):
                 rp, rs = r.paths(), r.sha256()
                 if len(rp) != r.rows:
@@ -170,7 +175,10 @@ class Generation:
                 paths += rp if len(keep) == r.rows else [rp[i] for i in keep]
                 sha += rs if len(keep) == r.rows else [rs[i] for i in keep]
         n = len(self)
-        col = lambda name, dt: self._column(name).astype(dt) if n else np.zeros(0, dt)  # noqa: E731
+
+        def col(name: str, dt: type) -> np.ndarray:
+            return self._column(name).astype(dt) if n else np.zeros(0, dt)
+
         ids = col("ids", np.int64)
         if len(np.unique(ids)) != len(ids):  # a forged or mixed-up manifest: a photo would pair with itself
             raise damaged(self.path, "an id is in more than one row of its segments")
@@ -185,7 +193,7 @@ class Generation:
         rows = np.asarray(rows, np.int64)
         if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
             raise IndexError(f"rows out of range [0, {len(self)})")
-        out = np.empty((len(rows), *shape), dtype)
+        out: np.ndarray = np.empty((len(rows), *shape), dtype)
         seg = self._seg[rows]
         with self._reading(name):
             for k in np.unique(seg).tolist():
@@ -232,7 +240,7 @@ class Generation:
     def _lookup(self) -> tuple[np.ndarray, np.ndarray]:
         return faiss_index.id_lookup(self.catalog.ids)
 
-    def rows_of(self, ids: np.ndarray | list[int]) -> np.ndarray:
+    def rows_of(self, ids: np.ndarray | Sequence[int]) -> np.ndarray:
         """Rows of catalogue `ids` (any shape); -1 for an id not in this generation (and for -1)."""
         return faiss_index.rows_for(self._lookup, ids)
 
@@ -272,14 +280,14 @@ class Generation:
 
     # ------------------------------------------------------------------------------------------- index
     @property
-    def index(self):  # noqa: ANN201 - faiss.Index, imported lazily
+    def index(self) -> faiss.Index:
         """The FAISS index of the live rows, its search knob set (built or loaded once, then kept)."""
         with self._lock:
             if "_index" not in self.__dict__:
                 self.__dict__["_index"] = self._load_index()
             return self.__dict__["_index"]
 
-    def _flat(self):  # noqa: ANN202
+    def _flat(self):
         index = faiss_index.build_flat_index(np.zeros((0, self.meta.model.dim), np.float32), np.zeros(0, np.int64))
         ids = self.catalog.ids
         at = 0
@@ -301,7 +309,7 @@ class Generation:
             return None
         return data if not sha256 or hashlib.sha256(data).hexdigest() == sha256 else None
 
-    def _load_index(self):  # noqa: ANN202
+    def _load_index(self) -> faiss.Index:
         m = self.meta
         if m.index.factory == "Flat":
             return self._flat()
@@ -319,17 +327,21 @@ class Generation:
         index_kinds.apply_params(index, m.index.params)  # FAISS does not save nprobe with the index
         return index
 
-    def _merged_parts(self):  # noqa: ANN202
+    def _merged_parts(self) -> faiss.Index | None:
         """The segments' index parts merged, each without its dead rows; a part that is missing or damaged is
         built again in memory from its segment's vectors with the others' training (said in the log): an index
         chosen to fit a memory budget stays within it. None when no part is intact."""
-        loaded, lost = [], []
+        loaded: list[tuple[Segment, np.ndarray, bytes]] = []
+        lost: list[Segment] = []
         for s, live in zip(self._segments, self._live):
             data = self._index_bytes(s.index, s.index_sha256) if s.index else None
-            (lost if data is None else loaded).append((s, live, data))
+            if data is None:
+                lost.append(s)
+            else:
+                loaded.append((s, live, data))
         if not loaded:
             return None
-        parts = []
+        parts: list[tuple[faiss.Index, np.ndarray]] = []
         for s, live, data in loaded:
             dead = self._column_of(s, "ids")[~live] if not live.all() else np.zeros(0, np.int64)
             parts.append((faiss_index.index_from_bytes(data), dead))
@@ -337,7 +349,7 @@ class Generation:
             log.warning("index parts of %d segments of %s are missing or damaged; built again in memory (`neardup "
                         "update DIR --repair` writes them anew)", len(lost), self.path)
             template = faiss_index.template_of(parts[0][0])
-            for s, live, _ in lost:
+            for s in lost:
                 k = self._segments.index(s)
                 rows = np.flatnonzero(self._seg == k)
                 parts.append((faiss_index.part(template, self.vectors(rows), self.catalog.ids[rows]),
@@ -356,8 +368,8 @@ class Generation:
         if m.index.factory == "Flat":
             return True
         if not full:
-            named = [m.index.file] if m.index.file else [s.index for s in self._segments]
-            return all(name in self._index_files for name in named)
+            files = [m.index.file] if m.index.file else [s.index for s in self._segments]
+            return all(name in self._index_files for name in files)
         named = [(m.index.file, m.index.sha256)] if m.index.file else [(s.index, s.index_sha256) for s in
                                                                         self._segments]
         for name, sha in named:
@@ -389,7 +401,10 @@ class Generation:
 
     def disk_bytes(self) -> dict[str, int]:
         """Bytes on disk: the manifest, the segments and the index files this generation names."""
-        size = lambda p: p.stat().st_size if p.exists() else 0  # noqa: E731
+
+        def size(p: Path) -> int:
+            return p.stat().st_size if p.exists() else 0
+
         idx = [self.files.segment_index(s.index) for s in self._segments if s.index]
         if self.meta.index.file:
             idx.append(self.files.index(self.meta.index.file))

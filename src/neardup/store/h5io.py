@@ -21,8 +21,12 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer, WriteableBuffer
 
 #: Every exception type h5py raises on a damaged file (HDF5's errors map to several; a broken structure
 #: surfaces as RuntimeError, KeyError, ValueError, ...): all of them mean "damaged", never a traceback.
@@ -67,7 +71,7 @@ class GuardedFile:
     def seekable(self) -> bool:
         return True
 
-    def readinto(self, buf) -> int:  # noqa: ANN001 - a writable buffer
+    def readinto(self, buf: WriteableBuffer) -> int:
         view = memoryview(buf).cast("B")
         n = min(len(view), max(0, self.size - self.pos))
         got = os.preadv(self.fd, [view[:n]], self.pos) if n else 0
@@ -75,6 +79,7 @@ class GuardedFile:
         for start, end in self._spilled:  # then what went to the memfd, over them
             lo, hi = max(start, self.pos), min(end, self.pos + n)
             if lo < hi:
+                assert self._spill is not None  # ranges are spilled only once the memfd exists
                 os.preadv(self._spill, [view[lo - self.pos:hi - self.pos]], lo)
         self.pos += n
         return n
@@ -83,7 +88,7 @@ class GuardedFile:
         buf = bytearray(max(0, self.size - self.pos) if n < 0 else n)
         return bytes(buf[:self.readinto(buf)])
 
-    def write(self, buf) -> int:  # noqa: ANN001 - a buffer
+    def write(self, buf: ReadableBuffer) -> int:
         view = memoryview(buf).cast("B")
         done = 0
         if self.error is None:

@@ -154,9 +154,9 @@ class Store:
             problems += [f"decisions journal: {p}" for p in Journal(self.files.decisions).read().problems]
             left = unnamed(self.files, gen.manifest, self.files.previous) if gen.manifest is not None else []
             if left:
+                shown = ", ".join(p.name for p in left[:3]) + (", ..." if len(left) > 3 else "")
                 problems.append(f"{len(left)} file(s) that no kept generation names, left by a writer that was "
-                                f"killed or being written now ({', '.join(p.name for p in left[:3])}{', ...' if len(left) > 3 else ''}); "
-                                f"the next `neardup update` removes them")
+                                f"killed or being written now ({shown}); the next `neardup update` removes them")
         try:
             prev = self.previous()
             if prev is not None:

@@ -1,4 +1,4 @@
-"""Indexing stage 7a, index_kinds: which FAISS index a store gets, trained, tuned and measured.
+"""Store, index_kinds: which FAISS index a store gets, trained, tuned and measured.
 
 The store's float32 vectors stay the ground truth; the index is derived from them and rebuildable. `flat`
 is exact. An approximate kind (`ivf`, `hnsw`, or any FAISS index-factory string) is built on the store's
@@ -8,14 +8,15 @@ own vectors as queries, with its search knob (nprobe, efSearch) raised until tha
 The knob, the recall and the sample size are recorded in the store, and `neardup info` shows them.
 
 `auto` chooses from the vector count n, the dimension d and a memory budget (autofaiss-style rules):
-    n <= FLAT_MAX and 4*n*d bytes fit          Flat: exact; at 100k x 2048-d one scan is ~30 ms
+    n <= FLAT_MAX and 4*n*d bytes fit          Flat: exact
     d + 16 bytes a vector fit                   IVF{nlist},SQ8: 8-bit scalar quantisation, no PCA
     else                                        PCAR{p},IVF{nlist},SQ8 with the widest p in 1024/512/256 that fits,
                                                 or PCAR256,IVF{nlist},PQ{m} (m in 64/32/16/8 bytes a vector) below that
 nlist is the power of two nearest 2*sqrt(n) (16 <= nlist), trained on a seeded sample of 40*nlist vectors
 (FAISS warns below 39 per centroid): on 2 cores the k-means and the assignment of n vectors in 2048-d cost
-O(n * nlist * d), so nlist stays at the low end of autofaiss's 4-16*sqrt(n) and nprobe is tuned up instead. HNSW is offered (`--index hnsw`: HNSW32 on the float vectors, no training)
-but never chosen by `auto`: its build inserts every vector through a graph search in full dimension.
+O(n * nlist * d), so nlist stays at the low end of autofaiss's 4-16*sqrt(n) and nprobe is tuned up instead.
+HNSW is offered (`--index hnsw`: HNSW32 on the float vectors, no training) but never chosen by `auto`: its
+build inserts every vector through a graph search in full dimension. Measurements: benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -128,8 +129,9 @@ def trained(xb: np.ndarray, factory: str, *, seed: int = 0) -> faiss.Index:
     if not inner.is_trained:
         ivf = _ivf(index)
         need = max(40 * ivf.nlist, 4096) if ivf is not None else 65_536
-        if n < (ivf.nlist if ivf is not None else 1):
-            raise InputError(f"{factory} needs at least {ivf.nlist} vectors to train; the store has {n} "
+        least = ivf.nlist if ivf is not None else 1
+        if n < least:
+            raise InputError(f"{factory} needs at least {least} vectors to train; the store has {n} "
                              f"(use --index flat or a smaller IVF)")
         rows = np.sort(np.random.default_rng(seed).choice(n, size=min(n, need), replace=False))
         index.train(xb[rows])
@@ -172,7 +174,7 @@ def _knob(index: faiss.Index) -> tuple[str, list[int]] | None:
 def apply_params(index: faiss.Index, params: str) -> None:
     """Set the recorded search knob ("nprobe=16") on a loaded index ("" leaves it alone)."""
     if params:
-        faiss.ParameterSpace().set_index_parameters(index, params)
+        faiss.ParameterSpace().set_index_parameters(index, params)  # type: ignore[arg-type]  # faiss's stub lacks the str overload
 
 
 def recall_at(I: np.ndarray, gt: np.ndarray, scores: np.ndarray | None = None, kth: np.ndarray | None = None,
@@ -216,7 +218,8 @@ def tie_recall(index: faiss.Index, xq: np.ndarray, xb: np.ndarray, ids: np.ndarr
 def tune(index: faiss.Index, xb: np.ndarray, ids: np.ndarray, *, target: float = TARGET_RECALL,
          k: int = RECALL_K, queries: int = RECALL_QUERIES, seed: int = 1) -> Measured:
     """Measure recall@k of `index` against exact search (a result tying the k-th exact score counts: recall_at),
-    over `queries` store vectors picked with `seed`, and set its knob to the smallest value that reaches `target` (the largest tried when none does)."""
+    over `queries` store vectors picked with `seed`, and set its knob to the smallest value that reaches
+    `target` (the largest tried when none does)."""
     t0 = time.perf_counter()
     knob = _knob(index)
     if index.ntotal == 0:
@@ -228,7 +231,10 @@ def tune(index: faiss.Index, xb: np.ndarray, ids: np.ndarray, *, target: float =
     # brute force over xb itself: no copy of a million vectors beside the store's
     gt_scores, gt_rows = faiss.knn(xq, np.ascontiguousarray(xb, np.float32), k, metric=faiss.METRIC_INNER_PRODUCT)
     gt = np.asarray(ids, np.int64)[gt_rows]
-    measure = lambda: tie_recall(index, xq, xb, ids, gt, gt_scores, k)  # noqa: E731
+
+    def measure() -> float:
+        return tie_recall(index, xq, xb, ids, gt, gt_scores, k)
+
     if knob is None:  # a factory string without a knob: measured as it is
         return Measured("", measure(), len(rows), time.perf_counter() - t0)
     name, values = knob

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -82,8 +83,8 @@ def write_manifest(path: Path, man: Manifest, before_replace: Callable[[], objec
     atomic_write(path, write, before_replace)
 
 
-def _meta(attrs: dict[str, object], count: int, failures: int, **extra: object) -> StoreMeta:
-    values: dict[str, object] = {}
+def _meta(attrs: dict[str, Any], count: int, failures: int, **extra: Any) -> StoreMeta:
+    values: dict[str, Any] = {}
     for k in RECORDED:
         if k in attrs:
             v = attrs[k]
@@ -147,6 +148,7 @@ def _open_checked(path: Path) -> h5py.File:
             unseal(head, header_only=True)  # anything else is refused before it is read whole
             data = head + fh.read()
         body = unseal(data)
+        assert body is not None  # None only for an unsealed file, which returned above
         return h5py.File(io.BytesIO(body), "r")
     except ValueError as exc:  # from unseal: what is wrong with the bytes
         raise Damage(str(exc)) from None
@@ -329,17 +331,20 @@ def unnamed(files: StoreFiles, *kept: Manifest | Path) -> list[Path] | None:
     names: set[str] = set()
     index_files: set[str] = set()
     for m in kept:
+        man: Manifest | LegacyFile
         if isinstance(m, Path):
             if not m.exists():
                 continue
             try:
-                m = open_any(m)
+                man = open_any(m)
             except (StoreError, OSError) as exc:
                 log.warning("not deleting unused segments: %s cannot be read (%s)", m, exc)
                 return None
-            if isinstance(m, LegacyFile):
-                m.close()
-        a, b = named(m)
+            if isinstance(man, LegacyFile):
+                man.close()
+        else:
+            man = m
+        a, b = named(man)
         names |= a
         index_files |= b
     return files.unnamed(names, index_files)

@@ -18,8 +18,11 @@ import itertools
 import json
 import logging
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -35,7 +38,10 @@ from .lock import writer_lock
 from .manifest import is_store, named, open_any, remove_unnamed, write_manifest
 from .meta import RECORDED, SCHEMA_VERSION, Catalog, Manifest, Segment, StoreMeta
 from .repair import DroppedSegment, open_healthy, rebuild
-from .segment import LARGE, Damage, SegmentFile, plain, segment_columns, write_segment
+from .segment import LARGE, Columns, Damage, SegmentFile, plain, segment_columns, write_segment
+
+if TYPE_CHECKING:
+    import faiss
 
 log = logging.getLogger(__name__)
 
@@ -102,14 +108,14 @@ class Writer:
         self.current: Generation | None = None
         #: with `repair`: the damaged segments left out of the current generation
         self.dropped: list[DroppedSegment] = []
-        self._lock = None
+        self._lock: AbstractContextManager[None] | None = None
         self._bytes = 0
         #: with `repair`: the manifest was damaged and rebuilt from the segments (published by the next publish)
         self.rebuilt = False
 
     def __enter__(self) -> Writer:
-        self._lock = writer_lock(self.files)
-        self._lock.__enter__()
+        self._lock = lock = writer_lock(self.files)
+        lock.__enter__()
         try:
             self.files.remove_temporaries()
             self.files.finish_restore()
@@ -117,9 +123,10 @@ class Writer:
                 try:
                     self.current, self.dropped = open_healthy(self.files.store, self.files)
                 except StoreError as exc:  # the manifest: rebuilt from the segments when none can be restored
-                    if not getattr(exc, "reason", "") or getattr(exc, "segment", "") or is_store(self.files.previous):
+                    reason, segment = getattr(exc, "reason", ""), getattr(exc, "segment", "")
+                    if not reason or segment or is_store(self.files.previous):
                         raise
-                    self.current, self.dropped = rebuild(self.files.store, self.files, exc.reason)
+                    self.current, self.dropped = rebuild(self.files.store, self.files, reason)
                     self.rebuilt = True
                     log.warning("the manifest of %s is damaged (%s) and no previous generation can be restored: "
                                 "rebuilt from its %d segments (%d rows; nothing embedded again)", self.files.store,
@@ -134,14 +141,16 @@ class Writer:
                 else:  # written before segments: every block read before an upgrade
                     self.current.verify()
         except BaseException:
-            self._lock.__exit__(None, None, None)
+            lock.__exit__(None, None, None)
             raise
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         if self.current is not None:
             self.current.close()
-        self._lock.__exit__(*exc)
+        assert self._lock is not None  # taken by __enter__
+        self._lock.__exit__(kind, exc, tb)
 
     # ------------------------------------------------------------------------------------------ publish
     def publish(self, change: Change, *, compact: bool | None = None) -> Published:
@@ -153,7 +162,7 @@ class Writer:
         except BaseException:
             try:
                 remove_unnamed(self.files, self.files.store, self.files.previous)
-            except Exception:  # noqa: BLE001 - the first error is the one to report; the next writer retries
+            except Exception:  # the first error is the one to report; the next writer retries
                 pass
             raise
 
@@ -163,15 +172,16 @@ class Writer:
         self._bytes, created = 0, now_iso()
         meta = replace(change.meta, schema_version=SCHEMA_VERSION, neardup_version=VERSION, updated=created,
                        created=(cur.meta.created if cur is not None else "") or change.meta.created or created)
-        appended = len(change.append) if change.append is not None else 0
-        if appended and bool(meta.local_features) != (change.append.local is not None):
+        append = change.append
+        appended = len(append) if append is not None else 0
+        if append is not None and appended and bool(meta.local_features) != (append.local is not None):
             raise ValueError("appended rows must carry local features exactly when the store caches them")
         keep = np.ones(len(cur) if cur is not None else 0, bool)
         keep[np.asarray(change.delete, np.int64)] = False
         upgrade = cur is not None and cur.manifest is None  # a store written before segments
         segments: list[Segment] = []
         dead: dict[str, np.ndarray] = {}
-        if cur is not None and not upgrade:
+        if cur is not None and cur.manifest is not None:  # (not an upgrade)
             segments = list(cur.segments)
             dead = {k: v.copy() for k, v in cur.manifest.dead.items()}
             for k, s in enumerate(segments):  # the deleted rows, as (segment, row) tombstones
@@ -183,7 +193,7 @@ class Writer:
         written_rows = sum(s.rows for s in segments) + appended
         full = upgrade or compact is True or (compact is None and written_rows > 0 and
                                               sum(len(v) for v in dead.values()) / written_rows > DEAD_SHARE)
-        new_rows = [segment_columns(change.append)] if appended else []
+        new_rows = [segment_columns(append)] if append is not None and appended else []
         written: list[Segment] = []
         if full and cur is not None:  # every live row kept, and the new ones, copied into one segment
             n = int(keep.sum()) + appended
@@ -242,7 +252,7 @@ class Writer:
         return self.publish(Change(self.current.meta, failures=self.current.failures), compact=True)
 
     def _segment(self, n: int, meta: StoreMeta, created: str,
-                 pieces: Iterator[dict[str, np.ndarray | list[str]]]) -> Segment:
+                 pieces: Iterator[Columns]) -> Segment:
         path = self.files.segment(new_name())
         flat = meta.flat()
         recorded = json.dumps({k: plain(flat[k]) for k in RECORDED})  # a lost manifest is rebuilt from it
@@ -261,7 +271,7 @@ class Writer:
         sha, size, data = file_digest(self.files.segment(seg.name), LARGE)
         return replace(seg, file_sha256=sha, file_bytes=size, file_data=data)
 
-    def _save(self, index, path: Path) -> str:  # noqa: ANN001
+    def _save(self, index: faiss.Index, path: Path) -> str:
         sha = faiss_index.save_index(index, path)
         self._bytes += path.stat().st_size
         return sha
@@ -288,13 +298,14 @@ class Writer:
                 return man, False
         return self._retrained(man), True
 
-    def _template(self, cur: Generation):  # noqa: ANN202 - (faiss.Index or None, intact part names)
+    def _template(self, cur: Generation) -> tuple[faiss.Index | None, set[str]]:
         """An empty copy of the current index's training, and the parts that match their digests."""
         m = cur.meta
         if m.index.file:
             data = cur._index_bytes(m.index.file, m.index.sha256)
             return (faiss_index.template_of(faiss_index.index_from_bytes(data)) if data is not None else None), set()
-        template, good = None, set()
+        template: faiss.Index | None = None
+        good: set[str] = set()
         for s in cur.segments:
             data = cur._index_bytes(s.index, s.index_sha256) if s.index else None
             if data is not None:
@@ -307,13 +318,13 @@ class Writer:
         with _Pinned(self.files, man.meta, man.segments if segments is None else segments, man.dead) as gen:
             return gen.vectors(), gen.catalog.ids
 
-    def _part(self, template, seg: Segment, man: Manifest) -> Segment:  # noqa: ANN001
+    def _part(self, template: faiss.Index, seg: Segment, man: Manifest) -> Segment:
         name = new_name()
         xb, ids = self._live_vectors(man, [seg])
         sha = self._save(faiss_index.part(template, xb, ids), self.files.segment_index(name))
         return replace(seg, index=name, index_sha256=sha)
 
-    def _whole(self, man: Manifest, index) -> Manifest:  # noqa: ANN001
+    def _whole(self, man: Manifest, index: faiss.Index) -> Manifest:
         name = self.files.new_index_name()
         sha = self._save(index, self.files.index(name))
         man.meta = replace(man.meta, index=replace(man.meta.index, file=name, sha256=sha))
@@ -348,7 +359,7 @@ class Writer:
         return man
 
 
-def pieces(gen: Generation, keep: np.ndarray | None = None, step: int = 8192) -> Iterator[dict[str, object]]:
+def pieces(gen: Generation, keep: np.ndarray | None = None, step: int = 8192) -> Iterator[Columns]:
     """The rows of `gen` marked in `keep` (default: all), in order, as segment columns in pieces of `step`
     rows at most: a compaction or an upgrade copies a store of any size in bounded memory."""
     cat, local = gen.catalog, bool(gen.meta.local_features)
@@ -365,7 +376,7 @@ def pieces(gen: Generation, keep: np.ndarray | None = None, step: int = 8192) ->
                 if not sel.any():
                     continue
                 rows = g[sel]
-                piece: dict[str, object] = {
+                piece: Columns = {
                     "ids": cat.ids[rows], "paths": [cat.paths[i] for i in rows.tolist()],
                     "sizes": cat.sizes[rows], "mtimes_ns": cat.mtimes_ns[rows],
                     "sha256": np.array([cat.sha256[i] for i in rows.tolist()], "S64"),

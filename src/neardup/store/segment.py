@@ -15,6 +15,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -26,13 +27,15 @@ from .h5io import H5_ERRORS, check_file, file_digest, h5_create
 from .meta import SEGMENT_FORMAT, Catalog, Segment
 
 #: Bytes of a block of the large columns (embeddings: 32 rows of 2048-d): a scattered row read costs one
-#: block read and digest (~0.2 ms), a whole read runs at the disk's and SHA-256's speed.
+#: block read and digest, a whole read runs at the disk's and SHA-256's speed.
 BLOCK_BYTES = 256 << 10
 #: Rows of a local-features block: a query verifies ~10 rows scattered over the store (4 rows: 64 kB a read).
 LOCAL_BLOCK_ROWS = 4
 #: The columns of a segment, in the order they are written; the small ones are one block.
 SMALL = ("ids", "paths", "sizes", "mtimes_ns", "sha256", "widths", "heights", "local/count")
 LARGE = ("embeddings", "local/xy", "local/desc")
+#: Consecutive rows of a segment, column by column: `paths` a list of str, every other column an array.
+Columns = dict[str, "np.ndarray | list[str]"]
 
 
 class Damage(StoreError):
@@ -59,7 +62,7 @@ def plain(v: object) -> object:
     return v
 
 
-def attrs_of(obj: h5py.HLObject, skip: tuple[str, ...] = ()) -> dict[str, object]:
+def attrs_of(obj: h5py.HLObject, skip: tuple[str, ...] = ()) -> dict[str, Any]:
     return {k: plain(v) for k, v in obj.attrs.items() if k not in skip}
 
 
@@ -96,14 +99,15 @@ def _root(attrs: dict[str, object], tables: dict[str, tuple[str, tuple[int, ...]
     return h.hexdigest()
 
 
-def segment_columns(cat: Catalog, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def segment_columns(cat: Catalog, rows: np.ndarray | None = None) -> Columns:
     """The columns of a segment holding `rows` of `cat` (default: all), as arrays in the stored dtypes."""
-    sel = slice(None) if rows is None else np.asarray(rows, np.int64)
-    pick = (lambda xs: list(xs)) if rows is None else (lambda xs: [xs[i] for i in sel.tolist()])
+    sel: slice | np.ndarray = slice(None) if rows is None else np.asarray(rows, np.int64)
+    picked = [] if rows is None else np.asarray(rows, np.int64).tolist()
+    pick = (lambda xs: list(xs)) if rows is None else (lambda xs: [xs[i] for i in picked])
     n = len(cat.ids[sel])
     if cat.xb is None:
         raise ValueError("a segment needs the rows' vectors")
-    cols = {"ids": np.asarray(cat.ids[sel], np.int64), "paths": pick(cat.paths),
+    cols: Columns = {"ids": np.asarray(cat.ids[sel], np.int64), "paths": pick(cat.paths),
             "sizes": np.asarray(cat.sizes[sel], np.int64), "mtimes_ns": np.asarray(cat.mtimes_ns[sel], np.int64),
             "sha256": np.array(pick(cat.sha256), dtype="S64").reshape(n),
             "widths": np.asarray(cat.widths[sel], np.int32), "heights": np.asarray(cat.heights[sel], np.int32),
@@ -140,7 +144,7 @@ class _Digester:
 
 
 def write_segment(path: Path, n: int, dim: int, local_features: str, created: str,
-                  pieces: Iterable[dict[str, np.ndarray | list[str]]], meta: str = "") -> Segment:
+                  pieces: Iterable[Columns], meta: str = "") -> Segment:
     """Write an immutable segment of n rows atomically from `pieces` (segment_columns of consecutive rows,
     in order: memory is one piece, whatever n), and return its manifest entry. With `local_features` the
     pieces carry local/* columns. `meta` (JSON) is the store's meta as it was written: with it, a manifest
@@ -148,7 +152,7 @@ def write_segment(path: Path, n: int, dim: int, local_features: str, created: st
     if n <= 0:
         raise ValueError("a segment holds at least one row")
     k = DEFAULTS.local_keypoints
-    large = {"embeddings": ((dim,), np.float32)}
+    large: dict[str, tuple[tuple[int, ...], type[np.generic]]] = {"embeddings": ((dim,), np.float32)}
     if local_features:
         large.update({"local/xy": ((k, 2), np.float16), "local/desc": ((k, 32), np.uint8)})
     attrs = {"format": SEGMENT_FORMAT, "rows": n, "dim": dim, "local_features": local_features, "created": created,

@@ -237,7 +237,7 @@ def shelf_pairs(root: str | Path | None = None, *, split: str = "test", top: int
                 workers: int = 2) -> list[tuple[Path, Path, int]]:
     """The known trap, measured: the `top` pairs of photos of two DIFFERENT products of one shelf (coarse
     class) of Packages that share the most RANSAC inliers (a shared background and brand), as
-    (a, b, raw inliers), most first. Scans every such pair of the split (~50k in the test split, ~1 min).
+    (a, b, raw inliers), most first. Scans every such pair of the split (slow: tens of thousands of pairs).
     """
     from ..config import VerifyRule
     from ..embed.decode import file_local_features

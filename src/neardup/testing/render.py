@@ -94,7 +94,7 @@ def _background(spec: ProductSpec) -> np.ndarray:
         # than per-pixel so it stays cheap to compress.
         gh, gw = max(h // 40, 2), max(w // 40, 2)
         coarse = rng.normal(0, 1, (gh, gw)).astype(np.float32)
-        up = np.asarray(Image.fromarray(coarse, mode="F").resize((w, h), Image.BICUBIC))
+        up = np.asarray(Image.fromarray(coarse, mode="F").resize((w, h), Image.Resampling.BICUBIC))
         img += (amp * 1.4 * up)[..., None]
     elif spec.texture == "grain":
         # Mild sensor-like grain; amplitude kept small to bound file size.
@@ -219,8 +219,8 @@ def _product_layer(spec: ProductSpec) -> Image.Image:
         layer = Image.fromarray(np.clip(arr, 0, 255).round().astype(np.uint8), "RGBA")
 
     if spec.tilt:
-        layer = layer.rotate(spec.tilt, resample=Image.BICUBIC, expand=True)
-    return layer.resize((max(layer.width // S, 1), max(layer.height // S, 1)), Image.LANCZOS)
+        layer = layer.rotate(spec.tilt, resample=Image.Resampling.BICUBIC, expand=True)
+    return layer.resize((max(layer.width // S, 1), max(layer.height // S, 1)), Image.Resampling.LANCZOS)
 
 
 def render(spec: ProductSpec) -> Image.Image:
@@ -295,7 +295,7 @@ def make_variant(img: Image.Image, kind: str,
     w, h = img.size
     if kind == "resize":
         f = float(rng.uniform(0.50, 0.70))
-        return (img.resize((max(int(w * f), 1), max(int(h * f), 1)), Image.LANCZOS),
+        return (img.resize((max(int(w * f), 1), max(int(h * f), 1)), Image.Resampling.LANCZOS),
                 f"scale={f:.2f}", None)
     if kind == "recompress":
         q = int(rng.integers(40, 61))
