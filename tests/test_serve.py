@@ -427,15 +427,18 @@ def test_query_cli_through_the_server(server: str, catalogue: Path, monkeypatch:
 
 
 class SlowFake(FakeEmbedder):
-    """The fake embedder, 30 ms a call: long enough for concurrent requests to queue behind it."""
+    """The fake embedder, whose first call lasts until the other requests' images are queued behind it (`queued()`
+    of them, `total` images in all): concurrent requests then wait for the model, however slow the machine."""
 
-    def __init__(self) -> None:
+    def __init__(self, total: int) -> None:
         super().__init__()
-        self.sizes: list[int] = []
+        self.total, self.sizes = total, []
+        self.queued: Any = lambda: 0
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
+        if not self.sizes:
+            wait_for(lambda: self.queued() >= self.total - len(batch), every_s=0.005)
         self.sizes.append(len(batch))
-        time.sleep(0.03)
         return super().embed(batch)
 
 
@@ -443,8 +446,9 @@ def test_micro_batching_embeds_concurrent_requests_together(tmp_path: Path) -> N
     paths = write_product_photos(tmp_path / "photos", range(12))
     store = tmp_path / "catalog.h5"
     build_index([tmp_path / "photos"], store, embedder=FakeEmbedder())
-    slow = SlowFake()
+    slow = SlowFake(len(paths))
     service = QueryService(LiveStore(store, embedder=slow), batch_wait_ms=10)
+    slow.queued = service.batcher._q.qsize  # one image a request
     ups = [Upload(p.name, p.read_bytes()) for p in paths]
 
     async def run() -> list:
