@@ -1,7 +1,7 @@
 """Query latency in a warm process: embed one photo and search a 50k-vector store for its 10 neighbours.
 
 Question: once a `search.query.Searcher` is open (rows, FAISS index and model loaded), how long does one
-query photo take end to end (`Searcher.query([photo], k=10)`: read, decode, embed, search), and how long
+query photo take end to end (`Searcher.answer([photo], k=10)`: read, decode, embed, search), and how long
 does the search alone take? Target: p50 <= 60 ms end to end.
 
 The store holds --n synthetic 2048-d unit vectors written with `indexer.write_catalog`, plus a FAISS index
@@ -88,7 +88,7 @@ def main() -> int:
         emb = searcher.embedder
         warm, timed = photos.paths[:args.warmup], photos.paths[args.warmup:]
         for ph in warm:
-            searcher.query([ph], args.k)
+            searcher.answer([ph], args.k)
             searcher.search(emb.embed(read_and_decode(str(ph), 224)[1].pixels[None]), args.k)
 
         log(f"{len(timed)} timed queries")
@@ -99,7 +99,7 @@ def main() -> int:
         results, vectors = [], []
         for ph in timed:
             t0 = time.perf_counter()
-            res = searcher.query([ph], args.k)
+            res = searcher.answer([ph], args.k).results
             total.append(time.perf_counter() - t0)
             results.append(res[0])
             t0 = time.perf_counter()
@@ -126,11 +126,11 @@ def main() -> int:
         log("the same queries with --precision bf16")
         bf16 = Searcher.open(store, precision="bf16")
         for ph in warm:
-            bf16.query([ph], args.k)
+            bf16.answer([ph], args.k)
         total_bf16 = []
         for ph in timed:
             t0 = time.perf_counter()
-            bf16.query([ph], args.k)
+            bf16.answer([ph], args.k)
             total_bf16.append(time.perf_counter() - t0)
         del bf16
 
@@ -140,7 +140,7 @@ def main() -> int:
 
         report.table(f"Latency per query photo (ms, {len(timed)} queries, k={args.k})",
                      ["step", "p50", "p95", "min", "max"], [
-                         row("total: Searcher.query([photo], k) (read + decode + embed + search)", total),
+                         row("total: Searcher.answer([photo], k) (read + decode + embed + search)", total),
                          row("total with --precision bf16: Searcher.open(store, precision='bf16').query", total_bf16),
                          row("search alone: Searcher.search(xq, k) (FAISS IndexFlatIP + match list)", search_only),
                          row("  breakdown: read + decode (read_and_decode)", decode),

@@ -165,14 +165,14 @@ def main() -> int:
             s.embedder.embed(pix)
             rounds += 1
         model_ips = 32 * rounds / (time.perf_counter() - t0)
-        s.query(queries[:32], batch_size=32, verify=args.verify)
+        s.answer(queries[:32], batch_size=32, verify=args.verify)
         t0 = time.perf_counter()
-        inproc = s.query(queries, batch_size=32, verify=args.verify)
+        inproc = s.answer(queries, batch_size=32, verify=args.verify).results
         pipeline_ips = len(queries) / (time.perf_counter() - t0)
         lone = []
         for q in queries[:45]:
             t0 = time.perf_counter()
-            s.query([q], verify=args.verify)
+            s.answer([q], verify=args.verify)
             lone.append(time.perf_counter() - t0)
         lone_ms = 1000 * median(lone[5:])
         del s

@@ -336,3 +336,22 @@ def test_a_new_name_of_a_stored_file_outside_the_folders_given_is_no_second_row(
                                           "indexed once, under that name")]
     s = update_index([tmp_path / "links"], store, embedder=fake_embedder, prune=True)  # imgs/ dropped: a.jpg it is
     assert sorted(read_catalog(store).paths) == ["links/a.jpg", "links/img_0007.jpg"] and s.failures == []
+
+
+def test_index_options_record_and_keywords_agree(tmp_path: Path, make_images, fake_embedder) -> None:
+    """build_index takes one IndexOptions, or its fields as keywords; an unknown field, or both, is a TypeError."""
+    from neardup.indexer.options import IndexOptions
+
+    make_images(4)
+    a = build_index([tmp_path / "imgs"], tmp_path / "a.h5", IndexOptions(batch_size=3, local_features=False),
+                    embedder=fake_embedder)
+    b = build_index([tmp_path / "imgs"], tmp_path / "b.h5", batch_size=3, local_features=False, embedder=fake_embedder)
+    assert (a.added, a.total) == (b.added, b.total) == (4, 4)
+    np.testing.assert_allclose(read_catalog(tmp_path / "a.h5").xb, read_catalog(tmp_path / "b.h5").xb, atol=1e-6)
+    with pytest.raises(TypeError, match="batchsize"):
+        build_index([tmp_path / "imgs"], tmp_path / "c.h5", batchsize=3, embedder=fake_embedder)
+    with pytest.raises(TypeError, match="not both"):
+        build_index([tmp_path / "imgs"], tmp_path / "c.h5", IndexOptions(), prune=True, embedder=fake_embedder)
+    assert not (tmp_path / "c.h5").exists()
+    with pytest.raises(StoreError, match="no store"):  # update_index keeps its rule with a record too
+        update_index([tmp_path / "imgs"], tmp_path / "d.h5", IndexOptions(), embedder=fake_embedder)

@@ -51,7 +51,7 @@ def test_query_exit_codes_and_formats(indexed: Path, tmp_path: Path, make_images
     doc = json.loads(run("query", q, "--store", indexed, "-k", "3", "--json").output)
     assert doc["results"][0]["matches"][0]["score"] == pytest.approx(1.0) and len(doc["results"][0]["matches"]) == 3
     rows = list(csv.DictReader(io.StringIO(run("query", q, "-s", indexed, "-k", "2", "--csv").output)))
-    assert len(rows) == 2 and rows[0]["path"] == "imgs/img_0003.jpg" and rows[0]["match"] == "True"
+    assert len(rows) == 2 and rows[0]["path"] == "imgs/img_0003.jpg" and rows[0]["match"] == "true"
     # an unrelated photo: no match above the threshold -> exit 1
     other = make_images(1, folder="other", start=999)[0]
     assert run("query", other, "-s", indexed, "-t", "0.99").exit_code == 1
@@ -132,3 +132,52 @@ def test_output_path_that_is_a_folder_is_one_line_error(indexed: Path, tmp_path:
     (tmp_path / "out").mkdir()
     r = run("duplicates", "-s", indexed, "--out", tmp_path / "out")
     assert r.exit_code == 2 and r.output.startswith("neardup: error:") and "is a folder" in r.output
+
+
+def test_query_says_its_verdict_with_paths_from_the_current_folder(indexed: Path, tmp_path: Path, make_images,
+                                                                   monkeypatch) -> None:
+    """One verdict line per photo (the match and why, or why it is new), catalogue paths that open from the
+    current folder: relative under it, absolute elsewhere."""
+    q = tmp_path / "imgs" / "img_0003.jpg"
+    monkeypatch.chdir(tmp_path)
+    r = run("query", q, "--store", indexed, "-k", "2", "--no-verify")
+    assert r.exit_code == 0, r.output
+    assert "  match: imgs/img_0003.jpg (score 1.0000 >= threshold" in r.output, r.output
+    assert "  imgs/img_0003.jpg  <- match" in r.output  # the neighbour's row, relative to the current folder
+    other = make_images(1, folder="other", start=999)[0]
+    r = run("query", other, "-s", indexed, "-t", "0.999", "--no-verify")
+    assert r.exit_code == 1 and "  new: no match at or above 0.9990" in r.output, r.output
+    r = run("query", q, other, "-s", indexed, "-k", "2", "--verify")  # verified: the verdict says so, and the rows
+    assert r.exit_code == 0 and "  match: imgs/img_0003.jpg (verified, " in r.output, r.output
+    assert "(re-ranked by verification: verified first, then by inliers)" in r.output
+    assert any(line.split()[3:4] == ["yes"] and "imgs/img_0003.jpg  <- match" in line for line in r.output.splitlines())
+    assert "other/img_0999.jpg\n  new: no verified match\n" in r.output, r.output
+    monkeypatch.chdir(tmp_path / "other")  # the store's photos are not under it: absolute paths
+    r = run("query", q, "--store", indexed, "-k", "1", "--no-verify")
+    assert f"  match: {tmp_path / 'imgs' / 'img_0003.jpg'} (score" in r.output, r.output
+
+
+def test_csv_booleans_are_lower_case_and_old_files_still_read(indexed: Path, tmp_path: Path) -> None:
+    """Every CSV neardup writes spells booleans true/false; a pairs CSV of an older version (True/False) reads."""
+    from neardup.search.pairs_io import read_pairs_csv
+
+    q = tmp_path / "imgs" / "img_0003.jpg"
+    out = run("query", q, "-s", indexed, "-k", "3", "--csv").output
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert {row["match"] for row in rows} <= {"true", "false"} and rows[0]["match"] == "true"
+    assert "True" not in out and "False" not in out
+    old = tmp_path / "old.csv"
+    old.write_text("a_id,a_path,b_id,b_path,score,kind,verified,inliers\n0,a.jpg,1,b.jpg,0.95,near,True,40\n"
+                   "2,c.jpg,3,d.jpg,0.93,near,False,3\n")
+    assert [p.verified for p in read_pairs_csv(old)] == [True, False]
+
+
+def test_info_json_and_text_say_the_same_store(indexed: Path, tmp_path: Path) -> None:
+    """`info` and `info --json` render one Store.describe(): the previous generation after an update."""
+    shutil.copy(tmp_path / "imgs" / "img_0001.jpg", tmp_path / "imgs" / "again.jpg")
+    assert run("update", tmp_path / "imgs", "-s", indexed).exit_code == 0
+    doc = json.loads(run("info", "-s", indexed, "--json").output)
+    assert doc["previous"]["count"] == 20 and doc["count"] == 21 and doc["check"] is None
+    text = run("info", "-s", indexed).output
+    assert f"{doc['previous']['path']} (20 images, written {doc['previous']['updated']}" in text
+    assert run("index", tmp_path / "imgs", "-s", indexed, "--ray-actors", "2").exit_code == 2  # without --ray

@@ -47,7 +47,7 @@ LAYERS: list[list[str]] = [
     ["store/restore"],
     ["store/handle"],
     ["store_embedder"],  # the glue above both: the embedder a store was made with
-    ["indexer/checkpoint", "indexer/scan"],
+    ["indexer/checkpoint", "indexer/scan", "indexer/options"],
     ["indexer/embed_job"],
     ["indexer/ray_job"],
     ["indexer/diff"],
@@ -233,3 +233,49 @@ def test_wheel_holds_only_neardup_with_its_data(tmp_path: Path) -> None:
         assert f"neardup/search/templates/{template}" in names
     entry = zipfile.ZipFile(wheel).read(f"neardup-{neardup.__version__}.dist-info/entry_points.txt").decode()
     assert "neardup = neardup.cli:main" in entry
+
+
+#: Parameters a function of src/ may take (positional and keyword-only; *args and **kwargs not counted): beyond,
+#: a record (IndexOptions, ServeOptions, ...) carries them. A typer command takes one per option.
+MAX_PARAMS = 12
+
+
+def _is_command(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+    """Decorated `@app.command(...)`: a typer command, whose parameters are its options."""
+    return any(isinstance(d, ast.Call) and isinstance(d.func, ast.Attribute) and d.func.attr == "command"
+               for d in fn.decorator_list)
+
+
+def _too_long(tree: ast.AST) -> list[tuple[ast.FunctionDef | ast.AsyncFunctionDef, int]]:
+    """The functions of `tree` but typer commands with more than MAX_PARAMS parameters, and their counts."""
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not _is_command(node):
+            n = len(node.args.posonlyargs) + len(node.args.args) + len(node.args.kwonlyargs)
+            if n > MAX_PARAMS:
+                out.append((node, n))
+    return out
+
+
+def long_signatures() -> list[str]:
+    """Every function of src/ but typer commands with more than MAX_PARAMS parameters, as path:line name (n)."""
+    return [f"{path.relative_to(SRC)}:{fn.lineno} {fn.name} ({n})" for path in sorted(SRC.rglob("*.py"))
+            for fn, n in _too_long(ast.parse(path.read_text(encoding="utf-8")))]
+
+
+def test_long_signatures_finds_one() -> None:
+    """The walk counts positional and keyword-only parameters, not *args/**kwargs, and spares commands."""
+    import textwrap
+
+    names = ", ".join(f"p{i}" for i in range(MAX_PARAMS))
+    code = textwrap.dedent(f"""
+        def ok({names}, *args, **kwargs): ...
+        def over({names}, *, extra): ...
+        @app.command("x")
+        def cmd({names}, more): ...
+    """)
+    assert [(fn.name, n) for fn, n in _too_long(ast.parse(code))] == [("over", MAX_PARAMS + 1)]
+
+
+def test_no_function_takes_more_than_twelve_parameters() -> None:
+    assert long_signatures() == []

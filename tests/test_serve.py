@@ -27,7 +27,8 @@ from PIL import Image
 from neardup.indexer.build import build_index, update_index
 from neardup.search.query import Searcher
 from neardup.serve import client as client_mod
-from neardup.serve.service import LiveStore, QueryService, Upload
+from neardup.serve.app import ServeOptions, make_service
+from neardup.serve.service import LiveStore, Upload
 from neardup.store import Store, StoreFiles, read_catalog, read_meta
 from neardup.testing import FakeEmbedder, product_photo, write_product_photos
 
@@ -124,7 +125,7 @@ def test_query_answers_as_the_in_process_searcher(server: str, catalogue: Path) 
     for name, data in (("copy.jpg", copy), ("new.jpg", new)):
         (catalogue / name).write_bytes(data)
     with Searcher.open(store) as s:
-        oracle = s.query([catalogue / "copy.jpg", catalogue / "new.jpg"], k=5)
+        oracle = s.answer([catalogue / "copy.jpg", catalogue / "new.jpg"], k=5).results
     for got, want in zip(doc["results"], oracle):
         assert [m["id"] for m in got["matches"]] == [m.id for m in want.matches]
         assert [m["verified"] for m in got["matches"]] == [m.verified for m in want.matches]
@@ -447,7 +448,7 @@ def test_micro_batching_embeds_concurrent_requests_together(tmp_path: Path) -> N
     store = tmp_path / "catalog.h5"
     build_index([tmp_path / "photos"], store, embedder=FakeEmbedder())
     slow = SlowFake(len(paths))
-    service = QueryService(LiveStore(store, embedder=slow), batch_wait_ms=10)
+    service = make_service(ServeOptions(store=str(store), batch_wait_ms=10), embedder=slow)
     slow.queued = service.batcher._q.qsize  # one image a request
     ups = [Upload(p.name, p.read_bytes()) for p in paths]
 
@@ -460,7 +461,7 @@ def test_micro_batching_embeds_concurrent_requests_together(tmp_path: Path) -> N
         service.close()
     assert sum(slow.sizes) == 12 and len(slow.sizes) < 12 and max(slow.sizes) > 1  # batched
     with Searcher.open(store, embedder=FakeEmbedder()) as s:
-        oracle = s.query(paths, k=3)
+        oracle = s.answer(paths, k=3).results
     for a, want in zip(answers, oracle):
         got = a.results[0]
         assert [m.id for m in got.matches] == [m.id for m in want.matches]
@@ -688,11 +689,31 @@ def test_the_client_starts_again_when_its_generation_is_gone(tmp_path: Path, mon
         if generation == "g1" and len(asked) == 2:  # g1 replaced and released after the first answer
             raise client_mod.GenerationGone("generation g1 is no longer served")
         g = next(gens)
-        return {"generation": g, "threshold": 0.9, "verified": False,
-                "results": [{"error": None, "matches": []} for _ in files]}
+        return {"generation": g, "count": 3, "model": "phash", "threshold": 0.9, "verified": False,
+                "results": [{"query": name, "error": None, "found": False, "matches": []} for name, _ in files]}
 
     monkeypatch.setattr(client_mod.Client, "info", info)
     monkeypatch.setattr(client_mod.Client, "query_files", query_files)
     got = client_mod.query_server("http://127.0.0.1:9/", [tmp_path])
-    assert got.generations == ["g2"] and len(got.results) == 3
+    assert got.generations == ["g2"] and got.generation == "g2" and len(got.results) == 3
+    assert [r.query for r in got.results] == [str(tmp_path / f"{i}.jpg") for i in range(3)]
     assert asked == [(None, 1), ("g1", 1), (None, 1), ("g2", 1), ("g2", 1)], asked
+
+
+def test_answer_has_one_json_form_that_reads_back() -> None:
+    """Answer.to_json is what /v1/query sends and `query --json` prints; from_json (the client) reads it back
+    to the same answer, verdicts included."""
+    from neardup.search.query import Answer, Match, QueryResult
+
+    near = [Match(1, 0.97, 4, "imgs/x.jpg", True, 41), Match(2, 0.95, 7, "imgs/y.jpg", False, 3)]
+    results = [QueryResult("a.jpg", near, verified=True, threshold=0.9),
+               QueryResult("b.jpg", error="not a recognised image format", threshold=0.9)]
+    a = Answer("catalog.h5", "g1", 20, "phash", 0.9, True, results, "none")
+    doc = json.loads(json.dumps(a.to_json()))
+    assert list(doc) == ["store", "generation", "count", "model", "weights", "threshold", "verified", "results"]
+    assert doc["results"][0] == {"query": "a.jpg", "error": None, "found": True, "matches": [
+        {"rank": 1, "id": 4, "path": "imgs/x.jpg", "score": 0.97, "verified": True, "inliers": 41, "match": True},
+        {"rank": 2, "id": 7, "path": "imgs/y.jpg", "score": 0.95, "verified": False, "inliers": 3, "match": False}]}
+    assert doc["results"][1]["found"] is None and doc["results"][1]["error"]
+    back = Answer.from_json(doc)
+    assert back == a

@@ -158,7 +158,8 @@ def test_query_verifies_and_reranks(copies, tmp_path: Path, fake_embedder) -> No
     for c in made:
         c.rename(tmp_path / c.name)  # the copies are the queries, not in the catalogue
     build_index([folder], store, embedder=fake_embedder)
-    res = Searcher.open(store, embedder=fake_embedder).query([tmp_path / c.name for c in made], k=5, verify=True)
+    res = Searcher.open(store, embedder=fake_embedder).answer([tmp_path / c.name for c in made], k=5,
+                                                              verify=True).results
     for r, p in zip(res, photos):
         assert r.verified and r.matches[0].path == f"cat/{p.name}" and r.matches[0].verified
         assert [m.rank for m in r.matches] == list(range(1, len(r.matches) + 1))
@@ -182,8 +183,8 @@ def test_cli_query_and_duplicates_verify_flags(copies, tmp_path: Path) -> None:
     q = run("query", str(made[0]), "--store", str(store), "--verify", "--csv")
     assert q.returncode == 0, q.stderr
     got = list(csv.DictReader(io.StringIO(q.stdout)))
-    assert got[0]["path"] == f"cat/{made[0].name}" and got[0]["verified"] == "True" and got[0]["match"] == "True"
-    assert got[1]["path"] == f"cat/{photos[0].name}" and got[1]["verified"] == "True"  # its original, second
+    assert got[0]["path"] == f"cat/{made[0].name}" and got[0]["verified"] == "true" and got[0]["match"] == "true"
+    assert got[1]["path"] == f"cat/{photos[0].name}" and got[1]["verified"] == "true"  # its original, second
     assert "--verify / --no-verify" in run("query", "--help").stdout
 
 

@@ -2,9 +2,9 @@
 
 The public API, importable from here (each name loads its module on first use, so `import neardup` is cheap):
 
-    from neardup import build_index, query, find_duplicates
-    summary = build_index(["photos/"], "catalog.h5", model="phash")
-    results = query("catalog.h5", ["new.jpg"], k=5)
+    from neardup import IndexOptions, answer, build_index, find_duplicates
+    summary = build_index(["photos/"], "catalog.h5", IndexOptions(model="phash"))
+    found = answer("catalog.h5", ["new.jpg"], k=5)  # an Answer: .results, .to_json()
     report = find_duplicates("catalog.h5", threshold=0.9)
 
 Layers, bottom up: `errors`, `config`, `fileio`, `threads`, `features` → `embed` (discover → decode → embedders
@@ -29,6 +29,7 @@ _EXPORTS = {
     **dict.fromkeys(["read_catalog", "read_meta"], ".store.handle"),
     **dict.fromkeys(["Catalog", "StoreMeta"], ".store.meta"),
     **dict.fromkeys(["RunSummary", "build_index", "update_index"], ".indexer.build"),
+    **dict.fromkeys(["IndexOptions"], ".indexer.options"),
     **dict.fromkeys(["QueryResult", "Match", "Answer", "Searcher", "answer", "query", "compare"], ".search.query"),
     **dict.fromkeys(["DuplicateReport", "find_duplicates"], ".search.duplicates"),
     **dict.fromkeys(["EvalResult", "evaluate"], ".search.evaluate"),

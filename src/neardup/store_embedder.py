@@ -9,11 +9,31 @@ import os
 
 from .config import DEFAULTS
 from .embed.embedders import Embedder
-from .embed.models import make_embedder
+from .embed.models import make_embedder, split_model
 from .errors import StoreError, StoreMismatchError
 from .fileio import file_sha256
 from .store.files import StoreFiles
+from .store.handle import read_meta
 from .store.meta import StoreMeta
+
+
+def random_weights(model: str, weights: str) -> bool:
+    """Whether a store's vectors come from seeded random CNN weights (`--weights none`): every photo then
+    scores near 1, and its scores show the plumbing, not which photos are alike."""
+    return weights == "none" and model in ("resnet50", "vgg16")
+
+
+def loose_embedder(store: str | os.PathLike[str] | None, model: str | None = None, weights: str | None = None,
+                   precision: str = DEFAULTS.precision, runtime: str | None = None,
+                   preprocess: str | None = None) -> Embedder:
+    """The embedder for loose files (`compare`, `plot`): the store's own when `store` is given (a `model`, if
+    given, must be the store's: StoreMismatchError), else `model`'s (default: DEFAULTS.model)."""
+    if store is None:
+        return make_embedder(model or DEFAULTS.model, weights, precision, runtime=runtime, preprocess=preprocess)
+    meta = read_meta(store)
+    if model is not None and split_model(model, weights)[0] != meta.model:
+        raise StoreMismatchError(f"{store} was made with {meta.model}; --model {model} cannot follow it")
+    return store_embedder(meta, store, weights=weights, precision=precision, runtime=runtime)
 
 
 def check_embedder(meta: StoreMeta, emb: Embedder, store: str | os.PathLike[str]) -> None:

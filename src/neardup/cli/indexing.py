@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,11 +11,9 @@ from ..config import (
     DEFAULTS,
     ENV_MODEL,
     OFFLINE_MODEL,
-    parse_size,
 )
 from ..errors import InputError
-from ..fileio import fmt_bytes
-from .base import _progress, _show, app, handled
+from .base import _progress, app, handled
 from .options import (
     BatchOpt,
     CompactOpt,
@@ -39,24 +36,16 @@ from .options import (
     TargetRecallOpt,
     VerboseOpt,
     WeightsOpt,
+    index_options,
 )
-from .render import _index_line, _print_summary, _warn_random_weights
+from .render import _place, _print_info, _print_summary, _store_folder, _warn_random_weights
 
 
-def _run_index(update: bool, dirs: list[str], store: Path, model: str | None, weights: str | None,
-               precision: str | None, batch_size: int, prune: bool, max_file_mb: int, runtime: str,
-               preprocess: str | None, ray: Any, index: str | None, memory: str | None,
-               target_recall: float | None, repair: bool = False, compact: bool = False,
-               drop_missing: bool = False, quiet: bool = False) -> None:
+def _run_index(update: bool, dirs: list[str], store: Path, options: Any, quiet: bool) -> None:
     from ..indexer.build import build_index, update_index
 
     with _progress(quiet).stage("update" if update else "index", unit="img") as bar:
-        fn = update_index if update else build_index
-        summary = fn(dirs, store, model=model, weights=weights, precision=precision,
-                     batch_size=batch_size, prune=prune, max_file_bytes=max_file_mb << 20, runtime=runtime,
-                     preprocess=preprocess, progress=bar, ray=ray, index=index,
-                     memory=parse_size(memory) if memory else None, target_recall=target_recall, repair=repair,
-                     compact=compact, drop_missing=drop_missing)
+        summary = (update_index if update else build_index)(dirs, store, options, progress=bar)
     _print_summary(summary)
     _warn_random_weights(store)
 
@@ -86,9 +75,11 @@ def index_cmd(
         from ..search.truth import catalogue_paths
 
         dirs = [str(p) for p in catalogue_paths(from_truth)]
-    _run_index(False, dirs or [], store, model, weights, precision, batch_size, prune, max_file_mb, runtime, preprocess,
-               _ray_options(ray, ray_address, ray_actors, ray_cpus, ray_gpus), index, memory, target_recall, repair,
-               drop_missing=drop_missing, quiet=quiet)
+    _run_index(False, dirs or [], store, index_options(
+        model=model, weights=weights, precision=precision, batch_size=batch_size, prune=prune, max_file_mb=max_file_mb,
+        runtime=runtime, preprocess=preprocess, ray=ray, ray_address=ray_address, ray_actors=ray_actors,
+        ray_cpus=ray_cpus, ray_gpus=ray_gpus, index=index, memory=memory, target_recall=target_recall, repair=repair,
+        drop_missing=drop_missing), quiet)
 
 
 @app.command("update")
@@ -109,21 +100,11 @@ def update_cmd(
 ) -> None:
     """Update an existing store: embed new and changed images, drop deleted ones (for nightly jobs). Writes what
     changed: a new segment and a new manifest; compacts when deleted rows pile up."""
-    _run_index(True, dirs, store, model, weights, precision, batch_size, prune, max_file_mb, runtime, None,
-               _ray_options(ray, ray_address, ray_actors, ray_cpus, ray_gpus), index, memory, target_recall, repair,
-               compact, drop_missing, quiet)
-
-
-def _ray_options(ray: bool, address: str | None, actors: int | None, cpus: float,
-                 gpus: float | None) -> Any:
-    """The RayOptions of --ray (None without it); the --ray-* options alone are refused, not ignored."""
-    if not ray:
-        if address is not None or actors is not None or gpus is not None or cpus != DEFAULTS.ray_cpus:
-            raise InputError("--ray-address, --ray-actors, --ray-cpus and --ray-gpus go with --ray")
-        return None
-    from ..indexer.ray_job import RayOptions
-
-    return RayOptions(address=address, actors=actors, cpus_per_actor=cpus, gpus_per_actor=gpus)
+    _run_index(True, dirs, store, index_options(
+        model=model, weights=weights, precision=precision, batch_size=batch_size, prune=prune, max_file_mb=max_file_mb,
+        runtime=runtime, ray=ray, ray_address=ray_address, ray_actors=ray_actors, ray_cpus=ray_cpus,
+        ray_gpus=ray_gpus, index=index, memory=memory, target_recall=target_recall, repair=repair,
+        drop_missing=drop_missing, compact=compact), quiet)
 
 
 @app.command("info")
@@ -139,71 +120,21 @@ def info_cmd(
     """Describe a store: model, weights, counts, dimension, failures, segments, sizes, previous generation."""
     from ..store.handle import Store
 
-    handle = Store(store)
-    problems = handle.check() if check else []
-    previous = _previous(handle)
-    with handle.current() as gen:
-        meta, size, segs, dead = gen.meta, gen.disk_bytes(), gen.segments, gen.manifest.dead_rows if gen.manifest else 0
-        failed = gen.failures if (failures or as_json) else []
+    about = Store(store).describe(failures=failures or as_json, check=check)
     if as_json:
-        doc = {k: getattr(meta, k) for k in meta.__dataclass_fields__}
-        doc.update(store=str(store), store_bytes=sum(size.values()), index_bytes=size["index"],
-                   segments=[{"name": s.name, "rows": s.rows, "index": s.index or None} for s in segs],
-                   dead_rows=dead, failure_list=[{"path": p, "reason": r} for p, r in failed], previous=previous,
-                   check=({"problems": problems} if check else None))
-        typer.echo(json.dumps(doc, indent=1))
-        raise typer.Exit(1 if problems else 0)
-    layout = (f"{len(segs)} in {handle.files.segments} ({fmt_bytes(size['segments'])}"
-              + (f"; {dead} deleted rows until compaction" if dead else "") + ")") if meta.schema_version > 1 else \
-        "none: written before segments (schema 1; `neardup update` rewrites it as segments)"
-    rows = [("store", f"{store} (manifest {fmt_bytes(size['manifest'])}, {fmt_bytes(sum(size.values()))} in all)"),
-            ("generation", meta.generation or "not recorded"), ("segments", layout),
-            ("images", str(meta.count)), ("failed", str(meta.failures)), ("model", meta.model),
-            ("weights", f"{meta.weights} (fingerprint {meta.weights_fingerprint})"), ("dim", str(meta.dim)),
-            ("input", f"{meta.input_size}x{meta.input_size}"), ("preprocessing", meta.preprocessing),
-            ("runtime", f"{meta.runtime or 'not recorded'}, {meta.precision}"
-             + (f" ({meta.quantized_file}; {meta.calibration})" if meta.quantized_file else "")),
-            ("local features", f"{meta.local_features} (cached for --verify)" if meta.local_features else
-             "none: --verify extracts them from the files (a store made before they were cached)"),
-            ("faiss index", _index_line(meta) + (f", {fmt_bytes(size['index'])} on disk" if size["index"] else
-                                                 ", searched from the stored vectors (no file)")),
-            ("normalization", meta.normalization), ("created", meta.created), ("updated", meta.updated),
-            ("neardup", f"{meta.neardup_version} (schema {meta.schema_version})"),
-            ("previous", "none kept yet" if not previous else
-             f"{previous['path']}: damaged ({previous['damaged']}), cannot be restored" if "damaged" in previous else
-             f"{previous['path']} ({previous['count']} images, written {previous['updated']}; "
-             f"`neardup restore` makes it current)")]
-    if check:
-        rows.append(("check", "; ".join(problems) if problems else
-                     "ok: every block of every segment and every index file match their digests"))
-    for k, v in rows:
-        typer.echo(f"{k:>14}  {_show(v)}")
-    for p, r in failed:
-        typer.echo(f"  skipped {_show(p)}: {r}")
-    raise typer.Exit(1 if problems else 0)
-
-
-def _previous(handle: Any) -> dict | None:
-    from ..errors import StoreError
-
-    path = handle.files.previous
-    try:
-        prev = handle.previous()
-    except StoreError as exc:
-        return {"path": str(path), "count": None, "damaged": getattr(exc, "reason", str(exc))}
-    if prev is None:
-        return None
-    with prev:
-        return {"path": str(path), "count": len(prev), "updated": prev.meta.updated}
+        typer.echo(json.dumps(about.to_json(), indent=1))
+    else:
+        _print_info(about)
+    raise typer.Exit(1 if about.problems else 0)
 
 
 @app.command("restore")
 @handled
 def restore_cmd(store: StoreOpt = Path(DEFAULTS.store), verbose: VerboseOpt = 0) -> None:
     """Make the store's previous generation current again (after damage, or to undo the last update)."""
-    from ..indexer.build import restore_previous
+    from ..store.handle import Store
 
-    r = restore_previous(store)
+    r = Store(store).restore()
     typer.echo(f"restored {r.store}: {r.count} images, as written {r.updated}")
     if r.set_aside:
         typer.echo(f"  the damaged store was moved to {r.set_aside}")
@@ -239,10 +170,9 @@ def demo_cmd(
     d = res.duplicates
     typer.echo(f"\n{len(d.groups)} duplicate groups ({d.n_pairs} pairs, {d.n_exact} byte-identical) among "
                f"{d.n} images, model {d.model}, threshold {d.threshold:.4f}:")
-    catalog = res.sample / "catalog"
+    folder = _store_folder(res.store)
     for k, g in enumerate(d.groups[:show]):
-        names = [os.path.relpath(res.store.parent / m["path"], catalog) + (" (keep)" if m["keeper"] else "")
-                 for m in g.members]
+        names = [_place(m["path"], folder) + (" (keep)" if m["keeper"] else "") for m in g.members]
         typer.echo(f"  group {k + 1}: " + ", ".join(names))
     if len(d.groups) > show:
         typer.echo(f"  ... {len(d.groups) - show} more in {res.groups_json}")

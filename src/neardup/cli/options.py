@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -24,7 +24,12 @@ from ..config import (
     ENV_WEIGHTS,
     RUNTIMES,
     THRESHOLDS,
+    parse_size,
 )
+
+if TYPE_CHECKING:
+    from ..indexer.options import IndexOptions
+    from ..serve.guard import ServeOptions
 
 StoreOpt = Annotated[Path, typer.Option("--store", "-s", envvar=ENV_STORE, help="HDF5 store file.")]
 ModelOpt = Annotated[str | None, typer.Option(
@@ -113,3 +118,27 @@ RepairOpt = Annotated[bool, typer.Option(
 
 LooseStoreOpt = Annotated[Path | None, typer.Option(
     "--store", "-s", help="Embed as this store does: its model and weights (--model, if given, must match).")]
+
+
+def index_options(*, max_file_mb: int, memory: str | None, ray: bool, ray_address: str | None,
+                  ray_actors: int | None, ray_cpus: float, ray_gpus: float | None, **fields: Any) -> IndexOptions:
+    """The IndexOptions of `index` and `update` from their options (the one place both build them): sizes in
+    bytes, --ray and its settings as RayOptions, the other fields as given."""
+    from ..indexer.options import IndexOptions
+    from ..indexer.ray_job import RayOptions
+
+    return IndexOptions(max_file_bytes=max_file_mb << 20, memory=parse_size(memory) if memory else None,
+                        ray=RayOptions.asked(ray, ray_address, ray_actors, ray_cpus, ray_gpus), **fields)
+
+
+def serve_options(*, store: Path, request_timeout: float, reload_poll: float, open_timeout: float,
+                  header_timeout: float, max_request_mp: float, max_inflight_mp: float,
+                  allowed_host: list[str] | None, **fields: Any) -> ServeOptions:
+    """The ServeOptions of `serve` from its options (the one place they are built): seconds and megapixels as
+    the service counts them, the other fields as given."""
+    from ..serve.guard import ServeOptions
+
+    return ServeOptions(store=str(store), request_timeout_s=request_timeout, reload_poll_s=reload_poll,
+                        open_timeout_s=open_timeout, header_timeout_s=header_timeout,
+                        max_request_pixels=int(max_request_mp * 1e6), max_inflight_pixels=int(max_inflight_mp * 1e6),
+                        allowed_hosts=tuple(allowed_host or ()), **fields)

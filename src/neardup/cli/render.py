@@ -1,6 +1,9 @@
 """What the commands print: run summaries, the index line, query rows, notes on stale photos."""
 from __future__ import annotations
 
+import csv
+import io
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,7 +14,8 @@ from .base import _show
 
 if TYPE_CHECKING:
     from ..indexer.build import RunSummary
-    from ..search.query import QueryResult
+    from ..search.query import Answer, QueryResult
+    from ..store.handle import StoreInfo
 
 
 def _print_summary(s: RunSummary, limit: int = 20) -> None:
@@ -57,11 +61,44 @@ def _came_back(r: Any) -> str:
 def _warn_random_weights(store: Path, meta: Any = None) -> None:
     """Seeded random CNN weights give every photo a score near 1: say so wherever such a store is used."""
     from ..store.handle import read_meta
+    from ..store_embedder import random_weights
 
     meta = meta or read_meta(store)
-    if meta.weights == "none" and meta.model in ("resnet50", "vgg16"):
+    if random_weights(meta.model, meta.weights):
         typer.echo(f"neardup: note: {store} uses random weights (--weights none): its scores show the plumbing, "
                    f"not which photos are alike", err=True)
+
+
+def _print_info(about: StoreInfo) -> None:
+    """`neardup info` as a table (store.handle.StoreInfo; `info --json` writes its to_json)."""
+    meta, size, segs, dead, previous = about.meta, about.sizes, about.segments, about.dead_rows, about.previous
+    layout = (f"{len(segs)} in {about.segments_dir} ({fmt_bytes(size['segments'])}"
+              + (f"; {dead} deleted rows until compaction" if dead else "") + ")") if meta.schema_version > 1 else \
+        "none: written before segments (schema 1; `neardup update` rewrites it as segments)"
+    rows = [("store", f"{about.store} (manifest {fmt_bytes(size['manifest'])}, {fmt_bytes(about.total_bytes)} in all)"),
+            ("generation", meta.generation or "not recorded"), ("segments", layout),
+            ("images", str(meta.count)), ("failed", str(meta.failures)), ("model", meta.model),
+            ("weights", f"{meta.weights} (fingerprint {meta.weights_fingerprint})"), ("dim", str(meta.dim)),
+            ("input", f"{meta.input_size}x{meta.input_size}"), ("preprocessing", meta.preprocessing),
+            ("runtime", f"{meta.runtime or 'not recorded'}, {meta.precision}"
+             + (f" ({meta.quantized_file}; {meta.calibration})" if meta.quantized_file else "")),
+            ("local features", f"{meta.local_features} (cached for --verify)" if meta.local_features else
+             "none: --verify extracts them from the files (a store made before they were cached)"),
+            ("faiss index", _index_line(meta) + (f", {fmt_bytes(size['index'])} on disk" if size["index"] else
+                                                 ", searched from the stored vectors (no file)")),
+            ("normalization", meta.normalization), ("created", meta.created), ("updated", meta.updated),
+            ("neardup", f"{meta.neardup_version} (schema {meta.schema_version})"),
+            ("previous", "none kept yet" if not previous else
+             f"{previous.path}: damaged ({previous.damaged}), cannot be restored" if previous.damaged is not None else
+             f"{previous.path} ({previous.count} images, written {previous.updated}; "
+             f"`neardup restore` makes it current)")]
+    if about.problems is not None:
+        rows.append(("check", "; ".join(about.problems) if about.problems else
+                     "ok: every block of every segment and every index file match their digests"))
+    for k, v in rows:
+        typer.echo(f"{k:>14}  {_show(v)}")
+    for p, r in about.failures:
+        typer.echo(f"  skipped {_show(p)}: {r}")
 
 
 def _index_line(meta: Any) -> str:
@@ -74,14 +111,75 @@ def _index_line(meta: Any) -> str:
             f"{asked})")
 
 
-def _match_rows(r: QueryResult, threshold: float) -> list[dict]:
-    return [{"rank": m.rank, "score": round(m.score, 6), "id": m.id, "path": m.path,
-             "match": r.is_match(m, threshold), "verified": m.verified, "inliers": m.inliers}
-            for m in r.matches]
+def _place(path: str | os.PathLike[str], base: Path | None = None) -> str:
+    """A path as printed: relative to the current folder when it lies under it, else absolute, so that it opens
+    from where the command ran. A stored path is relative to its store's folder `base`."""
+    p = Path(path)
+    if base is not None and not p.is_absolute():
+        p = base / p
+    p = Path(os.path.abspath(p))
+    try:
+        return _show(p.relative_to(Path.cwd()))
+    except ValueError:
+        return _show(p)
 
 
-def _query_rows(results: list[QueryResult], threshold: float) -> list[dict]:
-    return [{"query": r.query, **row} for r in results for row in _match_rows(r, threshold)]
+def _store_folder(store: str | os.PathLike[str]) -> Path:
+    """The folder a store's paths are relative to: its real file's (through symlinks)."""
+    from ..store.files import StoreFiles
+
+    return StoreFiles.resolved(store).store.parent
+
+
+def _csv_value(v: object) -> object:
+    """A CSV cell as neardup writes them: booleans true/false (lower case, in every CSV), None empty."""
+    return ("true" if v else "false") if isinstance(v, bool) else v
+
+
+def _query_csv(answer: Answer) -> str:
+    """`query --csv`: one row per match (the fields of Answer.to_json), then one per photo that failed."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=["query", "rank", "score", "id", "path", "match", "verified", "inliers",
+                                        "error"])
+    w.writeheader()
+    doc = answer.to_json()
+    for r, res in zip(answer.results, doc["results"]):
+        w.writerows({"query": r.query, **{k: _csv_value(v) for k, v in m.items()}} for m in res["matches"])
+    w.writerows({"query": r.query, "error": r.error} for r in answer.results if r.error)
+    return buf.getvalue()
+
+
+def _verdict(r: QueryResult, t: float, base: Path | None) -> str:
+    """The verdict line of one photo: its match and why (verified, or its score against the threshold), or
+    why it is new."""
+    m = r.first_match(t)
+    if m is None:
+        return "new: no verified match" if r.verified else f"new: no match at or above {t:.4f}"
+    where = _place(m.path, base) if base is not None else _show(m.path)
+    if r.verified and m.verified:
+        return f"match: {where} (verified, {m.inliers} inliers)"
+    return f"match: {where} (score {m.score:.4f} >= threshold {t:.4f})"
+
+
+def _print_answer(answer: Answer, base: Path | None) -> None:
+    """`query`'s text: per photo a verdict line, then its neighbours (verified ones marked, re-ranked by
+    verification when it ran). Catalogue paths are shown from the current folder when the store's folder
+    `base` is known (a local store), else as the server stored them."""
+    t = answer.threshold
+    for r in answer.results:
+        typer.echo(_place(r.query))
+        if r.error:
+            typer.echo(f"  skipped: {r.error}")
+            continue
+        typer.echo(f"  {_verdict(r, t, base)}")
+        typer.echo(f"  {'rank':>4}  {'score':>7}  {'id':>7}  " + ("verified  inliers  " if r.verified else "") + "path"
+                   + ("  (re-ranked by verification: verified first, then by inliers)" if r.verified else ""))
+        for m in r.matches:
+            mark = "  <- match" if r.is_match(m, t) else ""
+            said = f"{'-' if m.verified is None else 'yes' if m.verified else 'no':>8}  " \
+                   f"{'-' if m.inliers is None else m.inliers:>7}  " if r.verified else ""
+            where = _place(m.path, base) if base is not None else _show(m.path)
+            typer.echo(f"  {m.rank:>4}  {m.score:7.4f}  {m.id:>7}  {said}{where}{mark}")
 
 
 def _say_stale(report: Any) -> None:

@@ -1,13 +1,11 @@
 """Commands that search a store: query, compare, duplicates, report, plot, evaluate."""
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -19,7 +17,6 @@ from ..config import (
 from ..errors import InputError
 from ..fileio import check_output_path
 from .base import _progress, _show, app, handled
-from .indexing import _ray_options
 from .options import (
     _CANDIDATES,
     BatchOpt,
@@ -38,23 +35,7 @@ from .options import (
     VerifyOpt,
     WeightsOpt,
 )
-from .render import _match_rows, _query_rows, _removable, _say_stale, _warn_random_weights
-
-
-def _loose_embedder(store: Path | None, model: str | None, weights: str | None, precision: str,
-                    runtime: str, preprocess: str | None) -> Any:
-    """The embedder of commands that embed loose files (compare, plot): a store's, or --model's."""
-    from ..embed.models import make_embedder, split_model
-    from ..errors import StoreMismatchError
-    from ..store.handle import read_meta
-    from ..store_embedder import store_embedder
-
-    if store is None:
-        return make_embedder(model or DEFAULTS.model, weights, precision, runtime=runtime, preprocess=preprocess)
-    meta = read_meta(store)
-    if model is not None and split_model(model, weights)[0] != meta.model:
-        raise StoreMismatchError(f"{store} was made with {meta.model}; --model {model} cannot follow it")
-    return store_embedder(meta, store, weights=weights, precision=precision, runtime=runtime)
+from .render import _place, _print_answer, _query_csv, _removable, _say_stale, _store_folder, _warn_random_weights
 
 
 @app.command("query")
@@ -77,16 +58,17 @@ def query_cmd(
 ) -> None:
     """Find the catalogue images nearest to each photo. Exit 0: a match exists (verified with --verify, else
     >= threshold); 1: none; 2: error."""
-    from ..search.query import has_match
+    from ..search.query import Answer, has_match
 
     if as_json and as_csv:
         raise InputError("choose one of --json and --csv")
+    base = None
+    got: Answer
     if server:
         from ..serve.client import query_server
 
         got = query_server(server, images, k=k, token=token, verify=verify, threshold=threshold,
                            max_file_bytes=max_file_mb << 20)
-        results, model, where, t = got.results, got.model, server, got.threshold
     else:
         from ..search.query import answer
 
@@ -96,38 +78,19 @@ def query_cmd(
                      max_file_bytes=max_file_mb << 20, runtime=runtime, verify=verify, threshold=threshold,
                      progress=_progress(quiet) if folder else None)
         _warn_random_weights(store, got)
-        results, model, where, t = got.results, got.model, str(store), got.threshold
+        base = _store_folder(store)
     if as_json:
-        typer.echo(json.dumps({("server" if server else "store"): where, "model": model, "threshold": t,
-                               "verified": any(r.verified for r in results),
-                               **({"generations": got.generations} if server else {}),
-                               "results": [
-            {"query": r.query, "error": r.error, "matches": _match_rows(r, t)} for r in results]}, indent=1))
+        typer.echo(json.dumps(got.to_json(), indent=1))
     elif as_csv:
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=["query", "rank", "score", "id", "path", "match", "verified", "inliers",
-                                            "error"])
-        w.writeheader()
-        w.writerows(_query_rows(results, t))
-        w.writerows({"query": r.query, "error": r.error} for r in results if r.error)
-        typer.echo(buf.getvalue(), nl=False)
+        typer.echo(_query_csv(got), nl=False)
     else:
-        for r in results:
-            typer.echo(_show(r.query))
-            if r.error:
-                typer.echo(f"  skipped: {r.error}")
-                continue
-            typer.echo(f"  {'rank':>4}  {'score':>7}  {'id':>7}  " + ("inliers  " if r.verified else "") + "path")
-            for m in r.matches:
-                mark = "  <- match" if r.is_match(m, t) else ""
-                inl = f"{'-' if m.inliers is None else m.inliers:>7}  " if r.verified else ""
-                typer.echo(f"  {m.rank:>4}  {m.score:7.4f}  {m.id:>7}  {inl}{_show(m.path)}{mark}")
-    for r in results:
+        _print_answer(got, base)
+    for r in got.results:
         if r.error:
             typer.echo(f"neardup: skipped {_show(r.query)}: {r.error}", err=True)
-    if all(r.error for r in results):
+    if all(r.error for r in got.results):
         raise typer.Exit(2)
-    raise typer.Exit(0 if has_match(results, t) else 1)
+    raise typer.Exit(0 if has_match(got.results, got.threshold) else 1)
 
 
 @app.command("compare")
@@ -141,11 +104,12 @@ def compare_cmd(
 ) -> None:
     """Cosine similarity of two images. Exit 0: duplicate (>= threshold); 1: not; 2: error."""
     from ..search.query import compare
+    from ..store_embedder import loose_embedder
 
     for p in (a, b):
         if not p.is_file():
             raise InputError(f"no such image file: {_show(p)}")
-    emb = _loose_embedder(store, model, weights, precision, runtime, preprocess)
+    emb = loose_embedder(store, model, weights, precision, runtime, preprocess)
     t = resolve_threshold(threshold, emb.name)
     score = compare(a, b, embedder=emb)
     verdict = "duplicate" if score >= t else "not a duplicate"
@@ -185,16 +149,18 @@ def duplicates_cmd(
 ) -> None:
     """List every near-duplicate pair and group of a store (nothing is ever deleted). With --verify, pairs are
     verified candidates; unverified candidates above the threshold are listed (verified=false), never grouped."""
+    from ..indexer.ray_job import RayOptions
     from ..search.duplicates import find_duplicates
     from ..search.pairs_io import write_groups_json, write_pairs_csv
 
     report = find_duplicates(store, threshold=threshold, verify=verify, k=k, loose_threshold=loose, exact=exact,
-                             ray=_ray_options(ray, ray_address, None, DEFAULTS.ray_cpus, None),
+                             ray=RayOptions.asked(ray, ray_address),
                              progress=_progress(quiet))
     if out:
         write_pairs_csv(report, out)
     if groups:  # records the pairs (the file just written, else the pairs themselves): `report --groups` uses them
         write_groups_json(report, groups, pairs_file=out)
+    folder = _store_folder(store)  # listed paths are shown from the current folder
     typer.echo(f"pairs from: {report.method}")
     if report.verify:
         nv = int(report.verified.sum()) - report.n_exact
@@ -213,7 +179,7 @@ def duplicates_cmd(
             tag = "keep" if m["keeper"] else ("exact" if m["exact"] else f"{m['score_to_keeper']:.4f}")
             if m.get("inliers_to_keeper", -1) >= 0:
                 tag += f" {m['inliers_to_keeper']:>4} inl"
-            typer.echo(f"  {tag:>6}  {_show(m['path'])}  ({m['width']}x{m['height']})"
+            typer.echo(f"  {tag:>6}  {_place(m['path'], folder)}  ({m['width']}x{m['height']})"
                        + (f"  STALE: {m['stale']} since indexed" if m.get("stale") else ""))
         if len(g.members) > show_members:
             typer.echo(f"          ... and {len(g.members) - show_members} more")
@@ -254,7 +220,7 @@ def report_cmd(
     typer.echo(f"wrote {res.out}: {res.groups} groups, {res.pairs} pairs, {res.images} images "
                f"({len(res.missing)} missing or unreadable), {res.seconds:.1f} s")
     for path in res.missing[:10]:
-        typer.echo(f"  missing {_show(path)}")
+        typer.echo(f"  missing {_place(path, _store_folder(store))}")
     if len(res.missing) > 10:
         typer.echo(f"  ... and {len(res.missing) - 10} more")
     if png_dir is not None:
@@ -277,6 +243,7 @@ def plot_cmd(
     """Draw two images side by side, "Original" and "Duplicate (Score: ...)", into an image file."""
     from ..search.plots import plot_format, plot_pair
     from ..search.query import compare
+    from ..store_embedder import loose_embedder
 
     for p in (a, b):
         if not p.is_file():
@@ -286,7 +253,7 @@ def plot_cmd(
     if score is not None and not math.isfinite(score):
         raise InputError(f"--score must be a number, got {score}")
     if score is None:
-        score = compare(a, b, embedder=_loose_embedder(store, model, weights, precision, runtime, preprocess))
+        score = compare(a, b, embedder=loose_embedder(store, model, weights, precision, runtime, preprocess))
     plot_pair(a, b, score, out)
     typer.echo(f"wrote {out} (score {score:.4f})")
 

@@ -17,7 +17,7 @@ from ..config import (
 )
 from ..errors import InputError
 from .base import app, handled
-from .options import RuntimeOpt, StoreOpt, TokenOpt, VerboseOpt, WeightsOpt
+from .options import RuntimeOpt, StoreOpt, TokenOpt, VerboseOpt, WeightsOpt, serve_options
 from .render import _warn_random_weights
 
 
@@ -85,17 +85,15 @@ def serve_cmd(
 ) -> None:
     """Serve the store over HTTP: POST /v1/query, a web page at /, reloads each generation `update` publishes."""
     from ..serve import run
-    from ..serve.app import ServeOptions
 
     if token is None and os.environ.get(ENV_TOKEN) == "":  # Click takes an empty variable for an unset one
         raise InputError(f"{ENV_TOKEN} is set but empty: set a token, or unset it to serve without one")
     _warn_random_weights(store)
-    run(ServeOptions(store=str(store), host=host, port=port, token=token, weights=weights, runtime=runtime,
-                     max_upload_mb=max_upload_mb, max_images=max_images, max_pixels=max_pixels,
-                     max_pending=max_pending, request_timeout_s=request_timeout, max_batch=max_batch,
-                     batch_wait_ms=batch_wait_ms, reload_poll_s=reload_poll, local_cache_mb=local_cache_mb,
-                     max_inflight_mb=max_inflight_mb, allowed_hosts=tuple(allowed_host or ()),
-                     forwarded_allow_ips=forwarded_allow_ips, max_verify_pairs=max_verify_pairs,
-                     open_timeout_s=open_timeout, header_timeout_s=header_timeout,
-                     max_connections=max_connections, max_request_pixels=int(max_request_mp * 1e6),
-                     max_inflight_pixels=int(max_inflight_mp * 1e6)))
+    run(serve_options(store=store, host=host, port=port, token=token, weights=weights, runtime=runtime,
+                      max_upload_mb=max_upload_mb, max_images=max_images, max_pixels=max_pixels,
+                      max_pending=max_pending, request_timeout=request_timeout, max_batch=max_batch,
+                      batch_wait_ms=batch_wait_ms, reload_poll=reload_poll, local_cache_mb=local_cache_mb,
+                      max_inflight_mb=max_inflight_mb, allowed_host=allowed_host,
+                      forwarded_allow_ips=forwarded_allow_ips, max_verify_pairs=max_verify_pairs,
+                      open_timeout=open_timeout, header_timeout=header_timeout, max_connections=max_connections,
+                      max_request_mp=max_request_mp, max_inflight_mp=max_inflight_mp))

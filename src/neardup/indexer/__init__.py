@@ -13,6 +13,7 @@ from .._lazy import lazy_exports
 
 _EXPORTS = {
     **dict.fromkeys(["RunSummary", "build_index", "update_index"], ".build"),
+    **dict.fromkeys(["IndexOptions"], ".options"),
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)

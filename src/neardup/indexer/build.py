@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -32,16 +31,12 @@ from ..store.index_kinds import plan as plan_index
 from ..store.meta import Catalog, Segment, StoreMeta
 from ..store.publish import Change, Published, Writer
 from ..store.repair import segment_contents
-from ..store.restore import Restored
-from ..store.restore import restore_previous as _restore
 from ..store_embedder import store_embedder
 from .checkpoint import Checkpoint
 from .diff import KnownContent, assemble, split_unchanged
 from .embed_job import EmbedPhase, JobOptions, Progress, embed_pending
+from .options import IndexOptions, options_of
 from .scan import FileRecord, Scan, scan
-
-if TYPE_CHECKING:
-    from .ray_job import RayOptions
 
 log = logging.getLogger(__name__)
 
@@ -91,30 +86,15 @@ class RunSummary:
 def build_index(
     roots: Sequence[str | os.PathLike[str]],
     store: str | os.PathLike[str],
+    options: IndexOptions | None = None,
     *,
-    model: str | None = None,
-    weights: str | None = None,
-    precision: str | None = None,
-    batch_size: int = DEFAULTS.batch_size,
-    prune: bool = False,
-    decode_workers: int = DEFAULTS.decode_workers,
-    checkpoint_every: int = DEFAULTS.checkpoint_every,
-    max_file_bytes: int = DEFAULTS.max_file_bytes,
-    runtime: str | None = None,
-    preprocess: str | None = None,
-    embedder: Embedder | None = None,
     progress: Progress | None = None,
-    require_existing: bool = False,
-    local_features: bool = True,
-    ray: RayOptions | None = None,
-    index: str | None = None,
-    memory: int | None = None,
-    target_recall: float | None = None,
-    repair: bool = False,
-    compact: bool = False,
-    drop_missing: bool = False,
+    embedder: Embedder | None = None,
+    **fields: object,
 ) -> RunSummary:
     """Index the images under `roots` into the HDF5 store `store` and its FAISS index; return a summary.
+
+    `options` (an IndexOptions, or its fields given as keywords) say how; `progress` follows the embedding.
 
     On an existing store this is an incremental update with the store's own model and weights (asking for
     another model is refused). Files that vanished from disk are removed; with `prune`, so are files that
@@ -135,6 +115,13 @@ def build_index(
     live row into one segment and trains the index anew (what every update did before segments; updates
     compact by themselves when deleted rows pile up).
     """
+    o = options_of(options, fields)
+    model, weights, precision, batch_size, prune = o.model, o.weights, o.precision, o.batch_size, o.prune
+    decode_workers, checkpoint_every, max_file_bytes = o.decode_workers, o.checkpoint_every, o.max_file_bytes
+    runtime, preprocess, require_existing, local_features, ray = (o.runtime, o.preprocess, o.require_existing,
+                                                                   o.local_features, o.ray)
+    index, memory, target_recall = o.index, o.memory, o.target_recall
+    repair, compact, drop_missing = o.repair, o.compact, o.drop_missing
     t0 = time.perf_counter()
     files = _writable(store)
     store = files.store
@@ -276,9 +263,12 @@ def build_index(
     return summary
 
 
-def update_index(roots: Sequence[str | os.PathLike[str]], store: str | os.PathLike[str], **kwargs) -> RunSummary:
+def update_index(roots: Sequence[str | os.PathLike[str]], store: str | os.PathLike[str],
+                 options: IndexOptions | None = None, *, progress: Progress | None = None,
+                 embedder: Embedder | None = None, **fields: object) -> RunSummary:
     """Incrementally update an existing store (see build_index); refuses when the store does not exist."""
-    return build_index(roots, store, require_existing=True, **kwargs)
+    return build_index(roots, store, replace(options_of(options, fields), require_existing=True), progress=progress,
+                       embedder=embedder)
 
 
 def _itself(emb: Embedder) -> Embedder:
@@ -386,7 +376,3 @@ def _writable(store: str | os.PathLike[str]) -> StoreFiles:
     check_output_path(files.store)
     return files
 
-
-def restore_previous(store: str | os.PathLike[str]) -> Restored:
-    """Make the previous published generation of `store` current again (see store.restore.restore_previous)."""
-    return _restore(_writable(store))

@@ -56,6 +56,18 @@ class RayOptions:
     cpus_per_actor: float = DEFAULTS.ray_cpus  #: CPUs reserved per actor (model and decoding threads)
     gpus_per_actor: float | None = None  #: None: 1 when the cluster has GPUs, else 0
 
+    @classmethod
+    def asked(cls, ray: bool, address: str | None = None, actors: int | None = None,
+              cpus_per_actor: float = DEFAULTS.ray_cpus, gpus_per_actor: float | None = None) -> RayOptions | None:
+        """The options of `--ray` and its `--ray-*` settings (None without --ray); settings given without
+        --ray are refused (InputError), not ignored."""
+        if not ray:
+            if address is not None or actors is not None or gpus_per_actor is not None or \
+                    cpus_per_actor != DEFAULTS.ray_cpus:
+                raise InputError("--ray-address, --ray-actors, --ray-cpus and --ray-gpus go with --ray")
+            return None
+        return cls(address=address, actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor)
+
 
 def import_ray():  # noqa: ANN201 - the ray module
     """The ray module with Ray Data, or InputError saying how to install it."""

@@ -7,6 +7,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
@@ -66,6 +67,26 @@ class QueryResult:
         """Whether the photo is in the catalogue: one of its neighbours is a match (is_match)."""
         return any(self.is_match(m, threshold) for m in self.matches)
 
+    def first_match(self, threshold: float | None = None) -> Match | None:
+        """The best-ranked neighbour that is a match (is_match), None when the photo is new."""
+        return next((m for m in self.matches if self.is_match(m, threshold)), None)
+
+    def to_json(self, threshold: float) -> dict:
+        """One photo of Answer.to_json: its name ("query"), error, verdict ("found") and matches, each with its
+        own verdict ("match")."""
+        return {"query": self.query, "error": self.error, "found": None if self.error else self.found(threshold),
+                "matches": [{"rank": m.rank, "id": m.id, "path": m.path, "score": round(m.score, 6),
+                             "verified": m.verified, "inliers": m.inliers, "match": self.is_match(m, threshold)}
+                            for m in self.matches]}
+
+    @classmethod
+    def from_json(cls, doc: dict, threshold: float, verified: bool) -> QueryResult:
+        """The result `to_json` wrote (the verdicts are recomputed from the matches, not read)."""
+        matches = [Match(rank=int(m["rank"]), score=float(m["score"]), id=int(m["id"]), path=str(m["path"]),
+                         verified=m["verified"], inliers=m["inliers"]) for m in doc.get("matches", [])]
+        return cls(str(doc["query"]), matches, error=doc.get("error"), verified=verified and not doc.get("error"),
+                   threshold=threshold)
+
 
 @dataclass
 class Answer:
@@ -79,6 +100,21 @@ class Answer:
     verified: bool
     results: list[QueryResult]
     weights: str = ""  #: the store's weights spec ("none": seeded random weights, scores show only plumbing)
+
+    def to_json(self) -> dict:
+        """The one JSON form of an answer: the body of POST /v1/query, and `neardup query --json` (which adds
+        where it asked). Each result is QueryResult.to_json."""
+        return {"store": self.store, "generation": self.generation, "count": self.count, "model": self.model,
+                "weights": self.weights, "threshold": self.threshold, "verified": self.verified,
+                "results": [r.to_json(self.threshold) for r in self.results]}
+
+    @classmethod
+    def from_json(cls, doc: dict) -> Answer:
+        """The answer `to_json` wrote (the client reads the service's this way)."""
+        t, verified = float(doc["threshold"]), bool(doc["verified"])
+        return cls(str(doc.get("store", "")), str(doc["generation"]), int(doc["count"]), str(doc["model"]), t,
+                   verified, [QueryResult.from_json(r, t, verified) for r in doc["results"]],
+                   str(doc.get("weights", "")))
 
 
 def neighbours(D: np.ndarray, I: np.ndarray, paths: list[str], rows: np.ndarray) -> list[list[Match]]:
@@ -251,12 +287,6 @@ class Searcher:
         return Answer(str(self.gen.path), self.generation, len(self.cat), self.meta.model, t, verify, results,
                       self.meta.weights)
 
-    def query(self, images: Sequence[str | os.PathLike[str]], k: int = DEFAULTS.k,
-              batch_size: int = DEFAULTS.batch_size, max_file_bytes: int = DEFAULTS.max_file_bytes,
-              verify: bool | None = None) -> list[QueryResult]:
-        """The results of `answer`."""
-        return self.answer(images, k, batch_size=batch_size, max_file_bytes=max_file_bytes, verify=verify).results
-
 
 def answer(store: str | os.PathLike[str], images: Sequence[str | os.PathLike[str]], *, k: int = DEFAULTS.k,
            weights: str | None = None, precision: str = DEFAULTS.precision, embedder: Embedder | None = None,
@@ -264,20 +294,18 @@ def answer(store: str | os.PathLike[str], images: Sequence[str | os.PathLike[str
            runtime: str | None = None, verify: bool | None = None, threshold: float | None = None,
            progress: Progress | None = None) -> Answer:
     """Look up photos in the current generation of `store`, with its own model and weights (`runtime` may be
-    either: TensorFlow and ONNX Runtime vectors are interchangeable); see Searcher.answer."""
+    either: TensorFlow and ONNX Runtime vectors are interchangeable); see Searcher.answer. The library's one
+    look-up: `query` gives its results, the service answers with the same Searcher pipeline, and the client
+    (serve/client.py) reads the service's Answer back."""
     with Searcher.open(store, weights=weights, precision=precision, embedder=embedder, runtime=runtime) as s:
         return s.answer(images, k, batch_size=batch_size, max_file_bytes=max_file_bytes, verify=verify,
                         threshold=threshold, progress=progress)
 
 
-def query(store: str | os.PathLike[str], images: Sequence[str | os.PathLike[str]], *, k: int = DEFAULTS.k,
-          weights: str | None = None, precision: str = DEFAULTS.precision, embedder: Embedder | None = None,
-          batch_size: int = DEFAULTS.batch_size, max_file_bytes: int = DEFAULTS.max_file_bytes,
-          runtime: str | None = None, verify: bool | None = None) -> list[QueryResult]:
-    """Top-k catalogue matches of each query image (see answer); with `verify`, geometrically verified and
-    re-ranked."""
-    return answer(store, images, k=k, weights=weights, precision=precision, embedder=embedder,
-                  batch_size=batch_size, max_file_bytes=max_file_bytes, runtime=runtime, verify=verify).results
+def query(store: str | os.PathLike[str], images: Sequence[str | os.PathLike[str]], **options: Any) -> list[QueryResult]:
+    """The results of `answer` (the look-up; `options` are its keywords): top-k catalogue matches of each
+    photo, verified and re-ranked with `verify`."""
+    return answer(store, images, **options).results
 
 
 def has_match(results: Sequence[QueryResult], threshold: float | None = None) -> bool:

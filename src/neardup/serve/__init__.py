@@ -26,14 +26,14 @@ def run(opts: ServeOptions) -> None:
     StoreError/WeightsError (the store cannot be served) or InputError (the address cannot be bound)."""
     import uvicorn
 
-    from .app import build_service, check_token, create_app, is_loopback
+    from .app import check_token, create_app, is_loopback, make_service
     from .protocol import ACCEPT_BATCH, connection_cap, guarded_protocol
 
     check_token(opts.token)
     if not opts.token and not is_loopback(opts.host):
         log.warning("serving on %s without --token: anyone who can reach this port can query the catalogue and "
                     "fetch its photos", opts.host)
-    service = build_service(opts)
+    service = make_service(opts)
     family = socket.AF_INET6 if ":" in opts.host else socket.AF_INET
     # IPPROTO_TCP, not 0: asyncio turns Nagle's algorithm off only for sockets that say they are TCP, and with
     # it on, a keep-alive client waits for the delayed ACK (40 ms) on every response (measured: 44 ms health)
@@ -75,6 +75,6 @@ def run(opts: ServeOptions) -> None:
 
 
 __getattr__, __dir__ = lazy_exports(globals(), {
-    **dict.fromkeys(["ServeOptions", "create_app"], ".app"),
+    **dict.fromkeys(["ServeOptions", "create_app", "make_service"], ".app"),
     **dict.fromkeys(["LiveStore", "QueryService", "Batcher", "Upload", "Answer"], ".service"),
     **dict.fromkeys(["query_server"], ".client")})

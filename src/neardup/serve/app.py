@@ -25,8 +25,8 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import DEFAULTS, VERSION
+from ..embed.embedders import Embedder
 from ..errors import DecodeError, StoreError
-from ..search.query import QueryResult
 from .guard import (  # noqa: F401
     _CODES,
     OPEN_PATHS,
@@ -42,7 +42,7 @@ from .guard import (  # noqa: F401
 )
 from .live import GenerationGone
 from .protocol import quiet_accept_errors
-from .service import Answer, LiveStore, QueryService, Refused, Upload
+from .service import LiveStore, QueryService, Refused, Upload
 
 log = logging.getLogger(__name__)
 
@@ -56,25 +56,16 @@ def _static(name: str) -> str:
     return resources.files("neardup.serve").joinpath("static", name).read_text(encoding="utf-8")
 
 
-def answer_json(a: Answer) -> dict:
-    """The JSON of /v1/query (and of `neardup query --json`'s rows): each match with its verdict."""
-    def match(r: QueryResult, m: Any) -> dict:
-        return {"rank": m.rank, "id": m.id, "path": m.path, "score": round(m.score, 6), "verified": m.verified,
-                "inliers": m.inliers, "match": r.is_match(m, a.threshold)}
-    return {"generation": a.generation, "count": a.count, "model": a.model, "threshold": a.threshold,
-            "verified": a.verified,
-            "results": [{"name": r.query, "error": r.error, "found": None if r.error else r.found(a.threshold),
-                         "matches": [match(r, m) for m in r.matches]} for r in a.results]}
-
-
 #: A catalogue id as the store keeps it (int64, never negative).
 PhotoId = Annotated[int, FastApiPath(ge=0, le=2**63 - 1, description="The photo's id in the store.")]
 
 
-def build_service(opts: ServeOptions) -> QueryService:
-    """The query service `opts` describe (loads the store's current generation and its model)."""
-    return QueryService(LiveStore(opts.store, weights=opts.weights, runtime=opts.runtime, poll_s=opts.reload_poll_s,
-                                  local_cache_mb=opts.local_cache_mb, open_timeout_s=opts.open_timeout_s),
+def make_service(opts: ServeOptions, embedder: Embedder | None = None) -> QueryService:
+    """The query service `opts` describe (loads the store's current generation and its model; `embedder`
+    injects one, checked against the store's, for tests). The one place a QueryService is built."""
+    return QueryService(LiveStore(opts.store, weights=opts.weights, runtime=opts.runtime, embedder=embedder,
+                                  poll_s=opts.reload_poll_s, local_cache_mb=opts.local_cache_mb,
+                                  open_timeout_s=opts.open_timeout_s),
                         max_batch=opts.max_batch, batch_wait_ms=opts.batch_wait_ms, max_pixels=opts.max_pixels,
                         max_request_pixels=opts.max_request_pixels, max_inflight_pixels=opts.max_inflight_pixels,
                         max_verify_pairs=opts.max_verify_pairs)
@@ -86,7 +77,7 @@ def create_app(opts: ServeOptions, service: QueryService | None = None) -> FastA
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        svc = service or build_service(opts)
+        svc = service or make_service(opts)
         quiet_accept_errors(asyncio.get_running_loop())
         svc.live.start()
         app.state.service = svc
@@ -195,7 +186,7 @@ def create_app(opts: ServeOptions, service: QueryService | None = None) -> FastA
             raise ApiError(422, "bad_image", f"{first.query}: {first.error}" if len(uploads) == 1 else
                            "no photo could be read: " + "; ".join(f"{r.query}: {r.error}" for r in answer.results),
                            images=[{"name": r.query, "error": r.error} for r in answer.results])
-        return answer_json(answer)
+        return answer.to_json()
 
     async def _in_thread(request: Request, fn: Any, *args: Any) -> Any:
         s = svc(request)

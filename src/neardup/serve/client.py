@@ -13,14 +13,14 @@ import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..config import DEFAULTS
 from ..embed.decode import read_bytes
 from ..embed.discover import discover
 from ..errors import DecodeError, InputError, ServerError
-from ..search.query import Match, QueryResult
+from ..search.query import Answer, QueryResult
 
 #: Retries of a request the server answered 503 with Retry-After (overloaded), each after the time it asks.
 RETRIES = 5
@@ -33,14 +33,15 @@ class GenerationGone(ServerError):
 
 
 @dataclass
-class ServerAnswer:
-    """The results of photos queried on a server, and what answered them."""
+class ServerAnswer(Answer):
+    """The Answer of photos queried on a server (its results in the order asked), and where it came from."""
 
-    results: list[QueryResult]
-    model: str
-    threshold: float
-    generations: list[str]  #: the store generations that answered (several when it reloaded meanwhile)
-    verified: bool
+    server: str = ""
+    generations: list[str] = field(default_factory=list)  #: the generations that answered (one, when pinned)
+
+    def to_json(self) -> dict:
+        """Answer.to_json, with the server asked and the generations that answered."""
+        return {"server": self.server, **super().to_json(), "generations": self.generations}
 
 
 class Client:
@@ -140,8 +141,8 @@ def _run(client: Client, paths: list[str], *, k: int, verify: bool | None, thres
     per_request = max(1, int(limits.get("max_images", 1)))
     cap = min(max_file_bytes, int(limits.get("max_upload_mb", 1 << 20)) << 20)
     results: dict[str, QueryResult] = {}
+    last: Answer | None = None
     generations: list[str] = []
-    verified = False
     t = float(info["threshold"]) if threshold is None else threshold  # until an answer says what it used
     for at in range(0, len(paths), per_request):
         chunk: list[tuple[str, bytes]] = []  # read just before sending: a whole folder is never held at once
@@ -158,13 +159,13 @@ def _run(client: Client, paths: list[str], *, k: int, verify: bool | None, thres
             results.update({p: QueryResult(p, error=f["error"], threshold=t)
                             for (p, _), f in zip(chunk, doc["failed"])})
             continue
-        t = float(doc["threshold"])
-        if doc["generation"] not in generations:
-            generations.append(doc["generation"])
-        verified = verified or doc["verified"]
-        for (p, _), r in zip(chunk, doc["results"]):
-            matches = [Match(rank=m["rank"], score=m["score"], id=m["id"], path=m["path"], verified=m["verified"],
-                             inliers=m["inliers"]) for m in r["matches"]]
-            results[p] = QueryResult(p, matches, error=r["error"], verified=doc["verified"] and not r["error"],
-                                     threshold=t)
-    return ServerAnswer([results[p] for p in paths], info["model"], t, generations, verified)
+        got = Answer.from_json(doc)
+        t, last = got.threshold, got
+        if got.generation not in generations:
+            generations.append(got.generation)
+        for (p, _), r in zip(chunk, got.results):
+            results[p] = replace(r, query=p)  # the server saw the file's name; the caller asked by its path
+    return ServerAnswer(str(info.get("store", "")), generations[0] if generations else str(info.get("generation", "")),
+                        last.count if last else int(info.get("count", 0)), str(info["model"]), t,
+                        any(r.verified for r in results.values()), [results[p] for p in paths],
+                        last.weights if last else "", server=client.url, generations=generations)

@@ -281,7 +281,7 @@ class QueryService:
             for up, d in zip(uploads, decoded):
                 results.append(QueryResult(up.name, error=d, threshold=t) if isinstance(d, str) else
                                QueryResult(up.name, next(it), verified=verify, threshold=t))
-            return Answer(s.gen.path.name, gen.id, len(s.cat), s.meta.model, t, verify, results)
+            return Answer(s.gen.path.name, gen.id, len(s.cat), s.meta.model, t, verify, results, s.meta.weights)
 
     async def _verified(self, client: str, gen: Served, matches: list[Match], feats: LocalFeatures | None,
                         budget: int) -> list[Match]:

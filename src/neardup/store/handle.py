@@ -5,19 +5,66 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import StoreError
+from ..config import DEFAULTS
+from ..errors import InputError, StoreError
 from ..fileio import check_output_path, file_sha256
 from .files import StoreFiles
 from .generation import Generation
 from .manifest import unnamed
-from .meta import Catalog, StoreMeta
+from .meta import Catalog, Segment, StoreMeta
 from .publish import Change, Published, Writer
 from .restore import Restored, restore_previous
+
+
+@dataclass(frozen=True)
+class Previous:
+    """The previous generation a store keeps (what `restore` would make current), or why it cannot be."""
+
+    path: str
+    count: int | None  #: its photos (None: damaged)
+    updated: str | None = None  #: when it was written
+    damaged: str | None = None  #: why it cannot be restored
+
+    def to_json(self) -> dict:
+        """As `info --json` writes it: path, count and updated, or path, count (null) and damaged."""
+        if self.damaged is not None:
+            return {"path": self.path, "count": None, "damaged": self.damaged}
+        return {"path": self.path, "count": self.count, "updated": self.updated}
+
+
+@dataclass
+class StoreInfo:
+    """What `neardup info` says of a store: its current generation's meta, segments and sizes, its previous
+    generation and, when asked, its failures and the problems a full check found."""
+
+    store: str
+    meta: StoreMeta
+    sizes: dict[str, int]  #: bytes on disk: manifest, segments, index (Generation.disk_bytes)
+    segments: list[Segment]
+    segments_dir: str  #: the folder of its segment files
+    dead_rows: int  #: deleted rows kept until compaction
+    previous: Previous | None
+    failures: list[tuple[str, str]] = field(default_factory=list)  #: (path, reason), when asked for
+    problems: list[str] | None = None  #: what `check` found (None: not checked; empty: healthy)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.sizes.values())
+
+    def to_json(self) -> dict:
+        """The document of `info --json`: every meta field, then sizes, segments, failures, previous, check."""
+        doc = {k: getattr(self.meta, k) for k in self.meta.__dataclass_fields__}
+        doc.update(store=self.store, store_bytes=self.total_bytes, index_bytes=self.sizes["index"],
+                   segments=[{"name": s.name, "rows": s.rows, "index": s.index or None} for s in self.segments],
+                   dead_rows=self.dead_rows, failure_list=[{"path": p, "reason": r} for p, r in self.failures],
+                   previous=self.previous.to_json() if self.previous else None,
+                   check=({"problems": self.problems} if self.problems is not None else None))
+        return doc
 
 
 class Store:
@@ -53,8 +100,34 @@ class Store:
             return w.compact()
 
     def restore(self) -> Restored:
-        """Make the previous generation current again (see restore.restore_previous)."""
+        """Make the previous generation current again (see restore.restore_previous). Raises InputError for a
+        folder or an unwritable place, StoreError when nothing can be restored."""
+        if self.files.store.is_dir():
+            raise InputError(f"{self.path} is a folder; give the store's file name (e.g. "
+                             f"{self.path / DEFAULTS.store})")
+        check_output_path(self.files.store)
         return restore_previous(self.files)
+
+    def describe(self, *, failures: bool = False, check: bool = False) -> StoreInfo:
+        """What `neardup info` shows: the current generation (its skipped files with `failures`), the previous
+        one, and with `check` the problems found reading every block (see check). Raises StoreError."""
+        problems = self.check() if check else None
+        previous = self.previous_info()
+        with self.current() as gen:
+            return StoreInfo(str(self.path), gen.meta, gen.disk_bytes(), gen.segments, str(self.files.segments),
+                             gen.manifest.dead_rows if gen.manifest else 0, previous,
+                             list(gen.failures) if failures else [], problems)
+
+    def previous_info(self) -> Previous | None:
+        """The previous generation as `info` describes it: its size and date, or why it is damaged."""
+        try:
+            prev = self.previous()
+        except StoreError as exc:
+            return Previous(str(self.files.previous), None, damaged=getattr(exc, "reason", str(exc)))
+        if prev is None:
+            return None
+        with prev:
+            return Previous(str(self.files.previous), len(prev), prev.meta.updated)
 
     def check(self) -> list[str]:
         """Read every block of every segment (each digest checked) and every index file (its digest).

@@ -85,7 +85,7 @@
     const verified = state.last.verified;
     state.last.results.forEach((r, i) => {
       const card = $("result-tpl").content.firstElementChild.cloneNode(true);
-      card.querySelector(".name").textContent = r.name;
+      card.querySelector(".name").textContent = r.query;
       card.querySelector(".query-img").src = state.last.previews[i];
       const verdict = card.querySelector(".verdict");
       if (r.error) {
@@ -131,7 +131,7 @@
     let failure = null;
     const ok = [];
     files.forEach((f, i) => {
-      if (f.size > cap) answer.results[i] = { name: f.name, error: "larger than " + limits.max_upload_mb + " MiB", matches: [] };
+      if (f.size > cap) answer.results[i] = { query: f.name, error: "larger than " + limits.max_upload_mb + " MiB", matches: [] };
       else ok.push(i);
     });
     for (let at = 0; at < ok.length; at += limits.max_images) {
@@ -146,7 +146,7 @@
         chunk.forEach((i, j) => { answer.results[i] = got.results[j]; });
       } catch (err) {
         const each = (err.detail && err.detail.images) || [];
-        chunk.forEach((i, j) => { answer.results[i] = { name: files[i].name, error: each[j] ? each[j].error : err.message, matches: [] }; });
+        chunk.forEach((i, j) => { answer.results[i] = { query: files[i].name, error: each[j] ? each[j].error : err.message, matches: [] }; });
         if (!each.length) failure = err.message;
       }
     }
