@@ -69,7 +69,7 @@ def store_rows(store: Path, paths: list[Path]) -> tuple[np.ndarray, list[int]]:
 
     cat = read_catalog(store)
     row = {os.path.normpath(store.parent / p): i for i, p in enumerate(cat.paths)}
-    out = np.zeros((len(paths), cat.meta.dim), np.float32)
+    out = np.zeros((len(paths), cat.meta.model.dim), np.float32)
     missing = []
     for k, p in enumerate(paths):
         i = row.get(str(p.resolve()))

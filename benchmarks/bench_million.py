@@ -202,7 +202,7 @@ def main() -> int:
     import faiss
 
     from neardup.search.join import knn_pairs
-    from neardup.store import Catalog, Store, StoreMeta, write_catalog
+    from neardup.store import Catalog, IndexInfo, ModelInfo, Store, StoreMeta, write_catalog
     from neardup.store.faiss_index import search
     from neardup.store.index_kinds import exact_scores, recall_at
 
@@ -243,9 +243,9 @@ def main() -> int:
             xb, pi, pj = generate(prm, n, args.seed)
             d = xb.shape[1]
             store = Path(tmp) / f"s{n}.h5"
-            meta = StoreMeta(model="efficientnet-lite0", weights="bench", weights_fingerprint="bench", dim=d,
-                             input_size=224, preprocessing="bench: Lite0-like vectors", runtime="numpy",
-                             next_id=n, index_kind="auto")
+            meta = StoreMeta(ModelInfo("efficientnet-lite0", "bench", "bench", dim=d, input_size=224,
+                                       preprocessing="bench: Lite0-like vectors", runtime="numpy"),
+                             next_id=n, index=IndexInfo(kind="auto"))
             cat = Catalog(meta, np.arange(n, dtype=np.int64), [f"p/{i}.jpg" for i in range(n)],
                           np.ones(n, np.int64), np.ones(n, np.int64), [f"{i:064x}" for i in range(n)],
                           np.full(n, 8, np.int32), np.full(n, 8, np.int32), xb)
@@ -257,7 +257,7 @@ def main() -> int:
             ids = np.arange(n, dtype=np.int64)
             rng = np.random.default_rng(args.seed + 7)
             with Store.open(store) as gen:
-                factory, params, tuned = gen.meta.index_factory, gen.meta.index_params, gen.meta.index_recall
+                factory, params, tuned = gen.meta.index.factory, gen.meta.index.params, gen.meta.index.recall
                 index_bytes = gen.disk_bytes().get("index", 0) or sum(
                     v for key, v in gen.disk_bytes().items() if "index" in key)
                 index = gen.index

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_verify import build, shelf_false_matches
+from bench_verify import _rule, build, shelf_false_matches
 from common import GROCERY_DIR, REPO_ROOT, Report, append_results, log, median, output_options, timed
 
 SHARED_MODELS = REPO_ROOT.parent / "shared" / "models" / "nsfwjs-mobilenet-v2"
@@ -87,7 +87,7 @@ def quality_and_speed(args, found: dict, tmp: Path, photos: list[Path], quality:
                       speeds: list, curves: list, results: dict) -> None:
     """The speed table, and what each model finds on the sets (filling the lists and `results` given)."""
     from neardup import evaluate
-    from neardup.config import candidate_rule, default_threshold
+    from neardup.config import default_threshold
     from neardup.testing.grocery import make_catalogue_set, make_copies_set, make_reshots_set
 
     test, iconic = GROCERY_DIR / "test", GROCERY_DIR / "iconic-images-and-descriptions"
@@ -114,12 +114,11 @@ def quality_and_speed(args, found: dict, tmp: Path, photos: list[Path], quality:
         build([iconic], stores["icon"], spec)
         f0, f1 = (evaluate(stores["fit"], fit_set, verify=v, thresholds=SWEEP) for v in (False, True))
         g_fit, l_fit = fit(f0, f1)
-        k, loose = candidate_rule(model)
+        k, loose = _rule(model)
         glob = default_threshold(model)
         if model != "phash":  # every CNN is scored at what seed 0 fits for it (pHash: its configured ones)
             glob, loose = g_fit, l_fit
-        fits.append([name, g_fit, l_fit, default_threshold(model), candidate_rule(model)[1], glob, loose,
-                     t_index])
+        fits.append([name, g_fit, l_fit, default_threshold(model), _rule(model)[1], glob, loose, t_index])
         for t, pg, rg, pv, rv in zip(f0.sweep["thresholds"], f0.sweep["precision"], f0.sweep["recall"],
                                      f1.sweep["precision"], f1.sweep["recall"]):
             if model != "phash" and abs(t * 20 - round(t * 20)) < 1e-6 and t >= 0.5:

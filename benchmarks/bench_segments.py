@@ -65,7 +65,7 @@ def main() -> int:
 
     from neardup.indexer.build import update_index
     from neardup.indexer.scan import scan
-    from neardup.store import Catalog, Store, StoreMeta, write_catalog
+    from neardup.store import Catalog, IndexInfo, ModelInfo, Store, StoreMeta, write_catalog
     from neardup.store.faiss_index import search
     from neardup.store.index_kinds import exact_scores, recall_at
     from neardup.testing import FakeEmbedder
@@ -97,9 +97,9 @@ def main() -> int:
         xb, _ = make_vectors(args.n, "clustered", seed=args.seed, d=args.d)
         st = [os.stat(tmp / n) for n in names]
         emb = Wide()
-        meta = StoreMeta(model=emb.name, weights="none", weights_fingerprint=emb.weights_fingerprint, dim=args.d,
-                         input_size=emb.input_size, preprocessing=emb.preprocessing, runtime="numpy",
-                         next_id=args.n, index_kind=args.index)
+        meta = StoreMeta(ModelInfo(emb.name, "none", emb.weights_fingerprint, dim=args.d, input_size=emb.input_size,
+                                   preprocessing=emb.preprocessing, runtime="numpy"),
+                         next_id=args.n, index=IndexInfo(kind=args.index))
         cat = Catalog(meta, np.arange(args.n, dtype=np.int64), names, np.array([s.st_size for s in st], np.int64),
                       np.array([s.st_mtime_ns for s in st], np.int64), shas, np.full(args.n, 8, np.int32),
                       np.full(args.n, 8, np.int32), xb)
@@ -110,7 +110,7 @@ def main() -> int:
         del cat, xb
         with Store.open(store) as gen:
             store_bytes = sum(gen.disk_bytes().values())
-            factory, params = gen.meta.index_factory, gen.meta.index_params
+            factory, params = gen.meta.index.factory, gen.meta.index.params
         log(f"  {t_first:.0f} s, {store_bytes / 2**30:.2f} GiB, index {factory} {params}")
 
         t0 = time.perf_counter()
@@ -158,7 +158,7 @@ def main() -> int:
             top = np.argsort(-S, axis=1)[:, :10]
             gt = cat.ids[top]  # a result tying the 10th exact score counts (recall_at)
             recall = recall_at(I, gt, exact_scores(xq, xl, cat.ids, I), np.take_along_axis(S, top, 1)[:, -1])
-            want_recall = gen.meta.index_recall
+            want_recall = gen.meta.index.recall
             del xl, S
             store_after = sum(gen.disk_bytes().values())
             segments_after = len(gen.segments)

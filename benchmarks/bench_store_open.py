@@ -19,10 +19,10 @@ from pathlib import Path
 
 WRITE = r"""
 import sys, numpy as np
-from neardup.store import Catalog, StoreMeta, write_catalog
+from neardup.store import Catalog, ModelInfo, StoreMeta, write_catalog
 n, d, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 rng = np.random.default_rng(0)
-meta = StoreMeta(model="fake", weights="none", weights_fingerprint="x", dim=d, input_size=224, preprocessing="none")
+meta = StoreMeta(ModelInfo("fake", "none", "x", dim=d, input_size=224, preprocessing="none"))
 xb = rng.standard_normal((n, d)).astype(np.float32)
 cat = Catalog(meta=meta, ids=np.arange(n), paths=[f"photos/{i:07d}.jpg" for i in range(n)], sizes=np.full(n, 1000),
               mtimes_ns=np.zeros(n, np.int64), sha256=[f"{i:064x}" for i in range(n)], widths=np.full(n, 640, np.int32),

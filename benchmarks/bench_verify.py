@@ -42,6 +42,14 @@ PHASH_HAMMING = lambda t: int(np.floor((1 - t) * 32 + 1e-9))  # noqa: E731
 SWEEP = sorted({round(0.3 + 0.025 * i, 3) for i in range(29)} | {0.3125, 0.4375, 0.5625})
 
 
+def _rule(model: str) -> tuple[int, float]:
+    """(k, loose threshold) of the candidates verification checks for `model` (config.MODEL_TABLE)."""
+    from neardup.config import stored_model_spec
+
+    spec = stored_model_spec(model)
+    return spec.candidates, spec.loose_threshold
+
+
 def models() -> dict[str, dict]:
     out = {"phash": {"model": "phash"}}
     if MOBILENET.is_file():
@@ -64,7 +72,7 @@ def shelf_false_matches(store: Path, shelf: Path, verify: bool, threshold: float
     loose threshold of `rule` = (k, loose), and passing the verdict) with it. Both default to the store's
     model's configured ones."""
     from neardup import Store, read_catalog
-    from neardup.config import candidate_rule, default_threshold
+    from neardup.config import default_threshold
     from neardup.search.verify import row_features, verify_pairs
 
     cat = read_catalog(store)
@@ -76,9 +84,9 @@ def shelf_false_matches(store: Path, shelf: Path, verify: bool, threshold: float
     a, b = np.array(pairs).T
     s = np.einsum("ij,ij->i", cat.xb[a], cat.xb[b])
     if not verify:
-        t = default_threshold(cat.meta.model) if threshold is None else threshold
+        t = default_threshold(cat.meta.model.name) if threshold is None else threshold
         return int((s >= t).sum()), len(pairs)
-    k, loose = rule or candidate_rule(cat.meta.model)
+    k, loose = rule or _rule(cat.meta.model.name)
     S = cat.xb @ cat.xb.T
     np.fill_diagonal(S, -np.inf)
     kth = -np.sort(-S, axis=1)[:, k - 1]
@@ -117,7 +125,7 @@ def main() -> int:
     if args.rerank:
         return rerank_orders(args)
     from neardup import evaluate, find_duplicates
-    from neardup.config import CANDIDATES, VERIFY, WORD_CANDIDATES, candidate_rule, default_threshold
+    from neardup.config import MODEL_TABLE, VERIFY, default_threshold
     from neardup.search.join import knn_pairs
     from neardup.testing.grocery import make_catalogue_set, make_copies_set, make_reshots_set, make_shelf_set
 
@@ -125,7 +133,9 @@ def main() -> int:
                     __doc__.split("\n\n")[1].replace("\n", " "),
                     params={"originals": args.originals, "distractors": args.originals, "copies seed": 1,
                             "shelf pairs": args.shelf, "cost store": args.cost_split, "verify rule": str(VERIFY),
-                            "candidates": str(CANDIDATES), "word candidates": str(WORD_CANDIDATES)})
+                            "candidates": str({m.name: (m.candidates, m.loose_threshold) for m in MODEL_TABLE}),
+                            "word candidates": str({m.name: m.word_candidates for m in MODEL_TABLE
+                                                    if m.word_candidates})})
     found = models()
     if "MobileNetV2" not in found:
         report.note(f"the trained network is absent ({MOBILENET}): pHash only")
@@ -180,7 +190,7 @@ def main() -> int:
                 shelf_rows.append((tag, fm))
             # curves: copies P/R at each loose threshold with verification (its sweep), without (plain cosine)
             a0, a1 = r[False][0], r[True][0]
-            k, loose = candidate_rule(spec["model"].split(":")[0])
+            k, loose = _rule(spec["model"].split(":")[0])
             for i, t in enumerate(a1.sweep["thresholds"]):
                 if abs(t * 20 - round(t * 20)) > 1e-6 and abs(t - loose) > 1e-6 and t not in (0.3125, 0.4375, 0.5625):
                     continue
@@ -214,7 +224,7 @@ def main() -> int:
                            for _ in range(args.repeats)])
             cli1 = median([_cli(["duplicates", "--store", str(store), "--verify", "--out", str(tmp / "p1.csv")])
                            for _ in range(args.repeats)])
-            k, loose = candidate_rule(spec["model"].split(":")[0])
+            k, loose = _rule(spec["model"].split(":")[0])
             cand = [(t, len(knn_pairs(rep_xb(store), k, t)[0])) for t in sorted({loose, 0.5, 0.6, 0.7, 0.8, 0.9})]
             cost_rows.append([name, rep.n, rep.candidates, int(rep.verified.sum()) - rep.n_exact, median(plain),
                               median(ver), median(ver) / median(plain), cli0, cli1, cli1 / cli0])
@@ -368,13 +378,13 @@ def _profile_store(args, name: str, spec: dict) -> Path:
 def _candidates(store: Path):  # noqa: ANN202
     """(local table, I, J) of the candidate pairs `duplicates` verifies on `store`."""
     from neardup import Store
-    from neardup.config import candidate_rule, word_candidates
+    from neardup.config import stored_model_spec
     from neardup.search.join import candidate_pairs, exact_pairs, without_pairs
 
     with Store.open(store) as gen:
         cat, table = gen.read(vectors=True), gen.local()
-    k, loose = candidate_rule(cat.meta.model)
-    words = word_candidates(cat.meta.model)
+    k, loose = _rule(cat.meta.model.name)
+    words = stored_model_spec(cat.meta.model.name).word_candidates
     ci, cj, cd, _ = candidate_pairs(cat.xb, k, loose, local=table if words else None, words=words)
     ci, cj, _ = without_pairs((ci, cj, cd), *exact_pairs(cat.sha256), len(cat))
     return table, ci, cj

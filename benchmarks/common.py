@@ -473,11 +473,11 @@ def synthetic_catalog(xb: np.ndarray, *, model: str = "resnet50"):  # noqa: ANN2
 
     Ids are row numbers; paths, sizes, times and content hashes are made up but distinct.
     """
-    from neardup.store import Catalog, StoreMeta
+    from neardup.store import Catalog, ModelInfo, StoreMeta
 
     n, d = xb.shape
-    meta = StoreMeta(model=model, weights="none", weights_fingerprint="none", dim=d, input_size=224,
-                     preprocessing="synthetic benchmark vectors", next_id=n)
+    meta = StoreMeta(ModelInfo(model, "none", "none", dim=d, input_size=224,
+                               preprocessing="synthetic benchmark vectors"), next_id=n)
     return Catalog(meta=meta, ids=np.arange(n, dtype=np.int64), paths=[f"synthetic/{i:07d}.jpg" for i in range(n)],
                    sizes=np.full(n, 20_000, np.int64), mtimes_ns=np.arange(n, dtype=np.int64) + 1_600_000_000 * 10**9,
                    sha256=[f"{i:064x}" for i in range(n)], widths=np.full(n, 348, np.int32),

@@ -49,8 +49,8 @@ def _worker(src: str, store: str, jobs: mp.Queue, results: mp.Queue) -> None:
             _, got = gen.index.search(np.ascontiguousarray(xb[:5]), 1)
             local = gen.local()  # what --verify and duplicates read
             loc = b"" if local is None else local.count.tobytes() + local.xy.tobytes() + local.desc.tobytes()
-            return (cat.ids.tolist(), cat.paths, cat.sha256, xb.tobytes(), got.tolist(), gen.meta.model,
-                    gen.meta.dim, loc)
+            return (cat.ids.tolist(), cat.paths, cat.sha256, xb.tobytes(), got.tolist(), gen.meta.model.name,
+                    gen.meta.model.dim, loc)
 
     oracle = answer()
     results.put(("ready", ""))

@@ -31,7 +31,7 @@ def test_index_writes_store_and_index(tmp_path: Path, make_images, fake_embedder
     assert s.failures == [("imgs/broken.jpg", "not a recognised image format")]
     cat = read_catalog(store)
     assert cat.paths == sorted(cat.paths) and cat.paths[0] == "imgs/img_0000.jpg"
-    assert cat.failures == s.failures and cat.meta.model == "fake" and cat.xb.shape == (12, 32)
+    assert cat.failures == s.failures and cat.meta.model.name == "fake" and cat.xb.shape == (12, 32)
     assert list(cat.ids) == list(range(12)) and (cat.widths == 320).all()
     np.testing.assert_allclose(np.linalg.norm(cat.xb, axis=1), 1, atol=1e-6)
     # the FAISS index holds the store's ids and vectors: each image finds itself first
@@ -213,7 +213,7 @@ def test_lost_index_file_is_rewritten_and_stale_work_removed(tmp_path: Path, mak
     s = update_index([tmp_path / "imgs"], store, embedder=fake_embedder)
     assert s.wrote and s.unchanged == 40 and s.embedded == 0 and not (tmp_path / "s.h5.work").exists()
     with Store.open(store) as gen:
-        assert gen.index_intact() and gen.meta.index_factory == "IVF4,Flat"
+        assert gen.index_intact() and gen.meta.index.factory == "IVF4,Flat"
     assert len(list(files.segments.glob("*.faiss"))) == 1
     assert (tmp_path / "s.h5.catalog.h5.abcdef012345.faiss").exists()
 
@@ -226,7 +226,7 @@ def test_an_exact_store_keeps_no_index_file(tmp_path: Path, make_images, fake_em
     assert not list(tmp_path.rglob("*.faiss"))
     cat = read_catalog(store)
     with Store.open(store) as gen:
-        assert gen.index_intact() and gen.meta.index_factory == "Flat"
+        assert gen.index_intact() and gen.meta.index.factory == "Flat"
         D, I = search(gen.index, cat.xb, 1)
     np.testing.assert_array_equal(I[:, 0], cat.ids)
 
@@ -235,7 +235,7 @@ def test_store_records_the_weights_the_injected_embedder_loaded(tmp_path: Path, 
     make_images(2)
     fake_embedder.weights = "none"
     build_index([tmp_path / "imgs"], tmp_path / "s.h5", embedder=fake_embedder)
-    assert read_catalog(tmp_path / "s.h5").meta.weights == "none"
+    assert read_catalog(tmp_path / "s.h5").meta.model.weights == "none"
 
 
 def test_phash_refuses_a_weights_file(tmp_path: Path, make_images) -> None:

@@ -161,7 +161,7 @@ def test_demo_copy_cut_short_is_replaced_and_keepers_follow_paths(tmp_path: Path
     times = {p.stat().st_mtime_ns for p in (demo / "sample" / "catalog").rglob("*") if p.is_file()}
     assert len(times) == 1
     for g in res.duplicates.groups:
-        exact = [m for m in g.members if m["keeper"] or m["exact"]]
-        if len(exact) > 1 and all(m["width"] * m["height"] == exact[0]["width"] * exact[0]["height"] and
-                                  m["size"] == exact[0]["size"] for m in exact):
-            assert next(m for m in exact if m["keeper"])["path"] == min(m["path"] for m in exact)
+        exact = [m for m in g.members if m.keeper or m.exact]
+        if len(exact) > 1 and all(m.width * m.height == exact[0].width * exact[0].height and
+                                  m.size == exact[0].size for m in exact):
+            assert next(m for m in exact if m.keeper).path == min(m.path for m in exact)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
 
-from neardup.config import DEFAULTS, THRESHOLDS
+from neardup.config import DEFAULTS, model_spec
 from neardup.embed.decode import decode_image
 from neardup.embed.embedders import (
     PHashEmbedder,
@@ -50,7 +50,7 @@ def test_pm1_mapping_gives_exactly_one_minus_two_hamming_over_64() -> None:
     np.testing.assert_allclose(np.linalg.norm(xb, axis=1), 1.0, rtol=0, atol=1e-7)
     ham = (bits[:, None, :] != bits[None, :, :]).sum(-1)
     np.testing.assert_array_equal(xb @ xb.T, hamming_to_cosine(ham).astype(np.float32))
-    assert cosine_to_hamming(THRESHOLDS["phash"]) == pytest.approx(14)
+    assert cosine_to_hamming(model_spec("phash").threshold) == pytest.approx(14)
 
 
 def _variants(img: Image.Image) -> list[Image.Image]:
@@ -65,7 +65,7 @@ def _variants(img: Image.Image) -> list[Image.Image]:
 
 def test_phash_near_copies_within_threshold_and_unrelated_not() -> None:
     emb = PHashEmbedder()
-    t = THRESHOLDS["phash"]
+    t = model_spec("phash").threshold
     originals = [product_photo(s) for s in range(10)]
     xo = emb.embed(np.stack([_phash_input(o) for o in originals]))
     for k, img in enumerate(originals):

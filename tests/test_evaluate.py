@@ -26,7 +26,7 @@ from neardup.search.evaluate import (
     write_eval_json,
 )
 from neardup.search.plots import plot_pr_curve
-from neardup.store import Catalog, StoreMeta, write_catalog
+from neardup.store import Catalog, ModelInfo, StoreMeta, write_catalog
 
 runner = CliRunner()
 
@@ -175,8 +175,7 @@ def hand_store(tmp_path: Path) -> tuple[Path, Path]:
     n = len(paths)
     sha = [f"{k:064x}" for k in range(n)]
     sha[paths.index("imgs/d2.jpg")] = sha[paths.index("imgs/d1.jpg")]
-    meta = StoreMeta(model="fake", weights="none", weights_fingerprint="none", dim=8, input_size=16,
-                     preprocessing="hand-made", next_id=n)
+    meta = StoreMeta(ModelInfo("fake", "none", "none", dim=8, input_size=16, preprocessing="hand-made"), next_id=n)
     store = tmp_path / "cat.h5"
     write_catalog(store, Catalog(meta, np.arange(n), paths, np.full(n, 1000), np.zeros(n, np.int64), sha,
                                  np.full(n, 64, np.int32), np.full(n, 64, np.int32), xb))
@@ -296,7 +295,12 @@ def test_cli_evaluate(hand_store: tuple[Path, Path], tmp_path: Path) -> None:
     assert doc["best"]["f1"] == pytest.approx(5 / 6) and doc["sweep"]["thresholds"][0] == 0.6
     assert len(doc["sweep"]["thresholds"]) == 41 and Image.open(png).size == (700, 600)
     r = run("evaluate", "-s", store, "--truth", truth, "-t", "0.95", "--min-threshold", "0.6")
-    assert r.exit_code == 0 and "default threshold 0.9500: precision 1.0000, recall 0.4000" in r.output
+    # the default row is what `duplicates -t 0.95` lists, scored on its own pairs, and says which flag moves it
+    assert r.exit_code == 0 and ("what `neardup duplicates --no-verify --threshold 0.95` lists (the command line): "
+                                 "2 pairs among the evaluated images, TP 2, FP 0, FN 3: precision 1.0000, recall "
+                                 "0.4000, F1 0.5714; --threshold 0.9500 decides them") in r.output
+    assert "0.9500          2        2        0        3     1.0000   0.4000   0.5714  <- default (--threshold of " \
+           "duplicates)" in r.output
 
 
 def test_cli_evaluate_bad_input(hand_store: tuple[Path, Path], tmp_path: Path) -> None:

@@ -11,14 +11,14 @@ import pytest
 from PIL import Image
 
 from neardup import build_index
-from neardup.config import candidate_rule
+from neardup.config import model_spec, stored_model_spec
 from neardup.errors import InputError
 from neardup.search.evaluate import evaluate
 from neardup.search.join import exact_pairs, self_join
 from neardup.search.metrics import DEFAULT_SWEEP, _reranked, _topk, pair_metrics, retrieval_metrics_blocked
 from neardup.search.truth import read_truth, read_truth_rows
 from neardup.search.verify import Verified
-from neardup.store import Catalog, StoreMeta, read_catalog, write_catalog
+from neardup.store import Catalog, ModelInfo, StoreMeta, read_catalog, write_catalog
 from neardup.testing import FakeEmbedder, write_product_photos
 
 
@@ -51,8 +51,7 @@ def hand(tmp_path: Path) -> tuple[Path, Path, Path]:
     paths = list(HAND)
     n = len(paths)
     xb = np.stack([v for v, _, _ in HAND.values()]).astype(np.float32)
-    meta = StoreMeta(model="fake", weights="none", weights_fingerprint="none", dim=8, input_size=16,
-                     preprocessing="hand-made", next_id=n)
+    meta = StoreMeta(ModelInfo("fake", "none", "none", dim=8, input_size=16, preprocessing="hand-made"), next_id=n)
     store = tmp_path / "cat.h5"
     write_catalog(store, Catalog(meta, np.arange(n), paths, np.full(n, 1000), np.zeros(n, np.int64),
                                  [f"{k:064x}" for k in range(n)], np.full(n, 64, np.int32),
@@ -160,7 +159,7 @@ def test_query_rows_are_embedded_and_ranked_against_the_catalogue(tmp_path: Path
     truth = write_truth(tmp_path / "truth.csv", ["path", "group", "class", "role"], rows)
     for verify in (False, True):
         res = evaluate(store, truth, embedder=FakeEmbedder(), verify=verify)
-        assert res.mode == "query" and res.verify is verify and res.k == candidate_rule("fake")[0]
+        assert res.mode == "query" and res.verify is verify and res.k == stored_model_spec("fake").candidates
         assert res.query_images == 7 and res.evaluated == 8  # catalogue rows only
         failed = dict(res.queries_failed)
         assert set(failed) == {"queries/broken.jpg", "queries/gone.jpg"} and all(failed.values())
@@ -223,8 +222,8 @@ def test_verify_finds_the_edited_copies_and_nothing_else(tmp_path: Path) -> None
     store = tmp_path / "cat.h5"
     build_index([root], store, embedder=FakeEmbedder())
     res = evaluate(store, truth)  # a new store caches local features: verified by default
-    assert res.verify and res.mode == "store" and res.k == candidate_rule("fake")[0] == 10
-    loose = candidate_rule("fake")[1]
+    assert res.verify and res.mode == "store" and res.k == stored_model_spec("fake").candidates == 10
+    loose = stored_model_spec("fake").loose_threshold
     at = res.sweep["thresholds"].index(loose)
     assert res.true_pairs == 4 and res.sweep["tp"][at] == 4 and res.sweep["fp"][at] == 0  # recall 1, precision 1
     assert res.verified_candidates == 4 and res.candidate_pairs > 4  # unrelated candidates were not verified
@@ -272,7 +271,7 @@ def test_grocery_copies_verified_beat_the_threshold(tmp_path: Path) -> None:
     paths = [r["path"] for r in csv.DictReader(open(truth, encoding="utf-8"))]
     store = tmp_path / "cat.h5"
     build_index(paths, store, model="phash")
-    k, loose = candidate_rule("phash")
+    k, loose = model_spec("phash").candidates, model_spec("phash").loose_threshold
     sweep = [loose, *DEFAULT_SWEEP]
     ver = evaluate(store, truth, verify=True, thresholds=sweep)
     plain = evaluate(store, truth, verify=False, thresholds=sweep)

@@ -79,24 +79,24 @@ def test_store_records_measures_and_reapplies_its_index(make_images, tmp_path: P
     store = tmp_path / "s.h5"
     build_index([tmp_path / "imgs"], store, embedder=FakeEmbedder(), index="IVF16,Flat", target_recall=0.9)
     meta = read_meta(store)
-    assert (meta.index_kind, meta.index_factory) == ("IVF16,Flat", "IVF16,Flat")
-    assert meta.index_params.startswith("nprobe=") and meta.index_recall >= 0.9 and meta.index_recall_queries == 300
+    assert (meta.index.kind, meta.index.factory) == ("IVF16,Flat", "IVF16,Flat")
+    assert meta.index.params.startswith("nprobe=") and meta.index.recall >= 0.9 and meta.index.recall_queries == 300
     with Store.open(store) as gen:  # the recorded knob is set again on load (FAISS does not save nprobe)
-        assert faiss.extract_index_ivf(gen.index).nprobe == int(meta.index_params.split("=")[1])
+        assert faiss.extract_index_ivf(gen.index).nprobe == int(meta.index.params.split("=")[1])
         D, I = search(gen.index, np.eye(32, dtype=np.float32)[:3], 5)
         assert set(I.ravel()) <= set(gen.catalog.ids.tolist())
 
     res = runner.invoke(app, ["info", "--store", str(store)])
     assert res.exit_code == 0 and "IVF16,Flat at nprobe=" in res.output and "recall@10" in res.output
     doc = json.loads(runner.invoke(app, ["info", "--store", str(store), "--json"]).output)
-    assert doc["index_recall"] == pytest.approx(meta.index_recall)
+    assert doc["index_recall"] == pytest.approx(meta.index.recall)
 
     make_images(20, start=300)  # an update keeps the store's kind and measures again
     update_index([tmp_path / "imgs"], store, embedder=FakeEmbedder())
-    assert read_meta(store).index_factory == "IVF16,Flat" and read_meta(store).count == 320
+    assert read_meta(store).index.factory == "IVF16,Flat" and read_meta(store).count == 320
     update_index([tmp_path / "imgs"], store, embedder=FakeEmbedder(), index="flat")  # nothing changed but the index
     meta = read_meta(store)
-    assert (meta.index_kind, meta.index_factory, meta.index_recall) == ("flat", "Flat", 1.0)
+    assert (meta.index.kind, meta.index.factory, meta.index.recall) == ("flat", "Flat", 1.0)
 
 
 def test_bad_index_options_are_refused_before_any_work(make_images, tmp_path: Path) -> None:
@@ -152,11 +152,11 @@ def test_a_store_too_small_to_train_its_index_stays_exact_until_it_grows(make_im
     store = tmp_path / "s.h5"
     build_index([tmp_path / "imgs"], store, embedder=FakeEmbedder(), index="ivf", local_features=False)
     meta = read_meta(store)
-    assert (meta.index_kind, meta.index_factory) == ("ivf", "Flat")  # 12 vectors cannot train 16 lists
+    assert (meta.index.kind, meta.index.factory) == ("ivf", "Flat")  # 12 vectors cannot train 16 lists
     make_images(40, start=12)
     update_index([tmp_path / "imgs"], store, embedder=FakeEmbedder())
     meta = read_meta(store)
-    assert meta.index_factory.startswith("IVF16,") and meta.index_recall_queries == 52
+    assert meta.index.factory.startswith("IVF16,") and meta.index.recall_queries == 52
 
 
 def test_query_scores_are_exact_cosines_whatever_the_index_codes(make_images, tmp_path: Path) -> None:
@@ -194,7 +194,7 @@ def test_a_phash_store_records_the_recall_its_ties_earn(make_images, tmp_path: P
     store = tmp_path / "s.h5"
     build_index([tmp_path / "imgs"], store, model="phash", index="hnsw", local_features=False)
     meta = read_meta(store)
-    assert meta.index_factory == "HNSW32,Flat" and meta.index_recall_queries == 400
+    assert meta.index.factory == "HNSW32,Flat" and meta.index.recall_queries == 400
     with Store.open(store) as gen:
         xb, ids, index = gen.vectors(), gen.catalog.ids, gen.index
         S = xb @ xb.T  # the oracle: brute force over all 400 photos, every one a query
@@ -207,16 +207,16 @@ def test_a_phash_store_records_the_recall_its_ties_earn(make_images, tmp_path: P
         by_score = np.mean((got >= kth[:, :1] - 1e-6).sum(1) / 10)  # results as good as the 10th: all right
         by_id = np.mean([len(set(r) & set(o[:10])) / 10 for r, o in zip(rows.tolist(), order.tolist())])
     assert by_id < 0.95 <= by_score  # counted by ids alone, the ties look like misses
-    assert meta.index_params == "efSearch=16" and meta.index_recall == pytest.approx(by_score, abs=0.02)
+    assert meta.index.params == "efSearch=16" and meta.index.recall == pytest.approx(by_score, abs=0.02)
     res = runner.invoke(app, ["info", "--store", str(store)])
-    assert res.exit_code == 0 and f"recall@10 {meta.index_recall:.3f}" in res.output
+    assert res.exit_code == 0 and f"recall@10 {meta.index.recall:.3f}" in res.output
 
 
 def test_store_knn_pairs_find_the_exact_candidates_without_holding_the_vectors(tmp_path: Path) -> None:
     """The candidate search of a large store (PCA codes, IVF, exact re-scoring read block by block) against
     brute force: each row's 10 nearest scoring >= the loose threshold, on clustered vectors with planted copies."""
     from neardup.search.candidates import SearchStats, store_knn_pairs
-    from neardup.store import Catalog, StoreMeta, write_catalog
+    from neardup.store import Catalog, IndexInfo, ModelInfo, StoreMeta, write_catalog
 
     n, d, k, loose = 6000, 96, 10, 0.8
     rng = np.random.default_rng(3)
@@ -227,8 +227,8 @@ def test_store_knn_pairs_find_the_exact_candidates_without_holding_the_vectors(t
     xb[b] = xb[a] + rng.uniform(0.1, 0.5, (200, 1)).astype(np.float32) * rng.standard_normal((200, d)).astype(
         np.float32) / np.sqrt(d)
     xb /= np.linalg.norm(xb, axis=1, keepdims=True)
-    meta = StoreMeta(model="bench", weights="none", weights_fingerprint="none", dim=d, input_size=16,
-                     preprocessing="test", runtime="numpy", next_id=n, index_kind="flat")
+    meta = StoreMeta(ModelInfo("bench", "none", "none", dim=d, input_size=16, preprocessing="test", runtime="numpy"),
+                     next_id=n, index=IndexInfo(kind="flat"))
     store = tmp_path / "s.h5"
     write_catalog(store, Catalog(meta, np.arange(n, dtype=np.int64) * 3, [f"p{i}.png" for i in range(n)],
                                  np.ones(n, np.int64), np.ones(n, np.int64), [f"{i:064x}" for i in range(n)],

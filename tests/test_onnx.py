@@ -109,8 +109,8 @@ def test_own_model_through_the_cli_is_recorded_and_checked(tmp_path: Path, make_
                             "--preprocess", "size=32,output=emb,fit=crop"])
     assert r.exit_code == 0, r.output
     meta = read_meta(store)
-    assert (meta.model, meta.weights, meta.dim, meta.runtime) == ("onnx", str(model), 3, "onnx")
-    assert "fit=crop" in meta.preprocessing and "output=emb" in meta.preprocessing
+    assert (meta.model.name, meta.model.weights, meta.model.dim, meta.model.runtime) == ("onnx", str(model), 3, "onnx")
+    assert "fit=crop" in meta.model.preprocessing and "output=emb" in meta.model.preprocessing
     res = query(store, [tmp_path / "imgs" / "img_0002.jpg"], k=1)  # the store's preprocessing, not a default
     assert res[0].matches[0].path == "imgs/img_0002.jpg"
     r = runner.invoke(app, ["index", str(tmp_path / "imgs"), "-s", str(tmp_path / "t.h5"), "--model",
@@ -169,7 +169,7 @@ def test_a_store_indexed_by_tensorflow_is_queried_by_onnx_runtime_and_back(tmp_p
     for built, asked in (("tf", "onnx"), ("onnx", "tf")):
         store = tmp_path / f"{built}.h5"
         build_index([tmp_path / "imgs"], store, model="resnet50", weights="none", runtime=built)
-        assert read_meta(store).runtime == built
+        assert read_meta(store).model.runtime == built
         for path, res in zip(paths[:3], query(store, paths[:3], k=1, runtime=asked)):
             assert res.matches[0].path == f"imgs/{path.name}" and res.matches[0].score >= 0.99999
 
@@ -260,7 +260,8 @@ def test_trained_network_index_query_duplicates_and_int8_end_to_end(mobilenet: P
         assert r.exit_code == 0 and sum(rank == 1 for rank in ranks) >= 5
         assert pairs[("catalog/p03.jpg", "catalog/p03_copy.jpg")] == pytest.approx(top[1]["score"], abs=1e-5)
     meta = read_meta(tmp_path / "int8.h5")
-    assert meta.precision == "int8" and meta.quantized_file and (tmp_path / meta.quantized_file).is_file()
+    m = meta.model
+    assert m.precision == "int8" and m.quantized_file and (tmp_path / m.quantized_file).is_file()
     (tmp_path / "moved").mkdir()  # a store copied without its int8 model says what is missing
     copy = tmp_path / "moved" / "int8.h5"
     copy.write_bytes((tmp_path / "int8.h5").read_bytes())
@@ -268,9 +269,9 @@ def test_trained_network_index_query_duplicates_and_int8_end_to_end(mobilenet: P
     r = runner.invoke(app, ["query", str(folder / "p00.jpg"), "-s", str(copy)])
     assert r.exit_code == 2 and "the int8 model of" in r.output and "is missing" in r.output
     # the agreement int8 measured on its calibration images, as the index run printed and the store recorded
-    overlap = float(meta.calibration.rsplit("overlap ", 1)[1])
-    cos_mean = float(meta.calibration.split("mean ")[1].split(",")[0])
-    print(f"\nint8 vs float32, trained MobileNetV2 1.4: {meta.calibration}")
+    overlap = float(meta.model.calibration.rsplit("overlap ", 1)[1])
+    cos_mean = float(meta.model.calibration.split("mean ")[1].split(",")[0])
+    print(f"\nint8 vs float32, trained MobileNetV2 1.4: {meta.model.calibration}")
     assert cos_mean >= 0.9 and overlap >= 0.6  # measured 0.927 and 0.776: int8 is opt-in, and says so
 
 
@@ -352,7 +353,7 @@ def test_a_store_keeps_its_precision_preprocessing_and_model_file(tmp_path: Path
     with pytest.raises(Exception, match="--model onnx:NEWPATH"):
         query(store, [tmp_path / "imgs" / "img_0000.jpg"])
     r = runner.invoke(app, ["update", str(tmp_path / "imgs"), "-s", str(store), "--model", f"onnx:{moved}"])
-    assert r.exit_code == 0 and read_meta(store).weights == str(moved), r.output
+    assert r.exit_code == 0 and read_meta(store).model.weights == str(moved), r.output
     assert query(store, [tmp_path / "imgs" / "img_0000.jpg"], k=1)[0].matches[0].path == "imgs/img_0000.jpg"
     for args, words in [(["--model", "phash", "--precision", "int8"], "phash has no precision"),
                         (["--model", "resnet50", "--preprocess", "size=32"], "--preprocess describes")]:

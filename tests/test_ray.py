@@ -72,7 +72,8 @@ def _same_store(a: Path, b: Path, local: bool = True) -> None:
         la, lb = ca.local.row(i), cb.local.row(i)
         assert (la.desc == lb.desc).all()
         np.testing.assert_allclose(la.xy, lb.xy, atol=1e-6)
-    assert ca.meta.model == cb.meta.model and ca.meta.weights_fingerprint == cb.meta.weights_fingerprint
+    assert ca.meta.model.name == cb.meta.model.name
+    assert ca.meta.model.weights_fingerprint == cb.meta.model.weights_fingerprint
 
 
 def test_ray_run_makes_the_local_runs_store_and_updates_alike(cluster, photos: Path, tmp_path: Path) -> None:

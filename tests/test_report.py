@@ -208,6 +208,30 @@ def test_cli_report_bad_input(dup_store: Path, tmp_path: Path) -> None:
     assert one_line_error(run("report", "-s", tmp_path / "none.h5", "-o", tmp_path / "r.html"))
 
 
+def test_plot_pair_titles_the_verdict_and_draws_the_inliers(tmp_path: Path, make_images) -> None:
+    from neardup.search.inliers import file_points
+    from neardup.search.plots import MAX_LINES
+
+    a, b = make_images(2)
+    small = tmp_path / "small.jpg"
+    Image.open(a).resize((200, 200)).save(small, "JPEG", quality=70)
+    v = file_points(a, small)
+    assert v is not None and v.verified and v.xy_a is not None and len(v.xy_a) == v.inliers > 0
+    fig = plot_pair(a, small, 0.98, None, verification=v, threshold=0.9)
+    assert fig.axes[1].get_title() == f"verified duplicate, {v.inliers} inliers (score 0.9800)"
+    assert len(fig.artists) == min(v.inliers, MAX_LINES)  # one line per inlier match (a subset beyond MAX_LINES)
+    # an unrelated pair: never "Duplicate", by the verification or by the threshold
+    u = file_points(a, b)
+    assert u is not None and u.judged and not u.verified
+    fig = plot_pair(a, b, 0.39, None, verification=u, threshold=0.9)
+    assert fig.axes[1].get_title() == f"not a duplicate: {u.inliers} inliers, not verified (score 0.3900)"
+    assert fig.axes[1].get_title().lower().count("duplicate") == 1
+    fig = plot_pair(a, b, 0.39, None, threshold=0.9)
+    assert fig.axes[1].get_title() == "not a duplicate (score 0.3900 < 0.9000)" and not fig.artists
+    assert plot_pair(a, b, 0.95, None, threshold=0.9).axes[1].get_title() == "duplicate by score (0.9500 >= 0.9000)"
+    assert file_points(a, tmp_path / "nope.jpg") is None
+
+
 def test_cli_plot(tmp_path: Path, make_images) -> None:
     a, b = make_images(2)
     small = tmp_path / "small.jpg"
@@ -216,6 +240,10 @@ def test_cli_plot(tmp_path: Path, make_images) -> None:
     assert r.exit_code == 0 and "score 0.5000" in r.output and Image.open(tmp_path / "p.png").size == (1000, 500)
     r = run("plot", a, small, "--model", "phash", "--out", tmp_path / "q.png")  # score computed, as compare
     assert r.exit_code == 0 and "score 1.0000" in r.output, r.output
+    assert "verified duplicate" in r.output and "not a duplicate" not in r.output, r.output
+    # an unrelated pair says so (the verification judged it), whatever its score
+    r = run("plot", a, b, "--model", "phash", "--out", tmp_path / "u.png")
+    assert r.exit_code == 0 and "wrote" in r.output and ": not a duplicate: " in r.output, r.output
     assert one_line_error(run("plot", a, tmp_path / "nope.jpg", "--score", "0.5", "-o", tmp_path / "x.png"))
     assert one_line_error(run("plot", a, b, "--score", "0.5", "-o", tmp_path / "no" / "x.png"))
 

@@ -21,7 +21,7 @@ from neardup.search.duplicates import complete_linkage, connected_components, du
 from neardup.search.join import exact_pairs, self_join
 from neardup.search.pairs_io import groups_document, write_groups_json, write_pairs_csv
 from neardup.search.query import Searcher, has_match, query
-from neardup.store import Catalog, StoreMeta, write_catalog
+from neardup.store import Catalog, ModelInfo, StoreMeta, write_catalog
 from neardup.testing import write_product_photos
 
 
@@ -95,8 +95,7 @@ def test_connected_components() -> None:
 
 def _catalog(xb: np.ndarray, sha: list[str] | None = None) -> Catalog:
     n, d = xb.shape
-    meta = StoreMeta(model="fake", weights="none", weights_fingerprint="none", dim=d, input_size=16,
-                     preprocessing="p", next_id=n)
+    meta = StoreMeta(ModelInfo("fake", "none", "none", dim=d, input_size=16, preprocessing="p"), next_id=n)
     return Catalog(meta=meta, ids=np.arange(n, dtype=np.int64) + 100, paths=[f"p{i:03d}.jpg" for i in range(n)],
                    sizes=np.full(n, 1000, np.int64), mtimes_ns=np.arange(n, dtype=np.int64),
                    sha256=sha or [f"{i:064x}" for i in range(n)], widths=np.full(n, 100, np.int32),
@@ -121,10 +120,10 @@ def test_find_duplicates_matches_oracle_with_exact_pairs_first(tmp_path: Path) -
     # every group is a clique above threshold and has one keeper
     by_id = {i + 100: i for i in range(400)}
     for g in report.groups:
-        rows = [by_id[m["id"]] for m in g.members]
+        rows = [by_id[m.id] for m in g.members]
         assert (xb[rows] @ xb[rows].T >= 0.8 - 1e-6).all()
-        assert sum(m["keeper"] for m in g.members) == 1
-    exact_group = next(g for g in report.groups if 105 in [m["id"] for m in g.members])
+        assert sum(m.keeper for m in g.members) == 1
+    exact_group = next(g for g in report.groups if 105 in [m.id for m in g.members])
     assert exact_group.keeper == 499
     # outputs are complete and parseable
     write_pairs_csv(report, tmp_path / "pairs.csv")

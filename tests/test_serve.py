@@ -712,8 +712,10 @@ def test_answer_has_one_json_form_that_reads_back() -> None:
     doc = json.loads(json.dumps(a.to_json()))
     assert list(doc) == ["store", "generation", "count", "model", "weights", "threshold", "verified", "results"]
     assert doc["results"][0] == {"query": "a.jpg", "error": None, "found": True, "matches": [
-        {"rank": 1, "id": 4, "path": "imgs/x.jpg", "score": 0.97, "verified": True, "inliers": 41, "match": True},
-        {"rank": 2, "id": 7, "path": "imgs/y.jpg", "score": 0.95, "verified": False, "inliers": 3, "match": False}]}
+        {"rank": 1, "id": 4, "path": "imgs/x.jpg", "score": 0.97, "verified": True, "inliers": 41, "match": True,
+             "decision": None, "keeper": None},
+        {"rank": 2, "id": 7, "path": "imgs/y.jpg", "score": 0.95, "verified": False, "inliers": 3, "match": False,
+             "decision": None, "keeper": None}]}
     assert doc["results"][1]["found"] is None and doc["results"][1]["error"]
     back = Answer.from_json(doc)
     assert back == a

@@ -109,3 +109,23 @@ def test_photos_beyond_the_request_size_and_a_bad_one(served, browser, tmp_path:
     assert cards.nth(0).locator(".verdict").inner_text() == "Already in the catalogue"
     assert not errors, errors
     page.close()
+
+
+def test_no_token_box_without_a_token(served, browser) -> None:
+    """A server without --token: the page shows no token box (the `hidden` attribute wins over the CSS that
+    lays out the controls), and answers without one."""
+    _, root, _ = served
+    proc, url = start_server(root / "catalog.h5")
+    try:
+        page = browser.new_page()
+        page.goto(url)
+        page.wait_for_function("() => document.getElementById('store').textContent.includes('13 photos')")
+        assert page.locator("#token-row").is_hidden()
+        assert page.eval_on_selector("#token-row", "el => getComputedStyle(el).display") == "none"
+        assert page.locator("#threshold").is_visible()  # the other controls are laid out as before
+        page.goto(url + "review")
+        page.wait_for_function("() => document.getElementById('status').textContent.includes('to review')")
+        assert page.locator("#token-row").is_hidden()
+        page.close()
+    finally:
+        stop_server(proc)

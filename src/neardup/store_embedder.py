@@ -31,20 +31,21 @@ def loose_embedder(store: str | os.PathLike[str] | None, model: str | None = Non
     if store is None:
         return make_embedder(model or DEFAULTS.model, weights, precision, runtime=runtime, preprocess=preprocess)
     meta = read_meta(store)
-    if model is not None and split_model(model, weights)[0] != meta.model:
-        raise StoreMismatchError(f"{store} was made with {meta.model}; --model {model} cannot follow it")
+    if model is not None and split_model(model, weights)[0] != meta.model.name:
+        raise StoreMismatchError(f"{store} was made with {meta.model.name}; --model {model} cannot follow it")
     return store_embedder(meta, store, weights=weights, precision=precision, runtime=runtime)
 
 
 def check_embedder(meta: StoreMeta, emb: Embedder, store: str | os.PathLike[str]) -> None:
     """Refuse an embedder whose vectors cannot be compared with the store's: another model, dimension or
     weights fingerprint. The one place this rule lives (indexing and querying both call it)."""
-    if meta.model == "onnx" and emb.preprocessing != meta.preprocessing:  # a user's model: its preprocessing
-        raise StoreMismatchError(f"{store} was made with the preprocessing {meta.preprocessing}; the model given "
+    m = meta.model
+    if m.name == "onnx" and emb.preprocessing != m.preprocessing:  # a user's model: its preprocessing
+        raise StoreMismatchError(f"{store} was made with the preprocessing {m.preprocessing}; the model given "
                                  f"uses {emb.preprocessing}")
-    if emb.name != meta.model or emb.dim != meta.dim or emb.weights_fingerprint != meta.weights_fingerprint:
+    if emb.name != m.name or emb.dim != m.dim or emb.weights_fingerprint != m.weights_fingerprint:
         raise StoreMismatchError(
-            f"{store} was made with {meta.model} (dim {meta.dim}, weights {meta.weights_fingerprint}); "
+            f"{store} was made with {m.name} (dim {m.dim}, weights {m.weights_fingerprint}); "
             f"the model given is {emb.name} (dim {emb.dim}, weights {emb.weights_fingerprint})")
 
 
@@ -55,18 +56,18 @@ def store_embedder(meta: StoreMeta, store: str | os.PathLike[str], *, weights: s
     preprocessing, its int8 model, beside `store`, checked against its digest), checked against the store's
     `meta`; an injected `embedder` is checked the same way. `runtime` may differ from the store's: TensorFlow
     and ONNX Runtime vectors are interchangeable."""
-    if meta.precision == "int8":
+    if meta.model.precision == "int8":
         precision = "int8"  # the store's calibrated model, whatever the default
-    quantized = StoreFiles.of_manifest(store).index(meta.quantized_file) if meta.quantized_file else None
+    quantized = StoreFiles.of_manifest(store).index(meta.model.quantized_file) if meta.model.quantized_file else None
     if quantized is not None and embedder is None:
         if not quantized.is_file():
             raise StoreError(f"the int8 model of {store} is missing ({quantized}); it was calibrated on this "
                              f"store's images, so rebuild the store with `neardup index DIR --precision int8`")
-        if meta.quantized_sha256 and file_sha256(quantized) != meta.quantized_sha256:
+        if meta.model.quantized_sha256 and file_sha256(quantized) != meta.model.quantized_sha256:
             raise StoreError(f"the int8 model of {store} ({quantized}) does not match the digest its store recorded "
                              f"(damaged); rebuild the store with `neardup index DIR --precision int8`")
-    emb = embedder or make_embedder(meta.model, weights or meta.weights, precision, runtime=runtime,
-                                    preprocess=meta.preprocessing if meta.model == "onnx" else None,
+    emb = embedder or make_embedder(meta.model.name, weights or meta.model.weights, precision, runtime=runtime,
+                                    preprocess=meta.model.preprocessing if meta.model.name == "onnx" else None,
                                     quantized=quantized)
     check_embedder(meta, emb, store)
     return emb

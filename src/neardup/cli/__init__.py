@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from . import indexing, searching, serving  # noqa: F401 - importing a command module registers its commands
+from . import indexing, review, searching, serving  # noqa: F401 - importing a command module registers its commands
 from .base import _quiet_stdout, app
 
 __all__ = ["app", "main"]

@@ -39,6 +39,7 @@ from .options import (
     index_options,
 )
 from .render import _place, _print_info, _print_summary, _store_folder, _warn_random_weights
+from .review import decisions_info, decisions_line
 
 
 def _run_index(update: bool, dirs: list[str], store: Path, options: Any, quiet: bool) -> None:
@@ -121,11 +122,31 @@ def info_cmd(
     from ..store.handle import Store
 
     about = Store(store).describe(failures=failures or as_json, check=check)
+    applied = _applied(store)
     if as_json:
-        typer.echo(json.dumps(about.to_json(), indent=1))
+        typer.echo(json.dumps({**about.to_json(), "decisions": decisions_info(store), "settings": applied}, indent=1))
     else:
-        _print_info(about)
+        settings_file = Store(store).files.settings
+        _print_info(about, [
+            ("decisions", decisions_line(decisions_info(store))),
+            ("thresholds", "the model's defaults (none applied)" if not applied else applied["error"]
+             if "error" in applied else f"{applied['flags']} applied {applied['at']} by {applied['source']} "
+             f"({settings_file}; a flag on the command line still wins)")])
     raise typer.Exit(1 if about.problems else 0)
+
+
+def _applied(store: Path) -> dict:
+    """The thresholds applied to the store (evaluate --fit --apply): {} when none, {"error": ...} when its
+    settings file is damaged (info still describes the rest)."""
+    from ..errors import StoreError
+    from ..store.settings import read_settings
+
+    try:
+        s = read_settings(store)
+    except StoreError as exc:
+        return {"error": str(exc)}
+    return {} if s.empty else {"threshold": s.threshold, "candidate_threshold": s.candidate_threshold,
+                               "flags": s.flags(), "source": s.source, "at": s.at}
 
 
 @app.command("restore")
@@ -168,20 +189,24 @@ def demo_cmd(
                    f"Why: {res.fallback_reason}\n")
     _print_summary(res.summary)
     d = res.duplicates
-    typer.echo(f"\n{len(d.groups)} duplicate groups ({d.n_pairs} pairs, {d.n_exact} byte-identical) among "
-               f"{d.n} images, model {d.model}, threshold {d.threshold:.4f}:")
+    decides = (f"verified candidates: each image's {d.k} nearest at cosine >= {d.loose_threshold:.4f} "
+               f"(--candidate-threshold)" if d.verify else f"cosine >= {d.threshold:.4f} (--threshold)")
+    listed = int(d.verified.sum()) if d.verify else d.n_pairs  # unverified ones are only listed for review
+    typer.echo(f"\n{len(d.groups)} duplicate groups ({listed} pairs, {d.n_exact} byte-identical) among "
+               f"{d.n} images, model {d.model}; pairs: {decides}:")
     folder = _store_folder(res.store)
     for k, g in enumerate(d.groups[:show]):
-        names = [_place(m["path"], folder) + (" (keep)" if m["keeper"] else "") for m in g.members]
+        names = [_place(m.path, folder) + (" (keep)" if m.keeper else "") for m in g.members]
         typer.echo(f"  group {k + 1}: " + ", ".join(names))
     if len(d.groups) > show:
         typer.echo(f"  ... {len(d.groups) - show} more in {res.groups_json}")
     if res.evaluation is not None:
         ev = res.evaluation
-        typer.echo(f"\nagainst the sample's ground truth ({ev.true_pairs} true pairs): at threshold "
-                   f"{ev.default_threshold:.4f} precision {ev.at_default['precision']:.3f}, recall "
+        typer.echo(f"\nagainst the sample's ground truth ({ev.true_pairs} true pairs): these pairs, at "
+                   f"{ev.default_flag} {ev.default_threshold:.4f}: precision {ev.at_default['precision']:.3f}, recall "
                    f"{ev.at_default['recall']:.3f}, F1 {ev.at_default['f1']:.3f}; best F1 {ev.best['f1']:.3f} at "
-                   f"{ev.best['threshold']:.2f}; query recall@1 {ev.retrieval.get('recall@1', float('nan')):.3f}")
+                   f"{ev.default_flag} {ev.best['threshold']:.2f}; query recall@1 "
+                   f"{ev.retrieval.get('recall@1', float('nan')):.3f}")
     typer.echo(f"\nstore {res.store}\npairs {res.pairs_csv}\ngroups {res.groups_json}"
                + (f"\nevaluation {res.out / 'evaluation.json'}" if res.evaluation is not None else ""))
     if res.report_html:

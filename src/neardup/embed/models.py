@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import os
 
-from ..config import DEFAULTS, MODELS, PRECISIONS, RUNTIMES
+from ..config import DEFAULTS, PRECISIONS, RUNTIMES, model_spec
 from ..errors import InputError
-from .efficientnet_lite import is_lite
 from .embedders import Embedder, KerasEmbedder, PHashEmbedder, resolve_weights
 
 
@@ -25,10 +24,7 @@ def split_model(model: str, weights: str | None = None) -> tuple[str, str | None
         if weights not in (None, "imagenet", "none", path):
             raise InputError("--model onnx:PATH names the model file; drop --weights")
         return "onnx", path
-    if model not in MODELS:
-        raise InputError(f"unknown model {model!r}; choose one of {', '.join(m for m in MODELS if m != 'onnx')}, "
-                         f"onnx:PATH")
-    return model, weights
+    return model_spec(model).name, weights
 
 
 def make_embedder(model: str = DEFAULTS.model, weights: str | None = DEFAULTS.weights,
@@ -47,7 +43,8 @@ def make_embedder(model: str = DEFAULTS.model, weights: str | None = DEFAULTS.we
         raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if model == "phash":
         return PHashEmbedder()
-    if precision == "bf16" and (model == "onnx" or is_lite(model)):
+    spec = model_spec(model)
+    if precision == "bf16" and "tf" not in spec.runtimes:
         raise InputError("bf16 is a TensorFlow precision of ResNet50 and VGG16; an ONNX model runs in float32 "
                          "or int8")
     if precision == "bf16" and runtime != "tf":
@@ -56,7 +53,7 @@ def make_embedder(model: str = DEFAULTS.model, weights: str | None = DEFAULTS.we
         raise InputError("int8 is calibrated on a catalogue's own images: create the store with "
                          "`neardup index DIR --precision int8`, then query it as usual")
     # EfficientNet-Lite runs on ONNX Runtime whatever the runtime (it has no Keras model), as pHash on numpy
-    if model != "onnx" and not is_lite(model) and runtime == "tf" and precision != "int8":
+    if "tf" in spec.runtimes and runtime == "tf" and precision != "int8":
         return KerasEmbedder(model, weights, precision)
     from .onnx_export import builtin_embedder, int8_embedder
     from .onnx_runtime import OnnxEmbedder, OnnxPreprocess

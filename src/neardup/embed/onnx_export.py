@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import DEFAULTS
+from ..config import DEFAULTS, model_spec
 from ..errors import InputError, WeightsError
 from ..fileio import atomic_write, file_sha256
 from .efficientnet_lite import LITE, is_lite, lite_graph, lite_preprocessing, lite_weights_file
@@ -219,7 +219,7 @@ def _machine_key() -> str:
 def _load(path: Path, model: str, optimized: Path | None = None) -> OnnxEmbedder:
     """An exported built-in CNN (one uint8 input, one output), named and fingerprinted by its metadata."""
     made = optimized is not None and not optimized.is_file()
-    size = LITE[model].size if is_lite(model) else 224
+    size = model_spec(model).input_size or 224  # every built-in CNN has one in the table
     emb = OnnxEmbedder(path, OnnxPreprocess(size=size, dtype="uint8", scale=1.0, input="pixels"), name=model,
                        optimized=optimized)
     if made and optimized.is_file():

@@ -11,7 +11,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -114,6 +114,7 @@ class EmbeddedFiles:
     xq: np.ndarray
     failures: list[tuple[str, str]]
     local: list[LocalFeatures | None] | None = None  #: per row of xq, when asked for
+    sha256: list[str] = field(default_factory=list)  #: per row of xq, the file's content digest
 
 
 def embed_files(paths: Sequence[str | os.PathLike[str]], emb: Embedder, *,
@@ -128,6 +129,7 @@ def embed_files(paths: Sequence[str | os.PathLike[str]], emb: Embedder, *,
     chunks: list[np.ndarray] = []
     batch: list[np.ndarray] = []
     failures: list[tuple[str, str]] = []
+    digests: list[str] = []
     outcomes = prepare_all([str(p) for p in paths], emb, batch_size=batch_size, decode_workers=decode_workers,
                            max_bytes=max_bytes, local=local)
     with closing(outcomes):
@@ -136,6 +138,7 @@ def embed_files(paths: Sequence[str | os.PathLike[str]], emb: Embedder, *,
                 failures.append((out.path, out.error))
                 continue
             ok.append(out.path)
+            digests.append(out.prepared.sha256)
             feats.append(out.prepared.decoded.local)
             batch.append(out.prepared.decoded.pixels)
             if len(batch) >= batch_size:
@@ -148,4 +151,4 @@ def embed_files(paths: Sequence[str | os.PathLike[str]], emb: Embedder, *,
     if progress is not None:
         progress(len(paths), len(paths))
     xq = np.concatenate(chunks) if chunks else np.zeros((0, emb.dim), np.float32)
-    return EmbeddedFiles(ok, xq, failures, feats if local else None)
+    return EmbeddedFiles(ok, xq, failures, feats if local else None, digests)

@@ -28,9 +28,9 @@ from ..features import LOCAL_VERSION
 from ..fileio import check_output_path, file_sha256
 from ..store.files import StoreFiles
 from ..store.index_kinds import plan as plan_index
-from ..store.meta import Catalog, Segment, StoreMeta
+from ..store.meta import Catalog, StoreMeta
 from ..store.publish import Change, Published, Writer
-from ..store.repair import segment_contents
+from ..store.repair import DroppedSegment, segment_contents
 from ..store_embedder import store_embedder
 from .checkpoint import Checkpoint
 from .diff import KnownContent, assemble, split_unchanged
@@ -155,21 +155,22 @@ def build_index(
         old_meta = gen.meta if gen is not None else None
         asked = embedder.name if embedder is not None else model
         if old_meta is not None:
-            if asked is not None and asked != old_meta.model:  # refused before any model is built
+            if asked is not None and asked != old_meta.model.name:  # refused before any model is built
                 raise StoreMismatchError(
-                    f"{store} was made with model {old_meta.model}; it cannot be updated with {asked} "
+                    f"{store} was made with model {old_meta.model.name}; it cannot be updated with {asked} "
                     f"(use another --store)")
-            if precision is not None and precision != old_meta.precision:
-                raise StoreMismatchError(f"{store} holds {old_meta.precision} vectors; a store's precision is chosen "
-                                         f"when it is created (drop --precision, or use another --store)")
-            precision = old_meta.precision
-            if preprocess and old_meta.model == "onnx" and not _same_preprocess(preprocess, old_meta.preprocessing):
-                raise StoreMismatchError(f"{store} was made with the preprocessing {old_meta.preprocessing}; "
+            if precision is not None and precision != old_meta.model.precision:
+                raise StoreMismatchError(f"{store} holds {old_meta.model.precision} vectors; a store's precision is "
+                                         f"chosen when it is created (drop --precision, or use another --store)")
+            precision = old_meta.model.precision
+            if preprocess and old_meta.model.name == "onnx" and not _same_preprocess(preprocess,
+                                                                                     old_meta.model.preprocessing):
+                raise StoreMismatchError(f"{store} was made with the preprocessing {old_meta.model.preprocessing}; "
                                          f"--preprocess cannot change it (use another --store)")
-            model = old_meta.model
-            plan_index(asked_index.get("index_kind", old_meta.index_kind), 1, old_meta.dim)  # refused before work
-            weights = resolve_weights(model, weights) if weights else old_meta.weights
-            if model == "onnx" and weights != old_meta.weights:  # the same model file, moved: re-point the store
+            model = old_meta.model.name
+            plan_index(asked_index.get("index_kind", old_meta.index.kind), 1, old_meta.model.dim)  # refused before work
+            weights = resolve_weights(model, weights) if weights else old_meta.model.weights
+            if model == "onnx" and weights != old_meta.model.weights:  # the same model file, moved: re-point the store
                 repointed = _repoint(old_meta, weights, store)
         else:
             model = asked or DEFAULTS.model
@@ -202,15 +203,15 @@ def build_index(
             local = (LOCAL_VERSION if local_features else "") if gen is None else gen.meta.local_features
             if gen is None:
                 plan_index(asked_index.get("index_kind", DEFAULTS.index), 1, emb.dim)  # refused before embedding
-                new_meta = StoreMeta(model=model, weights=weights, weights_fingerprint=emb.weights_fingerprint,
-                                     dim=emb.dim, input_size=emb.input_size, preprocessing=emb.preprocessing,
-                                     runtime=getattr(emb, "runtime", ""),
-                                     precision=getattr(emb, "precision", DEFAULTS.precision),
-                                     quantized_file=files.quantized.name if precision == "int8" else "",
-                                     quantized_sha256=file_sha256(files.quantized)
-                                     if precision == "int8" and files.quantized.is_file() else "",
-                                     calibration=summary.calibration, local_features=local,
-                                     **{"index_kind": DEFAULTS.index, **asked_index})
+                new_meta = StoreMeta.of_flat({
+                    "model": model, "weights": weights, "weights_fingerprint": emb.weights_fingerprint,
+                    "dim": emb.dim, "input_size": emb.input_size, "preprocessing": emb.preprocessing,
+                    "runtime": getattr(emb, "runtime", ""), "precision": getattr(emb, "precision", DEFAULTS.precision),
+                    "quantized_file": files.quantized.name if precision == "int8" else "",
+                    "quantized_sha256": file_sha256(files.quantized)
+                    if precision == "int8" and files.quantized.is_file() else "",
+                    "calibration": summary.calibration, "local_features": local,
+                    "index_kind": DEFAULTS.index, **asked_index})
             checkpoint = Checkpoint(files.work, {"model": emb.name, "weights_fingerprint": emb.weights_fingerprint,
                                                  "dim": emb.dim, "preprocessing": emb.preprocessing,
                                                  "local_features": local})
@@ -236,14 +237,14 @@ def build_index(
         if delta is not None:
             for name, count in asdict(delta.changes).items():
                 setattr(summary, name, count)
-        reindex = gen is not None and any(getattr(gen.meta, k) != v for k, v in asked_index.items())
+        reindex = gen is not None and any(gen.meta.flat()[k] != v for k, v in asked_index.items())
         moved_model = {"weights": weights} if repointed else {}
         if delta is not None:
-            meta = replace(delta.meta, **asked_index, **moved_model)
+            meta = delta.meta.with_flat(**asked_index, **moved_model)
             summary.published = w.publish(Change(meta, delta.append, delta.delete, delta.failures,
                                                  reindex or compact), compact=compact or None)
         elif gen is not None and compact:
-            summary.published = w.publish(Change(replace(gen.meta, **asked_index, **moved_model),
+            summary.published = w.publish(Change(gen.meta.with_flat(**asked_index, **moved_model),
                                                  failures=gen.failures, reindex=True), compact=True)
         elif gen is not None and (repointed or reindex or gen.manifest is None or dropped or w.rebuilt or
                                   not gen.index_intact(full=repair)):
@@ -252,7 +253,7 @@ def build_index(
             # a publish checks every part it keeps, so any update that changes rows mends a damaged one too)
             if not (repointed or reindex or gen.manifest is None or dropped or w.rebuilt):
                 log.warning("the index of %s is missing or damaged; writing it anew from the store", store)
-            meta = replace(gen.meta, **asked_index, **moved_model)
+            meta = gen.meta.with_flat(**asked_index, **moved_model)
             summary.published = w.publish(Change(meta, failures=gen.failures, reindex=reindex))
         summary.wrote = summary.published is not None
         # also a checkpoint left by a run killed after publishing: its work is in the store now
@@ -288,9 +289,9 @@ def _repoint(meta: StoreMeta, path: str, store: Path) -> bool:
     """Whether `path` holds the very model an onnx store was made with (its new place is then recorded)."""
     if not Path(path).is_file():
         raise InputError(f"ONNX model not found: {path}")
-    if "sha256:" + file_sha256(path)[:16] != meta.weights_fingerprint:
+    if "sha256:" + file_sha256(path)[:16] != meta.model.weights_fingerprint:
         raise StoreMismatchError(f"{store} was made with another model file (fingerprint "
-                                 f"{meta.weights_fingerprint}) than {path}")
+                                 f"{meta.model.weights_fingerprint}) than {path}")
     return True
 
 
@@ -315,14 +316,15 @@ def _calibrated(files: StoreFiles, pending: list[FileRecord], model: str, weight
     return int8
 
 
-def _check_repair(dropped: list[tuple[Segment, str, list[str] | None]], found: Scan,
+def _check_repair(dropped: list[DroppedSegment], found: Scan,
                   drop_missing: bool) -> list[Repaired]:
     """What a repair will bring back of each damaged segment whose paths read true: its photos found under the
     folders given, those deleted from disk since, and those still on disk elsewhere. The last would be lost:
     refused (InputError, before anything is read or written) unless `drop_missing`."""
     here = {f.rel for f in found.files}
     out = []
-    for seg, why, paths in dropped:
+    for d in dropped:
+        seg, why, paths = d.segment, d.why, d.paths
         if paths is None:  # known by their content only: checked once the files found are hashed
             out.append(Repaired(seg.name, seg.rows, why))
             continue
@@ -337,7 +339,7 @@ def _check_repair(dropped: list[tuple[Segment, str, list[str] | None]], found: S
     return out
 
 
-def _check_repair_contents(repaired: list[Repaired], dropped: list[tuple[Segment, str, list[str] | None]],
+def _check_repair_contents(repaired: list[Repaired], dropped: list[DroppedSegment],
                            files: StoreFiles, hashes: dict[str, str], old: Catalog | None,
                            drop_missing: bool) -> None:
     """For each damaged segment whose paths cannot be read: its photos found again by their content (the files
@@ -346,8 +348,9 @@ def _check_repair_contents(repaired: list[Repaired], dropped: list[tuple[Segment
     Where the content hashes cannot be read either, only a shortfall in the count of new photos can show."""
     have = set(hashes.values()) | (set(old.sha256) if old is not None else set())
     by_name = {r.name: r for r in repaired}
-    for seg, _, paths in dropped:
-        if paths is not None:
+    for d in dropped:
+        seg = d.segment
+        if d.paths is not None:
             continue
         rep = by_name[seg.name]
         contents = segment_contents(files, seg)

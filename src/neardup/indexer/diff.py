@@ -249,5 +249,5 @@ def catalog_of(rows: list[Row], meta: StoreMeta, failures: list[tuple[str, str]]
         sizes=np.array([r.size for r in rows], np.int64), mtimes_ns=np.array([r.mtime_ns for r in rows], np.int64),
         sha256=[r.sha256 for r in rows], widths=np.array([r.width for r in rows], np.int32),
         heights=np.array([r.height for r in rows], np.int32),
-        xb=np.stack([r.vector for r in rows]).astype(np.float32) if rows else np.zeros((0, meta.dim), np.float32),
+        xb=np.stack([r.vector for r in rows]).astype(np.float32) if rows else np.zeros((0, meta.model.dim), np.float32),
         failures=failures or [], local=LocalTable.of([r.local for r in rows]) if meta.local_features else None)

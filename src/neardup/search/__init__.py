@@ -12,12 +12,12 @@ from .._lazy import lazy_exports
 
 _EXPORTS = {
     **dict.fromkeys(["Match", "QueryResult", "Searcher", "compare", "has_match", "neighbours"], ".query"),
-    **dict.fromkeys(["DuplicateReport", "Group", "Pair", "complete_linkage", "connected_components",
+    **dict.fromkeys(["DuplicateReport", "Group", "Member", "Pair", "complete_linkage", "connected_components",
                      "duplicate_rows", "exact_pairs", "find_duplicates", "knn_pairs", "self_join"], ".duplicates"),
     **dict.fromkeys(["groups_document", "write_groups_json", "write_pairs_csv", "read_pairs_csv",
                      "read_groups_json"], ".pairs_io"),
     **dict.fromkeys(["Verification", "Verified", "rerank", "verify_pair", "verify_pairs"], ".verify"),
-    **dict.fromkeys(["EvalResult", "pair_metrics", "read_truth", "retrieval_metrics",
+    **dict.fromkeys(["EvalOptions", "EvalResult", "pair_metrics", "read_truth", "retrieval_metrics",
                      "retrieval_metrics_blocked", "write_eval_json"], ".evaluate"),
     **dict.fromkeys(["ReportResult", "make_thumbnails", "thumbnail_uri", "write_report"], ".report"),
     **dict.fromkeys(["plot_pair", "plot_pr_curve"], ".plots"),

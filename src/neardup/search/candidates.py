@@ -65,7 +65,7 @@ def store_knn_pairs(gen: Generation, k: int, threshold: float, *, dims: int = DE
     import faiss
 
     stats = stats if stats is not None else SearchStats()
-    n, d = len(gen), gen.meta.dim
+    n, d = len(gen), gen.meta.model.dim
     depth = max(k, depth or 2 * k)
     empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
     if n < 2 or k < 1:
@@ -181,7 +181,7 @@ def _exact_scores(gen: Generation, a: np.ndarray, b: np.ndarray, block: int) -> 
         if lo == hi:
             continue
         L1 = min(n, L0 + block)
-        left = np.empty((L1 - L0, gen.meta.dim), np.float32)
+        left = np.empty((L1 - L0, gen.meta.model.dim), np.float32)
         for s, x in gen.vector_runs(L0):
             if s >= L1:
                 break

@@ -28,19 +28,23 @@ def connected_components(n: int, pi: np.ndarray, pj: np.ndarray) -> list[np.ndar
     return sorted((np.sort(c).astype(np.int64) for c in comps), key=lambda c: int(c[0]))
 
 
-def complete_linkage(S: np.ndarray, threshold: float, forced: np.ndarray | None = None) -> list[list[int]]:
+def complete_linkage(S: np.ndarray, threshold: float, forced: np.ndarray | None = None,
+                     forbidden: np.ndarray | None = None) -> list[list[int]]:
     """Split one component into groups in which EVERY two members score >= threshold.
 
     Rule (deterministic, greedy): the member with most partners (ties: higher mean score, then lower row)
     seeds a group; its partners join in descending score to the seed while they score >= threshold with
     every member already in the group. Repeat on the rest. A chain A~B~C with A!~C becomes {A, B} (or
     {B, C}) and C (or A) is left out or grouped elsewhere: a chain never merges unrelated products.
-    `forced` marks pairs that are always linked (byte-identical files). Returns lists of local indices.
+    `forced` marks pairs that are always linked (byte-identical files, pairs a person confirmed), `forbidden`
+    pairs that never are (a person decided them distinct): no group holds both. Returns lists of local indices.
     """
     m = len(S)
     adj = S >= threshold
     if forced is not None:
         adj |= forced
+    if forbidden is not None:
+        adj &= ~forbidden
     np.fill_diagonal(adj, False)
     alive = np.ones(m, bool)
     degree = adj.sum(1).astype(np.int64)

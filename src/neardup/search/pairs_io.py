@@ -16,14 +16,15 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..fileio import atomic_write, check_output_path
-from .duplicates import DuplicateReport, Pair
+from .dup_records import DuplicateReport, Pair
 
 
 def write_pairs_csv(report: DuplicateReport, path: str | os.PathLike[str]) -> None:
     """Pairs as CSV: a_id, a_path, b_id, b_path, score, kind (exact pairs first, then by score), a_stale and
     b_stale ("missing" or "changed" for a file no longer as indexed, "alias" for another name of a listed file:
     never to delete as a duplicate of it), and when the pairs were verified:
-    verified (true/false), inliers (empty for byte-identical pairs)."""
+    verified (true/false), inliers (empty for byte-identical pairs); last, decision: a person's decision on the
+    pair ("duplicate"; empty: undecided; a pair decided distinct is never listed)."""
     path = Path(path)
     check_output_path(path)
 
@@ -31,12 +32,12 @@ def write_pairs_csv(report: DuplicateReport, path: str | os.PathLike[str]) -> No
         with open(tmp, "w", newline="", encoding="utf-8") as fh:
             w = csv.writer(fh)
             head = ["a_id", "a_path", "b_id", "b_path", "score", "kind", "a_stale", "b_stale"]
-            w.writerow(head + (["verified", "inliers"] if report.verify else []))
+            w.writerow(head + (["verified", "inliers"] if report.verify else []) + ["decision"])
             for p in report.iter_pairs():
                 row = [p.a_id, p.a_path, p.b_id, p.b_path, f"{p.score:.6f}", p.kind, p.a_stale or "", p.b_stale or ""]
                 if report.verify:
                     row += ["true" if p.verified else "false", "" if p.inliers is None or p.inliers < 0 else p.inliers]
-                w.writerow(row)
+                w.writerow(row + [p.decision or ""])
 
     atomic_write(path, write)
 
@@ -84,17 +85,23 @@ def groups_document(report: DuplicateReport, *, pairs_file: str | os.PathLike[st
     return {
         "store": report.store, "model": report.model, "threshold": report.threshold, "images": report.n,
         "verified": report.verify,
-        "rule": rule + "; keeper = a file still as indexed, then largest resolution, then largest file, then oldest, "
+        "rule": rule + "; a pair a person decided distinct never shares a group, one confirmed duplicate always "
+                       "does (its member's decision is \"duplicate\"), and the keeper a person chose is the keeper "
+                       "(keeper_decided)"
+                       "; keeper = a file still as indexed, then largest resolution, then largest file, then oldest, "
                        "then path; a file gone or changed since it was indexed (size, modification time or "
                        "content) is listed as stale, and another name of a listed file (a symlink or hard link) as "
                        "stale \"alias\" with alias_of: never keeper nor removable",
         "stale": len(report.stale), "generation": report.generation,
         "pairs": _pairs_record(report, Path(groups_path) if groups_path is not None else None, pairs_file)
         if record_pairs else None,
+        "decisions": {"confirmed": len(report.decisions), "distinct_hidden": report.hidden_distinct,
+                      "new_only": report.new_only, "decided_hidden": report.hidden_decided},
         "groups": [{"group": k + 1, "size": len(g.members), "keeper": g.keeper,
-                    "keeper_path": next(m["path"] for m in g.members if m["keeper"]),
-                    "removable": [m["path"] for m in g.members if not m["keeper"] and not m.get("stale")],
-                    "stale": [m["path"] for m in g.members if m.get("stale")], "members": g.members}
+                    "keeper_decided": g.keeper_decided,
+                    "keeper_path": next(m.path for m in g.members if m.keeper),
+                    "removable": [m.path for m in g.members if m.removable],
+                    "stale": [m.path for m in g.members if m.stale], "members": [m.as_json() for m in g.members]}
                    for k, g in enumerate(report.groups)],
     }
 
@@ -148,8 +155,12 @@ def read_pairs_csv(path: str | os.PathLike[str]) -> list[Pair]:
                     inl = int(row["inliers"]) if row.get("inliers") else None
                 except ValueError:
                     raise InputError(f"{path}, line {line}: inliers must be a whole number") from None
+                decision = row.get("decision") or None
+                if decision not in (None, "duplicate", "distinct"):
+                    raise InputError(f"{path}, line {line}: decision must be duplicate, distinct or empty, "
+                                     f"not {decision!r}")
                 pairs.append(Pair(a_id, row["a_path"], b_id, row["b_path"], score, kind, ver, inl,
-                                  row.get("a_stale") or None, row.get("b_stale") or None))
+                                  row.get("a_stale") or None, row.get("b_stale") or None, decision))
     except UnicodeDecodeError:
         raise InputError(f"{path} is not a UTF-8 text file") from None
     return pairs

@@ -85,13 +85,30 @@ def _draw_matches(fig: Figure, ax1: Any, ax2: Any, size1: tuple[int, int], size2
     ax2.plot(*(xy2 * size2).T, ".", color=colour, markersize=3)
 
 
+def pair_verdict(score: float, threshold: float | None = None, verification: Verification | None = None) -> str:
+    """A pair's verdict as a title says it: by the verification when it judged the pair, else by `threshold`;
+    with neither, the caller has called the pair a duplicate (a listed pair: "Duplicate (Score: ...)")."""
+    if verification is not None and verification.judged:
+        if verification.verified:
+            return f"verified duplicate, {verification.inliers} inliers (score {score:.4f})"
+        return f"not a duplicate: {verification.inliers} inliers, not verified (score {score:.4f})"
+    if threshold is None:
+        return f"Duplicate (Score: {score:.4f})"
+    plain = "\ntoo plain to verify: judged by the score" if verification is not None else ""
+    if score >= threshold:
+        return f"duplicate by score ({score:.4f} >= {threshold:.4f}){plain}"
+    return f"not a duplicate (score {score:.4f} < {threshold:.4f}){plain}"
+
+
 def plot_pair(a: str | os.PathLike[str], b: str | os.PathLike[str], score: float,
               out: str | os.PathLike[str] | None = "pair.png", *, strict: bool = True,
-              verification: Verification | None = None) -> Figure:
-    """The seed's side-by-side view: "Original" | "Duplicate (Score: 0.9712)", a fixed 1000x500 px image.
+              verification: Verification | None = None, threshold: float | None = None) -> Figure:
+    """The side-by-side view of a pair, "Original" | its verdict (pair_verdict), a fixed 1000x500 px image.
 
-    With a `verification` holding inlier points (verify_pair(points=True)), its verdict and inlier count
-    join the title and the inlier matches are drawn between the photos (green: verified, orange: not).
+    The verdict is the `verification`'s when it judged the pair, else the score against `threshold`; with
+    neither, the pair is titled "Duplicate (Score: 0.9712)" (a pair the caller lists as one). With inlier points
+    in the verification (verify_pair(points=True), inliers.pair_points/file_points), the inlier matches are
+    drawn between the photos (green: verified, orange: not).
 
     Drawn on a plain Agg canvas (no window, no pyplot global state, safe in scripts and threads) and saved
     atomically to `out` (None: not saved) in the format of its extension (PNG, JPEG, PDF, SVG, WebP). With
@@ -109,15 +126,14 @@ def plot_pair(a: str | os.PathLike[str], b: str | os.PathLike[str], score: float
     fig = Figure(figsize=PLOT_FIGSIZE, dpi=PLOT_DPI)
     FigureCanvasAgg(fig)
     ax1, ax2 = fig.subplots(1, 2)
-    title = f"Duplicate (Score: {score:.4f})"
-    if verification is not None:
-        title += f"\n{'verified' if verification.verified else 'not verified'}, {verification.inliers} inliers"
+    title = pair_verdict(score, threshold, verification)
     size1 = _plot_panel(ax1, Path(a), "Original", strict)
     size2 = _plot_panel(ax2, Path(b), title, strict)
     fig.subplots_adjust(left=0.02, right=0.98, bottom=0.03, top=0.90, wspace=0.05)
-    if verification is not None and verification.xy_a is not None and size1 and size2 and verification.inliers:
-        _draw_matches(fig, ax1, ax2, size1, size2, verification.xy_a, verification.xy_b,
-                      "#1a7f37" if verification.verified else "#d4760a")
+    v = verification
+    if v is not None and v.xy_a is not None and v.xy_b is not None and size1 and size2 and v.inliers:
+        _draw_matches(fig, ax1, ax2, size1, size2, v.xy_a, v.xy_b,
+                      "#1a7f37" if v.verified else "#d4760a")
     if out is not None:
         _save(fig, out, PLOT_DPI)  # no bbox_inches="tight": the image's size would depend on the photos
     return fig

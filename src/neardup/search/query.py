@@ -22,6 +22,7 @@ from ..progress import Progress, stage_of
 from ..store.faiss_index import search
 from ..store.generation import Generation
 from ..store_embedder import store_embedder
+from .review import DecisionCache
 from .verify import rerank, resolve_verify, row_features, verify_pairs
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,8 @@ class Match:
     path: str  #: as stored, relative to the store's folder
     verified: bool | None = None  #: the geometric verdict (None: not verified)
     inliers: int | None = None  #: RANSAC inliers of the verification
+    decision: str | None = None  #: a person's decision on this photo and the query photo (None: not reviewed)
+    keeper: bool | None = None  #: with a duplicate decision naming a keeper: whether it is this match
 
 
 @dataclass
@@ -76,14 +79,16 @@ class QueryResult:
         own verdict ("match")."""
         return {"query": self.query, "error": self.error, "found": None if self.error else self.found(threshold),
                 "matches": [{"rank": m.rank, "id": m.id, "path": m.path, "score": round(m.score, 6),
-                             "verified": m.verified, "inliers": m.inliers, "match": self.is_match(m, threshold)}
+                             "verified": m.verified, "inliers": m.inliers, "match": self.is_match(m, threshold),
+                             "decision": m.decision, "keeper": m.keeper}
                             for m in self.matches]}
 
     @classmethod
     def from_json(cls, doc: dict, threshold: float, verified: bool) -> QueryResult:
         """The result `to_json` wrote (the verdicts are recomputed from the matches, not read)."""
         matches = [Match(rank=int(m["rank"]), score=float(m["score"]), id=int(m["id"]), path=str(m["path"]),
-                         verified=m["verified"], inliers=m["inliers"]) for m in doc.get("matches", [])]
+                         verified=m["verified"], inliers=m["inliers"], decision=m.get("decision"),
+                         keeper=m.get("keeper")) for m in doc.get("matches", [])]
         return cls(str(doc["query"]), matches, error=doc.get("error"), verified=verified and not doc.get("error"),
                    threshold=threshold)
 
@@ -144,6 +149,7 @@ class Searcher:
         self.local_cache_rows, self.cache_hits, self.cache_misses = local_cache_rows, 0, 0
         self._local_cache: OrderedDict[int, LocalFeatures] = OrderedDict()
         self._cache_lock = threading.Lock()
+        self.decisions = DecisionCache(gen.files.store)  # marks matches a person reviewed with the query photo
         try:
             self.cat, self.index = gen.catalog, gen.index
             self.embedder = store_embedder(gen.meta, gen.files.store, weights=weights, precision=precision,
@@ -214,7 +220,7 @@ class Searcher:
         """FAISS (D, I) of xq in this store's index; on an approximate index (SQ, PQ, PCA codes) the scores are
         re-computed exactly from the stored vectors."""
         D, I = search(self.index, xq, k)
-        return self._rescored(xq, I) if self.meta.index_factory != "Flat" else (D, I)
+        return self._rescored(xq, I) if self.meta.index.factory != "Flat" else (D, I)
 
     def _rescored(self, xq: np.ndarray, I: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Exact cosines of the found ids from the stored vectors, each row re-sorted by them (so a threshold
@@ -247,21 +253,38 @@ class Searcher:
                         inliers=int(v.inliers[i]) if v.judged[i] else None)
                 for r, i in enumerate(ranked.tolist())]
 
+    def reviewed(self, matches: list[Match], digest: str | None) -> list[Match]:
+        """`matches` of the query photo with content `digest`, each marked with the decision a person recorded
+        on the two (search/review.py), if any."""
+        state = self.decisions.state()
+        if not digest or not state.current or not matches:
+            return matches
+        sha, rows = self.cat.sha256, self.rows_of([m.id for m in matches]).tolist()
+        out = []
+        for m, r in zip(matches, rows):
+            d = state.get(digest, sha[r]) if r >= 0 and sha[r] != digest else None
+            out.append(m if d is None else replace(
+                m, decision=d.decision, keeper=None if d.keeper is None else d.keeper == sha[r]))
+        return out
+
     def results(self, names: Sequence[str], D: np.ndarray, I: np.ndarray, local: Sequence[LocalFeatures | None],
-                *, verify: bool, threshold: float, errors: Sequence[str | None] | None = None) -> list[QueryResult]:
+                *, verify: bool, threshold: float, errors: Sequence[str | None] | None = None,
+                digests: Sequence[str | None] | None = None) -> list[QueryResult]:
         """The results of photos `names` (in order): those with an error in `errors` (by position) with it,
         the others (rows of D, I and `local`, in order) with their neighbours, verified and re-ranked when
-        `verify`. The last stage of every look-up, in the CLI and the service."""
+        `verify`, and marked with the decisions on them (`digests`: the photos' content, by row). The last
+        stage of every look-up, in the CLI and the service."""
         errors = errors or [None] * len(names)
         found = iter(self.neighbours(D, I))
-        feats = iter(local)
+        feats, sha = iter(local), iter(digests or [None] * len(D))
         out = []
         for name, error in zip(names, errors):
             if error is not None:
                 out.append(QueryResult(name, error=error, threshold=threshold))
                 continue
             m, f = next(found), next(feats)
-            out.append(QueryResult(name, self.verify(m, f) if verify else m, verified=verify, threshold=threshold))
+            m = self.reviewed(self.verify(m, f) if verify else m, next(sha))
+            out.append(QueryResult(name, m, verified=verify, threshold=threshold))
         return out
 
     def answer(self, images: Sequence[str | os.PathLike[str]], k: int = DEFAULTS.k, *,
@@ -283,9 +306,9 @@ class Searcher:
         D, I = self.knn(got.xq, k) if len(got.xq) else (np.zeros((0, k), np.float32), np.zeros((0, k), np.int64))
         failed = dict(got.failures)
         results = self.results(paths, D, I, got.local or [None] * len(got.paths), verify=verify, threshold=t,
-                               errors=[failed.get(p) for p in paths])
-        return Answer(str(self.gen.path), self.generation, len(self.cat), self.meta.model, t, verify, results,
-                      self.meta.weights)
+                               errors=[failed.get(p) for p in paths], digests=got.sha256)
+        return Answer(str(self.gen.path), self.generation, len(self.cat), self.meta.model.name, t, verify, results,
+                      self.meta.model.weights)
 
 
 def answer(store: str | os.PathLike[str], images: Sequence[str | os.PathLike[str]], *, k: int = DEFAULTS.k,

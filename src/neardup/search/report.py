@@ -31,13 +31,16 @@ from ..embed.decode import file_local_features, open_upright
 from ..errors import DecodeError, InputError
 from ..fileio import atomic_write, check_output_path, fmt_bytes, now_iso
 from ..progress import Callback, Progress, stage_of
+from ..store.decisions import JournalState
 from ..store.generation import Generation
 from ..store.handle import opened
 from ..store.meta import Catalog
 from ..threads import thread_pool
-from .duplicates import DuplicateReport, Pair, find_duplicates
+from .dup_records import DuplicateReport, Pair
+from .duplicates import find_duplicates
 from .pairs_io import groups_document, read_groups_json, read_pairs_csv, recorded_pairs
 from .plots import plot_pair
+from .review import decisions_for
 from .verify import Verification, row_features, verify_pair
 
 log = logging.getLogger(__name__)
@@ -183,7 +186,7 @@ def _inliers_of(gen: Generation, a: str, b: str, images: _Images) -> Verificatio
     """The verification of a pair (stored paths) with its inlier points, for drawing: from the store's cached
     features, screened as duplicates screens, so the drawing shows what the verdict counted. A path not in
     the store is decoded as the store's model decodes (None when unreadable)."""
-    mode = "L" if gen.meta.model == "phash" else "RGB"
+    mode = "L" if gen.meta.model.name == "phash" else "RGB"
     feats = []
     for p in (a, b):
         if p in images.row:
@@ -197,19 +200,52 @@ def _inliers_of(gen: Generation, a: str, b: str, images: _Images) -> Verificatio
     return verify_pair(feats[0], feats[1], points=True, screen=True)
 
 
-def _groups_from(doc_groups: list[dict], images: _Images) -> list[dict]:
+class _Reviewed:
+    """The decisions recorded on the report's pairs (by the photos' content now): the page's badges."""
+
+    def __init__(self, state: JournalState, cat: Catalog) -> None:
+        self.state, self.sha = state, dict(zip(cat.paths, cat.sha256))
+
+    def code(self, a: str, b: str) -> int:
+        """0 undecided (or a path not in the store), 1 confirmed duplicate, 2 decided distinct."""
+        da, db = self.sha.get(a), self.sha.get(b)
+        d = self.state.get(da, db) if da and db and da != db and self.state.current else None
+        return 0 if d is None else 1 if d.decision == "duplicate" else 2
+
+    def keeper_chosen(self, keeper: str, others: list[str]) -> bool:
+        """Whether a person chose `keeper` over one of `others` (a duplicate decision naming it)."""
+        dk = self.sha.get(keeper)
+        return any((d := self.state.get(dk, self.sha[o])) is not None and d.keeper == dk
+                   for o in others if dk and o in self.sha and self.sha[o] != dk)
+
+    def summary(self, pair_rows: list[list], group_rows: list[dict]) -> str:
+        """The summary row: how many pairs and groups shown carry a decision."""
+        dup, dis = sum(r[6] == 1 for r in pair_rows), sum(r[6] == 2 for r in pair_rows)
+        chosen = sum(bool(g["d"]) for g in group_rows)
+        where = f"{len(self.state.current)} pair(s) decided in the store's journal"
+        return (f"{dup} pair(s) shown confirmed duplicate, {dis} decided distinct, {chosen} group keeper(s) chosen "
+                f"by a person ({where})" + "".join(f"; {p}" for p in self.state.problems))
+
+
+def _groups_from(doc_groups: list[dict], images: _Images, decided: _Reviewed) -> list[dict]:
     out = []
     for k, g in enumerate(doc_groups, start=1):
         members = [{"i": images(m["path"]), "k": bool(m.get("keeper")), "x": bool(m.get("exact")),
                     "s": round(float(m.get("score_to_keeper", 1.0)), 6),
                     "v": int(m.get("inliers_to_keeper", -1)) if isinstance(m.get("inliers_to_keeper"), int) else -1,
-                    "st": str(m["stale"]) if m.get("stale") else ""}  # never removable: gone, changed, an alias
+                    "st": str(m["stale"]) if m.get("stale") else "",  # never removable: gone, changed, an alias
+                    "p": m["path"]}
                    for m in g["members"]]
         if members and not any(m["k"] for m in members):
             members[0]["k"] = True  # a hand-made file without keeper flags: its first member, as in our files
         members.sort(key=lambda m: not m["k"])  # keeper first, the rest in the file's order
+        keeper = members[0]["p"] if members else ""
+        for m in members:  # 1: confirmed a duplicate of the keeper, 2: decided distinct from it (a hand-made file)
+            path = m.pop("p")
+            m["dc"] = 0 if m["k"] else decided.code(keeper, path)
         others = [m["s"] for m in members if not m["k"]]
-        out.append({"n": k, "lo": min(others) if others else 1.0, "m": members})
+        chosen = decided.keeper_chosen(keeper, [m["path"] for m in g["members"] if m["path"] != keeper])
+        out.append({"n": k, "lo": min(others) if others else 1.0, "m": members, "d": int(chosen)})
     return out
 
 
@@ -233,111 +269,106 @@ def write_report(store: Generation | str | os.PathLike[str], out: str | os.PathL
     (bad files, missing output folder) and StoreError.
     """
     with opened(store) as gen:
-        return _write_report(gen, out, pairs=pairs, groups=groups, duplicates=duplicates, threshold=threshold,
-                             png_dir=png_dir, page_size=page_size, workers=workers, verify=verify,
-                             progress=progress)
+        t0 = time.perf_counter()
+        out = Path(out)
+        check_output_path(out)
+        if png_dir is not None:
+            if Path(png_dir).exists() and not Path(png_dir).is_dir():
+                raise InputError(f"--png-dir {png_dir} is a file, not a folder")
+            Path(png_dir).mkdir(parents=True, exist_ok=True)
+        if page_size < 1:
+            raise InputError("page size must be at least 1")
+        store, cat = gen.path, gen.catalog
+        images = _Images(cat, gen.folder)
 
+        source: list[str] = []
+        pair_list: list[Pair] | None = None
+        group_docs: list[dict] | None = None
+        t_shown: float | None = threshold
+        if duplicates is None and pairs is None and groups is None:
+            duplicates = find_duplicates(gen, threshold=threshold, verify=verify, progress=progress)
+            source.append("computed from the store (neardup duplicates" + (", verified)" if duplicates.verify else ")"))
+        if duplicates is not None:
+            pair_list, t_shown = duplicates.pairs, duplicates.threshold
+            group_docs = groups_document(duplicates, record_pairs=False)["groups"]
+            source = source or ["a find_duplicates result"]
+        else:
+            if pairs is not None:
+                pair_list = read_pairs_csv(pairs)
+                if threshold is not None:
+                    # pairs.csv holds scores rounded to 6 decimals: allow that rounding below the threshold.
+                    pair_list = [p for p in pair_list if p.score >= threshold - 1e-6]
+                source.append(f"pairs from {pairs}")
+            if groups is not None:
+                gdoc = read_groups_json(groups)
+                group_docs = gdoc["groups"]
+                if t_shown is None and isinstance(gdoc.get("threshold"), (int, float)):
+                    t_shown = float(gdoc["threshold"])
+                source.append(f"groups from {groups}")
+            if pair_list is None:  # groups alone would show "Pairs (0)": the pairs they were made from...
+                pair_list, why = recorded_pairs(gdoc, groups, gen.id, threshold=threshold, verify=verify)
+                if pair_list is not None:
+                    source.append(why)
+                else:  # ...or, when those no longer hold, the pairs computed again at the groups' threshold
+                    log.warning("%s: computing the pairs from the store again (every candidate searched and verified): "
+                                "%s", groups, why)
+                    computed = find_duplicates(gen, threshold=t_shown, verify=verify, progress=progress)
+                    t_shown, pair_list = computed.threshold, computed.pairs
+                    source.append(f"pairs computed from the store at {computed.threshold:.4f} ({why})")
 
-def _write_report(gen: Generation, out: str | os.PathLike[str], *, pairs: str | os.PathLike[str] | None,
-                  groups: str | os.PathLike[str] | None, duplicates: DuplicateReport | None,
-                  threshold: float | None, png_dir: str | os.PathLike[str] | None, page_size: int,
-                  workers: int | None, verify: bool | None, progress: Progress | None = None) -> ReportResult:
-    t0 = time.perf_counter()
-    out = Path(out)
-    check_output_path(out)
-    if png_dir is not None:
-        if Path(png_dir).exists() and not Path(png_dir).is_dir():
-            raise InputError(f"--png-dir {png_dir} is a file, not a folder")
-        Path(png_dir).mkdir(parents=True, exist_ok=True)
-    if page_size < 1:
-        raise InputError("page size must be at least 1")
-    store, cat = gen.path, gen.catalog
-    images = _Images(cat, gen.folder)
+        # Sorted by score, highest first; a stable sort keeps the file's order among equal scores.
+        ordered = sorted(pair_list or [], key=lambda p: -p.score)
+        # the decisions recorded now (by content: whatever file the pairs came from); 1 duplicate, 2 distinct
+        decided = _Reviewed(decisions_for(gen), cat)
+        pair_rows = [[images(p.a_path), images(p.b_path), round(float(p.score), 6), 1 if p.kind == "exact" else 0,
+                      -1 if p.verified is None else int(p.verified), -1 if p.inliers is None else int(p.inliers),
+                      decided.code(p.a_path, p.b_path)] for p in ordered]
+        group_rows = _groups_from(group_docs or [], images, decided)
 
-    source: list[str] = []
-    pair_list: list[Pair] | None = None
-    group_docs: list[dict] | None = None
-    t_shown: float | None = threshold
-    if duplicates is None and pairs is None and groups is None:
-        duplicates = find_duplicates(gen, threshold=threshold, verify=verify, progress=progress)
-        source.append("computed from the store (neardup duplicates" + (", verified)" if duplicates.verify else ")"))
-    if duplicates is not None:
-        pair_list, group_docs, t_shown = duplicates.pairs, groups_document(duplicates, record_pairs=False)["groups"], duplicates.threshold
-        source = source or ["a find_duplicates result"]
-    else:
-        if pairs is not None:
-            pair_list = read_pairs_csv(pairs)
-            if threshold is not None:
-                # pairs.csv holds scores rounded to 6 decimals: allow that rounding below the threshold.
-                pair_list = [p for p in pair_list if p.score >= threshold - 1e-6]
-            source.append(f"pairs from {pairs}")
-        if groups is not None:
-            gdoc = read_groups_json(groups)
-            group_docs = gdoc["groups"]
-            if t_shown is None and isinstance(gdoc.get("threshold"), (int, float)):
-                t_shown = float(gdoc["threshold"])
-            source.append(f"groups from {groups}")
-        if pair_list is None:  # groups alone would show "Pairs (0)": the pairs they were made from...
-            pair_list, why = recorded_pairs(gdoc, groups, gen.id, threshold=threshold, verify=verify)
-            if pair_list is not None:
-                source.append(why)
-            else:  # ...or, when those no longer hold, the pairs computed again at the groups' threshold
-                log.warning("%s: computing the pairs from the store again (every candidate searched and verified): "
-                            "%s", groups, why)
-                computed = find_duplicates(gen, threshold=t_shown, verify=verify, progress=progress)
-                t_shown, pair_list = computed.threshold, computed.pairs
-                source.append(f"pairs computed from the store at {computed.threshold:.4f} ({why})")
+        t1 = time.perf_counter()
+        with stage_of(progress, "thumbnails", len(images.index), "img") as bar:
+            thumbs = make_thumbnails([images.absolute(p) for p in images.index], workers=workers, progress=bar)
+        image_docs = images.documents(thumbs)
+        missing = [d["p"] for d in image_docs if d["t"] is None]
+        log.info("%d thumbnails in %.1f s (%d missing)", len(image_docs), time.perf_counter() - t1, len(missing))
 
-    # Sorted by score, highest first; a stable sort keeps the file's order among equal scores.
-    ordered = sorted(pair_list or [], key=lambda p: -p.score)
-    pair_rows = [[images(p.a_path), images(p.b_path), round(float(p.score), 6), 1 if p.kind == "exact" else 0,
-                  -1 if p.verified is None else int(p.verified), -1 if p.inliers is None else int(p.inliers)]
-                 for p in ordered]
-    group_rows = _groups_from(group_docs or [], images)
+        scores = [r[2] for r in pair_rows] + [m["s"] for g in group_rows for m in g["m"] if not m["k"]]
+        lo = float(np.floor(min(scores) * 100) / 100) if scores else 0.0
+        hi = max(1.0, float(np.ceil(max(scores) * 1e6) / 1e6)) if scores else 1.0
+        data = {"page_size": int(page_size), "placeholder": placeholder_uri(), "images": image_docs,
+                "pairs": pair_rows, "groups": group_rows, "has_pairs": pair_list is not None,
+                "has_groups": group_docs is not None, "lo": lo, "hi": hi}
 
-    t1 = time.perf_counter()
-    with stage_of(progress, "thumbnails", len(images.index), "img") as bar:
-        thumbs = make_thumbnails([images.absolute(p) for p in images.index], workers=workers, progress=bar)
-    image_docs = images.documents(thumbs)
-    missing = [d["p"] for d in image_docs if d["t"] is None]
-    log.info("%d thumbnails in %.1f s (%d missing)", len(image_docs), time.perf_counter() - t1, len(missing))
+        png_files: list[Path] = []
+        if png_dir is not None:
+            with stage_of(progress, "pair images", len(ordered), "pairs") as bar:
+                for k, p in enumerate(ordered, start=1):
+                    target = Path(png_dir) / f"pair_{k:05d}.png"
+                    plot_pair(images.absolute(p.a_path), images.absolute(p.b_path), p.score, target, strict=False,
+                              verification=_inliers_of(gen, p.a_path, p.b_path, images)
+                              if p.verified is not None and p.kind != "exact" else None)
+                    png_files.append(target)
+                    bar(k, len(ordered))
 
-    scores = [r[2] for r in pair_rows] + [m["s"] for g in group_rows for m in g["m"] if not m["k"]]
-    lo = float(np.floor(min(scores) * 100) / 100) if scores else 0.0
-    hi = max(1.0, float(np.ceil(max(scores) * 1e6) / 1e6)) if scores else 1.0
-    data = {"page_size": int(page_size), "placeholder": placeholder_uri(), "images": image_docs,
-            "pairs": pair_rows, "groups": group_rows, "has_pairs": pair_list is not None,
-            "has_groups": group_docs is not None, "lo": lo, "hi": hi}
-
-    png_files: list[Path] = []
-    if png_dir is not None:
-        with stage_of(progress, "pair images", len(ordered), "pairs") as bar:
-            for k, p in enumerate(ordered, start=1):
-                target = Path(png_dir) / f"pair_{k:05d}.png"
-                plot_pair(images.absolute(p.a_path), images.absolute(p.b_path), p.score, target, strict=False,
-                          verification=_inliers_of(gen, p.a_path, p.b_path, images)
-                          if p.verified is not None and p.kind != "exact" else None)
-                png_files.append(target)
-                bar(k, len(ordered))
-
-    exact = sum(r[3] for r in pair_rows)
-    seconds = time.perf_counter() - t0
-    summary = [
-        ("store", str(store)), ("model", f"{cat.meta.model} (weights {cat.meta.weights})"),
-        ("threshold", f"{t_shown:.4f}" if t_shown is not None else "as in the pairs file"),
-        ("images in store", str(len(cat))),
-        ("pairs", f"{len(pair_rows)} ({exact} exact, {len(pair_rows) - exact} near)" if pair_list is not None
-         else "not given"),
-        ("groups", f"{len(group_rows)} ({sum(not m['k'] and not m['st'] for g in group_rows for m in g['m'])} "
-                   f"removable images)"
-         if group_docs is not None else "not given"),
-        ("images shown", f"{len(image_docs)} ({len(missing)} missing or unreadable)"),
-        ("images under", str((store.parent / images.common_folder()).resolve())),
-        ("source", "; ".join(source)),
-        ("generated", f"{now_iso()} in {seconds:.1f} s"),
-    ]
-    page = render_html(data, summary, f"neardup report: {store.name}")
-    atomic_write(out, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
-    log.info("wrote %s (%d bytes)", out, len(page))
-    return ReportResult(out=out, pairs=len(pair_rows), groups=len(group_rows), images=len(image_docs),
-                        missing=missing, png_files=png_files, seconds=time.perf_counter() - t0)
+        exact = sum(r[3] for r in pair_rows)
+        seconds = time.perf_counter() - t0
+        summary = [
+            ("store", str(store)), ("model", f"{cat.meta.model.name} (weights {cat.meta.model.weights})"),
+            ("threshold", f"{t_shown:.4f}" if t_shown is not None else "as in the pairs file"),
+            ("images in store", str(len(cat))),
+            ("pairs", f"{len(pair_rows)} ({exact} exact, {len(pair_rows) - exact} near)" if pair_list is not None
+             else "not given"),
+            ("groups", f"{len(group_rows)} ({sum(not m['k'] and not m['st'] for g in group_rows for m in g['m'])} "
+                       f"removable images)"
+             if group_docs is not None else "not given"),
+            ("images shown", f"{len(image_docs)} ({len(missing)} missing or unreadable)"),
+            ("images under", str((store.parent / images.common_folder()).resolve())),
+            ("decisions", decided.summary(pair_rows, group_rows)),
+            ("source", "; ".join(source)),
+            ("generated", f"{now_iso()} in {seconds:.1f} s"),
+        ]
+        page = render_html(data, summary, f"neardup report: {store.name}")
+        atomic_write(out, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
+        log.info("wrote %s (%d bytes)", out, len(page))
+        return ReportResult(out=out, pairs=len(pair_rows), groups=len(group_rows), images=len(image_docs),
+                            missing=missing, png_files=png_files, seconds=time.perf_counter() - t0)

@@ -50,7 +50,7 @@ def run(opts: ServeOptions) -> None:
     gen = service.live.current
     shown = f"[{host}]" if ":" in host else host
     print(f"neardup: serving {opts.store} (generation {gen.id}, {len(gen.searcher.cat)} photos, model "
-          f"{gen.searcher.meta.model}) at http://{shown}:{port}/", flush=True)
+          f"{gen.searcher.meta.model.name}) at http://{shown}:{port}/", flush=True)
     # the app's Guard bounds the requests in progress (JSON 503 with Retry-After beyond), not uvicorn; the
     # protocol bounds the connections and the time a client may take to send its request's headers
     http = guarded_protocol(opts.header_timeout_s, connection_cap(opts.max_connections))

@@ -42,6 +42,7 @@ from .guard import (  # noqa: F401
 )
 from .live import GenerationGone
 from .protocol import quiet_accept_errors
+from .review import add_review_routes
 from .service import LiveStore, QueryService, Refused, Upload
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ def create_app(opts: ServeOptions, service: QueryService | None = None) -> FastA
         gen = s.live.current
         m = gen.searcher.meta
         return {"version": VERSION, "store": s.live.path.name, "generation": gen.id, "count": len(gen.searcher.cat),
-                "model": m.model, "dim": m.dim, "threshold": gen.searcher.gen.threshold(),
+                "model": m.model.name, "dim": m.model.dim, "threshold": gen.searcher.gen.threshold(),
                 "verify": bool(m.local_features), "updated": m.updated, "loaded_at": gen.loaded_at,
                 "reloads": s.live.reloads, "reload_error": s.live.reload_error, "k": DEFAULTS.k,
                 "in_progress": guard.counts() if (guard := request.scope.get("state", {}).get("guard")) else None,
@@ -212,5 +213,6 @@ def create_app(opts: ServeOptions, service: QueryService | None = None) -> FastA
         data = await _in_thread(request, svc(request).thumbnail, id)
         return Response(data, media_type="image/jpeg", headers={**SECURITY_HEADERS, "Cache-Control": "max-age=300"})
 
+    add_review_routes(app)  # /review and /v1/review/...: review.py
     return app
 

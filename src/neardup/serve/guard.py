@@ -21,10 +21,11 @@ from ..config import DEFAULTS, SERVE
 from ..errors import InputError
 
 #: The page's own files (package data in static/), the only files served besides indexed images.
-STATIC = {"app.js": "text/javascript", "app.css": "text/css", "favicon.svg": "image/svg+xml"}
+STATIC = {"app.js": "text/javascript", "app.css": "text/css", "favicon.svg": "image/svg+xml",
+          "review.js": "text/javascript", "review.css": "text/css"}
 #: Paths answered without the token: the health check, and the page and its files, which hold no data (every
 #: call the page makes for data sends the token).
-OPEN_PATHS = {"/v1/health", "/", *(f"/static/{name}" for name in STATIC)}
+OPEN_PATHS = {"/v1/health", "/", "/review", *(f"/static/{name}" for name in STATIC)}
 PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; connect-src 'self'; "
             "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",

@@ -56,9 +56,11 @@ class Served:
 
 
 def _same_model(a: Searcher, meta: StoreMeta) -> bool:
-    m = a.meta
-    return (m.model, m.weights_fingerprint, m.dim, m.preprocessing, m.precision, m.quantized_file) == \
-        (meta.model, meta.weights_fingerprint, meta.dim, meta.preprocessing, meta.precision, meta.quantized_file)
+    def key(m: StoreMeta) -> tuple:
+        return (m.model.name, m.model.weights_fingerprint, m.model.dim, m.model.preprocessing, m.model.precision,
+                m.model.quantized_file)
+
+    return key(a.meta) == key(meta)
 
 
 #: Replaced generations kept open while unused (for clients that pinned one), the most recently used.

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import logging
 import os
@@ -277,11 +278,12 @@ class QueryService:
                 budget = self.verify_budget(len(ok), k)
                 found = await asyncio.gather(*(self._verified(client, gen, m, d.local, budget)
                                                for m, d in zip(found, ok)))
-            results, it = [], iter(found)
-            for up, d in zip(uploads, decoded):
+            results, it, reviewed = [], iter(found), bool(s.decisions.state().current)
+            for up, d in zip(uploads, decoded):  # matches marked with the decisions on them and the photo
+                digest = hashlib.sha256(up.data).hexdigest() if reviewed and not isinstance(d, str) else None
                 results.append(QueryResult(up.name, error=d, threshold=t) if isinstance(d, str) else
-                               QueryResult(up.name, next(it), verified=verify, threshold=t))
-            return Answer(s.gen.path.name, gen.id, len(s.cat), s.meta.model, t, verify, results, s.meta.weights)
+                               QueryResult(up.name, s.reviewed(next(it), digest), verified=verify, threshold=t))
+            return Answer(s.gen.path.name, gen.id, len(s.cat), s.meta.model.name, t, verify, results, s.meta.model.weights)
 
     async def _verified(self, client: str, gen: Served, matches: list[Match], feats: LocalFeatures | None,
                         budget: int) -> list[Match]:

@@ -14,7 +14,7 @@ _EXPORTS = {
     **dict.fromkeys(["Store"], ".handle"),
     **dict.fromkeys(["Generation"], ".generation"),
     **dict.fromkeys(["read_catalog", "read_meta", "opened", "write_catalog"], ".handle"),
-    **dict.fromkeys(["Catalog", "StoreMeta", "Manifest", "Segment"], ".meta"),
+    **dict.fromkeys(["Catalog", "StoreMeta", "ModelInfo", "IndexInfo", "Manifest", "Segment"], ".meta"),
     **dict.fromkeys(["Change", "Published", "Writer"], ".publish"),
     **dict.fromkeys(["Restored"], ".restore"),
     **dict.fromkeys(["StoreFiles"], ".files"),

@@ -7,9 +7,12 @@ tombstones and its meta. It owns:
   vectors);
 - `catalog.h5.prev`: the previous published manifest (for `neardup restore`); `catalog.h5.damaged`: a damaged
   manifest set aside by restore; `catalog.h5.restoring`: a restore's new manifest before it is renamed;
+- `catalog.h5.settings.json`: thresholds applied to the store (store/settings.py), never collected;
 - `catalog.h5.lock` (the writer lock), `catalog.h5.work/` (checkpoints of a running job),
   `catalog.h5.int8.onnx` (an int8 store's calibrated model), `catalog.h5.<12 hex>.faiss` (a whole-index
   generation: a store written before segments, or an index kind FAISS cannot merge, such as HNSW);
+- `catalog.h5.decisions`: the decisions people made about pairs (store/decisions.py), an append-only journal
+  that belongs to no generation: no writer, restore or repair touches it, and nothing collects it;
 - temporaries `.NAME.<8 random>.neardup-tmp` of interrupted writes, beside the store or in its segments folder.
 The patterns match this store's files only, never a sibling store's (`catalog.h5.old`, `catalog.h5x`).
 """
@@ -86,9 +89,19 @@ class StoreFiles:
         return self._beside(".restoring")
 
     @property
+    def settings(self) -> Path:
+        """Thresholds applied to the store (store/settings.py): the user's choice, kept until the store goes."""
+        return self._beside(".settings.json")
+
+    @property
     def quantized(self) -> Path:
         """The int8 model of a store indexed with --precision int8 (calibrated on its images; kept for queries)."""
         return self._beside(".int8.onnx")
+
+    @property
+    def decisions(self) -> Path:
+        """The journal of decisions about pairs (store/decisions.py): kept by every writer, restore and repair."""
+        return self._beside(".decisions")
 
     @property
     def segments(self) -> Path:
@@ -151,7 +164,7 @@ class StoreFiles:
         """Delete temporary files a killed writer left (call only while holding the writer lock)."""
         # mkstemp's random part is 8 characters of [a-z0-9_]: never match another file's temporaries
         name = re.escape(self.store.name)
-        kinds = r"\.prev|\.damaged|\.restoring|\.int8\.onnx|\.[0-9a-f]{12}\.faiss"
+        kinds = r"\.prev|\.damaged|\.decisions|\.restoring|\.int8\.onnx|\.settings\.json|\.[0-9a-f]{12}\.faiss"
         beside = re.compile(rf"\.{name}({kinds})?\.[a-z0-9_]{{8}}{re.escape(TMP_SUFFIX)}")
         inside = re.compile(rf"\.[0-9a-f]{{12}}\.(h5|faiss)\.[a-z0-9_]{{8}}{re.escape(TMP_SUFFIX)}")
         for folder, pattern in ((self.store.parent, beside), (self.segments, inside)):
@@ -201,7 +214,8 @@ class StoreFiles:
 
     def remove_store(self) -> None:
         """Delete the store and every file it owns (the demo starting again; never a user's store)."""
-        for p in (self.store, self.previous, self.damaged, self.restoring, self.quantized, self.lock):
+        for p in (self.store, self.previous, self.damaged, self.restoring, self.quantized, self.settings, self.lock,
+                  self.decisions):
             _unlink(p)
         shutil.rmtree(self.segments, ignore_errors=True)
         self.remove_unnamed((), ())

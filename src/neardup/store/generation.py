@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from ..config import DEFAULTS, resolve_threshold
+from ..config import DEFAULTS, resolve_threshold, stored_model_spec
 from ..errors import StoreError
 from ..features import LocalTable
 from ..fileio import file_sha256
@@ -31,6 +31,7 @@ from .files import StoreFiles
 from .manifest import LegacyFile, open_any
 from .meta import Catalog, Manifest, Segment, StoreMeta
 from .segment import Damage, SegmentFile
+from .settings import SettingsFile, StoreSettings
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +51,9 @@ class Generation:
         else:
             self._segments = list(self.manifest.segments)
             for seg, r in zip(self._segments, readers):  # the manifest and its segments must agree
-                if r.rows != seg.rows or r.dim != self.meta.dim:
+                if r.rows != seg.rows or r.dim != self.meta.model.dim:
                     raise Damage(f"segment {seg.name} holds {r.rows} rows of dim {r.dim}; its manifest says "
-                                 f"{seg.rows} of dim {self.meta.dim}", seg.name)
+                                 f"{seg.rows} of dim {self.meta.model.dim}", seg.name)
             self._live = [self.manifest.live(s) for s in self._segments]
         counts = [int(m.sum()) for m in self._live]
         self._seg = np.repeat(np.arange(len(counts), dtype=np.int32), counts)  # row -> segment
@@ -101,8 +102,8 @@ class Generation:
     def missing_index_files(self) -> list[str]:
         """The index files this generation names that could not be opened."""
         wanted = [s.index for s in self._segments if s.index]
-        if self.meta.index_file and self.meta.index_factory != "Flat":
-            wanted.append(self.meta.index_file)
+        if self.meta.index.file and self.meta.index.factory != "Flat":
+            wanted.append(self.meta.index.file)
         return [w for w in wanted if w not in self._index_files]
 
     def _open_index_files(self) -> dict[str, BinaryIO]:
@@ -110,8 +111,8 @@ class Generation:
         deletes them later); none for an exact index, which is the vectors themselves."""
         out: dict[str, BinaryIO] = {}
         wanted = [(s.index, self.files.segment_index(s.index)) for s in self._segments if s.index]
-        if self.meta.index_file and self.meta.index_factory != "Flat":
-            wanted.append((self.meta.index_file, self.files.index(self.meta.index_file)))
+        if self.meta.index.file and self.meta.index.factory != "Flat":
+            wanted.append((self.meta.index.file, self.files.index(self.meta.index.file)))
         for name, p in wanted:
             try:
                 out[name] = open(p, "rb")
@@ -194,12 +195,12 @@ class Generation:
 
     def vectors(self, rows: np.ndarray | None = None) -> np.ndarray:
         """float32 [len(rows), d] stored vectors of `rows` (default: all)."""
-        return self._take("embeddings", rows, (self.meta.dim,), np.float32)
+        return self._take("embeddings", rows, (self.meta.model.dim,), np.float32)
 
     def vector_runs(self, start: int = 0, rows: int = 0) -> Iterator[tuple[int, np.ndarray]]:
         """The live rows' stored vectors from row `start` on, in checked runs of ~`rows` rows (0: ~64 MB):
         (first row, float32 [m, d]), for a pass over a store too large to hold in memory."""
-        step, first = rows or max(1, (64 << 20) // max(1, 4 * self.meta.dim)), 0  # first: the segment's row 0
+        step, first = rows or max(1, (64 << 20) // max(1, 4 * self.meta.model.dim)), 0  # first: the segment's row 0
         with self._reading("embeddings"):
             for r, live in zip(self._readers, self._live):
                 pos = np.flatnonzero(live)
@@ -245,8 +246,29 @@ class Generation:
         return self.folder / self.catalog.paths[row]
 
     def threshold(self, threshold: float | None = None) -> float:
-        """The match threshold: `threshold` when given, else this store's model's default (the one rule)."""
-        return resolve_threshold(threshold, self.meta.model)
+        """The match threshold: `threshold` when given, else the one applied to the store (its settings file,
+        `neardup evaluate --fit --apply`), else this store's model's default (the one rule)."""
+        if threshold is None:
+            threshold = self.settings.threshold
+        return resolve_threshold(threshold, self.meta.model.name)
+
+    def candidate_threshold(self, loose: float | None = None) -> float:
+        """The loose cosine of verification's candidates: `loose` when given, else the one applied to the store,
+        else the model's (config.MODEL_TABLE)."""
+        if loose is None:
+            loose = self.settings.candidate_threshold
+        name = self.meta.model.name
+        return resolve_threshold(stored_model_spec(name).loose_threshold if loose is None else loose, name)
+
+    @cached_property
+    def settings_file(self) -> SettingsFile:
+        """The store's settings file, read again when it changes (a running service follows `--apply`)."""
+        return SettingsFile(self.files.store)
+
+    @property
+    def settings(self) -> StoreSettings:
+        """The thresholds applied to the store. Raises StoreError when its settings file is damaged."""
+        return self.settings_file.current()
 
     # ------------------------------------------------------------------------------------------- index
     @property
@@ -258,7 +280,7 @@ class Generation:
             return self.__dict__["_index"]
 
     def _flat(self):  # noqa: ANN202
-        index = faiss_index.build_flat_index(np.zeros((0, self.meta.dim), np.float32), np.zeros(0, np.int64))
+        index = faiss_index.build_flat_index(np.zeros((0, self.meta.model.dim), np.float32), np.zeros(0, np.int64))
         ids = self.catalog.ids
         at = 0
         with self._reading("embeddings"):
@@ -281,11 +303,11 @@ class Generation:
 
     def _load_index(self):  # noqa: ANN202
         m = self.meta
-        if m.index_factory == "Flat":
+        if m.index.factory == "Flat":
             return self._flat()
         index = None
-        if m.index_file:  # one whole file (HNSW; a store written before segments)
-            data = self._index_bytes(m.index_file, m.index_sha256)
+        if m.index.file:  # one whole file (HNSW; a store written before segments)
+            data = self._index_bytes(m.index.file, m.index.sha256)
             index = faiss_index.index_from_bytes(data) if data is not None else None
         else:
             index = self._merged_parts()
@@ -294,7 +316,7 @@ class Generation:
             log.warning("the index of %s is missing, damaged or does not match its rows; searching its vectors "
                         "exactly instead (`neardup update DIR --repair` writes it anew)", self.path)
             return self._flat()
-        index_kinds.apply_params(index, m.index_params)  # FAISS does not save nprobe with the index
+        index_kinds.apply_params(index, m.index.params)  # FAISS does not save nprobe with the index
         return index
 
     def _merged_parts(self):  # noqa: ANN202
@@ -331,15 +353,15 @@ class Generation:
         """Whether every index file this generation names is there (with `full`: and has its recorded digest,
         which reads them whole)."""
         m = self.meta
-        if m.index_factory == "Flat":
+        if m.index.factory == "Flat":
             return True
         if not full:
-            named = [m.index_file] if m.index_file else [s.index for s in self._segments]
+            named = [m.index.file] if m.index.file else [s.index for s in self._segments]
             return all(name in self._index_files for name in named)
-        named = [(m.index_file, m.index_sha256)] if m.index_file else [(s.index, s.index_sha256) for s in
+        named = [(m.index.file, m.index.sha256)] if m.index.file else [(s.index, s.index_sha256) for s in
                                                                         self._segments]
         for name, sha in named:
-            p = self.files.index(name) if name == m.index_file else self.files.segment_index(name)
+            p = self.files.index(name) if name == m.index.file else self.files.segment_index(name)
             try:
                 if not name or (sha and file_sha256(p) != sha):
                     return False
@@ -369,8 +391,8 @@ class Generation:
         """Bytes on disk: the manifest, the segments and the index files this generation names."""
         size = lambda p: p.stat().st_size if p.exists() else 0  # noqa: E731
         idx = [self.files.segment_index(s.index) for s in self._segments if s.index]
-        if self.meta.index_file:
-            idx.append(self.files.index(self.meta.index_file))
+        if self.meta.index.file:
+            idx.append(self.files.index(self.meta.index.file))
         segs = [self.files.segment(s.name) for s in self._segments] if self.manifest is not None else []
         return {"manifest": size(self.path), "segments": sum(size(p) for p in segs),
                 "index": sum(size(p) for p in idx)}

@@ -13,6 +13,7 @@ import numpy as np
 from ..config import DEFAULTS
 from ..errors import InputError, StoreError
 from ..fileio import check_output_path, file_sha256
+from .decisions import Journal
 from .files import StoreFiles
 from .generation import Generation
 from .manifest import unnamed
@@ -58,7 +59,7 @@ class StoreInfo:
 
     def to_json(self) -> dict:
         """The document of `info --json`: every meta field, then sizes, segments, failures, previous, check."""
-        doc = {k: getattr(self.meta, k) for k in self.meta.__dataclass_fields__}
+        doc = self.meta.flat()
         doc.update(store=self.store, store_bytes=self.total_bytes, index_bytes=self.sizes["index"],
                    segments=[{"name": s.name, "rows": s.rows, "index": s.index or None} for s in self.segments],
                    dead_rows=self.dead_rows, failure_list=[{"path": p, "reason": r} for p, r in self.failures],
@@ -142,14 +143,15 @@ class Store:
             if not gen.index_intact():
                 problems.append("an index file is missing or does not match its digest; `neardup update DIR --repair` "
                                 "writes it anew (queries search the vectors exactly meanwhile)")
-            q = self.files.index(gen.meta.quantized_file) if gen.meta.quantized_file else None
-            if q is not None and (not q.is_file() or (gen.meta.quantized_sha256 and
-                                                      file_sha256(q) != gen.meta.quantized_sha256)):
-                problems.append(f"its int8 model {gen.meta.quantized_file} is missing or damaged: nothing can be "
+            q = self.files.index(gen.meta.model.quantized_file) if gen.meta.model.quantized_file else None
+            if q is not None and (not q.is_file() or (gen.meta.model.quantized_sha256 and
+                                                      file_sha256(q) != gen.meta.model.quantized_sha256)):
+                problems.append(f"its int8 model {gen.meta.model.quantized_file} is missing or damaged: nothing can be "
                                 f"embedded for it (rebuild the store with --precision int8)")
             if gen.manifest is None:
                 problems.append("written before segments (store schema 1); `neardup update` rewrites it as segments, "
                                 "nothing embedded again")
+            problems += [f"decisions journal: {p}" for p in Journal(self.files.decisions).read().problems]
             left = unnamed(self.files, gen.manifest, self.files.previous) if gen.manifest is not None else []
             if left:
                 problems.append(f"{len(left)} file(s) that no kept generation names, left by a writer that was "
@@ -195,8 +197,8 @@ def write_catalog(path: str | os.PathLike[str], cat: Catalog) -> StoreMeta:
     at `path`, replacing any generation there (kept as the previous one). Returns the meta published."""
     files = StoreFiles.resolved(path)
     check_output_path(files.store)
-    if cat.xb is None or cat.xb.shape != (len(cat), cat.meta.dim):
-        raise ValueError(f"embeddings must be [{len(cat)}, {cat.meta.dim}]")
+    if cat.xb is None or cat.xb.shape != (len(cat), cat.meta.model.dim):
+        raise ValueError(f"embeddings must be [{len(cat)}, {cat.meta.model.dim}]")
     if cat.local is not None and len(cat.local) != len(cat):
         raise ValueError(f"local features must have {len(cat)} rows")
     meta = replace(cat.meta, local_features=cat.meta.local_features if cat.local is not None else "")

@@ -12,7 +12,7 @@ import io
 import json
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -22,7 +22,18 @@ from ..errors import StoreError
 from ..fileio import atomic_write, ensure_space
 from .files import StoreFiles
 from .h5io import H5_ERRORS, HDF5_SIGNATURE, USERBLOCK, h5_create, seal, unseal
-from .meta import FORMAT, INDEX_DEFAULTS, LEGACY_SCHEMA, RECORDED, SCHEMA_VERSION, Manifest, Segment, StoreMeta
+from .meta import (
+    FORMAT,
+    INDEX_DEFAULTS,
+    KINDS,
+    LEGACY_SCHEMA,
+    RECORDED,
+    SCHEMA_VERSION,
+    Manifest,
+    ModelInfo,
+    Segment,
+    StoreMeta,
+)
 from .segment import Damage, attrs_of, blob, canonical, plain, reason_of, text_of
 
 log = logging.getLogger(__name__)
@@ -52,7 +63,8 @@ def _manifest_data(man: Manifest) -> dict[str, np.ndarray]:
 
 def write_manifest(path: Path, man: Manifest, before_replace: Callable[[], object] | None = None) -> None:
     """Publish `man` at `path` atomically (`before_replace`: see atomic_write)."""
-    attrs = {"format": FORMAT, **{k: plain(getattr(man.meta, k)) for k in RECORDED},
+    flat = man.meta.flat()
+    attrs = {"format": FORMAT, **{k: plain(flat[k]) for k in RECORDED},
              "schema_version": SCHEMA_VERSION, "parent": man.parent,
              "segment_files": json.dumps([[s.file_sha256, s.file_bytes, s.file_data] for s in man.segments])}
     data = _manifest_data(man)
@@ -71,14 +83,13 @@ def write_manifest(path: Path, man: Manifest, before_replace: Callable[[], objec
 
 
 def _meta(attrs: dict[str, object], count: int, failures: int, **extra: object) -> StoreMeta:
-    kinds = {f.name: f.type for f in fields(StoreMeta)}
-    values = {}
+    values: dict[str, object] = {}
     for k in RECORDED:
         if k in attrs:
             v = attrs[k]
-            values[k] = int(v) if kinds[k] == "int" else float(v) if kinds[k] == "float" else str(v)
+            values[k] = int(v) if KINDS[k] is int else float(v) if KINDS[k] is float else str(v)
     values.update(extra)
-    return StoreMeta(**{**INDEX_DEFAULTS, **values, "count": count, "failures": failures})
+    return StoreMeta.of_flat({**INDEX_DEFAULTS, **values, "count": count, "failures": failures})
 
 
 def _read_manifest(f: h5py.File) -> Manifest:
@@ -118,8 +129,7 @@ def _read_manifest(f: h5py.File) -> Manifest:
         if len(rows):
             dead[s.name] = rows
     failures = [tuple(x) for x in json.loads(text_of(data["failures"]))]
-    man = Manifest(meta=StoreMeta(model="", weights="", weights_fingerprint="", dim=0, input_size=0,
-                                  preprocessing=""), segments=segments, dead=dead, failures=failures,
+    man = Manifest(meta=StoreMeta(ModelInfo("", "", "", 0, 0, "")), segments=segments, dead=dead, failures=failures,
                    parent=str(attrs.get("parent", "")))
     man.meta = _meta(attrs, man.count, len(failures))
     return man
@@ -308,9 +318,9 @@ def is_store(path: Path) -> bool:
 def named(man: Manifest | LegacyFile) -> tuple[set[str], set[str]]:
     """(segment and index-part names, whole-index files) a manifest names."""
     if isinstance(man, LegacyFile):
-        return set(), {man.meta.index_file} - {""}
+        return set(), {man.meta.index.file} - {""}
     return ({s.name for s in man.segments} | {s.index for s in man.segments if s.index},
-            {man.meta.index_file} - {""})
+            {man.meta.index.file} - {""})
 
 
 def unnamed(files: StoreFiles, *kept: Manifest | Path) -> list[Path] | None:

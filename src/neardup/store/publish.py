@@ -34,7 +34,7 @@ from .h5io import file_digest
 from .lock import writer_lock
 from .manifest import is_store, named, open_any, remove_unnamed, write_manifest
 from .meta import RECORDED, SCHEMA_VERSION, Catalog, Manifest, Segment, StoreMeta
-from .repair import open_healthy, rebuild
+from .repair import DroppedSegment, open_healthy, rebuild
 from .segment import LARGE, Damage, SegmentFile, plain, segment_columns, write_segment
 
 log = logging.getLogger(__name__)
@@ -100,9 +100,8 @@ class Writer:
     def __init__(self, files: StoreFiles, *, repair: bool = False) -> None:
         self.files, self.repair = files, repair
         self.current: Generation | None = None
-        #: with `repair`: the damaged segments left out of the current generation, why, and their paths when
-        #: those could still be read (None: unknown)
-        self.dropped: list[tuple[Segment, str, list[str] | None]] = []
+        #: with `repair`: the damaged segments left out of the current generation
+        self.dropped: list[DroppedSegment] = []
         self._lock = None
         self._bytes = 0
         #: with `repair`: the manifest was damaged and rebuilt from the segments (published by the next publish)
@@ -125,9 +124,9 @@ class Writer:
                     log.warning("the manifest of %s is damaged (%s) and no previous generation can be restored: "
                                 "rebuilt from its %d segments (%d rows; nothing embedded again)", self.files.store,
                                 exc.reason, len(self.current.segments), len(self.current))
-                for seg, why, _ in self.dropped:
+                for d in self.dropped:
                     log.warning("segment %s (%d rows) is damaged (%s): left out; its photos are to be indexed again",
-                                seg.name, seg.rows, why)
+                                d.segment.name, d.segment.rows, d.why)
             elif self.files.store.exists():
                 self.current = Generation.open(self.files.store)
                 if self.current.manifest is not None:  # what a writer killed before its publish left (orphans)
@@ -222,7 +221,7 @@ class Writer:
         if self.dropped and files.previous.exists():
             try:
                 prev = open_any(files.previous)
-                stale = bool(named(prev)[0] & {s.name for s, _, _ in self.dropped})
+                stale = bool(named(prev)[0] & {d.segment.name for d in self.dropped})
             except (StoreError, OSError):
                 stale = True  # unreadable: it cannot be restored either
             if stale:
@@ -245,8 +244,9 @@ class Writer:
     def _segment(self, n: int, meta: StoreMeta, created: str,
                  pieces: Iterator[dict[str, np.ndarray | list[str]]]) -> Segment:
         path = self.files.segment(new_name())
-        recorded = json.dumps({k: plain(getattr(meta, k)) for k in RECORDED})  # a lost manifest is rebuilt from it
-        seg = write_segment(path, n, meta.dim, meta.local_features, created, pieces, recorded)
+        flat = meta.flat()
+        recorded = json.dumps({k: plain(flat[k]) for k in RECORDED})  # a lost manifest is rebuilt from it
+        seg = write_segment(path, n, meta.model.dim, meta.local_features, created, pieces, recorded)
         self._bytes += path.stat().st_size
         return seg
 
@@ -274,10 +274,10 @@ class Writer:
         anew when the plan changed (the store grew past a boundary, another kind was asked for); for other
         kinds, one whole file."""
         m = man.meta
-        plan = index_kinds.plan(m.index_kind, m.count, m.dim, m.index_memory or None)
+        plan = index_kinds.plan(m.index.kind, m.count, m.model.dim, m.index.memory or None)
         if m.count == 0 or plan.exact:
-            return _exact(man), m.index_factory != "Flat"
-        if plan.factory == m.index_factory != "Flat" and not reindex and cur is not None:
+            return _exact(man), m.index.factory != "Flat"
+        if plan.factory == m.index.factory != "Flat" and not reindex and cur is not None:
             template, good = self._template(cur)
             if template is not None:
                 if not faiss_index.mergeable(template):  # HNSW: one whole index, rebuilt
@@ -291,8 +291,8 @@ class Writer:
     def _template(self, cur: Generation):  # noqa: ANN202 - (faiss.Index or None, intact part names)
         """An empty copy of the current index's training, and the parts that match their digests."""
         m = cur.meta
-        if m.index_file:
-            data = cur._index_bytes(m.index_file, m.index_sha256)
+        if m.index.file:
+            data = cur._index_bytes(m.index.file, m.index.sha256)
             return (faiss_index.template_of(faiss_index.index_from_bytes(data)) if data is not None else None), set()
         template, good = None, set()
         for s in cur.segments:
@@ -316,7 +316,7 @@ class Writer:
     def _whole(self, man: Manifest, index) -> Manifest:  # noqa: ANN001
         name = self.files.new_index_name()
         sha = self._save(index, self.files.index(name))
-        man.meta = replace(man.meta, index_file=name, index_sha256=sha)
+        man.meta = replace(man.meta, index=replace(man.meta.index, file=name, sha256=sha))
         man.segments = [replace(s, index="", index_sha256="") for s in man.segments]
         return man
 
@@ -324,7 +324,7 @@ class Writer:
         """Train the planned index on every live vector, tune it to the target recall, and write its parts."""
         m = man.meta
         xb, ids = self._live_vectors(man)
-        factory = index_kinds.plan(m.index_kind, len(xb), m.dim, m.index_memory or None).factory
+        factory = index_kinds.plan(m.index.kind, len(xb), m.model.dim, m.index.memory or None).factory
         try:
             template = index_kinds.trained(xb, factory)
         except (InputError, RuntimeError) as exc:  # too few vectors to train it yet: exact for now
@@ -333,18 +333,18 @@ class Writer:
             return _exact(man)
         if faiss_index.mergeable(template):
             man.segments = [self._part(template, s, man) for s in man.segments]
-            man.meta = replace(m, index_factory=factory, index_params="", index_file="", index_sha256="")
+            man.meta = replace(m, index=replace(m.index, factory=factory, params="", file="", sha256=""))
             with _Pinned(self.files, man.meta, man.segments, man.dead) as gen:
                 index = gen.index  # the parts merged, as a reader will see them
         else:
             index = faiss_index.part(template, xb, ids)
-        got = index_kinds.tune(index, xb, ids, target=m.index_target)
+        got = index_kinds.tune(index, xb, ids, target=m.index.target)
         log.info("index %s: recall@%d %.3f at %s, measured on %d store vectors", factory, index_kinds.RECALL_K,
                  got.recall, got.params or "its defaults", got.queries)
         if not faiss_index.mergeable(template):
             man = self._whole(man, index)
-        man.meta = replace(man.meta, index_factory=factory, index_params=got.params, index_recall=got.recall,
-                           index_recall_queries=got.queries)
+        man.meta = replace(man.meta, index=replace(man.meta.index, factory=factory, params=got.params,
+                                                   recall=got.recall, recall_queries=got.queries))
         return man
 
 
@@ -379,8 +379,8 @@ def pieces(gen: Generation, keep: np.ndarray | None = None, step: int = 8192) ->
 
 def _exact(man: Manifest) -> Manifest:
     """`man` with an exact index: its vectors, searched in memory (no index file)."""
-    man.meta = replace(man.meta, index_factory="Flat", index_params="", index_recall=1.0, index_recall_queries=0,
-                       index_file="", index_sha256="")
+    man.meta = replace(man.meta, index=replace(man.meta.index, factory="Flat", params="", recall=1.0,
+                                               recall_queries=0, file="", sha256=""))
     man.segments = [replace(s, index="", index_sha256="") for s in man.segments]
     return man
 

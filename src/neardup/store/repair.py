@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,16 @@ from .meta import Manifest, Segment
 from .segment import LARGE, Damage, SegmentFile
 
 
-def open_healthy(path: Path, files: StoreFiles) -> tuple[Generation, list[tuple[Segment, str, list[str] | None]]]:
+@dataclass(frozen=True)
+class DroppedSegment:
+    """A damaged segment a repair leaves out of the generation."""
+
+    segment: Segment
+    why: str  #: the damage found
+    paths: list[str] | None  #: its photos' paths where they still read true (None: unknown)
+
+
+def open_healthy(path: Path, files: StoreFiles) -> tuple[Generation, list[DroppedSegment]]:
     """The store's current generation without its damaged segments (every block of every segment read and
     checked: a full check), and the segments left out: why, and their paths when those still read true.
     Raises StoreError when the manifest itself is damaged (a restore helps there), or a store written
@@ -38,12 +47,13 @@ def open_healthy(path: Path, files: StoreFiles) -> tuple[Generation, list[tuple[
         gen = Generation(path, files, source, [source])
         gen.verify()
         return gen, []
-    readers, kept, dropped = [], [], []
+    readers, kept = [], []
+    dropped: list[DroppedSegment] = []
     for seg in source.segments:
         try:
             r = SegmentFile(files.segment(seg.name), seg.sha256, seg)
         except Damage as exc:
-            dropped.append((seg, exc.reason, _paths_of_damaged(files, seg) if seg.file_sha256 else None))
+            dropped.append(DroppedSegment(seg, exc.reason, _paths_of_damaged(files, seg) if seg.file_sha256 else None))
             continue
         try:
             r.verify()
@@ -53,7 +63,7 @@ def open_healthy(path: Path, files: StoreFiles) -> tuple[Generation, list[tuple[
             except Damage:
                 paths = None
             r.close()
-            dropped.append((seg, exc.reason, paths))
+            dropped.append(DroppedSegment(seg, exc.reason, paths))
             continue
         readers.append(r)
         kept.append(seg)
@@ -74,13 +84,14 @@ def _paths_of_damaged(files: StoreFiles, seg: Segment) -> list[str] | None:
         return None
 
 
-def rebuild(path: Path, files: StoreFiles, why: str) -> tuple[Generation, list[tuple[Segment, str, list[str] | None]]]:
+def rebuild(path: Path, files: StoreFiles, why: str) -> tuple[Generation, list[DroppedSegment]]:
     """A generation rebuilt from the segments in the store's folder when its manifest is damaged (`why`) and no
     previous generation can be restored: every block of every segment checked, the newest segment's meta, and
     of rows sharing an id or a path, the newest (the tombstones were in the manifest: the update that follows
     removes rows whose photos are gone). Its index is built anew. Raises StoreError (damaged) when there are
     no segments, or they were written before segments recorded the meta."""
-    found, dropped = [], []
+    found = []
+    dropped: list[DroppedSegment] = []
     names = sorted(f.stem for f in files.segments.glob("*.h5") if re.fullmatch(r"[0-9a-f]{12}", f.stem)) \
         if files.segments.is_dir() else []
     try:
@@ -88,14 +99,14 @@ def rebuild(path: Path, files: StoreFiles, why: str) -> tuple[Generation, list[t
             try:
                 r = SegmentFile(files.segment(name), None)
             except Damage as exc:
-                dropped.append((Segment(name, 0, ""), exc.reason, None))
+                dropped.append(DroppedSegment(Segment(name, 0, ""), exc.reason, None))
                 continue
             try:
                 r.verify()
                 meta = json.loads(str(r.attrs.get("meta", ""))) if r.attrs.get("meta") else None
             except (Damage, ValueError) as exc:
                 reason = getattr(exc, "reason", str(exc))
-                dropped.append((Segment(name, r.rows, ""), reason, _readable_paths(r)))
+                dropped.append(DroppedSegment(Segment(name, r.rows, ""), reason, _readable_paths(r)))
                 r.close()
                 continue
             if meta is None:
@@ -133,7 +144,7 @@ def rebuild(path: Path, files: StoreFiles, why: str) -> tuple[Generation, list[t
     man = Manifest(meta=_meta(newest, 0, 0), segments=[s for s, _, _ in kept],
                    dead={s.name: np.flatnonzero(~live).astype(np.int64) for s, _, live in kept if not live.all()})
     top = max(max(seen_ids) + 1, int(newest.get("next_id", 0)))
-    man.meta = replace(man.meta, count=man.count, next_id=top, index_file="", index_sha256="",
+    man.meta = replace(man.meta, count=man.count, next_id=top, index=replace(man.meta.index, file="", sha256=""),
                        generation=found[-1][1])
     return Generation(path, files, man, [r for _, r, _ in kept]), dropped
 

@@ -107,7 +107,7 @@ def segment_columns(cat: Catalog, rows: np.ndarray | None = None) -> dict[str, n
             "sizes": np.asarray(cat.sizes[sel], np.int64), "mtimes_ns": np.asarray(cat.mtimes_ns[sel], np.int64),
             "sha256": np.array(pick(cat.sha256), dtype="S64").reshape(n),
             "widths": np.asarray(cat.widths[sel], np.int32), "heights": np.asarray(cat.heights[sel], np.int32),
-            "embeddings": np.ascontiguousarray(cat.xb[sel], np.float32).reshape(n, cat.meta.dim)}
+            "embeddings": np.ascontiguousarray(cat.xb[sel], np.float32).reshape(n, cat.meta.model.dim)}
     if cat.local is not None:
         cols.update({"local/count": np.asarray(cat.local.count[sel], np.int16),
                      "local/xy": np.asarray(cat.local.xy[sel], np.float16),

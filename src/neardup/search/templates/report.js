@@ -55,6 +55,9 @@
       head.appendChild(el("span", p[4] ? "kind verified" : "kind unverified", p[4] ? "verified" : "not verified"));
       if (p[5] >= 0) { head.appendChild(el("span", "idx", p[5] + " inliers")); }
     }
+    // p[6]: a person's decision on the pair, recorded in the store's journal: 1 duplicate, 2 distinct
+    if (p[6] === 1) { head.appendChild(el("span", "kind decided", "reviewed: duplicate")); }
+    if (p[6] === 2) { head.appendChild(el("span", "kind distinct", "reviewed: distinct")); }
     card.appendChild(head);
     var sides = el("div", "sides");
     sides.appendChild(figure(p[0], "", false));
@@ -70,12 +73,15 @@
     head.appendChild(el("span", "", g.m.length + " images"));
     head.appendChild(el("span", "score", g.lo.toFixed(4)));
     head.appendChild(el("span", "idx", "lowest score to keeper"));
+    if (g.d) { head.appendChild(el("span", "kind decided", "reviewed: keeper chosen")); }
     card.appendChild(head);
     var sides = el("div", "sides");
     g.m.forEach(function (m) {
       var badge = m.k ? "\u2605 KEEP" : m.st ? "not removable: " + (m.st === "alias" ? "another name of the same "
                                                                   + "file" : m.st + " since indexed") :
         (m.x ? "exact copy" : "score " + m.s.toFixed(4) + (m.v >= 0 ? " \u00b7 " + m.v + " inliers" : ""));
+      if (m.dc === 1) { badge += " \u00b7 reviewed: duplicate"; }
+      if (m.dc === 2) { badge += " \u00b7 reviewed: distinct"; }
       sides.appendChild(figure(m.i, badge, m.k));
     });
     card.appendChild(sides);

@@ -1,0 +1,295 @@
+"""Search stage 4b, decisions as truth: how well `duplicates` does on the pairs a person reviewed, and the
+thresholds that those decisions suggest (`neardup evaluate --decisions`, `--fit`, `--apply`).
+
+The truth is the store's decision journal (store/decisions.py): a pair decided `duplicate` is a positive, one
+decided `distinct` a negative; a pair whose photo (by content digest) is no longer in the store is counted as
+not evaluated. evaluate_decisions() predicts with the pairs find_duplicates lists at the store's settings
+(verified and byte-identical pairs when verifying, as evaluate.listed_pairs), the decisions themselves not
+applied: they are what is measured.
+
+fit_thresholds() scores every decided pair once (its cosine and, when verifying, its geometric verdict, as
+duplicates judges a candidate) and searches thresholds on a 0.01 grid: a pair is predicted at (--threshold t,
+--candidate-threshold c) when it scores >= c and is verified, or is too plain to verify and scores >= t (without
+verification: scores >= t). Which pairs are each photo's k nearest is not modelled. The rule picks the highest
+F1, or the highest recall at precision >= a target; ties go to the thresholds nearest those in use. The numbers
+it reports are measured on the same decisions it was fitted on (optimistic for new pairs).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..config import DEFAULTS, FIT_RULES
+from ..errors import InputError
+from ..fileio import now_iso
+from ..progress import Progress
+from ..store.decisions import DECISIONS, pair_key
+from ..store.generation import Generation
+from ..store.handle import opened
+from ..store.settings import StoreSettings, write_settings
+from .duplicates import find_duplicates
+from .listed import listed_flags, listed_pairs, threshold_source
+from .review import decisions_for
+from .verify import resolve_verify, row_features, verify_pairs
+
+#: The threshold grid of the fit.
+GRID = np.round(np.arange(-100, 101) / 100, 2)
+
+
+@dataclass
+class DecidedPairs:
+    """The current duplicate/distinct decisions of a store, mapped to catalogue rows (one row per digest)."""
+
+    decided: int  #: current decisions (duplicate or distinct)
+    a: np.ndarray  #: catalog row of one photo of each evaluated pair
+    b: np.ndarray
+    positive: np.ndarray  #: bool: decided duplicate
+    keys: list[tuple[str, str]]  #: the pairs' digests
+    gone: int = 0  #: decided pairs with a photo no longer in the store
+
+
+def decided_pairs(gen: Generation) -> DecidedPairs:
+    """The store's decided pairs whose two photos are in generation `gen`."""
+    state = decisions_for(gen)
+    row_of: dict[str, int] = {}
+    for r, sha in enumerate(gen.catalog.sha256):
+        row_of.setdefault(sha, r)
+    current = [d for _, d in sorted(state.current.items()) if d.decision in DECISIONS]
+    a, b, pos, keys = [], [], [], []
+    for d in current:
+        ra, rb = row_of.get(d.a), row_of.get(d.b)
+        if ra is None or rb is None:
+            continue
+        a.append(ra)
+        b.append(rb)
+        pos.append(d.decision == "duplicate")
+        keys.append(d.key)
+    return DecidedPairs(len(current), np.array(a, np.int64), np.array(b, np.int64), np.array(pos, bool), keys,
+                        gone=len(current) - len(keys))
+
+
+def _scores(tp: int, fp: int, fn: int) -> dict[str, float]:
+    p = tp / (tp + fp) if tp + fp else 1.0
+    r = tp / (tp + fn) if tp + fn else 0.0
+    return {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0}
+
+
+@dataclass
+class DecisionEval:
+    """Precision and recall of `duplicates` on a store's decided pairs; to_dict() is the JSON document."""
+
+    store: str
+    model: str
+    decided: int  #: current decisions (duplicate or distinct)
+    evaluated: int  #: of those, pairs whose two photos are in the store
+    not_evaluated: int  #: decided pairs with a photo gone from the store
+    positives: int
+    negatives: int
+    tp: int
+    fp: int
+    fn: int
+    tn: int
+    precision: float
+    recall: float
+    f1: float
+    settings: dict = field(default_factory=dict)  #: threshold, candidate_threshold, k, verify, source
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict of every number."""
+        return asdict(self)
+
+    def table(self) -> str:
+        """A readable report."""
+        s = self.settings
+        return "\n".join([
+            f"decisions of {self.store} (model {self.model}): {self.decided} decided pairs, {self.evaluated} "
+            f"evaluated ({self.positives} duplicate, {self.negatives} distinct), {self.not_evaluated} not "
+            f"evaluated (a photo is no longer in the store)",
+            f"predicted: what `neardup duplicates {listed_flags(s)}` lists ({s['source']}), the decisions not applied",
+            f"TP {self.tp}  FP {self.fp}  FN {self.fn}  TN {self.tn}: precision {self.precision:.4f}, recall "
+            f"{self.recall:.4f}, F1 {self.f1:.4f}"])
+
+
+def evaluate_decisions(store: Generation | str | os.PathLike[str], *, threshold: float | None = None,
+                       loose_threshold: float | None = None, verify: bool | None = None, k: int | None = None,
+                       workers: int = DEFAULTS.verify_workers, progress: Progress | None = None) -> DecisionEval:
+    """Score what find_duplicates lists (at the given settings, else the store's, else the model's) against the
+    store's decided pairs. Raises InputError when no decided pair has both photos in the store."""
+    with opened(store) as gen:
+        pairs = decided_pairs(gen)
+        if not len(pairs.a):
+            raise InputError(f"{gen.path} has {pairs.decided} decided pairs and none with both photos still in the "
+                             f"store: nothing to evaluate (decide pairs with `neardup review import` or the "
+                             f"/review page of `neardup serve`)")
+        report = find_duplicates(gen, threshold=threshold, verify=verify, k=k, loose_threshold=loose_threshold,
+                                 workers=workers, progress=progress, decisions=False)
+        sha = gen.catalog.sha256
+        li, lj = listed_pairs(report)
+        listed = {pair_key(sha[i], sha[j]) for i, j in zip(li.tolist(), lj.tolist())}
+        hit = np.array([key in listed for key in pairs.keys], bool)
+        pos = pairs.positive
+        tp, fp = int((hit & pos).sum()), int((hit & ~pos).sum())
+        fn, tn = int((~hit & pos).sum()), int((~hit & ~pos).sum())
+        settings = {"threshold": float(report.threshold), "verify": bool(report.verify),
+                    "candidate_threshold": float(report.loose_threshold) if report.verify else None,
+                    "k": int(report.k) if report.verify else None,
+                    "source": threshold_source(gen, threshold, loose_threshold, report.verify)}
+        return DecisionEval(str(gen.path), gen.meta.model.name, pairs.decided, len(pairs.a), pairs.gone, int(pos.sum()),
+                            int((~pos).sum()), tp, fp, fn, tn, **_scores(tp, fp, fn), settings=settings)
+
+
+@dataclass
+class Fit:
+    """Thresholds fitted to a store's decisions, and how they and the ones in use do on those decisions."""
+
+    store: str
+    model: str
+    rule: str  #: "f1" or "recall" (at precision >= min_precision)
+    min_precision: float
+    verify: bool
+    pairs: int  #: decided pairs evaluated
+    positives: int
+    negatives: int
+    threshold: float
+    candidate_threshold: float | None  #: None without verification
+    proposed: dict[str, float]  #: tp, fp, fn, precision, recall, f1 at the proposal
+    current: dict[str, float | None]  #: the same at the thresholds in use (threshold, candidate_threshold too)
+
+    def flags(self) -> str:
+        """The exact flags that give the proposal."""
+        return self.settings().flags() + ("" if self.verify else " --no-verify")
+
+    def settings(self, source: str = "") -> StoreSettings:
+        """The proposal as store settings."""
+        return StoreSettings(threshold=self.threshold, candidate_threshold=self.candidate_threshold,
+                             source=source, at=now_iso() if source else "")
+
+    def table(self) -> str:
+        """A readable report."""
+        rule = ("the highest F1" if self.rule == "f1" else
+                f"the highest recall at precision >= {self.min_precision:g}")
+        c, p = self.current, self.proposed
+
+        def line(what: str, m: dict) -> str:
+            return (f"  {what:<10} TP {m['tp']:>5}  FP {m['fp']:>5}  FN {m['fn']:>5}  precision {m['precision']:.4f}  "
+                    f"recall {m['recall']:.4f}  F1 {m['f1']:.4f}")
+
+        now = f"--threshold {c['threshold']:.4g}" + (
+            f" --candidate-threshold {c['candidate_threshold']:.4g}" if self.verify else "")
+        return "\n".join([
+            f"fit on {self.pairs} decided pairs of {self.store} ({self.positives} duplicate, {self.negatives} "
+            f"distinct), model {self.model}{', verified' if self.verify else ''}; rule: {rule} (--fit-rule)",
+            line("in use", c) + f"  ({now})",
+            line("proposed", p) + f"  ({self.flags()})",
+            "(measured on the same decisions the thresholds were fitted to; each pair judged alone, not among "
+            "its photos' k nearest)"])
+
+
+def _pair_features(gen: Generation, a: np.ndarray, b: np.ndarray, verify: bool, workers: int
+                   ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Cosine of each pair and, when verifying, (verified, judged) as duplicates judges a candidate."""
+    rows, inverse = np.unique(np.concatenate([a, b]), return_inverse=True)
+    x = gen.vectors(rows)
+    ia, ib = inverse[:len(a)], inverse[len(a):]
+    d = np.einsum("ij,ij->i", x[ia], x[ib]).astype(np.float64)
+    if not verify:
+        return d, None, None
+    feats = row_features(gen, rows)
+    v = verify_pairs([feats[i] for i in ia.tolist()], [feats[i] for i in ib.tolist()], workers=workers, screen=True)
+    return d, np.asarray(v.verified, bool), np.asarray(v.judged, bool)
+
+
+def _counts(pred: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """TP, FP, FN per row of `pred` (thresholds x pairs)."""
+    tp = (pred & pos).sum(-1)
+    fp = (pred & ~pos).sum(-1)
+    return tp, fp, int(pos.sum()) - tp
+
+
+def fit_thresholds(store: Generation | str | os.PathLike[str], *, rule: str = DEFAULTS.fit_rule,
+                   min_precision: float = DEFAULTS.fit_min_precision, verify: bool | None = None,
+                   threshold: float | None = None, loose_threshold: float | None = None,
+                   min_pairs: int = DEFAULTS.fit_min_pairs, min_each: int = DEFAULTS.fit_min_each,
+                   workers: int = DEFAULTS.verify_workers) -> Fit:
+    """Thresholds that best separate a store's decided pairs by `rule` (see the module). `threshold` and
+    `loose_threshold` are the ones in use to compare with (default: the store's settings, else the model's).
+    Raises InputError on an unknown rule, too few decisions (fewer than `min_pairs` pairs in the store, or
+    `min_each` of either kind), or when no thresholds satisfy the rule."""
+    if rule not in FIT_RULES:
+        raise InputError(f"unknown fit rule {rule!r}: one of {', '.join(FIT_RULES)}")
+    if not 0.0 < min_precision <= 1.0:
+        raise InputError(f"the fit's minimum precision must be in (0, 1], got {min_precision}")
+    with opened(store) as gen:
+        pairs = decided_pairs(gen)
+        n, npos = len(pairs.a), int(pairs.positive.sum())
+        if n < min_pairs or npos < min_each or n - npos < min_each:
+            raise InputError(
+                f"fitting thresholds needs at least {min_pairs} decided pairs with both photos in the store, at "
+                f"least {min_each} of them duplicate and {min_each} distinct; {gen.path} has {n} ({npos} duplicate, "
+                f"{n - npos} distinct" + (f"; {pairs.gone} more have a photo no longer in the store" if pairs.gone
+                                          else "") + "): review more pairs first")
+        verify = resolve_verify(verify, gen.meta.local_features)
+        t_now = gen.threshold(threshold)
+        c_now = gen.candidate_threshold(loose_threshold) if verify else None
+        c_ref = 0.0 if c_now is None else c_now  # only read when verifying
+        d, ver, judged = _pair_features(gen, pairs.a, pairs.b, verify, workers)
+        pos = pairs.positive
+        grid_t = np.unique(np.concatenate([GRID, [round(t_now, 6)]]))
+        grid_c = np.unique(np.concatenate([GRID, [round(c_ref, 6)]])) if verify else np.array([np.nan])
+        ts, cs, tps, fps, fns = [], [], [], [], []
+        for c in grid_c.tolist():
+            if verify:
+                assert ver is not None and judged is not None
+                near = d >= c - 1e-9
+                pred = (near & ver)[None, :] | ((near & ~judged)[None, :] & (d[None, :] >= grid_t[:, None] - 1e-9))
+            else:
+                pred = d[None, :] >= grid_t[:, None] - 1e-9
+            tp, fp, fn = _counts(pred, pos)
+            ts.append(grid_t)
+            cs.append(np.full(len(grid_t), c))
+            tps.append(tp)
+            fps.append(fp)
+            fns.append(fn)
+        t_all, c_all = np.concatenate(ts), np.concatenate(cs)
+        tp_all, fp_all, fn_all = np.concatenate(tps), np.concatenate(fps), np.concatenate(fns)
+        prec = np.where(tp_all + fp_all > 0, tp_all / np.maximum(tp_all + fp_all, 1), 1.0)
+        rec = tp_all / max(npos, 1)
+        f1 = np.where(prec + rec > 0, 2 * prec * rec / np.maximum(prec + rec, 1e-12), 0.0)
+        if rule == "f1":
+            score = f1
+            if not (score > 0).any():
+                raise InputError(f"no thresholds find any of the {npos} pairs decided duplicate: nothing to fit")
+        else:
+            score = np.where(prec >= min_precision - 1e-12, rec, -1.0)
+            if not (score > 0).any():
+                raise InputError(f"no thresholds reach precision {min_precision:g} with any recall on these "
+                                 f"{n} decisions (best F1 {f1.max():.3f}); lower --min-precision or use "
+                                 f"--fit-rule f1")
+        # ties: the thresholds nearest those in use (a plateau of the decisions says nothing about moving)
+        dist = np.abs(t_all - t_now) + (np.abs(c_all - c_ref) if verify else 0.0)
+        best = int(np.lexsort((-t_all, dist, -score))[0])
+        now = int(np.flatnonzero(np.isclose(t_all, t_now) & (np.isclose(c_all, c_ref) if verify else True))[0])
+
+        def point(i: int) -> dict[str, float]:
+            return {"tp": int(tp_all[i]), "fp": int(fp_all[i]), "fn": int(fn_all[i]),
+                    "precision": float(prec[i]), "recall": float(rec[i]), "f1": float(f1[i])}
+
+        return Fit(str(gen.path), gen.meta.model.name, rule, min_precision, verify, n, npos, n - npos,
+                   float(t_all[best]), float(c_all[best]) if verify else None, point(best),
+                   {**point(now), "threshold": float(t_now), "candidate_threshold": c_now})
+
+
+def apply_fit(store: Generation | str | os.PathLike[str], fit: Fit) -> Path:
+    """Save a fit's thresholds in the store's settings (without verification, the candidates' threshold
+    applied before is kept); returns the settings file. Every command uses them from then on."""
+    with opened(store) as gen:
+        before = gen.settings
+        source = (f"evaluate --fit ({fit.rule}{'' if fit.rule == 'f1' else f' at precision >= {fit.min_precision:g}'}) "
+                  f"on {fit.pairs} decided pairs")
+        s = fit.settings(source)
+        if s.candidate_threshold is None:
+            s = StoreSettings(s.threshold, before.candidate_threshold, s.source, s.at)
+        return write_settings(gen.files.store, s)
