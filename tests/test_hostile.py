@@ -77,7 +77,8 @@ def test_huge_sparse_file_is_refused_unread_with_bounded_memory(tmp_path: Path, 
     # The CLI runs in a fresh interpreter that reports its own peak memory: VmHWM, kB, which starts afresh at
     # exec (ru_maxrss would include the memory of this test process at fork).
     code = ("import re, sys\nfrom neardup.cli import app\ntry:\n    app(sys.argv[1:])\nexcept SystemExit as e:\n"
-            "    print('exit', e.code)\nprint('peak', re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1])\n")
+            "    print('exit', e.code)\n"
+            "print('peak', re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1])\n")
     r = subprocess.run([sys.executable, "-c", code, "index", str(tmp_path / "imgs"), "-s", str(tmp_path / "s.h5"),
                         "--model", "phash"], capture_output=True, text=True, timeout=TIMEOUT, env=ENV)
     peak_mb = int(r.stdout.split("peak ")[1]) / 1024
