@@ -40,6 +40,8 @@ def fake_embedder() -> FakeEmbedder:
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--no-first-run", "--disable-sync"]
+#: How long a page waits for what a test needs (playwright's default is 30 s), in milliseconds.
+BROWSER_DEADLINE_MS = 120_000
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +52,14 @@ def browser() -> Iterator[object]:
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed: pip install playwright")
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        new_page = b.new_page
+
+        def generous_page(**kwargs: object) -> object:  # a loaded machine only makes the waits longer
+            page = new_page(**kwargs)
+            page.set_default_timeout(BROWSER_DEADLINE_MS)
+            return page
+
+        b.new_page = generous_page
         yield b
         b.close()
 

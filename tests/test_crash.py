@@ -65,7 +65,7 @@ def test_kill_at_random_points_then_resume(photos: Path, tmp_path: Path) -> None
         if trial % 2:  # at a random time: before, during or after the embedding
             time.sleep(rng.uniform(0.3, full * 0.95))
         else:  # soon after a checkpoint chunk is durable, so that some kill always lands mid-run
-            work, deadline = StoreFiles(store).work, time.monotonic() + 60
+            work, deadline = StoreFiles(store).work, time.monotonic() + 180
             while not list(work.glob("chunk-*.npz")) and proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.005)
             time.sleep(rng.uniform(0, 0.05))

@@ -61,11 +61,11 @@ def test_query_folder_with_fifo_and_dev_zero_link_does_not_hang(store: Path, tmp
     make_images(1, folder="q")
     os.mkfifo(q / "p.jpg")
     (q / "zero.jpg").symlink_to("/dev/zero")
-    r = nd("query", q, "-s", store, "-k", "1", timeout=60)
+    r = nd("query", q, "-s", store, "-k", "1")
     assert r.returncode in (0, 1), r.stderr
     assert f"skipped {q / 'p.jpg'}: not a regular file" in r.stderr
     assert f"skipped {q / 'zero.jpg'}: not a regular file" in r.stderr
-    r = nd("query", q / "p.jpg", "-s", store, timeout=60)  # the FIFO itself: a skipped row, not "Not a directory"
+    r = nd("query", q / "p.jpg", "-s", store)  # the FIFO itself: a skipped row, not "Not a directory"
     assert r.returncode == 2 and "not a regular file" in r.stderr and "Not a directory" not in r.stderr
 
 
@@ -474,7 +474,7 @@ def test_bit_rot_is_a_right_answer_or_one_line_naming_the_previous_generation(st
     assert len(heap) >= 3, heap
     for off in heap[:3]:  # where HDF5 looped forever on an unchecked manifest
         _flipped(store, manifest, off)
-        one_line(nd("info", "--store", store, timeout=30), "damaged", files.previous.name, "neardup restore")
+        one_line(nd("info", "--store", store), "damaged", files.previous.name, "neardup restore")
     _flipped(store, manifest, len(manifest))
     # a sampled sweep, in this process (a hang would stop the test: the digests come before any parsing)
     from neardup.errors import StoreError
@@ -498,7 +498,7 @@ def test_bit_rot_is_a_right_answer_or_one_line_naming_the_previous_generation(st
         data = path.read_bytes()
         for off in offs:
             _flipped(path, data, off)
-            r = nd("query", tmp_path / "imgs" / "img_0001.jpg", "--store", store, "--json", timeout=30)
+            r = nd("query", tmp_path / "imgs" / "img_0001.jpg", "--store", store, "--json")
             if r.returncode == 0:
                 assert json.loads(r.stdout)["results"][0]["matches"][0]["path"].endswith("img_0001.jpg"), r.stdout
             else:
