@@ -39,7 +39,7 @@ from .options import (
     index_options,
 )
 from .render import _place, _print_info, _print_summary, _store_folder, _warn_random_weights
-from .review import decisions_info, decisions_line
+from .review import decisions_line
 
 
 def _run_index(update: bool, dirs: list[str], store: Path, options: Any, quiet: bool) -> None:
@@ -119,34 +119,22 @@ def info_cmd(
     verbose: VerboseOpt = 0,
 ) -> None:
     """Describe a store: model, weights, counts, dimension, failures, segments, sizes, previous generation."""
+    from ..search.review import journal_info
     from ..store.handle import Store
+    from ..store.settings import applied as applied_settings
 
     about = Store(store).describe(failures=failures or as_json, check=check)
-    applied = _applied(store)
+    applied, journal = applied_settings(store), journal_info(store)
     if as_json:
-        typer.echo(json.dumps({**about.to_json(), "decisions": decisions_info(store), "settings": applied}, indent=1))
+        typer.echo(json.dumps({**about.to_json(), "decisions": journal, "settings": applied}, indent=1))
     else:
         settings_file = Store(store).files.settings
         _print_info(about, [
-            ("decisions", decisions_line(decisions_info(store))),
+            ("decisions", decisions_line(journal)),
             ("thresholds", "the model's defaults (none applied)" if not applied else applied["error"]
              if "error" in applied else f"{applied['flags']} applied {applied['at']} by {applied['source']} "
              f"({settings_file}; a flag on the command line still wins)")])
     raise typer.Exit(1 if about.problems else 0)
-
-
-def _applied(store: Path) -> dict:
-    """The thresholds applied to the store (evaluate --fit --apply): {} when none, {"error": ...} when its
-    settings file is damaged (info still describes the rest)."""
-    from ..errors import StoreError
-    from ..store.settings import read_settings
-
-    try:
-        s = read_settings(store)
-    except StoreError as exc:
-        return {"error": str(exc)}
-    return {} if s.empty else {"threshold": s.threshold, "candidate_threshold": s.candidate_threshold,
-                               "flags": s.flags(), "source": s.source, "at": s.at}
 
 
 @app.command("restore")

@@ -83,21 +83,6 @@ def say_decisions(report: Any) -> None:
         typer.echo(f"neardup: warning: decisions: {_show(problem)}", err=True)
 
 
-def decisions_info(store: Path) -> dict:
-    """What `info` says about a store's decisions journal: its file, pairs decided, records, problems."""
-    from ..errors import StoreError
-    from ..search.review import decisions_for
-    from ..store.decisions import Journal
-
-    journal = Journal.of(store)
-    try:
-        state = decisions_for(store)
-    except StoreError as exc:
-        return {"file": str(journal.path), "exists": True, "pairs": 0, "records": 0, "problems": [str(exc)]}
-    return {"file": str(journal.path), "exists": journal.exists(), "pairs": len(state.current),
-            "records": len(state.history), "problems": state.problems}
-
-
 def decisions_line(info: dict) -> str:
     """The `info` row of the decisions journal."""
     if not info["exists"]:

@@ -383,3 +383,15 @@ def export_decisions(store: Generation | str | os.PathLike[str], out_csv: str | 
 
     atomic_write(out, write)
     return len(rows)
+
+
+def journal_info(store: str | os.PathLike[str]) -> dict:
+    """What `info` says of a store's decisions journal: its file, whether it exists, pairs decided, records
+    written, and its problems (a damaged journal is described, not raised)."""
+    journal = Journal.of(store)
+    try:
+        state = decisions_for(store)
+    except StoreError as exc:
+        return {"file": str(journal.path), "exists": True, "pairs": 0, "records": 0, "problems": [str(exc)]}
+    return {"file": str(journal.path), "exists": journal.exists(), "pairs": len(state.current),
+            "records": len(state.history), "problems": state.problems}

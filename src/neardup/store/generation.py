@@ -28,7 +28,7 @@ from ..fileio import file_sha256
 from . import faiss_index, index_kinds
 from .damage import damaged
 from .files import StoreFiles
-from .manifest import LegacyFile, open_any
+from .manifest import LegacyFile, moved_on, open_any
 from .meta import Catalog, Manifest, Segment, StoreMeta
 from .segment import Damage, SegmentFile
 from .settings import SettingsFile, StoreSettings
@@ -94,10 +94,10 @@ class Generation:
             except Damage as exc:
                 for r in readers:
                     r.close()
-                if _moved_on(path, source, files):
+                if moved_on(path, source, files):
                     continue
                 raise damaged(path, exc.reason, hint, exc.segment) from None
-            if gen.missing_index_files() and _moved_on(path, source, files, index=True):
+            if gen.missing_index_files() and moved_on(path, source, files, index=True):
                 gen.close()  # its index parts were deleted by a later publish before we opened them
                 continue
             return gen
@@ -416,19 +416,3 @@ class Generation:
     def segments(self) -> list[Segment]:
         """The segments in row order (a store written before segments: one, named "legacy")."""
         return list(self._segments)
-
-
-def _moved_on(path: Path, source: Manifest, files: StoreFiles, index: bool = False) -> bool:
-    """Whether a file `source` names is gone because a writer has published since (read the manifest again)."""
-    gone = [s.name for s in source.segments if not files.segment(s.name).exists()]
-    if index:
-        gone += [s.index for s in source.segments if s.index and not files.segment_index(s.index).exists()]
-    if not gone:
-        return False
-    try:
-        now = open_any(path)
-    except StoreError:
-        return False
-    if isinstance(now, LegacyFile):
-        now.close()
-    return now.meta.generation != source.meta.generation

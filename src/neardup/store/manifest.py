@@ -358,3 +358,19 @@ def remove_unnamed(files: StoreFiles, *kept: Manifest | Path) -> None:
             f.unlink()
         except OSError:
             pass
+
+
+def moved_on(path: Path, source: Manifest, files: StoreFiles, index: bool = False) -> bool:
+    """Whether a file `source` names is gone because a writer has published since (read the manifest again)."""
+    gone = [s.name for s in source.segments if not files.segment(s.name).exists()]
+    if index:
+        gone += [s.index for s in source.segments if s.index and not files.segment_index(s.index).exists()]
+    if not gone:
+        return False
+    try:
+        now = open_any(path)
+    except StoreError:
+        return False
+    if isinstance(now, LegacyFile):
+        now.close()
+    return now.meta.generation != source.meta.generation

@@ -15,6 +15,7 @@ import os
 import threading
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from ..errors import InputError, StoreError
 from ..fileio import atomic_write
@@ -124,3 +125,15 @@ class SettingsFile:
             if self._cached is None or self._cached[0] != key:
                 self._cached = (key, read_settings(self.store) if key else StoreSettings())
             return self._cached[1]
+
+
+def applied(store: str | os.PathLike[str]) -> dict[str, Any]:
+    """What `info` says of the thresholds applied to `store` (`evaluate --fit --apply`): {} when none, else the
+    thresholds, their flags, source and time; {"error": ...} when the settings file is damaged (described, not
+    raised, so that `info` still describes the rest)."""
+    try:
+        s = read_settings(store)
+    except StoreError as exc:
+        return {"error": str(exc)}
+    return {} if s.empty else {"threshold": s.threshold, "candidate_threshold": s.candidate_threshold,
+                               "flags": s.flags(), "source": s.source, "at": s.at}
