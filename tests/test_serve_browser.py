@@ -129,3 +129,37 @@ def test_no_token_box_without_a_token(served, browser) -> None:
         page.close()
     finally:
         stop_server(proc)
+
+
+def test_the_page_says_which_matches_a_person_reviewed(served, browser) -> None:
+    """A decision recorded in the store's journal shows on the match it is about, and says how it was decided."""
+    from neardup.search.review import record_decision
+    from neardup.store import Store
+
+    url, root, _ = served
+    store = root / "catalog.h5"
+    upload = root / "photos" / "img_0003.jpg"  # a catalogue photo itself: its bytes are the decided content
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(url)
+    page.wait_for_selector("#token-row:not([hidden])")
+    page.fill("#token", TOKEN)
+    page.dispatch_event("#token", "change")
+    page.wait_for_function("() => document.getElementById('store').textContent.includes('13 photos')")
+    page.set_input_files("#files", str(upload))
+    page.wait_for_selector(".result .match")
+    paths = [p.inner_text() for p in page.locator(".result .match .path").all()]
+    other = next(p for p in paths if not p.endswith("img_0003.jpg"))  # a neighbour the person says is distinct
+    assert page.locator(".result .reviewed:not([hidden])").count() == 0  # nothing decided yet
+    with Store.open(store) as gen:
+        stored = [p for p in gen.catalog.paths if p.endswith("img_0003.jpg")][0]
+    record_decision(store, stored, other, "distinct", source="test")
+    try:
+        page.set_input_files("#files", [])
+        page.set_input_files("#files", str(upload))
+        shown = page.locator(".result .match", has=page.locator(".path", has_text=other))
+        shown.locator(".reviewed:not([hidden])").wait_for()
+        assert shown.locator(".reviewed").inner_text() == "reviewed: not a duplicate (distinct)"
+        assert page.locator(".result .reviewed:not([hidden])").count() == 1  # only the decided match
+    finally:
+        record_decision(store, stored, other, "undecided", source="test")  # the module's other tests see none
+        page.close()

@@ -112,6 +112,14 @@
         if (m.verified === true) { badge.textContent = "verified, " + m.inliers + " inliers"; badge.classList.add("verified"); }
         else if (m.verified === false) { badge.textContent = "not verified (" + m.inliers + " inliers)"; }
         else if (verified) { badge.textContent = "unverified (too plain, or past the request's verification budget): judged by the threshold"; }
+        // a person's decision on this photo and the catalogue one (the review page, `neardup review import`)
+        const reviewed = li.querySelector(".reviewed");
+        if (m.decision) {
+          reviewed.textContent = "reviewed: " + (m.decision === "duplicate" ? "a duplicate" : "not a duplicate (distinct)")
+            + (m.keeper === true ? ", keep this one" : m.keeper === false ? ", keep the other" : "");
+          reviewed.classList.add(m.decision);
+          reviewed.hidden = false;
+        }
         li.querySelector(".path").textContent = m.path;
         list.appendChild(li);
       }
