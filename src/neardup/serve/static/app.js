@@ -5,26 +5,9 @@
   const $ = (id) => document.getElementById(id);
   const state = { info: null, last: null, thumbs: new Map() };
 
-  function headers() {
-    const token = sessionStorage.getItem("neardup-token") || "";
-    return token ? { Authorization: "Bearer " + token } : {};
-  }
+  const { call } = window.neardupApi;
 
   function status(text) { $("status").textContent = text; }
-
-  // fetch with the token; a JSON error becomes an Error carrying the server's {code, message, ...}
-  async function call(url, options) {
-    const resp = await fetch(url, Object.assign({ headers: headers() }, options || {}));
-    if (resp.status === 401) { $("token-row").hidden = false; }
-    if (!resp.ok) {
-      let detail = { code: String(resp.status), message: resp.statusText };
-      try { detail = (await resp.json()).error; } catch (e) { /* not JSON */ }
-      const err = new Error(detail.code + ": " + detail.message);
-      err.detail = detail;
-      throw err;
-    }
-    return resp;
-  }
 
   async function loadInfo() {
     try {

@@ -14,32 +14,12 @@
   // key presses act one after another, in the order pressed (a decision's request ends before the next key acts)
   let chain = Promise.resolve();
 
-  // the token as the search page keeps it (sessionStorage), so one typed there works here
-  function headers(extra) {
-    const token = sessionStorage.getItem("neardup-token") || "";
-    return Object.assign(token ? { Authorization: "Bearer " + token } : {}, extra || {});
-  }
-
   function status(text, failed) {
     $("status").textContent = text;
     $("status").className = failed ? "failed" : "";
   }
 
-  // fetch with the token; a JSON error becomes an Error carrying the server's {code, message}
-  async function call(url, options) {
-    const opts = Object.assign({}, options || {});
-    opts.headers = headers(opts.headers);
-    const resp = await fetch(url, opts);
-    if (resp.status === 401) { $("token-row").hidden = false; }
-    if (!resp.ok) {
-      let detail = { code: String(resp.status), message: resp.statusText };
-      try { detail = (await resp.json()).error; } catch (e) { /* not JSON */ }
-      const err = new Error(detail.code + ": " + detail.message);
-      err.detail = detail;
-      throw err;
-    }
-    return resp;
-  }
+  const { call } = window.neardupApi;  // requests with the token (api.js)
 
   function post(url, body) {
     return call(url, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
