@@ -21,8 +21,8 @@ from ..config import DEFAULTS, SERVE
 from ..errors import InputError
 
 #: The page's own files (package data in static/), the only files served besides indexed images.
-STATIC = {"api.js": "text/javascript", "app.js": "text/javascript", "app.css": "text/css", "favicon.svg": "image/svg+xml",
-          "review.js": "text/javascript", "review.css": "text/css"}
+STATIC = {"api.js": "text/javascript", "app.js": "text/javascript", "app.css": "text/css",
+          "favicon.svg": "image/svg+xml", "review.js": "text/javascript", "review.css": "text/css"}
 #: Paths answered without the token: the health check, and the page and its files, which hold no data (every
 #: call the page makes for data sends the token).
 OPEN_PATHS = {"/v1/health", "/", "/review", *(f"/static/{name}" for name in STATIC)}
