@@ -302,3 +302,29 @@ def test_report_from_groups_uses_the_pairs_duplicates_recorded(dup_store: Path, 
     assert build_index([tmp_path / "more"], dup_store).wrote
     r = run("report", "-s", dup_store, "--groups", alone, "-o", tmp_path / "e.html")
     assert r.exit_code == 0 and "the groups file was written for store generation" in r.output, r.output
+
+
+def test_report_from_groups_says_when_the_store_applies_other_thresholds_now(dup_store: Path, tmp_path: Path
+                                                                            ) -> None:
+    """Issue 31 item 5: after `evaluate --fit --apply`, a groups file written before shows as written (its
+    pairs and groups agree) but the report and the log say it is out of date, naming the threshold that changed."""
+    from neardup.store.settings import StoreSettings, write_settings
+
+    groups = tmp_path / "groups.json"
+    assert run("duplicates", "-s", dup_store, "-g", groups).exit_code == 0
+    doc = json.loads(groups.read_text())
+    assert doc["verified"] and isinstance(doc["candidate_threshold"], float)
+    r = run("report", "-s", dup_store, "--groups", groups, "-o", tmp_path / "same.html")
+    assert r.exit_code == 0 and "other thresholds" not in r.output + (tmp_path / "same.html").read_text()
+    loose = round(doc["candidate_threshold"] - 0.05, 4)
+    write_settings(dup_store, StoreSettings(candidate_threshold=loose, source="test"))
+    r = run("report", "-s", dup_store, "--groups", groups, "-o", tmp_path / "after.html")
+    said = f"--candidate-threshold {doc['candidate_threshold']:.4g} then, {loose:.4g} now"
+    assert r.exit_code == 0 and said in r.output and "--threshold " not in r.output.split("other thresholds")[1]
+    assert said in (tmp_path / "after.html").read_text()
+    # the groups shown are the file's, not computed again under the new thresholds
+    assert [g["members"] for g in doc["groups"]] and "computing the pairs" not in r.output
+    # a flag given on the command line decides instead: nothing to warn of
+    r = run("report", "-s", dup_store, "--groups", groups, "--threshold", str(doc["threshold"]), "-o",
+            tmp_path / "flag.html")
+    assert r.exit_code == 0 and "other thresholds" not in r.output

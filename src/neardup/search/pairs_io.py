@@ -84,7 +84,7 @@ def groups_document(report: DuplicateReport, *, pairs_file: str | os.PathLike[st
         rule = "complete linkage: every two members of a group score >= threshold (identical files always match)"
     return {
         "store": report.store, "model": report.model, "threshold": report.threshold, "images": report.n,
-        "verified": report.verify,
+        "verified": report.verify, "candidate_threshold": report.loose_threshold if report.verify else None,
         "rule": rule + "; a pair a person decided distinct never shares a group, one confirmed duplicate always "
                        "does (its member's decision is \"duplicate\"), and the keeper a person chose is the keeper "
                        "(keeper_decided)"
@@ -229,3 +229,16 @@ def recorded_pairs(doc: dict, groups_path: str | os.PathLike[str], generation: s
     except (TypeError, ValueError):
         return None, "the groups file's pairs record is damaged"
     return pairs, f"pairs held in the groups file (generation {generation})"
+
+
+def thresholds_since(doc: dict, threshold: float, candidate_threshold: float | None) -> str | None:
+    """None when a groups JSON (`doc`) was written under the thresholds that hold for its store now (`threshold`
+    and, for verified groups, `candidate_threshold`: what the store's settings or the model give today); else
+    which one changed (`neardup evaluate --fit --apply` since), to say that its groups are out of date."""
+    changed = []
+    for name, now, then in (("--threshold", threshold, doc.get("threshold")),
+                            ("--candidate-threshold", candidate_threshold if doc.get("verified") else None,
+                             doc.get("candidate_threshold"))):
+        if now is not None and isinstance(then, int | float) and not math.isclose(now, then, abs_tol=1e-6):
+            changed.append(f"{name} {then:.4g} then, {now:.4g} now")
+    return "; ".join(changed) or None

@@ -39,7 +39,7 @@ from ..store.meta import Catalog
 from ..threads import thread_pool
 from .dup_records import DuplicateReport, Pair
 from .duplicates import find_duplicates
-from .pairs_io import groups_document, read_groups_json, read_pairs_csv, recorded_pairs
+from .pairs_io import groups_document, read_groups_json, read_pairs_csv, recorded_pairs, thresholds_since
 from .plots import plot_pair
 from .review import decisions_for
 from .verify import Verification, row_features, verify_pair
@@ -307,6 +307,13 @@ def write_report(store: Generation | str | os.PathLike[str], out: str | os.PathL
                 if t_shown is None and isinstance(gdoc.get("threshold"), (int, float)):
                     t_shown = float(gdoc["threshold"])
                 source.append(f"groups from {groups}")
+                if threshold is None and verify is None and (since := thresholds_since(
+                        gdoc, gen.threshold(), gen.candidate_threshold())):
+                    # shown as written (its pairs and groups agree), but said to be out of date
+                    log.warning("%s was written under other thresholds than the store applies now (%s): run "
+                                "`neardup duplicates --groups` again for groups under them", groups, since)
+                    source.append(f"written under other thresholds than the store applies now ({since}): run "
+                                  f"neardup duplicates again for groups under them")
             if pair_list is None:  # groups alone would show "Pairs (0)": the pairs they were made from...
                 assert groups is not None  # given files, and no pairs file: a groups file
                 pair_list, why = recorded_pairs(gdoc, groups, gen.id, threshold=threshold, verify=verify)
