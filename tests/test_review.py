@@ -191,6 +191,33 @@ def test_record_import_and_export_by_path_and_id(store: Path, tmp_path: Path) ->
     assert (again.recorded, again.unchanged) == (0, 3) and len(decisions_for(store).history) == 4
 
 
+def test_decisions_on_an_open_generation_build_its_look_up_once(store: Path, monkeypatch: pytest.MonkeyPatch
+                                                                ) -> None:
+    """The review page records each decision on the service's open generation: the photos' look-up (a walk over
+    every row) is built once for it, not per key press, and paths from here still resolve."""
+    import neardup.search.review as review_mod
+
+    built: list[int] = []
+    real = review_mod.Photos.__init__
+
+    def counting(self, gen) -> None:
+        built.append(len(gen))
+        real(self, gen)
+
+    monkeypatch.setattr(review_mod.Photos, "__init__", counting)
+    p = _paths(store)
+    with Store.open(store) as gen:
+        for k in range(3):
+            record_decision(gen, p[2 * k], str(store.parent / p[2 * k + 1]), "distinct", source="page")
+        assert len(built) == 1
+        with pytest.raises(InputError, match="is not a photo of the store"):
+            record_decision(gen, p[0], "nowhere.jpg", "distinct", source="page")
+        assert len(built) == 1
+    record_decision(store, p[0], p[1], "duplicate", source="cli")  # by path: opened, and built, per call
+    assert len(built) == 2
+    assert len(decisions_for(store).history) == 4
+
+
 def test_a_bad_import_lists_every_bad_row_and_applies_nothing(store: Path, tmp_path: Path) -> None:
     p = _paths(store)
     record_decision(store, p[0], p[1], "distinct", source="test")

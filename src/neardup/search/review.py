@@ -12,6 +12,7 @@ import csv
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -89,12 +90,14 @@ class Photos:
             return self._by_path[text]
         if text.lstrip("-").isdigit() and int(text) in self._by_id:
             return self._by_id[int(text)]
-        if self._resolved is None:
-            self._resolved = {}
+        resolved = self._resolved
+        if resolved is None:  # built whole, then published: a thread sharing this object never sees half of it
+            resolved = {}
             for r in range(len(self.paths)):
-                self._resolved.setdefault(os.path.normpath(str(self.gen.image_path(r))), r)
+                resolved.setdefault(os.path.normpath(str(self.gen.image_path(r))), r)
+            self._resolved = resolved
         try:
-            return self._resolved.get(os.path.normpath(os.path.abspath(os.path.expanduser(text))))
+            return resolved.get(os.path.normpath(os.path.abspath(os.path.expanduser(text))))
         except (OSError, ValueError):
             return None
 
@@ -231,8 +234,21 @@ def decided(gen: Generation) -> Decided:
     return Decided(state, list(gen.catalog.sha256) if len(gen) else [])
 
 
+#: Photos of the open generations a caller keeps (the review page's): built once per generation, not per
+#: decision, since building them walks every row; gone with the generation.
+_PHOTOS: weakref.WeakKeyDictionary[Generation, Photos] = weakref.WeakKeyDictionary()
+_PHOTOS_LOCK = threading.Lock()
+
+
 @contextmanager
 def _photos(store: Generation | str | os.PathLike[str]) -> Iterator[Photos]:
+    if isinstance(store, Generation):
+        with _PHOTOS_LOCK:
+            photos = _PHOTOS.get(store)
+            if photos is None:
+                photos = _PHOTOS[store] = Photos(store)
+        yield photos
+        return
     with opened(store) as gen:
         yield Photos(gen)
 
