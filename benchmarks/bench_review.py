@@ -81,7 +81,7 @@ def main() -> int:
         report.check("pairs listed = the search's pairs but the distinct ones", listed == set(rows) - set(distinct),
                      f"{len(listed)} listed, {len(rows)} found, {len(distinct)} distinct")
         bad = set(distinct)
-        in_groups = [sorted(m["id"] for m in g.members) for g in got.groups]
+        in_groups = [sorted(m.id for m in g.members) for g in got.groups]
         report.check("no group holds a pair decided distinct",
                      not any((a, b) in bad for g in in_groups for i, a in enumerate(g) for b in g[i + 1:]))
         report.check("every confirmed pair is marked", len(got.decisions) == len(confirmed),
