@@ -109,6 +109,46 @@ def test_fit_finds_the_thresholds_a_brute_force_search_finds(tmp_path: Path, rul
     assert fit.flags() == f"--threshold {want:.4g} --no-verify"
 
 
+@pytest.mark.parametrize(("rule", "min_precision"), [("f1", 0.95), ("recall", 0.9)])
+def test_the_held_out_figures_judge_each_fold_at_thresholds_fitted_without_it(tmp_path: Path, rule: str,
+                                                                              min_precision: float) -> None:
+    """The fit's honest estimate: each decided pair judged at the thresholds the same rule picks from the other
+    folds (oracle: the brute-force fit above, run on each fold's complement)."""
+    from neardup.search.decided import _folds_of, decided_pairs
+    from neardup.store.generation import Generation
+
+    rng = np.random.default_rng(11)
+    dup = rng.uniform(0.8, 0.99, 23).round(3).tolist()
+    dis = rng.uniform(0.6, 0.86, 17).round(3).tolist()
+    store = tmp_path / "cat.h5"
+    sha = _pairs_store(store, dup + dis)
+    _decide(store, sha, [(2 * k, 2 * k + 1, "duplicate" if k < len(dup) else "distinct")
+                         for k in range(len(dup) + len(dis))])
+    fit = fit_thresholds(store, rule=rule, min_precision=min_precision, verify=False)
+    with Generation.open(store) as gen:
+        pairs = decided_pairs(gen)
+    score = [(dup + dis)[int(a) // 2] for a in pairs.a]  # pair k is rows 2k, 2k+1
+    pos = pairs.positive.tolist()
+    fold = _folds_of(pairs.positive, 5)
+    assert fit.folds == 5  # stratified: every fold holds its share of either kind
+    assert max(np.bincount(fold[pairs.positive])) - min(np.bincount(fold[pairs.positive])) <= 1
+    assert max(np.bincount(fold[~pairs.positive])) - min(np.bincount(fold[~pairs.positive])) <= 1
+    tp = fp = 0
+    for f in range(5):
+        train = [i for i in range(len(pos)) if fold[i] != f]
+        t = _oracle([score[i] for i in train], [pos[i] for i in train], rule, min_precision, 0.9)
+        for i in (i for i in range(len(pos)) if fold[i] == f):
+            tp += score[i] >= t - 1e-9 and pos[i]
+            fp += score[i] >= t - 1e-9 and not pos[i]
+    assert fit.held_out is not None
+    assert (fit.held_out["tp"], fit.held_out["fp"], fit.held_out["fn"]) == (tp, fp, len(dup) - tp)
+    assert "held out" in fit.table() and "folds" in fit.table()
+    r = runner.invoke(app, ["evaluate", "-s", str(store), "--fit", "--no-verify", "-q", "--fit-rule", rule,
+                            "--min-precision", str(min_precision), "--out", str(tmp_path / "fit.json")])
+    assert r.exit_code == 0 and "held out" in r.output, r.output
+    assert json.loads((tmp_path / "fit.json").read_text())["fit"]["held_out"] == fit.held_out
+
+
 def test_fit_refuses_too_few_decisions_and_says_how_many(tmp_path: Path) -> None:
     store = tmp_path / "cat.h5"
     sha = _pairs_store(store, [0.95] * 20 + [0.6] * 3)

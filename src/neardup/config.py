@@ -203,6 +203,9 @@ class Defaults:
     #: (duplicate, distinct): a precision over four negatives moves by a quarter with one decision.
     fit_min_pairs: int = 20
     fit_min_each: int = 5
+    #: ...and it estimates how its thresholds do on pairs it did not see by this many folds (stratified): each
+    #: fold's pairs are judged at thresholds fitted to the others (at most one fold per pair of each kind).
+    fit_folds: int = 5
 
 
     @property

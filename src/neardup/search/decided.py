@@ -12,7 +12,9 @@ duplicates judges a candidate) and searches thresholds on a 0.01 grid: a pair is
 --candidate-threshold c) when it scores >= c and is verified, or is too plain to verify and scores >= t (without
 verification: scores >= t). Which pairs are each photo's k nearest is not modelled. The rule picks the highest
 F1, or the highest recall at precision >= a target; ties go to the thresholds nearest those in use. The numbers
-it reports are measured on the same decisions it was fitted on (optimistic for new pairs).
+it reports at the proposal are measured on the same decisions it was fitted on (optimistic for new pairs); the
+held-out row is the honest estimate: stratified k-fold, each fold judged at the thresholds the same rule picks
+from the other folds.
 """
 from __future__ import annotations
 
@@ -157,6 +159,9 @@ class Fit:
     candidate_threshold: float | None  #: None without verification
     proposed: dict[str, float]  #: tp, fp, fn, precision, recall, f1 at the proposal
     current: dict[str, float | None]  #: the same at the thresholds in use (threshold, candidate_threshold too)
+    #: the same, each pair judged at thresholds fitted without its fold (`folds` of them; None: too few pairs)
+    held_out: dict[str, float] | None = None
+    folds: int = 0
 
     def flags(self) -> str:
         """The exact flags that give the proposal."""
@@ -184,8 +189,12 @@ class Fit:
             f"distinct), model {self.model}{', verified' if self.verify else ''}; rule: {rule} (--fit-rule)",
             line("in use", c) + f"  ({now})",
             line("proposed", p) + f"  ({self.flags()})",
-            "(measured on the same decisions the thresholds were fitted to; each pair judged alone, not among "
-            "its photos' k nearest)"])
+            *([line("held out", self.held_out) + f"  (the rule's thresholds fitted on {self.folds - 1} of "
+                                                 f"{self.folds} folds, judged on the fold left out)"]
+              if self.held_out else []),
+            "(in use and proposed: measured on the same decisions the thresholds were fitted to"
+            + ("; held out: what to expect on pairs the fit did not see" if self.held_out else "")
+            + "; each pair judged alone, not among its photos' k nearest)"])
 
 
 def _pair_features(gen: Generation, a: np.ndarray, b: np.ndarray, verify: bool, workers: int
@@ -202,11 +211,42 @@ def _pair_features(gen: Generation, a: np.ndarray, b: np.ndarray, verify: bool, 
     return d, np.asarray(v.verified, bool), np.asarray(v.judged, bool)
 
 
-def _counts(pred: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """TP, FP, FN per row of `pred` (thresholds x pairs)."""
-    tp = (pred & pos).sum(-1)
-    fp = (pred & ~pos).sum(-1)
-    return tp, fp, int(pos.sum()) - tp
+def _fold_counts(pred: np.ndarray, pos: np.ndarray, fold: np.ndarray, folds: int) -> tuple[np.ndarray, np.ndarray]:
+    """TP and FP per row of `pred` (thresholds x pairs) and per fold: two (thresholds x folds) arrays."""
+    tp = np.stack([(pred & (pos & (fold == f))).sum(-1) for f in range(folds)], -1)
+    fp = np.stack([(pred & (~pos & (fold == f))).sum(-1) for f in range(folds)], -1)
+    return tp, fp
+
+
+def _rates(tp: np.ndarray, fp: np.ndarray, npos: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Precision, recall and F1 of counts (no prediction: precision 1)."""
+    prec = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), 1.0)
+    rec = tp / max(npos, 1)
+    f1 = np.where(prec + rec > 0, 2 * prec * rec / np.maximum(prec + rec, 1e-12), 0.0)
+    return prec, rec, f1
+
+
+def _rule_score(tp: np.ndarray, fp: np.ndarray, npos: int, rule: str, min_precision: float) -> np.ndarray:
+    """What the rule maximises at each threshold (the highest F1, or recall where precision holds; -1 where it
+    does not)."""
+    prec, rec, f1 = _rates(tp, fp, npos)
+    return f1 if rule == "f1" else np.where(prec >= min_precision - 1e-12, rec, -1.0)
+
+
+def _folds_of(pos: np.ndarray, folds: int) -> np.ndarray:
+    """A fold number per pair, stratified (each fold holds its share of either kind), seeded: the same
+    decisions always split the same way."""
+    fold = np.empty(len(pos), np.int64)
+    rng = np.random.default_rng(0)
+    for kind in (pos, ~pos):
+        rows = np.flatnonzero(kind)
+        fold[rng.permutation(rows)] = np.arange(len(rows)) % folds
+    return fold
+
+
+def _point(tp: int, fp: int, npos: int) -> dict[str, float]:
+    prec, rec, f1 = (float(x) for x in _rates(np.array(tp), np.array(fp), npos))
+    return {"tp": int(tp), "fp": int(fp), "fn": npos - int(tp), "precision": prec, "recall": rec, "f1": f1}
 
 
 def fit_thresholds(store: Generation | str | os.PathLike[str], *, rule: str = DEFAULTS.fit_rule,
@@ -239,7 +279,9 @@ def fit_thresholds(store: Generation | str | os.PathLike[str], *, rule: str = DE
         pos = pairs.positive
         grid_t = np.unique(np.concatenate([GRID, [round(t_now, 6)]]))
         grid_c = np.unique(np.concatenate([GRID, [round(c_ref, 6)]])) if verify else np.array([np.nan])
-        ts, cs, tps, fps, fns = [], [], [], [], []
+        folds = min(DEFAULTS.fit_folds, npos, n - npos)
+        fold = _folds_of(pos, folds)
+        ts, cs, tps, fps = [], [], [], []
         for c in grid_c.tolist():
             if verify:
                 assert ver is not None and judged is not None
@@ -247,39 +289,40 @@ def fit_thresholds(store: Generation | str | os.PathLike[str], *, rule: str = DE
                 pred = (near & ver)[None, :] | ((near & ~judged)[None, :] & (d[None, :] >= grid_t[:, None] - 1e-9))
             else:
                 pred = d[None, :] >= grid_t[:, None] - 1e-9
-            tp, fp, fn = _counts(pred, pos)
+            tp, fp = _fold_counts(pred, pos, fold, folds)
             ts.append(grid_t)
             cs.append(np.full(len(grid_t), c))
             tps.append(tp)
             fps.append(fp)
-            fns.append(fn)
         t_all, c_all = np.concatenate(ts), np.concatenate(cs)
-        tp_all, fp_all, fn_all = np.concatenate(tps), np.concatenate(fps), np.concatenate(fns)
-        prec = np.where(tp_all + fp_all > 0, tp_all / np.maximum(tp_all + fp_all, 1), 1.0)
-        rec = tp_all / max(npos, 1)
-        f1 = np.where(prec + rec > 0, 2 * prec * rec / np.maximum(prec + rec, 1e-12), 0.0)
-        if rule == "f1":
-            score = f1
-            if not (score > 0).any():
+        tp_fold, fp_fold = np.concatenate(tps), np.concatenate(fps)  # (thresholds x folds)
+        tp_all, fp_all = tp_fold.sum(1), fp_fold.sum(1)
+        score = _rule_score(tp_all, fp_all, npos, rule, min_precision)
+        if not (score > 0).any():
+            if rule == "f1":
                 raise InputError(f"no thresholds find any of the {npos} pairs decided duplicate: nothing to fit")
-        else:
-            score = np.where(prec >= min_precision - 1e-12, rec, -1.0)
-            if not (score > 0).any():
-                raise InputError(f"no thresholds reach precision {min_precision:g} with any recall on these "
-                                 f"{n} decisions (best F1 {f1.max():.3f}); lower --min-precision or use "
-                                 f"--fit-rule f1")
+            raise InputError(f"no thresholds reach precision {min_precision:g} with any recall on these {n} "
+                             f"decisions (best F1 {_rates(tp_all, fp_all, npos)[2].max():.3f}); lower "
+                             f"--min-precision or use --fit-rule f1")
         # ties: the thresholds nearest those in use (a plateau of the decisions says nothing about moving)
         dist = np.abs(t_all - t_now) + (np.abs(c_all - c_ref) if verify else 0.0)
         best = int(np.lexsort((-t_all, dist, -score))[0])
         now = int(np.flatnonzero(np.isclose(t_all, t_now) & (np.isclose(c_all, c_ref) if verify else True))[0])
-
-        def point(i: int) -> dict[str, float]:
-            return {"tp": int(tp_all[i]), "fp": int(fp_all[i]), "fn": int(fn_all[i]),
-                    "precision": float(prec[i]), "recall": float(rec[i]), "f1": float(f1[i])}
+        held_out = None
+        if folds >= 2:  # each fold judged at what the rule picks from the others (the thresholds in use if none)
+            tp_h = fp_h = 0
+            for f in range(folds):
+                tp_t, fp_t = tp_all - tp_fold[:, f], fp_all - fp_fold[:, f]
+                s_t = _rule_score(tp_t, fp_t, npos - int((pos & (fold == f)).sum()), rule, min_precision)
+                pick = int(np.lexsort((-t_all, dist, -s_t))[0]) if (s_t > 0).any() else now
+                tp_h, fp_h = tp_h + int(tp_fold[pick, f]), fp_h + int(fp_fold[pick, f])
+            held_out = _point(tp_h, fp_h, npos)
 
         return Fit(str(gen.path), gen.meta.model.name, rule, min_precision, verify, n, npos, n - npos,
-                   float(t_all[best]), float(c_all[best]) if verify else None, point(best),
-                   {**point(now), "threshold": float(t_now), "candidate_threshold": c_now})
+                   float(t_all[best]), float(c_all[best]) if verify else None,
+                   _point(int(tp_all[best]), int(fp_all[best]), npos),
+                   {**_point(int(tp_all[now]), int(fp_all[now]), npos), "threshold": float(t_now),
+                    "candidate_threshold": c_now}, held_out, folds if held_out else 0)
 
 
 def apply_fit(store: Generation | str | os.PathLike[str], fit: Fit) -> Path:
