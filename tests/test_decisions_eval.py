@@ -217,3 +217,44 @@ def test_fit_verified_uses_the_verdicts(tmp_path: Path, monkeypatch: pytest.Monk
     apply_fit(store, fit)
     assert read_settings(store).candidate_threshold == pytest.approx(0.62)
     assert find_duplicates(store, verify=True, decisions=False).loose_threshold == pytest.approx(0.62)
+
+
+def test_the_fit_counts_the_keypoint_word_candidates_duplicates_uses(tmp_path: Path) -> None:
+    """pHash finds cropped copies through the keypoint words whatever their cosine: the fit must count them as
+    `duplicates` does, so its "in use" row equals `evaluate --decisions` (on real grocery copies, 4 of which
+    score below the candidates' threshold), and it never proposes a lower --candidate-threshold to reach them."""
+    import csv
+
+    from neardup.config import model_spec
+    from neardup.errors import InputError as _InputError
+    from neardup.indexer.build import build_index
+    from neardup.store.generation import Generation
+    from neardup.testing.grocery import grocery_root, make_copies_set
+
+    try:
+        grocery_root()
+    except _InputError as e:
+        pytest.skip(f"real-photo test skipped: {e}")
+    truth = make_copies_set(tmp_path, n_originals=20, n_distractors=20, seed=0)
+    rows = list(csv.DictReader(open(truth, encoding="utf-8")))
+    store = tmp_path / "cat.h5"
+    build_index([r["path"] for r in rows], store, model="phash")
+    with Generation.open(store) as gen:
+        cat = gen.catalog
+        row_of = {(store.parent / p).resolve(): r for r, p in enumerate(cat.paths)}
+        groups: dict[str, list[int]] = {}
+        for r in rows:
+            if r["group"]:
+                groups.setdefault(r["group"], []).append(row_of[Path(r["path"]).resolve()])
+        dup = [tuple(g) for g in groups.values()]
+        low = sum(float(gen.vectors(np.array(p))[0] @ gen.vectors(np.array(p))[1]) < model_spec("phash").loose_threshold
+                  for p in dup)
+        dis = [(dup[i][0], dup[i + 1][0]) for i in range(8)]
+        Journal.of(store).append([Decision.make(cat.sha256[a], cat.sha256[b], word, source="test")
+                                  for pairs, word in ((dup, "duplicate"), (dis, "distinct")) for a, b in pairs])
+    assert low >= 1  # the case at stake: duplicates only the words bring to verification
+    ev = evaluate_decisions(store)
+    fit = fit_thresholds(store)
+    assert fit.verify and (fit.current["tp"], fit.current["fp"], fit.current["fn"]) == (ev.tp, ev.fp, ev.fn)
+    assert ev.tp == len(dup)  # every copy found (the words' and the k-NN's candidates verified)
+    assert fit.candidate_threshold == pytest.approx(model_spec("phash").loose_threshold)  # nothing to gain below

@@ -9,8 +9,9 @@ applied: they are what is measured.
 
 fit_thresholds() scores every decided pair once (its cosine and, when verifying, its geometric verdict, as
 duplicates judges a candidate) and searches thresholds on a 0.01 grid: a pair is predicted at (--threshold t,
---candidate-threshold c) when it scores >= c and is verified, or is too plain to verify and scores >= t (without
-verification: scores >= t). Which pairs are each photo's k nearest is not modelled. The rule picks the highest
+--candidate-threshold c) when it scores >= c (or, for a model with keypoint-word candidates, is one of them,
+whatever its score) and is verified, or is too plain to verify and scores >= t (without verification: scores
+>= t). Which pairs are each photo's k nearest is not modelled. The rule picks the highest
 F1, or the highest recall at precision >= a target; ties go to the thresholds nearest those in use. The numbers
 it reports at the proposal are measured on the same decisions it was fitted on (optimistic for new pairs); the
 held-out row is the honest estimate: stratified k-fold, each fold judged at the thresholds the same rule picks
@@ -24,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import DEFAULTS, FIT_RULES
+from ..config import DEFAULTS, FIT_RULES, stored_model_spec
 from ..errors import InputError
+from ..features import LOCAL_VERSION
 from ..fileio import now_iso
 from ..progress import Progress
 from ..store.decisions import DECISIONS, pair_key
@@ -33,6 +35,7 @@ from ..store.generation import Generation
 from ..store.handle import opened
 from ..store.settings import StoreSettings, write_settings
 from .duplicates import find_duplicates
+from .join import word_pairs
 from .listed import listed_flags, listed_pairs, threshold_source
 from .review import decisions_for
 from .verify import resolve_verify, row_features, verify_pairs
@@ -211,6 +214,20 @@ def _pair_features(gen: Generation, a: np.ndarray, b: np.ndarray, verify: bool, 
     return d, np.asarray(v.verified, bool), np.asarray(v.judged, bool)
 
 
+def _by_words(gen: Generation, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Which pairs `duplicates` takes as candidates through the keypoint words whatever their cosine (models
+    with word candidates, config.MODEL_TABLE, and a store with local features; else none)."""
+    words = stored_model_spec(gen.meta.model.name).word_candidates
+    if not words or gen.meta.local_features != LOCAL_VERSION or len(gen) < 2:
+        return np.zeros(len(a), bool)
+    table = gen.local()
+    if table is None:
+        return np.zeros(len(a), bool)
+    wi, wj, _ = word_pairs(table.count, table.desc, words)
+    n = np.int64(len(gen))
+    return np.isin(np.minimum(a, b) * n + np.maximum(a, b), wi * n + wj)
+
+
 def _fold_counts(pred: np.ndarray, pos: np.ndarray, fold: np.ndarray, folds: int) -> tuple[np.ndarray, np.ndarray]:
     """TP and FP per row of `pred` (thresholds x pairs) and per fold: two (thresholds x folds) arrays."""
     tp = np.stack([(pred & (pos & (fold == f))).sum(-1) for f in range(folds)], -1)
@@ -276,6 +293,7 @@ def fit_thresholds(store: Generation | str | os.PathLike[str], *, rule: str = DE
         c_now = gen.candidate_threshold(loose_threshold) if verify else None
         c_ref = 0.0 if c_now is None else c_now  # only read when verifying
         d, ver, judged = _pair_features(gen, pairs.a, pairs.b, verify, workers)
+        words = _by_words(gen, pairs.a, pairs.b) if verify else np.zeros(n, bool)
         pos = pairs.positive
         grid_t = np.unique(np.concatenate([GRID, [round(t_now, 6)]]))
         grid_c = np.unique(np.concatenate([GRID, [round(c_ref, 6)]])) if verify else np.array([np.nan])
@@ -285,7 +303,7 @@ def fit_thresholds(store: Generation | str | os.PathLike[str], *, rule: str = DE
         for c in grid_c.tolist():
             if verify:
                 assert ver is not None and judged is not None
-                near = d >= c - 1e-9
+                near = (d >= c - 1e-9) | words  # the keypoint words' candidates, whatever their cosine
                 pred = (near & ver)[None, :] | ((near & ~judged)[None, :] & (d[None, :] >= grid_t[:, None] - 1e-9))
             else:
                 pred = d[None, :] >= grid_t[:, None] - 1e-9
