@@ -1,0 +1,288 @@
+"""Issue 31: does `evaluate --fit --apply` make `duplicates` find more and wrong less on real grocery photos?
+
+A copies set of the test split (neardup.testing.grocery: originals, one independently edited copy of each, and as
+many distractor photos; seed 2, neither the seed-0 copies the defaults were fitted on nor bench_verify's seed 1)
+is indexed with local features (verification on, as by default) with the trained MobileNetV2 1.0 of
+../shared/models and with pHash. Baseline: `find_duplicates` at the model's default thresholds, scored by the
+library's own `evaluate` (its default row is exactly what `duplicates` lists) against the whole truth. Then a
+simulated reviewer decides N pairs, labelled from the truth, in the order a person meets them: the pairs
+`duplicates` lists for review at the defaults (verified and unverified candidates) alternating with each photo's
+nearest neighbours scoring in a band just below the candidate threshold (the ones a person looks at to see what a
+lower threshold would add); pairs of two photos of one product in different groups (neither right nor wrong in
+the truth) are skipped, as evaluate skips them. The decisions go into the store's journal (Journal.append), the
+prefixes nest (the reviewer goes on: 40 of them are the first 40 of the 80). `fit_thresholds` (rule f1, and recall
+at precision >= 0.95) proposes thresholds from them (compared against the model's defaults), `apply_fit` saves the
+f1 proposal in the store's settings, and `find_duplicates` runs again from those settings. Before and after are
+scored on the pairs NOT decided: the decided pairs are left out of the listed pairs and out of the true pairs of
+both scores (find_duplicates runs with decisions=False, so hiding distinct-decided pairs never helps the after
+score). "pool F1" scores the same listings on the undecided pairs of the reviewer's pool only, the population the
+decisions were drawn from, which is what the fit's held-out row estimates.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from common import GROCERY_DIR, MOBILENET, Report, append_results, log, model_spec, output_options
+
+MODELS = {"mobilenet": "MobileNetV2 1.0", "phash": "pHash", "efficientnet-lite0": "EfficientNet-Lite0"}
+
+
+def spec_of(model: str) -> dict:
+    return {"model": "phash"} if model == "phash" else model_spec(model)[0]
+
+
+def link_set(truth: Path, folder: Path) -> None:
+    """Symbolic links to the dataset photos a truth CSV lists (its copies are already files in the set's folder),
+    so the store holds exactly the set (nothing is copied from ../shared)."""
+    import csv
+
+    folder.mkdir(parents=True)
+    with open(truth, encoding="utf-8") as fh:
+        for k, r in enumerate(csv.DictReader(fh)):
+            p = Path(r["path"])
+            if GROCERY_DIR in p.parents or p.is_relative_to(GROCERY_DIR.resolve()):
+                (folder / f"{k:05d}_{p.name}").symlink_to(p)
+
+
+class Truth:
+    """The truth CSV mapped to catalogue rows: group and class labels per row (-1: not in the truth)."""
+
+    def __init__(self, store: Path, truth: Path) -> None:
+        import os
+
+        from neardup import read_catalog
+        from neardup.search.truth import read_truth_rows
+
+        cat = read_catalog(store)
+        base = store.resolve().parent
+        row_of = {Path(os.path.normpath(base / p)).resolve(): r for r, p in enumerate(cat.paths)}
+        n = len(cat.paths)
+        self.n, self.xb, self.sha = n, cat.xb, list(cat.sha256)
+        self.group = np.full(n, -1, np.int64)  # >= 0: a group with a duplicate; -2: in the truth, no group
+        self.cls = np.full(n, -1, np.int64)
+        groups: dict[str, int] = {}
+        classes: dict[str, int] = {}
+        for t in read_truth_rows(truth):
+            r = row_of.get(t.full)
+            if r is None:
+                continue
+            self.group[r] = groups.setdefault(t.group, len(groups)) if t.group else -2
+            self.cls[r] = classes.setdefault(t.cls, len(classes)) if t.cls else -1
+        self.evaluated = self.group != -1
+        members = [np.flatnonzero(self.group == g) for g in range(len(groups))]
+        self.true_pairs = {(int(a), int(b)) for m in members for i, a in enumerate(m) for b in m[i + 1:]}
+
+    def positive(self, a: int, b: int) -> bool:
+        return self.group[a] >= 0 and self.group[a] == self.group[b]
+
+    def ignored(self, a: int, b: int) -> bool:
+        """Two photos of one class (product) in different groups: neither right nor wrong (evaluate's junk)."""
+        return (not self.positive(a, b)) and self.cls[a] >= 0 and self.cls[a] == self.cls[b]
+
+    def score(self, report, exclude: set[tuple[int, int]], within: set[tuple[int, int]] | None = None) -> dict:
+        """P/R/F1 of the pairs `report` lists, as listed_counts scores them, with the pairs of `exclude` left out
+        of the listed and of the true pairs; `within`: only pairs of that set count at all."""
+        from neardup.search.listed import listed_pairs
+
+        a, b = listed_pairs(report)
+        listed = {(int(x), int(y)) for x, y in zip(a.tolist(), b.tolist())
+                  if self.evaluated[x] and self.evaluated[y] and not self.ignored(x, y)}
+        truth = self.true_pairs
+        if within is not None:
+            listed, truth = listed & within, truth & within
+        listed, truth = listed - exclude, truth - exclude
+        tp = len(listed & truth)
+        p = tp / len(listed) if listed else 1.0
+        r = tp / len(truth) if truth else 0.0
+        return {"tp": tp, "fp": len(listed) - tp, "fn": len(truth) - tp, "precision": p, "recall": r,
+                "f1": 2 * p * r / (p + r) if p + r else 0.0}
+
+
+def reviewer_pool(store: Path, truth: Truth, t0: float, c0: float, band: float, seed: int) -> list[tuple[int, int]]:
+    """The pairs in the order the simulated reviewer meets them: what duplicates lists at the defaults (verified
+    and unverified candidates, shuffled) alternating with each photo's k nearest neighbours scoring in
+    [c0 - band, c0) (shuffled); pairs outside the truth or ignored by it are skipped."""
+    from neardup import find_duplicates
+    from neardup.config import stored_model_spec
+    from neardup.store.generation import Generation
+
+    rep = find_duplicates(store, threshold=t0, loose_threshold=c0, decisions=False)
+    with Generation.open(store) as gen:
+        k = stored_model_spec(gen.meta.model.name).candidates
+
+    def ok(a: int, b: int) -> bool:
+        return truth.evaluated[a] and truth.evaluated[b] and not truth.ignored(a, b)
+
+    listed = sorted({(min(a, b), max(a, b)) for a, b in zip(rep.I.tolist(), rep.J.tolist())})
+    S = truth.xb @ truth.xb.T
+    np.fill_diagonal(S, -np.inf)
+    near = set()
+    for i in range(truth.n):
+        for j in np.argsort(-S[i], kind="stable")[:k].tolist():
+            if c0 - band <= S[i, j] < c0:
+                near.add((min(i, j), max(i, j)))
+    near = sorted(near - set(listed))
+    rng = np.random.default_rng(seed)
+    la = [listed[i] for i in rng.permutation(len(listed))]
+    lb = [near[i] for i in rng.permutation(len(near))]
+    order = [p for pair in zip(la, lb) for p in pair] + la[len(lb):] + lb[len(la):]
+    return [(a, b) for a, b in order if ok(a, b)]
+
+
+def decide(store: Path, truth: Truth, pairs: list[tuple[int, int]]) -> None:
+    from neardup.store.decisions import Decision, Journal
+
+    sha = truth.sha
+    batch = [Decision.make(sha[a], sha[b], "duplicate" if truth.positive(a, b) else "distinct", source="bench_fit")
+             for a, b in pairs if sha[a] != sha[b]]
+    Journal.of(store).append(batch)
+
+
+def fmt_t(t: float, c: float | None) -> str:
+    return f"t {t:.2f}" + (f" / c {c:.2f}" if c is not None else "")
+
+
+def prf(m: dict) -> str:
+    return f"{m['precision']:.3f} / {m['recall']:.3f} / {m['f1']:.3f}"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="mobilenet,phash", help="comma-separated: mobilenet, phash, efficientnet-lite0")
+    p.add_argument("--originals", type=int, default=120, help="copies set: originals (and as many distractors)")
+    p.add_argument("--seed", type=int, default=2, help="seed of the copies set and of the reviewer's order")
+    p.add_argument("--decisions", default="40,80,160", help="decided pairs, comma-separated (nested prefixes)")
+    p.add_argument("--band", type=float, default=0.15, help="the reviewer's band below the candidate threshold")
+    p.add_argument("--min-precision", type=float, default=0.95, help="the recall rule's precision")
+    output_options(p)
+    args = p.parse_args()
+    if not GROCERY_DIR.is_dir():
+        print(f"skipped: the Grocery Store Dataset is not at {GROCERY_DIR}")
+        return 0
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if "mobilenet" in models and not MOBILENET.is_file():
+        models.remove("mobilenet")
+    sizes = sorted({int(x) for x in args.decisions.split(",")})
+
+    from neardup import build_index, evaluate, find_duplicates
+    from neardup.config import stored_model_spec
+    from neardup.errors import InputError
+    from neardup.search.decided import apply_fit, fit_thresholds
+    from neardup.store.generation import Generation
+    from neardup.testing.grocery import make_copies_set
+
+    report = Report("bench_fit.py", "Thresholds fitted to review decisions on real grocery photos (issue 31)",
+                    " ".join(__doc__.split("\n\n")[1].split()),
+                    params={"models": ",".join(models), "originals": args.originals,
+                            "distractors": args.originals, "seed": args.seed, "decisions": args.decisions,
+                            "band": args.band, "recall rule precision": args.min_precision})
+    base_rows, fit_rows, detail_rows = [], [], []
+    ok_runs, settings_ok, used_ok = [], [], []
+    gaps: list[tuple[str, int, float, float, float]] = []
+    with tempfile.TemporaryDirectory(prefix="neardup-bench-fit-") as tmp:
+        tmp = Path(tmp)
+        log("making the copies set")
+        truth_csv = make_copies_set(tmp / "sets", n_originals=args.originals, n_distractors=args.originals,
+                                    seed=args.seed)
+        link_set(truth_csv, tmp / "photos")
+        for model in models:
+            name = MODELS.get(model, model)
+            store = tmp / f"{model}.h5"
+            log(f"{name}: indexing {args.originals * 3} photos with local features")
+            build_index([tmp / "photos", tmp / "sets" / "copies"], store, **spec_of(model))
+            with Generation.open(store) as gen:
+                mname = gen.meta.model.name
+            spec = stored_model_spec(mname)
+            t0, c0 = spec.threshold, spec.loose_threshold
+            truth = Truth(store, truth_csv)
+            log(f"{name}: baseline (library evaluate, the model's defaults)")
+            ev = evaluate(store, truth_csv)
+            rep0 = find_duplicates(store, threshold=t0, loose_threshold=c0, decisions=False)
+            mine = truth.score(rep0, set())
+            base_rows.append([name, fmt_t(t0, c0 if rep0.verify else None), ev.listed.get("predicted"),
+                              ev.true_pairs, ev.at_default["precision"], ev.at_default["recall"], ev.at_default["f1"]])
+            report.check(f"{name}: the benchmark's scorer agrees with evaluate's default row (whole truth)",
+                         abs(mine["precision"] - ev.at_default["precision"]) < 1e-9
+                         and abs(mine["recall"] - ev.at_default["recall"]) < 1e-9,
+                         f"P/R/F1 {prf(mine)} against {prf(ev.at_default)}")
+            pool = reviewer_pool(store, truth, t0, c0, args.band, args.seed)
+            pool_set = set(pool)
+            npos = sum(truth.positive(a, b) for a, b in pool)
+            detail_rows.append([name, len(pool), npos, len(pool) - npos])
+            done = 0
+            for n in sizes:
+                if n > len(pool):
+                    report.note(f"{name}: the reviewer's pool holds {len(pool)} pairs; {n} decisions left out")
+                    continue
+                decide(store, truth, pool[done:n])
+                done = n
+                decided = set(pool[:n])
+                dpos = sum(truth.positive(a, b) for a, b in pool[:n])
+                before = truth.score(rep0, decided)
+                before_pool = truth.score(rep0, decided, pool_set)
+                for rule in ("f1", "recall"):
+                    log(f"{name}: {n} decisions, fit (rule {rule})")
+                    label = "f1" if rule == "f1" else f"recall at P >= {args.min_precision:g}"
+                    try:
+                        fit = fit_thresholds(store, rule=rule, min_precision=args.min_precision, threshold=t0,
+                                             loose_threshold=c0)
+                    except InputError as e:
+                        fit_rows.append([name, label, f"{n} ({dpos}/{n - dpos})", fmt_t(t0, c0), "refused: " + str(e)]
+                                        + [""] * 7)
+                        continue
+                    if rule == "f1":
+                        apply_fit(store, fit)
+                        with Generation.open(store) as gen:
+                            s = gen.settings
+                        settings_ok.append(s.threshold == fit.threshold
+                                           and s.candidate_threshold == fit.candidate_threshold)
+                        rep = find_duplicates(store, decisions=False)  # from the store's settings
+                        used_ok.append(abs(rep.threshold - fit.threshold) < 1e-9 and (
+                            not rep.verify or abs(rep.loose_threshold - fit.candidate_threshold) < 1e-9))
+                    else:  # the same thresholds given on the command line, not applied
+                        rep = find_duplicates(store, threshold=fit.threshold,
+                                              loose_threshold=fit.candidate_threshold, decisions=False)
+                    after = truth.score(rep, decided)
+                    after_pool = truth.score(rep, decided, pool_set)
+                    held = fit.held_out["f1"] if fit.held_out else float("nan")
+                    fit_rows.append([name, label, f"{n} ({dpos}/{n - dpos})",
+                                     f"{fmt_t(t0, c0)} -> {fmt_t(fit.threshold, fit.candidate_threshold)}",
+                                     prf(before), prf(after), after["f1"] - before["f1"],
+                                     fit.proposed["f1"], held, after_pool["f1"], before_pool["f1"]])
+                    ok_runs.append((name, n, rule))
+                    gaps.append((f"{name} {label} N={n}", n, held, after["f1"], after_pool["f1"]))
+
+    report.table("Baseline: what duplicates lists at the model's defaults, scored by evaluate on the whole truth",
+                 ["model", "thresholds", "pairs listed", "true pairs", "precision", "recall", "F1"], base_rows)
+    report.table("The simulated reviewer's pool (pairs met in order; duplicate / distinct by the truth)",
+                 ["model", "pairs", "duplicate", "distinct"], detail_rows)
+    report.table("Fitted to N decisions (duplicate/distinct), before -> after on the pairs NOT decided (P / R / F1); "
+                 "in-sample and held-out F1 are the fit's own figures on the decided pairs; pool F1: on the "
+                 "undecided pairs of the reviewer's pool only",
+                 ["model", "rule", "N decided", "thresholds before -> after", "P/R/F1 before", "P/R/F1 after",
+                  "F1 change", "fit F1 in-sample", "fit F1 held out", "pool F1 after", "pool F1 before"], fit_rows)
+    tried = sum(1 for r in fit_rows)
+    report.check("every fit ran (none refused) and was scored", bool(ok_runs) and len(ok_runs) == tried,
+                 f"{len(ok_runs)} of {tried}")
+    report.check("the store's settings hold the applied thresholds after every --apply",
+                 bool(settings_ok) and all(settings_ok), f"{sum(settings_ok)} of {len(settings_ok)}")
+    report.check("duplicates run from the store's settings uses the applied thresholds",
+                 bool(used_ok) and all(used_ok), f"{sum(used_ok)} of {len(used_ok)}")
+    for what, _, held, after, pool_after in gaps:
+        report.note(f"{what}: held-out F1 {held:.3f}; measured after the fit {after:.3f} on every undecided pair "
+                    f"(difference {after - held:+.3f}), {pool_after:.3f} on the undecided pool pairs "
+                    f"(difference {pool_after - held:+.3f})")
+    status = report.finish(args.json)
+    if args.record:
+        append_results("Thresholds fitted to review decisions on real grocery photos (issue 31)", "bench_fit.py",
+                       report, "One process on the shared 2-core machine; quality figures only (no timings).")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
