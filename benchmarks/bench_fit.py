@@ -52,7 +52,7 @@ def link_set(truth: Path, folder: Path) -> None:
 class Truth:
     """The truth CSV mapped to catalogue rows: group and class labels per row (-1: not in the truth)."""
 
-    def __init__(self, store: Path, truth: Path) -> None:
+    def __init__(self, store: Path, truth: Path, seed: int) -> None:
         import os
 
         from neardup import read_catalog
@@ -65,14 +65,19 @@ class Truth:
         self.n, self.xb, self.sha = n, cat.xb, list(cat.sha256)
         self.group = np.full(n, -1, np.int64)  # >= 0: a group with a duplicate; -2: in the truth, no group
         self.cls = np.full(n, -1, np.int64)
+        self.half = np.full(n, -1, np.int64)  # 0: the reviewed half, 1: the test half (by group, seeded)
         groups: dict[str, int] = {}
         classes: dict[str, int] = {}
-        for t in read_truth_rows(truth):
+        rows = read_truth_rows(truth)
+        units = list(dict.fromkeys(t.group or f"\0{t.full}" for t in rows))  # a group, or a photo without one
+        half_of = dict(zip(units, (np.random.default_rng([seed, 7]).permutation(len(units)) % 2).tolist()))
+        for t in rows:
             r = row_of.get(t.full)
             if r is None:
                 continue
             self.group[r] = groups.setdefault(t.group, len(groups)) if t.group else -2
             self.cls[r] = classes.setdefault(t.cls, len(classes)) if t.cls else -1
+            self.half[r] = half_of[t.group or f"\0{t.full}"]
         self.evaluated = self.group != -1
         members = [np.flatnonzero(self.group == g) for g in range(len(groups))]
         self.true_pairs = {(int(a), int(b)) for m in members for i, a in enumerate(m) for b in m[i + 1:]}
@@ -84,9 +89,12 @@ class Truth:
         """Two photos of one class (product) in different groups: neither right nor wrong (evaluate's junk)."""
         return (not self.positive(a, b)) and self.cls[a] >= 0 and self.cls[a] == self.cls[b]
 
-    def score(self, report, exclude: set[tuple[int, int]], within: set[tuple[int, int]] | None = None) -> dict:
-        """P/R/F1 of the pairs `report` lists, as listed_counts scores them, with the pairs of `exclude` left out
-        of the listed and of the true pairs; `within`: only pairs of that set count at all."""
+    def in_half(self, pair: tuple[int, int], half: int) -> bool:
+        return self.half[pair[0]] == half and self.half[pair[1]] == half
+
+    def score(self, report, half: int | None = None, within: set[tuple[int, int]] | None = None) -> dict:
+        """P/R/F1 of the pairs `report` lists, as listed_counts scores them; `half`: only pairs of two photos of
+        that half count (listed and true); `within`: only pairs of that set."""
         from neardup.search.listed import listed_pairs
 
         a, b = listed_pairs(report)
@@ -95,7 +103,9 @@ class Truth:
         truth = self.true_pairs
         if within is not None:
             listed, truth = listed & within, truth & within
-        listed, truth = listed - exclude, truth - exclude
+        if half is not None:
+            listed = {q for q in listed if self.in_half(q, half)}
+            truth = {q for q in truth if self.in_half(q, half)}
         tp = len(listed & truth)
         p = tp / len(listed) if listed else 1.0
         r = tp / len(truth) if truth else 0.0
@@ -190,7 +200,7 @@ def main() -> int:
                             "distractors": args.originals, "seed": args.seed, "decisions": args.decisions,
                             "band": args.band, "recall rule precision": args.min_precision})
     base_rows, fit_rows, detail_rows = [], [], []
-    ok_runs, settings_ok, used_ok, refused = [], [], [], []
+    ok_runs, settings_ok, used_ok, refused, apart = [], [], [], [], []
     gaps: list[tuple[str, int, float, float, float]] = []
     with tempfile.TemporaryDirectory(prefix="neardup-bench-fit-") as tmp:
         tmp = Path(tmp)
@@ -208,11 +218,11 @@ def main() -> int:
                 mname = gen.meta.model.name
             spec = stored_model_spec(mname)
             t0, c0 = spec.threshold, spec.loose_threshold
-            truth = Truth(store, truth_csv)
+            truth = Truth(store, truth_csv, args.seed)
             log(f"{name}: baseline (library evaluate, the model's defaults)")
             ev = evaluate(store, truth_csv)
             rep0 = find_duplicates(store, threshold=t0, loose_threshold=c0, decisions=False)
-            mine = truth.score(rep0, set())
+            mine = truth.score(rep0)
             base_rows.append([name, fmt_t(t0, c0 if rep0.verify else None), ev.listed.get("predicted"),
                               ev.true_pairs, ev.at_default["precision"], ev.at_default["recall"], ev.at_default["f1"],
                               f"{ev.default_flag} {ev.best['threshold']:.2f}: F1 {ev.best['f1']:.3f}"])
@@ -220,10 +230,15 @@ def main() -> int:
                          abs(mine["precision"] - ev.at_default["precision"]) < 1e-9
                          and abs(mine["recall"] - ev.at_default["recall"]) < 1e-9,
                          f"P/R/F1 {prf(mine)} against {prf(ev.at_default)}")
-            pool = reviewer_pool(store, truth, t0, c0, args.band, args.seed)
-            pool_set = set(pool)
+            met = reviewer_pool(store, truth, t0, c0, args.band, args.seed)
+            pool = [q for q in met if truth.in_half(q, 0)]  # what the reviewer decides, in order
+            test_pool = {q for q in met if truth.in_half(q, 1)}  # what they would meet in the test half
             npos = sum(truth.positive(a, b) for a, b in pool)
-            detail_rows.append([name, len(pool), npos, len(pool) - npos])
+            tpos = sum(truth.positive(a, b) for a, b in test_pool)
+            test_true = sum(truth.in_half(q, 1) for q in truth.true_pairs)
+            detail_rows.append([name, len(pool), npos, len(pool) - npos, len(test_pool), tpos, test_true])
+            before = truth.score(rep0, 1)
+            before_pool = truth.score(rep0, 1, test_pool)
             done = 0
             for n in sizes:
                 if n > len(pool):
@@ -231,10 +246,8 @@ def main() -> int:
                     continue
                 decide(store, truth, pool[done:n])
                 done = n
-                decided = set(pool[:n])
                 dpos = sum(truth.positive(a, b) for a, b in pool[:n])
-                before = truth.score(rep0, decided)
-                before_pool = truth.score(rep0, decided, pool_set)
+                apart.append(not any(truth.half[x] == 1 or truth.half[y] == 1 for x, y in pool[:n]))
                 for rule in ("f1", "recall"):
                     log(f"{name}: {n} decisions, fit (rule {rule})")
                     label = "f1" if rule == "f1" else f"recall at P >= {args.min_precision:g}"
@@ -264,39 +277,48 @@ def main() -> int:
                                          f"-> {fmt_t(fit.threshold, fit.candidate_threshold)}",
                                          "duplicates refused: " + str(e)] + [""] * 6)
                         continue
-                    after = truth.score(rep, decided)
-                    after_pool = truth.score(rep, decided, pool_set)
+                    after = truth.score(rep, 1)
+                    after_pool = truth.score(rep, 1, test_pool)
                     held = fit.held_out["f1"] if fit.held_out else float("nan")
                     fit_rows.append([name, label, f"{n} ({dpos}/{n - dpos})",
                                      f"{fmt_t(t0, c0 if local else None)} -> "
                                      f"{fmt_t(fit.threshold, fit.candidate_threshold)}",
                                      prf(before), prf(after), after["f1"] - before["f1"],
-                                     fit.proposed["f1"], held, after_pool["f1"], before_pool["f1"]])
+                                     fit.proposed["f1"], held, before_pool["f1"], after_pool["f1"]])
                     ok_runs.append((name, n, rule))
                     gaps.append((f"{name} {label} N={n}", n, held, after["f1"], after_pool["f1"]))
 
     report.table("Baseline: what duplicates lists at the model's defaults, scored by evaluate on the whole truth",
                  ["model", "thresholds", "pairs listed", "true pairs", "precision", "recall", "F1",
                   "best of evaluate's sweep (hindsight)"], base_rows)
-    report.table("The simulated reviewer's pool (pairs met in order; duplicate / distinct by the truth)",
-                 ["model", "pairs", "duplicate", "distinct"], detail_rows)
-    report.table("Fitted to N decisions (duplicate/distinct), before -> after on the pairs NOT decided (P / R / F1); "
-                 "in-sample and held-out F1 are the fit's own figures on the decided pairs; pool F1: on the "
-                 "undecided pairs of the reviewer's pool only",
+    report.table("The simulated reviewer's pool: pairs met in the reviewed half, in order (duplicate / distinct by "
+                 "the truth), and what they would meet in the test half; true pairs of the test half",
+                 ["model", "reviewed-half pool", "duplicate", "distinct", "test-half pool", "duplicate",
+                  "test-half true pairs"], detail_rows)
+    report.table("Fitted to N decisions (duplicate/distinct) of the reviewed half; before -> after (P / R / F1) on the "
+                 "test half, which no decision touches; the fit's own F1 on the decided pairs (in-sample, and held "
+                 "out: 5-fold); pool F1: on the pairs of the test half the reviewer would meet (the population the "
+                 "held-out row estimates)",
                  ["model", "rule", "N decided", "thresholds before -> after", "P/R/F1 before", "P/R/F1 after",
-                  "F1 change", "fit F1 in-sample", "fit F1 held out", "pool F1 after", "pool F1 before"], fit_rows)
+                  "F1 change", "fit F1 in-sample", "fit F1 held out", "pool F1 before", "pool F1 after"], fit_rows)
     report.check("every fit ran and was scored, or was refused for too few decisions of a kind (the documented "
                  f"rule: {DEFAULTS.fit_min_pairs} pairs, {DEFAULTS.fit_min_each} of each)",
                  bool(ok_runs) and len(ok_runs) + len(refused) == len(fit_rows) and all(refused),
                  f"{len(ok_runs)} scored, {len(refused)} refused, of {len(fit_rows)}")
+    report.check("no decided pair has a photo in the test half", bool(apart) and all(apart))
     report.check("the store's settings hold the applied thresholds after every --apply",
                  bool(settings_ok) and all(settings_ok), f"{sum(settings_ok)} of {len(settings_ok)}")
     report.check("duplicates run from the store's settings uses the applied thresholds",
                  bool(used_ok) and all(used_ok), f"{sum(used_ok)} of {len(used_ok)}")
-    for what, _, held, after, pool_after in gaps:
-        report.note(f"{what}: held-out F1 {held:.3f}; measured after the fit {after:.3f} on every undecided pair "
-                    f"(difference {after - held:+.3f}), {pool_after:.3f} on the undecided pool pairs "
-                    f"(difference {pool_after - held:+.3f})")
+    if gaps:
+        d_pool = [abs(p - h) for _, _, h, _, p in gaps if h == h]
+        d_all = [abs(a - h) for _, _, h, a, _ in gaps if h == h]
+        within = sum(d <= 0.05 for d in d_pool)
+        report.note(f"held-out F1 against the measured after-fit F1, over the {len(d_pool)} scored fits: "
+                    f"|difference| to the test-half pool F1 median {np.median(d_pool):.3f}, max {max(d_pool):.3f} "
+                    f"({within} within 0.05); to the whole test half median {np.median(d_all):.3f}, max "
+                    f"{max(d_all):.3f}. Reported, not asserted: the decisions are a few dozen pairs near the "
+                    "threshold, and the fit does not model which pairs are each photo's k nearest.")
     status = report.finish(args.json)
     if args.record:
         append_results("Thresholds fitted to review decisions on real grocery photos (issue 31)", "bench_fit.py",
