@@ -195,7 +195,7 @@ def main() -> int:
     from neardup import build_index, evaluate, find_duplicates
     from neardup.config import DEFAULTS, stored_model_spec
     from neardup.errors import InputError
-    from neardup.search.decided import apply_fit, fit_thresholds
+    from neardup.search.decided import apply_fit, evaluate_decisions, fit_thresholds
     from neardup.store.generation import Generation
     from neardup.testing.grocery import make_copies_set
 
@@ -255,6 +255,8 @@ def main() -> int:
                     done = n
                     dpos = sum(truth.positive(a, b) for a, b in pool[:n])
                     apart.append(not any(truth.half[x] == 1 or truth.half[y] == 1 for x, y in pool[:n]))
+                    # what duplicates really lists at the defaults, judged on the decisions (evaluate --decisions)
+                    in_use = evaluate_decisions(store, threshold=t0, loose_threshold=c0).f1
                     for rule in ("f1", "recall"):
                         log(f"seed {seed}, {name}: {n} decisions, fit (rule {rule})")
                         label = "f1" if rule == "f1" else f"recall at P >= {args.min_precision:g}"
@@ -263,9 +265,10 @@ def main() -> int:
                             fit = fit_thresholds(store, rule=rule, min_precision=args.min_precision, threshold=t0,
                                                  loose_threshold=c0)
                         except InputError as e:
-                            fit_rows.append(row + [shown, "fit refused: " + str(e).split(";")[0]] + [""] * 7)
-                            refused.append(n < DEFAULTS.fit_min_pairs
-                                           or min(dpos, n - dpos) < DEFAULTS.fit_min_each)
+                            fit_rows.append(row + [shown, "fit refused: " + str(e).split(";")[0]] + [""] * 8)
+                            few = n < DEFAULTS.fit_min_pairs or min(dpos, n - dpos) < DEFAULTS.fit_min_each
+                            refused.append("too few" if few else "precision" if rule == "recall" and str(e).startswith(
+                                "no thresholds reach precision") else "")
                             continue
                         proposed = fmt_t(fit.threshold, fit.candidate_threshold)
                         try:
@@ -283,18 +286,19 @@ def main() -> int:
                                                       loose_threshold=fit.candidate_threshold, decisions=False)
                         except InputError as e:  # e.g. a threshold so low that one cluster holds too many photos
                             fit_rows.append(row + [f"{shown} -> {proposed}", "duplicates refused: " + str(e)]
-                                            + [""] * 7)
+                                            + [""] * 8)
                             continue
                         after = truth.score(rep, 1)
                         after_pool = truth.score(rep, 1, test_pool)
                         held = fit.held_out["f1"] if fit.held_out else float("nan")
                         fit_rows.append(row + [f"{shown} -> {proposed}", prf(before), prf(after),
-                                               after["f1"] - before["f1"], fit.current["f1"], fit.proposed["f1"],
+                                               after["f1"] - before["f1"], in_use, fit.current["f1"],
+                                               fit.proposed["f1"],
                                                held, before_pool["f1"], after_pool["f1"]])
                         ok_runs.append((seed, name, n, rule))
                         scored.append({"name": name, "rule": label, "n": n, "before": before["f1"],
                                        "after": after["f1"], "held": held, "pool": after_pool["f1"],
-                                       "moved": proposed != shown})
+                                       "moved": proposed != shown, "in_use": fit.current["f1"]})
 
     report.table("Baseline: what duplicates lists at the model's defaults, scored by evaluate on the whole truth",
                  ["seed", "model", "thresholds", "pairs listed", "true pairs", "precision", "recall", "F1",
@@ -304,14 +308,18 @@ def main() -> int:
                  ["seed", "model", "reviewed-half pool", "duplicate", "distinct", "test-half pool", "duplicate",
                   "test-half true pairs"], detail_rows)
     report.table("Fitted to N decisions (duplicate/distinct) of the reviewed half; before -> after (P / R / F1) on the "
-                 "test half, which no decision touches; the fit's own F1 on the decided pairs (at the defaults and at "
-                 "the proposal, in-sample; held out: 5-fold); pool F1: on the pairs of the test half the reviewer "
-                 "would meet (the population the held-out row estimates)",
+                 "test half, which no decision touches; F1 on the decided pairs: of what duplicates lists at the "
+                 "defaults (evaluate --decisions), and the fit's own (at the defaults and at the proposal, in-sample; "
+                 "held out: 5-fold); pool F1: on the pairs of the test half the reviewer would meet (the population "
+                 "the held-out row estimates)",
                  ["seed", "model", "rule", "N decided", "thresholds before -> after", "P/R/F1 before",
-                  "P/R/F1 after", "F1 change", "fit F1 in use", "fit F1 in-sample", "fit F1 held out",
+                  "P/R/F1 after", "F1 change", "decisions F1 at defaults", "fit F1 in use", "fit F1 in-sample",
+                  "fit F1 held out",
                   "pool F1 before", "pool F1 after"], fit_rows)
     summary = []
-    for key in dict.fromkeys((r["name"], r["rule"], r["n"]) for r in scored):
+    names = list(dict.fromkeys(r["name"] for r in scored))
+    for key in sorted(dict.fromkeys((r["name"], r["rule"], r["n"]) for r in scored),
+                      key=lambda k: (names.index(k[0]), k[2], k[1])):
         rs = [r for r in scored if (r["name"], r["rule"], r["n"]) == key]
         change = [r["after"] - r["before"] for r in rs]
         summary.append([*key, len(rs), sum(r["moved"] for r in rs), float(np.mean([r["before"] for r in rs])),
@@ -322,10 +330,26 @@ def main() -> int:
                  "hurt, mean held-out F1 against the mean pool F1 after",
                  ["model", "rule", "N decided", "fits", "thresholds moved", "F1 before", "F1 after", "change",
                   "helped / hurt", "held-out F1", "pool F1 after"], summary)
-    report.check("every fit ran and was scored, or was refused for too few decisions of a kind (the documented "
-                 f"rule: {DEFAULTS.fit_min_pairs} pairs, {DEFAULTS.fit_min_each} of each)",
+    groups = {"thresholds moved; held-out F1 above the in-use F1 (the held-out row says apply)":
+              lambda r: r["moved"] and r["held"] > r["in_use"] + 1e-9,
+              "thresholds moved; held-out F1 not above the in-use F1": lambda r: r["moved"] and not (
+                  r["held"] > r["in_use"] + 1e-9),
+              "thresholds not moved": lambda r: not r["moved"]}
+    by_signal = []
+    for what, test in groups.items():
+        rs = [r for r in scored if test(r)]
+        change = [r["after"] - r["before"] for r in rs]
+        by_signal.append([what, len(rs), sum(c > 1e-9 for c in change), sum(c < -1e-9 for c in change),
+                          float(np.mean(change)) if rs else float("nan"), min(change, default=float("nan"))])
+    report.table("Does the held-out row tell when to apply? Scored fits by whether their held-out F1 beats the fit's "
+                 "F1 at the thresholds in use (both on the decided pairs); test-half F1 change after applying",
+                 ["fits", "count", "helped", "hurt", "mean change", "worst change"], by_signal)
+    report.check("every fit ran and was scored, or was refused as documented (too few decisions: "
+                 f"{DEFAULTS.fit_min_pairs} pairs, {DEFAULTS.fit_min_each} of each kind; the recall rule: no "
+                 "thresholds reach its precision)",
                  bool(ok_runs) and len(ok_runs) + len(refused) == len(fit_rows) and all(refused),
-                 f"{len(ok_runs)} scored, {len(refused)} refused, of {len(fit_rows)}")
+                 f"{len(ok_runs)} scored, {refused.count('too few')} refused for too few decisions, "
+                 f"{refused.count('precision')} for the precision, {refused.count('')} otherwise; of {len(fit_rows)}")
     report.check("no decided pair has a photo in the test half", bool(apart) and all(apart))
     report.check("the store's settings hold the applied thresholds after every --apply",
                  bool(settings_ok) and all(settings_ok), f"{sum(settings_ok)} of {len(settings_ok)}")
