@@ -147,6 +147,21 @@ def test_the_held_out_figures_judge_each_fold_at_thresholds_fitted_without_it(tm
                             "--min-precision", str(min_precision), "--out", str(tmp_path / "fit.json")])
     assert r.exit_code == 0 and "held out" in r.output, r.output
     assert json.loads((tmp_path / "fit.json").read_text())["fit"]["held_out"] == fit.held_out
+    # the advice compares the held-out F1 with the F1 of the thresholds in use (nothing fitted there)
+    seen = set()
+    for t in (0.8, 0.82, 0.84, 0.86, 0.88, 0.9, 0.95):
+        f = fit_thresholds(store, rule=rule, min_precision=min_precision, verify=False, threshold=t)
+        assert f.held_out is not None
+        if not f.moved:
+            seen.add("kept")
+            assert "nothing to apply" in f.advice() and f.threshold == pytest.approx(t)
+        elif f.held_out["f1"] > (f.current["f1"] or 0.0):
+            seen.add("apply")
+            assert "expected to help" in f.advice()
+        else:
+            seen.add("wait")
+            assert "review more pairs before applying" in f.advice()
+    assert {"kept", "apply"} <= seen, seen
 
 
 def test_fit_refuses_too_few_decisions_and_says_how_many(tmp_path: Path) -> None:

@@ -361,12 +361,12 @@ def evaluate_cmd(
             got = fit_thresholds(store, rule=fit_rule, min_precision=min_precision, verify=verify,
                                  threshold=threshold, loose_threshold=loose)
             typer.echo(("\n" if doc else "") + got.table())
-            doc["fit"] = {**got.__dict__, "flags": got.flags()}
+            doc["fit"] = {**got.__dict__, "flags": got.flags(), "advice": got.advice()}
             if apply:
                 where = apply_fit(store, got)
                 typer.echo(f"applied: {got.settings().flags()} saved in {where}; every command on {store} uses them "
                            f"now (a flag on the command line still wins)")
-            else:
+            elif got.moved:
                 typer.echo(f"pass {got.flags()} to duplicates, or save them for every command with --fit --apply")
     if out is not None:
         if list(doc) == ["truth"]:  # the document evaluate always wrote

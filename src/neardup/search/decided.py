@@ -166,6 +166,28 @@ class Fit:
     held_out: dict[str, float] | None = None
     folds: int = 0
 
+    @property
+    def moved(self) -> bool:
+        """True when the proposal differs from the thresholds in use."""
+        c = self.current
+        return not (np.isclose(self.threshold, c["threshold"] or 0.0) and
+                    (self.candidate_threshold is None or c["candidate_threshold"] is None or
+                     np.isclose(self.candidate_threshold, c["candidate_threshold"])))
+
+    def advice(self) -> str:
+        """Whether applying is expected to help on new pairs: the held-out F1 (thresholds fitted without the pairs
+        judged) against the F1 of the thresholds in use (nothing fitted: already an out-of-sample figure)."""
+        if not self.moved:
+            return "the thresholds in use are already the best on these decisions: nothing to apply"
+        if not self.held_out:
+            return "too few decisions of each kind for a held-out estimate: review more pairs before applying"
+        ho, now = self.held_out["f1"], self.current["f1"] or 0.0
+        if ho > now:
+            return (f"held out F1 {ho:.4f} > {now:.4f} in use: the new thresholds are expected to help on pairs "
+                    f"nobody has reviewed")
+        return (f"held out F1 {ho:.4f} is not above {now:.4f} in use: the gain may not hold on new pairs; review "
+                f"more pairs before applying")
+
     def flags(self) -> str:
         """The exact flags that give the proposal."""
         return self.settings().flags() + ("" if self.verify else " --no-verify")
@@ -197,7 +219,8 @@ class Fit:
               if self.held_out else []),
             "(in use and proposed: measured on the same decisions the thresholds were fitted to"
             + ("; held out: what to expect on pairs the fit did not see" if self.held_out else "")
-            + "; each pair judged alone, not among its photos' k nearest)"])
+            + "; each pair judged alone, not among its photos' k nearest)",
+            self.advice()])
 
 
 def _pair_features(gen: Generation, a: np.ndarray, b: np.ndarray, verify: bool, workers: int
