@@ -4,9 +4,10 @@ Question: once a `search.query.Searcher` is open (rows, FAISS index and model lo
 query photo take end to end (`Searcher.answer([photo], k=10)`: read, decode, embed, search), and how long
 does the search alone take? Target: p50 <= 60 ms end to end.
 
-The store holds --n synthetic 2048-d unit vectors written with `indexer.write_catalog`, plus a FAISS index
-built with `indexer.build_flat_index` / `save_index`; its meta says resnet50 with weights "none" and
-weights_fingerprint "none", so the Searcher builds the seeded random-weight KerasEmbedder (no download).
+The store holds --n synthetic 2048-d unit vectors written with `store.write_catalog`, plus a FAISS index
+built with `store.build_flat_index` / `save_index`; its meta says resnet50 with weights "none" and
+weights_fingerprint "none", so the Searcher builds the seeded random-weight model (no download;
+ONNX Runtime by default, Keras for the bf16 row).
 Query photos are grocery photos (or synthetic JPEGs); the first --warmup queries are excluded.
 
 Correctness (exit status 1 when violated): every query's top-k equals a numpy brute-force top-k over the
@@ -99,9 +100,9 @@ def main() -> int:
         results, vectors = [], []
         for ph in timed:
             t0 = time.perf_counter()
-            res = searcher.answer([ph], args.k).results
+            answered = searcher.answer([ph], args.k).results
             total.append(time.perf_counter() - t0)
-            results.append(res[0])
+            results.append(answered[0])
             t0 = time.perf_counter()
             pixels = read_and_decode(str(ph), 224)[1].pixels
             t1 = time.perf_counter()
@@ -124,7 +125,7 @@ def main() -> int:
             vectors.append(xq[0])
 
         log("the same queries with --precision bf16")
-        bf16 = Searcher.open(store, precision="bf16")
+        bf16 = Searcher.open(store, precision="bf16", runtime="tf")  # bf16 is a TensorFlow precision
         for ph in warm:
             bf16.answer([ph], args.k)
         total_bf16 = []
@@ -141,11 +142,12 @@ def main() -> int:
         report.table(f"Latency per query photo (ms, {len(timed)} queries, k={args.k})",
                      ["step", "p50", "p95", "min", "max"], [
                          row("total: Searcher.answer([photo], k) (read + decode + embed + search)", total),
-                         row("total with --precision bf16: Searcher.open(store, precision='bf16').query", total_bf16),
+                         row("total with --precision bf16 --runtime tf: Searcher.open(store, precision='bf16', "
+                             "runtime='tf').answer", total_bf16),
                          row("search alone: Searcher.search(xq, k) (FAISS IndexFlatIP + match list)", search_only),
                          row("  breakdown: read + decode (read_and_decode)", decode),
-                         row("  breakdown: embed one image (KerasEmbedder.embed, batch 1)", embed),
-                         row("  breakdown of search: FAISS index.search (indexer.search)", faiss_only),
+                         row("  breakdown: embed one image (the embedder's embed, batch 1)", embed),
+                         row("  breakdown of search: FAISS index.search (store.search)", faiss_only),
                          row("  breakdown of search: ids to matches (search.query.neighbours)", mapping),
                          row(f"  for comparison: raw FAISS index.search with its default {omp_threads} OpenMP "
                              "threads (neardup uses 1 below 20 queries)", faiss_1t)])

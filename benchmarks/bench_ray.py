@@ -95,9 +95,10 @@ def main() -> int:
         ["driver's own time on rows", med("ray", "driver_seconds"), f"{1e3 * driver_per_row:.2f} ms a row"],
     ])
     ceiling = 1.0 / driver_per_row if driver_per_row > 0 else float("inf")
-    report.table("Projection for N nodes like this one (not measured)", ["nodes", "actors", "img/s", "10M photos"],
-                 [[n, n, min(n * steady, ceiling), f"{1e7 / min(n * steady, ceiling) / 3600:.1f} h"]
-                  for n in (1, 4, 16, 64)])
+    if steady > 0:  # a run whose rows all came back in the first blocks (a smoke run) has no steady rate
+        report.table("Projection for N nodes like this one (not measured)", ["nodes", "actors", "img/s", "10M photos"],
+                     [[n, n, min(n * steady, ceiling), f"{1e7 / min(n * steady, ceiling) / 3600:.1f} h"]
+                      for n in (1, 4, 16, 64)])
     report.note(f"projection: N x the measured steady per-actor rate ({steady:.1f} img/s), capped by the driver's "
                 f"measured time per returned row ({ceiling:.0f} rows/s); assumes the shared storage serves the "
                 "photos at that rate and leaves out each actor's start")
