@@ -240,6 +240,38 @@ def test_wheel_holds_only_neardup_with_its_data(tmp_path: Path) -> None:
         assert f"neardup/search/templates/{template}" in names
     entry = zipfile.ZipFile(wheel).read(f"neardup-{neardup.__version__}.dist-info/entry_points.txt").decode()
     assert "neardup = neardup.cli:main" in entry
+    assert "neardup/py.typed" in names  # PEP 561: a user's type checker reads neardup's hints
+
+
+def _lazy_exports(path: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """A package's _EXPORTS (name -> module) and what its `if TYPE_CHECKING:` block imports (name -> module,
+    each `X as X`)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    exports: dict[str, str] = {}
+    typed: dict[str, str] = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "_EXPORTS" for t in node.targets):
+            exports = eval(compile(ast.Expression(node.value), str(path), "eval"))  # dicts of literals only
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            for imp in node.body:
+                assert isinstance(imp, ast.ImportFrom), ast.dump(imp)
+                for alias in imp.names:
+                    assert alias.asname == alias.name, f"{path}: {alias.name} is not re-exported as itself"
+                    typed[alias.name] = "." * imp.level + (imp.module or "")
+    return exports, typed
+
+
+def test_type_checkers_see_every_lazy_export_from_its_module() -> None:
+    """What a package loads lazily at run time (_EXPORTS) and what type checkers and editors are shown (its
+    TYPE_CHECKING imports) are the same names from the same modules, so a user's mypy checks calls into the
+    public API (a wrong keyword to StoreMeta, say) instead of seeing Any."""
+    packages = [p for p in sorted(SRC.rglob("__init__.py")) if "lazy_exports" in p.read_text(encoding="utf-8")]
+    assert len(packages) >= 6, packages
+    for path in packages:
+        exports, typed = _lazy_exports(path)
+        assert exports, f"{path}: lazy_exports without an _EXPORTS table"
+        assert typed == exports, f"{path}: TYPE_CHECKING imports differ from _EXPORTS: " \
+            f"{sorted(set(typed.items()) ^ set(exports.items()))}"
 
 
 #: Parameters a function of src/ may take (positional and keyword-only; *args and **kwargs not counted): beyond,

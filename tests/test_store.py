@@ -17,8 +17,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from neardup import build_index, query, update_index
 from neardup.embed.embedders import l2_normalize

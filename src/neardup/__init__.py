@@ -14,8 +14,65 @@ importing the other → `store_embedder` (the glue) → the index job (`indexer`
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ._lazy import lazy_exports
 from .config import VERSION as __version__
+
+if TYPE_CHECKING:  # what type checkers and editors see (`X as X`: re-exported); at run time each name
+    # loads its module on first use (_EXPORTS below; tests/test_package.py checks that the two agree)
+    from .config import (
+        DEFAULTS as DEFAULTS,
+        MODEL_TABLE as MODEL_TABLE,
+        MODELS as MODELS,
+        ModelSpec as ModelSpec,
+        default_threshold as default_threshold,
+        model_spec as model_spec,
+        resolve_threshold as resolve_threshold,
+    )
+    from .embed.embedders import Embedder as Embedder
+    from .embed.models import make_embedder as make_embedder
+    from .embed.onnx_runtime import OnnxPreprocess as OnnxPreprocess
+    from .errors import (
+        DecodeError as DecodeError,
+        InputError as InputError,
+        NeardupError as NeardupError,
+        StoreError as StoreError,
+        StoreLockedError as StoreLockedError,
+        StoreMismatchError as StoreMismatchError,
+        WeightsError as WeightsError,
+    )
+    from .indexer.build import RunSummary as RunSummary, build_index as build_index, update_index as update_index
+    from .indexer.options import IndexOptions as IndexOptions
+    from .search.dup_records import DuplicateReport as DuplicateReport
+    from .search.duplicates import DuplicateOptions as DuplicateOptions, find_duplicates as find_duplicates
+    from .search.evaluate import EvalResult as EvalResult, evaluate as evaluate
+    from .search.query import (
+        Answer as Answer,
+        Match as Match,
+        QueryResult as QueryResult,
+        Searcher as Searcher,
+        answer as answer,
+        compare as compare,
+        query as query,
+    )
+    from .search.report import ReportResult as ReportResult, write_report as write_report
+    from .search.review import (
+        ImportResult as ImportResult,
+        decisions_for as decisions_for,
+        export_decisions as export_decisions,
+        import_decisions as import_decisions,
+        record_decision as record_decision,
+    )
+    from .store.decisions import (
+        Decision as Decision,
+        Journal as Journal,
+        JournalState as JournalState,
+        pair_key as pair_key,
+    )
+    from .store.generation import Generation as Generation
+    from .store.handle import Store as Store, read_catalog as read_catalog, read_meta as read_meta
+    from .store.meta import Catalog as Catalog, IndexInfo as IndexInfo, ModelInfo as ModelInfo, StoreMeta as StoreMeta
 
 _EXPORTS = {
     **dict.fromkeys(["DEFAULTS", "MODELS", "MODEL_TABLE", "ModelSpec", "model_spec", "default_threshold",

@@ -323,8 +323,7 @@ def evaluate_cmd(
     """Score duplicate detection against a truth CSV (pair precision/recall/F1 per threshold, and search: recall@k,
     mAP) and/or the store's reviewed pairs; the default row is what `duplicates` lists on the store. --fit
     proposes thresholds from the reviewed pairs (--apply saves them)."""
-    from ..search.evaluate import evaluate as run_evaluation
-    from ..search.evaluate import write_eval_json
+    from ..search.evaluate import evaluate as run_evaluation, write_eval_json
     from ..search.plots import plot_pr_curve
 
     if apply and not fit:

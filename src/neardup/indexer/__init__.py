@@ -9,7 +9,14 @@ the package attribute to the module. Import it from its module, or from `neardup
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .._lazy import lazy_exports
+
+if TYPE_CHECKING:  # what type checkers and editors see (`X as X`: re-exported); at run time each name
+    # loads its module on first use (_EXPORTS below; tests/test_package.py checks that the two agree)
+    from .build import RunSummary as RunSummary, build_index as build_index, update_index as update_index
+    from .options import IndexOptions as IndexOptions
 
 _EXPORTS = {
     **dict.fromkeys(["RunSummary", "build_index", "update_index"], ".build"),

@@ -24,8 +24,7 @@ from ..embed.decode import file_local_features
 from ..errors import DecodeError, StoreError
 from ..features import DESC_BYTES, LOCAL_VERSION, LocalFeatures, LocalTable
 from ..store.generation import Generation
-from ..threads import one_thread, thread_pool
-from ..threads import opencv as _cv2
+from ..threads import one_thread, opencv as _cv2, thread_pool
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,6 @@ from typing import TYPE_CHECKING
 from .._lazy import lazy_exports
 from ..errors import InputError
 
-if TYPE_CHECKING:
-    from .app import ServeOptions
-
 log = logging.getLogger(__name__)
 
 
@@ -74,7 +71,20 @@ def run(opts: ServeOptions) -> None:
     sys.stdout.flush()
 
 
-__getattr__, __dir__ = lazy_exports(globals(), {
+if TYPE_CHECKING:  # what type checkers and editors see (`X as X`: re-exported); at run time each name
+    # loads its module on first use (_EXPORTS below; tests/test_package.py checks that the two agree)
+    from .app import ServeOptions as ServeOptions, create_app as create_app, make_service as make_service
+    from .client import query_server as query_server
+    from .service import (
+        Answer as Answer,
+        Batcher as Batcher,
+        LiveStore as LiveStore,
+        QueryService as QueryService,
+        Upload as Upload,
+    )
+
+_EXPORTS = {
     **dict.fromkeys(["ServeOptions", "create_app", "make_service"], ".app"),
     **dict.fromkeys(["LiveStore", "QueryService", "Batcher", "Upload", "Answer"], ".service"),
-    **dict.fromkeys(["query_server"], ".client")})
+    **dict.fromkeys(["query_server"], ".client")}
+__getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)

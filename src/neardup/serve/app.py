@@ -17,8 +17,7 @@ from dataclasses import asdict
 from importlib import resources
 from typing import Annotated, Any
 
-from fastapi import FastAPI, File, Query, Request, UploadFile
-from fastapi import Path as FastApiPath
+from fastapi import FastAPI, File, Path as FastApiPath, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
