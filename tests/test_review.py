@@ -216,6 +216,17 @@ def test_decisions_on_an_open_generation_build_its_look_up_once(store: Path, mon
     record_decision(store, p[0], p[1], "duplicate", source="cli")  # by path: opened, and built, per call
     assert len(built) == 2
     assert len(decisions_for(store).history) == 4
+    # the cache does not keep a generation alive (nor its FAISS index): gone once its holder lets it go
+    import gc
+    import weakref
+
+    with Store.open(store) as gen:
+        gen.index  # noqa: B018 - the index loaded, as the service's generations have it
+        record_decision(gen, p[6], p[7], "distinct", source="page")
+        ref = weakref.ref(gen)
+    del gen
+    gc.collect()
+    assert ref() is None and not review_mod._PHOTOS
 
 
 def test_a_bad_import_lists_every_bad_row_and_applies_nothing(store: Path, tmp_path: Path) -> None:

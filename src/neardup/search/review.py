@@ -72,7 +72,9 @@ class Photos:
 
     def __init__(self, gen: Generation) -> None:
         cat = gen.catalog
-        self.gen, self.sha256 = gen, list(cat.sha256)
+        # a weak reference: _PHOTOS caches this object by its generation, and a value holding its key strongly
+        # would keep every generation (and its FAISS index) alive for good
+        self._gen, self.sha256 = weakref.ref(gen), list(cat.sha256)
         self.paths = list(cat.paths)
         self._by_path: dict[str, int] = {}
         self._by_id = {int(i): r for r, i in enumerate(cat.ids.tolist())}
@@ -81,6 +83,14 @@ class Photos:
             self._by_path.setdefault(p, r)
             self._by_digest.setdefault(d, []).append(r)  # byte-identical copies: several rows
         self._resolved: dict[str, int] | None = None
+
+    @property
+    def gen(self) -> Generation:
+        """The generation these photos are of (its callers hold it while they use them)."""
+        gen = self._gen()
+        if gen is None:
+            raise StoreError("the store generation of these photos was released")
+        return gen
 
     def row(self, text: str) -> int | None:
         """The row of a photo named by its stored path, its path from here (absolute or relative to the
