@@ -361,7 +361,9 @@ def evaluate_cmd(
                                  threshold=threshold, loose_threshold=loose)
             typer.echo(("\n" if doc else "") + got.table())
             doc["fit"] = {**got.__dict__, "flags": got.flags(), "advice": got.advice()}
-            if apply:
+            if apply and not got.moved:
+                typer.echo("nothing applied: the thresholds in use are already the best on these decisions")
+            elif apply:
                 where = apply_fit(store, got)
                 typer.echo(f"applied: {got.settings().flags()} saved in {where}; every command on {store} uses them "
                            f"now (a flag on the command line still wins)")

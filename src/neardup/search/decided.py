@@ -165,6 +165,9 @@ class Fit:
     #: the same, each pair judged at thresholds fitted without its fold (`folds` of them; None: too few pairs)
     held_out: dict[str, float] | None = None
     folds: int = 0
+    #: the thresholds in use came from an earlier `evaluate --fit --apply` (fitted to decisions like these: their
+    #: figure is in-sample too)
+    in_use_fitted: bool = False
 
     @property
     def moved(self) -> bool:
@@ -175,18 +178,30 @@ class Fit:
                      np.isclose(self.candidate_threshold, c["candidate_threshold"])))
 
     def advice(self) -> str:
-        """Whether applying is expected to help on new pairs: the held-out F1 (thresholds fitted without the pairs
-        judged) against the F1 of the thresholds in use (nothing fitted: already an out-of-sample figure)."""
+        """Whether applying is expected to help on new pairs, judged on the rule's own terms: the held-out figures
+        (thresholds fitted without the pairs judged) against those of the thresholds in use (nothing fitted
+        there, unless an earlier fit applied them). f1: a higher F1; recall: precision at the target, and a higher
+        recall (or the thresholds in use missing the target)."""
         if not self.moved:
             return "the thresholds in use are already the best on these decisions: nothing to apply"
         if not self.held_out:
             return "too few decisions of each kind for a held-out estimate: review more pairs before applying"
-        ho, now = self.held_out["f1"], self.current["f1"] or 0.0
-        if ho > now:
-            return (f"held out F1 {ho:.4f} > {now:.4f} in use: the new thresholds are expected to help on pairs "
-                    f"nobody has reviewed")
-        return (f"held out F1 {ho:.4f} is not above {now:.4f} in use: the gain may not hold on new pairs; review "
-                f"more pairs before applying")
+        ho, now = self.held_out, self.current
+        if self.rule == "f1":
+            better = ho["f1"] > (now["f1"] or 0.0)
+            said = f"held out F1 {ho['f1']:.4f} {'>' if better else 'is not above'} {now['f1'] or 0.0:.4f} in use"
+        else:
+            target = self.min_precision
+            met, now_met = ho["precision"] >= target - 1e-12, (now["precision"] or 0.0) >= target - 1e-12
+            better = met and (not now_met or ho["recall"] > (now["recall"] or 0.0))
+            said = (f"held out precision {ho['precision']:.4f} {'meets' if met else 'misses'} the target {target:g}"
+                    + (f", recall {ho['recall']:.4f} against {now['recall'] or 0.0:.4f} in use" if now_met else
+                       f", which the thresholds in use miss ({now['precision'] or 0.0:.4f})"))
+        if self.in_use_fitted:
+            said += " (the thresholds in use came from an earlier evaluate --fit --apply: their figure is in-sample)"
+        if better:
+            return f"{said}: the new thresholds are expected to help on pairs nobody has reviewed"
+        return f"{said}: the gain may not hold on new pairs; review more pairs before applying"
 
     def flags(self) -> str:
         """The exact flags that give the proposal."""
@@ -237,18 +252,21 @@ def _pair_features(gen: Generation, a: np.ndarray, b: np.ndarray, verify: bool, 
     return d, np.asarray(v.verified, bool), np.asarray(v.judged, bool)
 
 
-def _by_words(gen: Generation, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Which pairs `duplicates` takes as candidates through the keypoint words whatever their cosine (models
-    with word candidates, config.MODEL_TABLE, and a store with local features; else none)."""
+def _by_words(gen: Generation, pairs: DecidedPairs) -> np.ndarray:
+    """Which decided pairs `duplicates` takes as candidates through the keypoint words whatever their cosine
+    (models with word candidates, config.MODEL_TABLE, and a store with local features; else none); by content,
+    as decisions are: a pair of byte-identical copies' rows counts for each of them."""
     words = stored_model_spec(gen.meta.model.name).word_candidates
+    none = np.zeros(len(pairs.a), bool)
     if not words or gen.meta.local_features != LOCAL_VERSION or len(gen) < 2:
-        return np.zeros(len(a), bool)
+        return none
     table = gen.local()
     if table is None:
-        return np.zeros(len(a), bool)
+        return none
     wi, wj, _ = word_pairs(table.count, table.desc, words)
-    n = np.int64(len(gen))
-    return np.isin(np.minimum(a, b) * n + np.maximum(a, b), wi * n + wj)
+    sha = gen.catalog.sha256
+    found = {pair_key(sha[i], sha[j]) for i, j in zip(wi.tolist(), wj.tolist())}
+    return np.array([k in found for k in pairs.keys], bool)
 
 
 def _fold_counts(pred: np.ndarray, pos: np.ndarray, fold: np.ndarray, folds: int) -> tuple[np.ndarray, np.ndarray]:
@@ -262,7 +280,9 @@ def _rates(tp: np.ndarray, fp: np.ndarray, npos: int) -> tuple[np.ndarray, np.nd
     """Precision, recall and F1 of counts (no prediction: precision 1)."""
     prec = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), 1.0)
     rec = tp / max(npos, 1)
-    f1 = np.where(prec + rec > 0, 2 * prec * rec / np.maximum(prec + rec, 1e-12), 0.0)
+    # F1 = 2TP / (2TP + FP + FN), one correctly rounded division of integers: equal F1s are equal floats, so ties
+    # reach the tie-break (through precision and recall they can differ in the last bit)
+    f1 = np.where(tp > 0, 2 * tp / np.maximum(tp + fp + npos, 1), 0.0)
     return prec, rec, f1
 
 
@@ -313,14 +333,18 @@ def fit_thresholds(store: Generation | str | os.PathLike[str], *, rule: str = DE
                                           else "") + "): review more pairs first")
         verify = resolve_verify(verify, gen.meta.local_features)
         t_now = gen.threshold(threshold)
+        applied = gen.settings
+        in_use_fitted = applied.source.startswith("evaluate --fit") and (
+            (threshold is None and applied.threshold is not None)
+            or (verify and loose_threshold is None and applied.candidate_threshold is not None))
         c_now = gen.candidate_threshold(loose_threshold) if verify else None
         c_ref = 0.0 if c_now is None else c_now  # only read when verifying
         d, ver, judged = _pair_features(gen, pairs.a, pairs.b, verify, workers)
-        words = _by_words(gen, pairs.a, pairs.b) if verify else np.zeros(n, bool)
+        words = _by_words(gen, pairs) if verify else np.zeros(n, bool)
         pos = pairs.positive
         grid_t = np.unique(np.concatenate([GRID, [round(t_now, 6)]]))
         grid_c = np.unique(np.concatenate([GRID, [round(c_ref, 6)]])) if verify else np.array([np.nan])
-        folds = min(DEFAULTS.fit_folds, npos, n - npos)
+        folds = max(1, min(DEFAULTS.fit_folds, npos, n - npos))  # 1: no held-out estimate (a kind is missing)
         fold = _folds_of(pos, folds)
         ts, cs, tps, fps = [], [], [], []
         for c in grid_c.tolist():
@@ -363,7 +387,7 @@ def fit_thresholds(store: Generation | str | os.PathLike[str], *, rule: str = DE
                    float(t_all[best]), float(c_all[best]) if verify else None,
                    _point(int(tp_all[best]), int(fp_all[best]), npos),
                    {**_point(int(tp_all[now]), int(fp_all[now]), npos), "threshold": float(t_now),
-                    "candidate_threshold": c_now}, held_out, folds if held_out else 0)
+                    "candidate_threshold": c_now}, held_out, folds if held_out else 0, in_use_fitted)
 
 
 def apply_fit(store: Generation | str | os.PathLike[str], fit: Fit) -> Path:

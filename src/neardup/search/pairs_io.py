@@ -234,7 +234,8 @@ def recorded_pairs(doc: dict, groups_path: str | os.PathLike[str], generation: s
 def thresholds_since(doc: dict, threshold: float, candidate_threshold: float | None) -> str | None:
     """None when a groups JSON (`doc`) was written under the thresholds that hold for its store now (`threshold`
     and, for verified groups, `candidate_threshold`: what the store's settings or the model give today); else
-    which one changed (`neardup evaluate --fit --apply` since), to say that its groups are out of date."""
+    which one changed (`neardup evaluate --fit --apply` since), to say that its groups are out of date. A file
+    written before groups recorded their candidate threshold is checked on --threshold alone."""
     changed = []
     for name, now, then in (("--threshold", threshold, doc.get("threshold")),
                             ("--candidate-threshold", candidate_threshold if doc.get("verified") else None,
