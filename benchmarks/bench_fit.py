@@ -298,7 +298,9 @@ def main() -> int:
                         ok_runs.append((seed, name, n, rule))
                         scored.append({"name": name, "rule": label, "n": n, "before": before["f1"],
                                        "after": after["f1"], "held": held, "pool": after_pool["f1"],
-                                       "moved": proposed != shown, "in_use": fit.current["f1"]})
+                                       "moved": proposed != shown, "in_use": fit.current["f1"],
+                                       "advice": "help" if "expected to help" in fit.advice() else
+                                       "nothing" if "nothing to apply" in fit.advice() else "wait"})
 
     report.table("Baseline: what duplicates lists at the model's defaults, scored by evaluate on the whole truth",
                  ["seed", "model", "thresholds", "pairs listed", "true pairs", "precision", "recall", "F1",
@@ -330,19 +332,18 @@ def main() -> int:
                  "hurt, mean held-out F1 against the mean pool F1 after",
                  ["model", "rule", "N decided", "fits", "thresholds moved", "F1 before", "F1 after", "change",
                   "helped / hurt", "held-out F1", "pool F1 after"], summary)
-    groups = {"thresholds moved; held-out F1 above the in-use F1 (the held-out row says apply)":
-              lambda r: r["moved"] and r["held"] > r["in_use"] + 1e-9,
-              "thresholds moved; held-out F1 not above the in-use F1": lambda r: r["moved"] and not (
-                  r["held"] > r["in_use"] + 1e-9),
-              "thresholds not moved": lambda r: not r["moved"]}
+    groups = {"the fit's advice: expected to help (held-out row better than the thresholds in use, on the rule's "
+              "terms)": lambda r: r["advice"] == "help",
+              "the fit's advice: review more pairs before applying": lambda r: r["advice"] == "wait",
+              "the fit's advice: nothing to apply": lambda r: r["advice"] == "nothing"}
     by_signal = []
     for what, test in groups.items():
         rs = [r for r in scored if test(r)]
         change = [r["after"] - r["before"] for r in rs]
         by_signal.append([what, len(rs), sum(c > 1e-9 for c in change), sum(c < -1e-9 for c in change),
                           float(np.mean(change)) if rs else float("nan"), min(change, default=float("nan"))])
-    report.table("Does the held-out row tell when to apply? Scored fits by whether their held-out F1 beats the fit's "
-                 "F1 at the thresholds in use (both on the decided pairs); test-half F1 change after applying",
+    report.table("Does the fit's advice (its last line: Fit.advice) tell when to apply? Scored fits by what it "
+                 "said; test-half F1 change after applying",
                  ["fits", "count", "helped", "hurt", "mean change", "worst change"], by_signal)
     report.check("every fit ran and was scored, or was refused as documented (too few decisions: "
                  f"{DEFAULTS.fit_min_pairs} pairs, {DEFAULTS.fit_min_each} of each kind; the recall rule: no "
