@@ -72,8 +72,7 @@ class Photos:
 
     def __init__(self, gen: Generation) -> None:
         cat = gen.catalog
-        # a weak reference: _PHOTOS caches this object by its generation, and a value holding its key strongly
-        # would keep every generation (and its FAISS index) alive for good
+        # weak: _PHOTOS caches this by its generation, and a value holding its key would keep it alive for good
         self._gen, self.sha256 = weakref.ref(gen), list(cat.sha256)
         self.paths = list(cat.paths)
         self._by_path: dict[str, int] = {}
@@ -87,8 +86,7 @@ class Photos:
     @property
     def gen(self) -> Generation:
         """The generation these photos are of (its callers hold it while they use them)."""
-        gen = self._gen()
-        if gen is None:
+        if (gen := self._gen()) is None:
             raise StoreError("the store generation of these photos was released")
         return gen
 
@@ -254,9 +252,7 @@ _PHOTOS_LOCK = threading.Lock()
 def _photos(store: Generation | str | os.PathLike[str]) -> Iterator[Photos]:
     if isinstance(store, Generation):
         with _PHOTOS_LOCK:
-            photos = _PHOTOS.get(store)
-            if photos is None:
-                photos = _PHOTOS[store] = Photos(store)
+            photos = _PHOTOS.get(store) or _PHOTOS.setdefault(store, Photos(store))
         yield photos
         return
     with opened(store) as gen:
