@@ -147,11 +147,14 @@ def test_a_killed_driver_resumes_from_its_shards(cluster, photos: Path, tmp_path
     cmd = [sys.executable, "-m", "neardup", "index", str(photos), "--store", str(store), "--ray", "--batch-size", "4",
            "--model", SPEC["model"], "--preprocess", SPEC["preprocess"]]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.monotonic() + DEADLINE
-    while not list(work.glob("chunk-*.npz")) and proc.poll() is None and time.monotonic() < deadline:
+    # the event: a durable shard. On a busy machine Ray's start and each actor's model load come first (the
+    # README's suite beside two spinning processes once saw no shard within 120 s), so the wait is long
+    deadline = time.monotonic() + 5 * DEADLINE
+    while not (shards := list(work.glob("chunk-*.npz"))) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     proc.kill()  # kill -9 of the driver, once one shard of 16 embeddings is durable
     err = proc.communicate()[1].decode(errors="replace")
+    assert shards, f"the driver wrote no shard in {5 * DEADLINE:.0f} s (exit {proc.returncode}): {err[-2000:]}"
     assert proc.returncode == -signal.SIGKILL, err[-2000:]
     assert not store.exists()  # nothing published
     s = build_index([photos], store, ray=RayOptions(), **SPEC)
